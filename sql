@@ -1,0 +1,1 @@
+src/usage_middleware/sql

@@ -1,0 +1,24 @@
+"""usage-middleware: granular upload and API usage analytics, stored in your own database.
+
+Public surface (everything else is private and may change)::
+
+    UsageStore        the database: schema, exact write path, queries
+    UploadRecord      one uploaded file (a ``file_uploads`` row)
+    RequestRecord     one HTTP request (an ``api_requests`` row)
+"""
+
+from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
+from ._records import RequestRecord, UploadRecord
+from ._store import UsageStore
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "RequestRecord",
+    "SchemaMissingError",
+    "UploadRecord",
+    "UsageError",
+    "UsageStore",
+]
+
+__version__ = "0.1.0"

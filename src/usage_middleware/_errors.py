@@ -1,0 +1,29 @@
+"""Exceptions raised by usage-middleware.
+
+Hierarchy::
+
+    UsageError                      base of everything raised on purpose
+    ├── ConfigurationError          bad option or URL; fix the call site (also a ValueError)
+    ├── DatabaseUnavailableError    the database could not be reached; check the URL / server
+    └── SchemaMissingError          tables are absent and auto-creation is off; run create_schema()
+
+Invalid records raise plain ``ValueError`` naming the offending field, before anything is written.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Base class for errors raised by usage-middleware."""
+
+
+class ConfigurationError(UsageError, ValueError):
+    """An option, URL or hook is invalid. The message names it and says what is accepted."""
+
+
+class DatabaseUnavailableError(UsageError):
+    """The database could not be reached or refused the connection."""
+
+
+class SchemaMissingError(UsageError):
+    """The usage tables do not exist and automatic schema creation is disabled."""

@@ -1,0 +1,185 @@
+"""The two row types the package stores: one per uploaded file, one per HTTP request.
+
+Records validate and normalise themselves on construction, so a bad value raises a
+``ValueError`` naming the field at the call site, long before any batch is written. Text is
+made safe for every backend (PostgreSQL ``text`` cannot hold NUL) and capped in length.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from uuid_utils.compat import uuid7
+
+__all__ = ["RequestRecord", "UploadRecord", "new_id", "normalize_mime"]
+
+UTC = timezone.utc
+UPLOAD_STATUSES = frozenset({"success", "failed"})
+OCTET_STREAM = "application/octet-stream"
+
+_MAX_PROVIDER = 64
+_MAX_MIME = 127
+_MAX_FILE_NAME = 255
+_MAX_ERROR = 500
+_MAX_PATH = 512
+_MAX_METHOD = 16
+
+UploadStatus = Literal["success", "failed"]
+
+
+def new_id() -> uuid.UUID:
+    """A new time-ordered (version 7) UUID: sorts by creation time, so inserts stay local."""
+    return uuid7()  # type: ignore[no-any-return]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _text(value: Any, name: str, limit: int, *, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required (got None)")
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return value
+
+
+def normalize_mime(value: str | None) -> str | None:
+    """``'Image/JPEG; charset=x'`` -> ``'image/jpeg'``; empty -> ``None``."""
+    if not value:
+        return None
+    value = value.split(";", 1)[0].strip().lower()
+    if not value:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    return value[:_MAX_MIME]
+
+
+def _uuid(value: Any, name: str) -> uuid.UUID | None:
+    if value is None or type(value) is uuid.UUID:
+        return value
+    if isinstance(value, uuid.UUID):
+        return uuid.UUID(int=value.int)
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a UUID, got {value!r:.60}") from None
+    raise ValueError(f"{name} must be a UUID or str, got {type(value).__name__}")
+
+
+def _size(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > 2**63 - 1:
+        raise ValueError(f"{name} does not fit in a bigint: {value}")
+    return value
+
+
+def _timestamp(value: Any, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (got naive {value.isoformat()})")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value
+
+
+@dataclass(slots=True, kw_only=True)
+class UploadRecord:
+    """One uploaded file: a row of ``file_uploads``."""
+
+    provider: str = "unknown"
+    file_type: str = OCTET_STREAM
+    file_size: int = 0
+    upload_status: UploadStatus = "success"
+    api_key_id: uuid.UUID | None = None
+    request_id: uuid.UUID | None = None
+    declared_type: str | None = None
+    file_name: str | None = None
+    error_message: str | None = None
+    uploaded_at: datetime = field(default_factory=_now)
+    id: uuid.UUID = field(default_factory=new_id)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field; raises ``ValueError`` naming the first bad one."""
+        self.id = _uuid(self.id, "id") or new_id()
+        self.api_key_id = _uuid(self.api_key_id, "api_key_id")
+        self.request_id = _uuid(self.request_id, "request_id")
+        provider = _text(self.provider, "provider", _MAX_PROVIDER, required=True)
+        self.provider = provider.strip() or "unknown" if provider is not None else "unknown"
+        if not isinstance(self.file_type, str):
+            raise ValueError(f"file_type must be a str, got {type(self.file_type).__name__}")
+        self.file_type = normalize_mime(self.file_type) or OCTET_STREAM
+        if self.declared_type is not None:
+            if not isinstance(self.declared_type, str):
+                raise ValueError(
+                    f"declared_type must be a str, got {type(self.declared_type).__name__}"
+                )
+            declared = normalize_mime(self.declared_type)
+            self.declared_type = None if declared == self.file_type else declared
+        self.file_size = _size(self.file_size, "file_size")
+        if self.upload_status not in UPLOAD_STATUSES:
+            raise ValueError(
+                f"upload_status must be 'success' or 'failed', got {self.upload_status!r:.40}"
+            )
+        self.file_name = _text(self.file_name, "file_name", _MAX_FILE_NAME)
+        self.error_message = _text(self.error_message, "error_message", _MAX_ERROR)
+        self.uploaded_at = _timestamp(self.uploaded_at, "uploaded_at")
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestRecord:
+    """One HTTP request: a row of ``api_requests``."""
+
+    method: str = "GET"
+    path: str = "/"
+    status_code: int = 200
+    response_time_ms: float = 0.0
+    request_size: int = 0
+    response_size: int = 0
+    api_key_id: uuid.UUID | None = None
+    error_message: str | None = None
+    requested_at: datetime = field(default_factory=_now)
+    id: uuid.UUID = field(default_factory=new_id)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field; raises ``ValueError`` naming the first bad one."""
+        self.id = _uuid(self.id, "id") or new_id()
+        self.api_key_id = _uuid(self.api_key_id, "api_key_id")
+        method = _text(self.method, "method", _MAX_METHOD, required=True)
+        self.method = method.upper() if method is not None else "GET"
+        self.path = _text(self.path, "path", _MAX_PATH, required=True) or "/"
+        status = self.status_code
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"status_code must be an int in 100..599, got {status!r:.40}")
+        ms = self.response_time_ms
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            raise ValueError(f"response_time_ms must be a number, got {type(ms).__name__}")
+        if not math.isfinite(ms) or ms < 0:
+            raise ValueError(f"response_time_ms must be finite and >= 0, got {ms!r}")
+        self.response_time_ms = float(ms)
+        self.request_size = _size(self.request_size, "request_size")
+        self.response_size = _size(self.response_size, "response_size")
+        self.error_message = _text(self.error_message, "error_message", _MAX_ERROR)
+        self.requested_at = _timestamp(self.requested_at, "requested_at")

@@ -1,0 +1,212 @@
+"""Table definitions shared by the writer and the read path, plus the latency sketch.
+
+PostgreSQL gets its schema from the SQL files in ``sql/`` (the same files Supabase users run);
+SQLite gets the equivalent built from the SQLAlchemy tables below. Queries on both dialects are
+written against these ``Table`` objects.
+
+Tables:
+
+* ``file_uploads``, ``api_requests`` — raw rows (public, SPEC §2).
+* ``daily_usage`` — exact rollup of ``file_uploads`` by UTC date, key, provider and type (public).
+* ``hourly_usage`` — the same by UTC hour; lets local-time-zone days be answered from rollups.
+* ``daily_request_usage`` / ``hourly_request_usage`` — ``api_requests`` rolled up by key and
+  latency bucket (a mergeable log histogram, see :func:`latency_bucket`), so p95 over months is a
+  sum over a few thousand rows instead of a sort over millions.
+
+Rollup rows with no API key use NULL; their uniqueness treats NULLs as equal
+(``NULLS NOT DISTINCT`` on PostgreSQL, an ``ifnull`` expression index on SQLite).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    Uuid,
+    func,
+    literal_column,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+UTC = timezone.utc
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on every dialect (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime passed to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = MetaData()
+
+
+def _counters() -> list[Column[Any]]:
+    return [
+        Column("total_uploads", BigInteger, nullable=False, server_default="0"),
+        Column("total_file_size", BigInteger, nullable=False, server_default="0"),
+        Column("successful_requests", BigInteger, nullable=False, server_default="0"),
+        Column("failed_requests", BigInteger, nullable=False, server_default="0"),
+    ]
+
+
+def _request_counters() -> list[Column[Any]]:
+    return [
+        Column("latency_bucket", SmallInteger, nullable=False),
+        Column("total_requests", BigInteger, nullable=False, server_default="0"),
+        Column("error_requests", BigInteger, nullable=False, server_default="0"),
+        Column("total_response_us", BigInteger, nullable=False, server_default="0"),
+        Column("total_request_bytes", BigInteger, nullable=False, server_default="0"),
+        Column("total_response_bytes", BigInteger, nullable=False, server_default="0"),
+    ]
+
+
+file_uploads = Table(
+    "file_uploads",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("request_id", Uuid, nullable=True),
+    Column("provider", Text, nullable=False),
+    Column("file_type", Text, nullable=False),
+    Column("declared_type", Text, nullable=True),
+    Column("file_size", BigInteger, nullable=False),
+    Column("file_name", Text, nullable=True),
+    Column("upload_status", Text, nullable=False),
+    Column("error_message", Text, nullable=True),
+    Column("uploaded_at", UTCDateTime, nullable=False),
+)
+Index("idx_file_uploads_key_time", file_uploads.c.api_key_id, file_uploads.c.uploaded_at)
+Index("idx_file_uploads_time", file_uploads.c.uploaded_at)
+
+api_requests = Table(
+    "api_requests",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("method", Text, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response_time_ms", Double, nullable=False),
+    Column("request_size", BigInteger, nullable=False),
+    Column("response_size", BigInteger, nullable=False),
+    Column("error_message", Text, nullable=True),
+    Column("requested_at", UTCDateTime, nullable=False),
+)
+Index("idx_api_requests_key_time", api_requests.c.api_key_id, api_requests.c.requested_at)
+Index("idx_api_requests_time", api_requests.c.requested_at)
+
+daily_usage = Table(
+    "daily_usage",
+    metadata,
+    Column("usage_date", Date, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("provider", Text, nullable=False),
+    Column("file_type", Text, nullable=False),
+    *_counters(),
+)
+hourly_usage = Table(
+    "hourly_usage",
+    metadata,
+    Column("usage_hour", UTCDateTime, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("provider", Text, nullable=False),
+    Column("file_type", Text, nullable=False),
+    *_counters(),
+)
+daily_request_usage = Table(
+    "daily_request_usage",
+    metadata,
+    Column("usage_date", Date, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    *_request_counters(),
+)
+hourly_request_usage = Table(
+    "hourly_request_usage",
+    metadata,
+    Column("usage_hour", UTCDateTime, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    *_request_counters(),
+)
+
+# Rollup identity: the columns an upsert conflicts on, in lock order (sort keys the same way).
+ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
+    "daily_usage": ("api_key_id", "usage_date", "provider", "file_type"),
+    "hourly_usage": ("api_key_id", "usage_hour", "provider", "file_type"),
+    "daily_request_usage": ("api_key_id", "usage_date", "latency_bucket"),
+    "hourly_request_usage": ("api_key_id", "usage_hour", "latency_bucket"),
+}
+
+# Unique indexes. PostgreSQL's live in sql/usage_tracking_schema.sql (NULLS NOT DISTINCT);
+# these SQLite twins fold NULL keys with ifnull() so that upserts find them.
+for _table in (daily_usage, hourly_usage, daily_request_usage, hourly_request_usage):
+    _keys = ROLLUP_KEYS[_table.name]
+    Index(
+        f"uq_{_table.name}",
+        func.ifnull(_table.c.api_key_id, literal_column("''")),
+        *(_table.c[name] for name in _keys[1:]),
+        unique=True,
+    )
+    Index(f"idx_{_table.name}_{_keys[1]}", _table.c[_keys[1]])
+
+ALL_TABLES = (
+    "file_uploads",
+    "api_requests",
+    "daily_usage",
+    "hourly_usage",
+    "daily_request_usage",
+    "hourly_request_usage",
+)
+
+# --- latency sketch -------------------------------------------------------------------------
+# A DDSketch-style log histogram: bucket i holds values in (MIN * G**(i-1), MIN * G**i].
+# Reporting a bucket by LATENCY_REPRESENTATIVE(i) is within LATENCY_RELATIVE_ERROR of any value
+# in it, and buckets from different hours/days/processes merge by adding counts.
+LATENCY_RELATIVE_ERROR = 0.02
+_GAMMA = (1 + LATENCY_RELATIVE_ERROR) / (1 - LATENCY_RELATIVE_ERROR)
+_LOG_GAMMA = math.log(_GAMMA)
+_MIN_MS = 0.001  # 1 µs; anything faster shares bucket 0
+_MAX_BUCKET = 32767
+
+
+def latency_bucket(ms: float) -> int:
+    """Histogram bucket of a response time in milliseconds."""
+    if ms <= _MIN_MS:
+        return 0
+    return min(_MAX_BUCKET, math.ceil(math.log(ms / _MIN_MS) / _LOG_GAMMA))
+
+
+def latency_representative(bucket: int) -> float:
+    """A value within ``LATENCY_RELATIVE_ERROR`` of every value in ``bucket`` (ms)."""
+    if bucket <= 0:
+        return _MIN_MS
+    return 2 * _MIN_MS * _GAMMA**bucket / (_GAMMA + 1)

@@ -1,0 +1,402 @@
+"""UsageStore: the engine, the schema, and the one write path every row takes.
+
+``write()`` inserts raw rows and updates the rollups in the same transaction, counting only the
+rows that were actually new (the primary key is the claim), so replays never double count and a
+crash between the two cannot happen. Rollup upserts are sorted by their unique key so that
+concurrent writers lock rows in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    create_engine,
+    event,
+    func,
+    inspect,
+    literal_column,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
+
+from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
+from ._records import RequestRecord, UploadRecord
+from ._schema import (
+    ALL_TABLES,
+    ROLLUP_KEYS,
+    api_requests,
+    daily_request_usage,
+    daily_usage,
+    file_uploads,
+    hourly_request_usage,
+    hourly_usage,
+    latency_bucket,
+    metadata,
+)
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+__all__ = ["UsageStore"]
+
+logger = logging.getLogger(__name__)
+
+Record = UploadRecord | RequestRecord
+
+SQL_FILES = ("usage_tracking_schema.sql",)
+
+
+def sql_text(name: str) -> str:
+    """The text of a file shipped in ``usage_middleware/sql`` (the repository's ``sql/``)."""
+    return resources.files("usage_middleware").joinpath("sql", name).read_text("utf-8")
+
+
+def _normalize_url(url: str | URL) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(
+            f"cannot parse database URL {str(url)!r:.80}: use 'sqlite:///path/usage.db' or "
+            "'postgresql+psycopg://user:password@host:5432/dbname'"
+        ) from exc
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        if parsed.drivername != "postgresql+psycopg":
+            raise ConfigurationError(
+                f"unsupported PostgreSQL driver {parsed.drivername!r}: use 'postgresql+psycopg://'"
+            )
+    elif backend == "sqlite":
+        if parsed.drivername != "sqlite":
+            raise ConfigurationError(
+                f"unsupported SQLite driver {parsed.drivername!r}: use 'sqlite:///path/usage.db'"
+            )
+    else:
+        raise ConfigurationError(
+            f"unsupported database URL scheme {parsed.drivername!r}: usage-middleware stores to "
+            "'sqlite:///path/usage.db' or 'postgresql+psycopg://user@host/dbname'"
+        )
+    return parsed
+
+
+class UsageStore:
+    """Owns the SQLAlchemy engine for the usage tables of one database.
+
+    ``url`` is a SQLAlchemy URL: ``sqlite:///usage.db`` (embedded, the default choice) or
+    ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
+    and use psycopg 3). The constructor does not connect; the schema is created on first use
+    unless ``auto_create_schema=False``, in which case a missing schema raises
+    :class:`SchemaMissingError`.
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        auto_create_schema: bool = True,
+        connect_timeout: float = 5.0,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        if connect_timeout <= 0:
+            raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        self.url = _normalize_url(url)
+        self.dialect = "postgresql" if self.url.get_backend_name() != "sqlite" else "sqlite"
+        self.auto_create_schema = auto_create_schema
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
+        options: dict[str, Any] = dict(engine_options or {})
+        try:
+            if self.dialect == "sqlite":
+                self.engine = self._sqlite_engine(options, connect_timeout)
+            else:
+                connect_args = options.pop("connect_args", {})
+                connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
+                connect_args.setdefault("options", "-c timezone=UTC")
+                options.setdefault("pool_pre_ping", True)
+                self.engine = create_engine(self.url, connect_args=connect_args, **options)
+        except (NoSuchModuleError, ImportError) as exc:
+            raise ConfigurationError(
+                f"the driver for {self.url.drivername!r} is not installed: "
+                "pip install 'usage-middleware[postgres]'"
+            ) from exc
+
+    def _sqlite_engine(self, options: dict[str, Any], timeout: float) -> Engine:
+        database = self.url.database or ""
+        in_memory = database in ("", ":memory:") or "mode=memory" in database
+        connect_args = options.pop("connect_args", {})
+        connect_args.setdefault("timeout", max(timeout, 30.0))
+        connect_args.setdefault("check_same_thread", False)
+        if in_memory:
+            options.setdefault("poolclass", StaticPool)
+        engine = create_engine(self.url, connect_args=connect_args, **options)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" hook emit BEGIN itself, so writers can take the lock early.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(connect_args['timeout'] * 1000)}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.info.get("usage_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def __repr__(self) -> str:
+        return f"UsageStore({self.url.render_as_string(hide_password=True)!r})"
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create every table, index and function; safe to call any number of times.
+
+        On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
+        processes starting at once do not race. On SQLite it builds the equivalent tables.
+        """
+        try:
+            if self.dialect == "sqlite":
+                metadata.create_all(self.engine, checkfirst=True)
+            else:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215120301)")
+                    # Straight to psycopg: no parameters, so the files' own text is sent as is.
+                    with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+                        for name in SQL_FILES:
+                            cursor.execute(sql_text(name))
+        except DBAPIError as exc:
+            raise self._unavailable(exc) from exc
+        self._schema_ready = True
+
+    def has_schema(self) -> bool:
+        """True when every usage table exists."""
+        try:
+            with self.engine.connect() as conn:
+                present = set(inspect(conn).get_table_names())
+        except DBAPIError as exc:
+            raise self._unavailable(exc) from exc
+        return set(ALL_TABLES) <= present
+
+    def ensure_schema(self) -> None:
+        """Create the schema (or check it exists, with auto-creation off) once per store."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            if self.auto_create_schema:
+                self.create_schema()
+            elif not self.has_schema():
+                raise SchemaMissingError(
+                    "the usage tables do not exist in "
+                    f"{self.url.render_as_string(hide_password=True)}: call store.create_schema(), "
+                    "run sql/usage_tracking_schema.sql, or pass auto_create_schema=True"
+                )
+            self._schema_ready = True
+
+    def _unavailable(self, exc: DBAPIError) -> Exception:
+        if exc.connection_invalidated or "connect" in str(exc.orig).lower():
+            return DatabaseUnavailableError(
+                f"cannot reach {self.url.render_as_string(hide_password=True)}: {exc.orig}"
+            )
+        return exc
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write(self, records: Iterable[Record]) -> int:
+        """Store uploads and requests in one transaction, rollups included; idempotent by ``id``.
+
+        Every record is validated before anything is written. Returns how many rows were new
+        (records whose ``id`` is already stored, or repeated within the batch, count zero).
+        """
+        uploads: dict[UUID, UploadRecord] = {}
+        requests: dict[UUID, RequestRecord] = {}
+        for record in records:
+            if isinstance(record, UploadRecord):
+                record.validate()
+                uploads.setdefault(record.id, record)
+            elif isinstance(record, RequestRecord):
+                record.validate()
+                requests.setdefault(record.id, record)
+            else:
+                raise TypeError(
+                    f"store.write() takes UploadRecord and RequestRecord, got {type(record).__name__}"
+                )
+        if not uploads and not requests:
+            return 0
+        self.ensure_schema()
+        try:
+            with self.engine.connect() as conn:
+                conn.info["usage_write"] = True
+                try:
+                    with conn.begin():
+                        written = self._write_uploads(conn, list(uploads.values()))
+                        written += self._write_requests(conn, list(requests.values()))
+                finally:
+                    conn.info.pop("usage_write", None)
+        except DBAPIError as exc:
+            raise self._unavailable(exc) from exc
+        return written
+
+    def _insert(self, table: Table) -> Any:
+        return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
+
+    def _insert_new(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> set[Any]:
+        stmt = self._insert(table).on_conflict_do_nothing(index_elements=["id"])
+        return set(conn.execute(stmt.returning(table.c.id), rows).scalars())
+
+    def _write_uploads(self, conn: Connection, records: Sequence[UploadRecord]) -> int:
+        if not records:
+            return 0
+        rows = [
+            {
+                "id": r.id,
+                "api_key_id": r.api_key_id,
+                "request_id": r.request_id,
+                "provider": r.provider,
+                "file_type": r.file_type,
+                "declared_type": r.declared_type,
+                "file_size": r.file_size,
+                "file_name": r.file_name,
+                "upload_status": r.upload_status,
+                "error_message": r.error_message,
+                "uploaded_at": r.uploaded_at,
+            }
+            for r in records
+        ]
+        new_ids = self._insert_new(conn, file_uploads, rows)
+        daily: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        hourly: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        for r in records:
+            if r.id not in new_ids:
+                continue
+            at = r.uploaded_at
+            ok = r.upload_status == "success"
+            for bucket, when in (
+                (daily, at.date()),
+                (hourly, at.replace(minute=0, second=0, microsecond=0)),
+            ):
+                acc = bucket[(r.api_key_id, when, r.provider, r.file_type)]
+                acc[0] += 1
+                acc[1] += r.file_size
+                acc[2] += ok
+                acc[3] += not ok
+        counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+        self._upsert(conn, daily_usage, daily, counters)
+        self._upsert(conn, hourly_usage, hourly, counters)
+        return len(new_ids)
+
+    def _write_requests(self, conn: Connection, records: Sequence[RequestRecord]) -> int:
+        if not records:
+            return 0
+        rows = [
+            {
+                "id": r.id,
+                "api_key_id": r.api_key_id,
+                "method": r.method,
+                "path": r.path,
+                "status_code": r.status_code,
+                "response_time_ms": r.response_time_ms,
+                "request_size": r.request_size,
+                "response_size": r.response_size,
+                "error_message": r.error_message,
+                "requested_at": r.requested_at,
+            }
+            for r in records
+        ]
+        new_ids = self._insert_new(conn, api_requests, rows)
+        daily: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        hourly: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for r in records:
+            if r.id not in new_ids:
+                continue
+            at = r.requested_at
+            lb = latency_bucket(r.response_time_ms)
+            for bucket, when in (
+                (daily, at.date()),
+                (hourly, at.replace(minute=0, second=0, microsecond=0)),
+            ):
+                acc = bucket[(r.api_key_id, when, lb)]
+                acc[0] += 1
+                acc[1] += r.status_code >= 400
+                acc[2] += round(r.response_time_ms * 1000)
+                acc[3] += r.request_size
+                acc[4] += r.response_size
+        counters = (
+            "total_requests",
+            "error_requests",
+            "total_response_us",
+            "total_request_bytes",
+            "total_response_bytes",
+        )
+        self._upsert(conn, daily_request_usage, daily, counters)
+        self._upsert(conn, hourly_request_usage, hourly, counters)
+        return len(new_ids)
+
+    def _upsert(
+        self,
+        conn: Connection,
+        table: Table,
+        deltas: dict[tuple[Any, ...], list[int]],
+        counters: tuple[str, ...],
+    ) -> None:
+        if not deltas:
+            return
+        keys = ROLLUP_KEYS[table.name]
+        rows = [
+            dict(zip(keys + counters, (*key, *values), strict=True))
+            for key, values in sorted(deltas.items(), key=lambda kv: _sort_key(kv[0]))
+        ]
+        stmt = self._insert(table)
+        if self.dialect == "postgresql":
+            target: list[Any] = list(keys)
+        else:
+            target = [func.ifnull(table.c.api_key_id, literal_column("''")), *(table.c[k] for k in keys[1:])]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=target,
+            set_={c: table.c[c] + stmt.excluded[c] for c in counters},
+        )
+        conn.execute(stmt, rows)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def attach_recorder(self, recorder: Any) -> None:
+        """Remember a running recorder so health checks can report its stats."""
+        self._recorders.add(recorder)
+
+    @property
+    def recorders(self) -> list[Any]:
+        return list(self._recorders)
+
+    def dispose(self) -> None:
+        """Close pooled connections (call after fork, or at exit)."""
+        self.engine.dispose()
+
+
+def _sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Rollup keys in one total order (NULL key first), shared by every writer."""
+    out: list[Any] = ["" if key[0] is None else str(key[0])]
+    for part in key[1:]:
+        out.append(part.isoformat() if isinstance(part, (date, datetime)) else part)
+    return tuple(out)
