@@ -5,15 +5,18 @@ Public surface (everything else is private and may change)::
     UsageStore        the database: schema, exact write path, queries
     UploadRecord      one uploaded file (a ``file_uploads`` row)
     RequestRecord     one HTTP request (an ``api_requests`` row)
+    Recorder          background batching of records into a store (tunable, optional)
 """
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
+from ._recorder import Recorder
 from ._records import RequestRecord, UploadRecord
 from ._store import UsageStore
 
 __all__ = [
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "Recorder",
     "RequestRecord",
     "SchemaMissingError",
     "UploadRecord",

@@ -1,20 +1,49 @@
 """Recorder: moves records from the request path to the store in the background.
 
-``submit()`` is what the middleware calls per request: it appends to a bounded deque and
-returns (never blocks, never raises). A worker thread wakes on a timer, or early when a batch
-is full, and hands batches to ``store.write``. ``shutdown()`` flushes.
+Path of a record::
+
+    submit() ──► bounded in-memory queue ──► writer thread ──► store.write(batch)
+                        │                         │ database down / slow
+                        ▼ (above high water,      ▼
+                          or while backing off) on-disk spool (SQLite, per store URL)
+                                                  │ database back / next start
+                                                  └──► replayed, exactly once (ids)
+
+``submit()`` is what the middleware calls per record on the event loop: it appends to a deque
+and returns (constant time, never blocks, never raises). The writer thread wakes on a timer
+(``flush_interval``) or early when a batch is full, and never runs on the event loop. When the
+store is unreachable the writer backs off exponentially, with jitter, while a second thread
+(the spiller) moves queued records into the spool; the spiller also relieves the queue when a
+slow database lets it pass its high-water mark. Records are dropped only when the queue is full
+*and* the spool is full: drops are counted, logged at a rate-limited WARNING and exported as an
+OpenTelemetry metric. Records the store can never accept (``ValueError``/``TypeError``) are
+isolated by bisecting the batch, counted as rejected and logged, never retried forever.
+
+Fork safety: ``os.register_at_fork`` resets every recorder in a forked child (no inherited
+thread, queue, spool connection or pooled database connection); the child's recorder starts on
+``start()`` or on its first ``submit()``.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import os
+import random
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from opentelemetry import metrics
+
 from ._records import RequestRecord, UploadRecord
+from ._spool import Spool, decode, default_spool_path
 from ._store import UsageStore
 
 __all__ = ["Recorder"]
@@ -26,10 +55,61 @@ Record = UploadRecord | RequestRecord
 _DEFAULT_BATCH_SIZE = 2000
 _DEFAULT_FLUSH_INTERVAL = 0.5
 _DEFAULT_MAX_QUEUE_SIZE = 100_000
+_DEFAULT_MAX_SPOOL_RECORDS = 1_000_000
+_DEFAULT_BACKOFF_INITIAL = 0.25
+_DEFAULT_BACKOFF_MAX = 30.0
+_DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+_LOG_INTERVAL = 10.0
+_SPOOL_REFRESH = 5.0
+
+_live: weakref.WeakSet[Recorder] = weakref.WeakSet()
+_serial = itertools.count(1)
+# Connections a forked child inherited: kept referenced so they are never closed from the child.
+_inherited: list[Any] = []
+
+
+class _RateLimitedLog:
+    """Logs one WARNING per interval per kind and says how many were suppressed meanwhile."""
+
+    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        if self._suppressed:
+            msg += " (%d similar warnings suppressed)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        logger.warning(msg, *args)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
 class Recorder:
-    """Batches records into ``store.write`` from a background thread."""
+    """Batches records into ``store.write`` from a background thread, spooling what must wait.
+
+    Options (keyword only):
+
+    - ``batch_size`` (2000): records per transaction; a full batch wakes the writer early.
+    - ``flush_interval`` (0.5 s): the longest a record waits in memory while the database is up.
+    - ``max_queue_size`` (100,000): bound of the in-memory queue; above half of it the spiller
+      moves records to the spool.
+    - ``spool_path``: the spool file; default from ``USAGE_MIDDLEWARE_SPOOL_DIR``, else the
+      user's state directory (see :func:`default_spool_path`), one file per store URL.
+      ``":memory:"`` keeps the spool in memory (bounded, but lost with the process).
+    - ``max_spool_records`` (1,000,000): bound of the spool.
+    - ``backoff_initial`` (0.25 s) / ``backoff_max`` (30 s): retry delays while the database is
+      unreachable, doubled per failure, with jitter.
+    - ``meter_provider``: OpenTelemetry meter provider for the metrics (default: the global one).
+    """
 
     def __init__(
         self,
@@ -38,103 +118,580 @@ class Recorder:
         batch_size: int = _DEFAULT_BATCH_SIZE,
         flush_interval: float = _DEFAULT_FLUSH_INTERVAL,
         max_queue_size: int = _DEFAULT_MAX_QUEUE_SIZE,
+        spool_path: str | os.PathLike[str] | None = None,
+        max_spool_records: int = _DEFAULT_MAX_SPOOL_RECORDS,
+        backoff_initial: float = _DEFAULT_BACKOFF_INITIAL,
+        backoff_max: float = _DEFAULT_BACKOFF_MAX,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if flush_interval <= 0:
+        if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0, got {flush_interval}")
         if max_queue_size < batch_size:
-            raise ValueError("max_queue_size must be >= batch_size")
+            raise ValueError(
+                f"max_queue_size must be >= batch_size, got {max_queue_size} < {batch_size}"
+            )
+        if max_spool_records < 0:
+            raise ValueError(f"max_spool_records must be >= 0, got {max_spool_records}")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError(
+                "backoff_initial must be > 0 and <= backoff_max, got "
+                f"{backoff_initial} and {backoff_max}"
+            )
         self.store = store
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_queue_size = max_queue_size
+        self.max_spool_records = max_spool_records
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.spool_path = str(
+            spool_path if spool_path is not None else default_spool_path(store.url)
+        )
+        if self.spool_path != ":memory:":
+            Path(self.spool_path).parent.mkdir(parents=True, exist_ok=True)
+        self._high_water = max(max_queue_size // 2, batch_size)
+        self._low_water = max(self._high_water // 2, 1)
+        self._label = store.url.render_as_string(hide_password=True)
+        self._serial = next(_serial)
+        self._init_state()
+        _live.add(self)
+        store.attach_recorder(self)
+        _register_metrics(self, meter_provider)
+
+    def _init_state(self) -> None:
+        """Everything that belongs to one process (re-made in a forked child)."""
+        self._pid = os.getpid()
         self._queue: deque[Record] = deque()
         self._wake = threading.Event()
+        self._spill_wake = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._drop_lock = threading.Lock()
+        self._spool = Spool(self.spool_path, max_records=self.max_spool_records)
+        self._spool_opened = False
+        self._writer: threading.Thread | None = None
+        self._spiller: threading.Thread | None = None
+        self._started = False
         self._stopping = False
+        self._deadline = float("inf")
+        self._inflight: list[Record] | None = None
+        self._outage = False
+        self._failures = 0
+        self._delay = 0.0
+        self._next_retry = 0.0
+        self._next_refresh = 0.0
+        self._autostart = True
+        self._count_lock = threading.Lock()
         self._written = 0
+        self._replayed = 0
+        self._spooled = 0
         self._dropped = 0
-        self._errors = 0
+        self._rejected = 0
+        self._failed_writes = 0
+        self._retried = 0
         self._last_error: str | None = None
-        store.attach_recorder(self)
+        self._last_error_at: float | None = None
+        self._last_write_at: float | None = None
+        self._drop_log = _RateLimitedLog()
+        self._error_log = _RateLimitedLog()
+        self._reject_log = _RateLimitedLog()
 
-    def start(self) -> None:
-        """Start the worker thread (idempotent). Call after fork, e.g. on lifespan startup."""
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._stopping = False
-            self._thread = threading.Thread(
-                target=self._run, name="usage-middleware-recorder", daemon=True
-            )
-            self._thread.start()
+    def __repr__(self) -> str:
+        return f"Recorder({self._label!r}, queued={len(self._queue)})"
+
+    # --- request path ------------------------------------------------------------------------
 
     def submit(self, record: Record) -> None:
-        """Queue one record. Never blocks, never raises; counts a drop when the queue is full."""
-        if len(self._queue) >= self.max_queue_size:
-            self._dropped += 1
-            return
-        self._queue.append(record)
-        if len(self._queue) >= self.batch_size:
-            self._wake.set()
+        """Queue one record: constant time, never blocks, never raises.
+
+        Only when the queue is full (the spool is full too, or the spiller could not keep up)
+        is the record dropped, and counted.
+        """
+        try:
+            queue = self._queue
+            n = len(queue)
+            if n >= self.max_queue_size:
+                self._drop(1)
+                return
+            queue.append(record)
+            if self._autostart:
+                self.start()
+            elif n + 1 >= self._high_water:
+                self._spill_wake.set()
+            elif (n + 1) % self.batch_size == 0:
+                self._wake.set()
+        except Exception:  # never let recording break a request
+            logger.exception("usage recorder: submit failed")
 
     def submit_many(self, records: Iterable[Record]) -> None:
+        """Queue several records (each as :meth:`submit`)."""
         for record in records:
             self.submit(record)
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            self._drain()
-            if self._stopping:
-                return
+    def _drop(self, n: int) -> None:
+        with self._drop_lock:
+            self._dropped += n
+            total = self._dropped
+        self._drop_log.warning(
+            "usage recorder: queue and spool full, dropped %d record(s) (%d dropped in total "
+            "for %s); the database is down or too slow",
+            n,
+            total,
+            self._label,
+        )
 
-    def _drain(self) -> None:
-        while self._queue:
-            batch: list[Record] = []
-            while self._queue and len(batch) < self.batch_size:
-                batch.append(self._queue.popleft())
-            try:
-                self.store.write(batch)
-                self._written += len(batch)
-            except Exception as exc:
-                self._errors += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"[:300]
-                logger.warning("usage recorder: write of %d records failed: %s", len(batch), exc)
-                self._queue.extendleft(reversed(batch))
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer and spiller threads (idempotent); call in each worker, after fork."""
+        with self._lock:
+            if self._started and self._writer is not None and self._writer.is_alive():
                 return
+            self._stopping = False
+            self._deadline = float("inf")
+            self._writer = threading.Thread(
+                target=self._run_writer, name="usage-middleware-recorder", daemon=True
+            )
+            self._spiller = threading.Thread(
+                target=self._run_spiller, name="usage-middleware-spiller", daemon=True
+            )
+            self._started = True
+            self._autostart = False
+            self._writer.start()
+            self._spiller.start()
 
     def force_flush(self, timeout: float | None = None) -> bool:
-        """Write everything queued so far; True when the queue emptied within ``timeout``."""
+        """Write everything queued so far; True when it is in the store within ``timeout``.
+
+        False when the database is unreachable (the records are kept, in memory or spooled).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue:
-            if self._thread is None or not self._thread.is_alive():
-                self._drain()
-                return not self._queue
+        if not self._started or self._writer is None or not self._writer.is_alive():
+            self._drain(deadline)
+            return not self._queue
+        while self._queue or self._inflight is not None:
+            if self._outage:
+                return False
             self._wake.set()
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            time.sleep(0.005)
+            time.sleep(0.002)
         return True
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Flush and stop the worker (idempotent)."""
-        self._stopping = True
+    def shutdown(self, timeout: float = _DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+        """Flush and stop (idempotent). What is not written within ``timeout`` is spooled."""
+        with self._lock:
+            self._autostart = False
+            if not self._started:
+                if self._queue and self._pid == os.getpid():
+                    self._stopping = True
+                    self._spill_rest()
+                return
+            self._started = False
+            self._stopping = True
+            self._deadline = time.monotonic() + max(timeout, 0.0)
+            writer, spiller = self._writer, self._spiller
         self._wake.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        self._drain()
-        self._thread = None
+        self._spill_wake.set()
+        for thread in (spiller, writer):
+            if thread is not None:
+                thread.join(max(self._deadline - time.monotonic(), 0.0))
+        self._spill_rest(include_inflight=writer is not None and writer.is_alive())
+        if writer is None or not writer.is_alive():
+            self._spool.close()
+            self._spool_opened = False
+
+    def _spill_rest(self, include_inflight: bool = False) -> None:
+        """Spool whatever is left at shutdown; drop (and count) only what the spool refuses."""
+        rest: list[Record] = list(self._inflight or ()) if include_inflight else []
+        while True:
+            try:
+                rest.append(self._queue.popleft())
+            except IndexError:
+                break
+        if not rest:
+            return
+        try:
+            taken = self._spool.put(rest)
+        except Exception as exc:
+            logger.error("usage recorder: cannot spool %d records at shutdown: %s", len(rest), exc)
+            taken = 0
+        self._count_spooled(taken)
+        if taken < len(rest):
+            self._drop(len(rest) - taken)
+        if taken:
+            logger.info(
+                "usage recorder: %d records spooled at shutdown to %s; they are written on the "
+                "next start",
+                taken,
+                self.spool_path,
+            )
+
+    # --- writer ------------------------------------------------------------------------------
+
+    def _open_spool(self) -> None:
+        if self._spool_opened:
+            return
+        try:
+            pending = self._spool.open()
+        except Exception as exc:
+            logger.error(
+                "usage recorder: cannot open spool %s (%s); spooling in memory instead",
+                self.spool_path,
+                exc,
+            )
+            self._spool = Spool(":memory:", max_records=self.max_spool_records)
+            pending = self._spool.open()
+        self._spool_opened = True
+        if pending:
+            logger.info(
+                "usage recorder: %d spooled records to replay from %s", pending, self.spool_path
+            )
+
+    def _run_writer(self) -> None:
+        try:
+            self._open_spool()
+        except Exception:
+            logger.exception("usage recorder: no spool available")
+        while True:
+            if not self._stopping:
+                timeout = self.flush_interval
+                if self._outage:
+                    timeout = min(timeout, max(self._next_retry - time.monotonic(), 0.0))
+                self._wake.wait(timeout)
+                self._wake.clear()
+            try:
+                if self._outage:
+                    if self._stopping:
+                        return
+                    if time.monotonic() >= self._next_retry:
+                        self._retry()
+                    continue
+                self._drain(self._deadline if self._stopping else None)
+                if self._stopping:
+                    return
+                if (
+                    not self._outage
+                    and len(self._queue) < self.batch_size
+                    and self._replay_one() == "written"
+                ):
+                    self._wake.set()
+            except Exception:  # a bug must not kill the worker: log it and keep going
+                logger.exception("usage recorder: unexpected error in the writer")
+                time.sleep(self.flush_interval)
+
+    def _take(self) -> list[Record]:
+        batch: list[Record] = []
+        self._inflight = batch
+        queue = self._queue
+        for _ in range(self.batch_size):
+            try:
+                batch.append(queue.popleft())
+            except IndexError:
+                break
+        return batch
+
+    def _drain(self, deadline: float | None) -> None:
+        """Write the queue batch by batch; on a database failure spool the batch and back off."""
+        while self._queue and not self._outage:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            batch = self._take()
+            try:
+                pending = self._write(batch)
+                if pending:
+                    self._enter_outage()
+                    self._park(pending)
+            finally:
+                self._inflight = None
+
+    def _write(self, batch: Sequence[Record]) -> list[Record]:
+        """Write a batch; return what could not be written for now (empty when all is done).
+
+        A batch the store refuses as invalid is bisected so that only the bad records are
+        rejected; any other error means "try again later".
+        """
+        if not batch:
+            return []
+        try:
+            self.store.write(batch)
+        except (ValueError, TypeError) as exc:
+            if len(batch) == 1:
+                self._rejected += 1
+                self._reject_log.warning(
+                    "usage recorder: rejected a record the store cannot accept: %s (%s)",
+                    exc,
+                    getattr(batch[0], "id", "?"),
+                )
+                return []
+            mid = len(batch) // 2
+            pending = self._write(batch[:mid])
+            if pending:
+                return [*pending, *batch[mid:]]
+            return self._write(batch[mid:])
+        except Exception as exc:
+            self._failed_writes += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self._last_error_at = time.time()
+            self._error_log.warning(
+                "usage recorder: writing %d records to %s failed, will retry: %s",
+                len(batch),
+                self._label,
+                exc,
+            )
+            return list(batch)
+        self._written += len(batch)
+        self._last_write_at = time.time()
+        return []
+
+    def _park(self, records: list[Record]) -> None:
+        """Put records that must wait into the spool, or back at the head of the queue."""
+        try:
+            taken = self._spool.put(records)
+        except Exception as exc:
+            self._error_log.warning("usage recorder: cannot spool to %s: %s", self.spool_path, exc)
+            taken = 0
+        self._count_spooled(taken)
+        if taken < len(records):
+            self._queue.extendleft(reversed(records[taken:]))
+
+    def _count_spooled(self, n: int) -> None:
+        with self._count_lock:
+            self._spooled += n
+
+    def _enter_outage(self) -> None:
+        self._outage = True
+        self._failures += 1
+        delay = min(self.backoff_max, self.backoff_initial * 2 ** (self._failures - 1))
+        self._delay = delay * random.uniform(0.5, 1.0)
+        self._next_retry = time.monotonic() + self._delay
+        self._spill_wake.set()
+
+    def _leave_outage(self) -> None:
+        if self._outage:
+            logger.info(
+                "usage recorder: %s reachable again after %d failed attempts; replaying the spool",
+                self._label,
+                self._failures,
+            )
+        self._outage = False
+        self._failures = 0
+        self._delay = 0.0
+        self._wake.set()
+
+    def _retry(self) -> None:
+        """One attempt while backing off: a spooled batch if any, else a queued one.
+
+        With nothing to try (spool empty or claimed by other processes, queue empty) the
+        outage ends: the next batch finds out whether the database is back.
+        """
+        self._retried += 1
+        outcome = self._replay_one()
+        if outcome == "failed":
+            return
+        if outcome == "empty":
+            batch = self._take()
+            try:
+                pending = self._write(batch)
+                if pending:
+                    self._enter_outage()
+                    self._park(pending)
+                    return
+            finally:
+                self._inflight = None
+        self._leave_outage()
+
+    def _replay_one(self) -> str:
+        """Replay one spooled batch: ``"written"`` (or rejected), ``"failed"`` or ``"empty"``."""
+        if not self._spool_opened:
+            return "empty"
+        now = time.monotonic()
+        if self._spool.pending <= 0 and now >= self._next_refresh:
+            self._next_refresh = now + _SPOOL_REFRESH
+            self._spool.refresh()  # other processes may have spooled records
+        if self._spool.pending <= 0:
+            return "empty"
+        rows = self._spool.claim(self.batch_size)
+        if not rows:
+            return "empty"
+        records: list[Record] = []
+        for _key, payload in rows:
+            try:
+                records.append(decode(payload))
+            except ValueError as exc:
+                self._rejected += 1
+                self._reject_log.warning("usage recorder: unreadable spooled record: %s", exc)
+        self._inflight = records
+        try:
+            pending = self._write(records)
+        finally:
+            self._inflight = None
+        waiting = {r.id.bytes for r in pending}
+        self._spool.remove([key for key, _ in rows if key not in waiting])
+        if pending:
+            self._spool.release(list(waiting))
+            self._enter_outage()
+            return "failed"
+        self._replayed += len(records)
+        return "written"
+
+    # --- spiller -----------------------------------------------------------------------------
+
+    def _run_spiller(self) -> None:
+        while not self._stopping:
+            self._spill_wake.wait(self.flush_interval)
+            self._spill_wake.clear()
+            if self._stopping:
+                return
+            try:
+                if self._outage:
+                    self._spill(0)
+                elif len(self._queue) > self._high_water:
+                    self._spill(self._low_water)
+            except Exception as exc:
+                self._error_log.warning("usage recorder: spooling failed: %s", exc)
+
+    def _spill(self, keep: int) -> None:
+        """Move records from the queue's head to the spool until ``keep`` remain."""
+        queue = self._queue
+        while len(queue) > keep and not self._stopping:
+            chunk: list[Record] = []
+            for _ in range(min(len(queue) - keep, self.batch_size)):
+                try:
+                    chunk.append(queue.popleft())
+                except IndexError:
+                    break
+            if not chunk:
+                return
+            taken = self._spool.put(chunk)
+            self._count_spooled(taken)
+            if taken < len(chunk):
+                queue.extendleft(reversed(chunk[taken:]))
+                return
+
+    # --- introspection -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        """Counters for this process, JSON-serialisable (also exported as OTel metrics).
+
+        ``written`` records delivered to the store, ``replayed`` those of them that came from
+        the spool, ``spooled`` records this process put in the spool, ``spool_pending`` rows in
+        the spool file now (all processes), ``failed_writes`` failed write attempts,
+        ``retried`` attempts made while backing off, ``rejected`` records the store can never
+        accept, ``dropped`` records lost because queue and spool were full.
+        """
+        if not self._started:
+            state = "stopped" if self._stopping else "not_started"
+        else:
+            state = "backing_off" if self._outage else "running"
         return {
+            "store": self._label,
+            "pid": self._pid,
+            "state": state,
             "queued": len(self._queue),
             "written": self._written,
+            "replayed": self._replayed,
+            "spooled": self._spooled,
+            "spool_pending": self._spool.pending,
             "dropped": self._dropped,
-            "errors": self._errors,
+            "rejected": self._rejected,
+            "failed_writes": self._failed_writes,
+            "retried": self._retried,
+            "backoff_seconds": round(self._delay, 3) if self._outage else 0.0,
             "last_error": self._last_error,
+            "last_error_at": _iso(self._last_error_at),
+            "last_write_at": _iso(self._last_write_at),
+            "spool_path": self.spool_path,
         }
+
+    # --- fork --------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        _inherited.append(self._spool.abandon())
+        self._init_state()
+        # The pooled connections belong to the parent: forget them without closing them.
+        self.store.engine.dispose(close=False)
+
+
+def _reset_after_fork() -> None:
+    for recorder in list(_live):
+        try:
+            recorder._after_fork_in_child()
+        except Exception:
+            logger.exception("usage recorder: reset after fork failed")
+
+
+def _shutdown_at_exit() -> None:
+    for recorder in list(_live):
+        if recorder._started and recorder._pid == os.getpid():
+            recorder.shutdown(timeout=5.0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_shutdown_at_exit)
+
+
+# --- OpenTelemetry metrics -----------------------------------------------------------------
+
+_metrics_lock = threading.Lock()
+_by_provider: dict[int, tuple[Any, weakref.WeakSet[Recorder]]] = {}
+
+_COUNTERS = (
+    ("written", "Records delivered to the usage store"),
+    ("replayed", "Records written from the spool after an outage or a restart"),
+    ("spooled", "Records moved to the on-disk spool"),
+    ("dropped", "Records lost because the queue and the spool were full"),
+    ("rejected", "Records the usage store can never accept"),
+    ("failed_writes", "Failed write attempts"),
+)
+_GAUGES = (
+    ("queued", "Records waiting in memory"),
+    ("spool_pending", "Records waiting in the spool"),
+)
+
+
+def _observer(
+    recorders: weakref.WeakSet[Recorder], key: str
+) -> Callable[[metrics.CallbackOptions], Iterator[metrics.Observation]]:
+    def observe(_options: metrics.CallbackOptions) -> Iterator[metrics.Observation]:
+        for recorder in list(recorders):
+            if recorder._pid != os.getpid():
+                continue
+            yield metrics.Observation(
+                recorder.stats()[key],
+                {
+                    "usage_middleware.store": recorder._label,
+                    "usage_middleware.recorder": recorder._serial,
+                },
+            )
+
+    return observe
+
+
+def _register_metrics(recorder: Recorder, meter_provider: metrics.MeterProvider | None) -> None:
+    """One set of instruments per meter provider, observing every recorder attached to it."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    with _metrics_lock:
+        entry = _by_provider.get(id(provider))
+        if entry is not None and entry[0] is provider:
+            entry[1].add(recorder)
+            return
+        recorders: weakref.WeakSet[Recorder] = weakref.WeakSet([recorder])
+        _by_provider[id(provider)] = (provider, recorders)
+    meter = provider.get_meter("usage_middleware")
+    for key, description in _COUNTERS:
+        meter.create_observable_counter(
+            f"usage_middleware.recorder.{key}",
+            callbacks=[_observer(recorders, key)],
+            unit="{record}" if key != "failed_writes" else "{attempt}",
+            description=description,
+        )
+    for key, description in _GAUGES:
+        meter.create_observable_gauge(
+            f"usage_middleware.recorder.{key}",
+            callbacks=[_observer(recorders, key)],
+            unit="{record}",
+            description=description,
+        )

@@ -1,0 +1,359 @@
+"""The recorder's on-disk spool: records that could not be written yet, kept across crashes.
+
+A spool is one SQLite file (WAL) per store URL, shared by every worker process of the host.
+Each record is one row keyed by its ``id``, so spooling the same record twice keeps one copy and
+replaying it into the store (idempotent by ``id``) can never count it twice. A process *claims*
+a batch with a short lease before replaying it, so several processes do not replay the same rows
+at once; a crashed process's claims expire (or are released at the next start when its pid is
+gone), and the worst case of an expired lease is a duplicate, harmless, idempotent write.
+
+Rows hold a compact, versioned JSON array per record: UUIDs as hex, timestamps as integer
+microseconds since the epoch (records are normalised to UTC, so this is lossless), floats in
+``repr`` form (exact round trip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from ._records import RequestRecord, UploadRecord
+
+__all__ = ["Spool", "decode", "default_spool_path", "encode"]
+
+Record = UploadRecord | RequestRecord
+
+UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FORMAT = 1
+_LEASE_SECONDS = 15.0
+SPOOL_DIR_ENV = "USAGE_MIDDLEWARE_SPOOL_DIR"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    id BLOB PRIMARY KEY,
+    payload TEXT NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    lease_pid INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spool_size (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    n INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO spool_size (one, n) SELECT 1, count(*) FROM spool;
+"""
+
+
+def _us(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _dt(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _hex(value: uuid.UUID | None) -> str | None:
+    return None if value is None else value.hex
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(hex=value)
+
+
+def encode(record: Record) -> str:
+    """One record as a compact JSON array (see the module docstring)."""
+    if isinstance(record, UploadRecord):
+        return json.dumps(
+            [
+                _FORMAT,
+                "u",
+                record.id.hex,
+                _hex(record.api_key_id),
+                _hex(record.request_id),
+                record.provider,
+                record.file_type,
+                record.declared_type,
+                record.file_size,
+                record.file_name,
+                record.upload_status,
+                record.error_message,
+                _us(record.uploaded_at),
+            ],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+    if isinstance(record, RequestRecord):
+        return json.dumps(
+            [
+                _FORMAT,
+                "r",
+                record.id.hex,
+                _hex(record.api_key_id),
+                record.method,
+                record.path,
+                record.status_code,
+                record.response_time_ms,
+                record.request_size,
+                record.response_size,
+                record.error_message,
+                _us(record.requested_at),
+            ],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+    raise TypeError(f"cannot spool {type(record).__name__}: expected UploadRecord or RequestRecord")
+
+
+def decode(payload: str) -> Record:
+    """The record :func:`encode` made; ``ValueError`` for anything else."""
+    try:
+        data = json.loads(payload)
+        version, kind, *fields = data
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"unreadable spool payload: {exc}") from None
+    if version != _FORMAT:
+        raise ValueError(f"unknown spool format {version!r}")
+    try:
+        if kind == "u":
+            (rid, key, req, provider, ftype, declared, size, name, status, err, at) = fields
+            return UploadRecord(
+                id=uuid.UUID(hex=rid),
+                api_key_id=_uuid(key),
+                request_id=_uuid(req),
+                provider=provider,
+                file_type=ftype,
+                declared_type=declared,
+                file_size=size,
+                file_name=name,
+                upload_status=status,
+                error_message=err,
+                uploaded_at=_dt(at),
+            )
+        if kind == "r":
+            (rid, key, method, path, status_code, ms, req_size, resp_size, err, at) = fields
+            return RequestRecord(
+                id=uuid.UUID(hex=rid),
+                api_key_id=_uuid(key),
+                method=method,
+                path=path,
+                status_code=status_code,
+                response_time_ms=ms,
+                request_size=req_size,
+                response_size=resp_size,
+                error_message=err,
+                requested_at=_dt(at),
+            )
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid spooled record: {exc}") from None
+    raise ValueError(f"unknown spooled record kind {kind!r}")
+
+
+def _store_key(url: URL) -> str:
+    """What identifies a database: the URL without password; SQLite paths made absolute."""
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        url = url.set(database=os.path.abspath(url.database or ""))
+    return url.render_as_string(hide_password=True)
+
+
+def default_spool_path(url: URL) -> Path:
+    """Where a store's spool lives unless the host says otherwise.
+
+    ``$USAGE_MIDDLEWARE_SPOOL_DIR``, else ``$XDG_STATE_HOME/usage-middleware``, else
+    ``~/.local/state/usage-middleware``; when none is writable, a per-user directory under the
+    system temporary directory. The file name is a hash of the store URL, so every process of
+    one host writing to one database shares one spool, and different databases never mix.
+    """
+    name = f"spool-{hashlib.sha256(_store_key(url).encode()).hexdigest()[:16]}.sqlite3"
+    candidates: list[Path] = []
+    if os.environ.get(SPOOL_DIR_ENV):
+        candidates.append(Path(os.environ[SPOOL_DIR_ENV]))
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    candidates.append(Path(state) / "usage-middleware")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    candidates.append(Path(tempfile.gettempdir()) / f"usage-middleware-{uid}")
+    for directory in candidates:
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory / name
+    return candidates[-1] / name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Spool:
+    """A bounded, crash-safe set of records in a SQLite file, safe across threads and processes.
+
+    One connection per instance, guarded by a lock (every call is a short local transaction).
+    ``path=":memory:"`` gives a spool that is bounded but does not survive the process.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_records: int) -> None:
+        self.path = str(path)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self.pending = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+                # A SIGKILLed process loses nothing with NORMAL in WAL mode; only power loss can.
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def _size(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT n FROM spool_size WHERE one = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def _add_size(self, conn: sqlite3.Connection, delta: int) -> None:
+        if delta:
+            conn.execute("UPDATE spool_size SET n = max(n + ?, 0) WHERE one = 1", (delta,))
+
+    def open(self) -> int:
+        """Open the file, release claims of processes that are gone; return the pending count."""
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                owners = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT lease_pid FROM spool WHERE lease_pid IS NOT NULL"
+                    )
+                ]
+                me = os.getpid()
+                dead = [p for p in owners if p == me or not _pid_alive(p)]
+                conn.executemany(
+                    "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE lease_pid = ?",
+                    [(p,) for p in dead],
+                )
+                self.pending = self._size(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return self.pending
+
+    def put(self, records: Sequence[Record]) -> int:
+        """Store as many records as the bound allows, oldest first; return how many were taken.
+
+        Records already in the spool are taken without being stored twice.
+        """
+        if not records:
+            return 0
+        rows = [(r.id.bytes, encode(r)) for r in records]
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                room = max(self.max_records - self._size(conn), 0)
+                taken = rows[:room]
+                cur = conn.executemany(
+                    "INSERT OR IGNORE INTO spool (id, payload) VALUES (?, ?)", taken
+                )
+                self._add_size(conn, max(cur.rowcount, 0))
+                self.pending = self._size(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(taken)
+
+    def claim(self, limit: int) -> list[tuple[bytes, str]]:
+        """Lease up to ``limit`` unclaimed rows, oldest first, to this process."""
+        now = time.time()
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT id, payload FROM spool WHERE lease_until < ? ORDER BY id LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id = ?",
+                    [(now + _LEASE_SECONDS, os.getpid(), r[0]) for r in rows],
+                )
+                self.pending = self._size(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return [(bytes(r[0]), str(r[1])) for r in rows]
+
+    def remove(self, ids: Sequence[bytes]) -> None:
+        """Forget rows that are now in the store (or can never be)."""
+        if not ids:
+            return
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+                self._add_size(conn, -max(cur.rowcount, 0))
+                self.pending = self._size(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def release(self, ids: Sequence[bytes]) -> None:
+        """Give claimed rows back so they are replayed later (by anyone)."""
+        if not ids:
+            return
+        with self._lock:
+            conn = self._connect()
+            conn.executemany(
+                "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE id = ?",
+                [(i,) for i in ids],
+            )
+
+    def refresh(self) -> int:
+        """Re-read the pending count (other processes add and remove rows too)."""
+        with self._lock:
+            self.pending = self._size(self._connect())
+            return self.pending
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def abandon(self) -> Any:
+        """Drop the connection without closing it (after fork it belongs to the parent)."""
+        conn, self._conn = self._conn, None
+        self._lock = threading.Lock()
+        return conn
