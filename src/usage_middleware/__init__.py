@@ -6,14 +6,17 @@ Public surface (everything else is private and may change)::
     UploadRecord      one uploaded file (a ``file_uploads`` row)
     RequestRecord     one HTTP request (an ``api_requests`` row)
     Recorder          background batching of records into a store (tunable, optional)
+    UsageRouter       the read API and dashboard (mount it); ALL_KEYS: an unrestricted scope
 """
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
 from ._recorder import Recorder
 from ._records import RequestRecord, UploadRecord
+from ._router import ALL_KEYS, UsageRouter
 from ._store import UsageStore
 
 __all__ = [
+    "ALL_KEYS",
     "ConfigurationError",
     "DatabaseUnavailableError",
     "Recorder",
@@ -21,6 +24,7 @@ __all__ = [
     "SchemaMissingError",
     "UploadRecord",
     "UsageError",
+    "UsageRouter",
     "UsageStore",
 ]
 

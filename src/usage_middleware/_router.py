@@ -1,0 +1,258 @@
+"""UsageRouter: the HTTP read API (SPEC §5) and the dashboard page, mountable anywhere.
+
+Every request is authorised first (``authorize(request)`` → key ids, ``ALL_KEYS`` or ``None``),
+then validated, then answered by :mod:`usage_middleware._queries` in a worker thread — the
+database calls block, the event loop must not. Failures are JSON, never an HTML 500:
+
+* 400 ``{"error": {"code", "message", "parameter"}}`` for bad parameters,
+* 401 when ``authorize`` returns ``None``, 403 for an ``api_key_id`` outside the caller's scope,
+* 503 when the database cannot answer (and 500 JSON if ``authorize`` itself raises).
+
+Every request through the router marks its ASGI scope ``usage_middleware.excluded`` so the
+capture middleware does not record the dashboard's own traffic.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from datetime import date, datetime, tzinfo
+from functools import partial
+from typing import Any, Final, TypeVar
+from uuid import UUID
+
+import anyio.to_thread
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from . import _queries
+from ._dashboard import dashboard_page
+from ._errors import ConfigurationError, UsageError
+from ._store import UsageStore
+from ._timerange import (
+    DEFAULT_MAX_FILTER_VALUES,
+    DEFAULT_MAX_RANGE_DAYS,
+    QueryError,
+    QuerySpec,
+    parse_query,
+)
+
+__all__ = ["ALL_KEYS", "UsageRouter"]
+
+logger = logging.getLogger(__name__)
+
+EXCLUDED_SCOPE_KEY = "usage_middleware.excluded"
+_T = TypeVar("_T")
+
+
+class _AllKeys:
+    """The type of :data:`ALL_KEYS`: a scope that contains every API key (and keyless rows)."""
+
+    _instance: _AllKeys | None = None
+
+    def __new__(cls) -> _AllKeys:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ALL_KEYS"
+
+    def __reduce__(self) -> str:
+        return "ALL_KEYS"
+
+
+ALL_KEYS: Final = _AllKeys()
+"""Return this from ``authorize`` to let the caller read every API key's usage."""
+
+Scope_ = Iterable[UUID | str] | _AllKeys | None
+Authorize = Callable[[Request], "Scope_ | Awaitable[Scope_]"]
+
+
+def _today(tz: tzinfo) -> date:
+    return datetime.now(tz).date()
+
+
+def _error(status: int, code: str, message: str, parameter: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "parameter": parameter}},
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+class _Denied(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+class UsageRouter(Router):
+    """The usage API and dashboard as a Starlette ``Router``: ``app.mount(path, router)``.
+
+    ``authorize(request)`` (sync or async) returns the API key ids the caller may read, or
+    :data:`ALL_KEYS`; ``None`` means 401. Omitting it is an error unless ``public=True``, which
+    serves every key's usage to anyone who can reach the mount. ``max_range_days`` (default
+    400) bounds a query's length and ``max_filter_values`` (default 50) the values of each
+    repeatable filter; ``today`` is the clock for presets (a function of the time zone).
+    """
+
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        authorize: Authorize | None = None,
+        public: bool = False,
+        max_range_days: int = DEFAULT_MAX_RANGE_DAYS,
+        max_filter_values: int = DEFAULT_MAX_FILTER_VALUES,
+        today: Callable[[tzinfo], date] = _today,
+    ) -> None:
+        if authorize is None and not public:
+            raise ConfigurationError(
+                "UsageRouter needs authorize=callable(request) returning the caller's API key "
+                "ids (or ALL_KEYS); pass public=True to serve all usage without authorization"
+            )
+        if authorize is not None and public:
+            raise ConfigurationError("pass either authorize or public=True, not both")
+        if not isinstance(max_range_days, int) or max_range_days < 1:
+            raise ConfigurationError(f"max_range_days must be an int >= 1, got {max_range_days!r}")
+        if not isinstance(max_filter_values, int) or max_filter_values < 1:
+            raise ConfigurationError(
+                f"max_filter_values must be an int >= 1, got {max_filter_values!r}"
+            )
+        self.store = store
+        self._authorize = authorize
+        self._max_range_days = max_range_days
+        self._max_filter_values = max_filter_values
+        self._today = today
+        super().__init__(
+            routes=[
+                Route("/", dashboard_page, methods=["GET"], name="usage_dashboard"),
+                Route("/granular", self._granular, methods=["GET"], name="usage_granular"),
+                Route("/file-types", self._file_types, methods=["GET"], name="usage_file_types"),
+                Route("/providers", self._providers, methods=["GET"], name="usage_providers"),
+                Route("/history", self._history, methods=["GET"], name="usage_history"),
+                Route("/health", self._health, methods=["GET"], name="usage_health"),
+            ]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[EXCLUDED_SCOPE_KEY] = True
+        await super().__call__(scope, receive, send)
+
+    # --- request handling --------------------------------------------------------------------
+
+    async def _scope(self, request: Request) -> Collection[UUID] | None:
+        """The caller's readable keys: ``None`` for all of them; raises ``_Denied``."""
+        if self._authorize is None:
+            return None
+        try:
+            result = self._authorize(request)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            logger.exception("usage router: authorize() raised")
+            raise _Denied(_error(500, "authorize_failed", "the authorize hook failed")) from None
+        if result is None:
+            raise _Denied(_error(401, "unauthorized", "authentication required"))
+        if isinstance(result, _AllKeys):
+            return None
+        try:
+            return frozenset(k if isinstance(k, UUID) else UUID(str(k)) for k in result)
+        except (TypeError, ValueError):
+            logger.error("usage router: authorize() returned %r, not key ids", type(result))
+            raise _Denied(
+                _error(500, "authorize_failed", "authorize returned something other than key ids")
+            ) from None
+
+    def _spec(self, request: Request) -> QuerySpec:
+        params = {k: request.query_params.getlist(k) for k in request.query_params}
+        return parse_query(
+            params,
+            today=self._today,
+            max_range_days=self._max_range_days,
+            max_filter_values=self._max_filter_values,
+        )
+
+    async def _answer(
+        self,
+        request: Request,
+        query: Callable[[UsageStore, QuerySpec, Collection[UUID] | None], Any],
+    ) -> Response:
+        try:
+            allowed = await self._scope(request)
+            spec = self._spec(request)
+        except _Denied as denied:
+            return denied.response
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        keys: Collection[UUID] | None = allowed
+        if spec.api_key_ids is not None:
+            if allowed is not None:
+                outside = [k for k in spec.api_key_ids if k not in allowed]
+                if outside:
+                    return _error(
+                        403,
+                        "forbidden",
+                        f"api_key_id {outside[0]} is outside your scope",
+                        "api_key_id",
+                    )
+            keys = frozenset(spec.api_key_ids)
+        try:
+            body = await self._run(partial(query, self.store, spec, keys))
+        except (SQLAlchemyError, UsageError) as exc:
+            logger.warning("usage router: database query failed: %s", exc)
+            return _error(503, "database_unavailable", "the usage database did not answer")
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        return await anyio.to_thread.run_sync(fn)
+
+    async def _granular(self, request: Request) -> Response:
+        return await self._answer(request, _queries.granular)
+
+    async def _file_types(self, request: Request) -> Response:
+        return await self._answer(request, _only("file_types"))
+
+    async def _providers(self, request: Request) -> Response:
+        return await self._answer(request, _only("providers"))
+
+    async def _history(self, request: Request) -> Response:
+        return await self._answer(request, _queries.history)
+
+    async def _health(self, request: Request) -> Response:
+        try:
+            await self._scope(request)
+        except _Denied as denied:
+            return denied.response
+        recorders = [r.stats() for r in self.store.recorders]
+        try:
+            await self._run(self._ping)
+        except (SQLAlchemyError, UsageError) as exc:
+            logger.warning("usage router: health check failed: %s", exc)
+            return JSONResponse(
+                {"status": "unavailable", "database": "unreachable", "recorders": recorders},
+                status_code=503,
+                headers={"Cache-Control": "no-store"},
+            )
+        return JSONResponse(
+            {"status": "ok", "database": "ok", "recorders": recorders},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _ping(self) -> None:
+        with self.store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def _only(key: str) -> Callable[[UsageStore, QuerySpec, Collection[UUID] | None], Any]:
+    def query(store: UsageStore, spec: QuerySpec, keys: Collection[UUID] | None) -> Any:
+        result = _queries.breakdowns(store, spec, keys)
+        return {"range": result["range"], "totals": result["totals"], key: result[key]}
+
+    return query
