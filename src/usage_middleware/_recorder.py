@@ -134,10 +134,9 @@ class Recorder:
             )
         if max_spool_records < 0:
             raise ValueError(f"max_spool_records must be >= 0, got {max_spool_records}")
-        if not 0 < backoff_initial <= backoff_max:
+        if not (backoff_initial > 0 and backoff_max > 0):
             raise ValueError(
-                "backoff_initial must be > 0 and <= backoff_max, got "
-                f"{backoff_initial} and {backoff_max}"
+                f"backoff_initial and backoff_max must be > 0, got {backoff_initial}, {backoff_max}"
             )
         self.store = store
         self.batch_size = batch_size

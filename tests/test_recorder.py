@@ -1,0 +1,422 @@
+"""The recorder on its own, against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from sqlalchemy import Uuid, bindparam, text
+from sqlalchemy.engine import make_url
+
+from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
+
+UTC = timezone.utc
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def scalar(store: UsageStore, sql: str) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(sql)).scalar() or 0)
+
+
+def uploads_in(store: UsageStore) -> int:
+    return scalar(store, "SELECT count(*) FROM file_uploads")
+
+
+def assert_rollup_exact(store: UsageStore) -> None:
+    """daily_usage equals aggregating file_uploads (nothing counted twice or lost)."""
+    raw = scalar(store, "SELECT count(*) FROM file_uploads")
+    raw_bytes = scalar(store, "SELECT coalesce(sum(file_size), 0) FROM file_uploads")
+    assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM daily_usage") == raw
+    assert scalar(store, "SELECT coalesce(sum(total_file_size), 0) FROM daily_usage") == raw_bytes
+    requests = scalar(store, "SELECT count(*) FROM api_requests")
+    assert scalar(store, "SELECT coalesce(sum(total_requests), 0) FROM daily_request_usage") == (
+        requests
+    )
+
+
+def down_url(db_url: str, tmp_path: Path) -> str:
+    """A URL of the same kind as ``db_url`` whose database cannot be reached."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite:///{tmp_path / 'missing-dir' / 'usage.db'}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[Recorder]]:
+    """Recorders made by a test, shut down after it."""
+    made: list[Recorder] = []
+    yield made
+    for recorder in made:
+        recorder.shutdown(timeout=5)
+    for recorder in made:
+        recorder.store.dispose()
+
+
+def sample_uploads(n: int, **fields: object) -> list[UploadRecord]:
+    key = uuid.uuid4()
+    return [
+        UploadRecord(api_key_id=key, provider="s3", file_type="image/png", file_size=i, **fields)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+def test_submitted_records_are_written_once_with_exact_rollups(
+    store: UsageStore, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Everything submitted is in the store after force_flush, and the rollups match the rows."""
+    recorder = Recorder(store, spool_path=tmp_path / "spool.db", batch_size=500)
+    recorders.append(recorder)
+    uploads = sample_uploads(3000)
+    requests = [RequestRecord(path="/files", status_code=201 + i % 2) for i in range(1200)]
+    recorder.submit_many(uploads)
+    recorder.submit_many(requests)
+    recorder.submit_many(uploads[:100])  # a replay of ids already submitted
+    assert recorder.force_flush(timeout=30)
+    assert uploads_in(store) == 3000
+    assert scalar(store, "SELECT count(*) FROM api_requests") == 1200
+    assert_rollup_exact(store)
+    stats = recorder.stats()
+    assert stats["written"] == 4300
+    assert stats["queued"] == stats["dropped"] == stats["spooled"] == 0
+
+
+def test_full_batch_wakes_the_writer_before_the_interval(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """A full batch is written at once, without waiting for a long flush interval."""
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    recorder = Recorder(store, spool_path=tmp_path / "s.db", batch_size=50, flush_interval=60)
+    recorders.append(recorder)
+    recorder.start()
+    time.sleep(0.2)  # the writer is now asleep for the interval
+    recorder.submit_many(sample_uploads(50))
+    assert wait_for(lambda: uploads_in(store) == 50, timeout=5)
+
+
+def test_a_single_record_is_written_within_the_flush_interval(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """A lone record reaches the store on the timer, without force_flush or more traffic."""
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    recorder = Recorder(store, spool_path=tmp_path / "s.db", flush_interval=0.2)
+    recorders.append(recorder)
+    recorder.start()
+    started = time.monotonic()
+    recorder.submit(UploadRecord(file_size=7))
+    assert wait_for(lambda: uploads_in(store) == 1, timeout=5)
+    assert time.monotonic() - started < 2.0
+
+
+def test_submit_costs_less_than_two_microseconds(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Enqueueing is constant time and cheap: the best of several runs is under 2 µs each."""
+    recorder = Recorder(
+        UsageStore(sqlite_url),
+        spool_path=tmp_path / "s.db",
+        flush_interval=60,
+        batch_size=200_000,
+        max_queue_size=1_000_000,
+    )
+    recorders.append(recorder)
+    recorder.start()
+    records = sample_uploads(20_000)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter_ns()
+        for record in records:
+            recorder.submit(record)
+        best = min(best, (time.perf_counter_ns() - t0) / len(records))
+    assert best < 2000, f"{best:.0f} ns per submit"
+
+
+def test_submit_never_raises_and_bad_records_are_rejected_alone(
+    store: UsageStore, tmp_path: Path, recorders: list[Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records the store can never accept are isolated, counted and logged; the rest land."""
+    recorder = Recorder(store, spool_path=tmp_path / "s.db")
+    recorders.append(recorder)
+    good = sample_uploads(99)
+    broken = UploadRecord(file_size=1)
+    broken.file_size = -5  # mutated after validation: the store refuses it
+    recorder.submit_many([*good[:50], broken, *good[50:]])
+    recorder.submit("not a record")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        assert recorder.force_flush(timeout=30)
+    assert uploads_in(store) == 99
+    assert_rollup_exact(store)
+    assert recorder.stats()["rejected"] == 2
+    assert any("rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_outage_spools_then_every_record_lands_exactly_once(
+    db_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """While the database is unreachable records go to the spool; on recovery they land once."""
+    spool = tmp_path / "spool.db"
+    records = sample_uploads(700)
+    down = Recorder(
+        UsageStore(down_url(db_url, tmp_path), connect_timeout=1),
+        spool_path=spool,
+        flush_interval=0.05,
+        backoff_max=0.2,
+    )
+    recorders.append(down)
+    down.submit_many(records)
+    assert wait_for(lambda: down.stats()["spool_pending"] == 700, timeout=20)
+    stats = down.stats()
+    assert stats["state"] == "backing_off"
+    assert stats["failed_writes"] >= 1 and stats["last_error"]
+    down.shutdown(timeout=2)
+
+    store = UsageStore(db_url)
+    store.create_schema()
+    up = Recorder(store, spool_path=spool, flush_interval=0.05)
+    recorders.append(up)
+    up.submit_many(records[:100])  # the same ids again, live
+    up.start()
+    assert wait_for(lambda: up.stats()["spool_pending"] == 0 and up.stats()["queued"] == 0)
+    assert up.force_flush(timeout=10)
+    assert uploads_in(store) == 700
+    assert_rollup_exact(store)
+    assert up.stats()["replayed"] == 700
+
+
+def test_shutdown_with_the_database_down_spools_and_the_next_start_replays_losslessly(
+    db_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Shutdown with no database spools every record; the next start writes them unchanged."""
+    spool = tmp_path / "spool.db"
+    key = uuid.uuid4()
+    at = datetime(2025, 3, 30, 1, 59, 59, 999_999, tzinfo=UTC)
+    upload = UploadRecord(
+        api_key_id=key,
+        request_id=uuid.uuid4(),
+        provider="vercel",
+        file_type="image/webp",
+        declared_type="image/png",
+        file_size=2**40 + 3,
+        file_name="façade 📷.webp",
+        upload_status="failed",
+        error_message="client disconnected",
+        uploaded_at=at,
+    )
+    request = RequestRecord(
+        api_key_id=key,
+        method="PUT",
+        path="/files/{id}",
+        status_code=499,
+        response_time_ms=0.1 + 0.2,
+        request_size=12,
+        response_size=0,
+        error_message="ClientDisconnect: gone",
+        requested_at=at - timedelta(microseconds=1),
+    )
+    down = Recorder(
+        UsageStore(down_url(db_url, tmp_path), connect_timeout=1),
+        spool_path=spool,
+        flush_interval=30,
+    )
+    recorders.append(down)
+    down.start()
+    down.submit_many([upload, request, *sample_uploads(998)])
+    started = time.monotonic()
+    down.shutdown(timeout=3)
+    assert time.monotonic() - started < 6
+    assert down.stats()["spooled"] == 1000
+    assert down.stats()["dropped"] == 0
+
+    store = UsageStore(db_url)
+    store.create_schema()
+    up = Recorder(store, spool_path=spool, flush_interval=0.05)
+    recorders.append(up)
+    up.start()
+    assert wait_for(lambda: up.stats()["replayed"] == 1000)
+    assert uploads_in(store) == 999
+    assert_rollup_exact(store)
+    with store.engine.connect() as conn:
+        by_id = bindparam("id", type_=Uuid)
+        row = conn.execute(
+            text("SELECT * FROM file_uploads WHERE id = :id").bindparams(by_id), {"id": upload.id}
+        ).one()._mapping
+        req = conn.execute(
+            text("SELECT * FROM api_requests WHERE id = :id").bindparams(by_id), {"id": request.id}
+        ).one()._mapping
+    assert str(uuid.UUID(str(row["api_key_id"]))) == str(key)
+    assert row["file_name"] == "façade 📷.webp"
+    assert row["file_size"] == 2**40 + 3
+    assert row["declared_type"] == "image/png"
+    assert (row["upload_status"], row["error_message"]) == ("failed", "client disconnected")
+    assert _aware(row["uploaded_at"]) == at
+    assert req["response_time_ms"] == 0.1 + 0.2
+    assert _aware(req["requested_at"]) == at - timedelta(microseconds=1)
+    assert (req["path"], req["status_code"]) == ("/files/{id}", 499)
+
+
+def _aware(value: datetime | str) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def test_drops_happen_only_when_queue_and_spool_are_full_and_are_never_silent(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With both bounds full, records are dropped, counted, logged once and exported as metrics."""
+    reader = InMemoryMetricReader()
+    recorder = Recorder(
+        UsageStore(down_url(sqlite_url, tmp_path)),
+        spool_path=tmp_path / "spool.db",
+        batch_size=10,
+        max_queue_size=40,
+        max_spool_records=100,
+        flush_interval=0.05,
+        backoff_max=0.1,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
+    recorders.append(recorder)
+    submitted = 0
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        for _ in range(30):
+            recorder.submit_many(sample_uploads(20))
+            submitted += 20
+            time.sleep(0.02)
+        assert wait_for(lambda: recorder.stats()["spool_pending"] == 100, timeout=10)
+    stats = recorder.stats()
+    assert stats["written"] == 0
+    assert stats["spool_pending"] + stats["queued"] + stats["dropped"] == submitted
+    # Queue bound plus the one batch a failed write hands back: everything else was dropped.
+    assert stats["dropped"] >= submitted - 100 - 40 - 10
+    drop_logs = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drop_logs) == 1  # rate limited
+    exported = {
+        m.name: sum(p.value for p in m.data.data_points)  # type: ignore[union-attr]
+        for rm in reader.get_metrics_data().resource_metrics  # type: ignore[union-attr]
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert exported["usage_middleware.recorder.dropped"] == recorder.stats()["dropped"]
+    assert exported["usage_middleware.recorder.spool_pending"] == 100
+
+
+def test_metrics_and_stats_describe_the_recorder(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """stats() is JSON-serialisable, reachable from the store, and mirrored as OTel metrics."""
+    reader = InMemoryMetricReader()
+    store = UsageStore(sqlite_url)
+    recorder = Recorder(
+        store, spool_path=tmp_path / "s.db", meter_provider=MeterProvider(metric_readers=[reader])
+    )
+    recorders.append(recorder)
+    recorder.submit_many(sample_uploads(25))
+    assert recorder.force_flush(timeout=10)
+    stats = json.loads(json.dumps(recorder.stats()))
+    assert stats["written"] == 25 and stats["state"] == "running"
+    assert stats["pid"] == os.getpid()
+    assert recorder in store.recorders
+    names = {
+        m.name: m
+        for rm in reader.get_metrics_data().resource_metrics  # type: ignore[union-attr]
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert names["usage_middleware.recorder.written"].data.data_points[0].value == 25  # type: ignore[union-attr]
+    assert names["usage_middleware.recorder.queued"].data.data_points[0].value == 0  # type: ignore[union-attr]
+
+
+def test_start_and_shutdown_are_idempotent_and_restartable(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """start() and shutdown() can be called repeatedly; a stopped recorder can start again."""
+    store = UsageStore(sqlite_url)
+    recorder = Recorder(store, spool_path=tmp_path / "s.db")
+    recorders.append(recorder)
+    recorder.start()
+    recorder.start()
+    recorder.submit_many(sample_uploads(10))
+    recorder.shutdown(timeout=5)
+    recorder.shutdown(timeout=5)
+    assert recorder.stats()["state"] == "stopped"
+    assert uploads_in(store) == 10
+    recorder.submit_many(sample_uploads(5))
+    assert recorder.stats()["queued"] == 5  # not restarted behind the host's back
+    recorder.start()
+    assert recorder.force_flush(timeout=10)
+    recorder.shutdown(timeout=5)
+    assert uploads_in(store) == 15
+
+
+def test_several_recorders_share_one_spool_without_double_counting(
+    db_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Recorders replaying one spool at once claim disjoint batches; every row counts once."""
+    spool = tmp_path / "spool.db"
+    down = Recorder(UsageStore(down_url(db_url, tmp_path), connect_timeout=1), spool_path=spool)
+    recorders.append(down)
+    down.submit_many(sample_uploads(5000))
+    down.shutdown(timeout=0)
+    assert down.stats()["spooled"] == 5000
+    replayers = [
+        Recorder(UsageStore(db_url), spool_path=spool, batch_size=250, flush_interval=0.05)
+        for _ in range(3)
+    ]
+    recorders.extend(replayers)
+    store = replayers[0].store
+    store.create_schema()
+    for recorder in replayers:
+        recorder.start()
+    assert wait_for(lambda: uploads_in(store) == 5000, timeout=60)
+    assert wait_for(lambda: all(r.stats()["spool_pending"] == 0 for r in replayers))
+    assert_rollup_exact(store)
+    assert sum(r.stats()["replayed"] for r in replayers) >= 5000
+
+
+def test_constructor_validates_options(sqlite_url: str) -> None:
+    """Bad options raise ValueError naming the parameter."""
+    store = UsageStore(sqlite_url)
+    with pytest.raises(ValueError, match="batch_size"):
+        Recorder(store, batch_size=0, spool_path=":memory:")
+    with pytest.raises(ValueError, match="max_queue_size"):
+        Recorder(store, batch_size=10, max_queue_size=5, spool_path=":memory:")
+    with pytest.raises(ValueError, match="flush_interval"):
+        Recorder(store, flush_interval=0, spool_path=":memory:")
+    with pytest.raises(ValueError, match="backoff_max"):
+        Recorder(store, backoff_max=0, spool_path=":memory:")
+
+
+def test_default_spool_lives_in_the_configured_directory_one_file_per_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without spool_path the spool goes to USAGE_MIDDLEWARE_SPOOL_DIR, one file per store URL."""
+    monkeypatch.setenv("USAGE_MIDDLEWARE_SPOOL_DIR", str(tmp_path / "spools"))
+    a = Recorder(UsageStore(f"sqlite:///{tmp_path / 'a.db'}"))
+    a_again = Recorder(UsageStore(f"sqlite:///{tmp_path / 'a.db'}"))
+    b = Recorder(UsageStore(f"sqlite:///{tmp_path / 'b.db'}"))
+    assert Path(a.spool_path).parent == tmp_path / "spools"
+    assert a.spool_path == a_again.spool_path != b.spool_path
