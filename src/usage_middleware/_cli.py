@@ -16,6 +16,33 @@ def _create_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_data(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from ._demo import has_uploads, write_demo_data
+    from ._store import UsageStore
+
+    store = UsageStore(args.url)
+    if store.dialect != "sqlite" and not args.yes_this_is_not_production:
+        print(
+            "refusing to write synthetic usage into a PostgreSQL database: demo data would mix "
+            "with real usage. Use a throwaway database and pass --yes-this-is-not-production.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.if_empty and has_uploads(store):
+        print(f"{store!r} already has uploads; no demo data written")
+        return 0
+    end = date.fromisoformat(args.end) if args.end else None
+    summary = write_demo_data(store, days=args.days, keys=args.keys, seed=args.seed, end=end)
+    print(
+        f"demo data {summary.start}..{summary.end}: {summary.uploads} uploads and "
+        f"{summary.requests} requests for {summary.keys} demo keys, {summary.written} rows new"
+    )
+    store.dispose()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="usage-middleware", description="Manage the usage-middleware tables."
@@ -25,6 +52,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("create-schema", help="create the tables (idempotent)")
     p.add_argument("url", help="database URL, e.g. sqlite:///usage.db")
     p.set_defaults(func=_create_schema)
+
+    p = sub.add_parser(
+        "demo-data",
+        help="write a year of clearly synthetic usage (demo key ids, demo-* file names)",
+        description="Write synthetic uploads and requests for demo API keys "
+        "00000000-de30-4000-8000-0000000000NN. Deterministic for a given --seed and --end; "
+        "re-running writes nothing new. Refuses PostgreSQL unless explicitly confirmed.",
+    )
+    p.add_argument("url", help="database URL, e.g. sqlite:///demo.db")
+    p.add_argument("--days", type=int, default=365, help="days of history (default 365)")
+    p.add_argument("--keys", type=int, default=3, help="number of demo API keys (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--end", help="last day, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument(
+        "--if-empty", action="store_true", help="do nothing when the database has uploads"
+    )
+    p.add_argument(
+        "--yes-this-is-not-production",
+        action="store_true",
+        help="allow a PostgreSQL URL (the data is synthetic)",
+    )
+    p.set_defaults(func=_demo_data)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

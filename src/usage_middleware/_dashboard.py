@@ -11,7 +11,12 @@ from starlette.responses import HTMLResponse
 
 @lru_cache(maxsize=1)
 def _page() -> str:
-    return resources.files("usage_middleware").joinpath("static", "dashboard.html").read_text("utf-8")
+    return (
+        resources.files("usage_middleware")
+        .joinpath("static")
+        .joinpath("dashboard.html")
+        .read_text("utf-8")
+    )
 
 
 async def dashboard_page(request: Request) -> HTMLResponse:
