@@ -7,9 +7,13 @@ Public surface (everything else is private and may change)::
     RequestRecord     one HTTP request (an ``api_requests`` row)
     Recorder          background batching of records into a store (tunable, optional)
     UsageRouter       the read API and dashboard (mount it); ALL_KEYS: an unrestricted scope
+    UsageMiddleware   pure ASGI capture of requests and uploads; annotate() from endpoints
+    api_key_uuid      the stable id the default hook gives an API key
 """
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
+from ._keys import api_key_uuid
+from ._middleware import UsageMiddleware, annotate
 from ._recorder import Recorder
 from ._records import RequestRecord, UploadRecord
 from ._router import ALL_KEYS, UsageRouter
@@ -24,8 +28,11 @@ __all__ = [
     "SchemaMissingError",
     "UploadRecord",
     "UsageError",
+    "UsageMiddleware",
     "UsageRouter",
     "UsageStore",
+    "annotate",
+    "api_key_uuid",
 ]
 
 __version__ = "0.1.0"

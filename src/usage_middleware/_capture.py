@@ -1,0 +1,229 @@
+"""Upload metadata from a request body as it streams past, without keeping the body.
+
+``MultipartCapture`` feeds every body chunk to python-multipart's streaming ``MultipartParser``
+and keeps, per file part, only its headers (name, declared type), a byte count and the first
+``SNIFF_BYTES`` bytes — so memory does not grow with the upload. ``RawCapture`` does the same for
+a body that *is* the file (``PUT /files/x`` with ``Content-Type: image/png``).
+
+Both are fed with ``feed(chunk)`` and closed with ``close(complete)``; neither ever raises: a
+parser error stops parsing for the rest of that request and is remembered in ``error``. The
+middleware turns the resulting :class:`CapturedFile` list into ``file_uploads`` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ._sniff import SNIFF_BYTES, effective_type
+
+__all__ = [
+    "CapturedFile",
+    "MultipartCapture",
+    "RawCapture",
+    "multipart_boundary",
+    "parse_options_header",
+]
+
+logger = logging.getLogger(__name__)
+
+UTC = timezone.utc
+
+_MAX_KEPT_HEADER = 1024  # bytes of a Content-Disposition / Content-Type value we look at
+
+
+@dataclass(slots=True)
+class CapturedFile:
+    """What one uploaded file looked like on the wire."""
+
+    file_name: str | None
+    declared_type: str | None
+    size: int = 0
+    complete: bool = False
+    head: bytearray = field(default_factory=bytearray)
+    finished_at: datetime | None = None
+    file_type: str = ""
+
+    def finish(self, complete: bool) -> None:
+        """Freeze the file: decide its type and drop the sniff buffer."""
+        self.complete = complete
+        self.finished_at = datetime.now(UTC)
+        try:
+            self.file_type = effective_type(bytes(self.head), self.declared_type, self.file_name)
+        except Exception:  # a matcher bug must not lose the row
+            logger.exception("usage-middleware: file type detection failed")
+            self.file_type = effective_type(b"", self.declared_type, self.file_name)
+        self.head = bytearray()
+
+
+def multipart_boundary(content_type: bytes) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` Content-Type, or ``None`` if it is not one."""
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        return None
+    boundary = params.get(b"boundary")
+    return boundary or None
+
+
+def _decode(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+class MultipartCapture:
+    """Streams a multipart body through python-multipart and collects its file parts."""
+
+    __slots__ = (
+        "_current",
+        "_field",
+        "_headers",
+        "_max_files",
+        "_parser",
+        "_value",
+        "error",
+        "files",
+        "finished",
+    )
+
+    def __init__(self, boundary: bytes, *, max_files: int) -> None:
+        self.files: list[CapturedFile] = []
+        self.error: str | None = None
+        self.finished = False
+        self._max_files = max_files
+        self._current: CapturedFile | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+        self._parser: MultipartParser | None = None
+        try:
+            self._parser = MultipartParser(
+                boundary,
+                {
+                    "on_part_begin": self._on_part_begin,
+                    "on_header_field": self._on_header_field,
+                    "on_header_value": self._on_header_value,
+                    "on_header_end": self._on_header_end,
+                    "on_headers_finished": self._on_headers_finished,
+                    "on_part_data": self._on_part_data,
+                    "on_part_end": self._on_part_end,
+                    "on_end": self._on_end,
+                },
+            )
+        except Exception as exc:
+            self.error = f"unparsable multipart body: {exc}"
+
+    # --- parser callbacks (hot path: on_part_data) --------------------------------------------
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+        self._current = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        if len(self._field) < 64:
+            self._field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        if len(self._value) < _MAX_KEPT_HEADER:
+            self._value += data[start : min(end, start + _MAX_KEPT_HEADER)]
+
+    def _on_header_end(self) -> None:
+        name = bytes(self._field).strip().lower()
+        if name in (b"content-disposition", b"content-type"):
+            self._headers[name] = bytes(self._value[:_MAX_KEPT_HEADER]).strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _kind, params = parse_options_header(self._headers.get(b"content-disposition"))
+        raw_name = params.get(b"filename")
+        if raw_name is None:
+            return  # a form field, not a file
+        if len(self.files) >= self._max_files:
+            if self.error is None:
+                self.error = f"more than {self._max_files} files; the rest were not recorded"
+            return
+        declared = self._headers.get(b"content-type")
+        self._current = CapturedFile(
+            file_name=_decode(raw_name),
+            declared_type=declared.decode("latin-1") if declared else None,
+        )
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        current = self._current
+        if current is not None:
+            current.size += end - start
+            missing = SNIFF_BYTES - len(current.head)
+            if missing > 0:
+                current.head += data[start : min(end, start + missing)]
+
+    def _on_part_end(self) -> None:
+        current = self._current
+        if current is not None:
+            self._current = None
+            # An empty, nameless part is a file input the user left empty: no file.
+            if current.file_name or current.size:
+                current.finish(complete=True)
+                self.files.append(current)
+
+    def _on_end(self) -> None:
+        self.finished = True
+
+    # --- driver -------------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            parser.write(chunk)
+        except Exception as exc:
+            self._stop(f"malformed multipart body: {type(exc).__name__}: {exc}")
+
+    def _stop(self, reason: str) -> None:
+        self._parser = None
+        if self.error is None:
+            self.error = reason[:200]
+        self._keep_partial()
+
+    def _keep_partial(self) -> None:
+        current = self._current
+        if current is not None:
+            self._current = None
+            current.finish(complete=False)
+            self.files.append(current)
+
+    def close(self, body_complete: bool) -> None:
+        """End of input: a part still open is kept as an incomplete file."""
+        if self._parser is not None:
+            self._parser = None
+            if body_complete and not self.finished and self.error is None:
+                self.error = "multipart body ended before its closing boundary"
+        self._keep_partial()
+
+
+class RawCapture:
+    """A request body that is one file."""
+
+    __slots__ = ("error", "file", "files")
+
+    def __init__(self, file_name: str | None, declared_type: str | None) -> None:
+        self.file = CapturedFile(file_name=file_name, declared_type=declared_type)
+        self.files: list[CapturedFile] = []
+        self.error: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        file = self.file
+        file.size += len(chunk)
+        missing = SNIFF_BYTES - len(file.head)
+        if missing > 0:
+            file.head += chunk[:missing]
+
+    def close(self, body_complete: bool) -> None:
+        if not self.files:
+            self.file.finish(complete=body_complete)
+            self.files.append(self.file)

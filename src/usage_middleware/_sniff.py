@@ -1,0 +1,129 @@
+"""A file's real type from its leading bytes, then the client's claim, then its name.
+
+Binary signatures come from ``filetype`` (pure Python, no libmagic, ~80 matchers incl.
+ZIP-based Office documents told apart from a plain ZIP, ISO-BMFF brands for MP4/HEIC/AVIF). It
+matches on the first 8 KiB and has no text matchers, so markup is recognised here: SVG, HTML
+and XML — SVG and HTML are active content, so a spoofed ``image/png`` that is really HTML must
+show as HTML. Plain text is only the last resort, below the declared type (a declared
+``text/csv`` is more precise than anything sniffable).
+
+The extension table is Python's built-in one (``mimetypes.MimeTypes()`` without the system's
+``mime.types``), so results do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+
+import filetype
+
+from ._records import OCTET_STREAM, normalize_mime
+
+__all__ = ["SNIFF_BYTES", "effective_type", "known_type", "sniff"]
+
+SNIFF_BYTES = 8192
+"""Leading bytes kept per file: what ``filetype`` reads (Office documents need the first
+ZIP entries' names)."""
+
+_EXTENSIONS = mimetypes.MimeTypes()
+_EXTENSIONS.add_type("image/heic", ".heic")
+_EXTENSIONS.add_type("image/heif", ".heif")
+_EXTENSIONS.add_type("image/avif", ".avif")
+_EXTENSIONS.add_type("image/webp", ".webp")
+
+# After an optional BOM, whitespace, XML declaration, comments, processing instructions and a
+# doctype: the first element's name decides.
+_MARKUP_PROLOGUE = re.compile(
+    rb"\A(?:\xef\xbb\xbf)?(?:\s+|<\?.*?\?>|<!--.*?-->|<!doctype[^>]*>)*", re.IGNORECASE | re.DOTALL
+)
+_FIRST_ELEMENT = re.compile(rb"<([a-zA-Z][a-zA-Z0-9:_.-]*)")
+# WHATWG MIME sniffing's "HTML" patterns (tag name followed by a space or '>').
+_HTML_TAGS = frozenset(
+    b"html head script iframe h1 div font table a style title b body br p".split()
+)
+_HTML_DOCTYPE = re.compile(rb"<!doctype\s+html", re.IGNORECASE)
+# Control bytes that never occur in text (WHATWG's "binary data byte" set).
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
+
+
+def _markup(head: bytes) -> str | None:
+    start = head[:1024].lstrip()
+    if start.startswith(b"\xef\xbb\xbf"):
+        start = start[3:].lstrip()
+    if not start.startswith(b"<"):
+        return None
+    if _HTML_DOCTYPE.match(start):
+        return "text/html"
+    prologue = _MARKUP_PROLOGUE.match(head)
+    rest = head[prologue.end() if prologue else 0 :]
+    element = _FIRST_ELEMENT.match(rest)
+    if element is None:
+        return "application/xml" if start.startswith(b"<?xml") else None
+    name = element.group(1).lower()
+    if name == b"svg" or name.endswith(b":svg"):
+        return "image/svg+xml"
+    end = element.end()
+    if name in _HTML_TAGS and rest[end : end + 1] in (b" ", b">", b"\t", b"\n", b"\r", b"/"):
+        return "text/html"
+    if start.startswith(b"<?xml"):
+        return "application/xml"
+    return None
+
+
+def sniff(head: bytes) -> str | None:
+    """The MIME type the leading bytes prove, or ``None`` when they prove nothing."""
+    if not head:
+        return None
+    kind = filetype.guess_mime(head)
+    if kind:
+        return normalize_mime(kind)
+    return _markup(head)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or _BINARY_BYTES.search(head):
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end of the buffer is still text.
+        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
+    return True
+
+
+def from_name(file_name: str | None) -> str | None:
+    """The type the file name's extension suggests (built-in table), if any."""
+    if not file_name:
+        return None
+    guessed, _encoding = _EXTENSIONS.guess_type(file_name, strict=False)
+    return normalize_mime(guessed)
+
+
+def effective_type(head: bytes, declared: str | None, file_name: str | None) -> str:
+    """SPEC §4: sniffed, else declared (unless the generic octet-stream), else extension."""
+    sniffed = sniff(head)
+    if sniffed:
+        return sniffed
+    declared = normalize_mime(declared)
+    if declared and declared != OCTET_STREAM:
+        return declared
+    by_name = from_name(file_name)
+    if by_name:
+        return by_name
+    if _looks_like_text(head):
+        return "text/plain"
+    return declared or OCTET_STREAM
+
+
+_KNOWN = (
+    frozenset(_EXTENSIONS.types_map[0].values())
+    | frozenset(_EXTENSIONS.types_map[1].values())
+    | frozenset(str(t.mime) for t in filetype.types)
+    | {"text/html", "image/svg+xml", "application/xml", "text/plain", OCTET_STREAM}
+)
+
+
+def known_type(mime: str) -> bool:
+    """True for types from a fixed table (bounded metric label values)."""
+    return mime in _KNOWN
