@@ -227,6 +227,7 @@ def test_shutdown_with_the_database_down_spools_and_the_next_start_replays_lossl
         uploaded_at=at,
     )
     request = RequestRecord(
+        id=upload.id,  # ids are unique per table: an upload and a request may share one
         api_key_id=key,
         method="PUT",
         path="/files/{id}",

@@ -43,7 +43,7 @@ from typing import Any
 from opentelemetry import metrics
 
 from ._records import RequestRecord, UploadRecord
-from ._spool import Spool, decode, default_spool_path
+from ._spool import Spool, decode, default_spool_path, spool_key
 from ._store import UsageStore
 
 __all__ = ["Recorder"]
@@ -526,7 +526,7 @@ class Recorder:
             pending = self._write(records)
         finally:
             self._inflight = None
-        waiting = {r.id.bytes for r in pending}
+        waiting = {spool_key(r) for r in pending}
         self._spool.remove([key for key, _ in rows if key not in waiting])
         if pending:
             self._spool.release(list(waiting))

@@ -1,7 +1,7 @@
 """The recorder's on-disk spool: records that could not be written yet, kept across crashes.
 
 A spool is one SQLite file (WAL) per store URL, shared by every worker process of the host.
-Each record is one row keyed by its ``id``, so spooling the same record twice keeps one copy and
+Each record is one row keyed by its kind and ``id``, so spooling the same record twice keeps one copy and
 replaying it into the store (idempotent by ``id``) can never count it twice. A process *claims*
 a batch with a short lease before replaying it, so several processes do not replay the same rows
 at once; a crashed process's claims expire (or are released at the next start when its pid is
@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL
 
 from ._records import RequestRecord, UploadRecord
 
-__all__ = ["Spool", "decode", "default_spool_path", "encode"]
+__all__ = ["Spool", "decode", "default_spool_path", "encode", "spool_key"]
 
 Record = UploadRecord | RequestRecord
 
@@ -71,6 +71,11 @@ def _hex(value: uuid.UUID | None) -> str | None:
 
 def _uuid(value: str | None) -> uuid.UUID | None:
     return None if value is None else uuid.UUID(hex=value)
+
+
+def spool_key(record: Record) -> bytes:
+    """The row key: ids are unique per table, so an upload and a request may share one."""
+    return (b"u" if isinstance(record, UploadRecord) else b"r") + record.id.bytes
 
 
 def encode(record: Record) -> str:
@@ -273,7 +278,7 @@ class Spool:
         """
         if not records:
             return 0
-        rows = [(r.id.bytes, encode(r)) for r in records]
+        rows = [(spool_key(r), encode(r)) for r in records]
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")

@@ -1,5 +1,7 @@
-"""A small ASGI app whose endpoint hands records to a Recorder, served by uvicorn/gunicorn in
-the reliability tests. Configured by environment: USAGE_TEST_DB_URL, USAGE_TEST_SPOOL."""
+"""A small ASGI app whose endpoint hands records to a Recorder, for the reliability tests and the
+recorder benchmark. ``create_app()`` reads its configuration from the environment:
+USAGE_TEST_DB_URL, USAGE_TEST_SPOOL, and USAGE_TEST_START_EARLY=1 to start the recorder at
+import time (before a pre-forking server forks, which the recorder must survive)."""
 
 from __future__ import annotations
 
@@ -16,44 +18,51 @@ from starlette.routing import Route
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 
-store = UsageStore(os.environ["USAGE_TEST_DB_URL"])
-recorder = Recorder(
-    store,
-    spool_path=os.environ["USAGE_TEST_SPOOL"],
-    flush_interval=0.1,
-    backoff_initial=0.05,
-    backoff_max=0.5,
-)
 
+def build_app(recorder: Recorder) -> Starlette:
+    """``POST /upload?id=<uuid>`` submits one upload and one request record with that id."""
 
-async def upload(request: Request) -> JSONResponse:
-    body = await request.body()
-    request_id = uuid.UUID(request.query_params["id"])
-    recorder.submit(
-        UploadRecord(
-            id=request_id,
-            request_id=request_id,
-            provider="test",
-            file_type="image/png",
-            file_size=len(body),
+    async def upload(request: Request) -> JSONResponse:
+        body = await request.body()
+        record_id = uuid.UUID(request.query_params["id"])
+        recorder.submit(
+            UploadRecord(
+                id=record_id,
+                request_id=record_id,
+                provider="test",
+                file_type="image/png",
+                file_size=len(body),
+            )
         )
+        recorder.submit(
+            RequestRecord(id=record_id, method="POST", path="/upload", request_size=len(body))
+        )
+        return JSONResponse({"pid": os.getpid()})
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(recorder.stats())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        recorder.start()
+        yield
+        await anyio.to_thread.run_sync(recorder.shutdown, 10.0)
+
+    return Starlette(
+        routes=[Route("/upload", upload, methods=["POST"]), Route("/stats", stats)],
+        lifespan=lifespan,
     )
-    recorder.submit(RequestRecord(id=request_id, method="POST", path="/upload", status_code=200))
-    return JSONResponse({"pid": os.getpid()})
 
 
-async def stats(request: Request) -> JSONResponse:
-    return JSONResponse(recorder.stats())
-
-
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    recorder.start()
-    yield
-    await anyio.to_thread.run_sync(recorder.shutdown, 10.0)
-
-
-app = Starlette(
-    routes=[Route("/upload", upload, methods=["POST"]), Route("/stats", stats)],
-    lifespan=lifespan,
-)
+def create_app() -> Starlette:
+    store = UsageStore(os.environ["USAGE_TEST_DB_URL"], connect_timeout=2)
+    recorder = Recorder(
+        store,
+        spool_path=os.environ["USAGE_TEST_SPOOL"],
+        flush_interval=0.1,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+    )
+    if os.environ.get("USAGE_TEST_START_EARLY") == "1":
+        recorder.start()
+    return build_app(recorder)
