@@ -198,7 +198,6 @@ def _upload_request(
     rng: random.Random, key_id: uuid.UUID, at: datetime, serial: int
 ) -> Iterator[UploadRecord | RequestRecord]:
     """One ``POST /api/upload`` carrying 1 to 4 files to one provider, and its files."""
-    provider, _, limit = rng.choices(_PROVIDERS, weights=[p[1] for p in _PROVIDERS])[0]
     n_files = rng.choices((1, 2, 3, 4), weights=(70, 15, 10, 5))[0]
     files = []
     for i in range(n_files):
@@ -206,6 +205,11 @@ def _upload_request(
         size = max(1, int(rng.lognormvariate(math.log(kind.median_bytes), kind.spread)))
         files.append((kind, size, f"demo-{serial:06d}-{i + 1}.{kind.ext}"))
     total = sum(size for _, size, _ in files)
+    # Clients mostly send large files to S3; the rest now and then hit a provider's limit.
+    if total > 4_000_000 and rng.random() < 0.85:
+        provider, limit = "s3", _PROVIDERS[1][2]
+    else:
+        provider, _, limit = rng.choices(_PROVIDERS, weights=[p[1] for p in _PROVIDERS])[0]
     too_big = [name for _, size, name in files if size > limit]
     server_error = not too_big and rng.random() < 0.01
     if too_big:
@@ -214,7 +218,7 @@ def _upload_request(
         status, error = 502, f"{provider} storage backend unavailable"
     else:
         status, error = 201, None
-    ms = 40 + total / 2_000_000 * 1000 * rng.uniform(0.5, 1.5)
+    ms = 40 + total / 20_000 * rng.uniform(0.5, 1.5)  # about 20 MB/s
     request_id = _uuid7(rng, at)
     yield RequestRecord(
         id=request_id,
