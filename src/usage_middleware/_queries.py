@@ -471,6 +471,6 @@ def request_stats(
     return {
         "total": total,
         "errors": errors,
-        "avg_response_ms": round(total_us / total / 1000, 3),
-        "p95_response_ms": round(p95, 3),
+        "avg_response_ms": round(total_us / total / 1000, 4),
+        "p95_response_ms": round(p95, 6),
     }

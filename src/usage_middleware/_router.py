@@ -230,7 +230,12 @@ class UsageRouter(Router):
             await self._scope(request)
         except _Denied as denied:
             return denied.response
-        recorders = [r.stats() for r in self.store.recorders]
+        recorders = []
+        for recorder in self.store.recorders:
+            try:
+                recorders.append(recorder.stats())
+            except Exception:
+                logger.exception("usage router: recorder.stats() raised")
         try:
             await self._run(self._ping)
         except (SQLAlchemyError, UsageError) as exc:
