@@ -297,7 +297,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
 def test_granular_equals_raw_aggregation_in_local_time(
     shared_store: UsageStore, scenario: dict[str, Any]
 ) -> None:
-    """Series, totals, breakdowns and request stats equal the raw records aggregated in local time."""
+    """Series, totals, breakdowns and request stats equal raw records aggregated in local time."""
     s = scenario
     shared_store.write([*s["uploads"], *s["requests"]])
     keys = s["keys"]
