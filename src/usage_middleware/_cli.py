@@ -19,9 +19,17 @@ def _create_schema(args: argparse.Namespace) -> int:
 def _demo_data(args: argparse.Namespace) -> int:
     from datetime import date
 
-    from ._demo import has_uploads, write_demo_data
+    from ._demo import MAX_DEMO_KEYS, has_uploads, write_demo_data
     from ._store import UsageStore
 
+    try:
+        end = date.fromisoformat(args.end) if args.end else None
+    except ValueError:
+        print(f"demo-data: --end must be a date YYYY-MM-DD, got {args.end!r}", file=sys.stderr)
+        return 2
+    if args.days < 1 or not 1 <= args.keys <= MAX_DEMO_KEYS:
+        print(f"demo-data: --days must be >= 1 and --keys in 1..{MAX_DEMO_KEYS}", file=sys.stderr)
+        return 2
     store = UsageStore(args.url)
     if store.dialect != "sqlite" and not args.yes_this_is_not_production:
         print(
@@ -33,7 +41,6 @@ def _demo_data(args: argparse.Namespace) -> int:
     if args.if_empty and has_uploads(store):
         print(f"{store!r} already has uploads; no demo data written")
         return 0
-    end = date.fromisoformat(args.end) if args.end else None
     summary = write_demo_data(store, days=args.days, keys=args.keys, seed=args.seed, end=end)
     print(
         f"demo data {summary.start}..{summary.end}: {summary.uploads} uploads and "

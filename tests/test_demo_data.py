@@ -1,0 +1,121 @@
+"""The demo-data command: a deterministic, clearly synthetic year, never written by accident."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware._cli import main
+from usage_middleware._demo import DEMO_KEY_IDS, generate_demo_records
+from usage_middleware._schema import api_requests, daily_usage, file_uploads
+
+UTC = timezone.utc
+END = date(2025, 6, 30)
+NOW = datetime(2025, 6, 30, 12, 0, tzinfo=UTC)
+
+
+def test_same_seed_same_records_other_seed_other_records() -> None:
+    """Records, ids included, depend only on the seed and the dates."""
+    first = list(generate_demo_records(days=20, keys=2, seed=7, end=END, now=NOW))
+    again = list(generate_demo_records(days=20, keys=2, seed=7, end=END, now=NOW))
+    other = list(generate_demo_records(days=20, keys=2, seed=8, end=END, now=NOW))
+    assert first == again
+    assert {r.id for r in first}.isdisjoint({r.id for r in other})
+
+
+def test_the_time_of_day_does_not_change_earlier_records() -> None:
+    """Running later on the same day only adds the records dated in between."""
+    morning = list(generate_demo_records(days=3, seed=1, end=END, now=NOW - timedelta(hours=6)))
+    evening = list(generate_demo_records(days=3, seed=1, end=END, now=NOW + timedelta(hours=6)))
+    assert set(map(id_of, morning)) < set(map(id_of, evening))
+
+
+def id_of(record: UploadRecord | RequestRecord) -> str:
+    return str(record.id)
+
+
+def test_records_are_recognisably_synthetic_and_in_range() -> None:
+    """Demo key ids, ``demo-`` file names, dates inside the range and none after now."""
+    records = list(generate_demo_records(days=30, keys=3, seed=0, end=END, now=NOW))
+    uploads = [r for r in records if isinstance(r, UploadRecord)]
+    requests = [r for r in records if isinstance(r, RequestRecord)]
+    assert uploads and requests
+    assert {r.api_key_id for r in records} == set(DEMO_KEY_IDS[:3])
+    assert all(str(r.api_key_id).startswith("00000000-de30-") for r in records)
+    assert all(r.file_name and r.file_name.startswith("demo-") for r in uploads)
+    stamps = [r.uploaded_at for r in uploads] + [r.requested_at for r in requests]
+    assert min(stamps).date() >= END - timedelta(days=29)
+    assert max(stamps) < NOW
+    # Every upload belongs to a POST /api/upload request of the same key and status.
+    posts = {r.id: r for r in requests if r.path == "/api/upload"}
+    for upload in uploads:
+        post = posts[upload.request_id]
+        assert post.api_key_id == upload.api_key_id
+        assert (post.status_code < 400) == (upload.upload_status == "success")
+    assert {r.provider for r in uploads} == {"vercel", "s3", "cloudinary"}
+    assert Counter(r.upload_status for r in uploads)["failed"] > 0
+
+
+def test_cli_writes_once_and_rollups_match(tmp_path: Path) -> None:
+    """The command writes through store.write (rollups exact); a rerun writes nothing new."""
+    url = f"sqlite:///{tmp_path}/demo.db"
+    args = ["demo-data", url, "--days", "60", "--keys", "2", "--seed", "3", "--end", "2025-06-30"]
+    assert main(args) == 0
+    store = UsageStore(url)
+    with store.engine.connect() as conn:
+        uploads, size = conn.execute(select(func.count(), func.sum(file_uploads.c.file_size))).one()
+        rolled = conn.execute(
+            select(func.sum(daily_usage.c.total_uploads), func.sum(daily_usage.c.total_file_size))
+        ).one()
+        requests = conn.execute(select(func.count()).select_from(api_requests)).scalar_one()
+        first_day = conn.execute(select(func.min(daily_usage.c.usage_date))).scalar_one()
+    assert uploads > 100 and requests > uploads / 4
+    assert tuple(rolled) == (uploads, size)
+    assert str(first_day) >= "2025-05-02"
+    assert main(args) == 0
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(file_uploads)).scalar_one() == uploads
+    store.dispose()
+
+
+def test_cli_if_empty_leaves_existing_data_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--if-empty`` (what ``make demo`` uses) writes nothing into a database with uploads."""
+    url = f"sqlite:///{tmp_path}/app.db"
+    store = UsageStore(url)
+    store.write([UploadRecord(provider="s3", file_type="image/png", file_size=5)])
+    assert main(["demo-data", url, "--if-empty", "--days", "5"]) == 0
+    assert "no demo data written" in capsys.readouterr().out
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(file_uploads)).scalar_one() == 1
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_cli_refuses_postgresql_without_confirmation(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PostgreSQL URL is refused (nothing created) unless the flag says it is not production."""
+    assert main(["demo-data", pg_url, "--days", "3"]) == 2
+    assert "--yes-this-is-not-production" in capsys.readouterr().err
+    store = UsageStore(pg_url)
+    assert not inspect(store.engine).has_table("file_uploads")
+    args = ["demo-data", pg_url, "--days", "3", "--yes-this-is-not-production"]
+    assert main(args) == 0
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(file_uploads)).scalar_one() > 0
+    store.dispose()
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nonsense sizes or dates are refused with a message, before any file is created."""
+    for extra in (["--days", "0"], ["--keys", "100"], ["--end", "30/06/2025"]):
+        assert main(["demo-data", f"sqlite:///{tmp_path}/x.db", *extra]) == 2
+        assert capsys.readouterr().err.startswith("demo-data: ")
+    assert not (tmp_path / "x.db").exists()
