@@ -1,0 +1,397 @@
+"""Per-request overhead of UsageMiddleware next to its peers, measured in one run.
+
+Variants of the same Starlette app: ``bare``; ``noop`` (a timing-only pure ASGI middleware);
+``otel`` (opentelemetry-instrumentation-asgi, SDK with a batch processor to a no-op exporter);
+``prometheus`` (prometheus-fastapi-instrumentator); ``ours`` (UsageMiddleware with a no-op
+recorder: the capture cost alone, full rows built); ``ours+sqlite`` (UsageMiddleware with the
+real recorder writing into SQLite). Variants are interleaved round by round and medians are
+reported, because the machine is shared and noisy.
+
+The upload endpoint parses the form with ``request.form()``, as an upload API does.
+
+1. In process: µs added per small GET and per 1 MiB multipart upload (64 KiB messages).
+2. In process: throughput of one 256 MiB multipart upload.
+3. Over loopback: req/s of a small GET, uvicorn (one worker) + wrk, a few seconds per run.
+
+Run: ``.venv/bin/python benchmarks/overhead.py`` (``--quick`` for a short smoke run,
+``--no-loopback`` to skip part 3). Needs the ``bench`` extra and, for part 3, ``wrk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+VARIANTS = ["bare", "noop", "otel", "prometheus", "ours", "ours+sqlite"]
+CHUNK = 64 * 1024
+BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"  # what a browser sends
+
+
+# --- the app and its variants -----------------------------------------------------------------
+
+
+async def small(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def upload(request: Request) -> Response:
+    """What an upload API does: parse the form (Starlette spools files to disk past 1 MiB)."""
+    async with request.form(max_part_size=1 << 40) as form:
+        size = sum(f.size or 0 for _, f in form.multi_items() if not isinstance(f, str))
+    return PlainTextResponse(str(size), status_code=201)
+
+
+class TimingMiddleware:
+    """The cheapest useful pure ASGI middleware: measures the request, records nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.total = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.total += time.perf_counter() - start
+
+
+class NoopRecorder:
+    def start(self) -> None:
+        pass
+
+    def submit(self, record: Any) -> None:
+        pass
+
+    def submit_many(self, records: Any) -> None:
+        pass
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        pass
+
+
+def build(variant: str, workdir: str) -> tuple[ASGIApp, Callable[[], None]]:
+    """The app for ``variant`` and a function that releases what it holds."""
+    app = Starlette(routes=[Route("/small", small), Route("/upload", upload, methods=["POST"])])
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    if variant == "noop":
+        app.add_middleware(TimingMiddleware)
+    elif variant == "otel":
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class NoopExporter(SpanExporter):
+            def export(self, spans: Sequence[Any]) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(BatchSpanProcessor(NoopExporter()))
+        meter_provider = MeterProvider()
+        app.add_middleware(
+            OpenTelemetryMiddleware,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
+
+        def close() -> None:
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+
+    elif variant == "prometheus":
+        from prometheus_client import CollectorRegistry
+        from prometheus_fastapi_instrumentator import Instrumentator
+
+        Instrumentator(registry=CollectorRegistry()).instrument(app)
+    elif variant in ("ours", "ours+sqlite"):
+        from usage_middleware import Recorder, UsageMiddleware, UsageStore
+
+        if variant == "ours":
+            app.add_middleware(UsageMiddleware, recorder=NoopRecorder())
+        else:
+            path = os.path.join(workdir, f"usage-{os.getpid()}-{random.random()}.db")
+            store = UsageStore(f"sqlite:///{path}")
+            store.create_schema()
+            recorder = Recorder(store)
+            recorder.start()
+            app.add_middleware(UsageMiddleware, recorder=recorder)
+
+            def close() -> None:
+                recorder.shutdown(30)
+                store.dispose()
+
+    elif variant != "bare":
+        raise SystemExit(f"unknown variant {variant!r}")
+    return app, close
+
+
+# --- in-process driver ------------------------------------------------------------------------
+
+
+def scope_for(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench"), (b"x-api-key", b"bench-key"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def one(app: ASGIApp, scope: Scope, chunks: Sequence[bytes]) -> None:
+    index = 0
+    last = len(chunks) - 1
+
+    async def receive() -> Message:
+        nonlocal index
+        i = index
+        index += 1
+        if i > last:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunks[i], "more_body": i < last}
+
+    async def send(message: Message) -> None:
+        pass
+
+    await app(dict(scope), receive, send)
+
+
+def multipart_chunks(size: int) -> list[bytes]:
+    head = (
+        b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="photo.jpg"\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0'
+    )
+    tail = b"\r\n--" + BOUNDARY + b"--\r\n"
+    data = bytes(random.Random(7).getrandbits(8) for _ in range(CHUNK))
+    body_chunks = [head] + [data] * (size // CHUNK) + [tail]
+    return body_chunks
+
+
+UPLOAD_HEADERS = [(b"content-type", b"multipart/form-data; boundary=" + BOUNDARY)]
+
+
+async def timed(app: ASGIApp, scope: Scope, chunks: Sequence[bytes], n: int) -> float:
+    """Seconds per request over ``n`` requests."""
+    start = time.perf_counter()
+    for _ in range(n):
+        await one(app, scope, chunks)
+    return (time.perf_counter() - start) / n
+
+
+async def in_process(apps: dict[str, ASGIApp], quick: bool) -> dict[str, dict[str, float]]:
+    get_scope = scope_for("GET", "/small", [])
+    up_scope = scope_for("POST", "/upload", UPLOAD_HEADERS)
+    mib = multipart_chunks(1 << 20)
+    big = multipart_chunks((32 if quick else 256) << 20)
+    rounds, get_n, up_n, big_rounds = (5, 100, 3, 1) if quick else (15, 400, 12, 3)
+    for app in apps.values():  # warm up: lazy stacks, first-request start, imports
+        await timed(app, get_scope, [b""], 20)
+        await timed(app, up_scope, mib, 2)
+    samples: dict[str, dict[str, list[float]]] = {
+        v: {"get": [], "upload": [], "big": []} for v in apps
+    }
+    order = list(apps)
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for v in order:
+            samples[v]["get"].append(await timed(apps[v], get_scope, [b""], get_n))
+        for v in order:
+            samples[v]["upload"].append(await timed(apps[v], up_scope, mib, up_n))
+        await asyncio.sleep(0)
+    for r in range(big_rounds):
+        random.Random(100 + r).shuffle(order)
+        for v in order:
+            samples[v]["big"].append(await timed(apps[v], up_scope, big, 1))
+    big_mib = sum(len(c) for c in big) / (1 << 20)
+    return {
+        v: {
+            "get_us": statistics.median(s["get"]) * 1e6,
+            "upload_us": statistics.median(s["upload"]) * 1e6,
+            "big_mib_s": big_mib / statistics.median(s["big"]),
+        }
+        for v, s in samples.items()
+    }
+
+
+# --- loopback ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(variant: str, port: int) -> None:
+    """Child process: serve one variant with uvicorn until terminated."""
+    import uvicorn
+
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    app, close = build(variant, workdir)
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    finally:
+        close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not start within {timeout} s")
+
+
+def wrk_rps(port: int, seconds: int) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/small"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError(f"unexpected wrk output:\n{out}")
+
+
+def loopback(variants: list[str], quick: bool) -> dict[str, float] | None:
+    if shutil.which("wrk") is None:
+        print("loopback: skipped — wrk is not installed (apt-get install -y wrk)\n")
+        return None
+    seconds, rounds = (2, 1) if quick else (4, 3)
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for r in range(rounds):
+        random.Random(200 + r).shuffle(order)
+        for v in order:
+            port = free_port()
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--serve", v, "--port", str(port)],
+                stdout=subprocess.DEVNULL,
+            )
+            try:
+                wait_for_port(port, 30)
+                wrk_rps(port, 1)  # warm up
+                results[v].append(wrk_rps(port, seconds))
+            finally:
+                child.terminate()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait(10)
+    return {v: statistics.median(x) for v, x in results.items()}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def report(stats: dict[str, dict[str, float]], rps: dict[str, float] | None) -> None:
+    bare = stats["bare"]
+    print(
+        f"{'variant':<12} {'GET µs':>8} {'+µs':>7} {'1MiB µs':>9} {'+µs':>8} "
+        f"{'256MiB MiB/s':>13} {'% bare':>7} {'loop req/s':>11} {'% bare':>7}"
+    )
+    for v, s in stats.items():
+        get_add = s["get_us"] - bare["get_us"]
+        up_add = s["upload_us"] - bare["upload_us"]
+        big_pct = 100 * s["big_mib_s"] / bare["big_mib_s"]
+        loop = (
+            f"{rps[v]:>11.0f} {100 * rps[v] / rps['bare']:>6.0f}%" if rps else f"{'-':>11} {'-':>7}"
+        )
+        print(
+            f"{v:<12} {s['get_us']:>8.1f} {get_add:>+7.1f} {s['upload_us']:>9.0f} {up_add:>+8.0f} "
+            f"{s['big_mib_s']:>13.0f} {big_pct:>6.0f}% {loop}"
+        )
+
+    def added(v: str, key: str) -> float:
+        return stats[v][key] - bare[key]
+
+    ours_get, ours_up = max(added("ours", "get_us"), 0.0), max(added("ours", "upload_us"), 0.0)
+    print("\ntargets (ratios in this run):")
+    print(
+        f"  GET overhead ours/prometheus = {ours_get / added('prometheus', 'get_us'):.2f} "
+        f"(target <= 0.33); ours/otel = {ours_get / added('otel', 'get_us'):.2f} (target <= 0.10)"
+    )
+    print(
+        f"  1 MiB upload overhead ours/prometheus = "
+        f"{ours_up / max(added('prometheus', 'upload_us'), 1e-9):.2f} (target <= 1.0); "
+        f"ours/otel = {ours_up / max(added('otel', 'upload_us'), 1e-9):.2f}"
+    )
+    print(
+        f"  256 MiB throughput ours/bare = {stats['ours']['big_mib_s'] / bare['big_mib_s']:.2f}"
+        " (target >= 0.90)"
+    )
+    if rps:
+        print(
+            f"  loopback req/s ours/bare = {rps['ours'] / rps['bare']:.2f} (target >= 0.85); "
+            f"ours+sqlite/bare = {rps['ours+sqlite'] / rps['bare']:.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--no-loopback", action="store_true", help="skip uvicorn + wrk")
+    parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    built = {v: build(v, workdir) for v in VARIANTS}
+    try:
+        stats = asyncio.run(in_process({v: app for v, (app, _) in built.items()}, args.quick))
+    finally:
+        for _, close in built.values():
+            close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    rps = None if args.no_loopback else loopback(VARIANTS, args.quick)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"{time.monotonic() - started:.0f} s\n"
+    )
+    report(stats, rps)
+
+
+if __name__ == "__main__":
+    main()
