@@ -19,5 +19,13 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 
+DEMO_DB := sqlite:///$(CURDIR)/examples/fastapi_app/usage.db
+
+# The example upload API with its dashboard; a year of synthetic usage is written on first run.
+demo: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[examples]'
+	$(BIN)/usage-middleware demo-data '$(DEMO_DB)' --if-empty
+	DATABASE_URL='$(DEMO_DB)' $(BIN)/python examples/fastapi_app/app.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
