@@ -344,16 +344,21 @@ def report(stats: dict[str, dict[str, float]], rps: dict[str, float] | None) -> 
     def added(v: str, key: str) -> float:
         return stats[v][key] - bare[key]
 
-    ours_get, ours_up = max(added("ours", "get_us"), 0.0), max(added("ours", "upload_us"), 0.0)
+    def ratio(ours: float, peer: float) -> str:
+        # A peer overhead within noise of zero makes a ratio meaningless: say so.
+        return f"{max(ours, 0.0) / peer:.2f}" if peer > 1.0 else "n/a (peer overhead <= noise)"
+
     print("\ntargets (ratios in this run):")
+    ours_get = added("ours", "get_us")
     print(
-        f"  GET overhead ours/prometheus = {ours_get / added('prometheus', 'get_us'):.2f} "
-        f"(target <= 0.33); ours/otel = {ours_get / added('otel', 'get_us'):.2f} (target <= 0.10)"
+        f"  GET overhead ours/prometheus = {ratio(ours_get, added('prometheus', 'get_us'))}"
+        f" (target <= 0.33); ours/otel = {ratio(ours_get, added('otel', 'get_us'))}"
+        " (target <= 0.10)"
     )
     print(
-        f"  1 MiB upload overhead ours/prometheus = "
-        f"{ours_up / max(added('prometheus', 'upload_us'), 1e-9):.2f} (target <= 1.0); "
-        f"ours/otel = {ours_up / max(added('otel', 'upload_us'), 1e-9):.2f}"
+        "  1 MiB upload overhead ours/prometheus = "
+        f"{ratio(added('ours', 'upload_us'), added('prometheus', 'upload_us'))} (target <= 1.0); "
+        f"ours/otel = {ratio(added('ours', 'upload_us'), added('otel', 'upload_us'))}"
     )
     print(
         f"  256 MiB throughput ours/bare = {stats['ours']['big_mib_s'] / bare['big_mib_s']:.2f}"
