@@ -33,7 +33,7 @@ UploadStatus = Literal["success", "failed"]
 
 def new_id() -> uuid.UUID:
     """A new time-ordered (version 7) UUID: sorts by creation time, so inserts stay local."""
-    return uuid7()  # type: ignore[no-any-return]
+    return uuid7()
 
 
 def _now() -> datetime:
@@ -47,11 +47,12 @@ def _text(value: Any, name: str, limit: int, *, required: bool = False) -> str |
         return None
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a str, got {type(value).__name__}")
-    if "\x00" in value:
-        value = value.replace("\x00", "\ufffd")
-    if len(value) > limit:
-        value = value[: limit - 1] + "…"
-    return value
+    text: str = value
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
 
 
 def normalize_mime(value: str | None) -> str | None:
@@ -94,9 +95,10 @@ def _timestamp(value: Any, name: str) -> datetime:
         raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (got naive {value.isoformat()})")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value
+    when: datetime = value
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    return when
 
 
 @dataclass(slots=True, kw_only=True)

@@ -34,6 +34,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
+from ._pgwrite import mark_staging_ready, pg_write
 from ._records import RequestRecord, UploadRecord
 from ._schema import (
     ALL_TABLES,
@@ -62,7 +63,7 @@ SQL_FILES = ("usage_tracking_schema.sql",)
 
 def sql_text(name: str) -> str:
     """The text of a file shipped in ``usage_middleware/sql`` (the repository's ``sql/``)."""
-    return resources.files("usage_middleware").joinpath("sql", name).read_text("utf-8")
+    return resources.files("usage_middleware").joinpath("sql").joinpath(name).read_text("utf-8")
 
 
 def _normalize_url(url: str | URL) -> URL:
@@ -241,7 +242,8 @@ class UsageStore:
                 requests.setdefault(record.id, record)
             else:
                 raise TypeError(
-                    f"store.write() takes UploadRecord and RequestRecord, got {type(record).__name__}"
+                    "store.write() takes UploadRecord and RequestRecord, "
+                    f"got {type(record).__name__}"
                 )
         if not uploads and not requests:
             return 0
@@ -251,16 +253,33 @@ class UsageStore:
                 conn.info["usage_write"] = True
                 try:
                     with conn.begin():
-                        written = self._write_uploads(conn, list(uploads.values()))
-                        written += self._write_requests(conn, list(requests.values()))
+                        written = self._write_batch(
+                            conn, list(uploads.values()), list(requests.values())
+                        )
+                    if self.dialect == "postgresql":
+                        mark_staging_ready(conn)
                 finally:
                     conn.info.pop("usage_write", None)
+                    conn.info.pop("usage_staging_created", None)
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
         return written
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
+
+    def _write_batch(
+        self,
+        conn: Connection,
+        uploads: list[UploadRecord],
+        requests: list[RequestRecord],
+    ) -> int:
+        if self.dialect == "postgresql":
+            return pg_write(conn, uploads, requests)
+        return self._write_uploads(conn, uploads) + self._write_requests(conn, requests)
+
+    # The generic path (SQLite): INSERT .. ON CONFLICT DO NOTHING RETURNING id, rollup deltas
+    # computed here from the rows that came back, then sorted upserts.
 
     def _insert_new(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> set[Any]:
         stmt = self._insert(table).on_conflict_do_nothing(index_elements=["id"])
@@ -372,7 +391,10 @@ class UsageStore:
         if self.dialect == "postgresql":
             target: list[Any] = list(keys)
         else:
-            target = [func.ifnull(table.c.api_key_id, literal_column("''")), *(table.c[k] for k in keys[1:])]
+            target = [
+                func.ifnull(table.c.api_key_id, literal_column("''")),
+                *(table.c[k] for k in keys[1:]),
+            ]
         stmt = stmt.on_conflict_do_update(
             index_elements=target,
             set_={c: table.c[c] + stmt.excluded[c] for c in counters},

@@ -1,0 +1,249 @@
+"""The PostgreSQL write path: binary COPY into a staging table, then one statement per table.
+
+Per batch and table, the rows are COPYed (binary) into a session-local temporary table that
+empties itself at commit, and a single statement does the rest inside the server::
+
+    WITH new AS (INSERT INTO file_uploads SELECT .. FROM staging ORDER BY id
+                 ON CONFLICT (id) DO NOTHING RETURNING ..),
+         d   AS (INSERT INTO daily_usage  SELECT .. FROM new GROUP BY key ORDER BY key
+                 ON CONFLICT ON CONSTRAINT uq_daily_usage  DO UPDATE SET counter = counter + ..),
+         h   AS (.. the same into hourly_usage ..)
+    SELECT count(*) FROM new
+
+Only rows that ``RETURNING`` reports as new reach the rollups, so a replayed batch adds nothing;
+everything commits together, so no crash can separate a row from its count. Raw rows are
+inserted in ``id`` order and rollup rows in unique-key order: concurrent writers take row locks
+in one global order and cannot deadlock.
+
+Values that must agree bit for bit with Python (the latency bucket, microseconds) are computed
+in Python and staged as extra columns; UTC day and hour are computed by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+
+from ._records import RequestRecord, UploadRecord
+from ._schema import latency_bucket
+
+__all__ = ["pg_write"]
+
+_INFO_KEY = "usage_middleware_staging"
+
+_UPLOAD_COLUMNS = (
+    "id",
+    "api_key_id",
+    "request_id",
+    "provider",
+    "file_type",
+    "declared_type",
+    "file_size",
+    "file_name",
+    "upload_status",
+    "error_message",
+    "uploaded_at",
+)
+_UPLOAD_TYPES = (
+    "uuid", "uuid", "uuid", "text", "text", "text", "int8", "text", "text", "text", "timestamptz",
+)  # fmt: skip
+
+_REQUEST_COLUMNS = (
+    "id",
+    "api_key_id",
+    "method",
+    "path",
+    "status_code",
+    "response_time_ms",
+    "request_size",
+    "response_size",
+    "error_message",
+    "requested_at",
+)
+_REQUEST_TYPES = (
+    "uuid", "uuid", "text", "text", "int4", "float8", "int8", "int8", "text", "timestamptz",
+    "int2", "int8",
+)  # fmt: skip
+
+_CREATE_STAGING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_uploads
+    (LIKE public.file_uploads) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_requests
+    (LIKE public.api_requests) ON COMMIT DELETE ROWS;
+ALTER TABLE um_stage_requests
+    ADD COLUMN IF NOT EXISTS latency_bucket smallint,
+    ADD COLUMN IF NOT EXISTS response_us bigint;
+"""
+
+_UPLOAD_COUNTERS = """
+    count(*)::bigint,
+    sum(file_size)::bigint,
+    count(*) FILTER (WHERE upload_status = 'success')::bigint,
+    count(*) FILTER (WHERE upload_status <> 'success')::bigint
+"""
+_UPLOAD_SET = """
+    total_uploads = t.total_uploads + EXCLUDED.total_uploads,
+    total_file_size = t.total_file_size + EXCLUDED.total_file_size,
+    successful_requests = t.successful_requests + EXCLUDED.successful_requests,
+    failed_requests = t.failed_requests + EXCLUDED.failed_requests
+"""
+_UPLOAD_COUNTER_NAMES = "total_uploads, total_file_size, successful_requests, failed_requests"
+
+_INSERT_UPLOADS = f"""
+WITH new AS (
+    INSERT INTO public.file_uploads ({", ".join(_UPLOAD_COLUMNS)})
+    SELECT {", ".join(_UPLOAD_COLUMNS)} FROM pg_temp.um_stage_uploads AS s
+    ORDER BY s.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING api_key_id, provider, file_type, file_size, upload_status,
+              (uploaded_at AT TIME ZONE 'UTC') AS utc_at
+), daily AS (
+    INSERT INTO public.daily_usage AS t
+        (api_key_id, usage_date, provider, file_type, {_UPLOAD_COUNTER_NAMES})
+    SELECT api_key_id, utc_at::date, provider, file_type, {_UPLOAD_COUNTERS}
+      FROM new
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT ON CONSTRAINT uq_daily_usage DO UPDATE SET {_UPLOAD_SET}
+    RETURNING 1
+), hourly AS (
+    INSERT INTO public.hourly_usage AS t
+        (api_key_id, usage_hour, provider, file_type, {_UPLOAD_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('hour', utc_at) AT TIME ZONE 'UTC', provider, file_type,
+           {_UPLOAD_COUNTERS}
+      FROM new
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT ON CONSTRAINT uq_hourly_usage DO UPDATE SET {_UPLOAD_SET}
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly)
+"""
+
+_REQUEST_COUNTERS = """
+    count(*)::bigint,
+    count(*) FILTER (WHERE status_code >= 400)::bigint,
+    sum(response_us)::bigint,
+    sum(request_size)::bigint,
+    sum(response_size)::bigint
+"""
+_REQUEST_SET = """
+    total_requests = t.total_requests + EXCLUDED.total_requests,
+    error_requests = t.error_requests + EXCLUDED.error_requests,
+    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
+    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
+    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
+"""
+_REQUEST_COUNTER_NAMES = (
+    "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
+)
+
+_INSERT_REQUESTS = f"""
+WITH new AS (
+    INSERT INTO public.api_requests ({", ".join(_REQUEST_COLUMNS)})
+    SELECT {", ".join(_REQUEST_COLUMNS)} FROM pg_temp.um_stage_requests AS s
+    ORDER BY s.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, api_key_id, status_code, request_size, response_size,
+              (requested_at AT TIME ZONE 'UTC') AS utc_at
+), measured AS (
+    SELECT new.*, s.latency_bucket, s.response_us
+      FROM new JOIN pg_temp.um_stage_requests AS s USING (id)
+), daily AS (
+    INSERT INTO public.daily_request_usage AS t
+        (api_key_id, usage_date, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, utc_at::date, latency_bucket, {_REQUEST_COUNTERS}
+      FROM measured
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), hourly AS (
+    INSERT INTO public.hourly_request_usage AS t
+        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('hour', utc_at) AT TIME ZONE 'UTC', latency_bucket,
+           {_REQUEST_COUNTERS}
+      FROM measured
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly)
+"""
+
+
+def pg_write(
+    conn: Connection, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]
+) -> int:
+    """Write validated, id-unique records inside ``conn``'s open transaction; returns new rows."""
+    dbapi: Any = conn.connection.dbapi_connection
+    info = conn.connection.info
+    written = 0
+    with dbapi.cursor() as cur:
+        if not info.get(_INFO_KEY):
+            # Created once per server connection; the flag is set only after the transaction
+            # commits (see UsageStore.write), since a rollback also drops the tables.
+            cur.execute(_CREATE_STAGING)
+            conn.info["usage_staging_created"] = True
+        if uploads:
+            with cur.copy(
+                f"COPY pg_temp.um_stage_uploads ({', '.join(_UPLOAD_COLUMNS)}) "
+                "FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(_UPLOAD_TYPES)
+                write_row = copy.write_row
+                for u in uploads:
+                    write_row(
+                        (
+                            u.id,
+                            u.api_key_id,
+                            u.request_id,
+                            u.provider,
+                            u.file_type,
+                            u.declared_type,
+                            u.file_size,
+                            u.file_name,
+                            u.upload_status,
+                            u.error_message,
+                            u.uploaded_at,
+                        )
+                    )
+            cur.execute(_INSERT_UPLOADS)
+            written += cur.fetchone()[0]
+        if requests:
+            with cur.copy(
+                f"COPY pg_temp.um_stage_requests ({', '.join(_REQUEST_COLUMNS)}, "
+                "latency_bucket, response_us) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(_REQUEST_TYPES)
+                write_row = copy.write_row
+                for r in requests:
+                    ms = r.response_time_ms
+                    write_row(
+                        (
+                            r.id,
+                            r.api_key_id,
+                            r.method,
+                            r.path,
+                            r.status_code,
+                            ms,
+                            r.request_size,
+                            r.response_size,
+                            r.error_message,
+                            r.requested_at,
+                            latency_bucket(ms),
+                            round(ms * 1000),
+                        )
+                    )
+            cur.execute(_INSERT_REQUESTS)
+            written += cur.fetchone()[0]
+    return written
+
+
+def mark_staging_ready(conn: Connection) -> None:
+    """After a commit: remember that this server connection has its staging tables."""
+    if conn.info.pop("usage_staging_created", False):
+        conn.connection.info[_INFO_KEY] = True
