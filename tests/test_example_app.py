@@ -203,15 +203,15 @@ def test_dashboard_scope_follows_the_key(app_client: tuple[AppClient, Path, Usag
             assert response.status_code == 201
     flushed_rows(store, file_uploads)
 
-    def uploads(headers: dict[str, str], query: str = "range=today") -> Any:
+    def uploads(headers: dict[str, str], query: str = "range=7d") -> Any:
         return client.get(f"/api/usage/granular?{query}", headers=headers)
 
     assert uploads({"x-api-key": ADMIN}).json()["totals"]["uploads"] == 3
     assert uploads({"x-api-key": ACME}).json()["totals"]["uploads"] == 2
     assert uploads({"x-api-key": GLOBEX}).json()["totals"]["uploads"] == 1
     assert uploads({}).status_code == 401
-    assert uploads({}, f"range=today&key={ADMIN}").status_code == 401
-    other = uploads({"x-api-key": ACME}, f"range=today&api_key_id={GLOBEX_ID}")
+    assert uploads({}, f"range=7d&key={ADMIN}").status_code == 401
+    other = uploads({"x-api-key": ACME}, f"range=7d&api_key_id={GLOBEX_ID}")
     assert other.status_code == 403
 
 

@@ -1,7 +1,7 @@
 """Browser fixtures: Debian's Chromium through Playwright, and the example app on loopback.
 
 The app runs in a uvicorn subprocess on a free 127.0.0.1 port against a temporary SQLite file
-holding known uploads (March 2020, see ``KNOWN``) and a year of demo data ending today. Chromium
+holding known uploads (around March 2020, see ``KNOWN``) and a year of demo data ending today. Chromium
 is ``/usr/bin/chromium`` (``.ci/run`` installs it with apt; Playwright never downloads one).
 Without it the tests skip locally and fail under ``CI=true``.
 """
@@ -132,7 +132,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     raise RuntimeError(f"the example app did not answer {url} within {timeout} s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The example app in a uvicorn subprocess over a database of known and demo data."""
     tmp = tmp_path_factory.mktemp("example")
@@ -179,7 +179,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium, headless, driven by Playwright (no downloaded browser)."""
     require_chromium()
