@@ -16,6 +16,36 @@ def _create_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from ._errors import UsageError
+    from ._migrate import LegacySource, migrate_legacy_usage
+    from ._store import UsageStore
+
+    source = LegacySource(
+        table=args.table,
+        provider_column=args.provider_column,
+        uploads_column=args.uploads_column,
+        bytes_column=args.bytes_column,
+        date_column=args.date_column,
+        api_key_column=None if args.api_key_column.lower() == "none" else args.api_key_column,
+    )
+    store = UsageStore(args.url)
+    try:
+        result = migrate_legacy_usage(store, source)
+    except UsageError as exc:
+        print(f"usage-middleware migrate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.dispose()
+    verb = "was already migrated at" if result.already_migrated else "migrated at"
+    print(
+        f"{result.source} {verb} {result.migrated_at.isoformat()}: {result.legacy_rows} legacy "
+        f"rows, {result.total_uploads} uploads, {result.total_file_size} bytes "
+        "(file_type 'unknown', dated by the legacy date column)"
+    )
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from datetime import date
 
@@ -59,6 +89,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("create-schema", help="create the tables (idempotent)")
     p.add_argument("url", help="database URL, e.g. sqlite:///usage.db")
     p.set_defaults(func=_create_schema)
+
+    p = sub.add_parser(
+        "migrate",
+        help="move old per-provider running totals into daily_usage (once; idempotent)",
+        description="Run sql/migrate_existing_usage_data.sql (PostgreSQL) or its equivalent "
+        "(SQLite): each legacy total lands in daily_usage and hourly_usage with file_type "
+        "'unknown' on the UTC date of --date-column. A second run does nothing.",
+    )
+    p.add_argument("url", help="database URL holding both the legacy table and the usage tables")
+    p.add_argument("--table", default="provider_usage", help="legacy table name")
+    p.add_argument("--provider-column", default="provider")
+    p.add_argument("--uploads-column", default="total_uploads")
+    p.add_argument("--bytes-column", default="total_size")
+    p.add_argument("--date-column", default="updated_at")
+    p.add_argument(
+        "--api-key-column", default="api_key_id", help="'none' when the table has no key column"
+    )
+    p.set_defaults(func=_migrate)
 
     p = sub.add_parser(
         "demo-data",

@@ -11,24 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from collections.abc import Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     create_engine,
     event,
-    func,
     inspect,
-    literal_column,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
@@ -38,16 +31,9 @@ from ._pgwrite import mark_staging_ready, pg_write
 from ._records import RequestRecord, UploadRecord
 from ._schema import (
     ALL_TABLES,
-    ROLLUP_KEYS,
-    api_requests,
-    daily_request_usage,
-    daily_usage,
-    file_uploads,
-    hourly_request_usage,
-    hourly_usage,
-    latency_bucket,
     metadata,
 )
+from ._sqlitewrite import sqlite_write
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -265,9 +251,6 @@ class UsageStore:
             raise self._unavailable(exc) from exc
         return written
 
-    def _insert(self, table: Table) -> Any:
-        return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
-
     def _write_batch(
         self,
         conn: Connection,
@@ -276,130 +259,7 @@ class UsageStore:
     ) -> int:
         if self.dialect == "postgresql":
             return pg_write(conn, uploads, requests)
-        return self._write_uploads(conn, uploads) + self._write_requests(conn, requests)
-
-    # The generic path (SQLite): INSERT .. ON CONFLICT DO NOTHING RETURNING id, rollup deltas
-    # computed here from the rows that came back, then sorted upserts.
-
-    def _insert_new(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> set[Any]:
-        stmt = self._insert(table).on_conflict_do_nothing(index_elements=["id"])
-        return set(conn.execute(stmt.returning(table.c.id), rows).scalars())
-
-    def _write_uploads(self, conn: Connection, records: Sequence[UploadRecord]) -> int:
-        if not records:
-            return 0
-        rows = [
-            {
-                "id": r.id,
-                "api_key_id": r.api_key_id,
-                "request_id": r.request_id,
-                "provider": r.provider,
-                "file_type": r.file_type,
-                "declared_type": r.declared_type,
-                "file_size": r.file_size,
-                "file_name": r.file_name,
-                "upload_status": r.upload_status,
-                "error_message": r.error_message,
-                "uploaded_at": r.uploaded_at,
-            }
-            for r in records
-        ]
-        new_ids = self._insert_new(conn, file_uploads, rows)
-        daily: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-        hourly: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-        for r in records:
-            if r.id not in new_ids:
-                continue
-            at = r.uploaded_at
-            ok = r.upload_status == "success"
-            for bucket, when in (
-                (daily, at.date()),
-                (hourly, at.replace(minute=0, second=0, microsecond=0)),
-            ):
-                acc = bucket[(r.api_key_id, when, r.provider, r.file_type)]
-                acc[0] += 1
-                acc[1] += r.file_size
-                acc[2] += ok
-                acc[3] += not ok
-        counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
-        self._upsert(conn, daily_usage, daily, counters)
-        self._upsert(conn, hourly_usage, hourly, counters)
-        return len(new_ids)
-
-    def _write_requests(self, conn: Connection, records: Sequence[RequestRecord]) -> int:
-        if not records:
-            return 0
-        rows = [
-            {
-                "id": r.id,
-                "api_key_id": r.api_key_id,
-                "method": r.method,
-                "path": r.path,
-                "status_code": r.status_code,
-                "response_time_ms": r.response_time_ms,
-                "request_size": r.request_size,
-                "response_size": r.response_size,
-                "error_message": r.error_message,
-                "requested_at": r.requested_at,
-            }
-            for r in records
-        ]
-        new_ids = self._insert_new(conn, api_requests, rows)
-        daily: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-        hourly: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-        for r in records:
-            if r.id not in new_ids:
-                continue
-            at = r.requested_at
-            lb = latency_bucket(r.response_time_ms)
-            for bucket, when in (
-                (daily, at.date()),
-                (hourly, at.replace(minute=0, second=0, microsecond=0)),
-            ):
-                acc = bucket[(r.api_key_id, when, lb)]
-                acc[0] += 1
-                acc[1] += r.status_code >= 400
-                acc[2] += round(r.response_time_ms * 1000)
-                acc[3] += r.request_size
-                acc[4] += r.response_size
-        counters = (
-            "total_requests",
-            "error_requests",
-            "total_response_us",
-            "total_request_bytes",
-            "total_response_bytes",
-        )
-        self._upsert(conn, daily_request_usage, daily, counters)
-        self._upsert(conn, hourly_request_usage, hourly, counters)
-        return len(new_ids)
-
-    def _upsert(
-        self,
-        conn: Connection,
-        table: Table,
-        deltas: dict[tuple[Any, ...], list[int]],
-        counters: tuple[str, ...],
-    ) -> None:
-        if not deltas:
-            return
-        keys = ROLLUP_KEYS[table.name]
-        rows = [
-            dict(zip(keys + counters, (*key, *values), strict=True))
-            for key, values in sorted(deltas.items(), key=lambda kv: _sort_key(kv[0]))
-        ]
-        stmt = self._insert(table)
-        if self.dialect == "postgresql":
-            target: list[Any] = list(keys)
-        else:
-            target = [
-                func.ifnull(table.c.api_key_id, literal_column("''")),
-                *(table.c[k] for k in keys[1:]),
-            ]
-        stmt = stmt.on_conflict_do_update(
-            index_elements=target,
-            set_={c: table.c[c] + stmt.excluded[c] for c in counters},
-        )
-        conn.execute(stmt, rows)
+        return sqlite_write(conn, uploads, requests)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -414,11 +274,3 @@ class UsageStore:
     def dispose(self) -> None:
         """Close pooled connections (call after fork, or at exit)."""
         self.engine.dispose()
-
-
-def _sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Rollup keys in one total order (NULL key first), shared by every writer."""
-    out: list[Any] = ["" if key[0] is None else str(key[0])]
-    for part in key[1:]:
-        out.append(part.isoformat() if isinstance(part, (date, datetime)) else part)
-    return tuple(out)

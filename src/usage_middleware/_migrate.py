@@ -1,0 +1,254 @@
+"""Legacy migration: old per-provider running totals into ``daily_usage`` and ``hourly_usage``.
+
+The rules are those of ``sql/migrate_existing_usage_data.sql`` (read its header): every legacy
+total lands on the UTC date of its date column with ``file_type = 'unknown'``, counted as
+successful uploads, in ``daily_usage`` and at 00:00 UTC of that date in ``hourly_usage``; rows
+with the same provider, key and date are summed, empty rows skipped, an empty provider becomes
+``'unknown'``, a NULL date becomes today (UTC). A marker row in ``usage_legacy_migrations`` per
+source table, written in the same transaction, makes a second run do nothing.
+
+On PostgreSQL :func:`migrate_legacy_usage` runs that very SQL file, passing the table and column
+names as ``usage_migrate.*`` settings local to the transaction. On SQLite it does the same in
+Python, inside one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, time, timezone
+from typing import Any
+
+from sqlalchemy import Connection, func, literal_column, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
+
+from ._errors import ConfigurationError
+from ._schema import daily_usage, hourly_usage
+from ._store import UsageStore, sql_text
+
+__all__ = ["LegacySource", "MigrationResult", "migrate_legacy_usage"]
+
+UTC = timezone.utc
+MARKER_TABLE = "usage_legacy_migrations"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+@dataclass(frozen=True)
+class LegacySource:
+    """Where the old running totals live. ``api_key_column=None``: the table has no key column."""
+
+    table: str = "provider_usage"
+    provider_column: str = "provider"
+    uploads_column: str = "total_uploads"
+    bytes_column: str = "total_size"
+    date_column: str = "updated_at"
+    api_key_column: str | None = "api_key_id"
+
+    def __post_init__(self) -> None:
+        parts = self.table.split(".")
+        if len(parts) > 2 or not all(_IDENTIFIER.match(p) for p in parts):
+            raise ConfigurationError(
+                f"legacy table must be 'name' or 'schema.name', got {self.table!r:.80}"
+            )
+        for name in ("provider_column", "uploads_column", "bytes_column", "date_column"):
+            value = getattr(self, name)
+            if not _IDENTIFIER.match(value):
+                raise ConfigurationError(f"{name} must be a plain column name, got {value!r:.80}")
+        if self.api_key_column is not None and not _IDENTIFIER.match(self.api_key_column):
+            raise ConfigurationError(
+                f"api_key_column must be a plain column name or None, "
+                f"got {self.api_key_column!r:.80}"
+            )
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What the marker row says: the totals moved (now, or by an earlier run)."""
+
+    source: str
+    already_migrated: bool
+    legacy_rows: int
+    total_uploads: int
+    total_file_size: int
+    migrated_at: datetime
+
+
+def migrate_legacy_usage(store: UsageStore, source: LegacySource | None = None) -> MigrationResult:
+    """Move the legacy totals of ``source`` into the rollups once; later calls do nothing."""
+    source = source or LegacySource()
+    store.ensure_schema()
+    try:
+        with store.engine.connect() as conn:
+            conn.info["usage_write"] = True  # SQLite: BEGIN IMMEDIATE, one writer at a time
+            try:
+                with conn.begin():
+                    if store.dialect == "postgresql":
+                        return _migrate_postgres(conn, source)
+                    return _migrate_sqlite(conn, source)
+            finally:
+                conn.info.pop("usage_write", None)
+    except DBAPIError as exc:
+        message = str(exc.orig)
+        if "does not exist" in message or "no such" in message:
+            raise ConfigurationError(
+                f"cannot read the legacy totals: {message.strip()}. Point the migration at the "
+                "right table and columns (LegacySource / usage-middleware migrate --table ...)"
+            ) from exc
+        raise
+
+
+def _marker(conn: Connection, name: str) -> Any:
+    return conn.execute(
+        text(
+            "SELECT migrated_at, legacy_rows, total_uploads, total_file_size "
+            f"FROM {MARKER_TABLE} WHERE source = :source"
+        ),
+        {"source": name},
+    ).one_or_none()
+
+
+def _result(name: str, row: Any, already: bool) -> MigrationResult:
+    migrated_at = row[0]
+    if isinstance(migrated_at, str):
+        migrated_at = datetime.fromisoformat(migrated_at)
+    if migrated_at.tzinfo is None:
+        migrated_at = migrated_at.replace(tzinfo=UTC)
+    return MigrationResult(
+        source=name,
+        already_migrated=already,
+        legacy_rows=int(row[1]),
+        total_uploads=int(row[2]),
+        total_file_size=int(row[3]),
+        migrated_at=migrated_at,
+    )
+
+
+def _migrate_postgres(conn: Connection, source: LegacySource) -> MigrationResult:
+    settings = {
+        "legacy_table": source.table,
+        "provider_column": source.provider_column,
+        "uploads_column": source.uploads_column,
+        "bytes_column": source.bytes_column,
+        "date_column": source.date_column,
+        "api_key_column": source.api_key_column or "none",
+    }
+    for key, value in settings.items():
+        conn.execute(
+            text("SELECT set_config(:k, :v, true)"), {"k": f"usage_migrate.{key}", "v": value}
+        )
+    name = conn.execute(text("SELECT to_regclass(:t)::text"), {"t": source.table}).scalar()
+    if name is None:
+        raise ConfigurationError(
+            f"legacy usage table {source.table!r} does not exist: pass the right name "
+            "(LegacySource(table=...) / usage-middleware migrate --table ...)"
+        )
+    before = conn.execute(text(f"SELECT to_regclass('public.{MARKER_TABLE}')")).scalar()
+    already = before is not None and _marker(conn, name) is not None
+    with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.execute(sql_text("migrate_existing_usage_data.sql"))
+    return _result(name, _marker(conn, name), already)
+
+
+def _as_uuid(value: Any) -> uuid.UUID | None:
+    if value is None or isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, bytes) and len(value) == 16:
+        return uuid.UUID(bytes=value)
+    return uuid.UUID(str(value))
+
+
+def _as_utc_date(value: Any, today: date) -> date:
+    if value is None:
+        return today
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    if isinstance(value, datetime):
+        moment: datetime = value.astimezone(UTC) if value.tzinfo is not None else value
+        return moment.date()
+    if isinstance(value, date):
+        return value
+    raise ConfigurationError(f"legacy date column holds {type(value).__name__}, not a date")
+
+
+def _migrate_sqlite(conn: Connection, source: LegacySource) -> MigrationResult:
+    name = source.table.split(".")[-1]
+    conn.execute(
+        text(
+            f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (source TEXT PRIMARY KEY, "
+            "migrated_at TEXT NOT NULL, legacy_rows INTEGER NOT NULL, "
+            "total_uploads INTEGER NOT NULL, total_file_size INTEGER NOT NULL)"
+        )
+    )
+    done = _marker(conn, name)
+    if done is not None:
+        return _result(name, done, True)
+    key = f'l."{source.api_key_column}"' if source.api_key_column else "NULL"
+    rows = conn.execute(
+        text(
+            f'SELECT {key}, l."{source.provider_column}", l."{source.date_column}", '
+            f'l."{source.uploads_column}", l."{source.bytes_column}" FROM "{name}" AS l'
+        )
+    ).all()
+    now = datetime.now(UTC)
+    grouped: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for api_key, provider, when, uploads, size in rows:
+        uploads, size = int(uploads or 0), int(size or 0)
+        if uploads == 0 and size == 0:
+            continue
+        provider = (str(provider).strip() if provider is not None else "") or "unknown"
+        acc = grouped[(_as_uuid(api_key), _as_utc_date(when, now.date()), provider)]
+        acc[0] += uploads
+        acc[1] += size
+        acc[2] += 1
+    ordered = sorted(
+        grouped.items(), key=lambda kv: ("" if kv[0][0] is None else kv[0][0].hex, *kv[0][1:])
+    )
+    for table, when_column in ((daily_usage, "usage_date"), (hourly_usage, "usage_hour")):
+        if not ordered:
+            break
+        values = [
+            {
+                "api_key_id": api_key,
+                when_column: (
+                    day if when_column == "usage_date" else datetime.combine(day, time(), UTC)
+                ),
+                "provider": provider,
+                "file_type": "unknown",
+                "total_uploads": uploads,
+                "total_file_size": size,
+                "successful_requests": uploads,
+                "failed_requests": 0,
+            }
+            for (api_key, day, provider), (uploads, size, _n) in ordered
+        ]
+        stmt = sqlite_insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[
+                func.ifnull(table.c.api_key_id, literal_column("''")),
+                table.c[when_column],
+                table.c.provider,
+                table.c.file_type,
+            ],
+            set_={
+                c: table.c[c] + stmt.excluded[c]
+                for c in ("total_uploads", "total_file_size", "successful_requests")
+            },
+        )
+        conn.execute(stmt, values)
+    conn.execute(
+        text(
+            f"INSERT INTO {MARKER_TABLE} (source, migrated_at, legacy_rows, total_uploads, "
+            "total_file_size) VALUES (:source, :at, :n, :uploads, :size)"
+        ),
+        {
+            "source": name,
+            "at": now.isoformat(),
+            "n": sum(v[2] for _, v in ordered),
+            "uploads": sum(v[0] for _, v in ordered),
+            "size": sum(v[1] for _, v in ordered),
+        },
+    )
+    return _result(name, _marker(conn, name), False)

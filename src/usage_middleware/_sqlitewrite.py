@@ -1,0 +1,178 @@
+"""The SQLite write path: the same plan as PostgreSQL's, on the sqlite3 driver directly.
+
+Inside the ``BEGIN IMMEDIATE`` transaction ``UsageStore.write`` opens (so this process is the
+only writer until commit), the batch goes into a connection-local temporary table with one
+``executemany``; rows whose ``id`` is already stored are deleted from it; the rest are copied
+into the raw table and rolled up with ``INSERT .. SELECT .. GROUP BY .. ON CONFLICT DO UPDATE``.
+Counting from the staging table after the delete means only new rows reach the rollups.
+
+Values are staged in exactly the form SQLAlchemy stores them on SQLite (UUIDs as 32 hex digits,
+UTC datetimes as ``YYYY-MM-DD HH:MM:SS.ffffff``, dates as ``YYYY-MM-DD``), so the read path, which
+goes through the ``_schema`` tables, reads them back unchanged. Skipping SQLAlchemy's per-value
+processing here is what makes the path several times faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Connection
+
+from ._records import RequestRecord, UploadRecord
+from ._schema import latency_bucket
+
+__all__ = ["sqlite_write"]
+
+_UPLOAD_COLUMNS = (
+    "id, api_key_id, request_id, provider, file_type, declared_type, file_size, file_name, "
+    "upload_status, error_message, uploaded_at"
+)
+_REQUEST_COLUMNS = (
+    "id, api_key_id, method, path, status_code, response_time_ms, request_size, "
+    "response_size, error_message, requested_at"
+)
+
+_CREATE_STAGING = (
+    f"CREATE TEMP TABLE IF NOT EXISTS um_stage_uploads ({_UPLOAD_COLUMNS})",
+    f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests "
+    f"({_REQUEST_COLUMNS}, latency_bucket, response_us)",
+)
+
+_UPLOAD_STATEMENTS = (
+    "DELETE FROM temp.um_stage_uploads WHERE id IN (SELECT id FROM main.file_uploads)",
+    f"INSERT INTO main.file_uploads ({_UPLOAD_COLUMNS}) "
+    f"SELECT {_UPLOAD_COLUMNS} FROM temp.um_stage_uploads ORDER BY id",
+)
+_UPLOAD_COUNTERS = (
+    "count(*), sum(file_size), sum(upload_status = 'success'), sum(upload_status <> 'success')"
+)
+_UPLOAD_SET = (
+    "total_uploads = total_uploads + excluded.total_uploads, "
+    "total_file_size = total_file_size + excluded.total_file_size, "
+    "successful_requests = successful_requests + excluded.successful_requests, "
+    "failed_requests = failed_requests + excluded.failed_requests"
+)
+_UPLOAD_ROLLUPS = tuple(
+    f"INSERT INTO main.{table} (api_key_id, {when_column}, provider, file_type, total_uploads, "
+    "total_file_size, successful_requests, failed_requests) "
+    f"SELECT api_key_id, {when} AS w, provider, file_type, {_UPLOAD_COUNTERS} "
+    "FROM temp.um_stage_uploads WHERE true "
+    "GROUP BY api_key_id, w, provider, file_type ORDER BY api_key_id, w, provider, file_type "
+    f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, provider, file_type) "
+    f"DO UPDATE SET {_UPLOAD_SET}"
+    for table, when_column, when in (
+        ("daily_usage", "usage_date", "substr(uploaded_at, 1, 10)"),
+        ("hourly_usage", "usage_hour", "substr(uploaded_at, 1, 13) || ':00:00.000000'"),
+    )
+)
+
+_REQUEST_STATEMENTS = (
+    "DELETE FROM temp.um_stage_requests WHERE id IN (SELECT id FROM main.api_requests)",
+    f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) "
+    f"SELECT {_REQUEST_COLUMNS} FROM temp.um_stage_requests ORDER BY id",
+)
+_REQUEST_COUNTERS = (
+    "count(*), sum(status_code >= 400), sum(response_us), sum(request_size), sum(response_size)"
+)
+_REQUEST_SET = (
+    "total_requests = total_requests + excluded.total_requests, "
+    "error_requests = error_requests + excluded.error_requests, "
+    "total_response_us = total_response_us + excluded.total_response_us, "
+    "total_request_bytes = total_request_bytes + excluded.total_request_bytes, "
+    "total_response_bytes = total_response_bytes + excluded.total_response_bytes"
+)
+_REQUEST_ROLLUPS = tuple(
+    f"INSERT INTO main.{table} (api_key_id, {when_column}, latency_bucket, total_requests, "
+    "error_requests, total_response_us, total_request_bytes, total_response_bytes) "
+    f"SELECT api_key_id, {when} AS w, latency_bucket, {_REQUEST_COUNTERS} "
+    "FROM temp.um_stage_requests WHERE true "
+    "GROUP BY api_key_id, w, latency_bucket ORDER BY api_key_id, w, latency_bucket "
+    f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, latency_bucket) "
+    f"DO UPDATE SET {_REQUEST_SET}"
+    for table, when_column, when in (
+        ("daily_request_usage", "usage_date", "substr(requested_at, 1, 10)"),
+        ("hourly_request_usage", "usage_hour", "substr(requested_at, 1, 13) || ':00:00.000000'"),
+    )
+)
+
+
+def _hex(value: UUID | None) -> str | None:
+    return None if value is None else value.hex
+
+
+def _utc_text(value: datetime) -> str:
+    """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite."""
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def sqlite_write(
+    conn: Connection, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]
+) -> int:
+    """Write validated, id-unique records inside ``conn``'s open write transaction."""
+    dbapi: Any = conn.connection.dbapi_connection
+    cur = dbapi.cursor()
+    written = 0
+    try:
+        for statement in _CREATE_STAGING:
+            cur.execute(statement)
+        if uploads:
+            cur.execute("DELETE FROM temp.um_stage_uploads")
+            cur.executemany(
+                "INSERT INTO temp.um_stage_uploads VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        u.id.hex,
+                        _hex(u.api_key_id),
+                        _hex(u.request_id),
+                        u.provider,
+                        u.file_type,
+                        u.declared_type,
+                        u.file_size,
+                        u.file_name,
+                        u.upload_status,
+                        u.error_message,
+                        _utc_text(u.uploaded_at),
+                    )
+                    for u in uploads
+                ],
+            )
+            for statement in _UPLOAD_STATEMENTS:
+                cur.execute(statement)
+            written += cur.rowcount
+            for statement in _UPLOAD_ROLLUPS:
+                cur.execute(statement)
+            cur.execute("DELETE FROM temp.um_stage_uploads")
+        if requests:
+            cur.execute("DELETE FROM temp.um_stage_requests")
+            cur.executemany(
+                "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        r.id.hex,
+                        _hex(r.api_key_id),
+                        r.method,
+                        r.path,
+                        r.status_code,
+                        r.response_time_ms,
+                        r.request_size,
+                        r.response_size,
+                        r.error_message,
+                        _utc_text(r.requested_at),
+                        latency_bucket(r.response_time_ms),
+                        round(r.response_time_ms * 1000),
+                    )
+                    for r in requests
+                ],
+            )
+            for statement in _REQUEST_STATEMENTS:
+                cur.execute(statement)
+            written += cur.rowcount
+            for statement in _REQUEST_ROLLUPS:
+                cur.execute(statement)
+            cur.execute("DELETE FROM temp.um_stage_requests")
+    finally:
+        cur.close()
+    return written
