@@ -1,8 +1,9 @@
 """Browser fixtures: Debian's Chromium through Playwright, and the example app on loopback.
 
 The app runs in a uvicorn subprocess on a free 127.0.0.1 port against a temporary SQLite file
-holding known uploads (around March 2020, see ``KNOWN``) and a year of demo data ending today. Chromium
-is ``/usr/bin/chromium`` (``.ci/run`` installs it with apt; Playwright never downloads one).
+holding known uploads (around March 2020, see ``KNOWN``) and a year of demo data ending today.
+Chromium is ``/usr/bin/chromium`` (``.ci/run`` installs it with apt; Playwright never downloads
+one).
 Without it the tests skip locally and fail under ``CI=true``.
 """
 
