@@ -23,7 +23,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
@@ -203,9 +203,15 @@ class UsageStore:
             self._schema_ready = True
 
     def _unavailable(self, exc: DBAPIError) -> Exception:
-        if exc.connection_invalidated or "connect" in str(exc.orig).lower():
+        """``DatabaseUnavailableError`` for errors a retry can cure; others unchanged."""
+        message = str(exc.orig).strip()
+        if exc.connection_invalidated or (
+            isinstance(exc, OperationalError) and "no such table" not in message
+        ):
             return DatabaseUnavailableError(
-                f"cannot reach {self.url.render_as_string(hide_password=True)}: {exc.orig}"
+                f"cannot reach {self.url.render_as_string(hide_password=True)}: {message} "
+                "(check that the server is running and the URL, file path and credentials "
+                "are right; the recorder keeps retrying)"
             )
         return exc
 

@@ -1,0 +1,142 @@
+"""Helpers for storage tests: random records, and the rollups recomputed from the raw rows."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import select
+
+from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware._schema import (
+    api_requests,
+    daily_request_usage,
+    daily_usage,
+    file_uploads,
+    hourly_request_usage,
+    hourly_usage,
+    latency_bucket,
+)
+
+UTC = timezone.utc
+KEYS = [uuid.UUID(int=i + 1, version=4) for i in range(4)]
+PROVIDERS = ["vercel", "s3", "cloudinary"]
+TYPES = ["image/jpeg", "image/png", "application/pdf", "video/mp4"]
+BASE = datetime(2025, 9, 1, 22, 30, tzinfo=UTC)
+
+
+def random_upload(rng: random.Random, spread_hours: float = 6.0) -> UploadRecord:
+    """An upload with a small key space (so batches share rollup keys) around ``BASE``."""
+    return UploadRecord(
+        id=uuid.UUID(int=rng.getrandbits(128), version=4),
+        api_key_id=rng.choice([*KEYS, None]),
+        provider=rng.choice(PROVIDERS),
+        file_type=rng.choice(TYPES),
+        file_size=rng.randrange(0, 10_000_000),
+        upload_status=rng.choice(["success", "success", "failed"]),
+        uploaded_at=BASE + timedelta(seconds=rng.random() * spread_hours * 3600),
+    )
+
+
+def random_request(rng: random.Random, spread_hours: float = 6.0) -> RequestRecord:
+    return RequestRecord(
+        id=uuid.UUID(int=rng.getrandbits(128), version=4),
+        api_key_id=rng.choice([*KEYS, None]),
+        method=rng.choice(["GET", "POST"]),
+        path="/files/{id}",
+        status_code=rng.choice([200, 201, 404, 500]),
+        response_time_ms=rng.choice([0.0, 0.5, 3.25, 120.0, rng.random() * 1000]),
+        request_size=rng.randrange(0, 100_000),
+        response_size=rng.randrange(0, 100_000),
+        requested_at=BASE + timedelta(seconds=rng.random() * spread_hours * 3600),
+    )
+
+
+def _hour(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
+    """The four rollups as GROUP BY over the raw rows, computed here in Python."""
+    out: dict[str, dict[tuple[Any, ...], list[int]]] = {
+        name: defaultdict(lambda: [0, 0, 0, 0, 0])
+        for name in ("daily_usage", "hourly_usage", "daily_request_usage", "hourly_request_usage")
+    }
+    with store.engine.connect() as conn:
+        for r in conn.execute(select(file_uploads)).mappings():
+            at = r["uploaded_at"]
+            ok = r["upload_status"] == "success"
+            for name, when in (("daily_usage", at.date()), ("hourly_usage", _hour(at))):
+                acc = out[name][(r["api_key_id"], when, r["provider"], r["file_type"])]
+                for i, v in enumerate((1, r["file_size"], ok, not ok)):
+                    acc[i] += v
+        for r in conn.execute(select(api_requests)).mappings():
+            at = r["requested_at"]
+            ms = r["response_time_ms"]
+            values = (
+                1,
+                r["status_code"] >= 400,
+                round(ms * 1000),
+                r["request_size"],
+                r["response_size"],
+            )
+            for name, when in (
+                ("daily_request_usage", at.date()),
+                ("hourly_request_usage", _hour(at)),
+            ):
+                acc = out[name][(r["api_key_id"], when, latency_bucket(ms))]
+                for i, v in enumerate(values):
+                    acc[i] += v
+    sizes = {"daily_usage": 4, "hourly_usage": 4}
+    return {
+        name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
+        for name, rows in out.items()
+    }
+
+
+def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
+    """The four rollup tables as stored (zero rows left out)."""
+    upload_counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+    request_counters = (
+        "total_requests",
+        "error_requests",
+        "total_response_us",
+        "total_request_bytes",
+        "total_response_bytes",
+    )
+    spec = [
+        (daily_usage, ("api_key_id", "usage_date", "provider", "file_type"), upload_counters),
+        (hourly_usage, ("api_key_id", "usage_hour", "provider", "file_type"), upload_counters),
+        (daily_request_usage, ("api_key_id", "usage_date", "latency_bucket"), request_counters),
+        (hourly_request_usage, ("api_key_id", "usage_hour", "latency_bucket"), request_counters),
+    ]
+    out: dict[str, dict[tuple[Any, ...], tuple[int, ...]]] = {}
+    with store.engine.connect() as conn:
+        for table, keys, counters in spec:
+            rows: dict[tuple[Any, ...], tuple[int, ...]] = {}
+            for r in conn.execute(select(table)).mappings():
+                key = tuple(r[k] for k in keys)
+                assert key not in rows, f"duplicate rollup key in {table.name}: {key}"
+                rows[key] = tuple(int(r[c]) for c in counters)
+            out[table.name] = rows
+    return out
+
+
+def assert_rollups_exact(store: UsageStore) -> None:
+    """Every rollup equals GROUP BY over the raw rows."""
+    expected = expected_rollups(store)
+    stored = stored_rollups(store)
+    for name in expected:
+        assert stored[name] == expected[name], f"{name} differs from the raw rows"
+
+
+def raw_counts(store: UsageStore) -> tuple[int, int]:
+    from sqlalchemy import func
+
+    with store.engine.connect() as conn:
+        uploads = conn.execute(select(func.count()).select_from(file_uploads)).scalar_one()
+        requests = conn.execute(select(func.count()).select_from(api_requests)).scalar_one()
+    return uploads, requests

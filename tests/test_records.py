@@ -1,0 +1,91 @@
+"""UploadRecord / RequestRecord validation: bad values raise ValueError naming the field."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from usage_middleware import RequestRecord, UploadRecord
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"file_size": -1}, "file_size"),
+        ({"file_size": 1.5}, "file_size"),
+        ({"file_size": True}, "file_size"),
+        ({"file_size": 2**63}, "file_size"),
+        ({"upload_status": "ok"}, "upload_status"),
+        ({"uploaded_at": datetime(2025, 1, 1)}, "uploaded_at"),
+        ({"uploaded_at": "2025-01-01"}, "uploaded_at"),
+        ({"api_key_id": "not-a-uuid"}, "api_key_id"),
+        ({"request_id": 12}, "request_id"),
+        ({"provider": None}, "provider"),
+        ({"provider": 5}, "provider"),
+        ({"file_type": b"image/png"}, "file_type"),
+        ({"file_name": 3}, "file_name"),
+    ],
+)
+def test_upload_record_rejects_bad_fields(fields: dict[str, object], named: str) -> None:
+    """Each invalid upload field raises ValueError whose message names that field."""
+    with pytest.raises(ValueError, match=named):
+        UploadRecord(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"status_code": 99}, "status_code"),
+        ({"status_code": "200"}, "status_code"),
+        ({"response_time_ms": -1.0}, "response_time_ms"),
+        ({"response_time_ms": float("nan")}, "response_time_ms"),
+        ({"response_time_ms": float("inf")}, "response_time_ms"),
+        ({"request_size": -3}, "request_size"),
+        ({"response_size": None}, "response_size"),
+        ({"requested_at": datetime(2025, 1, 1)}, "requested_at"),
+        ({"method": None}, "method"),
+        ({"path": None}, "path"),
+    ],
+)
+def test_request_record_rejects_bad_fields(fields: dict[str, object], named: str) -> None:
+    """Each invalid request field raises ValueError whose message names that field."""
+    with pytest.raises(ValueError, match=named):
+        RequestRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_upload_record_normalises_values() -> None:
+    """MIME types lose parameters and case, timestamps become UTC, text loses NUL, ids parse."""
+    key = uuid.uuid4()
+    record = UploadRecord(
+        api_key_id=str(key),
+        provider="  ",
+        file_type="Image/JPEG; q=1",
+        declared_type="image/jpeg",
+        file_name="a\x00b",
+        uploaded_at=datetime(2025, 1, 1, 2, tzinfo=timezone(timedelta(hours=2))),
+    )
+    assert record.api_key_id == key
+    assert record.provider == "unknown"
+    assert record.file_type == "image/jpeg"
+    assert record.declared_type is None  # same as the effective type
+    assert record.file_name == "a\ufffdb"
+    assert record.uploaded_at == datetime(2025, 1, 1, tzinfo=UTC)
+    assert record.uploaded_at.tzinfo is UTC
+
+
+def test_long_text_is_capped() -> None:
+    """Over-long text fields are truncated with an ellipsis instead of failing the write."""
+    record = RequestRecord(path="/" + "x" * 10_000, error_message="e" * 10_000)
+    assert len(record.path) == 512 and record.path.endswith("…")
+    assert len(record.error_message or "") == 500
+
+
+def test_ids_are_time_ordered_by_default() -> None:
+    """Default ids are version 7 UUIDs that sort by creation time."""
+    ids = [UploadRecord().id for _ in range(50)]
+    assert all(i.version == 7 for i in ids)
+    assert ids == sorted(ids)

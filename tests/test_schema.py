@@ -1,0 +1,76 @@
+"""The schema: identical tables and columns on SQLite and PostgreSQL, idempotent creation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
+
+from usage_middleware import UsageStore
+from usage_middleware._schema import ALL_TABLES
+from usage_middleware._store import sql_text
+
+SQL_FILES = ("usage_tracking_schema.sql", "supabase_rls.sql", "migrate_existing_usage_data.sql")
+
+
+def _columns(store: UsageStore) -> dict[str, dict[str, bool]]:
+    with store.engine.connect() as conn:
+        insp = inspect(conn)
+        return {
+            table: {c["name"]: bool(c["nullable"]) for c in insp.get_columns(table)}
+            for table in insp.get_table_names()
+        }
+
+
+@pytest.mark.postgres
+def test_sqlite_and_postgres_schemas_have_the_same_tables_and_columns(
+    sqlite_url: str, pg_url: str
+) -> None:
+    """Both dialects get the same six tables with the same columns and nullability."""
+    stores = [UsageStore(sqlite_url), UsageStore(pg_url)]
+    try:
+        for s in stores:
+            s.create_schema()
+        lite, pg = (_columns(s) for s in stores)
+    finally:
+        for s in stores:
+            s.dispose()
+    assert set(lite) == set(pg) == set(ALL_TABLES)
+    assert lite == pg
+
+
+def test_create_schema_is_idempotent(db_url: str) -> None:
+    """create_schema() can run any number of times, and has_schema() sees the result."""
+    store = UsageStore(db_url)
+    try:
+        assert not store.has_schema()
+        store.create_schema()
+        store.create_schema()
+        assert store.has_schema()
+        assert UsageStore(db_url).write([]) == 0
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_schema_file_runs_twice_on_plain_postgres(pg_url: str) -> None:
+    """The shipped schema file runs twice as plain SQL, as a user would paste it."""
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql_text("usage_tracking_schema.sql"))
+        conn.execute(sql_text("usage_tracking_schema.sql"))
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        names = {r[0] for r in rows}
+    assert set(ALL_TABLES) <= names
+
+
+def test_sql_files_ship_inside_the_package() -> None:
+    """The sql/ files are package data and match the repository's sql/ directory."""
+    repo_sql = Path(__file__).resolve().parent.parent / "sql"
+    for name in SQL_FILES:
+        shipped = sql_text(name)
+        assert "public." in shipped
+        assert shipped == (repo_sql / name).read_text("utf-8")
