@@ -61,6 +61,7 @@ _DEFAULT_BACKOFF_MAX = 30.0
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _LOG_INTERVAL = 10.0
 _SPOOL_REFRESH = 5.0
+_FORK_WAIT = 5.0
 
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _serial = itertools.count(1)
@@ -167,6 +168,8 @@ class Recorder:
         self._spill_wake = threading.Event()
         self._lock = threading.Lock()
         self._drop_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._fork_held: tuple[bool, bool] = (False, False)
         self._spool = Spool(self.spool_path, max_records=self.max_spool_records)
         self._spool_opened = False
         self._writer: threading.Thread | None = None
@@ -414,7 +417,8 @@ class Recorder:
         if not batch:
             return []
         try:
-            self.store.write(batch)
+            with self._write_lock:
+                self.store.write(batch)
         except (ValueError, TypeError) as exc:
             if len(batch) == 1:
                 self._rejected += 1
@@ -606,19 +610,40 @@ class Recorder:
 
     # --- fork --------------------------------------------------------------------------------
 
+    def _before_fork(self) -> None:
+        """Quiesce: no write in progress and no SQLite connection open while the process forks."""
+        if self._pid != os.getpid():
+            return
+        wrote = self._write_lock.acquire(timeout=_FORK_WAIT)
+        spool = self._spool.suspend(timeout=_FORK_WAIT)
+        self._fork_held = (wrote, spool)
+        if wrote and self.store.dialect == "sqlite":
+            self.store.engine.dispose()  # SQLite file handles must not be shared with a child
+
+    def _after_fork_in_parent(self) -> None:
+        wrote, spool = self._fork_held
+        self._fork_held = (False, False)
+        if spool:
+            self._spool.resume()
+        if wrote:
+            self._write_lock.release()
+
     def _after_fork_in_child(self) -> None:
         _inherited.append(self._spool.abandon())
         self._init_state()
-        # The pooled connections belong to the parent: forget them without closing them.
+        # Pooled connections belong to the parent: forget them without closing them.
         self.store.engine.dispose(close=False)
 
 
-def _reset_after_fork() -> None:
-    for recorder in list(_live):
-        try:
-            recorder._after_fork_in_child()
-        except Exception:
-            logger.exception("usage recorder: reset after fork failed")
+def _for_each_live(method: str) -> Callable[[], None]:
+    def hook() -> None:
+        for recorder in list(_live):
+            try:
+                getattr(recorder, method)()
+            except Exception:
+                logger.exception("usage recorder: %s failed", method)
+
+    return hook
 
 
 def _shutdown_at_exit() -> None:
@@ -628,7 +653,11 @@ def _shutdown_at_exit() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    os.register_at_fork(
+        before=_for_each_live("_before_fork"),
+        after_in_parent=_for_each_live("_after_fork_in_parent"),
+        after_in_child=_for_each_live("_after_fork_in_child"),
+    )
 atexit.register(_shutdown_at_exit)
 
 

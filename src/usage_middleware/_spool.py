@@ -1,11 +1,11 @@
 """The recorder's on-disk spool: records that could not be written yet, kept across crashes.
 
 A spool is one SQLite file (WAL) per store URL, shared by every worker process of the host.
-Each record is one row keyed by its kind and ``id``, so spooling the same record twice keeps one copy and
-replaying it into the store (idempotent by ``id``) can never count it twice. A process *claims*
-a batch with a short lease before replaying it, so several processes do not replay the same rows
-at once; a crashed process's claims expire (or are released at the next start when its pid is
-gone), and the worst case of an expired lease is a duplicate, harmless, idempotent write.
+Each record is one row keyed by its kind and ``id``, so spooling the same record twice keeps one
+copy and replaying it into the store (idempotent by ``id``) can never count it twice. A process
+*claims* a batch with a short lease before replaying it, so several processes do not replay the
+same rows at once; a crashed process's claims expire (or are released at the next start when its
+pid is gone), and the worst case of an expired lease is a duplicate, harmless, idempotent write.
 
 Rows hold a compact, versioned JSON array per record: UUIDs as hex, timestamps as integer
 microseconds since the epoch (records are normalised to UTC, so this is lossless), floats in
@@ -356,6 +356,22 @@ class Spool:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def suspend(self, timeout: float) -> bool:
+        """Before fork: wait for the current operation, close the connection, hold the lock.
+
+        SQLite connections (and the library's per-file lock state) must not cross a fork.
+        """
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return True
+
+    def resume(self) -> None:
+        """After fork, in the parent: let operations (which reconnect lazily) go on."""
+        self._lock.release()
 
     def abandon(self) -> Any:
         """Drop the connection without closing it (after fork it belongs to the parent)."""
