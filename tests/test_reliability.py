@@ -135,7 +135,8 @@ def test_sigkill_mid_load_then_restart_replays_the_spool_without_double_counting
     with server_process(uvicorn_argv(port), env, f"{base}/stats"):
         assert wait_for(lambda: stats()["replayed"] >= 600 and stats()["spool_pending"] == 0)
     with direct.engine.connect() as conn:
-        stored = {str(r[0]) for r in conn.execute(text("SELECT id FROM file_uploads"))}
+        names = conn.execute(text("SELECT file_name FROM file_uploads"))
+        stored = {str(r[0]).removesuffix(".bin") for r in names}
     assert set(healthy + during_outage) <= stored
     assert stored <= set(healthy + during_outage + at_kill)
     assert_exactly_once(direct, len(stored))

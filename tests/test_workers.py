@@ -59,7 +59,8 @@ def load(base: str, n: int, threads: int = 8) -> set[int]:
                 # A new connection every few requests, so the kernel spreads them over workers.
                 if i % 25 == 0:
                     http = httpx.Client(base_url=base, timeout=10.0)
-                response = http.post("/upload", params={"id": str(uuid.uuid4())}, content=b"x" * i)
+                name = f"{uuid.uuid4()}.bin"
+                response = http.post("/upload", files={"file": (name, b"x" * i, "image/png")})
                 response.raise_for_status()
                 pids.add(response.json()["pid"])
                 if i % 25 == 24 or i == count - 1:

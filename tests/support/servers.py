@@ -113,7 +113,7 @@ def gunicorn_argv(port: int, workers: int, *extra: str) -> list[str]:
 def post_uploads(
     base: str, ids: Sequence[str], *, threads: int = 8, pace: float = 0.0, size: int = 100
 ) -> list[float]:
-    """POST ``/upload?id=…`` once per id from ``threads`` clients; returns each latency (s).
+    """POST one file named ``<id>.bin`` per id from ``threads`` clients; returns latencies (s).
 
     Every request must succeed; ``pace`` is a pause between one client's requests.
     """
@@ -127,7 +127,9 @@ def post_uploads(
             with httpx.Client(base_url=base, timeout=10.0) as http:
                 for record_id in chunk:
                     t0 = time.perf_counter()
-                    response = http.post("/upload", params={"id": record_id}, content=body)
+                    response = http.post(
+                        "/upload", files={"file": (f"{record_id}.bin", body, "image/png")}
+                    )
                     elapsed = time.perf_counter() - t0
                     response.raise_for_status()
                     with lock:
