@@ -1,0 +1,233 @@
+"""Recorder benchmark: enqueue cost, end-to-end rows/s under HTTP load against the direct
+``store.write`` ceiling measured in the same run, and request latency with the database healthy
+vs cut (through a TCP proxy).
+
+    .venv/bin/python benchmarks/recorder.py [--seconds 6] [--files 20] [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
+
+The server is uvicorn in a subprocess (the upload app of tests/support behind UsageMiddleware,
+each request a multipart upload of ``--files`` files: one request row plus one row per file);
+the load comes from client threads in this process, over loopback, for a bounded time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.servers import free_port, server_process, uvicorn_argv  # noqa: E402
+from support.tcpproxy import TcpProxy  # noqa: E402
+
+from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore  # noqa: E402
+
+
+def make_db(admin_url: str) -> str:
+    name = f"um_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_db(admin_url: str, url: str) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def rows(n: int) -> list[UploadRecord | RequestRecord]:
+    key = uuid.uuid4()
+    out: list[UploadRecord | RequestRecord] = []
+    for i in range(n):
+        if i % 21 == 0:
+            out.append(RequestRecord(api_key_id=key, path="/upload", status_code=200))
+        else:
+            out.append(
+                UploadRecord(api_key_id=key, provider="s3", file_size=i, file_type="image/png")
+            )
+    return out
+
+
+def enqueue_cost(tmp: Path) -> float:
+    """Best-of-5 nanoseconds per submit() into a running recorder."""
+    store = UsageStore(f"sqlite:///{tmp / 'enqueue.db'}")
+    recorder = Recorder(
+        store,
+        spool_path=tmp / "enqueue-spool.db",
+        flush_interval=3600,
+        batch_size=1_000_000,
+        max_queue_size=1_000_000,
+    )
+    recorder.start()
+    records = rows(100_000)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter_ns()
+        for record in records:
+            recorder.submit(record)
+        best = min(best, (time.perf_counter_ns() - t0) / len(records))
+    recorder.shutdown(0)
+    store.dispose()
+    return best
+
+
+def write_ceiling(url: str, seconds: float, batch: int = 2000) -> float:
+    """Rows/s of store.write in batches of ``batch`` on one thread, nothing else running."""
+    store = UsageStore(url)
+    store.create_schema()
+    store.write(rows(batch))  # warm up
+    written, busy, t0 = 0, 0.0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        data = rows(batch)  # built outside the timed part: only the write is measured
+        t1 = time.perf_counter()
+        store.write(data)
+        busy += time.perf_counter() - t1
+        written += batch
+    store.dispose()
+    return written / busy
+
+
+def count_rows(url: str) -> int:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(
+            text("SELECT (SELECT count(*) FROM file_uploads) + (SELECT count(*) FROM api_requests)")
+        ).scalar()
+    engine.dispose()
+    return int(n or 0)
+
+
+def load(base: str, seconds: float, files: int, threads: int, pace: float = 0.0) -> list[float]:
+    """Multipart uploads of ``files`` files each for ``seconds``; returns request latencies."""
+    stop = time.monotonic() + seconds
+    latencies: list[float] = []
+    lock = threading.Lock()
+    parts = [
+        ("file", (f"f{i}.png", b"\x89PNG\r\n\x1a\n" + b"x" * 200, "image/png"))
+        for i in range(files)
+    ]
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                http.post("/upload", files=parts).raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                if pace:
+                    time.sleep(pace)
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return latencies
+
+
+def end_to_end(url: str, tmp: Path, seconds: float, files: int) -> tuple[float, int, float]:
+    """Rows/s from the first request until the last row is in the database."""
+    store = UsageStore(url)
+    store.create_schema()
+    store.dispose()
+    port = free_port()
+    env = {"USAGE_TEST_DB_URL": url, "USAGE_TEST_SPOOL": str(tmp / f"e2e-{port}.db")}
+    base = f"http://127.0.0.1:{port}"
+    with server_process(uvicorn_argv(port), env, f"{base}/stats"):
+        t0 = time.perf_counter()
+        latencies = load(base, seconds, files, threads=6)
+        expected = len(latencies) * (files + 1)
+        deadline = time.monotonic() + 60
+        while count_rows(url) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - t0
+        landed = count_rows(url)
+    return landed / elapsed, landed, len(latencies) / seconds
+
+
+def p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * 0.99))] * 1000
+
+
+def latency_healthy_vs_cut(url: str, tmp: Path, seconds: float, files: int) -> tuple[float, ...]:
+    parsed = make_url(url)
+    proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    proxied = parsed.set(port=proxy.port).render_as_string(hide_password=False)
+    port = free_port()
+    env = {"USAGE_TEST_DB_URL": proxied, "USAGE_TEST_SPOOL": str(tmp / "latency-spool.db")}
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with server_process(uvicorn_argv(port), env, f"{base}/stats"):
+            load(base, 1.0, files, threads=4, pace=0.005)  # warm up
+            healthy = load(base, seconds, files, threads=4, pace=0.005)
+            proxy.cut()
+            cut = load(base, seconds, files, threads=4, pace=0.005)
+            stats = httpx.get(f"{base}/stats").json()
+            proxy.restore()
+    finally:
+        proxy.close()
+    assert stats["failed_writes"] > 0, "the cut was not noticed"
+    return (
+        statistics.median(healthy) * 1000,
+        p99(healthy),
+        statistics.median(cut) * 1000,
+        p99(cut),
+        float(stats["spooled"]),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        ns = enqueue_cost(tmp)
+        print(f"enqueue: {ns:.0f} ns per submit() (target < 2000 ns)")
+        pg = make_db(args.pg)
+        try:
+            for name, url in (("postgresql", pg), ("sqlite", f"sqlite:///{tmp / 'usage.db'}")):
+                ceiling = write_ceiling(url, args.seconds / 2)
+                e2e, landed, rps = end_to_end(url, tmp, args.seconds, args.files)
+                print(
+                    f"{name}: direct store.write ceiling {ceiling:,.0f} rows/s; end to end under "
+                    f"HTTP load {e2e:,.0f} rows/s ({landed:,} rows, {rps:,.0f} req/s of "
+                    f"{args.files} files) = {e2e / ceiling:.2f}x the ceiling"
+                )
+            h_med, h_p99, c_med, c_p99, spooled = latency_healthy_vs_cut(
+                pg, tmp, args.seconds / 2, args.files
+            )
+            print(
+                f"latency (postgresql): healthy median {h_med:.2f} ms p99 {h_p99:.2f} ms; "
+                f"database cut median {c_med:.2f} ms p99 {c_p99:.2f} ms "
+                f"(p99 ratio cut/healthy {c_p99 / h_p99:.2f}x; {spooled:,.0f} records spooled)"
+            )
+        finally:
+            drop_db(args.pg, pg)
+
+
+if __name__ == "__main__":
+    main()
