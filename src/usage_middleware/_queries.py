@@ -24,31 +24,36 @@ means no key and gives zeros without touching the database.
 
 from __future__ import annotations
 
+import json
 import math
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from itertools import pairwise
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Date,
+    DateTime,
     Integer,
     Select,
     Table,
     and_,
+    bindparam,
     case,
     cast,
     func,
-    literal,
-    literal_column,
     or_,
     select,
+    true,
     union_all,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._schema import (
     api_requests,
@@ -72,19 +77,23 @@ __all__ = [
 
 _HOUR = timedelta(hours=1)
 _DAY = timedelta(days=1)
-_OR_CHUNK = 100  # ranges per OR list; SQLite caps expression depth at 1000
 
 
 # --- planning: which UTC intervals come from which source ------------------------------------
 
 
-@dataclass
-class _Plan:
-    """UTC intervals per source, merged where adjacent; boundaries are the period starts."""
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
 
-    days: list[tuple[datetime, datetime]]
-    hours: list[tuple[datetime, datetime]]
-    raw: list[tuple[datetime, datetime]]
+    ``grain`` is ``day`` (daily rollup), ``hour`` (hourly rollup) or ``raw`` (raw rows).
+    """
+
+    grain: str
+    lo: datetime
+    hi: datetime
+    period: int
+    sign: int
 
 
 def _floor_hour(t: datetime) -> datetime:
@@ -100,76 +109,115 @@ def _floor_day(t: datetime) -> datetime:
     return t.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def _ceil_day(t: datetime) -> datetime:
-    f = _floor_day(t)
-    return f if f == t else f + _DAY
+_Out = dict[tuple[str, int], list[Piece]]  # (grain, sign) -> pieces in time order
 
 
-def _append(intervals: list[tuple[datetime, datetime]], a: datetime, b: datetime) -> None:
-    if a >= b:
+def _emit(out: _Out, grain: str, lo: datetime, hi: datetime, period: int, sign: int) -> None:
+    if lo >= hi:
         return
-    if intervals and intervals[-1][1] == a:
-        intervals[-1] = (intervals[-1][0], b)
+    pieces = out.setdefault((grain, sign), [])
+    last = pieces[-1] if pieces else None
+    if last and (last.period, last.hi) == (period, lo):
+        pieces[-1] = Piece(grain, last.lo, hi, period, sign)
     else:
-        intervals.append((a, b))
+        pieces.append(Piece(grain, lo, hi, period, sign))
 
 
-def plan(bounds: Sequence[datetime]) -> _Plan:
-    """Split consecutive periods ``[bounds[i], bounds[i+1])`` into day, hour and raw pieces."""
-    p = _Plan([], [], [])
-    for a, b in pairwise(bounds):
-        d0, d1 = _ceil_day(a), _floor_day(b)
-        h0, h1 = _ceil_hour(a), _floor_hour(b)
-        if h0 >= h1:  # not one whole UTC hour inside: all raw
-            _append(p.raw, a, b)
-            continue
-        _append(p.raw, a, h0)
-        if d0 < d1:
-            _append(p.hours, h0, d0)
-            _append(p.days, d0, d1)
-            _append(p.hours, d1, h1)
+def _split(out: _Out, lo: datetime, hi: datetime, period: int, sign: int) -> None:
+    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from raw rows."""
+    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
+    if h0 >= h1:
+        _emit(out, "raw", lo, hi, period, sign)
+        return
+    _emit(out, "raw", lo, h0, period, sign)
+    _emit(out, "hour", h0, h1, period, sign)
+    _emit(out, "raw", h1, hi, period, sign)
+
+
+def _cost(lo: datetime, hi: datetime) -> int:
+    """Rough cost of reading [lo, hi) from hours and raw edges, in hourly-row units."""
+    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
+    if h0 >= h1:
+        return 1
+    return (h1 - h0) // _HOUR + (lo < h0) + (h1 < hi)
+
+
+def plan(bounds: Sequence[datetime]) -> list[Piece]:
+    """How to read periods ``[bounds[i], bounds[i+1])`` exactly with the fewest rows.
+
+    A UTC day inside one period is one daily read. A day cut by a period boundary or by the
+    range edge is read either piece by piece (whole hours from the hourly rollup, sub-hour
+    edges from raw rows), or — when cheaper — as its daily row given to the period with the
+    largest piece, the other pieces subtracted from that period (and added to their own unless
+    they lie outside the range). A New York week boundary at 05:00 UTC thus costs five hourly
+    reads instead of twenty-four. Every rollup is exact, so the sum is exact.
+    """
+    start, end = bounds[0], bounds[-1]
+    out: _Out = {}
+    d = _floor_day(start)
+    while d < end:
+        e = d + _DAY
+        lo, hi = max(d, start), min(e, end)
+        i = bisect_right(bounds, lo) - 1
+        pieces: list[tuple[datetime, datetime, int]] = []
+        a = lo
+        while a < hi:
+            b = min(hi, bounds[i + 1])
+            pieces.append((a, b, i))
+            a, i = b, i + 1
+        outside = [(x, y) for x, y in ((d, lo), (hi, e)) if x < y]
+        if len(pieces) == 1 and not outside:
+            _emit(out, "day", d, e, pieces[0][2], 1)
         else:
-            _append(p.hours, h0, h1)
-        _append(p.raw, h1, b)
-    return p
+            big = max(pieces, key=lambda piece: piece[1] - piece[0])
+            others = [piece for piece in pieces if piece is not big]
+            direct = sum(_cost(x, y) for x, y, _ in pieces)
+            subtract = 1 + 2 * sum(_cost(x, y) for x, y, _ in others)
+            subtract += sum(_cost(x, y) for x, y in outside)
+            if subtract < direct:
+                _emit(out, "day", d, e, big[2], 1)
+                for x, y in [*((x, y) for x, y, _ in others), *outside]:
+                    _split(out, x, y, big[2], -1)
+                for x, y, own in others:
+                    _split(out, x, y, own, 1)
+            else:
+                for x, y, own in pieces:
+                    _split(out, x, y, own, 1)
+        d = e
+    return [piece for pieces in out.values() for piece in pieces]
 
 
-def _bisect_case(column: Any, bounds: Sequence[Any]) -> ColumnElement[Any]:
-    """SQL for ``bisect_right(bounds, column)``: the period index, by a balanced CASE tree."""
+def _pieces_table(pieces: Sequence[Piece], name: str, as_date: bool, dialect: str) -> Any:
+    """The pieces as a table ``(lo, hi, p, sign)`` to join the source on.
 
-    def node(lo: int, hi: int) -> ColumnElement[Any]:
-        # the answer lies in [lo, hi]
-        if lo == hi:
-            return literal_column(str(lo), Integer)  # our own small int: inline, not a parameter
-        mid = (lo + hi) // 2  # bounds[mid] separates index mid from mid + 1
-        return case((column < bounds[mid], node(lo, mid)), else_=node(mid + 1, hi))
-
-    return node(0, len(bounds))
-
-
-def _within(column: Any, intervals: Sequence[tuple[Any, Any]]) -> ColumnElement[bool]:
-    return or_(*(and_(column >= a, column < b) for a, b in intervals))
-
-
-def _chunks(intervals: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]:
-    return [intervals[i : i + _OR_CHUNK] for i in range(0, len(intervals), _OR_CHUNK)]
-
-
-def _inner_bounds(starts: Sequence[Any], lo: Any, hi: Any) -> list[Any]:
-    """Period boundaries that can separate values in [lo, hi); the rest only add CASE depth."""
-    return [s for s in starts if lo < s < hi] if starts else []
-
-
-def _index_offset(starts: Sequence[Any], lo: Any) -> int:
-    """How many boundaries lie at or before ``lo`` (added back to a trimmed CASE's result)."""
-    return sum(1 for s in starts if s <= lo)
-
-
-def _period_expr(column: Any, starts: Sequence[Any], lo: Any, hi: Any) -> ColumnElement[Any]:
-    inner = _inner_bounds(starts, lo, hi)
-    base = _index_offset(starts, lo)
-    expr = _bisect_case(column, inner)
-    return expr if base == 0 else expr + base
+    The pieces travel as parameters of a fixed statement text — arrays for ``unnest`` on
+    PostgreSQL, one JSON array for ``json_each`` on SQLite — so the statement compiles once
+    and is cached whatever the number of pieces.
+    """
+    if dialect == "postgresql":
+        kind: Any = Date() if as_date else DateTime(timezone=True)
+        lows = [x.lo.date() if as_date else x.lo for x in pieces]
+        highs = [x.hi.date() if as_date else x.hi for x in pieces]
+        return (
+            func.unnest(
+                bindparam(f"{name}_lo", lows, type_=ARRAY(kind)),
+                bindparam(f"{name}_hi", highs, type_=ARRAY(kind)),
+                bindparam(f"{name}_p", [x.period for x in pieces], type_=ARRAY(Integer())),
+                bindparam(f"{name}_sign", [x.sign for x in pieces], type_=ARRAY(Integer())),
+            )
+            .table_valued("lo", "hi", "p", "sign")
+            .render_derived(name=name)
+        )
+    # SQLite stores dates as ISO text and UTCDateTime as naive 'YYYY-MM-DD HH:MM:SS.ffffff'
+    fmt = "%Y-%m-%d" if as_date else "%Y-%m-%d %H:%M:%S.%f"
+    rows = [[x.lo.strftime(fmt), x.hi.strftime(fmt), x.period, x.sign] for x in pieces]
+    each = func.json_each(bindparam(f"{name}_json", json.dumps(rows))).table_valued("value")
+    return select(
+        *(
+            func.json_extract(each.c.value, f"$[{i}]").label(n)
+            for i, n in enumerate(("lo", "hi", "p", "sign"))
+        )
+    ).cte(name)
 
 
 # --- filters ----------------------------------------------------------------------------------
@@ -179,15 +227,15 @@ def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _file_type_filter(column: Any, file_types: Sequence[str]) -> ColumnElement[bool] | None:
+def _file_type_filter(col: Any, file_types: Sequence[str]) -> ColumnElement[bool] | None:
     if not file_types:
         return None
     exact = [t for t in file_types if not t.endswith("/*")]
     families = [t[:-1] for t in file_types if t.endswith("/*")]
     parts: list[ColumnElement[bool]] = []
     if exact:
-        parts.append(column.in_(exact))
-    parts.extend(column.like(_escape_like(f) + "%", escape="\\") for f in families)
+        parts.append(col.in_(exact))
+    parts.extend(col.like(_escape_like(f) + "%", escape="\\") for f in families)
     return or_(*parts)
 
 
@@ -206,59 +254,96 @@ def _filters(
     return out
 
 
-def _as_date(t: datetime) -> date:
-    return t.date()
-
-
 # --- uploads ----------------------------------------------------------------------------------
 
 Counts = list[int]  # uploads, bytes, successful, failed
 
 
-def _upload_selects(
-    spec: QuerySpec, key_ids: Collection[UUID] | None, starts: Sequence[datetime], p: _Plan
-) -> list[Select[Any]]:
+def _joined(
+    r: Any, table: Table, at: Any, names: Sequence[str], where: list[Any], lateral: bool
+) -> Any:
+    """Source rows of ``table`` inside each piece, with the piece's period and sign.
+
+    PostgreSQL gets a LATERAL join so that every piece is an index range scan (a plain range
+    join is estimated badly and planned as a scan of the key's whole history); SQLite's nested
+    loops already drive the join from the small pieces table.
+    """
+    if lateral:
+        inner = (
+            select(*(table.c[n] for n in names))
+            .where(at >= r.c.lo, at < r.c.hi, *where)
+            .offset(0)  # keeps the planner from flattening the LATERAL back into a range join
+            .lateral(f"{table.name}_rows")
+        )
+        return (
+            select(r.c.p, r.c.sign, *(inner.c[n] for n in names))
+            .select_from(r)
+            .join(inner, true())
+            .subquery(f"{table.name}_joined")
+        )
+    return (
+        select(r.c.p, r.c.sign, *(table.c[n] for n in names))
+        .select_from(r)
+        .join(table, and_(at >= r.c.lo, at < r.c.hi))
+        .where(*where)
+        .subquery(f"{table.name}_joined")
+    )
+
+
+_UPLOAD_COUNTERS = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+
+
+def upload_statement(
+    spec: QuerySpec, key_ids: Collection[UUID] | None, starts: list[datetime], dialect: str
+) -> Select[Any]:
+    """The one statement answering uploads for periods starting at ``starts``: each source
+    joined to its pieces, summed by (period, provider, file_type)."""
+    pieces = plan([*starts, spec.end_utc])
+    lateral = dialect == "postgresql"
     selects: list[Select[Any]] = []
-    day_starts = [_ceil_day(s) for s in starts[1:]]
-    hour_starts = [_ceil_hour(s) for s in starts[1:]]
-    raw_starts = list(starts[1:])
-    rollups: list[tuple[Table, Any, list[tuple[Any, Any]], list[Any]]] = [
-        (
-            daily_usage,
-            daily_usage.c.usage_date,
-            [(_as_date(a), _as_date(b)) for a, b in p.days],
-            [_as_date(s) for s in day_starts],
-        ),
-        (hourly_usage, hourly_usage.c.usage_hour, list(p.hours), hour_starts),
-    ]
-    for table, column, intervals, bounds in rollups:
-        for chunk in _chunks(intervals):
-            selects.append(
-                select(
-                    _period_expr(column, bounds, chunk[0][0], chunk[-1][1]).label("p"),
-                    table.c.provider,
-                    table.c.file_type,
-                    table.c.total_uploads.label("u"),
-                    table.c.total_file_size.label("b"),
-                    table.c.successful_requests.label("s"),
-                    table.c.failed_requests.label("f"),
-                ).where(_within(column, chunk), *_filters(table, spec, key_ids))
-            )
-    fu = file_uploads
-    ok = case((fu.c.upload_status == "success", 1), else_=0)
-    for chunk in _chunks(p.raw):
+    for grain in ("day", "hour", "raw"):
+        mine = [x for x in pieces if x.grain == grain]
+        if not mine:
+            continue
+        r = _pieces_table(mine, f"{grain}_pieces", grain == "day", dialect)
+        if grain == "raw":
+            fu = file_uploads
+            names: tuple[str, ...] = ("provider", "file_type", "file_size", "upload_status")
+            j = _joined(r, fu, fu.c.uploaded_at, names, _filters(fu, spec, key_ids), lateral)
+            ok = case((j.c.upload_status == "success", 1), else_=0)
+            cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
+            cols.append(j.c.sign * (1 - ok))
+        else:
+            table = daily_usage if grain == "day" else hourly_usage
+            at = table.c.usage_date if grain == "day" else table.c.usage_hour
+            names = ("provider", "file_type", *_UPLOAD_COUNTERS)
+            j = _joined(r, table, at, names, _filters(table, spec, key_ids), lateral)
+            cols = [j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
         selects.append(
             select(
-                _period_expr(fu.c.uploaded_at, raw_starts, chunk[0][0], chunk[-1][1]).label("p"),
-                fu.c.provider,
-                fu.c.file_type,
-                literal(1, BigInteger).label("u"),
-                fu.c.file_size.label("b"),
-                cast(ok, BigInteger).label("s"),
-                cast(1 - ok, BigInteger).label("f"),
-            ).where(_within(fu.c.uploaded_at, chunk), *_filters(fu, spec, key_ids))
+                j.c.p,
+                j.c.provider,
+                j.c.file_type,
+                *(cast(c, BigInteger).label(n) for c, n in zip(cols, "ubsf", strict=True)),
+            )
         )
-    return selects
+    union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
+    return select(
+        union.c.p,
+        union.c.provider,
+        union.c.file_type,
+        *(cast(func.sum(union.c[c]), BigInteger) for c in ("u", "b", "s", "f")),
+    ).group_by(union.c.p, union.c.provider, union.c.file_type)
+
+
+def _connect(store: UsageStore) -> Any:
+    """A connection for read queries; on PostgreSQL without JIT, which costs more than these
+    small indexed queries take (it kicks in on row estimates, not on actual work)."""
+    store.ensure_schema()
+    conn = store.engine.connect()
+    if store.dialect == "postgresql":
+        conn.exec_driver_sql("SET LOCAL jit = off")
+    return conn
 
 
 def _upload_rows(
@@ -267,19 +352,8 @@ def _upload_rows(
     """(period index, provider, file_type, uploads, bytes, successful, failed) rows."""
     if key_ids is not None and not key_ids:
         return []
-    bounds = [*starts, spec.end_utc]
-    selects = _upload_selects(spec, key_ids, starts, plan(bounds))
-    if not selects:
-        return []
-    union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("pieces")
-    stmt = select(
-        union.c.p,
-        union.c.provider,
-        union.c.file_type,
-        *(cast(func.sum(union.c[c]), BigInteger) for c in ("u", "b", "s", "f")),
-    ).group_by(union.c.p, union.c.provider, union.c.file_type)
-    store.ensure_schema()
-    with store.engine.connect() as conn:
+    stmt = upload_statement(spec, key_ids, starts, store.dialect)
+    with _connect(store) as conn:
         return [tuple(r) for r in conn.execute(stmt)]
 
 
@@ -319,26 +393,52 @@ def _range_json(spec: QuerySpec) -> dict[str, Any]:
     }
 
 
+def _add(acc: dict[Any, Counts], key: Any, u: int, b: int, s: int, f: int) -> None:
+    c = acc.get(key)
+    if c is None:
+        acc[key] = [u, b, s, f]
+    else:
+        c[0] += u
+        c[1] += b
+        c[2] += s
+        c[3] += f
+
+
 def _fold(
     rows: list[tuple[int, str, str, int, int, int, int]],
 ) -> tuple[dict[int, Counts], dict[str, Counts], dict[str, Counts], Counts]:
-    by_period: dict[int, Counts] = defaultdict(lambda: [0, 0, 0, 0])
-    by_type: dict[str, Counts] = defaultdict(lambda: [0, 0, 0, 0])
-    by_provider: dict[str, Counts] = defaultdict(lambda: [0, 0, 0, 0])
+    by_period: dict[int, Counts] = {}
+    by_type: dict[str, Counts] = {}
+    by_provider: dict[str, Counts] = {}
     totals = [0, 0, 0, 0]
-    for p, provider, file_type, *values in rows:
-        for acc in (by_period[p], by_type[file_type], by_provider[provider], totals):
-            for i, v in enumerate(values):
-                acc[i] += v
+    for p, provider, file_type, u, b, s, f in rows:
+        _add(by_period, p, u, b, s, f)
+        _add(by_type, file_type, u, b, s, f)
+        _add(by_provider, provider, u, b, s, f)
+        totals[0] += u
+        totals[1] += b
+        totals[2] += s
+        totals[3] += f
+    # a subtraction can leave a type or provider with nothing in the range
+    for acc in (by_type, by_provider):
+        for key in [k for k, c in acc.items() if c[0] == 0 and c[1] == 0]:
+            del acc[key]
     return by_period, by_type, by_provider, totals
 
 
 def granular(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None = None
 ) -> dict[str, Any]:
-    """The ``GET /granular`` answer: totals, zero-filled series, breakdowns and request stats."""
+    """The ``GET /granular`` answer: totals, zero-filled series, breakdowns and request stats.
+
+    The upload and request statements are independent, so they run at the same time on two
+    pooled connections: the answer takes as long as the slower one, not their sum.
+    """
     ps = periods(spec)
-    rows = _upload_rows(store, spec, key_ids, [p.start for p in ps])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-query") as pool:
+        requests = pool.submit(request_stats, store, spec, key_ids)
+        rows = _upload_rows(store, spec, key_ids, [p.start for p in ps])
+        request_block = requests.result()
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
     for i, period in enumerate(ps):
@@ -363,7 +463,7 @@ def granular(
         "series": series,
         "file_types": _breakdown(by_type, "file_type"),
         "providers": _breakdown(by_provider, "provider"),
-        "requests": request_stats(store, spec, key_ids),
+        "requests": request_block,
     }
 
 
@@ -415,31 +515,35 @@ def request_stats(
     empty = {"total": 0, "errors": 0, "avg_response_ms": 0.0, "p95_response_ms": 0.0}
     if key_ids is not None and not key_ids:
         return empty
-    p = plan([spec.start_utc, spec.end_utc])
     buckets: dict[int, int] = defaultdict(int)
     total = errors = total_us = 0
+    pieces = plan([spec.start_utc, spec.end_utc])
+    dialect = store.dialect
+    lateral = dialect == "postgresql"
     selects: list[Select[Any]] = []
-    for table, column, intervals in (
-        (
-            daily_request_usage,
-            daily_request_usage.c.usage_date,
-            [(_as_date(a), _as_date(b)) for a, b in p.days],
-        ),
-        (hourly_request_usage, hourly_request_usage.c.usage_hour, p.hours),
-    ):
-        if intervals:
-            selects.append(
-                select(
-                    table.c.latency_bucket.label("lb"),
-                    table.c.total_requests.label("n"),
-                    table.c.error_requests.label("e"),
-                    table.c.total_response_us.label("us"),
-                ).where(_within(column, intervals), *_filters(table, spec, key_ids, uploads=False))
+    counters = ("total_requests", "error_requests", "total_response_us")
+    for grain in ("day", "hour"):
+        mine = [x for x in pieces if x.grain == grain]
+        if not mine:
+            continue
+        r = _pieces_table(mine, f"{grain}_pieces", grain == "day", dialect)
+        table = daily_request_usage if grain == "day" else hourly_request_usage
+        at = table.c.usage_date if grain == "day" else table.c.usage_hour
+        where = _filters(table, spec, key_ids, uploads=False)
+        j = _joined(r, table, at, ("latency_bucket", *counters), where, lateral)
+        selects.append(
+            select(
+                j.c.latency_bucket.label("lb"),
+                *(
+                    cast(j.c.sign * j.c[c], BigInteger).label(n)
+                    for c, n in zip(counters, ("n", "e", "us"), strict=True)
+                ),
             )
-    store.ensure_schema()
-    with store.engine.connect() as conn:
+        )
+    raw_pieces = [x for x in pieces if x.grain == "raw"]
+    with _connect(store) as conn:
         if selects:
-            union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("pieces")
+            union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
             stmt = select(
                 union.c.lb, *(cast(func.sum(union.c[c]), BigInteger) for c in ("n", "e", "us"))
             ).group_by(union.c.lb)
@@ -448,16 +552,19 @@ def request_stats(
                 total += n
                 errors += e
                 total_us += us
-        if p.raw:
+        if raw_pieces:
             ar = api_requests
-            raw = select(ar.c.response_time_ms, ar.c.status_code).where(
-                _within(ar.c.requested_at, p.raw), *_filters(ar, spec, key_ids, uploads=False)
-            )
-            for ms, status in conn.execute(raw):
-                buckets[latency_bucket(ms)] += 1
-                total += 1
-                errors += status >= 400
-                total_us += round(ms * 1000)
+            r = _pieces_table(raw_pieces, "raw_pieces", False, store.dialect)
+            where = _filters(ar, spec, key_ids, uploads=False)
+            names = ("response_time_ms", "status_code")
+            j = _joined(r, ar, ar.c.requested_at, names, where, lateral)
+            for sign, ms, status in conn.execute(
+                select(j.c.sign, j.c.response_time_ms, j.c.status_code)
+            ):
+                buckets[latency_bucket(ms)] += sign
+                total += sign
+                errors += sign * (status >= 400)
+                total_us += sign * round(ms * 1000)
     if total == 0:
         return empty
     rank = math.ceil(0.95 * total)

@@ -197,7 +197,8 @@ def _values(params: Mapping[str, Sequence[str]], name: str, limit: int) -> tuple
     for v in raw:
         if len(v) > _MAX_VALUE_LENGTH:
             raise QueryError("invalid_value", f"{name} values are at most 255 characters", name)
-    return tuple(dict.fromkeys(raw))
+    # stored text had NUL replaced the same way (PostgreSQL text cannot hold it)
+    return tuple(dict.fromkeys(v.replace("\x00", "\ufffd") for v in raw))
 
 
 def parse_query(
