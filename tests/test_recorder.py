@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -421,3 +423,26 @@ def test_default_spool_lives_in_the_configured_directory_one_file_per_store(
     b = Recorder(UsageStore(f"sqlite:///{tmp_path / 'b.db'}"))
     assert Path(a.spool_path).parent == tmp_path / "spools"
     assert a.spool_path == a_again.spool_path != b.spool_path
+
+
+def test_records_submitted_after_shutdown_are_spooled_at_interpreter_exit(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Records that arrive after shutdown are not lost: the process spools them as it exits."""
+    spool = tmp_path / "spool.db"
+    script = (
+        "import sys\n"
+        "from usage_middleware import Recorder, UploadRecord, UsageStore\n"
+        "r = Recorder(UsageStore(sys.argv[1]), spool_path=sys.argv[2])\n"
+        "r.start()\n"
+        "r.shutdown(5)\n"
+        "r.submit_many(UploadRecord(file_size=3) for _ in range(5))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, sqlite_url, str(spool)], check=True, timeout=60)
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    recorder = Recorder(store, spool_path=spool, flush_interval=0.05)
+    recorders.append(recorder)
+    recorder.start()
+    assert wait_for(lambda: uploads_in(store) == 5)
+    assert recorder.stats()["replayed"] == 5

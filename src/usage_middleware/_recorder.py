@@ -648,7 +648,8 @@ def _for_each_live(method: str) -> Callable[[], None]:
 
 def _shutdown_at_exit() -> None:
     for recorder in list(_live):
-        if recorder._started and recorder._pid == os.getpid():
+        # Running, or holding records submitted after shutdown: write or spool them now.
+        if recorder._pid == os.getpid() and (recorder._started or recorder._queue):
             recorder.shutdown(timeout=5.0)
 
 
