@@ -416,3 +416,87 @@ def test_legacy_totals_count_on_their_utc_date(store: UsageStore) -> None:
             "unknown": 7,
             "image/png": 1,
         }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("provider", "file_type"),
+    [(None, None), ("s3", None), (None, "image/*"), ("vercel", "image/png")],
+)
+def test_router_agrees_with_sql_functions_on_utc_ranges(
+    pg_url: str, provider: str | None, file_type: str | None
+) -> None:
+    """For UTC ranges the router and the sql/ functions give the same days, types and providers."""
+    import random
+
+    from sqlalchemy import text
+
+    store = UsageStore(pg_url)
+    store.create_schema()
+    rng = random.Random(7)
+    key, other = uuid.uuid4(), uuid.uuid4()
+    base = datetime(2025, 2, 20, tzinfo=UTC)
+    store.write(
+        [
+            UploadRecord(
+                api_key_id=rng.choice([key, key, other]),
+                provider=rng.choice(PROVIDERS),
+                file_type=rng.choice(TYPES),
+                file_size=rng.randrange(10**6),
+                upload_status=rng.choice(["success", "failed"]),
+                uploaded_at=base + timedelta(seconds=rng.randrange(20 * 86400)),
+            )
+            for _ in range(400)
+        ]
+    )
+    params: list[tuple[str, str]] = [
+        ("start", "2025-02-23"),
+        ("end", "2025-03-05"),
+        ("granularity", "day"),
+        ("api_key_id", str(key)),
+    ]
+    if provider:
+        params.append(("provider", provider))
+    if file_type:
+        params.append(("file_type", file_type))
+    body = get(app_for(store), "/usage/granular", params, {"x-keys": f"{key},{other}"}).json()
+    args = {"s": date(2025, 2, 23), "e": date(2025, 3, 5), "k": key, "p": provider, "t": file_type}
+    with store.engine.connect() as conn:
+        days: dict[str, int] = defaultdict(int)
+        for d, _, _, n, *_rest in conn.execute(
+            text("SELECT * FROM get_usage_by_date_range(:s, :e, :p, :t, :k)"), args
+        ):
+            days[d.isoformat()] += n
+        types = {
+            r[0]: (r[1], r[2], float(r[3]))
+            for r in conn.execute(
+                text("SELECT * FROM get_file_type_breakdown(:s, :e, :k, :p)"), args
+            )
+            if file_type is None  # the SQL breakdown by type takes no type filter
+        }
+        providers = {
+            r[0]: (r[1], r[2], float(r[3]))
+            for r in conn.execute(
+                text("SELECT * FROM get_provider_breakdown(:s, :e, :k, :t)"), args
+            )
+            if provider is None  # ... and the one by provider no provider filter
+        }
+    store.dispose()
+    assert {e["period"]: e["uploads"] for e in body["series"] if e["uploads"]} == dict(days)
+    assert len(body["series"]) == 11
+    if file_type is None:
+        got = {
+            f["file_type"]: (f["uploads"], f["bytes"], f["percentage"]) for f in body["file_types"]
+        }
+        assert got.keys() == types.keys()
+        for name, (n, size, share) in types.items():
+            assert got[name][:2] == (n, size)
+            assert abs(got[name][2] - share) <= 0.011
+    if provider is None:
+        got = {
+            p["provider"]: (p["uploads"], p["bytes"], p["percentage"]) for p in body["providers"]
+        }
+        assert got.keys() == providers.keys()
+        for name, (n, size, share) in providers.items():
+            assert got[name][:2] == (n, size)
+            assert abs(got[name][2] - share) <= 0.011
