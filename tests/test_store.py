@@ -226,3 +226,18 @@ def test_records_survive_round_trip(store: UsageStore) -> None:
         c.name: getattr(request, c.name) for c in api_requests.columns
     }
     assert req["method"] == "POST"
+
+
+@pytest.mark.postgres
+def test_write_survives_discard_all(pg_url: str) -> None:
+    """Staging tables dropped under the store (as a pooler's DISCARD ALL does) are recreated."""
+    store = UsageStore(pg_url)
+    try:
+        rng = random.Random(6)
+        assert store.write([random_upload(rng), random_request(rng)]) == 2
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("DISCARD ALL")
+        assert store.write([random_upload(rng), random_request(rng)]) == 2
+        assert_rollups_exact(store)
+    finally:
+        store.dispose()

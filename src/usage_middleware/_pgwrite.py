@@ -31,8 +31,6 @@ from ._schema import latency_bucket
 
 __all__ = ["pg_write"]
 
-_INFO_KEY = "usage_middleware_staging"
-
 _UPLOAD_COLUMNS = (
     "id",
     "api_key_id",
@@ -67,6 +65,10 @@ _REQUEST_TYPES = (
     "int2", "int8",
 )  # fmt: skip
 
+_STAGING_PRESENT = (
+    "SELECT to_regclass('pg_temp.um_stage_uploads') IS NOT NULL "
+    "AND to_regclass('pg_temp.um_stage_requests') IS NOT NULL"
+)
 _CREATE_STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_uploads
     (LIKE public.file_uploads) ON COMMIT DELETE ROWS;
@@ -180,14 +182,14 @@ def pg_write(
 ) -> int:
     """Write validated, id-unique records inside ``conn``'s open transaction; returns new rows."""
     dbapi: Any = conn.connection.dbapi_connection
-    info = conn.connection.info
     written = 0
     with dbapi.cursor() as cur:
-        if not info.get(_INFO_KEY):
-            # Created once per server connection; the flag is set only after the transaction
-            # commits (see UsageStore.write), since a rollback also drops the tables.
+        # Checked in every transaction, not remembered per client connection: behind a
+        # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
+        # server connection, and DISCARD ALL drops temporary tables.
+        cur.execute(_STAGING_PRESENT)
+        if not cur.fetchone()[0]:
             cur.execute(_CREATE_STAGING)
-            conn.info["usage_staging_created"] = True
         if uploads:
             with cur.copy(
                 f"COPY pg_temp.um_stage_uploads ({', '.join(_UPLOAD_COLUMNS)}) "
@@ -241,9 +243,3 @@ def pg_write(
             cur.execute(_INSERT_REQUESTS)
             written += cur.fetchone()[0]
     return written
-
-
-def mark_staging_ready(conn: Connection) -> None:
-    """After a commit: remember that this server connection has its staging tables."""
-    if conn.info.pop("usage_staging_created", False):
-        conn.connection.info[_INFO_KEY] = True

@@ -4,6 +4,10 @@
 rows that were actually new (the primary key is the claim), so replays never double count and a
 crash between the two cannot happen. Rollup upserts are sorted by their unique key so that
 concurrent writers lock rows in the same order and cannot deadlock.
+
+The dialect-specific plans live beside this module: ``_pgwrite`` (binary COPY into a staging
+table, one insert-and-roll-up statement per table) and ``_sqlitewrite`` (the same plan on the
+sqlite3 driver).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
-from ._pgwrite import mark_staging_ready, pg_write
+from ._pgwrite import pg_write
 from ._records import RequestRecord, UploadRecord
 from ._schema import (
     ALL_TABLES,
@@ -248,11 +252,8 @@ class UsageStore:
                         written = self._write_batch(
                             conn, list(uploads.values()), list(requests.values())
                         )
-                    if self.dialect == "postgresql":
-                        mark_staging_ready(conn)
                 finally:
                     conn.info.pop("usage_write", None)
-                    conn.info.pop("usage_staging_created", None)
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
         return written
