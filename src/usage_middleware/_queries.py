@@ -8,11 +8,13 @@ fits inside it:
 * ``hourly_usage`` for whole UTC hours inside it that no whole day covers,
 * raw ``file_uploads`` only for the sub-hour edges (zones with :30/:45 offsets).
 
-All three sources go into one ``UNION ALL`` whose rows are tagged with their period by a
-balanced ``CASE`` tree (a binary search over the period boundaries, in SQL), then grouped by
-(period, provider, file_type) in the database. Because every rollup is exact, the answer equals
-aggregating the raw rows over the same local range — for every time zone — while 12 months cost
-a few hundred rollup rows instead of millions of raw ones.
+The plan is a list of pieces ``(source, UTC interval, period, sign)``; a UTC day cut by a
+period boundary may be read as its daily row minus the shorter side (see :func:`plan`). Each
+source is joined to its pieces (passed as array/JSON parameters, so the statement text is fixed
+and cached), the three are combined with ``UNION ALL`` and summed by (period, provider,
+file_type) in the database. Because every rollup is exact, the answer equals aggregating the
+raw rows over the same local range — for every time zone — while a year for one key costs some
+thousands of rollup rows instead of every raw row.
 
 API-request statistics take the same route over the whole range: merged latency histograms
 (``*_request_usage``) give p95 within ``LATENCY_RELATIVE_ERROR`` and sums give the exact mean.
@@ -431,14 +433,19 @@ def granular(
 ) -> dict[str, Any]:
     """The ``GET /granular`` answer: totals, zero-filled series, breakdowns and request stats.
 
-    The upload and request statements are independent, so they run at the same time on two
-    pooled connections: the answer takes as long as the slower one, not their sum.
+    The upload and request statements are independent; on PostgreSQL they run at the same
+    time on two pooled connections, so the answer takes as long as the slower one.
     """
     ps = periods(spec)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-query") as pool:
-        requests = pool.submit(request_stats, store, spec, key_ids)
-        rows = _upload_rows(store, spec, key_ids, [p.start for p in ps])
-        request_block = requests.result()
+    starts = [p.start for p in ps]
+    if store.dialect == "postgresql":
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-query") as pool:
+            requests = pool.submit(request_stats, store, spec, key_ids)
+            rows = _upload_rows(store, spec, key_ids, starts)
+            request_block = requests.result()
+    else:  # one SQLite connection may be shared (in-memory databases): stay sequential
+        rows = _upload_rows(store, spec, key_ids, starts)
+        request_block = request_stats(store, spec, key_ids)
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
     for i, period in enumerate(ps):
