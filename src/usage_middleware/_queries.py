@@ -45,19 +45,23 @@ from sqlalchemy import (
     Integer,
     Select,
     Table,
+    Uuid,
     and_,
     bindparam,
     case,
     cast,
     func,
+    literal_column,
     or_,
     select,
     true,
+    type_coerce,
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._schema import (
+    ROLLUP_KEYS,
     api_requests,
     daily_request_usage,
     daily_usage,
@@ -242,11 +246,20 @@ def _file_type_filter(col: Any, file_types: Sequence[str]) -> ColumnElement[bool
 
 
 def _filters(
-    table: Table, spec: QuerySpec, key_ids: Collection[UUID] | None, *, uploads: bool = True
+    table: Table,
+    spec: QuerySpec,
+    key_ids: Collection[UUID] | None,
+    dialect: str,
+    *,
+    uploads: bool = True,
 ) -> list[ColumnElement[bool]]:
     out: list[ColumnElement[bool]] = []
     if key_ids is not None:
-        out.append(table.c.api_key_id.in_(sorted(key_ids)))
+        key: Any = table.c.api_key_id
+        if dialect == "sqlite" and table.name in ROLLUP_KEYS:
+            # the SQLite rollup indexes are on ifnull(api_key_id, ''): say it the same way
+            key = type_coerce(func.ifnull(key, literal_column("''")), Uuid())
+        out.append(key.in_(sorted(key_ids)))
     if uploads:
         if spec.providers:
             out.append(table.c.provider.in_(spec.providers))
@@ -311,7 +324,9 @@ def upload_statement(
         if grain == "raw":
             fu = file_uploads
             names: tuple[str, ...] = ("provider", "file_type", "file_size", "upload_status")
-            j = _joined(r, fu, fu.c.uploaded_at, names, _filters(fu, spec, key_ids), lateral)
+            j = _joined(
+                r, fu, fu.c.uploaded_at, names, _filters(fu, spec, key_ids, dialect), lateral
+            )
             ok = case((j.c.upload_status == "success", 1), else_=0)
             cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
             cols.append(j.c.sign * (1 - ok))
@@ -319,7 +334,7 @@ def upload_statement(
             table = daily_usage if grain == "day" else hourly_usage
             at = table.c.usage_date if grain == "day" else table.c.usage_hour
             names = ("provider", "file_type", *_UPLOAD_COUNTERS)
-            j = _joined(r, table, at, names, _filters(table, spec, key_ids), lateral)
+            j = _joined(r, table, at, names, _filters(table, spec, key_ids, dialect), lateral)
             cols = [j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
         selects.append(
             select(
@@ -536,7 +551,7 @@ def request_stats(
         r = _pieces_table(mine, f"{grain}_pieces", grain == "day", dialect)
         table = daily_request_usage if grain == "day" else hourly_request_usage
         at = table.c.usage_date if grain == "day" else table.c.usage_hour
-        where = _filters(table, spec, key_ids, uploads=False)
+        where = _filters(table, spec, key_ids, dialect, uploads=False)
         j = _joined(r, table, at, ("latency_bucket", *counters), where, lateral)
         selects.append(
             select(
@@ -562,7 +577,7 @@ def request_stats(
         if raw_pieces:
             ar = api_requests
             r = _pieces_table(raw_pieces, "raw_pieces", False, store.dialect)
-            where = _filters(ar, spec, key_ids, uploads=False)
+            where = _filters(ar, spec, key_ids, dialect, uploads=False)
             names = ("response_time_ms", "status_code")
             j = _joined(r, ar, ar.c.requested_at, names, where, lateral)
             for sign, ms, status in conn.execute(
