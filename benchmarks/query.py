@@ -457,6 +457,8 @@ def run(store: UsageStore, label: str, runs: int) -> None:
                 times.append((time.perf_counter() - t0) * 1000)
             api_ms = statistics.median(times)
             with store.engine.connect() as conn:
+                if store.dialect == "postgresql":
+                    conn.exec_driver_sql("SET jit = off")  # as the router's queries run
                 raw_ms, raw = median_ms(
                     lambda conn=conn, start=start, end=end, tz=tz, g=granularity: raw_answer(
                         conn, store.dialect, key, start, end, tz, g), max(3, runs // 3))

@@ -70,8 +70,8 @@ class _AllKeys:
 ALL_KEYS: Final = _AllKeys()
 """Return this from ``authorize`` to let the caller read every API key's usage."""
 
-Scope_ = Iterable[UUID | str] | _AllKeys | None
-Authorize = Callable[[Request], "Scope_ | Awaitable[Scope_]"]
+KeyScope = Iterable[UUID | str] | _AllKeys | None  # what authorize() returns
+Authorize = Callable[[Request], "KeyScope | Awaitable[KeyScope]"]
 
 
 def _today(tz: tzinfo) -> date:
