@@ -430,10 +430,17 @@ def run(store: UsageStore, label: str, runs: int) -> None:
     router = UsageRouter(store, authorize=lambda request: ALL_KEYS)
     app = Starlette(routes=[Mount("/usage", router)])
 
-    async def fetch(params: dict[str, str], n: int) -> list[httpx.Response]:
+    async def timed(params: dict[str, str], n: int) -> tuple[httpx.Response, list[float]]:
+        """A warm-up request, then ``n`` timed ones on the same client and event loop."""
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            return [await client.get("/usage/granular", params=params) for _ in range(n)]
+            first = await client.get("/usage/granular", params=params)
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await client.get("/usage/granular", params=params)
+                times.append((time.perf_counter() - t0) * 1000)
+        return first, times
 
     with store.engine.connect() as conn:
         uploads = conn.execute(text(
@@ -446,15 +453,10 @@ def run(store: UsageStore, label: str, runs: int) -> None:
         for tz in ZONES:
             params = {"start": start.isoformat(), "end": end.isoformat(), "tz": tz,
                       "api_key_id": str(key)}
-            first = anyio.run(fetch, params, 1)[0]
+            first, times = anyio.run(timed, params, runs)
             assert first.status_code == 200, first.text
             body = first.json()
             granularity = body["range"]["granularity"]
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                anyio.run(fetch, params, 1)
-                times.append((time.perf_counter() - t0) * 1000)
             api_ms = statistics.median(times)
             with store.engine.connect() as conn:
                 if store.dialect == "postgresql":
