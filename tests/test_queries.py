@@ -77,7 +77,7 @@ def app_for(store: UsageStore) -> Starlette:
 @pytest.fixture(scope="module")
 def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, UsageStore]]:
     """One SQLite and (when available) one PostgreSQL store reused by every example."""
-    from conftest import drop_pg_database, make_pg_database
+    from support.pg import drop_pg_database, make_pg_database
 
     stores = {"sqlite": UsageStore(f"sqlite:///{tmp_path_factory.mktemp('q')}/usage.db")}
     pg = None
@@ -104,7 +104,7 @@ def shared_store(
 ) -> UsageStore:
     """The module's store for one dialect."""
     if request.param not in shared_stores:
-        from conftest import require_postgres
+        from support.pg import require_postgres
 
         require_postgres()
     return shared_stores[request.param]

@@ -27,7 +27,7 @@ START = date(2025, 8, 25)
 @pytest.fixture(scope="module")
 def loaded() -> Iterator[tuple[UsageStore, list[UploadRecord]]]:
     """One PostgreSQL database with ~3,000 uploads over 20 days, shared by this module."""
-    from conftest import drop_pg_database, make_pg_database
+    from support.pg import drop_pg_database, make_pg_database
 
     url = make_pg_database()
     store = UsageStore(url)

@@ -1,0 +1,63 @@
+"""Throwaway PostgreSQL databases for tests.
+
+Tests connect to ``USAGE_TEST_PG_URL`` (default: the local server, user ``postgres``) and create
+a fresh database per use. Without a server they are skipped — except under ``CI=true``, where an
+unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+PG_ADMIN_URL = os.environ.get(
+    "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_pg_checked: list[str | None] = []
+
+
+def _pg_problem() -> str | None:
+    """None when the PostgreSQL server answers, else why not (checked once per session)."""
+    if not _pg_checked:
+        try:
+            engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            _pg_checked.append(None)
+        except Exception as exc:
+            _pg_checked.append(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {exc}")
+    return _pg_checked[0]
+
+
+def require_postgres() -> None:
+    problem = _pg_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"{problem} (CI=true: PostgreSQL tests are required)")
+        pytest.skip(problem)
+
+
+def make_pg_database() -> str:
+    """Create an empty database and return its URL; drop it with :func:`drop_pg_database`."""
+    require_postgres()
+    name = f"um_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
