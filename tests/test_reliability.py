@@ -6,15 +6,15 @@ import os
 import signal
 import statistics
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from support.checks import assert_exactly_once, scalar, wait_for
 from support.recorder_app import build_app
 from support.servers import free_port, post_uploads, server_process, uvicorn_argv, uvicorn_in_thread
 from support.tcpproxy import TcpProxy
@@ -22,35 +22,6 @@ from support.tcpproxy import TcpProxy
 from usage_middleware import Recorder, UsageStore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def scalar(store: UsageStore, sql: str) -> int:
-    with store.engine.connect() as conn:
-        return int(conn.execute(text(sql)).scalar() or 0)
-
-
-def assert_exactly_once(store: UsageStore, expected: int) -> None:
-    """Raw tables hold ``expected`` rows and every rollup sums to the same."""
-    assert scalar(store, "SELECT count(*) FROM file_uploads") == expected
-    assert scalar(store, "SELECT count(*) FROM api_requests") == expected
-    assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM daily_usage") == expected
-    assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM hourly_usage") == expected
-    assert scalar(
-        store, "SELECT coalesce(sum(total_file_size), 0) FROM daily_usage"
-    ) == scalar(store, "SELECT coalesce(sum(file_size), 0) FROM file_uploads")
-    assert (
-        scalar(store, "SELECT coalesce(sum(total_requests), 0) FROM daily_request_usage")
-        == expected
-    )
 
 
 @pytest.fixture

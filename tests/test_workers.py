@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import text
+from support.checks import assert_exactly_once, scalar
 from support.servers import free_port, gunicorn_argv, server_process, stop, uvicorn_argv
 
 from usage_middleware import Recorder, UploadRecord, UsageStore
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def scalar(store: UsageStore, sql: str) -> int:
-    with store.engine.connect() as conn:
-        return int(conn.execute(text(sql)).scalar() or 0)
-
-
-def assert_exactly_once(store: UsageStore, expected: int) -> None:
-    """Raw tables hold ``expected`` rows and every rollup sums to the same."""
-    assert scalar(store, "SELECT count(*) FROM file_uploads") == expected
-    assert scalar(store, "SELECT count(*) FROM api_requests") == expected
-    assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM daily_usage") == expected
-    assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM hourly_usage") == expected
-    assert scalar(
-        store, "SELECT coalesce(sum(total_file_size), 0) FROM daily_usage"
-    ) == scalar(store, "SELECT coalesce(sum(file_size), 0) FROM file_uploads")
-    assert (
-        scalar(store, "SELECT coalesce(sum(total_requests), 0) FROM daily_request_usage")
-        == expected
-    )
 
 
 def load(base: str, n: int, threads: int = 8) -> set[int]:
