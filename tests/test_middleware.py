@@ -508,3 +508,24 @@ def test_store_option_builds_a_recorder_with_options(sqlite_url: str) -> None:
     with store.engine.connect() as conn:
         assert conn.execute(select(api_requests.c.path)).scalars().all() == ["/"]
     store.dispose()
+
+
+def test_request_rows_are_normalised_by_the_store_before_they_are_written(sqlite_url: str) -> None:
+    """Rows built on the request path unchecked are validated on write: a raw path with NUL and
+    over-long text is stored made safe, never as is."""
+    store = UsageStore(sqlite_url)
+    app, _ = make("starlette", recorder=Recorder(store))
+    long_path = "/missing/" + "x" * 2000
+
+    async def run() -> None:
+        async with Lifespan(app) as client:
+            await client.get("/nul%00here")
+            await client.get(long_path)
+
+    anyio.run(run)
+    with store.engine.connect() as conn:
+        paths = set(conn.execute(select(api_requests.c.path)).scalars())
+    assert "/nul\ufffdhere" in paths
+    assert not any("\x00" in path for path in paths)
+    assert max(len(path) for path in paths) == 512
+    store.dispose()

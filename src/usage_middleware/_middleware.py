@@ -455,7 +455,7 @@ class UsageMiddleware:
             request_error = f"client disconnected {what}" + (
                 f" ({request_error})" if request_error else ""
             )
-        request = RequestRecord(
+        request = RequestRecord._unchecked(
             method=scope.get("method", "GET"),
             path=route if route is not None else scope.get("path", "/"),
             status_code=exchange.status if exchange.status is not None else 500,

@@ -165,6 +165,38 @@ class RequestRecord:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def _unchecked(
+        cls,
+        *,
+        method: str,
+        path: str,
+        status_code: int,
+        response_time_ms: float,
+        request_size: int,
+        response_size: int,
+        api_key_id: uuid.UUID | None,
+        error_message: str | None,
+        requested_at: datetime,
+    ) -> RequestRecord:
+        """A record of values the caller produced itself, built without validating them.
+
+        For the middleware's per-request path, where validation would be half its cost.
+        Nothing unchecked is stored: ``UsageStore.write`` validates every record first.
+        """
+        record = object.__new__(cls)
+        record.method = method
+        record.path = path
+        record.status_code = status_code
+        record.response_time_ms = response_time_ms
+        record.request_size = request_size
+        record.response_size = response_size
+        record.api_key_id = api_key_id
+        record.error_message = error_message
+        record.requested_at = requested_at
+        record.id = new_id()
+        return record
+
     def validate(self) -> None:
         """Check and normalise every field; raises ``ValueError`` naming the first bad one."""
         self.id = _uuid(self.id, "id") or new_id()
