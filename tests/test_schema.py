@@ -67,6 +67,41 @@ def test_schema_file_runs_twice_on_plain_postgres(pg_url: str) -> None:
     assert set(ALL_TABLES) <= names
 
 
+@pytest.mark.postgres
+def test_rerun_gives_an_older_install_the_covering_constraints(pg_url: str) -> None:
+    """Re-running the schema file rebuilds a rollup's plain unique constraint with its INCLUDE
+    columns, keeps its rows and upserts, and leaves it alone on the next run."""
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql_text("usage_tracking_schema.sql"))
+        conn.execute(
+            "ALTER TABLE daily_usage DROP CONSTRAINT uq_daily_usage, ADD CONSTRAINT uq_daily_usage"
+            " UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, provider, file_type)"
+        )
+        conn.execute(
+            "INSERT INTO daily_usage (usage_date, provider, file_type, total_uploads) "
+            "VALUES ('2025-01-01', 's3', 'image/png', 2)"
+        )
+        conn.execute(sql_text("usage_tracking_schema.sql"))
+        definition = (
+            "SELECT pg_get_constraintdef(oid), conindid FROM pg_constraint WHERE conname = %s"
+        )
+        row = conn.execute(definition, ("uq_daily_usage",)).fetchone()
+        assert row is not None
+        rebuilt, index = row
+        assert rebuilt.endswith(
+            "INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)"
+        )
+        conn.execute(
+            "INSERT INTO daily_usage AS t (usage_date, provider, file_type, total_uploads) "
+            "VALUES ('2025-01-01', 's3', 'image/png', 3) ON CONFLICT ON CONSTRAINT uq_daily_usage "
+            "DO UPDATE SET total_uploads = t.total_uploads + EXCLUDED.total_uploads"
+        )
+        assert conn.execute("SELECT total_uploads FROM daily_usage").fetchall() == [(5,)]
+        conn.execute(sql_text("usage_tracking_schema.sql"))
+        assert conn.execute(definition, ("uq_daily_usage",)).fetchone() == (rebuilt, index)
+
+
 def test_sql_files_ship_inside_the_package() -> None:
     """The sql/ files are package data and match the repository's sql/ directory."""
     repo_sql = Path(__file__).resolve().parent.parent / "sql"

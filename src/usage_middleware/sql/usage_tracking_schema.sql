@@ -32,8 +32,12 @@ CREATE TABLE IF NOT EXISTS public.api_requests (
 CREATE INDEX IF NOT EXISTS idx_api_requests_key_time ON public.api_requests (api_key_id, requested_at);
 CREATE INDEX IF NOT EXISTS idx_api_requests_time ON public.api_requests (requested_at);
 
--- Rollup rows are updated in place many times a day. Free space on each page (fillfactor 70) lets
--- those updates be HOT (no index writes, pruned in place), which roughly halves their cost.
+-- Rollup rows are updated in place many times a day; free space on each page (fillfactor 70)
+-- keeps a row's new version on its page. Each unique constraint INCLUDEs the counters the read
+-- path sums, so a key's range is read by an index-only scan and never touches the heap. The
+-- price: an update changes INCLUDEd columns, so it is not HOT and writes new index entries.
+-- Index-only scans skip the heap only on pages the visibility map marks all-visible, i.e. pages
+-- vacuumed since their last change; the autovacuum settings after the tables keep that current.
 
 -- Exact rollup of file_uploads by UTC date. NULL api_key_id rows share one bucket per key.
 CREATE TABLE IF NOT EXISTS public.daily_usage (
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS public.daily_usage (
     successful_requests bigint NOT NULL DEFAULT 0,
     failed_requests     bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_daily_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, provider, file_type)
+        INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_daily_usage_usage_date ON public.daily_usage (usage_date);
 
@@ -60,6 +65,7 @@ CREATE TABLE IF NOT EXISTS public.hourly_usage (
     successful_requests bigint NOT NULL DEFAULT 0,
     failed_requests     bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type)
+        INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_hourly_usage_usage_hour ON public.hourly_usage (usage_hour);
 
@@ -74,6 +80,7 @@ CREATE TABLE IF NOT EXISTS public.daily_request_usage (
     total_request_bytes  bigint NOT NULL DEFAULT 0,
     total_response_bytes bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_daily_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, latency_bucket)
+        INCLUDE (total_requests, error_requests, total_response_us)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_daily_request_usage_usage_date ON public.daily_request_usage (usage_date);
 
@@ -87,8 +94,56 @@ CREATE TABLE IF NOT EXISTS public.hourly_request_usage (
     total_request_bytes  bigint NOT NULL DEFAULT 0,
     total_response_bytes bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)
+        INCLUDE (total_requests, error_requests, total_response_us)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_hourly_request_usage_usage_hour ON public.hourly_request_usage (usage_hour);
+
+-- Installs made before the unique constraints carried INCLUDE columns get them here: the
+-- constraint is rebuilt in place (one ALTER TABLE, so nothing is ever without it; it holds an
+-- exclusive lock on the rollup table while its index is rebuilt). A constraint that already
+-- reads as intended is left alone, so a re-run does nothing.
+DO $covering$
+DECLARE
+    c record;
+    have text;
+BEGIN
+    FOR c IN SELECT * FROM (VALUES
+        ('daily_usage', 'uq_daily_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, provider, file_type) '
+         'INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)'),
+        ('hourly_usage', 'uq_hourly_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type) '
+         'INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)'),
+        ('daily_request_usage', 'uq_daily_request_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, latency_bucket) '
+         'INCLUDE (total_requests, error_requests, total_response_us)'),
+        ('hourly_request_usage', 'uq_hourly_request_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket) '
+         'INCLUDE (total_requests, error_requests, total_response_us)')
+    ) AS v(tbl, con, def) LOOP
+        SELECT pg_catalog.pg_get_constraintdef(k.oid) INTO have
+          FROM pg_catalog.pg_constraint AS k
+         WHERE k.conrelid = pg_catalog.format('public.%I', c.tbl)::regclass
+           AND k.conname = c.con;
+        IF have IS DISTINCT FROM c.def THEN
+            EXECUTE pg_catalog.format(
+                'ALTER TABLE public.%I DROP CONSTRAINT IF EXISTS %I, ADD CONSTRAINT %I %s',
+                c.tbl, c.con, c.con, c.def);
+        END IF;
+    END LOOP;
+END
+$covering$;
+
+-- Vacuum the rollups after 1 % of their rows changed or were added (default 20 %), so that all
+-- but the most recently written pages are all-visible for index-only scans.
+ALTER TABLE public.daily_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.hourly_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.daily_request_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.hourly_request_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
 -- ---------------------------------------------------------------------------------------------
 -- Dashboard functions (SPEC §6). They read daily_usage, so days are UTC days; both dates are
