@@ -33,9 +33,10 @@ CREATE INDEX IF NOT EXISTS idx_api_requests_key_time ON public.api_requests (api
 CREATE INDEX IF NOT EXISTS idx_api_requests_time ON public.api_requests (requested_at);
 
 -- Rollup rows are updated in place many times a day; free space on each page (fillfactor 70)
--- keeps a row's new version on its page. Each unique constraint INCLUDEs the counters the read
--- path sums, so a key's range is read by an index-only scan and never touches the heap. The
--- price: an update changes INCLUDEd columns, so it is not HOT and writes new index entries.
+-- keeps a row's new version on its page. The daily rollups' unique constraints INCLUDE the
+-- counters the read path sums, so a key's months are read by an index-only scan and never touch
+-- the heap. The price: an update changes INCLUDEd columns, so it is not HOT and writes new index
+-- entries. The hourly rollups, updated most and read only for range edges, stay plain and HOT.
 -- Index-only scans skip the heap only on pages the visibility map marks all-visible, i.e. pages
 -- vacuumed since their last change; the autovacuum settings after the tables keep that current.
 
@@ -65,7 +66,6 @@ CREATE TABLE IF NOT EXISTS public.hourly_usage (
     successful_requests bigint NOT NULL DEFAULT 0,
     failed_requests     bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type)
-        INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_hourly_usage_usage_hour ON public.hourly_usage (usage_hour);
 
@@ -94,11 +94,10 @@ CREATE TABLE IF NOT EXISTS public.hourly_request_usage (
     total_request_bytes  bigint NOT NULL DEFAULT 0,
     total_response_bytes bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)
-        INCLUDE (total_requests, error_requests, total_response_us)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS idx_hourly_request_usage_usage_hour ON public.hourly_request_usage (usage_hour);
 
--- Installs made before the unique constraints carried INCLUDE columns get them here: the
+-- Installs whose unique constraints differ from the definitions below get them here: the
 -- constraint is rebuilt in place (one ALTER TABLE, so nothing is ever without it; it holds an
 -- exclusive lock on the rollup table while its index is rebuilt). A constraint that already
 -- reads as intended is left alone, so a re-run does nothing.
@@ -112,14 +111,12 @@ BEGIN
          'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, provider, file_type) '
          'INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)'),
         ('hourly_usage', 'uq_hourly_usage',
-         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type) '
-         'INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)'),
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type)'),
         ('daily_request_usage', 'uq_daily_request_usage',
          'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, latency_bucket) '
          'INCLUDE (total_requests, error_requests, total_response_us)'),
         ('hourly_request_usage', 'uq_hourly_request_usage',
-         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket) '
-         'INCLUDE (total_requests, error_requests, total_response_us)')
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)')
     ) AS v(tbl, con, def) LOOP
         SELECT pg_catalog.pg_get_constraintdef(k.oid) INTO have
           FROM pg_catalog.pg_constraint AS k
