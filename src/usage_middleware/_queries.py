@@ -465,28 +465,20 @@ def granular(
     series = []
     for i, period in enumerate(ps):
         c = by_period.get(i, [0, 0, 0, 0])
-        series.append(
-            {
-                "period": period.label,
-                "uploads": c[0],
-                "bytes": c[1],
-                "successful": c[2],
-                "failed": c[3],
-            }
-        )
+        series.append({"period": period.label, **_counts(c)})
     return {
         "range": _range_json(spec),
-        "totals": {
-            "uploads": totals[0],
-            "bytes": totals[1],
-            "successful": totals[2],
-            "failed": totals[3],
-        },
+        "totals": _counts(totals),
         "series": series,
         "file_types": _breakdown(by_type, "file_type"),
         "providers": _breakdown(by_provider, "provider"),
         "requests": request_block,
     }
+
+
+def _counts(c: Sequence[int]) -> dict[str, int]:
+    """The four upload counters as the JSON a period or the totals carry."""
+    return {"uploads": c[0], "bytes": c[1], "successful": c[2], "failed": c[3]}
 
 
 def _whole_range_rows(
@@ -503,12 +495,7 @@ def breakdowns(
     _, by_type, by_provider, totals = _fold(_whole_range_rows(store, spec, key_ids))
     return {
         "range": _range_json(spec),
-        "totals": {
-            "uploads": totals[0],
-            "bytes": totals[1],
-            "successful": totals[2],
-            "failed": totals[3],
-        },
+        "totals": _counts(totals),
         "file_types": _breakdown(by_type, "file_type"),
         "providers": _breakdown(by_provider, "provider"),
     }

@@ -104,13 +104,10 @@ class CaptureTelemetry:
         try:
             self._record(span, token, request, route, uploads, record_file_names, exc)
         finally:
-            if token is not None:
-                context.detach(token)
-                if span is not None:
-                    span.end()
+            self.discard(span, token)
 
     def discard(self, span: Span | None, token: Any) -> None:
-        """End our span without recording anything (the request was excluded after all)."""
+        """End our span (if we started one) and restore the context; records nothing more."""
         if token is not None:
             context.detach(token)
             if span is not None:
