@@ -94,21 +94,28 @@ FROM generate_series(1, :n)
 """
 # latency_bucket() in SQL: ceil(ln(ms / 0.001) / ln(gamma)), gamma = 1.02 / 0.98
 PG_BUCKET = "CASE WHEN response_time_ms <= 0.001 THEN 0 ELSE least(32767, ceil(ln(response_time_ms / 0.001::float8) / ln(1.02::float8 / 0.98::float8)))::int END"  # noqa: E501
+# Rows go in in time order, as live writes leave them (a rollup row is created when its hour,
+# day or month first sees traffic), not in a hash aggregate's arbitrary order.
 PG_ROLLUPS = [
     """INSERT INTO daily_usage SELECT (uploaded_at AT TIME ZONE 'UTC')::date, api_key_id, provider,
        file_type, count(*), sum(file_size), count(*) FILTER (WHERE upload_status = 'success'),
-       count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4""",
+       count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
+       ORDER BY 1, 2, 3, 4""",
     """INSERT INTO hourly_usage SELECT date_trunc('hour', uploaded_at), api_key_id, provider,
        file_type, count(*), sum(file_size), count(*) FILTER (WHERE upload_status = 'success'),
-       count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4""",
-    f"""INSERT INTO daily_request_usage SELECT (requested_at AT TIME ZONE 'UTC')::date,
-       api_key_id, {PG_BUCKET}, count(*), count(*) FILTER (WHERE status_code >= 400),
-       sum(round(response_time_ms * 1000))::bigint, sum(request_size), sum(response_size)
-       FROM api_requests GROUP BY 1, 2, 3""",
-    f"""INSERT INTO hourly_request_usage SELECT date_trunc('hour', requested_at), api_key_id,
-       {PG_BUCKET}, count(*), count(*) FILTER (WHERE status_code >= 400),
-       sum(round(response_time_ms * 1000))::bigint, sum(request_size), sum(response_size)
-       FROM api_requests GROUP BY 1, 2, 3""",
+       count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
+       ORDER BY 1, 2, 3, 4""",
+    *(
+        f"""INSERT INTO {table} SELECT {when}, api_key_id, {PG_BUCKET}, count(*),
+           count(*) FILTER (WHERE status_code >= 400), sum(round(response_time_ms * 1000))::bigint,
+           sum(request_size), sum(response_size) FROM api_requests GROUP BY 1, 2, 3
+           ORDER BY 1, 2, 3"""
+        for table, when in (
+            ("monthly_request_usage", "date_trunc('month', requested_at AT TIME ZONE 'UTC')::date"),
+            ("daily_request_usage", "(requested_at AT TIME ZONE 'UTC')::date"),
+            ("hourly_request_usage", "date_trunc('hour', requested_at)"),
+        )
+    ),
 ]
 
 
@@ -179,10 +186,11 @@ FROM r
 SQLITE_ROLLUPS = [
     """INSERT INTO daily_usage SELECT substr(uploaded_at, 1, 10), api_key_id, provider, file_type,
        count(*), sum(file_size), sum(upload_status = 'success'), sum(upload_status <> 'success')
-       FROM file_uploads GROUP BY 1, 2, 3, 4""",
+       FROM file_uploads GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
     """INSERT INTO hourly_usage SELECT substr(uploaded_at, 1, 13) || ':00:00.000000', api_key_id,
        provider, file_type, count(*), sum(file_size), sum(upload_status = 'success'),
-       sum(upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4""",
+       sum(upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
+       ORDER BY 1, 2, 3, 4""",
 ]
 
 
@@ -207,21 +215,25 @@ def build_sqlite(conn: Connection, rows: int) -> None:
         "response_size FROM api_requests"
     )):
         lb = latency_bucket(ms)
-        for when in (at[:10], at[:13] + ":00:00.000000"):
-            a = acc[(key, when, lb)]
+        for table, when in (("monthly_request_usage", at[:7] + "-01"),
+                            ("daily_request_usage", at[:10]),
+                            ("hourly_request_usage", at[:13] + ":00:00.000000")):
+            a = acc[(table, key, when, lb)]
             a[0] += 1
             a[1] += status >= 400
             a[2] += round(ms * 1000)
             a[3] += size
             a[4] += rsize
-    for table in ("daily_request_usage", "hourly_request_usage"):
-        col = "usage_date" if table.startswith("daily") else "usage_hour"
+    for table, col in (("monthly_request_usage", "usage_month"),
+                       ("daily_request_usage", "usage_date"),
+                       ("hourly_request_usage", "usage_hour")):
         conn.execute(
             text(f"INSERT INTO {table} (api_key_id, {col}, latency_bucket, total_requests, "
                  "error_requests, total_response_us, total_request_bytes, total_response_bytes) "
                  "VALUES (:k, :w, :b, :n, :e, :us, :rq, :rs)"),
             [{"k": k, "w": w, "b": b, "n": v[0], "e": v[1], "us": v[2], "rq": v[3], "rs": v[4]}
-             for (k, w, b), v in acc.items() if (len(w) == 10) == (col == "usage_date")],
+             for (t, k, w, b), v in sorted(acc.items(), key=lambda kv: (kv[0][2], str(kv[0][1])))
+             if t == table],
         )
     conn.execute(text(
         "CREATE INDEX bench_uploads_covering ON file_uploads "
@@ -478,28 +490,42 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--keep", metavar="NAME", help="PostgreSQL: build into database NAME "
+                        "and keep it; a later run with the same NAME reuses it")
     args = parser.parse_args()
 
     if not args.skip_postgres:
         admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
-        name = f"um_bench_query_{uuid.uuid4().hex[:8]}"
+        name = args.keep or f"um_bench_query_{uuid.uuid4().hex[:8]}"
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
+            ).scalar()
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
         url = make_url(args.pg).set(database=name)
         store = UsageStore(url)
         try:
-            store.create_schema()
-            t0 = time.perf_counter()
-            print(f"PostgreSQL: building {args.rows:,} uploads + {args.rows // 5:,} requests")
+            store.create_schema()  # idempotent: a kept database is upgraded in place
             with store.engine.connect() as conn:
-                build_postgres(conn, args.rows)
-            print(f"  built in {time.perf_counter() - t0:.0f} s")
+                built = conn.execute(text("SELECT count(*) FROM file_uploads")).scalar()
+            if built != args.rows:
+                if built:
+                    raise SystemExit(f"database {name} holds {built:,} rows, not {args.rows:,}")
+                t0 = time.perf_counter()
+                print(f"PostgreSQL: building {args.rows:,} uploads + {args.rows // 5:,} requests")
+                with store.engine.connect() as conn:
+                    build_postgres(conn, args.rows)
+                print(f"  built in {time.perf_counter() - t0:.0f} s")
+            else:
+                print(f"PostgreSQL: reusing database {name} ({built:,} uploads)")
             verify_rollups(store, KEYS[0])
             run(store, f"PostgreSQL, {args.rows:,} file_uploads rows", args.runs)
         finally:
             store.dispose()
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if not args.keep:
+                with admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
 
     if not args.skip_sqlite:

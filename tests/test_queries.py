@@ -500,3 +500,83 @@ def test_router_agrees_with_sql_functions_on_utc_ranges(
         for name, (n, size, share) in providers.items():
             assert got[name][:2] == (n, size)
             assert abs(got[name][2] - share) <= 0.011
+
+
+@pytest.mark.parametrize(
+    ("tz_name", "start", "end"),
+    [
+        ("America/New_York", date(2025, 1, 1), date(2025, 12, 31)),
+        ("Asia/Kathmandu", date(2025, 2, 10), date(2025, 5, 20)),
+        ("Australia/Lord_Howe", date(2025, 3, 1), date(2025, 3, 31)),
+        ("America/St_Johns", date(2025, 1, 15), date(2025, 11, 20)),
+        ("Pacific/Kiritimati", date(2024, 12, 31), date(2025, 2, 1)),
+    ],
+)
+def test_request_stats_over_months_equal_raw_requests(
+    store: UsageStore, tz_name: str, start: date, end: date
+) -> None:
+    """Requests spread over a year, read through whole-month histograms minus or plus the local
+    edges, give the exact total, errors and mean and a p95 within the 2 % bound."""
+    import random
+
+    rng = random.Random(f"{tz_name}{start}")
+    key, other = uuid.uuid4(), uuid.uuid4()
+    year = datetime(2024, 12, 1, tzinfo=UTC)
+    records = [
+        RequestRecord(
+            api_key_id=rng.choice((key, key, other)),
+            method="POST",
+            path="/files",
+            status_code=rng.choice((200, 201, 404, 500)),
+            response_time_ms=rng.lognormvariate(3, 1.5),
+            request_size=1,
+            response_size=1,
+            requested_at=year + timedelta(seconds=rng.uniform(0, 400 * 86400)),
+        )
+        for _ in range(3000)
+    ]
+    store.write(records)
+    body = get(
+        app_for(store),
+        "/usage/granular",
+        {"start": start.isoformat(), "end": end.isoformat(), "tz": tz_name},
+        {"x-keys": str(key)},
+    ).json()
+    mine = [r for r in records if r.api_key_id == key]
+    want = expected([], mine, ZoneInfo(tz_name), start, end, "month", [], [])["requests"]
+    got = body["requests"]
+    assert want["total"] > 100
+    assert (got["total"], got["errors"]) == (want["total"], want["errors"])
+    assert got["avg_response_ms"] == pytest.approx(want["avg"], abs=0.002)
+    assert abs(got["p95_response_ms"] - want["p95"]) <= 0.02 * want["p95"] + 1e-6
+
+
+@given(
+    start=st.datetimes(datetime(2024, 1, 1), datetime(2026, 1, 1)).map(
+        lambda t: t.replace(second=0, microsecond=0, tzinfo=UTC)
+    ),
+    minutes=st.integers(1, 420 * 24 * 60),
+)
+def test_request_plan_covers_the_range_exactly_once(start: datetime, minutes: int) -> None:
+    """Signed pieces add up to exactly one inside ``[start, end)`` and zero outside, and every
+    piece is aligned to its grain (whole months, days, hours)."""
+    from usage_middleware._queries import request_plan
+
+    end = start + timedelta(minutes=minutes)
+    pieces = request_plan(start, end)
+    for x in pieces:
+        assert x.period == 0 and x.lo < x.hi
+        if x.grain == "month":
+            assert x.lo.day == 1 and x.lo.time() == datetime.min.time()
+            assert x.hi == (x.lo + timedelta(days=32)).replace(day=1)
+        elif x.grain == "day":
+            assert x.lo.time() == x.hi.time() == datetime.min.time()
+        elif x.grain == "hour":
+            assert x.lo.minute == x.hi.minute == x.lo.second == 0
+    edges = sorted({start, end, *(x.lo for x in pieces), *(x.hi for x in pieces)})
+    probes = [t + d for t in edges for d in (-timedelta(microseconds=1), timedelta(0))]
+    for t in probes:
+        cover = sum(x.sign for x in pieces if x.lo <= t < x.hi)
+        assert cover == (1 if start <= t < end else 0), t
+    # a year is tens of reads, not hundreds
+    assert len(pieces) <= 13 + 2 * 40

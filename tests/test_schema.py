@@ -109,3 +109,61 @@ def test_sql_files_ship_inside_the_package() -> None:
         shipped = sql_text(name)
         assert "public." in shipped
         assert shipped == (repo_sql / name).read_text("utf-8")
+
+
+def test_rerun_adds_and_fills_the_monthly_request_rollup_of_an_older_install(db_url: str) -> None:
+    """An install from before ``monthly_request_usage`` gets the table on the next
+    ``create_schema()``, filled from ``daily_request_usage``, so every rollup stays exact."""
+    import random
+
+    from support.rollups import assert_rollups_exact, random_request, random_upload
+
+    rng = random.Random(11)
+    store = UsageStore(db_url)
+    store.create_schema()
+    store.write(
+        [random_request(rng, spread_hours=2000) for _ in range(300)]
+        + [random_upload(rng) for _ in range(20)]
+    )
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE monthly_request_usage")
+    store.dispose()
+
+    upgraded = UsageStore(db_url)
+    upgraded.create_schema()
+    upgraded.write([random_request(rng, spread_hours=2000) for _ in range(100)])
+    with upgraded.engine.connect() as conn:
+        months = conn.exec_driver_sql(
+            "SELECT count(DISTINCT usage_month) FROM monthly_request_usage"
+        )
+        assert months.scalar() >= 3
+    assert_rollups_exact(upgraded)
+    upgraded.create_schema()  # a second run leaves the filled table alone
+    assert_rollups_exact(upgraded)
+    upgraded.dispose()
+
+
+@pytest.mark.postgres
+def test_rerun_turns_the_hourly_time_indexes_into_brin(pg_url: str) -> None:
+    """Older installs had btree time indexes on the hourly rollups; a re-run replaces them."""
+    store = UsageStore(pg_url)
+    store.create_schema()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX idx_hourly_usage_usage_hour")
+        conn.exec_driver_sql(
+            "CREATE INDEX idx_hourly_usage_usage_hour ON hourly_usage (usage_hour)"
+        )
+    store.create_schema()
+    with store.engine.connect() as conn:
+        kinds = dict(
+            conn.exec_driver_sql(
+                "SELECT c.relname, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+                "WHERE c.relname IN ('idx_hourly_usage_usage_hour', "
+                "'idx_hourly_request_usage_usage_hour')"
+            ).all()
+        )
+    assert kinds == {
+        "idx_hourly_usage_usage_hour": "brin",
+        "idx_hourly_request_usage_usage_hour": "brin",
+    }
+    store.dispose()

@@ -28,6 +28,7 @@ TABLES = (
     "api_requests",
     "daily_usage",
     "hourly_usage",
+    "monthly_request_usage",
     "daily_request_usage",
     "hourly_request_usage",
 )

@@ -162,6 +162,15 @@ WITH new AS (
      ORDER BY 1, 2, 3
     ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
     RETURNING 1
+), monthly AS (
+    INSERT INTO public.monthly_request_usage AS t
+        (api_key_id, usage_month, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('month', utc_at)::date, latency_bucket, {_REQUEST_COUNTERS}
+      FROM measured
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
 ), hourly AS (
     INSERT INTO public.hourly_request_usage AS t
         (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
@@ -173,7 +182,8 @@ WITH new AS (
     ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
+       (SELECT count(*) FROM hourly)
 """
 
 

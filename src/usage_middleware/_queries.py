@@ -16,8 +16,9 @@ file_type) in the database. Because every rollup is exact, the answer equals agg
 raw rows over the same local range — for every time zone — while a year for one key costs some
 thousands of rollup rows instead of every raw row.
 
-API-request statistics take the same route over the whole range: merged latency histograms
-(``*_request_usage``) give p95 within ``LATENCY_RELATIVE_ERROR`` and sums give the exact mean.
+API-request statistics take the same route over the whole range, with one more, coarser tier
+(:func:`request_plan`: whole UTC months from ``monthly_request_usage``): merged latency
+histograms give p95 within ``LATENCY_RELATIVE_ERROR`` and sums give the exact mean.
 
 The functions are synchronous (they block on the database): call them from a worker thread in
 async code. ``key_ids=None`` means every key (including rows without one); an empty collection
@@ -70,6 +71,7 @@ from ._schema import (
     hourly_usage,
     latency_bucket,
     latency_representative,
+    monthly_request_usage,
 )
 from ._store import UsageStore
 from ._timerange import QuerySpec, periods
@@ -78,6 +80,8 @@ __all__ = [
     "breakdowns",
     "granular",
     "history",
+    "plan",
+    "request_plan",
     "request_stats",
 ]
 
@@ -165,6 +169,12 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
         e = d + _DAY
         lo, hi = max(d, start), min(e, end)
         i = bisect_right(bounds, lo) - 1
+        if (lo, hi) == (d, e) and e <= bounds[i + 1]:
+            # a whole day inside period i, and so are the days up to the next boundary's day
+            stop = _floor_day(bounds[i + 1])
+            _emit(out, "day", d, stop, i, 1)
+            d = stop
+            continue
         pieces: list[tuple[datetime, datetime, int]] = []
         a = lo
         while a < hi:
@@ -191,6 +201,47 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
                     _split(out, x, y, own, 1)
         d = e
     return [piece for pieces in out.values() for piece in pieces]
+
+
+# Relative cost of one read per grain in the request plan: roughly how many histogram rows one
+# piece returns (a month holds few more latency buckets than a day, an hour far fewer).
+_REQUEST_COST = {"month": 6, "day": 4, "hour": 1, "raw": 1}
+
+
+def _month_start(t: datetime) -> datetime:
+    return _floor_day(t).replace(day=1)
+
+
+def _next_month(t: datetime) -> datetime:
+    return (t.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def request_plan(start: datetime, end: datetime) -> list[Piece]:
+    """Pieces (all of period 0) that read the request histograms over ``[start, end)``.
+
+    Whole UTC months come from the monthly rollup. A month the range only partly covers is
+    read through :func:`plan` (days, hours, raw edges), or — when that is cheaper — as the
+    month's row minus the parts outside the range: a local year in New York is eleven monthly
+    reads plus a January row minus five hours, instead of 365 daily reads.
+    """
+    out: list[Piece] = []
+    m = _month_start(start)
+    while m < end:
+        m1 = _next_month(m)
+        lo, hi = max(m, start), min(m1, end)
+        if (lo, hi) == (m, m1):
+            out.append(Piece("month", m, m1, 0, 1))
+        else:
+            direct = plan([lo, hi])
+            outside = [x for a, b in ((m, lo), (hi, m1)) if a < b for x in plan([a, b])]
+            cost = sum(_REQUEST_COST[x.grain] for x in direct)
+            if _REQUEST_COST["month"] + sum(_REQUEST_COST[x.grain] for x in outside) < cost:
+                out.append(Piece("month", m, m1, 0, 1))
+                out.extend(Piece(x.grain, x.lo, x.hi, 0, -x.sign) for x in outside)
+            else:
+                out.extend(direct)
+        m = m1
+    return out
 
 
 def _pieces_table(pieces: Sequence[Piece], name: str, as_date: bool, dialect: str) -> Any:
@@ -308,14 +359,15 @@ def _joined(
 _UPLOAD_COUNTERS = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
 
 
-def upload_statement(
+def upload_statements(
     spec: QuerySpec, key_ids: Collection[UUID] | None, starts: list[datetime], dialect: str
-) -> Select[Any]:
-    """The one statement answering uploads for periods starting at ``starts``: each source
-    joined to its pieces, summed by (period, provider, file_type)."""
+) -> list[Select[Any]]:
+    """Statements answering uploads for periods starting at ``starts``, one per source (daily
+    rollup, hourly rollup, raw edges): the source joined to its pieces and summed by (period,
+    provider, file_type). Their rows add up; on PostgreSQL they run concurrently."""
     pieces = plan([*starts, spec.end_utc])
     lateral = dialect == "postgresql"
-    selects: list[Select[Any]] = []
+    statements: list[Select[Any]] = []
     for grain in ("day", "hour", "raw"):
         mine = [x for x in pieces if x.grain == grain]
         if not mine:
@@ -336,21 +388,25 @@ def upload_statement(
             names = ("provider", "file_type", *_UPLOAD_COUNTERS)
             j = _joined(r, table, at, names, _filters(table, spec, key_ids, dialect), lateral)
             cols = [j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
-        selects.append(
-            select(
-                j.c.p,
-                j.c.provider,
-                j.c.file_type,
-                *(cast(c, BigInteger).label(n) for c, n in zip(cols, "ubsf", strict=True)),
-            )
+        stmt = select(
+            j.c.p,
+            j.c.provider,
+            j.c.file_type,
+            *(cast(func.sum(cast(c, BigInteger)), BigInteger) for c in cols),
         )
-    union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
-    return select(
-        union.c.p,
-        union.c.provider,
-        union.c.file_type,
-        *(cast(func.sum(union.c[c]), BigInteger) for c in ("u", "b", "s", "f")),
-    ).group_by(union.c.p, union.c.provider, union.c.file_type)
+        if lateral:
+            # Only the three marginals are needed: a year by week is ~70 rows instead of
+            # ~2,000 (period x provider x type); columns a row is not grouped by are NULL.
+            stmt = stmt.group_by(func.grouping_sets(j.c.p, j.c.provider, j.c.file_type))
+        else:
+            stmt = stmt.group_by(j.c.p, j.c.provider, j.c.file_type)
+        statements.append(stmt)
+    return statements
+
+
+# Runs the independent statements of one PostgreSQL answer at the same time (each on its own
+# pooled connection); bounded, so concurrent dashboards queue instead of draining the pool.
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="usage-query")
 
 
 def _connect(store: UsageStore) -> Any:
@@ -365,11 +421,22 @@ def _connect(store: UsageStore) -> Any:
 
 def _upload_rows(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None, starts: list[datetime]
-) -> list[tuple[int, str, str, int, int, int, int]]:
+) -> list[tuple[int | None, str | None, str | None, int, int, int, int]]:
     """(period index, provider, file_type, uploads, bytes, successful, failed) rows."""
     if key_ids is not None and not key_ids:
         return []
-    stmt = upload_statement(spec, key_ids, starts, store.dialect)
+    statements = upload_statements(spec, key_ids, starts, store.dialect)
+    if store.dialect == "postgresql" and len(statements) > 1:
+        futures = [_POOL.submit(_fetch, store, stmt) for stmt in statements[1:]]
+        rows = _fetch(store, statements[0])
+        for future in futures:
+            rows.extend(future.result())
+        return rows
+    # one SQLite connection may be shared (in-memory databases): stay sequential
+    return [row for stmt in statements for row in _fetch(store, stmt)]
+
+
+def _fetch(store: UsageStore, stmt: Select[Any]) -> list[Any]:
     with _connect(store) as conn:
         return [tuple(r) for r in conn.execute(stmt)]
 
@@ -422,20 +489,25 @@ def _add(acc: dict[Any, Counts], key: Any, u: int, b: int, s: int, f: int) -> No
 
 
 def _fold(
-    rows: list[tuple[int, str, str, int, int, int, int]],
+    rows: list[tuple[int | None, str | None, str | None, int, int, int, int]],
 ) -> tuple[dict[int, Counts], dict[str, Counts], dict[str, Counts], Counts]:
+    """Series, breakdowns and totals from (period, provider, type) rows — full groups, or the
+    marginals of a GROUPING SETS query (a row counts only where its column is not NULL)."""
     by_period: dict[int, Counts] = {}
     by_type: dict[str, Counts] = {}
     by_provider: dict[str, Counts] = {}
     totals = [0, 0, 0, 0]
     for p, provider, file_type, u, b, s, f in rows:
-        _add(by_period, p, u, b, s, f)
-        _add(by_type, file_type, u, b, s, f)
-        _add(by_provider, provider, u, b, s, f)
-        totals[0] += u
-        totals[1] += b
-        totals[2] += s
-        totals[3] += f
+        if p is not None:
+            _add(by_period, p, u, b, s, f)
+            totals[0] += u
+            totals[1] += b
+            totals[2] += s
+            totals[3] += f
+        if file_type is not None:
+            _add(by_type, file_type, u, b, s, f)
+        if provider is not None:
+            _add(by_provider, provider, u, b, s, f)
     # a subtraction can leave a type or provider with nothing in the range
     for acc in (by_type, by_provider):
         for key in [k for k, c in acc.items() if c[0] == 0 and c[1] == 0]:
@@ -449,15 +521,14 @@ def granular(
     """The ``GET /granular`` answer: totals, zero-filled series, breakdowns and request stats.
 
     The upload and request statements are independent; on PostgreSQL they run at the same
-    time on two pooled connections, so the answer takes as long as the slower one.
+    time on pooled connections, so the answer takes about as long as the slowest one.
     """
     ps = periods(spec)
     starts = [p.start for p in ps]
     if store.dialect == "postgresql":
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-query") as pool:
-            requests = pool.submit(request_stats, store, spec, key_ids)
-            rows = _upload_rows(store, spec, key_ids, starts)
-            request_block = requests.result()
+        requests = _POOL.submit(request_stats, store, spec, key_ids)
+        rows = _upload_rows(store, spec, key_ids, starts)
+        request_block = requests.result()
     else:  # one SQLite connection may be shared (in-memory databases): stay sequential
         rows = _upload_rows(store, spec, key_ids, starts)
         request_block = request_stats(store, spec, key_ids)
@@ -483,7 +554,7 @@ def _counts(c: Sequence[int]) -> dict[str, int]:
 
 def _whole_range_rows(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None
-) -> list[tuple[int, str, str, int, int, int, int]]:
+) -> list[tuple[int | None, str | None, str | None, int, int, int, int]]:
     """Upload rows for the whole range as a single period (granularity does not matter)."""
     return _upload_rows(store, spec, key_ids, [spec.start_utc])
 
@@ -526,18 +597,21 @@ def request_stats(
         return empty
     buckets: dict[int, int] = defaultdict(int)
     total = errors = total_us = 0
-    pieces = plan([spec.start_utc, spec.end_utc])
+    pieces = request_plan(spec.start_utc, spec.end_utc)
     dialect = store.dialect
     lateral = dialect == "postgresql"
     selects: list[Select[Any]] = []
     counters = ("total_requests", "error_requests", "total_response_us")
-    for grain in ("day", "hour"):
+    sources = {
+        "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
+        "day": (daily_request_usage, daily_request_usage.c.usage_date),
+        "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
+    }
+    for grain, (table, at) in sources.items():
         mine = [x for x in pieces if x.grain == grain]
         if not mine:
             continue
-        r = _pieces_table(mine, f"{grain}_pieces", grain == "day", dialect)
-        table = daily_request_usage if grain == "day" else hourly_request_usage
-        at = table.c.usage_date if grain == "day" else table.c.usage_hour
+        r = _pieces_table(mine, f"{grain}_pieces", grain != "hour", dialect)
         where = _filters(table, spec, key_ids, dialect, uploads=False)
         j = _joined(r, table, at, ("latency_bucket", *counters), where, lateral)
         selects.append(

@@ -9,9 +9,10 @@ Tables:
 * ``file_uploads``, ``api_requests`` — raw rows (public, SPEC §2).
 * ``daily_usage`` — exact rollup of ``file_uploads`` by UTC date, key, provider and type (public).
 * ``hourly_usage`` — the same by UTC hour; lets local-time-zone days be answered from rollups.
-* ``daily_request_usage`` / ``hourly_request_usage`` — ``api_requests`` rolled up by key and
-  latency bucket (a mergeable log histogram, see :func:`latency_bucket`), so p95 over months is a
-  sum over a few thousand rows instead of a sort over millions.
+* ``monthly_request_usage`` / ``daily_request_usage`` / ``hourly_request_usage`` —
+  ``api_requests`` rolled up by UTC month, day or hour, key and latency bucket (a mergeable log
+  histogram, see :func:`latency_bucket`), so p95 over a year is a sum over a few thousand rows
+  instead of a sort over millions. ``usage_month`` is the first day of the UTC month.
 
 Rollup rows with no API key use NULL; their uniqueness treats NULLs as equal
 (``NULLS NOT DISTINCT`` on PostgreSQL, an ``ifnull`` expression index on SQLite).
@@ -150,6 +151,13 @@ daily_request_usage = Table(
     Column("api_key_id", Uuid, nullable=True),
     *_request_counters(),
 )
+monthly_request_usage = Table(
+    "monthly_request_usage",
+    metadata,
+    Column("usage_month", Date, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    *_request_counters(),
+)
 hourly_request_usage = Table(
     "hourly_request_usage",
     metadata,
@@ -162,13 +170,20 @@ hourly_request_usage = Table(
 ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
     "daily_usage": ("api_key_id", "usage_date", "provider", "file_type"),
     "hourly_usage": ("api_key_id", "usage_hour", "provider", "file_type"),
+    "monthly_request_usage": ("api_key_id", "usage_month", "latency_bucket"),
     "daily_request_usage": ("api_key_id", "usage_date", "latency_bucket"),
     "hourly_request_usage": ("api_key_id", "usage_hour", "latency_bucket"),
 }
 
 # Unique indexes. PostgreSQL's live in sql/usage_tracking_schema.sql (NULLS NOT DISTINCT);
 # these SQLite twins fold NULL keys with ifnull() so that upserts find them.
-for _table in (daily_usage, hourly_usage, daily_request_usage, hourly_request_usage):
+for _table in (
+    daily_usage,
+    hourly_usage,
+    monthly_request_usage,
+    daily_request_usage,
+    hourly_request_usage,
+):
     _keys = ROLLUP_KEYS[_table.name]
     Index(
         f"uq_{_table.name}",
@@ -183,6 +198,7 @@ ALL_TABLES = (
     "api_requests",
     "daily_usage",
     "hourly_usage",
+    "monthly_request_usage",
     "daily_request_usage",
     "hourly_request_usage",
 )

@@ -93,6 +93,7 @@ _REQUEST_ROLLUPS = tuple(
     f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, latency_bucket) "
     f"DO UPDATE SET {_REQUEST_SET}"
     for table, when_column, when in (
+        ("monthly_request_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
         ("daily_request_usage", "usage_date", "substr(requested_at, 1, 10)"),
         ("hourly_request_usage", "usage_hour", "substr(requested_at, 1, 13) || ':00:00.000000'"),
     )

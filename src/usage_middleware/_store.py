@@ -85,6 +85,17 @@ def _normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+_SQLITE_MONTHLY_BACKFILL = """
+INSERT INTO monthly_request_usage (usage_month, api_key_id, latency_bucket, total_requests,
+    error_requests, total_response_us, total_request_bytes, total_response_bytes)
+SELECT substr(usage_date, 1, 7) || '-01', api_key_id, latency_bucket, sum(total_requests),
+       sum(error_requests), sum(total_response_us), sum(total_request_bytes),
+       sum(total_response_bytes)
+  FROM daily_request_usage
+ GROUP BY 1, 2, 3
+"""
+
+
 class UsageStore:
     """Owns the SQLAlchemy engine for the usage tables of one database.
 
@@ -168,7 +179,7 @@ class UsageStore:
         """
         try:
             if self.dialect == "sqlite":
-                metadata.create_all(self.engine, checkfirst=True)
+                self._create_sqlite_schema()
             else:
                 with self.engine.begin() as conn:
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215120301)")
@@ -179,6 +190,23 @@ class UsageStore:
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
         self._schema_ready = True
+
+    def _create_sqlite_schema(self) -> None:
+        """Create missing tables in one write transaction; a ``monthly_request_usage`` added to
+        an older database is filled from ``daily_request_usage`` before any writer sees it."""
+        with self.engine.connect() as conn:
+            conn.info["usage_write"] = True
+            try:
+                with conn.begin():
+                    present = set(inspect(conn).get_table_names())
+                    metadata.create_all(conn, checkfirst=True)
+                    if (
+                        "monthly_request_usage" not in present
+                        and "daily_request_usage" in present
+                    ):
+                        conn.exec_driver_sql(_SQLITE_MONTHLY_BACKFILL)
+            finally:
+                conn.info.pop("usage_write", None)
 
     def has_schema(self) -> bool:
         """True when every usage table exists."""

@@ -19,6 +19,7 @@ from usage_middleware._schema import (
     hourly_request_usage,
     hourly_usage,
     latency_bucket,
+    monthly_request_usage,
 )
 
 UTC = timezone.utc
@@ -60,10 +61,16 @@ def _hour(at: datetime) -> datetime:
 
 
 def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The four rollups as GROUP BY over the raw rows, computed here in Python."""
+    """The five rollups as GROUP BY over the raw rows, computed here in Python."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
-        for name in ("daily_usage", "hourly_usage", "daily_request_usage", "hourly_request_usage")
+        for name in (
+            "daily_usage",
+            "hourly_usage",
+            "monthly_request_usage",
+            "daily_request_usage",
+            "hourly_request_usage",
+        )
     }
     with store.engine.connect() as conn:
         for r in conn.execute(select(file_uploads)).mappings():
@@ -84,6 +91,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
                 r["response_size"],
             )
             for name, when in (
+                ("monthly_request_usage", at.date().replace(day=1)),
                 ("daily_request_usage", at.date()),
                 ("hourly_request_usage", _hour(at)),
             ):
@@ -98,7 +106,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
 
 
 def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The four rollup tables as stored (zero rows left out)."""
+    """The five rollup tables as stored (zero rows left out)."""
     upload_counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
     request_counters = (
         "total_requests",
@@ -110,6 +118,7 @@ def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[i
     spec = [
         (daily_usage, ("api_key_id", "usage_date", "provider", "file_type"), upload_counters),
         (hourly_usage, ("api_key_id", "usage_hour", "provider", "file_type"), upload_counters),
+        (monthly_request_usage, ("api_key_id", "usage_month", "latency_bucket"), request_counters),
         (daily_request_usage, ("api_key_id", "usage_date", "latency_bucket"), request_counters),
         (hourly_request_usage, ("api_key_id", "usage_hour", "latency_bucket"), request_counters),
     ]

@@ -27,6 +27,7 @@ ALTER TABLE public.file_uploads ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.api_requests ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.daily_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.hourly_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.monthly_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.daily_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.hourly_request_usage ENABLE ROW LEVEL SECURITY;
 
@@ -58,6 +59,11 @@ CREATE POLICY "owners read their hourly usage" ON public.hourly_usage
     FOR SELECT TO authenticated
     USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
 
+DROP POLICY IF EXISTS "owners read their monthly request usage" ON public.monthly_request_usage;
+CREATE POLICY "owners read their monthly request usage" ON public.monthly_request_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
 DROP POLICY IF EXISTS "owners read their daily request usage" ON public.daily_request_usage;
 CREATE POLICY "owners read their daily request usage" ON public.daily_request_usage
     FOR SELECT TO authenticated
@@ -71,9 +77,11 @@ CREATE POLICY "owners read their hourly request usage" ON public.hourly_request_
 -- Supabase grants table privileges to anon and authenticated by default. Reading is all the
 -- dashboard needs; anon needs nothing.
 REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage, public.hourly_usage,
-    public.daily_request_usage, public.hourly_request_usage FROM anon;
+    public.monthly_request_usage, public.daily_request_usage, public.hourly_request_usage
+    FROM anon;
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.file_uploads, public.api_requests,
-    public.daily_usage, public.hourly_usage, public.daily_request_usage,
-    public.hourly_request_usage FROM authenticated;
+    public.daily_usage, public.hourly_usage, public.monthly_request_usage,
+    public.daily_request_usage, public.hourly_request_usage FROM authenticated;
 GRANT SELECT ON public.file_uploads, public.api_requests, public.daily_usage,
-    public.hourly_usage, public.daily_request_usage, public.hourly_request_usage TO authenticated;
+    public.hourly_usage, public.monthly_request_usage, public.daily_request_usage,
+    public.hourly_request_usage TO authenticated;

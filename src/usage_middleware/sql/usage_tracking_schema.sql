@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS public.hourly_usage (
     failed_requests     bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type)
 ) WITH (fillfactor = 70);
-CREATE INDEX IF NOT EXISTS idx_hourly_usage_usage_hour ON public.hourly_usage (usage_hour);
 
 -- api_requests rolled up by latency bucket: a mergeable log histogram (2 % relative error).
 CREATE TABLE IF NOT EXISTS public.daily_request_usage (
@@ -95,7 +94,65 @@ CREATE TABLE IF NOT EXISTS public.hourly_request_usage (
     total_response_bytes bigint NOT NULL DEFAULT 0,
     CONSTRAINT uq_hourly_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)
 ) WITH (fillfactor = 70);
-CREATE INDEX IF NOT EXISTS idx_hourly_request_usage_usage_hour ON public.hourly_request_usage (usage_hour);
+
+-- The hourly rollups' time-only indexes are BRIN: rows arrive in time order, so block ranges
+-- serve the all-keys reads, cost little to maintain, and never look cheaper to the planner than
+-- the (key, hour) constraint for one key's reads. A btree there would: once the table is in
+-- time order it reads every key's rows of an hour to find one key's. Older btrees are replaced.
+DO $brin$
+DECLARE
+    ix record;
+BEGIN
+    FOR ix IN SELECT * FROM (VALUES
+        ('hourly_usage', 'idx_hourly_usage_usage_hour'),
+        ('hourly_request_usage', 'idx_hourly_request_usage_usage_hour')
+    ) AS v(tbl, idx) LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_am AS a ON a.oid = c.relam
+             WHERE c.oid = pg_catalog.to_regclass(pg_catalog.format('public.%I', ix.idx))
+               AND a.amname = 'brin'
+        ) THEN
+            EXECUTE pg_catalog.format('DROP INDEX IF EXISTS public.%I', ix.idx);
+            EXECUTE pg_catalog.format(
+                'CREATE INDEX %I ON public.%I USING brin (usage_hour)', ix.idx, ix.tbl);
+        END IF;
+    END LOOP;
+END
+$brin$;
+
+-- The same by UTC month (usage_month is the month's first day): a year of one key is some
+-- hundreds of rows. An install that predates this table gets it filled from daily_request_usage,
+-- with writers held off (SHARE lock) until the transaction commits, so no request is missed or
+-- counted twice.
+DO $monthly$
+BEGIN
+    IF pg_catalog.to_regclass('public.monthly_request_usage') IS NULL THEN
+        LOCK TABLE public.daily_request_usage IN SHARE MODE;
+        CREATE TABLE public.monthly_request_usage (
+            usage_month          date NOT NULL,
+            api_key_id           uuid,
+            latency_bucket       smallint NOT NULL,
+            total_requests       bigint NOT NULL DEFAULT 0,
+            error_requests       bigint NOT NULL DEFAULT 0,
+            total_response_us    bigint NOT NULL DEFAULT 0,
+            total_request_bytes  bigint NOT NULL DEFAULT 0,
+            total_response_bytes bigint NOT NULL DEFAULT 0,
+            CONSTRAINT uq_monthly_request_usage
+                UNIQUE NULLS NOT DISTINCT (api_key_id, usage_month, latency_bucket)
+                INCLUDE (total_requests, error_requests, total_response_us)
+        ) WITH (fillfactor = 70);
+        INSERT INTO public.monthly_request_usage
+        SELECT pg_catalog.date_trunc('month', d.usage_date)::date, d.api_key_id,
+               d.latency_bucket, sum(d.total_requests), sum(d.error_requests),
+               sum(d.total_response_us), sum(d.total_request_bytes),
+               sum(d.total_response_bytes)
+          FROM public.daily_request_usage AS d
+         GROUP BY 1, 2, 3;
+    END IF;
+END
+$monthly$;
+CREATE INDEX IF NOT EXISTS idx_monthly_request_usage_usage_month
+    ON public.monthly_request_usage (usage_month);
 
 -- Installs whose unique constraints differ from the definitions below get them here: the
 -- constraint is rebuilt in place (one ALTER TABLE, so nothing is ever without it; it holds an
@@ -112,6 +169,9 @@ BEGIN
          'INCLUDE (total_uploads, total_file_size, successful_requests, failed_requests)'),
         ('hourly_usage', 'uq_hourly_usage',
          'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, provider, file_type)'),
+        ('monthly_request_usage', 'uq_monthly_request_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_month, latency_bucket) '
+         'INCLUDE (total_requests, error_requests, total_response_us)'),
         ('daily_request_usage', 'uq_daily_request_usage',
          'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, latency_bucket) '
          'INCLUDE (total_requests, error_requests, total_response_us)'),
@@ -136,6 +196,8 @@ $covering$;
 ALTER TABLE public.daily_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 ALTER TABLE public.hourly_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.monthly_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 ALTER TABLE public.daily_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
