@@ -244,27 +244,12 @@ def request_plan(start: datetime, end: datetime) -> list[Piece]:
     return out
 
 
-def _pieces_table(pieces: Sequence[Piece], name: str, as_date: bool, dialect: str) -> Any:
-    """The pieces as a table ``(lo, hi, p, sign)`` to join the source on.
+def _pieces_table(pieces: Sequence[Piece], name: str, as_date: bool) -> Any:
+    """SQLite: the pieces as a table ``(lo, hi, p, sign)`` to join the source on.
 
-    The pieces travel as parameters of a fixed statement text — arrays for ``unnest`` on
-    PostgreSQL, one JSON array for ``json_each`` on SQLite — so the statement compiles once
-    and is cached whatever the number of pieces.
+    They travel as one JSON array parameter for ``json_each``, so the statement text is fixed
+    and compiles once whatever the number of pieces (PostgreSQL's arrays: :func:`_joined`).
     """
-    if dialect == "postgresql":
-        kind: Any = Date() if as_date else DateTime(timezone=True)
-        lows = [x.lo.date() if as_date else x.lo for x in pieces]
-        highs = [x.hi.date() if as_date else x.hi for x in pieces]
-        return (
-            func.unnest(
-                bindparam(f"{name}_lo", lows, type_=ARRAY(kind)),
-                bindparam(f"{name}_hi", highs, type_=ARRAY(kind)),
-                bindparam(f"{name}_p", [x.period for x in pieces], type_=ARRAY(Integer())),
-                bindparam(f"{name}_sign", [x.sign for x in pieces], type_=ARRAY(Integer())),
-            )
-            .table_valued("lo", "hi", "p", "sign")
-            .render_derived(name=name)
-        )
     # SQLite stores dates as ISO text and UTCDateTime as naive 'YYYY-MM-DD HH:MM:SS.ffffff'
     fmt = "%Y-%m-%d" if as_date else "%Y-%m-%d %H:%M:%S.%f"
     rows = [[x.lo.strftime(fmt), x.hi.strftime(fmt), x.period, x.sign] for x in pieces]
@@ -326,32 +311,86 @@ Counts = list[int]  # uploads, bytes, successful, failed
 
 
 def _joined(
-    r: Any, table: Table, at: Any, names: Sequence[str], where: list[Any], lateral: bool
+    pieces: Sequence[Piece],
+    name: str,
+    as_date: bool,
+    dialect: str,
+    table: Table,
+    at: Any,
+    names: Sequence[str],
+    where: list[Any],
+    summed: Sequence[str] = (),
 ) -> Any:
     """Source rows of ``table`` inside each piece, with the piece's period and sign.
 
     PostgreSQL gets a LATERAL join so that every piece is an index range scan (a plain range
-    join is estimated badly and planned as a scan of the key's whole history); SQLite's nested
-    loops already drive the join from the small pieces table.
+    join is estimated badly and planned as a scan of the key's whole history). Each distinct
+    interval is scanned once and then handed to every (period, sign) that uses it — a New York
+    week boundary's five hours are added to one week and subtracted from the next — and the
+    ``summed`` columns among ``names`` are summed per interval over the others, so a week of
+    daily rows leaves the scan as one row per (provider, type) instead of seven. SQLite's
+    nested loops already drive a plain join from the small pieces table.
     """
-    if lateral:
-        inner = (
-            select(*(table.c[n] for n in names))
-            .where(at >= r.c.lo, at < r.c.hi, *where)
-            .offset(0)  # keeps the planner from flattening the LATERAL back into a range join
-            .lateral(f"{table.name}_rows")
-        )
+    if dialect != "postgresql":
+        r = _pieces_table(pieces, name, as_date)
         return (
-            select(r.c.p, r.c.sign, *(inner.c[n] for n in names))
+            select(r.c.p, r.c.sign, *(table.c[n] for n in names))
             .select_from(r)
-            .join(inner, true())
+            .join(table, and_(at >= r.c.lo, at < r.c.hi))
+            .where(*where)
             .subquery(f"{table.name}_joined")
         )
+    intervals = sorted({(x.lo, x.hi) for x in pieces})
+    index = {interval: i for i, interval in enumerate(intervals)}
+    kind: Any = Date() if as_date else DateTime(timezone=True)
+    d = (
+        func.unnest(
+            bindparam(
+                f"{name}_lo",
+                [lo.date() if as_date else lo for lo, _ in intervals],
+                type_=ARRAY(kind),
+            ),
+            bindparam(
+                f"{name}_hi",
+                [hi.date() if as_date else hi for _, hi in intervals],
+                type_=ARRAY(kind),
+            ),
+            bindparam(f"{name}_i", list(range(len(intervals))), type_=ARRAY(Integer())),
+        )
+        .table_valued("lo", "hi", "i")
+        .render_derived(name=name)
+    )
+    t = (
+        func.unnest(
+            bindparam(f"{name}_ti", [index[(x.lo, x.hi)] for x in pieces], type_=ARRAY(Integer())),
+            bindparam(f"{name}_p", [x.period for x in pieces], type_=ARRAY(Integer())),
+            bindparam(f"{name}_sign", [x.sign for x in pieces], type_=ARRAY(Integer())),
+        )
+        .table_valued("i", "p", "sign")
+        .render_derived(name=f"{name}_targets")
+    )
+    keys = [table.c[n] for n in names if n not in summed]
+    cols = [
+        cast(func.sum(table.c[n]), BigInteger).label(n) if n in summed else table.c[n]
+        for n in names
+    ]
+    rows = select(*cols).where(at >= d.c.lo, at < d.c.hi, *where)
+    if summed:
+        rows = rows.group_by(*keys)
+    # OFFSET 0 keeps the planner from flattening the LATERAL back into a range join, and the
+    # scan from being repeated per target
+    inner = rows.offset(0).lateral(f"{table.name}_rows")
+    scanned = (
+        select(d.c.i, *(inner.c[n] for n in names))
+        .select_from(d)
+        .join(inner, true())
+        .offset(0)
+        .subquery(f"{table.name}_scanned")
+    )
     return (
-        select(r.c.p, r.c.sign, *(table.c[n] for n in names))
-        .select_from(r)
-        .join(table, and_(at >= r.c.lo, at < r.c.hi))
-        .where(*where)
+        select(t.c.p, t.c.sign, *(scanned.c[n] for n in names))
+        .select_from(scanned)
+        .join(t, t.c.i == scanned.c.i)
         .subquery(f"{table.name}_joined")
     )
 
@@ -372,13 +411,12 @@ def upload_statements(
         mine = [x for x in pieces if x.grain == grain]
         if not mine:
             continue
-        r = _pieces_table(mine, f"{grain}_pieces", grain == "day", dialect)
+        name = f"{grain}_pieces"
         if grain == "raw":
             fu = file_uploads
             names: tuple[str, ...] = ("provider", "file_type", "file_size", "upload_status")
-            j = _joined(
-                r, fu, fu.c.uploaded_at, names, _filters(fu, spec, key_ids, dialect), lateral
-            )
+            where = _filters(fu, spec, key_ids, dialect)
+            j = _joined(mine, name, False, dialect, fu, fu.c.uploaded_at, names, where)
             ok = case((j.c.upload_status == "success", 1), else_=0)
             cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
             cols.append(j.c.sign * (1 - ok))
@@ -386,8 +424,12 @@ def upload_statements(
             table = daily_usage if grain == "day" else hourly_usage
             at = table.c.usage_date if grain == "day" else table.c.usage_hour
             names = ("provider", "file_type", *_UPLOAD_COUNTERS)
-            j = _joined(r, table, at, names, _filters(table, spec, key_ids, dialect), lateral)
-            cols = [j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
+            where = _filters(table, spec, key_ids, dialect)
+            j = _joined(
+                mine, name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS
+            )
+            # daily pieces are never subtracted (see plan())
+            cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
         stmt = select(
             j.c.p,
             j.c.provider,
@@ -599,7 +641,6 @@ def request_stats(
     total = errors = total_us = 0
     pieces = request_plan(spec.start_utc, spec.end_utc)
     dialect = store.dialect
-    lateral = dialect == "postgresql"
     selects: list[Select[Any]] = []
     counters = ("total_requests", "error_requests", "total_response_us")
     sources = {
@@ -611,9 +652,11 @@ def request_stats(
         mine = [x for x in pieces if x.grain == grain]
         if not mine:
             continue
-        r = _pieces_table(mine, f"{grain}_pieces", grain != "hour", dialect)
+
         where = _filters(table, spec, key_ids, dialect, uploads=False)
-        j = _joined(r, table, at, ("latency_bucket", *counters), where, lateral)
+        names = ("latency_bucket", *counters)
+        as_date = grain != "hour"
+        j = _joined(mine, f"{grain}_pieces", as_date, dialect, table, at, names, where, counters)
         selects.append(
             select(
                 j.c.latency_bucket.label("lb"),
@@ -637,10 +680,11 @@ def request_stats(
                 total_us += us
         if raw_pieces:
             ar = api_requests
-            r = _pieces_table(raw_pieces, "raw_pieces", False, store.dialect)
             where = _filters(ar, spec, key_ids, dialect, uploads=False)
-            names = ("response_time_ms", "status_code")
-            j = _joined(r, ar, ar.c.requested_at, names, where, lateral)
+            raw_names = ("response_time_ms", "status_code")
+            j = _joined(
+                raw_pieces, "raw_pieces", False, dialect, ar, ar.c.requested_at, raw_names, where
+            )
             for sign, ms, status in conn.execute(
                 select(j.c.sign, j.c.response_time_ms, j.c.status_code)
             ):
