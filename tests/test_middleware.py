@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import uuid
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from test_middleware_helpers import (
     starlette_app,
     websocket_echo,
 )
+from test_middleware_helpers import upload as upload_endpoint
 
 from usage_middleware import (
     ALL_KEYS,
@@ -189,6 +191,31 @@ def test_uploads_failed_on_error_status_with_reason(framework: str) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(201, ("success", None)), (204, ("success", None)), (303, ("failed", "HTTP 303"))],
+)
+def test_only_a_2xx_response_makes_an_upload_successful(
+    status: int, expected: tuple[str, str | None]
+) -> None:
+    """SPEC §4: success means a 2xx response; a redirect after the upload is a failed upload."""
+    app, recorder = starlette_app()
+    body, headers = three_files()
+    response = request(app, "POST", f"/upload?status={status}", content=body, headers=dict(headers))
+    assert response.status_code == status
+    assert [r.status_code for r in recorder.requests] == [status]
+    assert {(u.upload_status, u.error_message) for u in recorder.uploads} == {expected}
+
+
+def test_annotate_success_wins_over_a_redirect() -> None:
+    """The endpoint can still declare its files stored when it answers with a redirect."""
+    app, recorder = starlette_app()
+    body, headers = three_files()
+    query = "status=303&upload_status=success"
+    request(app, "POST", f"/upload?{query}", content=body, headers=dict(headers))
+    assert {(u.upload_status, u.error_message) for u in recorder.uploads} == {("success", None)}
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_uploads_failed_when_the_endpoint_raises(framework: str) -> None:
     """An exception in the endpoint marks the files failed with the exception as reason."""
@@ -280,13 +307,36 @@ def test_file_names_are_kept_only_when_opted_in() -> None:
     assert [u.file_name for u in recorder.uploads] == ["cat.png", "doc.jpg", "raw.bin"]
 
 
-def test_files_beyond_the_per_request_cap_are_not_recorded() -> None:
-    """max_files_per_request bounds how many rows one request can produce."""
-    app, recorder = starlette_app(max_files_per_request=2)
-    body, headers = three_files()
-    response = request(app, "POST", "/upload", content=body, headers=dict(headers))
-    assert response.status_code == 200
-    assert len(recorder.uploads) == 2
+def test_files_beyond_the_per_request_cap_are_not_recorded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """max_files_per_request bounds how many rows one request can produce; the files left out
+    are counted in stats() and logged once per request, without the API key."""
+    raw_key = "sk_live_capped_key"
+    recorder = CollectingRecorder()
+    routes = [Route("/upload", upload_endpoint, methods=["POST"])]
+    app = UsageMiddleware(Starlette(routes=routes), recorder=recorder, max_files_per_request=2)
+    body, headers = multipart(
+        [
+            ("a", "1.png", "image/png", PNG),
+            ("b", "2.png", "image/png", PNG),
+            ("empty", "", "application/octet-stream", b""),  # an empty file input: no file
+            ("c", "3.png", "image/png", PNG),
+            ("d", "4.png", "image/png", PNG),
+            ("note", None, None, b"a form field"),
+        ]
+    )
+    headers = [*headers, (b"x-api-key", raw_key.encode())]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            response = request(app, "POST", "/upload", content=body, headers=headers)
+            assert response.status_code == 200
+    assert len(recorder.uploads) == 4
+    assert app.stats()["files_not_recorded"] == 4
+    warnings = [r for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "2 file(s)" in warnings[0].getMessage() and "/upload" in warnings[0].getMessage()
+    assert raw_key not in caplog.text
 
 
 # --- annotate and hooks -------------------------------------------------------------------
@@ -420,6 +470,62 @@ def test_concurrent_requests_keep_their_own_state() -> None:
         i = up.file_size - 1000
         assert req.api_key_id == api_key_uuid(f"key-{i}")
         assert up.provider == f"p{i}"
+
+
+class ServerCycle:
+    """What uvicorn does per request: one object holds the scope, its bound methods are the
+    ``receive`` and ``send`` the app gets."""
+
+    def __init__(self, path: str) -> None:
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"test"), (b"x-api-key", b"k")],
+            "client": ("127.0.0.1", 1234),
+            "server": ("127.0.0.1", 80),
+        }
+        self.status = 0
+
+    async def receive(self) -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+
+
+def test_requests_leave_no_reference_cycles() -> None:
+    """Per-request state that holds the server's send is not reachable from the scope, so a
+    finished request is freed by reference counting, never left to the garbage collector."""
+    app, recorder = starlette_app()
+
+    async def serve(n: int) -> list[int]:
+        statuses = []
+        for i in range(n):
+            cycle = ServerCycle(f"/items/{i}")
+            await app(cycle.scope, cycle.receive, cycle.send)
+            statuses.append(cycle.status)
+        return statuses
+
+    async def main() -> int:
+        await serve(3)  # first request: lazy start, route cache, imports
+        gc.collect()
+        gc.disable()
+        try:
+            assert await serve(50) == [200] * 50
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert anyio.run(main) == 0
+    assert len(recorder.requests) == 53
 
 
 def test_constructor_validates_its_options() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -89,3 +90,15 @@ def test_ids_are_time_ordered_by_default() -> None:
     ids = [UploadRecord().id for _ in range(50)]
     assert all(i.version == 7 for i in ids)
     assert ids == sorted(ids)
+
+
+def test_generated_ids_are_ordinary_uuids() -> None:
+    """Ids made straight from the generator's integer behave as any uuid.UUID does."""
+    rid = RequestRecord().id
+    assert type(rid) is uuid.UUID
+    assert (rid.version, rid.variant, rid.is_safe) == (7, uuid.RFC_4122, uuid.SafeUUID.unknown)
+    parsed = uuid.UUID(str(rid))
+    assert parsed == rid and hash(parsed) == hash(rid)
+    assert pickle.loads(pickle.dumps(rid)) == rid
+    with pytest.raises(TypeError):
+        rid.int = 1  # type: ignore[misc]

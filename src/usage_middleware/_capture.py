@@ -84,17 +84,21 @@ class MultipartCapture:
         "_headers",
         "_max_files",
         "_parser",
+        "_skipping",
         "_value",
         "error",
         "files",
         "finished",
+        "skipped",
     )
 
     def __init__(self, boundary: bytes, *, max_files: int) -> None:
         self.files: list[CapturedFile] = []
         self.error: str | None = None
         self.finished = False
+        self.skipped = 0  # files past max_files, not recorded
         self._max_files = max_files
+        self._skipping: bool | None = None  # in a file part past the cap: has it a name or data?
         self._current: CapturedFile | None = None
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
@@ -122,6 +126,7 @@ class MultipartCapture:
     def _on_part_begin(self) -> None:
         self._headers = {}
         self._current = None
+        self._skipping = None
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         if len(self._field) < 64:
@@ -146,6 +151,7 @@ class MultipartCapture:
         if len(self.files) >= self._max_files:
             if self.error is None:
                 self.error = f"more than {self._max_files} files; the rest were not recorded"
+            self._skipping = bool(raw_name)
             return
         declared = self._headers.get(b"content-type")
         self._current = CapturedFile(
@@ -160,8 +166,13 @@ class MultipartCapture:
             missing = SNIFF_BYTES - len(current.head)
             if missing > 0:
                 current.head += data[start : min(end, start + missing)]
+        elif self._skipping is False and end > start:
+            self._skipping = True
 
     def _on_part_end(self) -> None:
+        if self._skipping:
+            self.skipped += 1
+        self._skipping = None
         current = self._current
         if current is not None:
             self._current = None
@@ -209,12 +220,13 @@ class MultipartCapture:
 class RawCapture:
     """A request body that is one file."""
 
-    __slots__ = ("error", "file", "files")
+    __slots__ = ("error", "file", "files", "skipped")
 
     def __init__(self, file_name: str | None, declared_type: str | None) -> None:
         self.file = CapturedFile(file_name=file_name, declared_type=declared_type)
         self.files: list[CapturedFile] = []
         self.error: str | None = None
+        self.skipped = 0
 
     def feed(self, chunk: bytes) -> None:
         file = self.file

@@ -7,9 +7,11 @@ saw into one ``RequestRecord`` plus one ``UploadRecord`` per file and hands them
 which writes them in the background. The request never waits for the database.
 
 Per-request state lives in a ``_Exchange`` object stored in the scope under ``SCOPE_KEY`` (inner
-scope copies are shallow, so ``annotate()`` finds it from any endpoint); nothing per request is
-kept on the middleware. User hooks run inside ``_failsafe``: a hook that raises is logged (its
-type only, so a key in its message cannot leak) and ignored.
+scope copies are shallow, so ``annotate()`` finds it from any endpoint); its bound methods are
+the wrapped ``receive`` and ``send``. ``send`` returns the server's own awaitable for every
+message but the last body message, so a plain GET costs one coroutine of ours, not one per
+message. Nothing per request is kept on the middleware. User hooks are guarded: a hook that
+raises is logged (its type only, so a key in its message cannot leak) and ignored.
 
 Lifespan: the recorder starts on ``lifespan.startup`` (or on the first request when the server
 sends no lifespan events) and is shut down — flushing every record of every completed request —
@@ -22,11 +24,11 @@ import atexit
 import contextlib
 import logging
 import os
-import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timezone
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
@@ -51,8 +53,8 @@ __all__ = ["EXCLUDED_KEY", "SCOPE_KEY", "UsageMiddleware", "annotate"]
 logger = logging.getLogger(__name__)
 
 UTC = timezone.utc
-SCOPE_KEY = "usage_middleware.exchange"
-"""Scope key of the per-request object ``annotate()`` writes to."""
+SCOPE_KEY = "usage_middleware.notes"
+"""Scope key of the per-request dict ``annotate()`` writes to."""
 EXCLUDED_KEY = "usage_middleware.excluded"
 """Set (truthy) in the scope by anything that wants its request left unrecorded (the router)."""
 
@@ -65,6 +67,8 @@ _UNSET: Any = object()
 _MAX_PROVIDER = 64
 
 T = TypeVar("T")
+Capture = MultipartCapture | RawCapture
+_UUID = uuid.UUID
 
 
 class RecorderLike(Protocol):
@@ -133,51 +137,99 @@ def annotate(request_or_scope: Any, **fields: Any) -> None:
                 "annotate() needs a Request or an ASGI scope, "
                 f"got {type(request_or_scope).__name__}"
             )
-    exchange = scope.get(SCOPE_KEY)
-    if exchange is None:
+    notes = scope.get(SCOPE_KEY)
+    if notes is None:
         logger.debug("annotate(): no UsageMiddleware in front of this request; ignored")
         return
-    for name, value in checked.items():
-        setattr(exchange, name, value)
+    notes.update(checked)
 
 
 # --- per request --------------------------------------------------------------------------------
 
 
 class _Exchange:
-    """One request's state: counters from the messages, and what the endpoint annotated."""
+    """One request's state: counters from the messages and its upload capture; its bound
+    ``receive``/``send`` are what the app is given.
+
+    It holds the server's ``send`` (and so, in uvicorn, the server's per-request object, which
+    holds the scope): it must never be reachable from the scope, or every request would leave a
+    reference cycle for the garbage collector.
+    """
 
     __slots__ = (
-        "api_key_id",
+        "_receive",
+        "_send",
         "body_done",
+        "capture",
         "disconnected",
         "end",
-        "error_message",
-        "provider",
         "received",
-        "response_done",
         "sent",
         "status",
-        "upload_status",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, receive: Receive, send: Send, capture: Capture | None) -> None:
+        self._receive = receive
+        self._send = send
+        self.capture = capture
         self.received = 0
         self.sent = 0
         self.status: int | None = None
-        self.end: float | None = None
+        self.end: float | None = None  # perf_counter() once the last body message was sent
         self.body_done = False
-        self.response_done = False
         self.disconnected = False
-        self.provider: Any = _UNSET
-        self.api_key_id: Any = _UNSET
-        self.upload_status: Any = _UNSET
-        self.error_message: Any = _UNSET
 
+    async def receive(self) -> Message:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            body = message.get("body", b"")
+            if body:
+                self.received += len(body)
+                if self.capture is not None:
+                    self.capture.feed(body)
+            if not message.get("more_body", False):
+                self.body_done = True
+        elif kind == "http.disconnect" and self.end is None:
+            self.disconnected = True
+        return message
 
-def _exception_text(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    def send(self, message: Message) -> Awaitable[None]:
+        """Count, then return the server's own awaitable: no coroutine of ours per message,
+        except around the last one, after which the clock stops."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+        elif kind == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                self.sent += len(body)
+            if not message.get("more_body", False):
+                return self._send_last(message)
+        elif kind == "http.response.pathsend":
+            return self._send_file(message)
+        return self._send(message)
+
+    async def _send_last(self, message: Message) -> None:
+        await self._send(message)
+        self.end = perf_counter()
+
+    async def _send_file(self, message: Message) -> None:
+        await self._send(message)
+        self.end = perf_counter()
+        with contextlib.suppress(OSError):
+            self.sent += os.path.getsize(message["path"])
+
+    def error_text(self, error: BaseException | None) -> str | None:
+        """The request's ``error_message``: the exception, and whether the client went away."""
+        text = None
+        if error is not None:
+            message = str(error)
+            text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        if self.disconnected:
+            what = "mid-body" if not self.body_done else "before the response completed"
+            text = f"client disconnected {what}" + (f" ({text})" if text else "")
+        return text
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:
@@ -271,6 +323,7 @@ class UsageMiddleware:
         self._started = False
         self._atexit_registered = False
         self._failures = 0
+        self._files_not_recorded = 0
 
     @staticmethod
     def _prefixes(paths: Iterable[str], name: str) -> tuple[str, ...]:
@@ -283,9 +336,14 @@ class UsageMiddleware:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Capture failures so far (each was logged) and the recorder's own stats, if any."""
+        """Capture failures so far (each was logged), files past ``max_files_per_request`` left
+        unrecorded, and the recorder's own stats, if any."""
         stats = getattr(self.recorder, "stats", None)
-        return {"capture_failures": self._failures, "recorder": stats() if stats else None}
+        return {
+            "capture_failures": self._failures,
+            "files_not_recorded": self._files_not_recorded,
+            "recorder": stats() if stats else None,
+        }
 
     # --- ASGI -------------------------------------------------------------------------------
 
@@ -304,187 +362,187 @@ class UsageMiddleware:
             return
         if not self._started:
             await self._start(lazily=True)
-        await self._handle(scope, receive, send)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        requested_at = datetime.now(UTC)
-        entry_root_path = scope.get("root_path", "")
-        entry_app = scope.get("app", self.app)
-        exchange = _Exchange()
-        scope[SCOPE_KEY] = exchange
-        capture = self._capture_for(scope)
-        span = token = None
-        if capture is not None:
-            try:
-                span, token = self._telemetry.begin(scope["method"])
-            except Exception:
-                self._failed("starting the upload span")
-
-        async def receive_() -> Message:
-            message = await receive()
-            kind = message["type"]
-            if kind == "http.request":
-                body = message.get("body", b"")
-                if body:
-                    exchange.received += len(body)
-                    if capture is not None:
-                        capture.feed(body)
-                if not message.get("more_body", False):
-                    exchange.body_done = True
-            elif kind == "http.disconnect" and not exchange.response_done:
-                exchange.disconnected = True
-            return message
-
-        async def send_(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.body":
-                exchange.sent += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    await send(message)
-                    exchange.end = time.perf_counter()
-                    exchange.response_done = True
-                    return
-            elif kind == "http.response.start":
-                exchange.status = message["status"]
-            elif kind == "http.response.pathsend":
-                await send(message)
-                exchange.end = time.perf_counter()
-                exchange.response_done = True
-                with contextlib.suppress(OSError):
-                    exchange.sent += os.path.getsize(message["path"])
+        if scope.get("method") in _UPLOAD_METHODS:
+            capture = self._capture_for(scope)
+            if capture is not None:
+                await self._call_with_upload(scope, receive, send, capture)
                 return
-            await send(message)
-
+        # Few locals on purpose: a coroutine's frame is copied when it is created.
+        started = perf_counter()
+        requested_at = datetime.now(UTC)
+        exchange = _Exchange(receive, send, None)
+        notes: dict[str, Any] = {}
+        scope[SCOPE_KEY] = notes
+        # The router rewrites these in place on the way in; route templates need the originals.
+        entry = (scope.get("root_path", ""), scope.get("app", self.app))
         error: BaseException | None = None
         try:
-            await self.app(scope, receive_, send_)
+            await self.app(scope, exchange.receive, exchange.send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                request = self._request(scope, exchange, notes, started, requested_at, entry, error)
+                if request is not None:
+                    self.recorder.submit(request)
+            except Exception:
+                self._failed("recording a request")
+
+    async def _call_with_upload(
+        self, scope: Scope, receive: Receive, send: Send, capture: Capture
+    ) -> None:
+        """``__call__`` for a request whose body is captured: upload rows and telemetry too."""
+        started = perf_counter()
+        requested_at = datetime.now(UTC)
+        span = token = None
+        try:
+            span, token = self._telemetry.begin(scope["method"])
+        except Exception:
+            self._failed("starting the upload span")
+        exchange = _Exchange(receive, send, capture)
+        notes: dict[str, Any] = {}
+        scope[SCOPE_KEY] = notes
+        entry = (scope.get("root_path", ""), scope.get("app", self.app))
+        error: BaseException | None = None
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
         except BaseException as exc:
             error = exc
             raise
         finally:
             recorded: tuple[RequestRecord, str | None, list[UploadRecord]] | None = None
             try:
-                recorded = self._finish(
-                    scope,
-                    exchange,
-                    capture,
-                    started,
-                    requested_at,
-                    entry_root_path,
-                    entry_app,
-                    error,
-                )
+                capture.close(exchange.body_done)
+                request = self._request(scope, exchange, notes, started, requested_at, entry, error)
+                if request is not None:
+                    template = self._route_template(scope, entry)
+                    uploads = self._uploads(
+                        scope, exchange, notes, capture, request, template, error
+                    )
+                    self.recorder.submit_many([request, *uploads])
+                    recorded = request, template, uploads
             except Exception:
                 self._failed("recording a request")
-            if capture is not None:
-                try:
-                    if recorded is None:
-                        self._telemetry.discard(span, token)
-                    else:
-                        request, route, uploads = recorded
-                        self._telemetry.finish(
-                            span, token, request, route, uploads, self._record_file_names, error
-                        )
-                except Exception:
-                    self._failed("recording upload telemetry")
+            try:
+                if recorded is None:
+                    self._telemetry.discard(span, token)
+                else:
+                    request, template, uploads = recorded
+                    self._telemetry.finish(
+                        span, token, request, template, uploads, self._record_file_names, error
+                    )
+            except Exception:
+                self._failed("recording upload telemetry")
 
-    def _capture_for(self, scope: Scope) -> MultipartCapture | RawCapture | None:
-        if scope.get("method") not in _UPLOAD_METHODS:
-            return None
-        content_type = _header(scope, b"content-type")
-        if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
-            boundary = multipart_boundary(content_type)
-            if boundary is None:
-                return None  # malformed: the request passes through, its row is still written
-            return MultipartCapture(boundary, max_files=self._max_files)
-        path = scope["path"]
-        if (self._raw_upload_paths and path.startswith(self._raw_upload_paths)) or (
-            self._raw_upload is not None
-            and self._failsafe("raw_upload", self._raw_upload, scope, False)
-        ):
-            name = None
-            disposition = _header(scope, b"content-disposition")
-            if disposition is not None:
-                raw = parse_options_header(disposition)[1].get(b"filename")
-                name = raw.decode("utf-8", "replace") if raw else None
-            if not name:
-                name = path.rstrip("/").rsplit("/", 1)[-1] or None
-            declared = content_type.decode("latin-1") if content_type else None
-            return RawCapture(name, declared)
+    def _capture_for(self, scope: Scope) -> Capture | None:
+        """The capture for an upload method's body, or ``None`` when the body is no upload."""
+        try:
+            content_type = _header(scope, b"content-type")
+            if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
+                boundary = multipart_boundary(content_type)
+                if boundary is None:
+                    return None  # malformed: the request passes through, its row is still written
+                return MultipartCapture(boundary, max_files=self._max_files)
+            path = scope["path"]
+            if (self._raw_upload_paths and path.startswith(self._raw_upload_paths)) or (
+                self._raw_upload is not None
+                and self._failsafe("raw_upload", self._raw_upload, scope, False)
+            ):
+                name = None
+                disposition = _header(scope, b"content-disposition")
+                if disposition is not None:
+                    raw = parse_options_header(disposition)[1].get(b"filename")
+                    name = raw.decode("utf-8", "replace") if raw else None
+                if not name:
+                    name = path.rstrip("/").rsplit("/", 1)[-1] or None
+                declared = content_type.decode("latin-1") if content_type else None
+                return RawCapture(name, declared)
+        except Exception:
+            self._failed("setting up the upload capture")
         return None
 
     # --- after the app ----------------------------------------------------------------------
 
-    def _finish(
+    def _request(
         self,
         scope: Scope,
         exchange: _Exchange,
-        capture: MultipartCapture | RawCapture | None,
+        notes: dict[str, Any],
         started: float,
         requested_at: datetime,
-        entry_root_path: str,
-        entry_app: Any,
+        entry: tuple[str, Any],
         error: BaseException | None,
-    ) -> tuple[RequestRecord, str | None, list[UploadRecord]] | None:
-        """Build and submit the records; ``None`` when the request turned out excluded."""
-        if capture is not None:
-            capture.close(exchange.body_done)
+    ) -> RequestRecord | None:
+        """The request's row (``None`` when it turned out excluded), from values produced here:
+        built unchecked, ``store.write`` validates it."""
         if scope.get(EXCLUDED_KEY):
             return None
-        end = exchange.end if exchange.end is not None else time.perf_counter()
-        route = self._route_template(scope, entry_root_path, entry_app)
-        if exchange.api_key_id is not _UNSET:
-            key_id = exchange.api_key_id
+        end = exchange.end
+        if end is None:
+            end = perf_counter()
+        template = None
+        route = scope.get("route")
+        if route is not None:
+            cached = self._routes.get(id(route))
+            template = cached[1] if cached is not None and cached[0] is route else None
+            if template is None:
+                template = self._route_template(scope, entry)
+        if notes and "api_key_id" in notes:
+            key_id = notes["api_key_id"]
         else:
-            key_id = self._failsafe("api_key_id", self._api_key_id, scope, None)
-            if key_id is not None and not isinstance(key_id, uuid.UUID):
-                try:
-                    key_id = uuid.UUID(str(key_id))
-                except ValueError:
-                    self._failed(
-                        "the api_key_id hook returned a value that is not a UUID", trace=False
-                    )
-                    key_id = None
-        mid_body = exchange.disconnected and not exchange.body_done
-        request_error: str | None = None
-        if error is not None:
-            request_error = _exception_text(error)
-        if exchange.disconnected:
-            what = "mid-body" if mid_body else "before the response completed"
-            request_error = f"client disconnected {what}" + (
-                f" ({request_error})" if request_error else ""
-            )
-        request = RequestRecord._unchecked(
-            method=scope.get("method", "GET"),
-            path=route if route is not None else scope.get("path", "/"),
-            status_code=exchange.status if exchange.status is not None else 500,
-            response_time_ms=(end - started) * 1000.0,
-            request_size=exchange.received,
-            response_size=exchange.sent,
-            api_key_id=key_id,
-            error_message=request_error,
-            requested_at=requested_at,
+            try:
+                key_id = self._api_key_id(scope)
+            except Exception as exc:
+                self._hook_failed("api_key_id", exc)
+                key_id = None
+            if key_id is not None and type(key_id) is not _UUID:
+                key_id = self._coerce_key_id(key_id)
+        status = exchange.status
+        return RequestRecord._unchecked(
+            scope.get("method", "GET"),
+            template if template is not None else scope.get("path", "/"),
+            status if status is not None else 500,
+            (end - started) * 1000.0,
+            exchange.received,
+            exchange.sent,
+            key_id,
+            exchange.error_text(error) if error is not None or exchange.disconnected else None,
+            requested_at,
         )
-        if capture is None:
-            self.recorder.submit(request)
-            return request, route, []
-        uploads = self._uploads(scope, exchange, capture, request, error, mid_body)
-        self.recorder.submit_many([request, *uploads])
-        return request, route, uploads
+
+    def _coerce_key_id(self, value: Any) -> uuid.UUID | None:
+        if isinstance(value, uuid.UUID):
+            return uuid.UUID(int=value.int)
+        try:
+            return uuid.UUID(str(value))
+        except ValueError:
+            self._failed("the api_key_id hook returned a value that is not a UUID", trace=False)
+            return None
 
     def _uploads(
         self,
         scope: Scope,
         exchange: _Exchange,
-        capture: MultipartCapture | RawCapture,
+        notes: dict[str, Any],
+        capture: Capture,
         request: RequestRecord,
+        template: str | None,
         error: BaseException | None,
-        mid_body: bool,
     ) -> list[UploadRecord]:
+        if capture.skipped:
+            self._files_not_recorded += capture.skipped
+            logger.warning(
+                "usage-middleware: %d file(s) of a %s %s request not recorded "
+                "(max_files_per_request=%d)",
+                capture.skipped,
+                request.method,
+                template or "(unmatched route)",
+                self._max_files,
+            )
         if not capture.files:
             return []
-        provider = exchange.provider
+        provider = notes.get("provider", _UNSET)
         if provider is _UNSET:
             provider = self._provider
             if not isinstance(provider, str):
@@ -493,29 +551,32 @@ class UsageMiddleware:
                     self._failed("the provider hook returned a non-str", trace=False)
                     provider = None
                 provider = (provider or "unknown")[:_MAX_PROVIDER]
-        status = request.status_code if exchange.status is not None else None
+        status = exchange.status
+        reason_for_all: str | None = None
+        if error is not None:
+            reason_for_all = request.error_message
+        elif exchange.disconnected and not exchange.body_done:
+            reason_for_all = "client disconnected mid-body"
+        elif status is None:
+            reason_for_all = "no response was sent"
+        elif not 200 <= status <= 299:
+            reason_for_all = f"HTTP {status}"
+        annotated_status = notes.get("upload_status", _UNSET)
+        annotated_error = notes.get("error_message", _UNSET)
         uploads: list[UploadRecord] = []
         for file in capture.files:
-            reason: str | None = None
-            if error is not None:
-                reason = request.error_message
-            elif mid_body:
-                reason = "client disconnected mid-body"
-            elif status is None:
-                reason = "no response was sent"
-            elif status >= 400:
-                reason = f"HTTP {status}"
-            elif not file.complete:
+            reason = reason_for_all
+            if reason is None and not file.complete:
                 reason = "incomplete file: " + (capture.error or "the app did not read it all")
             upload_status: UploadStatus = "failed" if reason else "success"
-            if exchange.upload_status is not _UNSET:
-                upload_status = exchange.upload_status
+            if annotated_status is not _UNSET:
+                upload_status = annotated_status
                 if upload_status == "success":
                     reason = None
                 elif reason is None:
                     reason = "marked failed by the application"
-            if exchange.error_message is not _UNSET:
-                reason = exchange.error_message
+            if annotated_error is not _UNSET:
+                reason = annotated_error
             try:
                 uploads.append(
                     UploadRecord(
@@ -535,7 +596,7 @@ class UsageMiddleware:
                 self._failed("building an upload record")
         return uploads
 
-    def _route_template(self, scope: Scope, entry_root_path: str, entry_app: Any) -> str | None:
+    def _route_template(self, scope: Scope, entry: tuple[str, Any]) -> str | None:
         """The matched route's path template, with the templates of the mounts above it."""
         route = scope.get("route")
         if route is None:
@@ -543,6 +604,7 @@ class UsageMiddleware:
         cached = self._routes.get(id(route))
         if cached is not None and cached[0] is route:
             return cached[1]
+        entry_root_path, entry_app = entry
         path = getattr(route, "path", None)
         if not isinstance(path, str):
             return None
@@ -606,12 +668,13 @@ class UsageMiddleware:
         try:
             return hook(scope)
         except Exception as exc:
-            # The type only: a hook's message could quote the raw API key.
-            self._failures += 1
-            logger.warning(
-                "usage-middleware: the %s hook raised %s; ignored", name, type(exc).__name__
-            )
+            self._hook_failed(name, exc)
             return default
+
+    def _hook_failed(self, name: str, exc: Exception) -> None:
+        # The type only: a hook's message could quote the raw API key.
+        self._failures += 1
+        logger.warning("usage-middleware: the %s hook raised %s; ignored", name, type(exc).__name__)
 
     def _failed(self, what: str, *, trace: bool = True) -> None:
         self._failures += 1
