@@ -17,6 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from test_middleware_helpers import JPEG, CollectingRecorder, drive, multipart
 
 from usage_middleware import UsageMiddleware
+from usage_middleware._capture import file_name_param, multipart_boundary, parse_options_header
 
 
 class RecordingApp:
@@ -213,3 +214,80 @@ def test_a_1_gib_upload_grows_memory_by_less_than_16_mib() -> None:
     growth_kib, recorded = (int(x) for x in out.stdout.split())
     assert recorded == size
     assert growth_kib < 16 * 1024
+
+
+def _reference_boundary(content_type: bytes) -> bytes | None:
+    kind, params = parse_options_header(content_type)
+    return (params.get(b"boundary") or None) if kind == b"multipart/form-data" else None
+
+
+header_piece = st.sampled_from(
+    [
+        b"multipart/form-data",
+        b"Multipart/Form-Data",
+        b"text/plain",
+        b";",
+        b"; ",
+        b" ",
+        b"\t",
+        b"boundary=",
+        b"BOUNDARY=",
+        b"boundary*=",
+        b"name=",
+        b'"',
+        b"\\",
+        b"=",
+        b"--b0und",
+        b"----WebKitFormBoundary7MA4YWxkTrZu0gW",
+        b"a'()+_,./:?-",
+        b"\xe9",
+        b"\x1f",
+        b"x" * 71,
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=st.lists(header_piece, max_size=8))
+def test_boundary_is_what_python_multipart_reads(pieces: list[bytes]) -> None:
+    """The common Content-Type forms are read without the full parser, with the same answer."""
+    value = b"".join(pieces)
+    assert multipart_boundary(value) == _reference_boundary(value)
+    common = b"multipart/form-data; boundary=" + b"".join(pieces)
+    assert multipart_boundary(common) == _reference_boundary(common)
+
+
+disposition_piece = st.sampled_from(
+    [
+        b"form-data",
+        b"Form-Data",
+        b"attachment",
+        b"; ",
+        b";",
+        b" ",
+        b"name=",
+        b"filename=",
+        b"filename*=UTF-8''a%20b.txt",
+        b'"',
+        b"\\",
+        b"photo.jpg",
+        b"C:\\\\Users\\\\me\\\\a.png",
+        b"a;b.txt",
+        b"\xc3\xa9t\xc3\xa9.pdf",
+        b"",
+        b"=",
+        b'\\"',
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=st.lists(disposition_piece, max_size=10), name=st.sampled_from([b"f", b"my file"]))
+def test_file_name_is_what_python_multipart_reads(pieces: list[bytes], name: bytes) -> None:
+    """A part's filename comes out as python-multipart's parser gives it, common form or not."""
+    value = b"".join(pieces)
+    assert file_name_param(value) == parse_options_header(value)[1].get(b"filename")
+    browser = b'form-data; name="' + name + b'"; filename="' + b"".join(pieces) + b'"'
+    assert file_name_param(browser) == parse_options_header(browser)[1].get(b"filename")
+    field = b'form-data; name="' + b"".join(pieces) + b'"'
+    assert file_name_param(field) == parse_options_header(field)[1].get(b"filename")

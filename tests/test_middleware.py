@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import gc
 import logging
@@ -254,6 +256,36 @@ def test_request_rejected_without_reading_the_body_records_only_the_request() ->
     request(app, "POST", "/reject", content=body, headers=dict(headers))
     assert [r.status_code for r in recorder.requests] == [401]
     assert recorder.uploads == []
+
+
+def test_upload_rows_are_already_what_validation_makes_of_them() -> None:
+    """Upload rows are built unchecked on the request path; what came from the client or a
+    hook is normalised there already, so the store's validation changes nothing."""
+    app, recorder = starlette_app(provider=lambda scope: " s3\x00east ", record_file_names=True)
+    body, headers = multipart(
+        [
+            ("f", "a\x00" + "n" * 300 + ".png", "Image/PNG; charset=x", PNG),
+            ("g", "b.txt", "text/plain", b"hello"),
+            ("h", "c.bin", "Application/Octet-Stream", JPEG),
+        ]
+    )
+    long_reason = "e" * 600
+    url = f"/upload?status=413&error_message={long_reason}"
+    request(app, "POST", url, content=body, headers=dict(headers))
+    uploads = recorder.uploads
+    assert [(u.file_type, u.declared_type) for u in uploads] == [
+        ("image/png", None),
+        ("text/plain", None),
+        ("image/jpeg", "application/octet-stream"),
+    ]
+    assert {u.provider for u in uploads} == {"s3\ufffdeast"}
+    assert uploads[0].file_name is not None and len(uploads[0].file_name) == 255
+    assert "\x00" not in uploads[0].file_name
+    assert {len(u.error_message or "") for u in uploads} == {500}
+    for upload in uploads:
+        validated = copy.copy(upload)
+        validated.validate()
+        assert dataclasses.astuple(validated) == dataclasses.astuple(upload)
 
 
 def test_empty_file_input_is_not_an_upload() -> None:

@@ -8,9 +8,13 @@ import struct
 import zipfile
 import zlib
 
+import filetype
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from usage_middleware._sniff import SNIFF_BYTES, effective_type, sniff
+from usage_middleware._records import normalize_mime
+from usage_middleware._sniff import SNIFF_BYTES, _markup, effective_type, sniff
 
 
 def _png() -> bytes:
@@ -216,3 +220,38 @@ def test_xml_that_is_not_svg_or_html_is_xml() -> None:
 def test_text_starting_with_a_less_than_sign_is_not_markup() -> None:
     """Text that merely starts with '<' is not mistaken for HTML."""
     assert sniff(b"<3 you\n") is None
+
+
+def _filetype_then_markup(head: bytes) -> str | None:
+    """What sniff() answered by running every filetype matcher."""
+    if not head:
+        return None
+    kind = filetype.guess_mime(head)
+    return normalize_mime(kind) if kind else _markup(head)
+
+
+MKV = b"\x1a\x45\xdf\xa3\x93\x42\x82\x88matroska\x42\x87\x81\x04"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    start=st.sampled_from(
+        [b"", b"PK\x03\x04", b"\x1a\x45\xdf\xa3", MKV, b"%PDF-", b"\xff\xd8\xff"]
+        + [case[1][:64] for case in CORPUS]
+    ),
+    rest=st.binary(max_size=700),
+    cut=st.integers(min_value=0, max_value=SNIFF_BYTES),
+)
+def test_sniff_gives_the_answer_of_all_filetype_matchers(
+    start: bytes, rest: bytes, cut: int
+) -> None:
+    """Skipping the matchers that cannot match never changes the answer."""
+    head = (start + rest)[:cut]
+    assert sniff(head) == _filetype_then_markup(head)
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[case[0] for case in CORPUS])
+def test_sniff_agrees_with_filetype_on_the_corpus(case: tuple[str, bytes, str, str, str]) -> None:
+    """Real layouts (office documents included) get filetype's own answer."""
+    head = case[1][:SNIFF_BYTES]
+    assert sniff(head) == _filetype_then_markup(head)

@@ -69,6 +69,9 @@ _MAX_PROVIDER = 64
 T = TypeVar("T")
 Capture = MultipartCapture | RawCapture
 _UUID = uuid.UUID
+_now = datetime.now
+_request_row = RequestRecord._unchecked
+_upload_row = UploadRecord._unchecked
 
 
 class RecorderLike(Protocol):
@@ -367,14 +370,14 @@ class UsageMiddleware:
             if capture is not None:
                 await self._call_with_upload(scope, receive, send, capture)
                 return
-        # Few locals on purpose: a coroutine's frame is copied when it is created.
         started = perf_counter()
-        requested_at = datetime.now(UTC)
+        requested_at = _now(UTC)
         exchange = _Exchange(receive, send, None)
         notes: dict[str, Any] = {}
         scope[SCOPE_KEY] = notes
         # The router rewrites these in place on the way in; route templates need the originals.
-        entry = (scope.get("root_path", ""), scope.get("app", self.app))
+        root_path = scope.get("root_path", "")
+        entry_app = scope.get("app", self.app)
         error: BaseException | None = None
         try:
             await self.app(scope, exchange.receive, exchange.send)
@@ -383,7 +386,9 @@ class UsageMiddleware:
             raise
         finally:
             try:
-                request = self._request(scope, exchange, notes, started, requested_at, entry, error)
+                request = self._request(
+                    scope, exchange, notes, started, requested_at, root_path, entry_app, error
+                )
                 if request is not None:
                     self.recorder.submit(request)
             except Exception:
@@ -394,7 +399,7 @@ class UsageMiddleware:
     ) -> None:
         """``__call__`` for a request whose body is captured: upload rows and telemetry too."""
         started = perf_counter()
-        requested_at = datetime.now(UTC)
+        requested_at = _now(UTC)
         span = token = None
         try:
             span, token = self._telemetry.begin(scope["method"])
@@ -403,7 +408,8 @@ class UsageMiddleware:
         exchange = _Exchange(receive, send, capture)
         notes: dict[str, Any] = {}
         scope[SCOPE_KEY] = notes
-        entry = (scope.get("root_path", ""), scope.get("app", self.app))
+        root_path = scope.get("root_path", "")
+        entry_app = scope.get("app", self.app)
         error: BaseException | None = None
         try:
             await self.app(scope, exchange.receive, exchange.send)
@@ -414,9 +420,11 @@ class UsageMiddleware:
             recorded: tuple[RequestRecord, str | None, list[UploadRecord]] | None = None
             try:
                 capture.close(exchange.body_done)
-                request = self._request(scope, exchange, notes, started, requested_at, entry, error)
+                request = self._request(
+                    scope, exchange, notes, started, requested_at, root_path, entry_app, error
+                )
                 if request is not None:
-                    template = self._route_template(scope, entry)
+                    template = self._route_template(scope, root_path, entry_app)
                     uploads = self._uploads(
                         scope, exchange, notes, capture, request, template, error
                     )
@@ -471,7 +479,8 @@ class UsageMiddleware:
         notes: dict[str, Any],
         started: float,
         requested_at: datetime,
-        entry: tuple[str, Any],
+        root_path: str,
+        entry_app: Any,
         error: BaseException | None,
     ) -> RequestRecord | None:
         """The request's row (``None`` when it turned out excluded), from values produced here:
@@ -487,7 +496,7 @@ class UsageMiddleware:
             cached = self._routes.get(id(route))
             template = cached[1] if cached is not None and cached[0] is route else None
             if template is None:
-                template = self._route_template(scope, entry)
+                template = self._route_template(scope, root_path, entry_app)
         if notes and "api_key_id" in notes:
             key_id = notes["api_key_id"]
         else:
@@ -499,7 +508,7 @@ class UsageMiddleware:
             if key_id is not None and type(key_id) is not _UUID:
                 key_id = self._coerce_key_id(key_id)
         status = exchange.status
-        return RequestRecord._unchecked(
+        return _request_row(
             scope.get("method", "GET"),
             template if template is not None else scope.get("path", "/"),
             status if status is not None else 500,
@@ -579,24 +588,24 @@ class UsageMiddleware:
                 reason = annotated_error
             try:
                 uploads.append(
-                    UploadRecord(
-                        provider=provider,
-                        file_type=file.file_type,
-                        declared_type=file.declared_type,
-                        file_size=file.size,
-                        upload_status=upload_status,
-                        error_message=reason,
-                        api_key_id=request.api_key_id,
-                        request_id=request.id,
-                        file_name=file.file_name if self._record_file_names else None,
-                        uploaded_at=file.finished_at or datetime.now(UTC),
+                    _upload_row(
+                        provider,
+                        file.file_type,
+                        file.declared_type,
+                        file.size,
+                        upload_status,
+                        reason,
+                        request.api_key_id,
+                        request.id,
+                        file.file_name if self._record_file_names else None,
+                        file.finished_at or _now(UTC),
                     )
                 )
             except ValueError:
                 self._failed("building an upload record")
         return uploads
 
-    def _route_template(self, scope: Scope, entry: tuple[str, Any]) -> str | None:
+    def _route_template(self, scope: Scope, entry_root_path: str, entry_app: Any) -> str | None:
         """The matched route's path template, with the templates of the mounts above it."""
         route = scope.get("route")
         if route is None:
@@ -604,7 +613,6 @@ class UsageMiddleware:
         cached = self._routes.get(id(route))
         if cached is not None and cached[0] is route:
             return cached[1]
-        entry_root_path, entry_app = entry
         path = getattr(route, "path", None)
         if not isinstance(path, str):
             return None

@@ -138,6 +138,43 @@ class UploadRecord:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def _unchecked(
+        cls,
+        provider: str,
+        file_type: str,
+        declared_type: str | None,
+        file_size: int,
+        upload_status: UploadStatus,
+        error_message: str | None,
+        api_key_id: uuid.UUID | None,
+        request_id: uuid.UUID | None,
+        file_name: str | None,
+        uploaded_at: datetime,
+        /,
+    ) -> UploadRecord:
+        """A record of values the caller produced itself (``file_type`` already normalised,
+        ids, size, status and an aware UTC time of its own), built without checking their types.
+
+        Only what came from the client or a hook is normalised, as :meth:`validate` would, so the
+        record reads the same before and after ``UsageStore.write`` validates it.
+        """
+        record = _new_object(cls)
+        text = _text(provider, "provider", _MAX_PROVIDER, required=True)
+        record.provider = text.strip() or "unknown" if text is not None else "unknown"
+        record.file_type = file_type
+        declared = normalize_mime(declared_type)
+        record.declared_type = None if declared == file_type else declared
+        record.file_size = file_size
+        record.upload_status = upload_status
+        record.error_message = _text(error_message, "error_message", _MAX_ERROR)
+        record.api_key_id = api_key_id
+        record.request_id = request_id
+        record.file_name = _text(file_name, "file_name", _MAX_FILE_NAME)
+        record.uploaded_at = uploaded_at
+        record.id = new_id()
+        return record
+
     def validate(self) -> None:
         """Check and normalise every field; raises ``ValueError`` naming the first bad one."""
         self.id = _uuid(self.id, "id") or new_id()

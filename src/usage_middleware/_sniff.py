@@ -17,6 +17,8 @@ import mimetypes
 import re
 
 import filetype
+from filetype.types.document import ZippedDocumentBase
+from filetype.types.video import Mkv, Webm
 
 from ._records import OCTET_STREAM, normalize_mime
 
@@ -71,13 +73,37 @@ def _markup(head: bytes) -> str | None:
     return None
 
 
+def _required_prefix(matcher: object) -> bytes | None:
+    """The prefix without which ``matcher`` never matches, for the matchers that scan the whole
+    buffer before looking at it (the office documents search for a ZIP header and accept it only
+    at offset 0; Matroska and WebM search for their doctype but need the EBML magic first)."""
+    if isinstance(matcher, ZippedDocumentBase):
+        return b"PK\x03\x04"
+    if isinstance(matcher, (Mkv, Webm)):
+        return b"\x1a\x45\xdf\xa3"
+    return None
+
+
+_PREFIXES = {_required_prefix(m) for m in filetype.types} - {None}
+# filetype's matchers in its own order (the first match wins), without those that cannot match.
+_MATCHERS: dict[bytes | None, tuple[object, ...]] = {
+    prefix: tuple(m for m in filetype.types if _required_prefix(m) in (None, prefix))
+    for prefix in (None, *_PREFIXES)
+}
+
+
 def sniff(head: bytes) -> str | None:
-    """The MIME type the leading bytes prove, or ``None`` when they prove nothing."""
+    """The MIME type the leading bytes prove, or ``None`` when they prove nothing.
+
+    The same answer as ``filetype.guess_mime(head)``, without running the matchers whose
+    required prefix ``head`` lacks: for most files they were three quarters of the time.
+    """
     if not head:
         return None
-    kind = filetype.guess_mime(head)
-    if kind:
-        return normalize_mime(kind)
+    matchers = _MATCHERS.get(head[:4]) or _MATCHERS[None]
+    kind = filetype.match(head, matchers)
+    if kind is not None:
+        return normalize_mime(kind.mime)
     return _markup(head)
 
 
