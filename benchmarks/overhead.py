@@ -9,9 +9,14 @@ reported, because the machine is shared and noisy.
 
 The upload endpoint parses the form with ``request.form()``, as an upload API does.
 
-1. In process: µs added per small GET and per 1 MiB multipart upload (64 KiB messages).
+1. In process: µs added per small GET, per 1 KiB multipart upload (the constant per-file
+   costs) and per 1 MiB multipart upload (64 KiB messages).
 2. In process: throughput of one 256 MiB multipart upload.
-3. Over loopback: req/s of a small GET, uvicorn (one worker) + wrk, a few seconds per run.
+3. Over loopback: req/s of a small GET, uvicorn (one worker) + wrk. Every variant's server runs
+   at once (idle but for its own turn); rounds of a few seconds each take them in a shuffled
+   order, and each round's ratio to bare is taken, so a machine that speeds up or slows down
+   between rounds moves all variants alike. The server's CPU time per request (from /proc) is
+   reported too: it depends much less than req/s on what else the machine is running.
 
 Run: ``.venv/bin/python benchmarks/overhead.py`` (``--quick`` for a short smoke run,
 ``--no-loopback`` to skip part 3). Needs the ``bench`` extra and, for part 3, ``wrk``.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import shutil
@@ -195,8 +201,8 @@ def multipart_chunks(size: int) -> list[bytes]:
     )
     tail = b"\r\n--" + BOUNDARY + b"--\r\n"
     data = bytes(random.Random(7).getrandbits(8) for _ in range(CHUNK))
-    body_chunks = [head] + [data] * (size // CHUNK) + [tail]
-    return body_chunks
+    rest = [data[: size % CHUNK]] if size % CHUNK else []
+    return [head, *[data] * (size // CHUNK), *rest, tail]
 
 
 UPLOAD_HEADERS = [(b"content-type", b"multipart/form-data; boundary=" + BOUNDARY)]
@@ -213,20 +219,24 @@ async def timed(app: ASGIApp, scope: Scope, chunks: Sequence[bytes], n: int) -> 
 async def in_process(apps: dict[str, ASGIApp], quick: bool) -> dict[str, dict[str, float]]:
     get_scope = scope_for("GET", "/small", [])
     up_scope = scope_for("POST", "/upload", UPLOAD_HEADERS)
+    kib = multipart_chunks(1 << 10)
     mib = multipart_chunks(1 << 20)
     big = multipart_chunks((32 if quick else 256) << 20)
-    rounds, get_n, up_n, big_rounds = (5, 100, 3, 1) if quick else (15, 400, 12, 3)
+    rounds, get_n, kib_n, up_n, big_rounds = (5, 100, 20, 3, 1) if quick else (15, 400, 100, 12, 3)
     for app in apps.values():  # warm up: lazy stacks, first-request start, imports
         await timed(app, get_scope, [b""], 20)
+        await timed(app, up_scope, kib, 5)
         await timed(app, up_scope, mib, 2)
     samples: dict[str, dict[str, list[float]]] = {
-        v: {"get": [], "upload": [], "big": []} for v in apps
+        v: {"get": [], "kib": [], "upload": [], "big": []} for v in apps
     }
     order = list(apps)
     for r in range(rounds):
         random.Random(r).shuffle(order)
         for v in order:
             samples[v]["get"].append(await timed(apps[v], get_scope, [b""], get_n))
+        for v in order:
+            samples[v]["kib"].append(await timed(apps[v], up_scope, kib, kib_n))
         for v in order:
             samples[v]["upload"].append(await timed(apps[v], up_scope, mib, up_n))
         await asyncio.sleep(0)
@@ -238,6 +248,7 @@ async def in_process(apps: dict[str, ASGIApp], quick: bool) -> dict[str, dict[st
     return {
         v: {
             "get_us": statistics.median(s["get"]) * 1e6,
+            "kib_us": statistics.median(s["kib"]) * 1e6,
             "upload_us": statistics.median(s["upload"]) * 1e6,
             "big_mib_s": big_mib / statistics.median(s["big"]),
         }
@@ -277,7 +288,8 @@ def wait_for_port(port: int, timeout: float) -> None:
     raise RuntimeError(f"server on port {port} did not start within {timeout} s")
 
 
-def wrk_rps(port: int, seconds: int) -> float:
+def wrk(port: int, seconds: int) -> tuple[float, int]:
+    """Requests per second and requests completed in one wrk run."""
     out = subprocess.run(
         ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/small"],
         capture_output=True,
@@ -285,64 +297,121 @@ def wrk_rps(port: int, seconds: int) -> float:
         timeout=seconds + 30,
         check=True,
     ).stdout
+    rps = count = None
     for line in out.splitlines():
+        words = line.split()
         if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    raise RuntimeError(f"unexpected wrk output:\n{out}")
+            rps = float(words[1])
+        elif len(words) > 2 and words[1:3] == ["requests", "in"]:
+            count = int(words[0])
+    if rps is None or count is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return rps, count
 
 
-def loopback(variants: list[str], quick: bool) -> dict[str, float] | None:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux), or ``None`` where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pid: int, timeout: float = 15.0) -> None:
+    """Wait until a server stops using CPU (a recorder still writing what it was sent), so its
+    background work neither overlaps the next variant's run nor goes uncounted in its own."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = cpu_seconds(pid)
+        if now is None or now - last <= 0.01:
+            return
+        last = now
+
+
+def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | None:
+    """Per variant: median req/s, median of per-round req/s ratios to bare, and median server
+    CPU µs per request, background writing included (``nan`` where /proc is unavailable)."""
     if shutil.which("wrk") is None:
         print("loopback: skipped — wrk is not installed (apt-get install -y wrk)\n")
         return None
-    seconds, rounds = (2, 1) if quick else (4, 3)
-    results: dict[str, list[float]] = {v: [] for v in variants}
-    order = list(variants)
-    for r in range(rounds):
-        random.Random(200 + r).shuffle(order)
-        for v in order:
-            port = free_port()
-            child = subprocess.Popen(
-                [sys.executable, __file__, "--serve", v, "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-            )
+    seconds, rounds = (2, 2) if quick else (3, 7)
+    ports = {v: free_port() for v in variants}
+    children = {
+        v: subprocess.Popen(
+            [sys.executable, __file__, "--serve", v, "--port", str(ports[v])],
+            stdout=subprocess.DEVNULL,
+        )
+        for v in variants
+    }
+    rps: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    try:
+        for v in variants:
+            wait_for_port(ports[v], 60)
+            wrk(ports[v], 1)  # warm up
+            settle(children[v].pid)
+        order = list(variants)
+        for r in range(rounds):
+            random.Random(200 + r).shuffle(order)
+            for v in order:
+                before = cpu_seconds(children[v].pid)
+                rate, count = wrk(ports[v], seconds)
+                settle(children[v].pid)
+                after = cpu_seconds(children[v].pid)
+                rps[v].append(rate)
+                if before is not None and after is not None:
+                    cpu[v].append((after - before) / count * 1e6)
+    finally:
+        for child in children.values():
+            child.terminate()
+        for child in children.values():
             try:
-                wait_for_port(port, 30)
-                wrk_rps(port, 1)  # warm up
-                results[v].append(wrk_rps(port, seconds))
-            finally:
-                child.terminate()
-                try:
-                    child.wait(30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait(10)
-    return {v: statistics.median(x) for v, x in results.items()}
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(10)
+    return {
+        v: {
+            "rps": statistics.median(rps[v]),
+            "ratio": statistics.median(a / b for a, b in zip(rps[v], rps["bare"], strict=True)),
+            "cpu_us": statistics.median(cpu[v]) if cpu[v] else math.nan,
+        }
+        for v in variants
+    }
 
 
 # --- report -----------------------------------------------------------------------------------
 
 
-def report(stats: dict[str, dict[str, float]], rps: dict[str, float] | None) -> None:
+def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]] | None) -> None:
     bare = stats["bare"]
-    print(
-        f"{'variant':<12} {'GET µs':>8} {'+µs':>7} {'1MiB µs':>9} {'+µs':>8} "
-        f"{'256MiB MiB/s':>13} {'% bare':>7} {'loop req/s':>11} {'% bare':>7}"
-    )
-    for v, s in stats.items():
-        get_add = s["get_us"] - bare["get_us"]
-        up_add = s["upload_us"] - bare["upload_us"]
-        big_pct = 100 * s["big_mib_s"] / bare["big_mib_s"]
-        loop = (
-            f"{rps[v]:>11.0f} {100 * rps[v] / rps['bare']:>6.0f}%" if rps else f"{'-':>11} {'-':>7}"
-        )
-        print(
-            f"{v:<12} {s['get_us']:>8.1f} {get_add:>+7.1f} {s['upload_us']:>9.0f} {up_add:>+8.0f} "
-            f"{s['big_mib_s']:>13.0f} {big_pct:>6.0f}% {loop}"
-        )
 
     def added(v: str, key: str) -> float:
         return stats[v][key] - bare[key]
+
+    print("in process (medians):")
+    print(
+        f"{'variant':<12} {'GET µs':>8} {'+µs':>7} {'1KiB µs':>9} {'+µs':>7} {'1MiB µs':>9} "
+        f"{'+µs':>7} {'256MiB MiB/s':>13} {'% bare':>7}"
+    )
+    for v, s in stats.items():
+        print(
+            f"{v:<12} {s['get_us']:>8.1f} {added(v, 'get_us'):>+7.1f} {s['kib_us']:>9.1f} "
+            f"{added(v, 'kib_us'):>+7.1f} {s['upload_us']:>9.0f} {added(v, 'upload_us'):>+7.0f} "
+            f"{s['big_mib_s']:>13.0f} {100 * s['big_mib_s'] / bare['big_mib_s']:>6.0f}%"
+        )
+    if loop:
+        print("\nover loopback, small GET (uvicorn, one worker; medians over rounds):")
+        print(f"{'variant':<12} {'req/s':>8} {'% bare':>7} {'server CPU µs/req':>18} {'+µs':>6}")
+        for v, row in loop.items():
+            print(
+                f"{v:<12} {row['rps']:>8.0f} {100 * row['ratio']:>6.0f}% {row['cpu_us']:>18.1f} "
+                f"{row['cpu_us'] - loop['bare']['cpu_us']:>+6.1f}"
+            )
 
     def ratio(ours: float, peer: float) -> str:
         # A peer overhead within noise of zero makes a ratio meaningless: say so.
@@ -364,10 +433,10 @@ def report(stats: dict[str, dict[str, float]], rps: dict[str, float] | None) -> 
         f"  256 MiB throughput ours/bare = {stats['ours']['big_mib_s'] / bare['big_mib_s']:.2f}"
         " (target >= 0.90)"
     )
-    if rps:
+    if loop:
         print(
-            f"  loopback req/s ours/bare = {rps['ours'] / rps['bare']:.2f} (target >= 0.85); "
-            f"ours+sqlite/bare = {rps['ours+sqlite'] / rps['bare']:.2f}"
+            f"  loopback req/s ours/bare = {loop['ours']['ratio']:.2f} (target >= 0.85); "
+            f"ours+sqlite/bare = {loop['ours+sqlite']['ratio']:.2f}"
         )
 
 
@@ -390,12 +459,12 @@ def main() -> None:
         for _, close in built.values():
             close()
         shutil.rmtree(workdir, ignore_errors=True)
-    rps = None if args.no_loopback else loopback(VARIANTS, args.quick)
+    loop = None if args.no_loopback else loopback(VARIANTS, args.quick)
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"{time.monotonic() - started:.0f} s\n"
     )
-    report(stats, rps)
+    report(stats, loop)
 
 
 if __name__ == "__main__":

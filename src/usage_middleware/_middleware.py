@@ -6,12 +6,14 @@ message), runs the app, and afterwards — never on the way in or out of a messa
 saw into one ``RequestRecord`` plus one ``UploadRecord`` per file and hands them to the recorder,
 which writes them in the background. The request never waits for the database.
 
-Per-request state lives in a ``_Exchange`` object stored in the scope under ``SCOPE_KEY`` (inner
-scope copies are shallow, so ``annotate()`` finds it from any endpoint); its bound methods are
-the wrapped ``receive`` and ``send``. ``send`` returns the server's own awaitable for every
-message but the last body message, so a plain GET costs one coroutine of ours, not one per
-message. Nothing per request is kept on the middleware. User hooks are guarded: a hook that
-raises is logged (its type only, so a key in its message cannot leak) and ignored.
+Per request: a ``_Exchange`` object counts what passes and its bound methods are the wrapped
+``receive`` and ``send`` (``send`` returns the server's own awaitable for every message but the
+last body message, so a plain GET costs one coroutine of ours, not one per message); a plain
+dict stored in the scope under ``SCOPE_KEY`` takes what ``annotate()`` sets (inner scope copies
+are shallow, so it is found from any endpoint). The exchange holds the server's callables and is
+never reachable from the scope, so no request leaves a reference cycle behind. Nothing per
+request is kept on the middleware. User hooks are guarded: a hook that raises is logged (its
+type only, so a key in its message cannot leak) and ignored.
 
 Lifespan: the recorder starts on ``lifespan.startup`` (or on the first request when the server
 sends no lifespan events) and is shut down — flushing every record of every completed request —
