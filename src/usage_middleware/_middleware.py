@@ -422,11 +422,19 @@ class UsageMiddleware:
             recorded: tuple[RequestRecord, str | None, list[UploadRecord]] | None = None
             try:
                 capture.close(exchange.body_done)
+                template = self._route_template(scope, root_path, entry_app)
                 request = self._request(
-                    scope, exchange, notes, started, requested_at, root_path, entry_app, error
+                    scope,
+                    exchange,
+                    notes,
+                    started,
+                    requested_at,
+                    root_path,
+                    entry_app,
+                    error,
+                    template,
                 )
                 if request is not None:
-                    template = self._route_template(scope, root_path, entry_app)
                     uploads = self._uploads(
                         scope, exchange, notes, capture, request, template, error
                     )
@@ -484,21 +492,24 @@ class UsageMiddleware:
         root_path: str,
         entry_app: Any,
         error: BaseException | None,
+        template: Any = _UNSET,
     ) -> RequestRecord | None:
         """The request's row (``None`` when it turned out excluded), from values produced here:
-        built unchecked, ``store.write`` validates it."""
+        built unchecked, ``store.write`` validates it. ``template``: the route template when the
+        caller already resolved it (the upload path needs it too)."""
         if scope.get(EXCLUDED_KEY):
             return None
         end = exchange.end
         if end is None:
             end = perf_counter()
-        template = None
-        route = scope.get("route")
-        if route is not None:
-            cached = self._routes.get(id(route))
-            template = cached[1] if cached is not None and cached[0] is route else None
-            if template is None:
-                template = self._route_template(scope, root_path, entry_app)
+        if template is _UNSET:
+            template = None
+            route = scope.get("route")
+            if route is not None:
+                cached = self._routes.get(id(route))
+                template = cached[1] if cached is not None and cached[0] is route else None
+                if template is None:
+                    template = self._route_template(scope, root_path, entry_app)
         if notes and "api_key_id" in notes:
             key_id = notes["api_key_id"]
         else:
