@@ -96,7 +96,8 @@ _DAY = timedelta(days=1)
 class Piece:
     """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
 
-    ``grain`` is ``day`` (daily rollup), ``hour`` (hourly rollup) or ``raw`` (raw rows).
+    ``grain`` is ``month`` (monthly rollup; request statistics only), ``day`` (daily rollup),
+    ``hour`` (hourly rollup) or ``raw`` (raw rows).
     """
 
     grain: str
@@ -652,7 +653,6 @@ def request_stats(
         mine = [x for x in pieces if x.grain == grain]
         if not mine:
             continue
-
         where = _filters(table, spec, key_ids, dialect, uploads=False)
         names = ("latency_bucket", *counters)
         as_date = grain != "hour"
