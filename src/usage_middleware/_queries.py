@@ -35,6 +35,7 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -45,12 +46,15 @@ from sqlalchemy import (
     DateTime,
     Integer,
     Select,
+    String,
     Table,
     Uuid,
     and_,
+    any_,
     bindparam,
     case,
     cast,
+    exists,
     func,
     literal_column,
     or_,
@@ -60,6 +64,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 
 from ._schema import (
     ROLLUP_KEYS,
@@ -245,74 +250,116 @@ def request_plan(start: datetime, end: datetime) -> list[Piece]:
     return out
 
 
-def _pieces_table(pieces: Sequence[Piece], name: str, as_date: bool) -> Any:
-    """SQLite: the pieces as a table ``(lo, hi, p, sign)`` to join the source on.
-
-    They travel as one JSON array parameter for ``json_each``, so the statement text is fixed
-    and compiles once whatever the number of pieces (PostgreSQL's arrays: :func:`_joined`).
-    """
-    # SQLite stores dates as ISO text and UTCDateTime as naive 'YYYY-MM-DD HH:MM:SS.ffffff'
-    fmt = "%Y-%m-%d" if as_date else "%Y-%m-%d %H:%M:%S.%f"
-    rows = [[x.lo.strftime(fmt), x.hi.strftime(fmt), x.period, x.sign] for x in pieces]
-    each = func.json_each(bindparam(f"{name}_json", json.dumps(rows))).table_valued("value")
-    return select(
-        *(
-            func.json_extract(each.c.value, f"$[{i}]").label(n)
-            for i, n in enumerate(("lo", "hi", "p", "sign"))
-        )
-    ).cte(name)
+# --- statements: text fixed per shape, values as parameters -----------------------------------
 
 
-# --- filters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Shape:
+    """What a statement's text depends on besides its source: which filters are present."""
+
+    keys: bool
+    providers: bool
+    types: bool
+    families: bool
 
 
 def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _file_type_filter(col: Any, file_types: Sequence[str]) -> ColumnElement[bool] | None:
-    if not file_types:
-        return None
-    exact = [t for t in file_types if not t.endswith("/*")]
-    families = [t[:-1] for t in file_types if t.endswith("/*")]
-    parts: list[ColumnElement[bool]] = []
-    if exact:
-        parts.append(col.in_(exact))
-    parts.extend(col.like(_escape_like(f) + "%", escape="\\") for f in families)
-    return or_(*parts)
-
-
-def _filters(
-    table: Table,
-    spec: QuerySpec,
-    key_ids: Collection[UUID] | None,
-    dialect: str,
-    *,
-    uploads: bool = True,
-) -> list[ColumnElement[bool]]:
-    out: list[ColumnElement[bool]] = []
+def _scope(
+    spec: QuerySpec, key_ids: Collection[UUID] | None, dialect: str, *, uploads: bool = True
+) -> tuple[_Shape, dict[str, Any]]:
+    """The shape of a query's filters and their values as parameters (see :func:`_where`)."""
+    params: dict[str, Any] = {}
     if key_ids is not None:
-        key: Any = table.c.api_key_id
-        if dialect == "sqlite" and table.name in ROLLUP_KEYS:
-            # the SQLite rollup indexes are on ifnull(api_key_id, ''): say it the same way
-            key = type_coerce(func.ifnull(key, literal_column("''")), Uuid())
-        out.append(key.in_(sorted(key_ids)))
+        params["keys"] = sorted(key_ids)
     if uploads:
         if spec.providers:
-            out.append(table.c.provider.in_(spec.providers))
-        ft = _file_type_filter(table.c.file_type, spec.file_types)
-        if ft is not None:
-            out.append(ft)
+            params["providers"] = list(spec.providers)
+        exact = [t for t in spec.file_types if not t.endswith("/*")]
+        families = [_escape_like(t[:-1]) + "%" for t in spec.file_types if t.endswith("/*")]
+        if exact:
+            params["types"] = exact
+        if families:
+            params["families"] = families if dialect == "postgresql" else json.dumps(families)
+    shape = _Shape(*(n in params for n in ("keys", "providers", "types", "families")))
+    return shape, params
+
+
+def _where(table: Table, shape: _Shape, dialect: str) -> list[ColumnElement[bool]]:
+    """The filters of ``shape`` on ``table``, reading their values from parameters: arrays with
+    ``= ANY`` / ``LIKE ANY`` on PostgreSQL, expanding ``IN`` and a JSON list on SQLite."""
+    pg = dialect == "postgresql"
+
+    def among(col: Any, name: str, kind: Any) -> Any:
+        if pg:
+            return col == any_(bindparam(name, type_=ARRAY(kind)))
+        return col.in_(bindparam(name, expanding=True))
+
+    out: list[ColumnElement[bool]] = []
+    if shape.keys:
+        key: Any = table.c.api_key_id
+        if not pg and table.name in ROLLUP_KEYS:
+            # the SQLite rollup indexes are on ifnull(api_key_id, ''): say it the same way
+            key = type_coerce(func.ifnull(key, literal_column("''")), Uuid())
+        out.append(among(key, "keys", Uuid()))
+    if shape.providers:
+        out.append(among(table.c.provider, "providers", String()))
+    kinds: list[ColumnElement[bool]] = []
+    if shape.types:
+        kinds.append(among(table.c.file_type, "types", String()))
+    if shape.families:
+        ft = table.c.file_type
+        if pg:  # backslash is PostgreSQL's default LIKE escape
+            kinds.append(ft.like(any_(bindparam("families", type_=ARRAY(String())))))
+        else:
+            each = func.json_each(bindparam("families")).table_valued("value")
+            match: Select[Any] = select(literal_column("1")).select_from(each)
+            kinds.append(exists(match.where(ft.like(each.c.value, escape="\\"))))
+    if kinds:
+        out.append(or_(*kinds))
     return out
 
 
-# --- uploads ----------------------------------------------------------------------------------
+class _Statement:
+    """A statement built once per (source, dialect, shape); on PostgreSQL also its compiled
+    text, which :func:`_rows` hands straight to psycopg (which prepares it per connection)."""
 
-Counts = list[int]  # uploads, bytes, successful, failed
+    def __init__(self, stmt: Select[Any], dialect: str) -> None:
+        self.stmt = stmt
+        self.sql: str | None = None
+        self.constants: dict[str, Any] = {}
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+            compiled = stmt.compile(dialect=PGDialect_psycopg())  # type: ignore[no-untyped-call]
+            self.sql = str(compiled)
+            # values the statement carries itself (OFFSET 0, the 'success' literal)
+            self.constants = {k: v for k, v in compiled.params.items() if v is not None}
+
+
+def _piece_params(
+    pieces: Sequence[Piece], name: str, as_date: bool, dialect: str
+) -> dict[str, Any]:
+    """The values :func:`_joined`'s statement reads its pieces from."""
+    if dialect != "postgresql":
+        # SQLite stores dates as ISO text and UTCDateTime as naive 'YYYY-MM-DD HH:MM:SS.ffffff'
+        fmt = "%Y-%m-%d" if as_date else "%Y-%m-%d %H:%M:%S.%f"
+        rows = [[x.lo.strftime(fmt), x.hi.strftime(fmt), x.period, x.sign] for x in pieces]
+        return {name: json.dumps(rows)}
+    intervals = sorted({(x.lo, x.hi) for x in pieces})
+    index = {interval: i for i, interval in enumerate(intervals, 1)}  # WITH ORDINALITY's
+    return {
+        f"{name}_lo": [lo.date() if as_date else lo for lo, _ in intervals],
+        f"{name}_hi": [hi.date() if as_date else hi for _, hi in intervals],
+        f"{name}_i": [index[(x.lo, x.hi)] for x in pieces],
+        f"{name}_p": [x.period for x in pieces],
+        f"{name}_sign": [x.sign for x in pieces],
+    }
 
 
 def _joined(
-    pieces: Sequence[Piece],
     name: str,
     as_date: bool,
     dialect: str,
@@ -322,18 +369,26 @@ def _joined(
     where: list[Any],
     summed: Sequence[str] = (),
 ) -> Any:
-    """Source rows of ``table`` inside each piece, with the piece's period and sign.
+    """Source rows of ``table`` inside each piece (:func:`_piece_params`), with the piece's
+    period and sign.
 
     PostgreSQL gets a LATERAL join so that every piece is an index range scan (a plain range
     join is estimated badly and planned as a scan of the key's whole history). Each distinct
     interval is scanned once and then handed to every (period, sign) that uses it — a New York
     week boundary's five hours are added to one week and subtracted from the next — and the
     ``summed`` columns among ``names`` are summed per interval over the others, so a week of
-    daily rows leaves the scan as one row per (provider, type) instead of seven. SQLite's
-    nested loops already drive a plain join from the small pieces table.
+    daily rows leaves the scan as one row per (provider, type) instead of seven. On SQLite the
+    pieces are one JSON parameter read by ``json_each``, and its nested loops already drive a
+    plain join from that small table.
     """
     if dialect != "postgresql":
-        r = _pieces_table(pieces, name, as_date)
+        each = func.json_each(bindparam(name)).table_valued("value")
+        r = select(
+            *(
+                func.json_extract(each.c.value, f"$[{i}]").label(n)
+                for i, n in enumerate(("lo", "hi", "p", "sign"))
+            )
+        ).cte(name)
         return (
             select(r.c.p, r.c.sign, *(table.c[n] for n in names))
             .select_from(r)
@@ -341,32 +396,16 @@ def _joined(
             .where(*where)
             .subquery(f"{table.name}_joined")
         )
-    intervals = sorted({(x.lo, x.hi) for x in pieces})
-    index = {interval: i for i, interval in enumerate(intervals)}
     kind: Any = Date() if as_date else DateTime(timezone=True)
     d = (
         func.unnest(
-            bindparam(
-                f"{name}_lo",
-                [lo.date() if as_date else lo for lo, _ in intervals],
-                type_=ARRAY(kind),
-            ),
-            bindparam(
-                f"{name}_hi",
-                [hi.date() if as_date else hi for _, hi in intervals],
-                type_=ARRAY(kind),
-            ),
-            bindparam(f"{name}_i", list(range(len(intervals))), type_=ARRAY(Integer())),
+            bindparam(f"{name}_lo", type_=ARRAY(kind)), bindparam(f"{name}_hi", type_=ARRAY(kind))
         )
-        .table_valued("lo", "hi", "i")
+        .table_valued("lo", "hi", with_ordinality="i")
         .render_derived(name=name)
     )
     t = (
-        func.unnest(
-            bindparam(f"{name}_ti", [index[(x.lo, x.hi)] for x in pieces], type_=ARRAY(Integer())),
-            bindparam(f"{name}_p", [x.period for x in pieces], type_=ARRAY(Integer())),
-            bindparam(f"{name}_sign", [x.sign for x in pieces], type_=ARRAY(Integer())),
-        )
+        func.unnest(*(bindparam(f"{name}_{c}", type_=ARRAY(Integer())) for c in ("i", "p", "sign")))
         .table_valued("i", "p", "sign")
         .render_derived(name=f"{name}_targets")
     )
@@ -396,55 +435,66 @@ def _joined(
     )
 
 
+# --- uploads ----------------------------------------------------------------------------------
+
+Counts = list[int]  # uploads, bytes, successful, failed
+
 _UPLOAD_COUNTERS = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+
+
+@lru_cache(maxsize=128)
+def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
+    """Uploads of one source (daily or hourly rollup, raw edges) summed by (period, provider,
+    file_type) over the pieces in parameter ``{grain}_pieces``."""
+    name = f"{grain}_pieces"
+    if grain == "raw":
+        fu = file_uploads
+        names: tuple[str, ...] = ("provider", "file_type", "file_size", "upload_status")
+        where = _where(fu, shape, dialect)
+        j = _joined(name, False, dialect, fu, fu.c.uploaded_at, names, where)
+        ok = case((j.c.upload_status == "success", 1), else_=0)
+        cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
+        cols.append(j.c.sign * (1 - ok))
+    else:
+        table = daily_usage if grain == "day" else hourly_usage
+        at = table.c.usage_date if grain == "day" else table.c.usage_hour
+        names = ("provider", "file_type", *_UPLOAD_COUNTERS)
+        where = _where(table, shape, dialect)
+        j = _joined(name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS)
+        # daily pieces are never subtracted (see plan())
+        cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
+    stmt = select(
+        j.c.p,
+        j.c.provider,
+        j.c.file_type,
+        *(cast(func.sum(cast(c, BigInteger)), BigInteger) for c in cols),
+    )
+    if dialect == "postgresql":
+        # Only the three marginals are needed: a year by week is ~70 rows instead of
+        # ~2,000 (period x provider x type); columns a row is not grouped by are NULL.
+        stmt = stmt.group_by(func.grouping_sets(j.c.p, j.c.provider, j.c.file_type))
+    else:
+        stmt = stmt.group_by(j.c.p, j.c.provider, j.c.file_type)
+    return _Statement(stmt, dialect)
 
 
 def upload_statements(
     spec: QuerySpec, key_ids: Collection[UUID] | None, starts: list[datetime], dialect: str
-) -> list[Select[Any]]:
-    """Statements answering uploads for periods starting at ``starts``, one per source (daily
-    rollup, hourly rollup, raw edges): the source joined to its pieces and summed by (period,
-    provider, file_type). Their rows add up; on PostgreSQL they run concurrently."""
-    pieces = plan([*starts, spec.end_utc])
-    lateral = dialect == "postgresql"
-    statements: list[Select[Any]] = []
-    for grain in ("day", "hour", "raw"):
-        mine = [x for x in pieces if x.grain == grain]
-        if not mine:
-            continue
-        name = f"{grain}_pieces"
-        if grain == "raw":
-            fu = file_uploads
-            names: tuple[str, ...] = ("provider", "file_type", "file_size", "upload_status")
-            where = _filters(fu, spec, key_ids, dialect)
-            j = _joined(mine, name, False, dialect, fu, fu.c.uploaded_at, names, where)
-            ok = case((j.c.upload_status == "success", 1), else_=0)
-            cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
-            cols.append(j.c.sign * (1 - ok))
-        else:
-            table = daily_usage if grain == "day" else hourly_usage
-            at = table.c.usage_date if grain == "day" else table.c.usage_hour
-            names = ("provider", "file_type", *_UPLOAD_COUNTERS)
-            where = _filters(table, spec, key_ids, dialect)
-            j = _joined(
-                mine, name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS
-            )
-            # daily pieces are never subtracted (see plan())
-            cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
-        stmt = select(
-            j.c.p,
-            j.c.provider,
-            j.c.file_type,
-            *(cast(func.sum(cast(c, BigInteger)), BigInteger) for c in cols),
+) -> list[tuple[_Statement, dict[str, Any]]]:
+    """Statements and their parameters answering uploads for periods starting at ``starts``,
+    one per source (daily rollup, hourly rollup, raw edges). Their rows add up; on PostgreSQL
+    they run concurrently."""
+    shape, scope = _scope(spec, key_ids, dialect)
+    by_grain: dict[str, list[Piece]] = {}
+    for x in plan([*starts, spec.end_utc]):
+        by_grain.setdefault(x.grain, []).append(x)
+    return [
+        (
+            _upload_statement(grain, dialect, shape),
+            {**scope, **_piece_params(pieces, f"{grain}_pieces", grain == "day", dialect)},
         )
-        if lateral:
-            # Only the three marginals are needed: a year by week is ~70 rows instead of
-            # ~2,000 (period x provider x type); columns a row is not grouped by are NULL.
-            stmt = stmt.group_by(func.grouping_sets(j.c.p, j.c.provider, j.c.file_type))
-        else:
-            stmt = stmt.group_by(j.c.p, j.c.provider, j.c.file_type)
-        statements.append(stmt)
-    return statements
+        for grain, pieces in by_grain.items()
+    ]
 
 
 # Runs the independent statements of one PostgreSQL answer at the same time (each on its own
@@ -452,14 +502,35 @@ def upload_statements(
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="usage-query")
 
 
-def _connect(store: UsageStore) -> Any:
-    """A connection for read queries; on PostgreSQL without JIT, which costs more than these
-    small indexed queries take (it kicks in on row estimates, not on actual work)."""
+def _rows(store: UsageStore, statement: _Statement, params: dict[str, Any]) -> list[Any]:
+    """Run one read statement. PostgreSQL: its cached text straight through psycopg on a
+    pooled connection in autocommit — one round trip, no BEGIN/ROLLBACK, no SQLAlchemy
+    execution machinery; driver errors surface as SQLAlchemy's, as everywhere else."""
     store.ensure_schema()
-    conn = store.engine.connect()
-    if store.dialect == "postgresql":
-        conn.exec_driver_sql("SET LOCAL jit = off")
-    return conn
+    if statement.sql is None:
+        with store.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(statement.stmt, params)]
+    import psycopg
+
+    raw = store.engine.raw_connection()  # pre-pinged by the pool
+    driver: Any = raw.driver_connection
+    try:
+        driver.autocommit = True
+        with driver.cursor() as cur:
+            cur.execute(statement.sql, {**statement.constants, **params})
+            rows: list[Any] = cur.fetchall()
+            return rows
+    except psycopg.Error as exc:
+        broken = bool(driver.broken or driver.closed)
+        if broken:
+            raw.invalidate()
+        raise DBAPIError.instance(
+            statement.sql, params, exc, psycopg.Error, connection_invalidated=broken
+        ) from exc
+    finally:
+        if not driver.closed:
+            driver.autocommit = False  # the pool's next user (a writer) expects transactions
+        raw.close()
 
 
 def _upload_rows(
@@ -470,18 +541,13 @@ def _upload_rows(
         return []
     statements = upload_statements(spec, key_ids, starts, store.dialect)
     if store.dialect == "postgresql" and len(statements) > 1:
-        futures = [_POOL.submit(_fetch, store, stmt) for stmt in statements[1:]]
-        rows = _fetch(store, statements[0])
+        futures = [_POOL.submit(_rows, store, *s) for s in statements[1:]]
+        rows = _rows(store, *statements[0])
         for future in futures:
             rows.extend(future.result())
         return rows
     # one SQLite connection may be shared (in-memory databases): stay sequential
-    return [row for stmt in statements for row in _fetch(store, stmt)]
-
-
-def _fetch(store: UsageStore, stmt: Select[Any]) -> list[Any]:
-    with _connect(store) as conn:
-        return [tuple(r) for r in conn.execute(stmt)]
+    return [row for s in statements for row in _rows(store, *s)]
 
 
 def _percentages(counts: Sequence[int]) -> list[float]:
@@ -627,6 +693,52 @@ def history(
 # --- API requests -----------------------------------------------------------------------------
 
 
+_REQUEST_SOURCES = {
+    "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
+    "day": (daily_request_usage, daily_request_usage.c.usage_date),
+    "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
+}
+_REQUEST_COUNTERS = ("total_requests", "error_requests", "total_response_us")
+
+
+@lru_cache(maxsize=128)
+def _histogram_statement(grains: tuple[str, ...], dialect: str, shape: _Shape) -> _Statement:
+    """The merged latency histogram ``(bucket, requests, errors, response µs)`` over the
+    request rollups of ``grains``, each read over its pieces in ``{grain}_pieces``."""
+    selects: list[Select[Any]] = []
+    for grain in grains:
+        table, at = _REQUEST_SOURCES[grain]
+        names = ("latency_bucket", *_REQUEST_COUNTERS)
+        where = _where(table, shape, dialect)
+        j = _joined(
+            f"{grain}_pieces", grain != "hour", dialect, table, at, names, where, _REQUEST_COUNTERS
+        )
+        selects.append(
+            select(
+                j.c.latency_bucket.label("lb"),
+                *(
+                    cast(j.c.sign * j.c[c], BigInteger).label(n)
+                    for c, n in zip(_REQUEST_COUNTERS, ("n", "e", "us"), strict=True)
+                ),
+            )
+        )
+    union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
+    stmt = select(
+        union.c.lb, *(cast(func.sum(union.c[c]), BigInteger) for c in ("n", "e", "us"))
+    ).group_by(union.c.lb)
+    return _Statement(stmt, dialect)
+
+
+@lru_cache(maxsize=32)
+def _raw_request_statement(dialect: str, shape: _Shape) -> _Statement:
+    """Raw ``api_requests`` rows ``(sign, response ms, status)`` over ``raw_pieces``."""
+    ar = api_requests
+    where = _where(ar, shape, dialect)
+    names = ("response_time_ms", "status_code")
+    j = _joined("raw_pieces", False, dialect, ar, ar.c.requested_at, names, where)
+    return _Statement(select(j.c.sign, j.c.response_time_ms, j.c.status_code), dialect)
+
+
 def request_stats(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None = None
 ) -> dict[str, Any]:
@@ -638,60 +750,30 @@ def request_stats(
     empty = {"total": 0, "errors": 0, "avg_response_ms": 0.0, "p95_response_ms": 0.0}
     if key_ids is not None and not key_ids:
         return empty
+    dialect = store.dialect
+    shape, params = _scope(spec, key_ids, dialect, uploads=False)
+    by_grain: dict[str, list[Piece]] = {}
+    for x in request_plan(spec.start_utc, spec.end_utc):
+        by_grain.setdefault(x.grain, []).append(x)
     buckets: dict[int, int] = defaultdict(int)
     total = errors = total_us = 0
-    pieces = request_plan(spec.start_utc, spec.end_utc)
-    dialect = store.dialect
-    selects: list[Select[Any]] = []
-    counters = ("total_requests", "error_requests", "total_response_us")
-    sources = {
-        "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
-        "day": (daily_request_usage, daily_request_usage.c.usage_date),
-        "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
-    }
-    for grain, (table, at) in sources.items():
-        mine = [x for x in pieces if x.grain == grain]
-        if not mine:
-            continue
-        where = _filters(table, spec, key_ids, dialect, uploads=False)
-        names = ("latency_bucket", *counters)
-        as_date = grain != "hour"
-        j = _joined(mine, f"{grain}_pieces", as_date, dialect, table, at, names, where, counters)
-        selects.append(
-            select(
-                j.c.latency_bucket.label("lb"),
-                *(
-                    cast(j.c.sign * j.c[c], BigInteger).label(n)
-                    for c, n in zip(counters, ("n", "e", "us"), strict=True)
-                ),
-            )
-        )
-    raw_pieces = [x for x in pieces if x.grain == "raw"]
-    with _connect(store) as conn:
-        if selects:
-            union = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
-            stmt = select(
-                union.c.lb, *(cast(func.sum(union.c[c]), BigInteger) for c in ("n", "e", "us"))
-            ).group_by(union.c.lb)
-            for lb, n, e, us in conn.execute(stmt):
-                buckets[lb] += n
-                total += n
-                errors += e
-                total_us += us
-        if raw_pieces:
-            ar = api_requests
-            where = _filters(ar, spec, key_ids, dialect, uploads=False)
-            raw_names = ("response_time_ms", "status_code")
-            j = _joined(
-                raw_pieces, "raw_pieces", False, dialect, ar, ar.c.requested_at, raw_names, where
-            )
-            for sign, ms, status in conn.execute(
-                select(j.c.sign, j.c.response_time_ms, j.c.status_code)
-            ):
-                buckets[latency_bucket(ms)] += sign
-                total += sign
-                errors += sign * (status >= 400)
-                total_us += sign * round(ms * 1000)
+    grains = tuple(g for g in _REQUEST_SOURCES if g in by_grain)
+    if grains:
+        for g in grains:
+            params.update(_piece_params(by_grain[g], f"{g}_pieces", g != "hour", dialect))
+        for lb, n, e, us in _rows(store, _histogram_statement(grains, dialect, shape), params):
+            buckets[lb] += n
+            total += n
+            errors += e
+            total_us += us
+    if "raw" in by_grain:
+        raw_params = {k: v for k, v in params.items() if "_pieces" not in k}
+        raw_params.update(_piece_params(by_grain["raw"], "raw_pieces", False, dialect))
+        for sign, ms, status in _rows(store, _raw_request_statement(dialect, shape), raw_params):
+            buckets[latency_bucket(ms)] += sign
+            total += sign
+            errors += sign * (status >= 400)
+            total_us += sign * round(ms * 1000)
     if total == 0:
         return empty
     rank = math.ceil(0.95 * total)

@@ -127,9 +127,13 @@ class UsageStore:
             if self.dialect == "sqlite":
                 self.engine = self._sqlite_engine(options, connect_timeout)
             else:
-                connect_args = options.pop("connect_args", {})
+                connect_args = dict(options.pop("connect_args", {}))
                 connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
-                connect_args.setdefault("options", "-c timezone=UTC")
+                # UTC sessions; no JIT, which costs more than the read path's small indexed
+                # statements take (it kicks in on row estimates, not on actual work). Options
+                # the caller passes come later and win.
+                ours = "-c timezone=UTC -c jit=off"
+                connect_args["options"] = f"{ours} {connect_args.get('options', '')}".strip()
                 options.setdefault("pool_pre_ping", True)
                 self.engine = create_engine(self.url, connect_args=connect_args, **options)
         except (NoSuchModuleError, ImportError) as exc:
