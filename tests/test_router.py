@@ -422,6 +422,33 @@ def test_database_down_is_503_json(unreachable_pg: UsageStore, tmp_path: Any) ->
         assert health.status_code == 503 and health.json()["database"] == "unreachable"
 
 
+@pytest.mark.postgres
+def test_failed_query_is_503_and_the_pooled_connection_stays_transactional(pg_url: str) -> None:
+    """A statement that fails on a live PostgreSQL connection answers 503; the connection goes
+    back to the pool out of autocommit, so the writer that takes it next still gets one
+    transaction per batch."""
+    store = UsageStore(pg_url, engine_options={"pool_size": 1, "max_overflow": 0})
+    try:
+        seed(store)
+        app = starlette_app(store)
+        assert call(app, "/api/usage/granular", RANGE, {"x-who": "a"}).status_code == 200
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE daily_usage RENAME TO daily_usage_away")
+        r = call(app, "/api/usage/granular", RANGE, {"x-who": "a"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "database_unavailable"
+        with store.engine.connect() as conn:  # the only pooled connection: the one that failed
+            assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+            conn.exec_driver_sql("CREATE TEMPORARY TABLE rolled_back (x int)")
+            conn.rollback()
+            assert conn.exec_driver_sql("SELECT to_regclass('rolled_back')").scalar() is None
+            conn.exec_driver_sql("ALTER TABLE daily_usage_away RENAME TO daily_usage")
+            conn.commit()
+        assert call(app, "/api/usage/granular", RANGE, {"x-who": "a"}).status_code == 200
+    finally:
+        store.dispose()
+
+
 def test_authorize_that_raises_gives_json_error(store: UsageStore) -> None:
     """A failing authorize hook answers a JSON 500 instead of crashing the app."""
 

@@ -241,3 +241,22 @@ def test_write_survives_discard_all(pg_url: str) -> None:
         assert_rollups_exact(store)
     finally:
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_sessions_are_utc_without_jit_and_caller_options_still_apply(
+    pg_url: str,
+) -> None:
+    """The store's sessions run in UTC with JIT off (it costs the read path's small indexed
+    statements more than they take); options the caller passes are added and win."""
+    options = "-c statement_timeout=5000 -c timezone=UTC"
+    store = UsageStore(pg_url, engine_options={"connect_args": {"options": options}})
+    try:
+        with store.engine.connect() as conn:
+            settings = {
+                name: conn.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("jit", "timezone", "statement_timeout")
+            }
+        assert settings == {"jit": "off", "timezone": "UTC", "statement_timeout": "5s"}
+    finally:
+        store.dispose()
