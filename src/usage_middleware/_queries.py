@@ -209,9 +209,14 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
     return [piece for pieces in out.values() for piece in pieces]
 
 
-# Relative cost of one read per grain in the request plan: roughly how many histogram rows one
-# piece returns (a month holds few more latency buckets than a day, an hour far fewer).
-_REQUEST_COST = {"month": 6, "day": 4, "hour": 1, "raw": 1}
+def _request_cost(x: Piece) -> int:
+    """Rough cost of reading one request-rollup piece: its histogram rows. A month or a day
+    holds nearly every latency bucket a key uses (a month a few more), an hour a fraction."""
+    if x.grain == "day":
+        return 4 * ((x.hi - x.lo) // _DAY)
+    if x.grain == "hour":
+        return (x.hi - x.lo) // _HOUR
+    return 6 if x.grain == "month" else 1
 
 
 def _month_start(t: datetime) -> datetime:
@@ -225,29 +230,32 @@ def _next_month(t: datetime) -> datetime:
 def request_plan(start: datetime, end: datetime) -> list[Piece]:
     """Pieces (all of period 0) that read the request histograms over ``[start, end)``.
 
-    Whole UTC months come from the monthly rollup. A month the range only partly covers is
-    read through :func:`plan` (days, hours, raw edges), or — when that is cheaper — as the
-    month's row minus the parts outside the range: a local year in New York is eleven monthly
-    reads plus a January row minus five hours, instead of 365 daily reads.
+    Whole UTC months come from the monthly rollup, consecutive ones as one range. A month the
+    range only partly covers is read through :func:`plan` (days, hours, raw edges), or — when
+    that is cheaper — as the month's row minus the parts outside the range. Costs count
+    histogram rows (:func:`_request_cost`): a local year in New York is one read of twelve
+    monthly rows minus its first five UTC hours plus five hours of the next January, instead
+    of 365 daily reads.
     """
-    out: list[Piece] = []
+    out: _Out = {}
     m = _month_start(start)
     while m < end:
         m1 = _next_month(m)
         lo, hi = max(m, start), min(m1, end)
-        if (lo, hi) == (m, m1):
-            out.append(Piece("month", m, m1, 0, 1))
-        else:
+        parts: list[tuple[int, Piece]] = []  # (sign, piece) read besides the month's row
+        whole = (lo, hi) == (m, m1)
+        if not whole:
             direct = plan([lo, hi])
             outside = [x for a, b in ((m, lo), (hi, m1)) if a < b for x in plan([a, b])]
-            cost = sum(_REQUEST_COST[x.grain] for x in direct)
-            if _REQUEST_COST["month"] + sum(_REQUEST_COST[x.grain] for x in outside) < cost:
-                out.append(Piece("month", m, m1, 0, 1))
-                out.extend(Piece(x.grain, x.lo, x.hi, 0, -x.sign) for x in outside)
-            else:
-                out.extend(direct)
+            month_cost = _request_cost(Piece("month", m, m1, 0, 1))
+            whole = month_cost + sum(map(_request_cost, outside)) < sum(map(_request_cost, direct))
+            parts = [(-1, x) for x in outside] if whole else [(1, x) for x in direct]
+        if whole:
+            _emit(out, "month", m, m1, 0, 1)
+        for sign, x in parts:
+            _emit(out, x.grain, x.lo, x.hi, 0, sign * x.sign)
         m = m1
-    return out
+    return [piece for pieces in out.values() for piece in pieces]
 
 
 # --- statements: text fixed per shape, values as parameters -----------------------------------
@@ -348,11 +356,15 @@ def _piece_params(
         fmt = "%Y-%m-%d" if as_date else "%Y-%m-%d %H:%M:%S.%f"
         rows = [[x.lo.strftime(fmt), x.hi.strftime(fmt), x.period, x.sign] for x in pieces]
         return {name: json.dumps(rows)}
-    intervals = sorted({(x.lo, x.hi) for x in pieces})
+    net: dict[tuple[datetime, datetime], int] = {}  # interval -> its signs added up
+    for x in pieces:
+        net[x.lo, x.hi] = net.get((x.lo, x.hi), 0) + x.sign
+    intervals = sorted(net)
     index = {interval: i for i, interval in enumerate(intervals, 1)}  # WITH ORDINALITY's
     return {
         f"{name}_lo": [lo.date() if as_date else lo for lo, _ in intervals],
         f"{name}_hi": [hi.date() if as_date else hi for _, hi in intervals],
+        f"{name}_net": [net[interval] for interval in intervals],
         f"{name}_i": [index[(x.lo, x.hi)] for x in pieces],
         f"{name}_p": [x.period for x in pieces],
         f"{name}_sign": [x.sign for x in pieces],
@@ -368,6 +380,7 @@ def _joined(
     names: Sequence[str],
     where: list[Any],
     summed: Sequence[str] = (),
+    cancelling: Sequence[str] = (),
 ) -> Any:
     """Source rows of ``table`` inside each piece (:func:`_piece_params`), with the piece's
     period and sign.
@@ -377,7 +390,10 @@ def _joined(
     interval is scanned once and then handed to every (period, sign) that uses it — a New York
     week boundary's five hours are added to one week and subtracted from the next — and the
     ``summed`` columns among ``names`` are summed per interval over the others, so a week of
-    daily rows leaves the scan as one row per (provider, type) instead of seven. On SQLite the
+    daily rows leaves the scan as one row per (provider, type) instead of seven. An interval
+    whose uses cancel out (added to one period, subtracted from the next) adds nothing to
+    range-wide breakdowns, so it is summed without the ``cancelling`` columns (they come back
+    NULL): no grouping by text for the hours of a New York week boundary. On SQLite the
     pieces are one JSON parameter read by ``json_each``, and its nested loops already drive a
     plain join from that small table.
     """
@@ -397,11 +413,12 @@ def _joined(
             .subquery(f"{table.name}_joined")
         )
     kind: Any = Date() if as_date else DateTime(timezone=True)
+    bounds = [bindparam(f"{name}_{c}", type_=ARRAY(kind)) for c in ("lo", "hi")]
+    if cancelling:
+        bounds.append(bindparam(f"{name}_net", type_=ARRAY(Integer())))
     d = (
-        func.unnest(
-            bindparam(f"{name}_lo", type_=ARRAY(kind)), bindparam(f"{name}_hi", type_=ARRAY(kind))
-        )
-        .table_valued("lo", "hi", with_ordinality="i")
+        func.unnest(*bounds)
+        .table_valued(*("lo", "hi", "net")[: len(bounds)], with_ordinality="i")
         .render_derived(name=name)
     )
     t = (
@@ -409,9 +426,14 @@ def _joined(
         .table_valued("i", "p", "sign")
         .render_derived(name=f"{name}_targets")
     )
-    keys = [table.c[n] for n in names if n not in summed]
+    grouped = {
+        n: case((d.c.net != 0, table.c[n])).label(n) if n in cancelling else table.c[n]
+        for n in names
+        if n not in summed
+    }
+    keys = list(grouped.values())
     cols = [
-        cast(func.sum(table.c[n]), BigInteger).label(n) if n in summed else table.c[n]
+        cast(func.sum(table.c[n]), BigInteger).label(n) if n in summed else grouped[n]
         for n in names
     ]
     rows = select(*cols).where(at >= d.c.lo, at < d.c.hi, *where)
@@ -460,7 +482,11 @@ def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
         at = table.c.usage_date if grain == "day" else table.c.usage_hour
         names = ("provider", "file_type", *_UPLOAD_COUNTERS)
         where = _where(table, shape, dialect)
-        j = _joined(name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS)
+        # hours are what a cut day's pieces move between periods (see plan())
+        cancelling = ("provider", "file_type") if grain == "hour" else ()
+        j = _joined(
+            name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS, cancelling
+        )
         # daily pieces are never subtracted (see plan())
         cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
     stmt = select(

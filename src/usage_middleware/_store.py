@@ -204,10 +204,7 @@ class UsageStore:
                 with conn.begin():
                     present = set(inspect(conn).get_table_names())
                     metadata.create_all(conn, checkfirst=True)
-                    if (
-                        "monthly_request_usage" not in present
-                        and "daily_request_usage" in present
-                    ):
+                    if "monthly_request_usage" not in present and "daily_request_usage" in present:
                         conn.exec_driver_sql(_SQLITE_MONTHLY_BACKFILL)
             finally:
                 conn.info.pop("usage_write", None)
