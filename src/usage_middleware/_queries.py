@@ -31,12 +31,12 @@ import json
 import math
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import (
@@ -97,8 +97,7 @@ _DAY = timedelta(days=1)
 # --- planning: which UTC intervals come from which source ------------------------------------
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
 
     ``grain`` is ``month`` (monthly rollup; request statistics only), ``day`` (daily rollup),
@@ -112,17 +111,25 @@ class Piece:
     sign: int
 
 
+# Period bounds are mostly whole hours: the aligned case skips building a new datetime.
+
+
 def _floor_hour(t: datetime) -> datetime:
-    return t.replace(minute=0, second=0, microsecond=0)
+    if t.minute or t.second or t.microsecond:
+        return t.replace(minute=0, second=0, microsecond=0)
+    return t
 
 
 def _ceil_hour(t: datetime) -> datetime:
-    f = _floor_hour(t)
-    return f if f == t else f + _HOUR
+    if t.minute or t.second or t.microsecond:
+        return t.replace(minute=0, second=0, microsecond=0) + _HOUR
+    return t
 
 
 def _floor_day(t: datetime) -> datetime:
-    return t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if t.hour or t.minute or t.second or t.microsecond:
+        return t.replace(hour=0, minute=0, second=0, microsecond=0)
+    return t
 
 
 _Out = dict[tuple[str, int], list[Piece]]  # (grain, sign) -> pieces in time order
@@ -362,13 +369,19 @@ def _piece_params(
     intervals = sorted(net)
     index = {interval: i for i, interval in enumerate(intervals, 1)}  # WITH ORDINALITY's
     return {
-        f"{name}_lo": [lo.date() if as_date else lo for lo, _ in intervals],
-        f"{name}_hi": [hi.date() if as_date else hi for _, hi in intervals],
-        f"{name}_net": [net[interval] for interval in intervals],
-        f"{name}_i": [index[(x.lo, x.hi)] for x in pieces],
-        f"{name}_p": [x.period for x in pieces],
-        f"{name}_sign": [x.sign for x in pieces],
+        f"{name}_lo": _pg_array(lo.date() if as_date else lo for lo, _ in intervals),
+        f"{name}_hi": _pg_array(hi.date() if as_date else hi for _, hi in intervals),
+        f"{name}_net": _pg_array(net[interval] for interval in intervals),
+        f"{name}_i": _pg_array(index[(x.lo, x.hi)] for x in pieces),
+        f"{name}_p": _pg_array(x.period for x in pieces),
+        f"{name}_sign": _pg_array(x.sign for x in pieces),
     }
+
+
+def _pg_array(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of integers, dates or timestamps (none needs quoting), which
+    the statement casts: one text parameter instead of psycopg dumping every element."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _joined(
@@ -514,13 +527,34 @@ def upload_statements(
     by_grain: dict[str, list[Piece]] = {}
     for x in plan([*starts, spec.end_utc]):
         by_grain.setdefault(x.grain, []).append(x)
+    parts = [(grain, pieces) for grain, pieces in by_grain.items() if grain != "day"]
+    days = by_grain.get("day", [])
+    if dialect == "postgresql" and sum((x.hi - x.lo).days for x in days) >= _SPLIT_DAYS:
+        parts.extend(("day", half) for half in _halves(days))  # the longest read: on two cores
+    elif days:
+        parts.append(("day", days))
     return [
         (
             _upload_statement(grain, dialect, shape),
             {**scope, **_piece_params(pieces, f"{grain}_pieces", grain == "day", dialect)},
         )
-        for grain, pieces in by_grain.items()
+        for grain, pieces in parts
     ]
+
+
+# Daily reads at least this long run as two concurrent statements.
+_SPLIT_DAYS = 120
+
+
+def _halves(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
+    """``pieces`` in two runs of about the same number of days."""
+    total = sum((x.hi - x.lo).days for x in pieces)
+    seen = 0
+    for i, x in enumerate(pieces):
+        seen += (x.hi - x.lo).days
+        if 2 * seen >= total:
+            return pieces[: i + 1], pieces[i + 1 :]
+    return pieces, []
 
 
 # Runs the independent statements of one PostgreSQL answer at the same time (each on its own
