@@ -811,7 +811,7 @@ def request_stats(
     if key_ids is not None and not key_ids:
         return empty
     dialect = store.dialect
-    shape, params = _scope(spec, key_ids, dialect, uploads=False)
+    shape, scope = _scope(spec, key_ids, dialect, uploads=False)
     by_grain: dict[str, list[Piece]] = {}
     for x in request_plan(spec.start_utc, spec.end_utc):
         by_grain.setdefault(x.grain, []).append(x)
@@ -819,6 +819,7 @@ def request_stats(
     total = errors = total_us = 0
     grains = tuple(g for g in _REQUEST_SOURCES if g in by_grain)
     if grains:
+        params = dict(scope)
         for g in grains:
             params.update(_piece_params(by_grain[g], f"{g}_pieces", g != "hour", dialect))
         for lb, n, e, us in _rows(store, _histogram_statement(grains, dialect, shape), params):
@@ -827,8 +828,7 @@ def request_stats(
             errors += e
             total_us += us
     if "raw" in by_grain:
-        raw_params = {k: v for k, v in params.items() if "_pieces" not in k}
-        raw_params.update(_piece_params(by_grain["raw"], "raw_pieces", False, dialect))
+        raw_params = {**scope, **_piece_params(by_grain["raw"], "raw_pieces", False, dialect)}
         for sign, ms, status in _rows(store, _raw_request_statement(dialect, shape), raw_params):
             buckets[latency_bucket(ms)] += sign
             total += sign
