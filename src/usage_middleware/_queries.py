@@ -216,14 +216,18 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
     return [piece for pieces in out.values() for piece in pieces]
 
 
+# Rough cost of reading request histograms, in rows: a month or a day holds nearly every
+# latency bucket a key uses (a month a few more), an hour a fraction of them.
+_MONTH_COST = 6
+
+
 def _request_cost(x: Piece) -> int:
-    """Rough cost of reading one request-rollup piece: its histogram rows. A month or a day
-    holds nearly every latency bucket a key uses (a month a few more), an hour a fraction."""
+    """Rough cost of reading one day, hour or raw piece of the request plan."""
     if x.grain == "day":
         return 4 * ((x.hi - x.lo) // _DAY)
     if x.grain == "hour":
         return (x.hi - x.lo) // _HOUR
-    return 6 if x.grain == "month" else 1
+    return 1
 
 
 def _month_start(t: datetime) -> datetime:
@@ -249,15 +253,15 @@ def request_plan(start: datetime, end: datetime) -> list[Piece]:
     while m < end:
         m1 = _next_month(m)
         lo, hi = max(m, start), min(m1, end)
-        parts: list[tuple[int, Piece]] = []  # (sign, piece) read besides the month's row
-        whole = (lo, hi) == (m, m1)
-        if not whole:
+        use_month = (lo, hi) == (m, m1)
+        parts: list[tuple[int, Piece]] = []  # (sign, piece) read besides or instead of it
+        if not use_month:
             direct = plan([lo, hi])
             outside = [x for a, b in ((m, lo), (hi, m1)) if a < b for x in plan([a, b])]
-            month_cost = _request_cost(Piece("month", m, m1, 0, 1))
-            whole = month_cost + sum(map(_request_cost, outside)) < sum(map(_request_cost, direct))
-            parts = [(-1, x) for x in outside] if whole else [(1, x) for x in direct]
-        if whole:
+            minus = _MONTH_COST + sum(map(_request_cost, outside))
+            use_month = minus < sum(map(_request_cost, direct))
+            parts = [(-1, x) for x in outside] if use_month else [(1, x) for x in direct]
+        if use_month:
             _emit(out, "month", m, m1, 0, 1)
         for sign, x in parts:
             _emit(out, x.grain, x.lo, x.hi, 0, sign * x.sign)
