@@ -145,7 +145,7 @@ class UsageStore:
     def _sqlite_engine(self, options: dict[str, Any], timeout: float) -> Engine:
         database = self.url.database or ""
         in_memory = database in ("", ":memory:") or "mode=memory" in database
-        connect_args = options.pop("connect_args", {})
+        connect_args = dict(options.pop("connect_args", {}))
         connect_args.setdefault("timeout", max(timeout, 30.0))
         connect_args.setdefault("check_same_thread", False)
         if in_memory:
