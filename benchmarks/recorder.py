@@ -28,26 +28,11 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from support.pg import create_database, drop_database  # noqa: E402
 from support.servers import free_port, server_process, uvicorn_argv  # noqa: E402
 from support.tcpproxy import TcpProxy  # noqa: E402
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore  # noqa: E402
-
-
-def make_db(admin_url: str) -> str:
-    name = f"um_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_db(admin_url: str, url: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def rows(n: int) -> list[UploadRecord | RequestRecord]:
@@ -207,7 +192,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         ns = enqueue_cost(tmp)
         print(f"enqueue: {ns:.0f} ns per submit() (target < 2000 ns)")
-        pg = make_db(args.pg)
+        pg = create_database(args.pg, "um_bench_")
         try:
             for name, url in (("postgresql", pg), ("sqlite", f"sqlite:///{tmp / 'usage.db'}")):
                 ceiling = write_ceiling(url, args.seconds / 2)
@@ -226,7 +211,7 @@ def main() -> None:
                 f"(p99 ratio cut/healthy {c_p99 / h_p99:.2f}x; {spooled:,.0f} records spooled)"
             )
         finally:
-            drop_db(args.pg, pg)
+            drop_database(args.pg, pg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,24 +19,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import Uuid, bindparam, text
 from sqlalchemy.engine import make_url
+from support.checks import scalar, wait_for
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 
 UTC = timezone.utc
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def scalar(store: UsageStore, sql: str) -> int:
-    with store.engine.connect() as conn:
-        return int(conn.execute(text(sql)).scalar() or 0)
 
 
 def uploads_in(store: UsageStore) -> int:
@@ -202,7 +189,9 @@ def test_outage_spools_then_every_record_lands_exactly_once(
     recorders.append(up)
     up.submit_many(records[:100])  # the same ids again, live
     up.start()
-    assert wait_for(lambda: up.stats()["spool_pending"] == 0 and up.stats()["queued"] == 0)
+    assert wait_for(
+        lambda: up.stats()["spool_pending"] == 0 and up.stats()["queued"] == 0, timeout=20
+    )
     assert up.force_flush(timeout=10)
     assert uploads_in(store) == 700
     assert_rollup_exact(store)
@@ -259,7 +248,7 @@ def test_shutdown_with_the_database_down_spools_and_the_next_start_replays_lossl
     up = Recorder(store, spool_path=spool, flush_interval=0.05)
     recorders.append(up)
     up.start()
-    assert wait_for(lambda: up.stats()["replayed"] == 1000)
+    assert wait_for(lambda: up.stats()["replayed"] == 1000, timeout=20)
     assert uploads_in(store) == 999
     assert_rollup_exact(store)
     with store.engine.connect() as conn:
@@ -395,7 +384,7 @@ def test_several_recorders_share_one_spool_without_double_counting(
     for recorder in replayers:
         recorder.start()
     assert wait_for(lambda: uploads_in(store) == 5000, timeout=60)
-    assert wait_for(lambda: all(r.stats()["spool_pending"] == 0 for r in replayers))
+    assert wait_for(lambda: all(r.stats()["spool_pending"] == 0 for r in replayers), timeout=20)
     assert_rollup_exact(store)
     assert sum(r.stats()["replayed"] for r in replayers) >= 5000
 
@@ -444,5 +433,5 @@ def test_records_submitted_after_shutdown_are_spooled_at_interpreter_exit(
     recorder = Recorder(store, spool_path=spool, flush_interval=0.05)
     recorders.append(recorder)
     recorder.start()
-    assert wait_for(lambda: uploads_in(store) == 5)
+    assert wait_for(lambda: uploads_in(store) == 5, timeout=20)
     assert recorder.stats()["replayed"] == 5

@@ -44,20 +44,30 @@ def require_postgres() -> None:
         pytest.skip(problem)
 
 
-def make_pg_database() -> str:
-    """Create an empty database and return its URL; drop it with :func:`drop_pg_database`."""
-    require_postgres()
-    name = f"um_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def create_database(admin_url: str, prefix: str) -> str:
+    """Create an empty database named ``prefix`` + a random suffix on the server of
+    ``admin_url``; return its URL (benchmarks call this too)."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    """Drop the database of ``url``, closing its sessions."""
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def make_pg_database() -> str:
+    """Create an empty database and return its URL; drop it with :func:`drop_pg_database`."""
+    require_postgres()
+    return create_database(PG_ADMIN_URL, "um_test_")
 
 
 def drop_pg_database(url: str) -> None:
-    name = make_url(url).database
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    drop_database(PG_ADMIN_URL, url)
