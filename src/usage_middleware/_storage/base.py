@@ -1,0 +1,118 @@
+"""The storage backend interface: what the recorder writes through and the read path reads from.
+
+A backend is one database engine behind two small protocols:
+
+* :class:`Writer` — what the recorder and ``UsageStore.write`` need: the schema, one idempotent
+  write of a batch (raw rows and every rollup in one transaction, each ``id`` counted once), a
+  health ping, and the process hooks (a fork must not share connections).
+* :class:`Reader` — the two primitives the read path is built from: uploads summed per
+  (period, provider, file type) over UTC period bounds, and the merged latency histogram of
+  requests over a UTC range. Everything the HTTP API answers (series, breakdowns, shares,
+  percentiles) is shaped from these in engine-neutral Python, so every backend gives the same
+  answer for the same records — which the contract tests check, backend by backend.
+
+How a backend answers is its own business: the SQL backends read exact rollups and only the
+edges from raw rows; the in-memory backend (``usage_middleware.testing``) scans its rows.
+Adding an engine means one module that implements :class:`Backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+from uuid import UUID
+
+from .._records import RequestRecord, UploadRecord
+
+__all__ = ["Backend", "Histogram", "Reader", "Scope", "UploadRow", "Writer"]
+
+# (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
+# group or a marginal: a None column means "summed over every value" (GROUPING SETS). Rows add.
+UploadRow = tuple[int | None, str | None, str | None, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which rows a read covers besides time: API keys (``None``: every key, rows without a key
+    included), providers and file types (exact ``image/png`` or family ``image/*``; empty: all).
+    """
+
+    keys: tuple[UUID, ...] | None = None
+    providers: tuple[str, ...] = ()
+    file_types: tuple[str, ...] = ()
+
+    def matches_upload(self, record: UploadRecord) -> bool:
+        """Whether ``record`` is inside the scope (the reference the SQL filters agree with)."""
+        if self.keys is not None and record.api_key_id not in self.keys:
+            return False
+        if self.providers and record.provider not in self.providers:
+            return False
+        if self.file_types:
+            t = record.file_type
+            return any(t == f or (f.endswith("/*") and t.startswith(f[:-1])) for f in self.file_types)
+        return True
+
+    def matches_request(self, record: RequestRecord) -> bool:
+        return self.keys is None or record.api_key_id in self.keys
+
+
+@dataclass
+class Histogram:
+    """Requests over a range: counts per latency bucket plus exact sums."""
+
+    buckets: dict[int, int] = field(default_factory=dict)
+    requests: int = 0
+    errors: int = 0
+    response_us: int = 0
+
+    def add(self, bucket: int, requests: int, errors: int, response_us: int) -> None:
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + requests
+        self.requests += requests
+        self.errors += errors
+        self.response_us += response_us
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """The write side of a backend."""
+
+    #: The engine's name (``sqlite``, ``postgresql``, ``memory``, …).
+    name: str
+
+    def create_schema(self) -> None:
+        """Create every table, index and function; safe to call any number of times."""
+
+    def has_schema(self) -> bool:
+        """True when every usage table exists."""
+
+    def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+        """Store validated, id-unique records with their rollups in one transaction; return how
+        many rows were new. Records already stored count zero and change nothing."""
+
+    def ping(self) -> None:
+        """Raise unless the database answers a trivial statement."""
+
+    def after_fork(self) -> None:
+        """Forget connections inherited from the parent process (called in a forked child)."""
+
+    def close(self) -> None:
+        """Release pooled connections."""
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """The read side of a backend."""
+
+    def upload_rows(self, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
+        """Uploads in ``scope`` summed per period ``[bounds[i], bounds[i+1])`` (UTC), provider
+        and file type; rows may be marginals (see :data:`UploadRow`)."""
+
+    def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
+        """Requests of the scope's keys in the UTC range ``[start, end)``."""
+
+
+@runtime_checkable
+class Backend(Writer, Reader, Protocol):
+    """One engine: both sides."""
