@@ -79,7 +79,10 @@ def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     """One SQLite and (when available) one PostgreSQL store reused by every example."""
     from support.pg import drop_pg_database, make_pg_database
 
-    stores = {"sqlite": UsageStore(f"sqlite:///{tmp_path_factory.mktemp('q')}/usage.db")}
+    stores = {
+        "memory": UsageStore("memory://"),
+        "sqlite": UsageStore(f"sqlite:///{tmp_path_factory.mktemp('q')}/usage.db"),
+    }
     pg = None
     try:
         try:
@@ -98,11 +101,13 @@ def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             drop_pg_database(pg)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def shared_store(
     request: pytest.FixtureRequest, shared_stores: dict[str, UsageStore]
 ) -> UsageStore:
-    """The module's store for one dialect."""
+    """The module's store for one backend."""
     if request.param not in shared_stores:
         from support.pg import require_postgres
 
@@ -562,7 +567,7 @@ def test_request_stats_over_months_equal_raw_requests(
 def test_request_plan_covers_the_range_exactly_once(start: datetime, minutes: int) -> None:
     """Signed pieces add up to exactly one inside ``[start, end)`` and zero outside, and every
     piece is aligned to its grain (whole months, days, hours)."""
-    from usage_middleware._queries import request_plan
+    from usage_middleware._storage.plan import request_plan
 
     end = start + timedelta(minutes=minutes)
     pieces = request_plan(start, end)

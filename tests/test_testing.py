@@ -33,7 +33,8 @@ def test_collecting_recorder_keeps_the_rows_the_app_produced() -> None:
     """Each request gives one request row and one upload row per file, annotations applied."""
     recorder = CollectingRecorder()
     app = host_app(recorder)
-    body, headers = multipart([("a", "a.png", "image/png", PNG), ("b", "b.txt", "text/plain", b"hi")])
+    files = [("a", "a.png", "image/png", PNG), ("b", "b.txt", "text/plain", b"hi")]
+    body, headers = multipart(files)
 
     async def run() -> None:
         async with Lifespan(app) as client:

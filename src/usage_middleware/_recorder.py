@@ -617,8 +617,8 @@ class Recorder:
         wrote = self._write_lock.acquire(timeout=_FORK_WAIT)
         spool = self._spool.suspend(timeout=_FORK_WAIT)
         self._fork_held = (wrote, spool)
-        if wrote and self.store.dialect == "sqlite":
-            self.store.engine.dispose()  # SQLite file handles must not be shared with a child
+        if wrote:
+            self.store.backend.before_fork()
 
     def _after_fork_in_parent(self) -> None:
         wrote, spool = self._fork_held
@@ -631,8 +631,7 @@ class Recorder:
     def _after_fork_in_child(self) -> None:
         _inherited.append(self._spool.abandon())
         self._init_state()
-        # Pooled connections belong to the parent: forget them without closing them.
-        self.store.engine.dispose(close=False)
+        self.store.backend.after_fork()
 
 
 def _for_each_live(method: str) -> Callable[[], None]:

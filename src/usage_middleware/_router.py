@@ -23,7 +23,6 @@ from typing import Any, Final, TypeVar
 from uuid import UUID
 
 import anyio.to_thread
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -237,7 +236,7 @@ class UsageRouter(Router):
             except Exception:
                 logger.exception("usage router: recorder.stats() raised")
         try:
-            await self._run(self._ping)
+            await self._run(self.store.ping)
         except (SQLAlchemyError, UsageError) as exc:
             logger.warning("usage router: health check failed: %s", exc)
             return JSONResponse(
@@ -249,10 +248,6 @@ class UsageRouter(Router):
             {"status": "ok", "database": "ok", "recorders": recorders},
             headers={"Cache-Control": "no-store"},
         )
-
-    def _ping(self) -> None:
-        with self.store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
 
 
 def _only(key: str) -> Callable[[UsageStore, QuerySpec, Collection[UUID] | None], Any]:

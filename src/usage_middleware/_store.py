@@ -1,109 +1,44 @@
-"""UsageStore: the engine, the schema, and the one write path every row takes.
+"""UsageStore: the public front of one database, whatever its engine.
 
-``write()`` inserts raw rows and updates the rollups in the same transaction, counting only the
-rows that were actually new (the primary key is the claim), so replays never double count and a
-crash between the two cannot happen. Rollup upserts are sorted by their unique key so that
-concurrent writers lock rows in the same order and cannot deadlock.
-
-The dialect-specific plans live beside this module: ``_pgwrite`` (binary COPY into a staging
-table, one insert-and-roll-up statement per table) and ``_sqlitewrite`` (the same plan on the
-sqlite3 driver).
+It validates records, creates the schema once, and hands batches to its backend
+(:mod:`usage_middleware._storage`, picked from the URL), whose one write inserts raw rows and
+updates the rollups in the same transaction, counting only the rows that were actually new (the
+primary key is the claim): replays never double count and no crash can separate a row from its
+count. The read path asks the same backend through its reader side.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    create_engine,
-    event,
-    inspect,
-)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
 
-from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
-from ._pgwrite import pg_write
+from ._errors import ConfigurationError, SchemaMissingError
 from ._records import RequestRecord, UploadRecord
-from ._schema import (
-    ALL_TABLES,
-    metadata,
-)
-from ._sqlitewrite import sqlite_write
+from ._storage import Backend, normalize_url, open_backend
+from ._storage.postgres import sql_text
+from ._storage.urls import display_url
 
 if TYPE_CHECKING:
     from uuid import UUID
 
-__all__ = ["UsageStore"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["UsageStore", "sql_text"]
 
 Record = UploadRecord | RequestRecord
 
-SQL_FILES = ("usage_tracking_schema.sql",)
-
-
-def sql_text(name: str) -> str:
-    """The text of a file shipped in ``usage_middleware/sql`` (the repository's ``sql/``)."""
-    return resources.files("usage_middleware").joinpath("sql").joinpath(name).read_text("utf-8")
-
-
-def _normalize_url(url: str | URL) -> URL:
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigurationError(
-            f"cannot parse database URL {str(url)!r:.80}: use 'sqlite:///path/usage.db' or "
-            "'postgresql+psycopg://user:password@host:5432/dbname'"
-        ) from exc
-    backend = parsed.get_backend_name()
-    if backend in ("postgresql", "postgres"):
-        if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        if parsed.drivername != "postgresql+psycopg":
-            raise ConfigurationError(
-                f"unsupported PostgreSQL driver {parsed.drivername!r}: use 'postgresql+psycopg://'"
-            )
-    elif backend == "sqlite":
-        if parsed.drivername != "sqlite":
-            raise ConfigurationError(
-                f"unsupported SQLite driver {parsed.drivername!r}: use 'sqlite:///path/usage.db'"
-            )
-    else:
-        raise ConfigurationError(
-            f"unsupported database URL scheme {parsed.drivername!r}: usage-middleware stores to "
-            "'sqlite:///path/usage.db' or 'postgresql+psycopg://user@host/dbname'"
-        )
-    return parsed
-
-
-_SQLITE_MONTHLY_BACKFILL = """
-INSERT INTO monthly_request_usage (usage_month, api_key_id, latency_bucket, total_requests,
-    error_requests, total_response_us, total_request_bytes, total_response_bytes)
-SELECT substr(usage_date, 1, 7) || '-01', api_key_id, latency_bucket, sum(total_requests),
-       sum(error_requests), sum(total_response_us), sum(total_request_bytes),
-       sum(total_response_bytes)
-  FROM daily_request_usage
- GROUP BY 1, 2, 3
-"""
-
 
 class UsageStore:
-    """Owns the SQLAlchemy engine for the usage tables of one database.
+    """The usage tables of one database.
 
-    ``url`` is a SQLAlchemy URL: ``sqlite:///usage.db`` (embedded, the default choice) or
+    ``url`` picks the engine: ``sqlite:///usage.db`` (embedded, the default choice),
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
-    and use psycopg 3). The constructor does not connect; the schema is created on first use
-    unless ``auto_create_schema=False``, in which case a missing schema raises
-    :class:`SchemaMissingError`.
+    and use psycopg 3), or ``memory://`` (in memory, for tests). The constructor does not
+    connect; the schema is created on first use unless ``auto_create_schema=False``, in which
+    case a missing schema raises :class:`SchemaMissingError`.
     """
 
     def __init__(
@@ -116,62 +51,30 @@ class UsageStore:
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
-        self.url = _normalize_url(url)
-        self.dialect = "postgresql" if self.url.get_backend_name() != "sqlite" else "sqlite"
+        self.url = normalize_url(url)
+        self.backend: Backend = open_backend(
+            self.url, connect_timeout=connect_timeout, engine_options=dict(engine_options or {})
+        )
         self.auto_create_schema = auto_create_schema
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
-        options: dict[str, Any] = dict(engine_options or {})
-        try:
-            if self.dialect == "sqlite":
-                self.engine = self._sqlite_engine(options, connect_timeout)
-            else:
-                connect_args = dict(options.pop("connect_args", {}))
-                connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
-                # UTC sessions; no JIT, which costs more than the read path's small indexed
-                # statements take (it kicks in on row estimates, not on actual work). Options
-                # the caller passes come later and win.
-                ours = "-c timezone=UTC -c jit=off"
-                connect_args["options"] = f"{ours} {connect_args.get('options', '')}".strip()
-                options.setdefault("pool_pre_ping", True)
-                self.engine = create_engine(self.url, connect_args=connect_args, **options)
-        except (NoSuchModuleError, ImportError) as exc:
-            raise ConfigurationError(
-                f"the driver for {self.url.drivername!r} is not installed: "
-                "pip install 'usage-middleware[postgres]'"
-            ) from exc
-
-    def _sqlite_engine(self, options: dict[str, Any], timeout: float) -> Engine:
-        database = self.url.database or ""
-        in_memory = database in ("", ":memory:") or "mode=memory" in database
-        connect_args = dict(options.pop("connect_args", {}))
-        connect_args.setdefault("timeout", max(timeout, 30.0))
-        connect_args.setdefault("check_same_thread", False)
-        if in_memory:
-            options.setdefault("poolclass", StaticPool)
-        engine = create_engine(self.url, connect_args=connect_args, **options)
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy's "begin" hook emit BEGIN itself, so writers can take the lock early.
-            dbapi_conn.isolation_level = None
-            cursor = dbapi_conn.cursor()
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(connect_args['timeout'] * 1000)}")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            immediate = conn.info.get("usage_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
 
     def __repr__(self) -> str:
-        return f"UsageStore({self.url.render_as_string(hide_password=True)!r})"
+        return f"UsageStore({display_url(self.url)!r})"
+
+    @property
+    def dialect(self) -> str:
+        """The engine's name: ``sqlite``, ``postgresql`` or ``memory``."""
+        return self.backend.name
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine of a SQLite or PostgreSQL store (for your own queries)."""
+        engine: Engine | None = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise AttributeError(f"a {self.backend.name} store has no SQLAlchemy engine")
+        return engine
 
     # --- schema ------------------------------------------------------------------------------
 
@@ -181,42 +84,12 @@ class UsageStore:
         On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
         processes starting at once do not race. On SQLite it builds the equivalent tables.
         """
-        try:
-            if self.dialect == "sqlite":
-                self._create_sqlite_schema()
-            else:
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215120301)")
-                    # Straight to psycopg: no parameters, so the files' own text is sent as is.
-                    with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
-                        for name in SQL_FILES:
-                            cursor.execute(sql_text(name))
-        except DBAPIError as exc:
-            raise self._unavailable(exc) from exc
+        self.backend.create_schema()
         self._schema_ready = True
-
-    def _create_sqlite_schema(self) -> None:
-        """Create missing tables in one write transaction; a ``monthly_request_usage`` added to
-        an older database is filled from ``daily_request_usage`` before any writer sees it."""
-        with self.engine.connect() as conn:
-            conn.info["usage_write"] = True
-            try:
-                with conn.begin():
-                    present = set(inspect(conn).get_table_names())
-                    metadata.create_all(conn, checkfirst=True)
-                    if "monthly_request_usage" not in present and "daily_request_usage" in present:
-                        conn.exec_driver_sql(_SQLITE_MONTHLY_BACKFILL)
-            finally:
-                conn.info.pop("usage_write", None)
 
     def has_schema(self) -> bool:
         """True when every usage table exists."""
-        try:
-            with self.engine.connect() as conn:
-                present = set(inspect(conn).get_table_names())
-        except DBAPIError as exc:
-            raise self._unavailable(exc) from exc
-        return set(ALL_TABLES) <= present
+        return self.backend.has_schema()
 
     def ensure_schema(self) -> None:
         """Create the schema (or check it exists, with auto-creation off) once per store."""
@@ -229,24 +102,11 @@ class UsageStore:
                 self.create_schema()
             elif not self.has_schema():
                 raise SchemaMissingError(
-                    "the usage tables do not exist in "
-                    f"{self.url.render_as_string(hide_password=True)}: call store.create_schema(), "
-                    "run sql/usage_tracking_schema.sql, or pass auto_create_schema=True"
+                    f"the usage tables do not exist in {display_url(self.url)}: call "
+                    "store.create_schema(), run sql/usage_tracking_schema.sql, or pass "
+                    "auto_create_schema=True"
                 )
             self._schema_ready = True
-
-    def _unavailable(self, exc: DBAPIError) -> Exception:
-        """``DatabaseUnavailableError`` for errors a retry can cure; others unchanged."""
-        message = str(exc.orig).strip()
-        if exc.connection_invalidated or (
-            isinstance(exc, OperationalError) and "no such table" not in message
-        ):
-            return DatabaseUnavailableError(
-                f"cannot reach {self.url.render_as_string(hide_password=True)}: {message} "
-                "(check that the server is running and the URL, file path and credentials "
-                "are right; the recorder keeps retrying)"
-            )
-        return exc
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -273,31 +133,13 @@ class UsageStore:
         if not uploads and not requests:
             return 0
         self.ensure_schema()
-        try:
-            with self.engine.connect() as conn:
-                conn.info["usage_write"] = True
-                try:
-                    with conn.begin():
-                        written = self._write_batch(
-                            conn, list(uploads.values()), list(requests.values())
-                        )
-                finally:
-                    conn.info.pop("usage_write", None)
-        except DBAPIError as exc:
-            raise self._unavailable(exc) from exc
-        return written
+        return self.backend.write(list(uploads.values()), list(requests.values()))
 
-    def _write_batch(
-        self,
-        conn: Connection,
-        uploads: list[UploadRecord],
-        requests: list[RequestRecord],
-    ) -> int:
-        if self.dialect == "postgresql":
-            return pg_write(conn, uploads, requests)
-        return sqlite_write(conn, uploads, requests)
+    # --- health and lifecycle ----------------------------------------------------------------
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        self.backend.ping()
 
     def attach_recorder(self, recorder: Any) -> None:
         """Remember a running recorder so health checks can report its stats."""
@@ -308,5 +150,5 @@ class UsageStore:
         return list(self._recorders)
 
     def dispose(self) -> None:
-        """Close pooled connections (call after fork, or at exit)."""
-        self.engine.dispose()
+        """Close pooled connections (at exit, or when done with the store)."""
+        self.backend.close()

@@ -51,7 +51,9 @@ class Scope:
             return False
         if self.file_types:
             t = record.file_type
-            return any(t == f or (f.endswith("/*") and t.startswith(f[:-1])) for f in self.file_types)
+            return any(
+                t == f or (f.endswith("/*") and t.startswith(f[:-1])) for f in self.file_types
+            )
         return True
 
     def matches_request(self, record: RequestRecord) -> bool:
@@ -94,6 +96,9 @@ class Writer(Protocol):
     def ping(self) -> None:
         """Raise unless the database answers a trivial statement."""
 
+    def before_fork(self) -> None:
+        """Close what a child must not share (SQLite file handles); called with no write running."""
+
     def after_fork(self) -> None:
         """Forget connections inherited from the parent process (called in a forked child)."""
 
@@ -104,6 +109,10 @@ class Writer(Protocol):
 @runtime_checkable
 class Reader(Protocol):
     """The read side of a backend."""
+
+    #: Whether independent reads may run at once (a pooled server); False where one
+    #: connection may be shared (an in-memory SQLite database) or reads are in-process.
+    parallel_reads: bool
 
     def upload_rows(self, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
         """Uploads in ``scope`` summed per period ``[bounds[i], bounds[i+1])`` (UTC), provider

@@ -26,6 +26,7 @@ class MemoryBackend:
     """Records in dictionaries keyed by id; reads scan them. Thread-safe."""
 
     name = "memory"
+    parallel_reads = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -59,6 +60,9 @@ class MemoryBackend:
 
     def ping(self) -> None:
         """Always answers."""
+
+    def before_fork(self) -> None:
+        """Nothing is shared with a child but memory, which the fork copies."""
 
     def after_fork(self) -> None:
         """A child keeps a copy of the parent's rows; the lock is re-made so it is not held."""

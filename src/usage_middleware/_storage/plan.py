@@ -1,0 +1,201 @@
+"""Which rollup tier answers which part of a UTC range: the plan the SQL backends read by.
+
+A query covers periods ``[bounds[i], bounds[i+1])`` of UTC instants. Each period is read from
+the coarsest source that fits inside it:
+
+* the daily rollup for whole UTC days inside the period,
+* the hourly rollup for whole UTC hours inside it that no whole day covers,
+* raw rows only for the sub-hour edges (zones with :30/:45 offsets).
+
+The plan is a list of pieces ``(source, UTC interval, period, sign)``; a UTC day cut by a
+period boundary may be read as its daily row minus the shorter side (see :func:`plan`).
+Request statistics add one coarser tier, whole UTC months (:func:`request_plan`). Because every
+rollup is exact, summing the pieces gives exactly what aggregating the raw rows would.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+__all__ = ["Piece", "plan", "request_plan"]
+
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+
+
+# --- planning: which UTC intervals come from which source ------------------------------------
+
+
+class Piece(NamedTuple):
+    """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
+
+    ``grain`` is ``month`` (monthly rollup; request statistics only), ``day`` (daily rollup),
+    ``hour`` (hourly rollup) or ``raw`` (raw rows).
+    """
+
+    grain: str
+    lo: datetime
+    hi: datetime
+    period: int
+    sign: int
+
+
+# Period bounds are mostly whole hours: the aligned case skips building a new datetime.
+
+
+def _floor_hour(t: datetime) -> datetime:
+    if t.minute or t.second or t.microsecond:
+        return t.replace(minute=0, second=0, microsecond=0)
+    return t
+
+
+def _ceil_hour(t: datetime) -> datetime:
+    if t.minute or t.second or t.microsecond:
+        return t.replace(minute=0, second=0, microsecond=0) + _HOUR
+    return t
+
+
+def _floor_day(t: datetime) -> datetime:
+    if t.hour or t.minute or t.second or t.microsecond:
+        return t.replace(hour=0, minute=0, second=0, microsecond=0)
+    return t
+
+
+_Out = dict[tuple[str, int], list[Piece]]  # (grain, sign) -> pieces in time order
+
+
+def _emit(out: _Out, grain: str, lo: datetime, hi: datetime, period: int, sign: int) -> None:
+    if lo >= hi:
+        return
+    pieces = out.setdefault((grain, sign), [])
+    last = pieces[-1] if pieces else None
+    if last and (last.period, last.hi) == (period, lo):
+        pieces[-1] = Piece(grain, last.lo, hi, period, sign)
+    else:
+        pieces.append(Piece(grain, lo, hi, period, sign))
+
+
+def _split(out: _Out, lo: datetime, hi: datetime, period: int, sign: int) -> None:
+    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from raw rows."""
+    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
+    if h0 >= h1:
+        _emit(out, "raw", lo, hi, period, sign)
+        return
+    _emit(out, "raw", lo, h0, period, sign)
+    _emit(out, "hour", h0, h1, period, sign)
+    _emit(out, "raw", h1, hi, period, sign)
+
+
+def _cost(lo: datetime, hi: datetime) -> int:
+    """Rough cost of reading [lo, hi) from hours and raw edges, in hourly-row units."""
+    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
+    if h0 >= h1:
+        return 1
+    return (h1 - h0) // _HOUR + (lo < h0) + (h1 < hi)
+
+
+def plan(bounds: Sequence[datetime]) -> list[Piece]:
+    """How to read periods ``[bounds[i], bounds[i+1])`` exactly with the fewest rows.
+
+    A UTC day inside one period is one daily read. A day cut by a period boundary or by the
+    range edge is read either piece by piece (whole hours from the hourly rollup, sub-hour
+    edges from raw rows), or — when cheaper — as its daily row given to the period with the
+    largest piece, the other pieces subtracted from that period (and added to their own unless
+    they lie outside the range). A New York week boundary at 05:00 UTC thus costs five hourly
+    reads instead of twenty-four. Every rollup is exact, so the sum is exact.
+    """
+    start, end = bounds[0], bounds[-1]
+    out: _Out = {}
+    d = _floor_day(start)
+    while d < end:
+        e = d + _DAY
+        lo, hi = max(d, start), min(e, end)
+        i = bisect_right(bounds, lo) - 1
+        if (lo, hi) == (d, e) and e <= bounds[i + 1]:
+            # a whole day inside period i, and so are the days up to the next boundary's day
+            stop = _floor_day(bounds[i + 1])
+            _emit(out, "day", d, stop, i, 1)
+            d = stop
+            continue
+        pieces: list[tuple[datetime, datetime, int]] = []
+        a = lo
+        while a < hi:
+            b = min(hi, bounds[i + 1])
+            pieces.append((a, b, i))
+            a, i = b, i + 1
+        outside = [(x, y) for x, y in ((d, lo), (hi, e)) if x < y]
+        if len(pieces) == 1 and not outside:
+            _emit(out, "day", d, e, pieces[0][2], 1)
+        else:
+            big = max(pieces, key=lambda piece: piece[1] - piece[0])
+            others = [piece for piece in pieces if piece is not big]
+            direct = sum(_cost(x, y) for x, y, _ in pieces)
+            subtract = 1 + 2 * sum(_cost(x, y) for x, y, _ in others)
+            subtract += sum(_cost(x, y) for x, y in outside)
+            if subtract < direct:
+                _emit(out, "day", d, e, big[2], 1)
+                for x, y in [*((x, y) for x, y, _ in others), *outside]:
+                    _split(out, x, y, big[2], -1)
+                for x, y, own in others:
+                    _split(out, x, y, own, 1)
+            else:
+                for x, y, own in pieces:
+                    _split(out, x, y, own, 1)
+        d = e
+    return [piece for pieces in out.values() for piece in pieces]
+
+
+# Rough cost of reading request histograms, in rows: a month or a day holds nearly every
+# latency bucket a key uses (a month a few more), an hour a fraction of them.
+_MONTH_COST = 6
+
+
+def _request_cost(x: Piece) -> int:
+    """Rough cost of reading one day, hour or raw piece of the request plan."""
+    if x.grain == "day":
+        return 4 * ((x.hi - x.lo) // _DAY)
+    if x.grain == "hour":
+        return (x.hi - x.lo) // _HOUR
+    return 1
+
+
+def _month_start(t: datetime) -> datetime:
+    return _floor_day(t).replace(day=1)
+
+
+def _next_month(t: datetime) -> datetime:
+    return (t.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def request_plan(start: datetime, end: datetime) -> list[Piece]:
+    """Pieces (all of period 0) that read the request histograms over ``[start, end)``.
+
+    Whole UTC months come from the monthly rollup, consecutive ones as one range. A month the
+    range only partly covers is read through :func:`plan` (days, hours, raw edges), or — when
+    that is cheaper — as the month's row minus the parts outside the range. Costs count
+    histogram rows (:func:`_request_cost`): a local year in New York is one read of twelve
+    monthly rows minus its first five UTC hours plus five hours of the next January, instead
+    of 365 daily reads.
+    """
+    out: _Out = {}
+    m = _month_start(start)
+    while m < end:
+        m1 = _next_month(m)
+        lo, hi = max(m, start), min(m1, end)
+        use_month = (lo, hi) == (m, m1)
+        parts: list[tuple[int, Piece]] = []  # (sign, piece) read besides or instead of it
+        if not use_month:
+            direct = plan([lo, hi])
+            outside = [x for a, b in ((m, lo), (hi, m1)) if a < b for x in plan([a, b])]
+            minus = _MONTH_COST + sum(map(_request_cost, outside))
+            use_month = minus < sum(map(_request_cost, direct))
+            parts = [(-1, x) for x in outside] if use_month else [(1, x) for x in direct]
+        if use_month:
+            _emit(out, "month", m, m1, 0, 1)
+        for sign, x in parts:
+            _emit(out, x.grain, x.lo, x.hi, 0, sign * x.sign)
+        m = m1
+    return [piece for pieces in out.values() for piece in pieces]

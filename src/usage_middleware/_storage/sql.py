@@ -1,0 +1,115 @@
+"""What the SQLite and PostgreSQL backends share: a SQLAlchemy engine, one write transaction
+per batch, the mapping of driver errors, and the read statements of :mod:`._sqlread`.
+
+A subclass says how to make its engine, create its schema and run its write plan
+(``_write_batch``); everything else is here, so the two engines cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from .._errors import DatabaseUnavailableError
+from .._records import RequestRecord, UploadRecord
+from .._schema import ALL_TABLES
+from . import _sqlread
+from .base import Histogram, Scope, UploadRow
+from .urls import display_url
+
+__all__ = ["SQLBackend"]
+
+
+class SQLBackend(ABC):
+    """A backend on a SQLAlchemy engine (subclassed per engine)."""
+
+    name: str
+    engine: Engine
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({display_url(self.url)!r})"
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        try:
+            self._create_schema()
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+
+    @abstractmethod
+    def _create_schema(self) -> None:
+        """Create the engine's tables; driver errors are mapped by :meth:`create_schema`."""
+
+    def has_schema(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                present = set(inspect(conn).get_table_names())
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+        return set(ALL_TABLES) <= present
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+        try:
+            with self.engine.connect() as conn:
+                conn.info["usage_write"] = True
+                try:
+                    with conn.begin():
+                        return self._write_batch(conn, list(uploads), list(requests))
+                finally:
+                    conn.info.pop("usage_write", None)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+
+    @abstractmethod
+    def _write_batch(
+        self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
+    ) -> int:
+        """Run the engine's write plan inside the open write transaction."""
+
+    def unavailable(self, exc: DBAPIError) -> Exception:
+        """``DatabaseUnavailableError`` for errors a retry can cure; others unchanged."""
+        message = str(exc.orig).strip()
+        if exc.connection_invalidated or (
+            isinstance(exc, OperationalError) and "no such table" not in message
+        ):
+            return DatabaseUnavailableError(
+                f"cannot reach {display_url(self.url)}: {message} "
+                "(check that the server is running and the URL, file path and credentials "
+                "are right; the recorder keeps retrying)"
+            )
+        return exc
+
+    # --- health and lifecycle ----------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def before_fork(self) -> None:  # noqa: B027 - a hook engines may extend
+        """Nothing by default: pooled network connections are dropped in the child."""
+
+    def after_fork(self) -> None:
+        # Pooled connections belong to the parent: forget them without closing them.
+        self.engine.dispose(close=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def upload_rows(self, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
+        return _sqlread.upload_rows(self, scope, bounds)
+
+    def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
+        return _sqlread.request_histogram(self, scope, start, end)
