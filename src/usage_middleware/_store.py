@@ -103,7 +103,9 @@ class UsageStore:
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
     and use psycopg 3). The constructor does not connect; the schema is created on first use
     unless ``auto_create_schema=False``, in which case a missing schema raises
-    :class:`SchemaMissingError`.
+    :class:`SchemaMissingError`. ``read_timeout`` (seconds, default 10; ``None``: no limit)
+    bounds each read-path statement, so a slow query gives up instead of holding a thread and a
+    pooled connection.
     """
 
     def __init__(
@@ -113,9 +115,13 @@ class UsageStore:
         auto_create_schema: bool = True,
         connect_timeout: float = 5.0,
         engine_options: dict[str, Any] | None = None,
+        read_timeout: float | None = 10.0,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        if read_timeout is not None and not read_timeout > 0:
+            raise ConfigurationError(f"read_timeout must be > 0 or None, got {read_timeout!r}")
+        self.read_timeout = read_timeout
         self.url = _normalize_url(url)
         self.dialect = "postgresql" if self.url.get_backend_name() != "sqlite" else "sqlite"
         self.auto_create_schema = auto_create_schema
