@@ -390,11 +390,59 @@ def test_fastapi_mount_serves_api_and_dashboard(seeded: UsageStore) -> None:
 def test_health_reports_database_and_recorders(store: UsageStore) -> None:
     """/health says the database answers and lists every attached recorder's stats."""
     recorder = Recorder(store, spool_path=":memory:")
-    body = call(starlette_app(store), "/api/usage/health", None, {"x-who": "a"}).json()
+    body = call(starlette_app(store), "/api/usage/health", None, {"x-who": "admin"}).json()
     assert body["status"] == "ok" and body["database"] == "ok"
     assert len(body["recorders"]) == 1
     assert body["recorders"][0]["written"] == 0
     recorder.shutdown(timeout=1)
+
+
+def test_health_details_are_for_all_keys_callers_only(store: UsageStore) -> None:
+    """A tenant (key-scoped caller) gets 403 with none of the process details an ALL_KEYS caller
+    sees (recorder counters, pid, spool path, database host and name); /health/live answers
+    anyone, even callers authorize refuses, without details."""
+    recorder = Recorder(store, spool_path=":memory:")
+    try:
+        app = starlette_app(store)
+        admin = call(app, "/api/usage/health", None, {"x-who": "admin"})
+        assert admin.status_code == 200
+        stats = admin.json()["recorders"][0]
+        assert stats["pid"] > 0 and "spool_path" in stats and "store" in stats
+        for who in ("a", "b", "nobody"):
+            tenant = call(app, "/api/usage/health", None, {"x-who": who})
+            assert tenant.status_code == 403
+            assert set(tenant.json()) == {"error"}
+            assert tenant.json()["error"]["code"] == "forbidden"
+            for detail in ("recorders", "pid", "spool", "written", str(stats["pid"])):
+                assert detail not in tenant.text
+        assert call(app, "/api/usage/health").status_code == 401
+        for headers in (None, {"x-who": "a"}, {"x-who": "admin"}):
+            live = call(app, "/api/usage/health/live", None, headers)
+            assert live.status_code == 200 and live.json() == {"status": "ok"}
+    finally:
+        recorder.shutdown(timeout=1)
+
+
+def test_health_authorize_decides_who_sees_health(store: UsageStore) -> None:
+    """health_authorize (sync or async) replaces the default: True shows the details, False is
+    403, None is 401, a raising hook a JSON 500."""
+
+    async def ops_only(request: Request) -> bool | None:
+        who = request.headers.get("x-ops")
+        return None if who is None else who == "yes"
+
+    app = starlette_app(store, health_authorize=ops_only)
+    assert call(app, "/api/usage/health", None, {"x-ops": "yes"}).json()["database"] == "ok"
+    assert call(app, "/api/usage/health", None, {"x-ops": "no", "x-who": "admin"}).status_code == (
+        403
+    )
+    assert call(app, "/api/usage/health").status_code == 401
+
+    def broken(request: Request) -> bool:
+        raise RuntimeError("down")
+
+    r = call(starlette_app(store, health_authorize=broken), "/api/usage/health")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "authorize_failed"
 
 
 @pytest.fixture
@@ -418,7 +466,7 @@ def test_database_down_is_503_json(unreachable_pg: UsageStore, tmp_path: Any) ->
         r = call(app, "/api/usage/granular", RANGE, {"x-who": "a"})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "database_unavailable"
-        health = call(app, "/api/usage/health", None, {"x-who": "a"})
+        health = call(app, "/api/usage/health", None, {"x-who": "admin"})
         assert health.status_code == 503 and health.json()["database"] == "unreachable"
 
 
@@ -519,6 +567,34 @@ def test_no_query_string_gives_a_500(
         assert r.status_code in (200, 400, 403), (qs, r.status_code, r.text)
         if r.status_code != 200:
             assert set(r.json()["error"]) == {"code", "message", "parameter"}
+
+
+def test_query_strings_with_many_parameter_names_are_refused(seeded: UsageStore) -> None:
+    """More than MAX_PARAMETER_NAMES distinct names is a 400 in the usual error shape, refused
+    during the single pass that groups the values (8,000 names used to be grouped by one scan of
+    the whole query per name: seconds on the event loop); up to the cap, known parameters work
+    and unknown ones are ignored."""
+    from usage_middleware._router import MAX_PARAMETER_NAMES
+
+    app = starlette_app(seeded)
+    known = {**RANGE, "provider": "s3", "granularity": "week"}
+    filler = [f"x{i}" for i in range(MAX_PARAMETER_NAMES - len(known))]
+    at_cap = "&".join([*(f"{k}={v}" for k, v in known.items()), *(f"{n}=1" for n in filler)])
+    ok = call(app, f"/api/usage/granular?{at_cap}&provider=r2", None, {"x-who": "admin"})
+    assert ok.status_code == 200
+    assert ok.json()["range"]["granularity"] == "week"
+    assert ok.json()["totals"]["uploads"] == 3  # s3 (KEY_A, KEY_B) and r2 (keyless)
+    for extra in (1, 8_000):
+        names = "&".join(f"y{i}=1" for i in range(extra))
+        r = call(app, f"/api/usage/granular?{at_cap}&{names}", None, {"x-who": "admin"})
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": {
+                "code": "too_many_parameters",
+                "message": f"at most {MAX_PARAMETER_NAMES} distinct parameter names are allowed",
+                "parameter": None,
+            }
+        }
 
 
 def test_requests_block_ignores_upload_filters(seeded: UsageStore) -> None:

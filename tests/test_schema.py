@@ -144,26 +144,32 @@ def test_rerun_adds_and_fills_the_monthly_request_rollup_of_an_older_install(db_
 
 
 @pytest.mark.postgres
-def test_rerun_turns_the_hourly_time_indexes_into_brin(pg_url: str) -> None:
-    """Older installs had btree time indexes on the hourly rollups; a re-run replaces them."""
+def test_rerun_replaces_the_hourly_time_indexes(pg_url: str) -> None:
+    """Older installs had time indexes on the hourly rollups' plain hour (BRIN, before that
+    btree); a re-run drops them for btrees on the UTC hour that only all-keys reads use."""
     store = UsageStore(pg_url)
     store.create_schema()
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP INDEX idx_hourly_usage_usage_hour")
+        conn.exec_driver_sql("DROP INDEX idx_hourly_usage_utc_hour")
         conn.exec_driver_sql(
-            "CREATE INDEX idx_hourly_usage_usage_hour ON hourly_usage (usage_hour)"
+            "CREATE INDEX idx_hourly_usage_usage_hour ON hourly_usage USING brin (usage_hour)"
+        )
+        conn.exec_driver_sql(
+            "CREATE INDEX idx_hourly_request_usage_usage_hour ON hourly_request_usage (usage_hour)"
         )
     store.create_schema()
     with store.engine.connect() as conn:
         kinds = dict(
             conn.exec_driver_sql(
-                "SELECT c.relname, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
-                "WHERE c.relname IN ('idx_hourly_usage_usage_hour', "
-                "'idx_hourly_request_usage_usage_hour')"
+                "SELECT c.relname, a.amname || ' ' || pg_get_indexdef(c.oid, 1, true)"
+                "  FROM pg_class c JOIN pg_am a ON a.oid = c.relam JOIN pg_index i"
+                "    ON i.indexrelid = c.oid"
+                " WHERE i.indrelid IN ('hourly_usage'::regclass, 'hourly_request_usage'::regclass)"
+                "   AND NOT i.indisunique"
             ).all()
         )
     assert kinds == {
-        "idx_hourly_usage_usage_hour": "brin",
-        "idx_hourly_request_usage_usage_hour": "brin",
+        "idx_hourly_usage_utc_hour": "btree ((usage_hour AT TIME ZONE 'UTC'::text))",
+        "idx_hourly_request_usage_utc_hour": "btree ((usage_hour AT TIME ZONE 'UTC'::text))",
     }
     store.dispose()

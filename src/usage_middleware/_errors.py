@@ -5,7 +5,8 @@ Hierarchy::
     UsageError                      base of everything raised on purpose
     ├── ConfigurationError          bad option or URL; fix the call site (also a ValueError)
     ├── DatabaseUnavailableError    the database could not be reached; check the URL / server
-    └── SchemaMissingError          tables are absent and auto-creation is off; run create_schema()
+    ├── SchemaMissingError          tables are absent and auto-creation is off; run create_schema()
+    └── ReadTimeoutError            a read ran past the store's read_timeout and was cancelled
 
 Invalid records raise plain ``ValueError`` naming the offending field, before anything is written.
 """
@@ -27,3 +28,7 @@ class DatabaseUnavailableError(UsageError):
 
 class SchemaMissingError(UsageError):
     """The usage tables do not exist and automatic schema creation is disabled."""
+
+
+class ReadTimeoutError(UsageError):
+    """A read statement ran longer than the store's ``read_timeout`` and was cancelled."""

@@ -19,13 +19,14 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
+from ._errors import ReadTimeoutError
 from ._pool import submit
 from ._schema import latency_representative
 from ._storage.base import Histogram, Scope, UploadRow
 from ._store import UsageStore
 from ._timerange import QuerySpec, periods
 
-__all__ = ["breakdowns", "granular", "history", "request_stats"]
+__all__ = ["ReadTimeoutError", "breakdowns", "granular", "history", "request_stats"]
 
 Counts = list[int]  # uploads, bytes, successful, failed
 _T = TypeVar("_T")

@@ -6,7 +6,12 @@ database calls block, the event loop must not. Failures are JSON, never an HTML 
 
 * 400 ``{"error": {"code", "message", "parameter"}}`` for bad parameters,
 * 401 when ``authorize`` returns ``None``, 403 for an ``api_key_id`` outside the caller's scope,
-* 503 when the database cannot answer (and 500 JSON if ``authorize`` itself raises).
+* 503 when the database cannot answer or a read outlives the store's ``read_timeout`` (and 500
+  JSON if ``authorize`` itself raises).
+
+``/health`` shows process details (recorder counters, pid, spool path, database host), so it has
+its own authorization: ``health_authorize``, by default callers whose scope is ``ALL_KEYS``.
+``/health/live`` is the unauthenticated liveness answer for load balancers; it touches nothing.
 
 Every request through the router marks its ASGI scope ``usage_middleware.excluded`` so the
 capture middleware does not record the dashboard's own traffic.
@@ -71,6 +76,11 @@ ALL_KEYS: Final = _AllKeys()
 
 KeyScope = Iterable[UUID | str] | _AllKeys | None  # what authorize() returns
 Authorize = Callable[[Request], "KeyScope | Awaitable[KeyScope]"]
+HealthAuthorize = Callable[[Request], "bool | Awaitable[bool | None] | None"]
+
+# More distinct parameter names than this is not a usage query (there are eight): refused before
+# any per-name work, so a crafted URL costs one linear pass on the event loop.
+MAX_PARAMETER_NAMES = 32
 
 
 def _today(tz: tzinfo) -> date:
@@ -98,6 +108,11 @@ class UsageRouter(Router):
     serves every key's usage to anyone who can reach the mount. ``max_range_days`` (default
     400) bounds a query's length and ``max_filter_values`` (default 50) the values of each
     repeatable filter; ``today`` is the clock for presets (a function of the time zone).
+
+    ``health_authorize(request)`` (sync or async) decides who sees ``/health``'s details:
+    ``True`` shows them, ``False`` is 403, ``None`` is 401. By default only callers whose
+    ``authorize`` returns ``ALL_KEYS`` see them (with ``public=True``, everyone).
+    ``/health/live`` answers ``{"status": "ok"}`` to anyone.
     """
 
     def __init__(
@@ -106,6 +121,7 @@ class UsageRouter(Router):
         *,
         authorize: Authorize | None = None,
         public: bool = False,
+        health_authorize: HealthAuthorize | None = None,
         max_range_days: int = DEFAULT_MAX_RANGE_DAYS,
         max_filter_values: int = DEFAULT_MAX_FILTER_VALUES,
         today: Callable[[tzinfo], date] = _today,
@@ -125,6 +141,7 @@ class UsageRouter(Router):
             )
         self.store = store
         self._authorize = authorize
+        self._health_authorize = health_authorize
         self._max_range_days = max_range_days
         self._max_filter_values = max_filter_values
         self._today = today
@@ -136,6 +153,7 @@ class UsageRouter(Router):
                 Route("/providers", self._providers, methods=["GET"], name="usage_providers"),
                 Route("/history", self._history, methods=["GET"], name="usage_history"),
                 Route("/health", self._health, methods=["GET"], name="usage_health"),
+                Route("/health/live", _live, methods=["GET"], name="usage_health_live"),
             ]
         )
 
@@ -170,7 +188,18 @@ class UsageRouter(Router):
             ) from None
 
     def _spec(self, request: Request) -> QuerySpec:
-        params = {k: request.query_params.getlist(k) for k in request.query_params}
+        params: dict[str, list[str]] = {}
+        for name, value in request.query_params.multi_items():  # one pass, in order
+            values = params.get(name)
+            if values is None:
+                if len(params) == MAX_PARAMETER_NAMES:
+                    raise QueryError(
+                        "too_many_parameters",
+                        f"at most {MAX_PARAMETER_NAMES} distinct parameter names are allowed",
+                        None,
+                    )
+                params[name] = values = []
+            values.append(value)
         return parse_query(
             params,
             today=self._today,
@@ -204,6 +233,11 @@ class UsageRouter(Router):
             keys = frozenset(spec.api_key_ids)
         try:
             body = await self._run(partial(query, self.store, spec, keys))
+        except _queries.ReadTimeoutError as exc:
+            logger.warning("usage router: %s", exc)
+            return _error(
+                503, "query_timeout", "the usage query took too long; try a shorter range"
+            )
         except (SQLAlchemyError, UsageError) as exc:
             logger.warning("usage router: database query failed: %s", exc)
             return _error(503, "database_unavailable", "the usage database did not answer")
@@ -224,9 +258,33 @@ class UsageRouter(Router):
     async def _history(self, request: Request) -> Response:
         return await self._answer(request, _queries.history)
 
+    async def _may_see_health(self, request: Request) -> None:
+        """Raises ``_Denied`` unless the caller may see health details."""
+        if self._health_authorize is None:
+            if await self._scope(request) is not None:
+                raise _Denied(
+                    _error(
+                        403, "forbidden", "health details are for unrestricted (ALL_KEYS) callers"
+                    )
+                )
+            return
+        try:
+            allowed = self._health_authorize(request)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+        except Exception:
+            logger.exception("usage router: health_authorize() raised")
+            raise _Denied(
+                _error(500, "authorize_failed", "the health_authorize hook failed")
+            ) from None
+        if allowed is None:
+            raise _Denied(_error(401, "unauthorized", "authentication required"))
+        if allowed is not True:
+            raise _Denied(_error(403, "forbidden", "health details are not for this caller"))
+
     async def _health(self, request: Request) -> Response:
         try:
-            await self._scope(request)
+            await self._may_see_health(request)
         except _Denied as denied:
             return denied.response
         recorders = []
@@ -248,6 +306,12 @@ class UsageRouter(Router):
             {"status": "ok", "database": "ok", "recorders": recorders},
             headers={"Cache-Control": "no-store"},
         )
+
+
+async def _live(request: Request) -> Response:
+    """Liveness for load balancers: the process answers. No authorization, no database, no
+    details."""
+    return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
 
 def _only(key: str) -> Callable[[UsageStore, QuerySpec, Collection[UUID] | None], Any]:

@@ -38,7 +38,9 @@ class UsageStore:
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
     and use psycopg 3), or ``memory://`` (in memory, for tests). The constructor does not
     connect; the schema is created on first use unless ``auto_create_schema=False``, in which
-    case a missing schema raises :class:`SchemaMissingError`.
+    case a missing schema raises :class:`SchemaMissingError`. ``read_timeout`` (seconds, default
+    10; ``None``: no limit) bounds each read-path statement, so a slow query gives up instead of
+    holding a thread and a pooled connection.
     """
 
     def __init__(
@@ -48,12 +50,19 @@ class UsageStore:
         auto_create_schema: bool = True,
         connect_timeout: float = 5.0,
         engine_options: dict[str, Any] | None = None,
+        read_timeout: float | None = 10.0,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        if read_timeout is not None and not read_timeout > 0:
+            raise ConfigurationError(f"read_timeout must be > 0 or None, got {read_timeout!r}")
+        self.read_timeout = read_timeout
         self.url = normalize_url(url)
         self.backend: Backend = open_backend(
-            self.url, connect_timeout=connect_timeout, engine_options=dict(engine_options or {})
+            self.url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            engine_options=dict(engine_options or {}),
         )
         self.auto_create_schema = auto_create_schema
         self._schema_ready = False

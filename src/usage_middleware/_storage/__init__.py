@@ -66,7 +66,9 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def open_backend(url: URL, *, connect_timeout: float, engine_options: dict[str, Any]) -> Backend:
+def open_backend(
+    url: URL, *, connect_timeout: float, read_timeout: float | None, engine_options: dict[str, Any]
+) -> Backend:
     """The backend for a URL returned by :func:`normalize_url` (it does not connect yet)."""
     if url.drivername == "memory":
         from .memory import MemoryBackend
@@ -83,7 +85,12 @@ def open_backend(url: URL, *, connect_timeout: float, engine_options: dict[str, 
             from .postgres import PostgresBackend
 
             engine = PostgresBackend
-        return engine(url, connect_timeout=connect_timeout, engine_options=engine_options)
+        return engine(
+            url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            engine_options=engine_options,
+        )
     except (NoSuchModuleError, ImportError) as exc:
         raise ConfigurationError(
             f"the driver for {url.drivername!r} is not installed: "

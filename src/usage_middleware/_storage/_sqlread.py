@@ -10,6 +10,8 @@ connection in autocommit: one round trip per statement.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,8 +43,9 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from .._errors import ReadTimeoutError
 from .._pool import submit
 from .._schema import (
     ROLLUP_KEYS,
@@ -190,6 +193,7 @@ def _joined(
     where: list[Any],
     summed: Sequence[str] = (),
     cancelling: Sequence[str] = (),
+    utc_hour: bool = False,
 ) -> Any:
     """Source rows of ``table`` inside each piece (:func:`_piece_params`), with the piece's
     period and sign.
@@ -205,6 +209,10 @@ def _joined(
     NULL): no grouping by text for the hours of a New York week boundary. On SQLite the
     pieces are one JSON parameter read by ``json_each``, and its nested loops already drive a
     plain join from that small table.
+
+    ``utc_hour`` (hourly rollups read for every key) compares UTC wall-clock hours, the
+    expression of the hourly rollups' time index on PostgreSQL (see the schema file), so the
+    read is an index range whatever the table's physical order.
     """
     if dialect != "postgresql":
         each = func.json_each(bindparam(name)).table_valued("value")
@@ -245,7 +253,11 @@ def _joined(
         cast(func.sum(table.c[n]), BigInteger).label(n) if n in summed else grouped[n]
         for n in names
     ]
-    rows = select(*cols).where(at >= d.c.lo, at < d.c.hi, *where)
+    lo: Any = d.c.lo
+    hi: Any = d.c.hi
+    if utc_hour:
+        at, lo, hi = (func.timezone(literal_column("'UTC'"), x) for x in (at, lo, hi))
+    rows = select(*cols).where(at >= lo, at < hi, *where)
     if summed:
         rows = rows.group_by(*keys)
     # OFFSET 0 keeps the planner from flattening the LATERAL back into a range join, and the
@@ -294,7 +306,16 @@ def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
         # hours are what a cut day's pieces move between periods (see plan())
         cancelling = ("provider", "file_type") if grain == "hour" else ()
         j = _joined(
-            name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS, cancelling
+            name,
+            grain == "day",
+            dialect,
+            table,
+            at,
+            names,
+            where,
+            _UPLOAD_COUNTERS,
+            cancelling,
+            utc_hour=grain == "hour" and not shape.keys,
         )
         # daily pieces are never subtracted (see plan())
         cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
@@ -354,13 +375,35 @@ def _halves(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
 
 
 
+# A read on SQLite checks its deadline every this many virtual machine instructions.
+_SQLITE_CHECK_EVERY = 1_000
+
+
 def _rows(backend: SQLBackend, statement: _Statement, params: dict[str, Any]) -> list[Any]:
-    """Run one read statement. PostgreSQL: its cached text straight through psycopg on a
-    pooled connection in autocommit — one round trip, no BEGIN/ROLLBACK, no SQLAlchemy
-    execution machinery; driver errors surface as SQLAlchemy's, as everywhere else."""
+    """Run one read statement, cancelled after ``backend.read_timeout`` (ReadTimeoutError).
+
+    PostgreSQL: its cached text straight through psycopg on a pooled connection in autocommit,
+    pipelined between setting ``statement_timeout`` and resetting it (the pool's writers keep
+    the server's setting) — one round trip, no BEGIN/ROLLBACK, no SQLAlchemy execution
+    machinery; driver errors surface as SQLAlchemy's, as everywhere else. SQLite: a progress
+    handler interrupts the statement at the deadline.
+    """
+    timeout = backend.read_timeout
     if statement.sql is None:
         with backend.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(statement.stmt, params)]
+            if timeout is None:
+                return [tuple(r) for r in conn.execute(statement.stmt, params)]
+            dbapi: Any = conn.connection.dbapi_connection
+            deadline = time.monotonic() + timeout
+            dbapi.set_progress_handler(lambda: time.monotonic() > deadline, _SQLITE_CHECK_EVERY)
+            try:
+                return [tuple(r) for r in conn.execute(statement.stmt, params)]
+            except OperationalError as exc:
+                if isinstance(exc.orig, sqlite3.OperationalError) and "interrupt" in str(exc.orig):
+                    raise _timed_out(timeout) from exc
+                raise
+            finally:
+                dbapi.set_progress_handler(None, 0)
     import psycopg
 
     raw = backend.engine.raw_connection()  # pre-pinged by the pool
@@ -368,10 +411,18 @@ def _rows(backend: SQLBackend, statement: _Statement, params: dict[str, Any]) ->
     try:
         driver.autocommit = True
         with driver.cursor() as cur:
-            cur.execute(statement.sql, {**statement.constants, **params})
+            if timeout is None:
+                cur.execute(statement.sql, {**statement.constants, **params})
+            else:
+                with driver.pipeline():
+                    cur.execute(f"SET statement_timeout = {max(1, round(timeout * 1000))}")
+                    cur.execute(statement.sql, {**statement.constants, **params})
+                    driver.cursor().execute("RESET statement_timeout")
             rows: list[Any] = cur.fetchall()
             return rows
     except psycopg.Error as exc:
+        if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled):
+            raise _timed_out(timeout) from exc
         broken = bool(driver.broken or driver.closed)
         if broken:
             raw.invalidate()
@@ -382,6 +433,12 @@ def _rows(backend: SQLBackend, statement: _Statement, params: dict[str, Any]) ->
         if not driver.closed:
             driver.autocommit = False  # the pool's next user (a writer) expects transactions
         raw.close()
+
+
+def _timed_out(timeout: float) -> ReadTimeoutError:
+    return ReadTimeoutError(
+        f"a usage query ran longer than read_timeout={timeout:g} s and was cancelled"
+    )
 
 
 def upload_rows(backend: SQLBackend, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
@@ -421,7 +478,15 @@ def _histogram_statement(grains: tuple[str, ...], dialect: str, shape: _Shape) -
         names = ("latency_bucket", *_REQUEST_COUNTERS)
         where = _where(table, shape, dialect)
         j = _joined(
-            f"{grain}_pieces", grain != "hour", dialect, table, at, names, where, _REQUEST_COUNTERS
+            f"{grain}_pieces",
+            grain != "hour",
+            dialect,
+            table,
+            at,
+            names,
+            where,
+            _REQUEST_COUNTERS,
+            utc_hour=grain == "hour" and not shape.keys,
         )
         selects.append(
             select(

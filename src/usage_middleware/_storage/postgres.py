@@ -34,8 +34,15 @@ class PostgresBackend(SQLBackend):
     name = "postgresql"
     parallel_reads = True
 
-    def __init__(self, url: URL, *, connect_timeout: float, engine_options: dict[str, Any]) -> None:
-        super().__init__(url)
+    def __init__(
+        self,
+        url: URL,
+        *,
+        connect_timeout: float,
+        read_timeout: float | None,
+        engine_options: dict[str, Any],
+    ) -> None:
+        super().__init__(url, read_timeout)
         options = dict(engine_options)
         connect_args = dict(options.pop("connect_args", {}))
         connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))

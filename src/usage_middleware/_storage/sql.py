@@ -31,8 +31,9 @@ class SQLBackend(ABC):
     name: str
     engine: Engine
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, read_timeout: float | None) -> None:
         self.url = url
+        self.read_timeout = read_timeout
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"

@@ -37,8 +37,15 @@ class SQLiteBackend(SQLBackend):
     name = "sqlite"
     parallel_reads = False
 
-    def __init__(self, url: URL, *, connect_timeout: float, engine_options: dict[str, Any]) -> None:
-        super().__init__(url)
+    def __init__(
+        self,
+        url: URL,
+        *,
+        connect_timeout: float,
+        read_timeout: float | None,
+        engine_options: dict[str, Any],
+    ) -> None:
+        super().__init__(url, read_timeout)
         options = dict(engine_options)
         database = url.database or ""
         in_memory = database in ("", ":memory:") or "mode=memory" in database

@@ -95,30 +95,19 @@ CREATE TABLE IF NOT EXISTS public.hourly_request_usage (
     CONSTRAINT uq_hourly_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)
 ) WITH (fillfactor = 70);
 
--- The hourly rollups' time-only indexes are BRIN: rows arrive in time order, so block ranges
--- serve the all-keys reads, cost little to maintain, and never look cheaper to the planner than
--- the (key, hour) constraint for one key's reads. A btree there would: once the table is in
--- time order it reads every key's rows of an hour to find one key's. Older btrees are replaced.
-DO $brin$
-DECLARE
-    ix record;
-BEGIN
-    FOR ix IN SELECT * FROM (VALUES
-        ('hourly_usage', 'idx_hourly_usage_usage_hour'),
-        ('hourly_request_usage', 'idx_hourly_request_usage_usage_hour')
-    ) AS v(tbl, idx) LOOP
-        IF NOT EXISTS (
-            SELECT 1 FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_am AS a ON a.oid = c.relam
-             WHERE c.oid = pg_catalog.to_regclass(pg_catalog.format('public.%I', ix.idx))
-               AND a.amname = 'brin'
-        ) THEN
-            EXECUTE pg_catalog.format('DROP INDEX IF EXISTS public.%I', ix.idx);
-            EXECUTE pg_catalog.format(
-                'CREATE INDEX %I ON public.%I USING brin (usage_hour)', ix.idx, ix.tbl);
-        END IF;
-    END LOOP;
-END
-$brin$;
+-- Reads over every key (ALL_KEYS) find an hour's rows in the hourly rollups by a btree range on
+-- the hour, whatever the table's physical order (history loaded out of order, a CLUSTER on the
+-- unique constraint). The index is on the UTC wall-clock hour, an expression only those reads
+-- use: reads of given keys stay on the (key, hour) constraint, where a plain btree on the hour
+-- can look cheaper to the planner and then reads every key's rows of an hour to find one key's.
+-- The older time-only indexes (BRIN, whose block ranges all match once rows are out of time
+-- order, or plain btrees) are dropped.
+DROP INDEX IF EXISTS public.idx_hourly_usage_usage_hour;
+DROP INDEX IF EXISTS public.idx_hourly_request_usage_usage_hour;
+CREATE INDEX IF NOT EXISTS idx_hourly_usage_utc_hour
+    ON public.hourly_usage ((usage_hour AT TIME ZONE 'UTC'));
+CREATE INDEX IF NOT EXISTS idx_hourly_request_usage_utc_hour
+    ON public.hourly_request_usage ((usage_hour AT TIME ZONE 'UTC'));
 
 -- The same by UTC month (usage_month is the month's first day): a year of one key is some
 -- hundreds of rows. An install that predates this table gets it filled from daily_request_usage,
