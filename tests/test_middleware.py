@@ -342,8 +342,8 @@ def test_file_names_are_kept_only_when_opted_in() -> None:
 def test_files_beyond_the_per_request_cap_are_not_recorded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """max_files_per_request bounds how many rows one request can produce; the files left out
-    are counted in stats() and logged once per request, without the API key."""
+    """max_files_per_request bounds how many rows one request can produce; a request that
+    goes past it is counted in stats() and logged once, without the API key."""
     raw_key = "sk_live_capped_key"
     recorder = CollectingRecorder()
     routes = [Route("/upload", upload_endpoint, methods=["POST"])]
@@ -364,10 +364,11 @@ def test_files_beyond_the_per_request_cap_are_not_recorded(
             response = request(app, "POST", "/upload", content=body, headers=headers)
             assert response.status_code == 200
     assert len(recorder.uploads) == 4
-    assert app.stats()["files_not_recorded"] == 4
-    warnings = [r for r in caplog.records if "not recorded" in r.getMessage()]
+    assert app.stats()["requests_capped"] == 2
+    warnings = [r for r in caplog.records if "not parsed" in r.getMessage()]
     assert len(warnings) == 2
-    assert "2 file(s)" in warnings[0].getMessage() and "/upload" in warnings[0].getMessage()
+    assert "more than 2 files" in warnings[0].getMessage()
+    assert "/upload" in warnings[0].getMessage()
     assert raw_key not in caplog.text
 
 

@@ -255,3 +255,96 @@ def test_sniff_agrees_with_filetype_on_the_corpus(case: tuple[str, bytes, str, s
     """Real layouts (office documents included) get filetype's own answer."""
     head = case[1][:SNIFF_BYTES]
     assert sniff(head) == _filetype_then_markup(head)
+
+
+# WHATWG MIME sniffing, "rules for identifying an unknown MIME type": the HTML patterns (each
+# tag name, any case, followed by a tag-terminating byte: space or '>') after any number of
+# leading whitespace bytes (tab, LF, FF, CR, space), and the "<!--" pattern.
+WHATWG_HTML_PATTERNS = [
+    b"<!DOCTYPE HTML",
+    b"<HTML",
+    b"<HEAD",
+    b"<SCRIPT",
+    b"<IFRAME",
+    b"<H1",
+    b"<DIV",
+    b"<FONT",
+    b"<TABLE",
+    b"<A",
+    b"<STYLE",
+    b"<TITLE",
+    b"<B",
+    b"<BODY",
+    b"<BR",
+    b"<P",
+    b"<!--",
+]
+
+
+@pytest.mark.parametrize("pattern", WHATWG_HTML_PATTERNS, ids=lambda p: p.decode())
+@pytest.mark.parametrize("terminator", [b" ", b">"], ids=["space", "gt"])
+@pytest.mark.parametrize("lower", [False, True], ids=["upper", "lower"])
+@pytest.mark.parametrize(
+    "leading", [b"", b"\t\n\x0c\r ", b" " * 1100, b"\n" * 5000], ids=["none", "ws", "1100", "5000"]
+)
+def test_whatwg_html_patterns_are_html(
+    pattern: bytes, terminator: bytes, lower: bool, leading: bytes
+) -> None:
+    """Every WHATWG HTML pattern, in either case, after any leading whitespace the sniff
+    buffer holds, is text/html whatever the client claims."""
+    head = leading + (pattern.lower() if lower else pattern) + terminator + b"x"
+    assert effective_type(head, "image/png", "photo.png") == "text/html"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"<!-- c --> <script>alert(1)</script>",
+        b"<!-- c --><SCRIPT>alert(1)</SCRIPT>",
+        b"<!-->" + b"<p>x",
+        b"  <!-- " + b"x" * 9000,  # a comment longer than the sniff buffer: "<!--" decides
+        b"<!-- " + b"x" * 9000 + b" --><html>",
+        b"<!-- c -->\n<foo>bar</foo>",  # WHATWG: "<!--" alone makes it HTML
+        b"\xef\xbb\xbf\n<html>",
+        b"<!--x--><div>",  # no terminator after "<!--": the tag after the comment decides
+    ],
+    ids=[
+        "comment-script",
+        "comment-upper",
+        "empty-comment",
+        "9k-comment",
+        "9k-then-html",
+        "comment-then-xml",
+        "bom",
+        "tight-comment-div",
+    ],
+)
+def test_comments_do_not_hide_html(head: bytes) -> None:
+    """A leading comment, however long, does not hide HTML (WHATWG's "<!--" pattern)."""
+    assert effective_type(head[:SNIFF_BYTES], "image/png", "photo.png") == "text/html"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"<H2>title</H2>", "text/plain"),  # not one of the patterns
+        (b"<bx>", "text/plain"),  # "<B" not followed by a terminating byte
+        (b"<abbr>", "text/plain"),
+        (b"<html", "text/plain"),  # the pattern needs its terminating byte
+        (b"<!--x-->", "text/plain"),
+        (b"\x0b<html>", "application/octet-stream"),  # vertical tab is not WHATWG whitespace
+        (b"<!-- c --> <svg xmlns='http://www.w3.org/2000/svg'>", "image/svg+xml"),
+        (b"<?xml version='1.0'?><!-- c --><feed/>", "application/xml"),
+    ],
+)
+def test_what_the_html_patterns_do_not_match(head: bytes, expected: str) -> None:
+    """Near misses are not HTML; an SVG root after a comment stays SVG, an XML declaration
+    first makes XML."""
+    assert effective_type(head, None, None) == expected
+
+
+def test_whitespace_beyond_the_sniff_buffer_hides_what_follows() -> None:
+    """Only the first SNIFF_BYTES are kept: markup after that much whitespace is not seen
+    (browsers sniff only the first 1,445 bytes, so they do not run it as HTML either)."""
+    head = (b" " * SNIFF_BYTES + b"<script>")[:SNIFF_BYTES]
+    assert effective_type(head, "image/png", "a.png") == "image/png"

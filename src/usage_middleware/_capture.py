@@ -6,7 +6,8 @@ and keeps, per file part, only its headers (name, declared type), a byte count a
 a body that *is* the file (``PUT /files/x`` with ``Content-Type: image/png``).
 
 Both are fed with ``feed(chunk)`` and closed with ``close(complete)``; neither ever raises: a
-parser error stops parsing for the rest of that request and is remembered in ``error``. The
+parser error, or reaching the file or part cap (``capped``), stops parsing for the rest of that
+request and is remembered in ``error``: the parser's work per request is bounded. The
 middleware turns the resulting :class:`CapturedFile` list into ``file_uploads`` rows.
 """
 
@@ -34,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 UTC = timezone.utc
 
-_MAX_KEPT_HEADER = 1024  # bytes of a Content-Disposition / Content-Type value we look at
+# Bytes of a part's header value kept. python-multipart rejects a header line over 4 KiB (its
+# ``DEFAULT_MAX_HEADER_SIZE``), so the whole Content-Disposition is kept and its ``filename``
+# found wherever it is; a longer value (a parser without that limit) counts as a file.
+_MAX_KEPT_HEADER = 16384
 
 # The exact forms browsers, curl and the HTTP libraries send. For them python-multipart's
 # ``parse_options_header`` (a quote-aware scanner, character by character) gives exactly these
@@ -96,30 +100,40 @@ def _decode(value: bytes) -> str:
         return value.decode("latin-1")
 
 
+class _Capped(Exception):
+    """Raised from a parser callback to stop ``write`` at once: a cap was reached."""
+
+
 class MultipartCapture:
     """Streams a multipart body through python-multipart and collects its file parts."""
 
     __slots__ = (
         "_current",
+        "_cut_disposition",
         "_field",
         "_headers",
         "_max_files",
+        "_max_parts",
         "_parser",
-        "_skipping",
+        "_truncated",
         "_value",
+        "capped",
         "error",
         "files",
         "finished",
-        "skipped",
+        "parts",
     )
 
-    def __init__(self, boundary: bytes, *, max_files: int) -> None:
+    def __init__(self, boundary: bytes, *, max_files: int, max_parts: int) -> None:
         self.files: list[CapturedFile] = []
         self.error: str | None = None
         self.finished = False
-        self.skipped = 0  # files past max_files, not recorded
+        self.capped = False  # parsing stopped at max_files or max_parts: more was not looked at
+        self.parts = 0
         self._max_files = max_files
-        self._skipping: bool | None = None  # in a file part past the cap: has it a name or data?
+        self._max_parts = max_parts
+        self._truncated = False
+        self._cut_disposition = False
         self._current: CapturedFile | None = None
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
@@ -145,37 +159,43 @@ class MultipartCapture:
     # --- parser callbacks (hot path: on_part_data) --------------------------------------------
 
     def _on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self._max_parts:
+            raise _Capped(f"more than {self._max_parts} parts")
         self._headers = {}
+        self._cut_disposition = False
         self._current = None
-        self._skipping = None
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         if len(self._field) < 64:
             self._field += data[start:end]
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        if len(self._value) < _MAX_KEPT_HEADER:
-            self._value += data[start : min(end, start + _MAX_KEPT_HEADER)]
+        room = _MAX_KEPT_HEADER - len(self._value)
+        if end - start > room:
+            self._truncated = True
+            end = start + max(room, 0)
+        self._value += data[start:end]
 
     def _on_header_end(self) -> None:
         name = bytes(self._field).strip().lower()
         if name in (b"content-disposition", b"content-type"):
-            self._headers[name] = bytes(self._value[:_MAX_KEPT_HEADER]).strip()
+            self._headers[name] = bytes(self._value).strip()
+            if self._truncated and name == b"content-disposition":
+                self._cut_disposition = True
+        self._truncated = False
         self._field.clear()
         self._value.clear()
 
     def _on_headers_finished(self) -> None:
         raw_name = file_name_param(self._headers.get(b"content-disposition"))
-        if raw_name is None:
-            return  # a form field, not a file
+        if raw_name is None and not self._cut_disposition:
+            return  # a form field, not a file (a cut header may hide its filename: a file)
         if len(self.files) >= self._max_files:
-            if self.error is None:
-                self.error = f"more than {self._max_files} files; the rest were not recorded"
-            self._skipping = bool(raw_name)
-            return
+            raise _Capped(f"more than {self._max_files} files")
         declared = self._headers.get(b"content-type")
         self._current = CapturedFile(
-            file_name=_decode(raw_name),
+            file_name=None if raw_name is None else _decode(raw_name),
             declared_type=declared.decode("latin-1") if declared else None,
         )
 
@@ -186,13 +206,8 @@ class MultipartCapture:
             missing = SNIFF_BYTES - len(current.head)
             if missing > 0:
                 current.head += data[start : min(end, start + missing)]
-        elif self._skipping is False and end > start:
-            self._skipping = True
 
     def _on_part_end(self) -> None:
-        if self._skipping:
-            self.skipped += 1
-        self._skipping = None
         current = self._current
         if current is not None:
             self._current = None
@@ -212,6 +227,9 @@ class MultipartCapture:
             return
         try:
             parser.write(chunk)
+        except _Capped as exc:
+            self.capped = True
+            self._stop(str(exc))
         except Exception as exc:
             self._stop(f"malformed multipart body: {type(exc).__name__}: {exc}")
 
@@ -240,13 +258,13 @@ class MultipartCapture:
 class RawCapture:
     """A request body that is one file."""
 
-    __slots__ = ("error", "file", "files", "skipped")
+    __slots__ = ("capped", "error", "file", "files")
 
     def __init__(self, file_name: str | None, declared_type: str | None) -> None:
         self.file = CapturedFile(file_name=file_name, declared_type=declared_type)
         self.files: list[CapturedFile] = []
         self.error: str | None = None
-        self.skipped = 0
+        self.capped = False
 
     def feed(self, chunk: bytes) -> None:
         file = self.file

@@ -61,6 +61,9 @@ EXCLUDED_KEY = "usage_middleware.excluded"
 """Set (truthy) in the scope by anything that wants its request left unrecorded (the router)."""
 
 _DEFAULT_MAX_FILES = 1000
+# Parts parsed per multipart request beyond max_files_per_request: Starlette's default
+# ``max_fields``, so a form Starlette accepts is parsed whole and a flood of fields is not.
+_MAX_FIELDS = 1000
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _ROUTE_CACHE_SIZE = 4096
 _UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -168,6 +171,7 @@ class _Exchange:
         "capture",
         "disconnected",
         "end",
+        "handed_over",
         "received",
         "sent",
         "status",
@@ -181,6 +185,9 @@ class _Exchange:
         self.sent = 0
         self.status: int | None = None
         self.end: float | None = None  # perf_counter() once the last body message was sent
+        # Set before the last body message is awaited: a disconnect the server reports while
+        # that send is in progress (ASGI < 2.4 servers listen for one meanwhile) is no failure.
+        self.handed_over = False
         self.body_done = False
         self.disconnected = False
 
@@ -195,7 +202,7 @@ class _Exchange:
                     self.capture.feed(body)
             if not message.get("more_body", False):
                 self.body_done = True
-        elif kind == "http.disconnect" and self.end is None:
+        elif kind == "http.disconnect" and not self.handed_over:
             self.disconnected = True
         return message
 
@@ -216,10 +223,12 @@ class _Exchange:
         return self._send(message)
 
     async def _send_last(self, message: Message) -> None:
+        self.handed_over = True
         await self._send(message)
         self.end = perf_counter()
 
     async def _send_file(self, message: Message) -> None:
+        self.handed_over = True
         await self._send(message)
         self.end = perf_counter()
         with contextlib.suppress(OSError):
@@ -259,7 +268,8 @@ class UsageMiddleware:
       non-multipart ``POST``/``PUT``/``PATCH`` they match is one uploaded file (its body).
 
     ``annotate()`` from the endpoint wins over every hook. File names are stored only with
-    ``record_file_names=True``. At most ``max_files_per_request`` files are recorded per request.
+    ``record_file_names=True``. At most ``max_files_per_request`` files are recorded per request;
+    parsing stops at the next file part, or after ``max_files_per_request + 1000`` parts.
     """
 
     def __init__(
@@ -328,7 +338,7 @@ class UsageMiddleware:
         self._started = False
         self._atexit_registered = False
         self._failures = 0
-        self._files_not_recorded = 0
+        self._requests_capped = 0
 
     @staticmethod
     def _prefixes(paths: Iterable[str], name: str) -> tuple[str, ...]:
@@ -341,12 +351,13 @@ class UsageMiddleware:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Capture failures so far (each was logged), files past ``max_files_per_request`` left
-        unrecorded, and the recorder's own stats, if any."""
+        """Capture failures so far (each was logged), requests whose parsing stopped at the
+        file or part cap (the rest of their body was not looked at), and the recorder's own
+        stats, if any."""
         stats = getattr(self.recorder, "stats", None)
         return {
             "capture_failures": self._failures,
-            "files_not_recorded": self._files_not_recorded,
+            "requests_capped": self._requests_capped,
             "recorder": stats() if stats else None,
         }
 
@@ -457,11 +468,17 @@ class UsageMiddleware:
         """The capture for an upload method's body, or ``None`` when the body is no upload."""
         try:
             content_type = _header(scope, b"content-type")
-            if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
+            # Starlette strips spaces and tabs around the type and ignores its case.
+            if (
+                content_type is not None
+                and content_type.lstrip(b" \t")[:19].lower() == b"multipart/form-data"
+            ):
                 boundary = multipart_boundary(content_type)
                 if boundary is None:
                     return None  # malformed: the request passes through, its row is still written
-                return MultipartCapture(boundary, max_files=self._max_files)
+                return MultipartCapture(
+                    boundary, max_files=self._max_files, max_parts=self._max_files + _MAX_FIELDS
+                )
             path = scope["path"]
             if (self._raw_upload_paths and path.startswith(self._raw_upload_paths)) or (
                 self._raw_upload is not None
@@ -552,14 +569,14 @@ class UsageMiddleware:
         template: str | None,
         error: BaseException | None,
     ) -> list[UploadRecord]:
-        if capture.skipped:
-            self._files_not_recorded += capture.skipped
+        if capture.capped:
+            self._requests_capped += 1
             logger.warning(
-                "usage-middleware: %d file(s) of a %s %s request not recorded "
+                "usage-middleware: a %s %s request has %s; the rest of its body was not parsed "
                 "(max_files_per_request=%d)",
-                capture.skipped,
                 request.method,
                 template or "(unmatched route)",
+                capture.error,
                 self._max_files,
             )
         if not capture.files:

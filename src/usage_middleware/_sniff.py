@@ -40,33 +40,43 @@ _MARKUP_PROLOGUE = re.compile(
     rb"\A(?:\xef\xbb\xbf)?(?:\s+|<\?.*?\?>|<!--.*?-->|<!doctype[^>]*>)*", re.IGNORECASE | re.DOTALL
 )
 _FIRST_ELEMENT = re.compile(rb"<([a-zA-Z][a-zA-Z0-9:_.-]*)")
-# WHATWG MIME sniffing's "HTML" patterns (tag name followed by a space or '>').
+# WHATWG MIME sniffing ("rules for identifying an unknown MIME type"): its whitespace bytes, the
+# tag names of its HTML patterns, and their tag-terminating byte (space or '>'; tab, newline,
+# CR and '/' end a tag name for an HTML parser as well, so they count too).
+_WHITESPACE = b"\t\n\x0c\r "
 _HTML_TAGS = frozenset(
     b"html head script iframe h1 div font table a style title b body br p".split()
 )
+_TAG_END = frozenset((b" ", b">", b"\t", b"\n", b"\r", b"/"))
 _HTML_DOCTYPE = re.compile(rb"<!doctype\s+html", re.IGNORECASE)
+# WHATWG's "<!--" pattern: a document that opens with a comment is HTML, whatever follows.
+_HTML_COMMENT = re.compile(rb"<!--[ >]")
 # Control bytes that never occur in text (WHATWG's "binary data byte" set).
 _BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
 
 
 def _markup(head: bytes) -> str | None:
-    start = head[:1024].lstrip()
+    """SVG, HTML or XML by the WHATWG HTML patterns after leading whitespace (all of it, as far
+    as ``head`` goes), except that an ``<svg>`` root after the prologue is SVG; a comment
+    before an HTML tag does not hide it either."""
+    start = head.lstrip(_WHITESPACE)
     if start.startswith(b"\xef\xbb\xbf"):
-        start = start[3:].lstrip()
+        start = start[3:].lstrip(_WHITESPACE)
     if not start.startswith(b"<"):
         return None
     if _HTML_DOCTYPE.match(start):
         return "text/html"
-    prologue = _MARKUP_PROLOGUE.match(head)
-    rest = head[prologue.end() if prologue else 0 :]
+    prologue = _MARKUP_PROLOGUE.match(start)
+    rest = start[prologue.end() if prologue else 0 :]
     element = _FIRST_ELEMENT.match(rest)
-    if element is None:
-        return "application/xml" if start.startswith(b"<?xml") else None
-    name = element.group(1).lower()
-    if name == b"svg" or name.endswith(b":svg"):
-        return "image/svg+xml"
-    end = element.end()
-    if name in _HTML_TAGS and rest[end : end + 1] in (b" ", b">", b"\t", b"\n", b"\r", b"/"):
+    if element is not None:
+        name = element.group(1).lower()
+        if name == b"svg" or name.endswith(b":svg"):
+            return "image/svg+xml"
+        end = element.end()
+        if name in _HTML_TAGS and rest[end : end + 1] in _TAG_END:
+            return "text/html"
+    if _HTML_COMMENT.match(start):
         return "text/html"
     if start.startswith(b"<?xml"):
         return "application/xml"
@@ -127,7 +137,7 @@ def from_name(file_name: str | None) -> str | None:
 
 
 def effective_type(head: bytes, declared: str | None, file_name: str | None) -> str:
-    """SPEC §4: sniffed, else declared (unless the generic octet-stream), else extension."""
+    """Sniffed, else declared (unless the generic octet-stream), else extension."""
     sniffed = sniff(head)
     if sniffed:
         return sniffed
