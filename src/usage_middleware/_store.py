@@ -102,9 +102,7 @@ def _normalize_url(url: str | URL) -> URL:
 # and the same inside a conninfo string or URL given as a value (libpq expands a dbname holding
 # one). Over-masking a harmless value (a key file path) costs nothing.
 _SECRET_NAME = r"[A-Za-z_]*(?:pass|pwd|secret|token|key|credential)[A-Za-z_]*"
-_SECRET_PARAM = re.compile(
-    rf"(?i)\b({_SECRET_NAME})(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)"
-)
+_SECRET_PARAM = re.compile(rf"(?i)\b({_SECRET_NAME})(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)")
 _URL_USERINFO = re.compile(r"(://[^:@/?#\s]*):[^@/?#\s]*@")
 _MASK = "***"
 
