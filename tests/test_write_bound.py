@@ -129,11 +129,11 @@ def test_recorder_behind_a_frozen_peer_backs_off_spools_and_replays_once(
         assert wait_for(
             lambda: (
                 recorder.stats()["spool_pending"] == 0
+                and recorder.stats()["state"] == "running"
                 and scalar(direct, "SELECT count(*) FROM file_uploads") == 50
             ),
             timeout=HANG,
         ), recorder.stats()
-        assert recorder.stats()["state"] == "running"
     finally:
         recorder.shutdown(5)
         store.dispose()
