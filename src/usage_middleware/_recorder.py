@@ -153,7 +153,7 @@ class Recorder:
             Path(self.spool_path).parent.mkdir(parents=True, exist_ok=True)
         self._high_water = max(max_queue_size // 2, batch_size)
         self._low_water = max(self._high_water // 2, 1)
-        self._label = store.url.render_as_string(hide_password=True)
+        self._label = store.display_url
         self._serial = next(_serial)
         self._init_state()
         _live.add(self)
