@@ -252,15 +252,19 @@ class Spool:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction under the lock. When it fails (disk full, file size limit) it is
-        rolled back, unless SQLite already did; a connection that cannot even roll back is
-        closed, to be reopened cleanly by the next operation."""
+        """A write transaction under the lock; ``pending`` is updated once it commits.
+
+        When it fails (disk full, file size limit) it is rolled back, unless SQLite already did;
+        a connection that cannot even roll back is closed, to be reopened by the next operation.
+        """
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                size = self._size(conn)
                 conn.execute("COMMIT")
+                self.pending = size
             except BaseException:
                 try:
                     if conn.in_transaction:
@@ -297,8 +301,7 @@ class Spool:
                 [(p,) for p in dead],
             )
             conn.execute("UPDATE spool_size SET n = (SELECT count(*) FROM spool) WHERE one = 1")
-            self.pending = self._size(conn)
-            return self.pending
+        return self.pending
 
     def put(self, records: Sequence[Record]) -> int:
         """Store as many records as the bound allows, oldest first; return how many were taken.
@@ -313,7 +316,6 @@ class Spool:
             taken = rows[:room]
             cur = conn.executemany("INSERT OR IGNORE INTO spool (id, payload) VALUES (?, ?)", taken)
             self._add_size(conn, max(cur.rowcount, 0))
-            self.pending = self._size(conn)
         return len(taken)
 
     def claim(self, limit: int) -> list[tuple[SpoolKey, str]]:
@@ -331,7 +333,6 @@ class Spool:
                 "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id = ?",
                 [(now + _LEASE_SECONDS, os.getpid(), r[0]) for r in rows],
             )
-            self.pending = self._size(conn)
         return [(r[0], r[1] if isinstance(r[1], str) else repr(r[1])) for r in rows]
 
     def remove(self, ids: Sequence[SpoolKey]) -> None:
@@ -341,7 +342,6 @@ class Spool:
         with self._transaction() as conn:
             cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
             self._add_size(conn, -max(cur.rowcount, 0))
-            self.pending = self._size(conn)
 
     def quarantine(self, rows: Sequence[tuple[SpoolKey, str]]) -> None:
         """Move rows that cannot be read back, with why, to ``spool_quarantine``: kept for a
@@ -357,7 +357,6 @@ class Spool:
             )
             cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(k,) for k, _ in rows])
             self._add_size(conn, -max(cur.rowcount, 0))
-            self.pending = self._size(conn)
 
     def release(self, ids: Sequence[SpoolKey]) -> None:
         """Give claimed rows back so they are replayed later (by anyone)."""

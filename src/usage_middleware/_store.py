@@ -276,6 +276,9 @@ class UsageStore:
 
         Every record is validated before anything is written. Returns how many rows were new
         (records whose ``id`` is already stored, or repeated within the batch, count zero).
+        Values the database refuses (a rollup sum beyond bigint) raise ``RecordsRefusedError``,
+        a ``ValueError``, and write nothing; an unreachable database raises
+        ``DatabaseUnavailableError``.
         """
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}
