@@ -36,14 +36,21 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DataError,
     DBAPIError,
+    IntegrityError,
     InvalidatePoolError,
     NoSuchModuleError,
     OperationalError,
 )
 from sqlalchemy.pool import StaticPool
 
-from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
+from ._errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    RecordsRefusedError,
+    SchemaMissingError,
+)
 from ._pgwrite import pg_write
 from ._records import RequestRecord, UploadRecord
 from ._schema import (
@@ -423,8 +430,17 @@ class UsageStore:
             self._schema_ready = True
 
     def _unavailable(self, exc: DBAPIError) -> Exception:
-        """``DatabaseUnavailableError`` for errors a retry can cure; others unchanged."""
+        """``DatabaseUnavailableError`` for errors a retry can cure; ``RecordsRefusedError`` for
+        values the database refuses, which no retry cures (PostgreSQL's data exceptions, such as
+        a bigint sum out of range, and constraint violations: the idempotent conflicts never
+        raise; SQLite's checked sums); others unchanged."""
         message = _mask_text(str(exc.orig).strip())  # libpq may quote conninfo fragments
+        if (isinstance(exc, (DataError, IntegrityError)) and not exc.connection_invalidated) or (
+            isinstance(exc, OperationalError) and message == "integer overflow"
+        ):
+            return RecordsRefusedError(
+                f"the database refused the records' values: {message} (retrying cannot help)"
+            )
         if exc.connection_invalidated or (
             isinstance(exc, OperationalError) and "no such table" not in message
         ):
@@ -442,6 +458,9 @@ class UsageStore:
 
         Every record is validated before anything is written. Returns how many rows were new
         (records whose ``id`` is already stored, or repeated within the batch, count zero).
+        Values the database refuses (a rollup sum beyond bigint) raise ``RecordsRefusedError``,
+        a ``ValueError``, and write nothing; an unreachable database raises
+        ``DatabaseUnavailableError``.
         """
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}
@@ -480,9 +499,17 @@ class UsageStore:
         uploads: list[UploadRecord],
         requests: list[RequestRecord],
     ) -> int:
-        if self.dialect == "postgresql":
-            return pg_write(conn, uploads, requests, self.write_timeout)
-        return sqlite_write(conn, uploads, requests)
+        """Run the dialect's plan. It drives the driver's cursor directly, so the driver's own
+        errors are given SQLAlchemy's classes here, for ``write`` to map as any other."""
+        driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
+        try:
+            if self.dialect == "postgresql":
+                return pg_write(conn, uploads, requests, self.write_timeout)
+            return sqlite_write(conn, uploads, requests)
+        except driver_error as exc:
+            raise DBAPIError.instance(
+                None, None, exc, driver_error, dialect=self.engine.dialect
+            ) from exc
 
     # --- lifecycle ---------------------------------------------------------------------------
 
