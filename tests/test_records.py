@@ -20,6 +20,8 @@ UTC = timezone.utc
         ({"file_size": 1.5}, "file_size"),
         ({"file_size": True}, "file_size"),
         ({"file_size": 2**63}, "file_size"),
+        ({"file_size": 2**62}, "file_size"),  # two of them overflow a bigint rollup sum
+        ({"file_size": 2**50 + 1}, "file_size"),
         ({"upload_status": "ok"}, "upload_status"),
         ({"uploaded_at": datetime(2025, 1, 1)}, "uploaded_at"),
         ({"uploaded_at": "2025-01-01"}, "uploaded_at"),
@@ -45,7 +47,10 @@ def test_upload_record_rejects_bad_fields(fields: dict[str, object], named: str)
         ({"response_time_ms": -1.0}, "response_time_ms"),
         ({"response_time_ms": float("nan")}, "response_time_ms"),
         ({"response_time_ms": float("inf")}, "response_time_ms"),
+        ({"response_time_ms": 365 * 86_400_000.0 + 1}, "response_time_ms"),
         ({"request_size": -3}, "request_size"),
+        ({"request_size": 2**50 + 1}, "request_size"),
+        ({"response_size": 2**62}, "response_size"),
         ({"response_size": None}, "response_size"),
         ({"requested_at": datetime(2025, 1, 1)}, "requested_at"),
         ({"method": None}, "method"),
@@ -56,6 +61,15 @@ def test_request_record_rejects_bad_fields(fields: dict[str, object], named: str
     """Each invalid request field raises ValueError whose message names that field."""
     with pytest.raises(ValueError, match=named):
         RequestRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_sizes_and_times_are_bounded_so_rollup_sums_cannot_overflow() -> None:
+    """The largest values a record may state: 1 PiB, a year; 8,191 such sizes fit a bigint."""
+    assert UploadRecord(file_size=2**50).file_size == 2**50
+    request = RequestRecord(
+        request_size=2**50, response_size=2**50, response_time_ms=365 * 86_400_000.0
+    )
+    assert (request.request_size, request.response_time_ms) == (2**50, 365 * 86_400_000.0)
 
 
 def test_upload_record_normalises_values() -> None:

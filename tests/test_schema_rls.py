@@ -1,8 +1,10 @@
 """sql/supabase_rls.sql on plain PostgreSQL with a stand-in for Supabase's auth schema.
 
 Supabase provides ``auth.uid()`` (the signed-in user from the request's JWT) and the roles
-``anon`` and ``authenticated``. Here ``auth.uid()`` reads a session setting, and the two roles
-are created (NOLOGIN, once per server; roles are cluster-wide) when missing.
+``anon`` and ``authenticated``, which get every privilege on new tables in ``public``. Here
+``auth.uid()`` reads a session setting, the default privileges are set the same way (they live
+in the throwaway database), and the two roles are created (NOLOGIN, once per server; roles are
+cluster-wide, so they are left in place) when missing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -33,6 +36,8 @@ TABLES = (
     "hourly_request_usage",
 )
 
+# What Supabase has before any usage table exists: the API roles, auth.uid(), and default
+# privileges that give anon and authenticated every privilege on each new table in public.
 SUPABASE_STAND_IN = """
 DO $$ BEGIN CREATE ROLE anon NOLOGIN;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
@@ -43,23 +48,31 @@ CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE
     AS $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 GRANT USAGE ON SCHEMA public TO anon, authenticated;
-GRANT SELECT ON ALL TABLES IN SCHEMA public TO anon, authenticated;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated;
 CREATE TABLE public.api_keys (id uuid PRIMARY KEY, user_id uuid NOT NULL);
 GRANT SELECT ON public.api_keys TO authenticated;
 """
+RLS_BEFORE_MONTHLY = Path(__file__).parent / "support" / "supabase_rls_before_monthly.sql"
 
 
-@pytest.fixture
-def supabase_like(pg_url: str) -> Iterator[psycopg.Connection]:
-    """A database with the usage schema, Supabase's auth stand-in, usage rows and RLS applied."""
+def _admin(pg_url: str) -> psycopg.Connection:
     dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SUPABASE_STAND_IN.split("CREATE SCHEMA auth;")[0])
-        store = UsageStore(pg_url)
-        store.create_schema()  # grants to authenticated now that the role exists
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def _install(conn: psycopg.Connection, pg_url: str) -> None:
+    """Supabase's stand-in, then the usage schema (UsageStore.create_schema) and usage rows."""
+    conn.execute(SUPABASE_STAND_IN)
+    conn.execute(
+        "INSERT INTO public.api_keys VALUES (%s, %s), (%s, %s)",
+        (ALICE_KEY, ALICE, BOB_KEY, BOB),
+    )
+    store = UsageStore(pg_url)
+    try:
+        store.create_schema()
         at = datetime(2025, 9, 5, 12, tzinfo=UTC)
         store.write(
-            [UploadRecord(api_key_id=ALICE_KEY, provider="s3", file_size=1, uploaded_at=at)] * 1
+            [UploadRecord(api_key_id=ALICE_KEY, provider="s3", file_size=1, uploaded_at=at)]
             + [
                 UploadRecord(api_key_id=BOB_KEY, provider="s3", file_size=2, uploaded_at=at)
                 for _ in range(2)
@@ -70,15 +83,24 @@ def supabase_like(pg_url: str) -> Iterator[psycopg.Connection]:
                 RequestRecord(api_key_id=BOB_KEY, requested_at=at),
             ]
         )
+    finally:
         store.dispose()
-        conn.execute("CREATE SCHEMA auth;" + SUPABASE_STAND_IN.split("CREATE SCHEMA auth;")[1])
-        conn.execute(
-            "INSERT INTO public.api_keys VALUES (%s, %s), (%s, %s)",
-            (ALICE_KEY, ALICE, BOB_KEY, BOB),
-        )
-        conn.execute(sql_text("supabase_rls.sql"))
-        conn.execute(sql_text("supabase_rls.sql"))  # safe to run twice
+
+
+@pytest.fixture
+def schema_only(pg_url: str) -> Iterator[psycopg.Connection]:
+    """The usage schema with rows on a Supabase stand-in, supabase_rls.sql not run."""
+    with _admin(pg_url) as conn:
+        _install(conn, pg_url)
         yield conn
+
+
+@pytest.fixture
+def supabase_like(schema_only: psycopg.Connection) -> psycopg.Connection:
+    """The same with supabase_rls.sql applied (twice: it is safe to re-run)."""
+    schema_only.execute(sql_text("supabase_rls.sql"))
+    schema_only.execute(sql_text("supabase_rls.sql"))
+    return schema_only
 
 
 def _as(conn: psycopg.Connection, role: str, user: uuid.UUID | None, sql: str) -> list[tuple]:
@@ -88,6 +110,86 @@ def _as(conn: psycopg.Connection, role: str, user: uuid.UUID | None, sql: str) -
             conn.execute("SELECT set_config('request.jwt.claim.sub', %s, true)", (str(user),))
         rows = conn.execute(sql).fetchall()
     return rows
+
+
+def _visible(conn: psycopg.Connection, role: str, user: uuid.UUID | None, table: str) -> int:
+    """Rows ``role`` reads from ``table``; -1 when it may not read it at all."""
+    try:
+        return int(_as(conn, role, user, f"SELECT count(*) FROM public.{table}")[0][0])
+    except psycopg.errors.InsufficientPrivilege:
+        return -1
+
+
+def _assert_api_roles_cannot_write(conn: psycopg.Connection, table: str) -> None:
+    for role in ("anon", "authenticated"):
+        for sql in (
+            f"INSERT INTO public.{table} SELECT * FROM public.{table} LIMIT 0",
+            f"UPDATE public.{table} SET api_key_id = api_key_id",
+            f"DELETE FROM public.{table}",
+            f"TRUNCATE public.{table}",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                _as(conn, role, ALICE, sql)
+
+
+def _rls(conn: psycopg.Connection) -> dict[str, tuple[bool, bool]]:
+    rows = conn.execute(
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
+        "WHERE relnamespace = 'public'::regnamespace AND relname = ANY(%s)",
+        (list(TABLES),),
+    ).fetchall()
+    return {name: (on, forced) for name, on, forced in rows}
+
+
+def test_schema_alone_exposes_no_table_to_the_api_roles(
+    schema_only: psycopg.Connection,
+) -> None:
+    """Before supabase_rls.sql: RLS is on (not forced) everywhere, anon may not touch the
+    tables, a signed-in user reads no row, and neither may write; the owner still reads all."""
+    conn = schema_only
+    assert _rls(conn) == dict.fromkeys(TABLES, (True, False))
+    for table in TABLES:
+        (total,) = conn.execute(f"SELECT count(*) FROM public.{table}").fetchone() or (0,)
+        assert total > 0, table
+        assert _visible(conn, "anon", None, table) == -1, table
+        assert _visible(conn, "authenticated", ALICE, table) == 0, table
+        _assert_api_roles_cannot_write(conn, table)
+
+
+def test_upgrade_from_before_the_monthly_rollup_exposes_nothing(pg_url: str) -> None:
+    """An install of the release before monthly_request_usage, with that release's RLS file
+    run, upgraded by the current schema file: the new table is not readable across tenants
+    either, and once supabase_rls.sql is re-run each user reads their own rows in it."""
+    with _admin(pg_url) as conn:
+        _install(conn, pg_url)
+        conn.execute("DROP TABLE public.monthly_request_usage")
+        for table in TABLES:
+            if table != "monthly_request_usage":
+                conn.execute(f"ALTER TABLE public.{table} DISABLE ROW LEVEL SECURITY")
+                conn.execute(f"GRANT ALL ON public.{table} TO anon, authenticated")
+        conn.execute(RLS_BEFORE_MONTHLY.read_text("utf-8"))
+        store = UsageStore(pg_url)
+        try:
+            store.create_schema()
+        finally:
+            store.dispose()
+        for table in TABLES:
+            assert _visible(conn, "anon", None, table) == -1, table
+            others = _as(
+                conn,
+                "authenticated",
+                ALICE,
+                f"SELECT count(*) FROM public.{table} "
+                f"WHERE api_key_id IS DISTINCT FROM '{ALICE_KEY}'",
+            )
+            assert others == [(0,)], table
+            _assert_api_roles_cannot_write(conn, table)
+        assert _rls(conn) == dict.fromkeys(TABLES, (True, False))
+        conn.execute(sql_text("supabase_rls.sql"))
+        keys = _as(
+            conn, "authenticated", ALICE, "SELECT DISTINCT api_key_id FROM monthly_request_usage"
+        )
+        assert keys == [(ALICE_KEY,)]
 
 
 def test_signed_in_users_read_only_their_keys(supabase_like: psycopg.Connection) -> None:

@@ -5,6 +5,7 @@ Hierarchy::
     UsageError                      base of everything raised on purpose
     ├── ConfigurationError          bad option or URL; fix the call site (also a ValueError)
     ├── DatabaseUnavailableError    the database could not be reached; check the URL / server
+    ├── RecordsRefusedError         the database refused a batch's values (also a ValueError)
     ├── SchemaMissingError          tables are absent and auto-creation is off; run create_schema()
     └── ReadTimeoutError            a read ran past the store's read_timeout and was cancelled
 
@@ -24,6 +25,14 @@ class ConfigurationError(UsageError, ValueError):
 
 class DatabaseUnavailableError(UsageError):
     """The database could not be reached or refused the connection."""
+
+
+class RecordsRefusedError(UsageError, ValueError):
+    """The database refused the values of a batch (a rollup sum out of range, a constraint).
+
+    Retrying the same records cannot help, so this is a ``ValueError``: the recorder bisects
+    the batch, rejects the records that cause it and writes the others.
+    """
 
 
 class SchemaMissingError(UsageError):

@@ -65,8 +65,13 @@ _REQUEST_TYPES = (
     "int2", "int8",
 )  # fmt: skip
 
+# The server's half of the write bound, set for this transaction only (so it holds behind a
+# transaction-mode pooler too): a statement stuck on a lock is cancelled, and a transaction whose
+# client went silent is ended, releasing the rollup rows it locked.
 _STAGING_PRESENT = (
-    "SELECT to_regclass('pg_temp.um_stage_uploads') IS NOT NULL "
+    "SELECT set_config('statement_timeout', %(ms)s, true), "
+    "set_config('idle_in_transaction_session_timeout', %(ms)s, true), "
+    "to_regclass('pg_temp.um_stage_uploads') IS NOT NULL "
     "AND to_regclass('pg_temp.um_stage_requests') IS NOT NULL"
 )
 _CREATE_STAGING = """
@@ -188,17 +193,23 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count
 
 
 def pg_write(
-    conn: Connection, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]
+    conn: Connection,
+    uploads: Sequence[UploadRecord],
+    requests: Sequence[RequestRecord],
+    timeout: float,
 ) -> int:
-    """Write validated, id-unique records inside ``conn``'s open transaction; returns new rows."""
+    """Write validated, id-unique records inside ``conn``'s open transaction; returns new rows.
+
+    ``timeout`` (seconds) bounds each statement and any idle time of the transaction.
+    """
     dbapi: Any = conn.connection.dbapi_connection
     written = 0
     with dbapi.cursor() as cur:
         # Checked in every transaction, not remembered per client connection: behind a
         # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
         # server connection, and DISCARD ALL drops temporary tables.
-        cur.execute(_STAGING_PRESENT)
-        if not cur.fetchone()[0]:
+        cur.execute(_STAGING_PRESENT, {"ms": str(max(1, round(timeout * 1000)))})
+        if not cur.fetchone()[2]:
             cur.execute(_CREATE_STAGING)
         if uploads:
             with cur.copy(

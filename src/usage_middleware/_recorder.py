@@ -15,9 +15,13 @@ and returns (constant time, never blocks, never raises). The writer thread wakes
 store is unreachable the writer backs off exponentially, with jitter, while a second thread
 (the spiller) moves queued records into the spool; the spiller also relieves the queue when a
 slow database lets it pass its high-water mark. Records are dropped only when the queue is full
-*and* the spool is full: drops are counted, logged at a rate-limited WARNING and exported as an
-OpenTelemetry metric. Records the store can never accept (``ValueError``/``TypeError``) are
-isolated by bisecting the batch, counted as rejected and logged, never retried forever.
+*and* nothing more can be spooled (the spool is full, or failing: disk full, file size limit):
+drops are counted, logged at a rate-limited WARNING and exported as an OpenTelemetry metric.
+A chunk the spool fails to take goes back to the queue, so every record submitted is written,
+spooled, queued, rejected or dropped. Records the store can never accept (``ValueError``/
+``TypeError``, which includes values the database refuses, such as a rollup sum out of range)
+are isolated by bisecting the batch, counted as rejected and logged, never retried forever;
+spooled rows that cannot be read back are quarantined in the spool file, never replayed.
 
 Fork safety: ``os.register_at_fork`` resets every recorder in a forked child (no inherited
 thread, queue, spool connection or pooled database connection); the child's recorder starts on
@@ -31,6 +35,7 @@ import itertools
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 import weakref
@@ -43,7 +48,7 @@ from typing import Any
 from opentelemetry import metrics
 
 from ._records import RequestRecord, UploadRecord
-from ._spool import Spool, decode, default_spool_path, spool_key
+from ._spool import Spool, SpoolKey, decode, default_spool_path
 from ._store import UsageStore
 
 __all__ = ["Recorder"]
@@ -61,6 +66,7 @@ _DEFAULT_BACKOFF_MAX = 30.0
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _LOG_INTERVAL = 10.0
 _SPOOL_REFRESH = 5.0
+_SPOOL_RETRY = 1.0  # after the spool failed, the spiller waits this long before trying again
 _FORK_WAIT = 5.0
 
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
@@ -153,7 +159,7 @@ class Recorder:
             Path(self.spool_path).parent.mkdir(parents=True, exist_ok=True)
         self._high_water = max(max_queue_size // 2, batch_size)
         self._low_water = max(self._high_water // 2, 1)
-        self._label = store.url.render_as_string(hide_password=True)
+        self._label = store.display_url
         self._serial = next(_serial)
         self._init_state()
         _live.add(self)
@@ -183,6 +189,7 @@ class Recorder:
         self._delay = 0.0
         self._next_retry = 0.0
         self._next_refresh = 0.0
+        self._spool_retry_at = 0.0
         self._autostart = True
         self._count_lock = threading.Lock()
         self._written = 0
@@ -190,6 +197,8 @@ class Recorder:
         self._spooled = 0
         self._dropped = 0
         self._rejected = 0
+        self._quarantined = 0
+        self._spool_errors = 0
         self._failed_writes = 0
         self._retried = 0
         self._last_error: str | None = None
@@ -198,6 +207,7 @@ class Recorder:
         self._drop_log = _RateLimitedLog()
         self._error_log = _RateLimitedLog()
         self._reject_log = _RateLimitedLog()
+        self._spool_log = _RateLimitedLog()
 
     def __repr__(self) -> str:
         return f"Recorder({self._label!r}, queued={len(self._queue)})"
@@ -236,8 +246,8 @@ class Recorder:
             self._dropped += n
             total = self._dropped
         self._drop_log.warning(
-            "usage recorder: queue and spool full, dropped %d record(s) (%d dropped in total "
-            "for %s); the database is down or too slow",
+            "usage recorder: queue full and nothing more can be spooled, dropped %d record(s) "
+            "(%d dropped in total for %s); the database is down or too slow",
             n,
             total,
             self._label,
@@ -314,12 +324,7 @@ class Recorder:
                 break
         if not rest:
             return
-        try:
-            taken = self._spool.put(rest)
-        except Exception as exc:
-            logger.error("usage recorder: cannot spool %d records at shutdown: %s", len(rest), exc)
-            taken = 0
-        self._count_spooled(taken)
+        taken = self._spool_put(rest)
         if taken < len(rest):
             self._drop(len(rest) - taken)
         if taken:
@@ -338,6 +343,7 @@ class Recorder:
         try:
             pending = self._spool.open()
         except Exception as exc:
+            self._note_error(exc, spool=True)
             logger.error(
                 "usage recorder: cannot open spool %s (%s); spooling in memory instead",
                 self.spool_path,
@@ -379,7 +385,8 @@ class Recorder:
                     and self._replay_one() == "written"
                 ):
                     self._wake.set()
-            except Exception:  # a bug must not kill the worker: log it and keep going
+            except Exception as exc:  # a bug must not kill the worker: log it and keep going
+                self._note_error(exc)
                 logger.exception("usage recorder: unexpected error in the writer")
                 time.sleep(self.flush_interval)
 
@@ -421,12 +428,7 @@ class Recorder:
                 self.store.write(batch)
         except (ValueError, TypeError) as exc:
             if len(batch) == 1:
-                self._rejected += 1
-                self._reject_log.warning(
-                    "usage recorder: rejected a record the store cannot accept: %s (%s)",
-                    exc,
-                    getattr(batch[0], "id", "?"),
-                )
+                self._reject(batch[0], exc)
                 return []
             mid = len(batch) // 2
             pending = self._write(batch[:mid])
@@ -435,8 +437,7 @@ class Recorder:
             return self._write(batch[mid:])
         except Exception as exc:
             self._failed_writes += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"[:300]
-            self._last_error_at = time.time()
+            self._note_error(exc)
             self._error_log.warning(
                 "usage recorder: writing %d records to %s failed, will retry: %s",
                 len(batch),
@@ -450,18 +451,61 @@ class Recorder:
 
     def _park(self, records: list[Record]) -> None:
         """Put records that must wait into the spool, or back at the head of the queue."""
-        try:
-            taken = self._spool.put(records)
-        except Exception as exc:
-            self._error_log.warning("usage recorder: cannot spool to %s: %s", self.spool_path, exc)
-            taken = 0
-        self._count_spooled(taken)
+        taken = self._spool_put(records)
         if taken < len(records):
             self._queue.extendleft(reversed(records[taken:]))
 
-    def _count_spooled(self, n: int) -> None:
+    def _spool_put(self, records: Sequence[Record]) -> int:
+        """Spool records, oldest first; how many from the head are settled. Never raises.
+
+        Settled means spooled, or rejected when a record cannot be encoded (found by bisecting,
+        as in :meth:`_write`). A failing spool (disk full, file size limit) takes none: the
+        failure is counted and logged, and the caller keeps the records or counts them dropped.
+        """
+        if not records:
+            return 0
+        try:
+            taken = self._spool.put(records)
+        except (sqlite3.Error, OSError) as exc:
+            self._spool_failed(exc, f"writing {len(records)} record(s) to")
+            return 0
+        except Exception as exc:  # a record that cannot be encoded, such as a non-record
+            if len(records) == 1:
+                self._reject(records[0], exc)
+                return 1
+            mid = len(records) // 2
+            head = self._spool_put(records[:mid])
+            if head < mid:
+                return head
+            return mid + self._spool_put(records[mid:])
         with self._count_lock:
-            self._spooled += n
+            self._spooled += taken
+        return taken
+
+    def _spool_failed(self, exc: Exception, what: str) -> None:
+        """Count and log a failed spool operation; the spiller pauses before trying again."""
+        self._spool_retry_at = time.monotonic() + _SPOOL_RETRY
+        self._note_error(exc, spool=True)
+        self._spool_log.warning(
+            "usage recorder: spool error: %s %s failed: %s", what, self.spool_path, exc
+        )
+
+    def _reject(self, record: object, exc: Exception) -> None:
+        with self._count_lock:
+            self._rejected += 1
+        self._reject_log.warning(
+            "usage recorder: rejected a record the store cannot accept: %s (%s)",
+            exc,
+            getattr(record, "id", type(record).__name__),
+        )
+
+    def _note_error(self, exc: BaseException, *, spool: bool = False) -> None:
+        """Make a failure visible in stats(): ``last_error``, and ``spool_errors`` for the spool."""
+        if spool:
+            with self._count_lock:
+                self._spool_errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self._last_error_at = time.time()
 
     def _enter_outage(self) -> None:
         self._outage = True
@@ -506,38 +550,78 @@ class Recorder:
         self._leave_outage()
 
     def _replay_one(self) -> str:
-        """Replay one spooled batch: ``"written"`` (or rejected), ``"failed"`` or ``"empty"``."""
+        """Replay one spooled batch: ``"written"`` (or rejected), ``"failed"`` or ``"empty"``.
+
+        A spool that cannot be read counts as empty (the failure counted and logged), so that
+        queued records are still tried.
+        """
         if not self._spool_opened:
             return "empty"
-        now = time.monotonic()
-        if self._spool.pending <= 0 and now >= self._next_refresh:
-            self._next_refresh = now + _SPOOL_REFRESH
-            self._spool.refresh()  # other processes may have spooled records
-        if self._spool.pending <= 0:
+        try:
+            rows = self._claim()
+        except (sqlite3.Error, OSError) as exc:
+            self._spool_failed(exc, "claiming rows from")
             return "empty"
-        rows = self._spool.claim(self.batch_size)
         if not rows:
             return "empty"
         records: list[Record] = []
-        for _key, payload in rows:
+        keys: dict[int, SpoolKey] = {}  # id(record) -> its row's key, as stored
+        unreadable: list[tuple[SpoolKey, str]] = []
+        for key, payload in rows:
             try:
-                records.append(decode(payload))
-            except ValueError as exc:
-                self._rejected += 1
-                self._reject_log.warning("usage recorder: unreadable spooled record: %s", exc)
+                record = decode(payload)
+            except Exception as exc:  # whatever a damaged row makes it raise: set it aside
+                unreadable.append((key, str(exc)[:300]))
+                continue
+            records.append(record)
+            keys[id(record)] = key
+        self._quarantine(unreadable)
+        written = self._written
         self._inflight = records
         try:
             pending = self._write(records)
         finally:
             self._inflight = None
-        waiting = {spool_key(r) for r in pending}
-        self._spool.remove([key for key, _ in rows if key not in waiting])
-        if pending:
+        self._replayed += self._written - written
+        waiting = {keys[id(r)] for r in pending}
+        try:
+            # Rows not removed stay leased and are replayed again later: harmless, idempotent.
+            self._spool.remove([key for key in keys.values() if key not in waiting])
             self._spool.release(list(waiting))
+        except (sqlite3.Error, OSError) as exc:
+            self._spool_failed(exc, "removing replayed rows from")
+        if pending:
             self._enter_outage()
             return "failed"
-        self._replayed += len(records)
         return "written"
+
+    def _claim(self) -> list[tuple[SpoolKey, str]]:
+        now = time.monotonic()
+        if self._spool.pending <= 0 and now >= self._next_refresh:
+            self._next_refresh = now + _SPOOL_REFRESH
+            self._spool.refresh()  # other processes may have spooled records
+        if self._spool.pending <= 0:
+            return []
+        return self._spool.claim(self.batch_size)
+
+    def _quarantine(self, rows: list[tuple[SpoolKey, str]]) -> None:
+        """Set unreadable spooled rows aside (counted, logged), so they are never replayed."""
+        if not rows:
+            return
+        try:
+            self._spool.quarantine(rows)
+        except (sqlite3.Error, OSError) as exc:  # they stay leased, and are tried again later
+            self._spool_failed(exc, "quarantining rows in")
+            return
+        self._quarantined += len(rows)
+        self._reject_log.warning(
+            "usage recorder: %d spooled record(s) cannot be read back, moved to table "
+            "spool_quarantine of %s (%d in total): %s",
+            len(rows),
+            self.spool_path,
+            self._quarantined,
+            rows[0][1],
+        )
 
     # --- spiller -----------------------------------------------------------------------------
 
@@ -552,11 +636,19 @@ class Recorder:
                     self._spill(0)
                 elif len(self._queue) > self._high_water:
                     self._spill(self._low_water)
-            except Exception as exc:
-                self._error_log.warning("usage recorder: spooling failed: %s", exc)
+            except Exception as exc:  # a bug must not kill the spiller: log it and keep going
+                self._note_error(exc)
+                logger.exception("usage recorder: unexpected error in the spiller")
+                time.sleep(self.flush_interval)
 
     def _spill(self, keep: int) -> None:
-        """Move records from the queue's head to the spool until ``keep`` remain."""
+        """Move records from the queue's head to the spool until ``keep`` remain.
+
+        What the spool does not take goes back to the head of the queue; after a spool failure
+        the spiller waits ``_SPOOL_RETRY`` before it tries again.
+        """
+        if time.monotonic() < self._spool_retry_at:
+            return
         queue = self._queue
         while len(queue) > keep and not self._stopping:
             chunk: list[Record] = []
@@ -567,8 +659,7 @@ class Recorder:
                     break
             if not chunk:
                 return
-            taken = self._spool.put(chunk)
-            self._count_spooled(taken)
+            taken = self._spool_put(chunk)
             if taken < len(chunk):
                 queue.extendleft(reversed(chunk[taken:]))
                 return
@@ -582,7 +673,10 @@ class Recorder:
         the spool, ``spooled`` records this process put in the spool, ``spool_pending`` rows in
         the spool file now (all processes), ``failed_writes`` failed write attempts,
         ``retried`` attempts made while backing off, ``rejected`` records the store can never
-        accept, ``dropped`` records lost because queue and spool were full.
+        accept, ``quarantined`` spooled rows that could not be read back (kept aside in the
+        spool file), ``spool_errors`` failed spool operations (disk full, file size limit),
+        ``dropped`` records lost because the queue was full and nothing more could be spooled.
+        ``last_error`` is the latest failure of any kind.
         """
         if not self._started:
             state = "stopped" if self._stopping else "not_started"
@@ -599,6 +693,8 @@ class Recorder:
             "spool_pending": self._spool.pending,
             "dropped": self._dropped,
             "rejected": self._rejected,
+            "quarantined": self._quarantined,
+            "spool_errors": self._spool_errors,
             "failed_writes": self._failed_writes,
             "retried": self._retried,
             "backoff_seconds": round(self._delay, 3) if self._outage else 0.0,
@@ -667,12 +763,14 @@ _metrics_lock = threading.Lock()
 _by_provider: dict[int, tuple[Any, weakref.WeakSet[Recorder]]] = {}
 
 _COUNTERS = (
-    ("written", "Records delivered to the usage store"),
-    ("replayed", "Records written from the spool after an outage or a restart"),
-    ("spooled", "Records moved to the on-disk spool"),
-    ("dropped", "Records lost because the queue and the spool were full"),
-    ("rejected", "Records the usage store can never accept"),
-    ("failed_writes", "Failed write attempts"),
+    ("written", "Records delivered to the usage store", "{record}"),
+    ("replayed", "Records written from the spool after an outage or a restart", "{record}"),
+    ("spooled", "Records moved to the on-disk spool", "{record}"),
+    ("dropped", "Records lost because the queue was full and the spool took no more", "{record}"),
+    ("rejected", "Records the usage store can never accept", "{record}"),
+    ("quarantined", "Spooled records that could not be read back, set aside", "{record}"),
+    ("spool_errors", "Failed spool operations (disk full, file size limit)", "{error}"),
+    ("failed_writes", "Failed write attempts", "{attempt}"),
 )
 _GAUGES = (
     ("queued", "Records waiting in memory"),
@@ -709,11 +807,11 @@ def _register_metrics(recorder: Recorder, meter_provider: metrics.MeterProvider 
         recorders: weakref.WeakSet[Recorder] = weakref.WeakSet([recorder])
         _by_provider[id(provider)] = (provider, recorders)
     meter = provider.get_meter("usage_middleware")
-    for key, description in _COUNTERS:
+    for key, description, unit in _COUNTERS:
         meter.create_observable_counter(
             f"usage_middleware.recorder.{key}",
             callbacks=[_observer(recorders, key)],
-            unit="{record}" if key != "failed_writes" else "{attempt}",
+            unit=unit,
             description=description,
         )
     for key, description in _GAUGES:

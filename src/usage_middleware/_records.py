@@ -2,12 +2,13 @@
 
 Records validate and normalise themselves on construction, so a bad value raises a
 ``ValueError`` naming the field at the call site, long before any batch is written. Text is
-made safe for every backend (PostgreSQL ``text`` cannot hold NUL) and capped in length.
+made safe for every backend (PostgreSQL ``text`` cannot hold NUL) and capped in length. Sizes
+and times are bounded so that the rollups' bigint sums of them cannot overflow in any realistic
+group: a record the database would refuse is refused here, not retried by the recorder.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ _MAX_FILE_NAME = 255
 _MAX_ERROR = 500
 _MAX_PATH = 512
 _MAX_METHOD = 16
+# 1 PiB: 8,191 such sizes still fit one bigint rollup counter.
+MAX_SIZE = 2**50
+# A year: 292,000 such times, in microseconds, still fit one bigint rollup counter.
+MAX_RESPONSE_TIME_MS = 365 * 86_400_000.0
 
 UploadStatus = Literal["success", "failed"]
 
@@ -103,8 +108,8 @@ def _size(value: Any, name: str) -> int:
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-    if value > 2**63 - 1:
-        raise ValueError(f"{name} does not fit in a bigint: {value}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} must be at most 2**50 (1 PiB), got {value}")
     return value
 
 
@@ -268,8 +273,10 @@ class RequestRecord:
         ms = self.response_time_ms
         if isinstance(ms, bool) or not isinstance(ms, (int, float)):
             raise ValueError(f"response_time_ms must be a number, got {type(ms).__name__}")
-        if not math.isfinite(ms) or ms < 0:
-            raise ValueError(f"response_time_ms must be finite and >= 0, got {ms!r}")
+        if not 0 <= ms <= MAX_RESPONSE_TIME_MS:  # NaN fails this too
+            raise ValueError(
+                f"response_time_ms must be in 0..{MAX_RESPONSE_TIME_MS:.0f} (a year), got {ms!r}"
+            )
         self.response_time_ms = float(ms)
         self.request_size = _size(self.request_size, "request_size")
         self.response_size = _size(self.response_size, "response_size")

@@ -9,7 +9,9 @@ pid is gone), and the worst case of an expired lease is a duplicate, harmless, i
 
 Rows hold a compact, versioned JSON array per record: UUIDs as hex, timestamps as integer
 microseconds since the epoch (records are normalised to UTC, so this is lossless), floats in
-``repr`` form (exact round trip).
+``repr`` form (exact round trip). A row that cannot be read back (damaged, or written by
+something else) is moved to the ``spool_quarantine`` table with the reason, never replayed,
+so it cannot hold back the rows claimed with it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,11 @@ from sqlalchemy.engine import URL
 
 from ._records import RequestRecord, UploadRecord
 
-__all__ = ["Spool", "decode", "default_spool_path", "encode", "spool_key"]
+__all__ = ["Spool", "SpoolKey", "decode", "default_spool_path", "encode", "spool_key"]
 
 Record = UploadRecord | RequestRecord
+# A row's key as stored: the bytes of spool_key(), unless something else wrote the row.
+SpoolKey = bytes | str | int | float
 
 UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -51,6 +56,9 @@ CREATE TABLE IF NOT EXISTS spool (
 CREATE TABLE IF NOT EXISTS spool_size (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     n INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spool_quarantine (
+    id, payload, reason TEXT NOT NULL, quarantined_at REAL NOT NULL
 );
 INSERT OR IGNORE INTO spool_size (one, n) SELECT 1, count(*) FROM spool;
 """
@@ -123,14 +131,18 @@ def encode(record: Record) -> str:
 
 
 def decode(payload: str) -> Record:
-    """The record :func:`encode` made; ``ValueError`` for anything else."""
+    """The record :func:`encode` made; ``ValueError`` for anything else.
+
+    Whatever the row holds: JSON nested too deep raises ``RecursionError``, a time out of range
+    ``OverflowError``, a field of the wrong type ``AttributeError``; all become ``ValueError``.
+    """
     try:
         data = json.loads(payload)
         version, kind, *fields = data
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"unreadable spool payload: {exc}") from None
+    except Exception as exc:
+        raise ValueError(f"unreadable spool payload: {type(exc).__name__}: {exc}") from None
     if version != _FORMAT:
-        raise ValueError(f"unknown spool format {version!r}")
+        raise ValueError(f"unknown spool format {version!r:.40}")
     try:
         if kind == "u":
             (rid, key, req, provider, ftype, declared, size, name, status, err, at) = fields
@@ -161,9 +173,9 @@ def decode(payload: str) -> Record:
                 error_message=err,
                 requested_at=_dt(at),
             )
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"invalid spooled record: {exc}") from None
-    raise ValueError(f"unknown spooled record kind {kind!r}")
+    except Exception as exc:
+        raise ValueError(f"invalid spooled record: {type(exc).__name__}: {exc}") from None
+    raise ValueError(f"unknown spooled record kind {kind!r:.40}")
 
 
 def _store_key(url: URL) -> str:
@@ -238,6 +250,30 @@ class Spool:
             self._conn = conn
         return self._conn
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction under the lock; ``pending`` is updated once it commits.
+
+        When it fails (disk full, file size limit) it is rolled back, unless SQLite already did;
+        a connection that cannot even roll back is closed, to be reopened by the next operation.
+        """
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                size = self._size(conn)
+                conn.execute("COMMIT")
+                self.pending = size
+            except BaseException:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._conn = None
+                    conn.close()
+                raise
+
     def _size(self, conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT n FROM spool_size WHERE one = 1").fetchone()
         return int(row[0]) if row else 0
@@ -247,29 +283,25 @@ class Spool:
             conn.execute("UPDATE spool_size SET n = max(n + ?, 0) WHERE one = 1", (delta,))
 
     def open(self) -> int:
-        """Open the file, release claims of processes that are gone; return the pending count."""
-        with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                owners = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT DISTINCT lease_pid FROM spool WHERE lease_pid IS NOT NULL"
-                    )
-                ]
-                me = os.getpid()
-                dead = [p for p in owners if p == me or not _pid_alive(p)]
-                conn.executemany(
-                    "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE lease_pid = ?",
-                    [(p,) for p in dead],
+        """Open the file, release claims of processes that are gone; return the pending count.
+
+        The count is taken afresh, so rows added by anything else are seen (and replayed).
+        """
+        with self._transaction() as conn:
+            owners = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT lease_pid FROM spool WHERE lease_pid IS NOT NULL"
                 )
-                self.pending = self._size(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return self.pending
+            ]
+            me = os.getpid()
+            dead = [p for p in owners if p == me or not _pid_alive(p)]
+            conn.executemany(
+                "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE lease_pid = ?",
+                [(p,) for p in dead],
+            )
+            conn.execute("UPDATE spool_size SET n = (SELECT count(*) FROM spool) WHERE one = 1")
+        return self.pending
 
     def put(self, records: Sequence[Record]) -> int:
         """Store as many records as the bound allows, oldest first; return how many were taken.
@@ -279,62 +311,54 @@ class Spool:
         if not records:
             return 0
         rows = [(spool_key(r), encode(r)) for r in records]
-        with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                room = max(self.max_records - self._size(conn), 0)
-                taken = rows[:room]
-                cur = conn.executemany(
-                    "INSERT OR IGNORE INTO spool (id, payload) VALUES (?, ?)", taken
-                )
-                self._add_size(conn, max(cur.rowcount, 0))
-                self.pending = self._size(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            room = max(self.max_records - self._size(conn), 0)
+            taken = rows[:room]
+            cur = conn.executemany("INSERT OR IGNORE INTO spool (id, payload) VALUES (?, ?)", taken)
+            self._add_size(conn, max(cur.rowcount, 0))
         return len(taken)
 
-    def claim(self, limit: int) -> list[tuple[bytes, str]]:
-        """Lease up to ``limit`` unclaimed rows, oldest first, to this process."""
-        now = time.time()
-        with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = conn.execute(
-                    "SELECT id, payload FROM spool WHERE lease_until < ? ORDER BY id LIMIT ?",
-                    (now, limit),
-                ).fetchall()
-                conn.executemany(
-                    "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id = ?",
-                    [(now + _LEASE_SECONDS, os.getpid(), r[0]) for r in rows],
-                )
-                self.pending = self._size(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return [(bytes(r[0]), str(r[1])) for r in rows]
+    def claim(self, limit: int) -> list[tuple[SpoolKey, str]]:
+        """Lease up to ``limit`` unclaimed rows, oldest first, to this process.
 
-    def remove(self, ids: Sequence[bytes]) -> None:
+        Keys come back as stored, so that rows written by something else can still be removed.
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, payload FROM spool WHERE lease_until < ? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id = ?",
+                [(now + _LEASE_SECONDS, os.getpid(), r[0]) for r in rows],
+            )
+        return [(r[0], r[1] if isinstance(r[1], str) else repr(r[1])) for r in rows]
+
+    def remove(self, ids: Sequence[SpoolKey]) -> None:
         """Forget rows that are now in the store (or can never be)."""
         if not ids:
             return
-        with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
-                self._add_size(conn, -max(cur.rowcount, 0))
-                self.pending = self._size(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+            self._add_size(conn, -max(cur.rowcount, 0))
 
-    def release(self, ids: Sequence[bytes]) -> None:
+    def quarantine(self, rows: Sequence[tuple[SpoolKey, str]]) -> None:
+        """Move rows that cannot be read back, with why, to ``spool_quarantine``: kept for a
+        person to look at, never replayed."""
+        if not rows:
+            return
+        now = time.time()
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO spool_quarantine (id, payload, reason, quarantined_at) "
+                "SELECT id, payload, ?, ? FROM spool WHERE id = ?",
+                [(reason, now, key) for key, reason in rows],
+            )
+            cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(k,) for k, _ in rows])
+            self._add_size(conn, -max(cur.rowcount, 0))
+
+    def release(self, ids: Sequence[SpoolKey]) -> None:
         """Give claimed rows back so they are replayed later (by anyone)."""
         if not ids:
             return

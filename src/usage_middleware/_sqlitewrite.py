@@ -41,6 +41,18 @@ _CREATE_STAGING = (
     f"({_REQUEST_COLUMNS}, latency_bucket, response_us)",
 )
 
+
+def _checked_add(column: str) -> str:
+    """``column + excluded.column`` that fails instead of overflowing.
+
+    SQLite's ``+`` silently turns an integer overflow into an inexact REAL, while ``sum()``
+    raises ``integer overflow``, which the store reports as refused records (as PostgreSQL's
+    ``bigint out of range``). Used for the byte and time sums, the only counters that can grow
+    that large; the per-batch sums are ``sum()`` already.
+    """
+    return f"(SELECT sum(v) FROM (SELECT {column} AS v UNION ALL SELECT excluded.{column}))"
+
+
 _UPLOAD_STATEMENTS = (
     "DELETE FROM temp.um_stage_uploads WHERE id IN (SELECT id FROM main.file_uploads)",
     f"INSERT INTO main.file_uploads ({_UPLOAD_COLUMNS}) "
@@ -51,7 +63,7 @@ _UPLOAD_COUNTERS = (
 )
 _UPLOAD_SET = (
     "total_uploads = total_uploads + excluded.total_uploads, "
-    "total_file_size = total_file_size + excluded.total_file_size, "
+    f"total_file_size = {_checked_add('total_file_size')}, "
     "successful_requests = successful_requests + excluded.successful_requests, "
     "failed_requests = failed_requests + excluded.failed_requests"
 )
@@ -80,9 +92,9 @@ _REQUEST_COUNTERS = (
 _REQUEST_SET = (
     "total_requests = total_requests + excluded.total_requests, "
     "error_requests = error_requests + excluded.error_requests, "
-    "total_response_us = total_response_us + excluded.total_response_us, "
-    "total_request_bytes = total_request_bytes + excluded.total_request_bytes, "
-    "total_response_bytes = total_response_bytes + excluded.total_response_bytes"
+    f"total_response_us = {_checked_add('total_response_us')}, "
+    f"total_request_bytes = {_checked_add('total_request_bytes')}, "
+    f"total_response_bytes = {_checked_add('total_response_bytes')}"
 )
 _REQUEST_ROLLUPS = tuple(
     f"INSERT INTO main.{table} (api_key_id, {when_column}, latency_bucket, total_requests, "

@@ -26,7 +26,7 @@ from ._storage.urls import display_url
 if TYPE_CHECKING:
     from uuid import UUID
 
-__all__ = ["UsageStore", "sql_text"]
+__all__ = ["UsageStore", "display_url", "sql_text"]
 
 Record = UploadRecord | RequestRecord
 
@@ -41,6 +41,12 @@ class UsageStore:
     case a missing schema raises :class:`SchemaMissingError`. ``read_timeout`` (seconds, default
     10; ``None``: no limit) bounds each read-path statement, so a slow query gives up instead of
     holding a thread and a pooled connection.
+
+    On PostgreSQL, ``connect_timeout`` bounds getting a connection (connecting, and the liveness
+    check of a pooled one) and ``write_timeout`` each ``write()`` from taking its connection to
+    its commit, at the client and, per transaction, at the server (``statement_timeout``,
+    ``idle_in_transaction_session_timeout``); schema creation gets ten times ``write_timeout``,
+    as on upgrade it may fill a new rollup table from an old one.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class UsageStore:
         *,
         auto_create_schema: bool = True,
         connect_timeout: float = 5.0,
+        write_timeout: float = 30.0,
         engine_options: dict[str, Any] | None = None,
         read_timeout: float | None = 10.0,
     ) -> None:
@@ -56,12 +63,18 @@ class UsageStore:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
         if read_timeout is not None and not read_timeout > 0:
             raise ConfigurationError(f"read_timeout must be > 0 or None, got {read_timeout!r}")
+        if not write_timeout > 0:
+            raise ConfigurationError(f"write_timeout must be > 0, got {write_timeout!r}")
         self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.write_timeout = write_timeout
         self.url = normalize_url(url)
+        self.display_url = display_url(self.url)
         self.backend: Backend = open_backend(
             self.url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            write_timeout=write_timeout,
             engine_options=dict(engine_options or {}),
         )
         self.auto_create_schema = auto_create_schema
@@ -70,7 +83,7 @@ class UsageStore:
         self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __repr__(self) -> str:
-        return f"UsageStore({display_url(self.url)!r})"
+        return f"UsageStore({self.display_url!r})"
 
     @property
     def dialect(self) -> str:
@@ -111,7 +124,7 @@ class UsageStore:
                 self.create_schema()
             elif not self.has_schema():
                 raise SchemaMissingError(
-                    f"the usage tables do not exist in {display_url(self.url)}: call "
+                    f"the usage tables do not exist in {self.display_url}: call "
                     "store.create_schema(), run sql/usage_tracking_schema.sql, or pass "
                     "auto_create_schema=True"
                 )
@@ -124,6 +137,9 @@ class UsageStore:
 
         Every record is validated before anything is written. Returns how many rows were new
         (records whose ``id`` is already stored, or repeated within the batch, count zero).
+        Values the database refuses (a rollup sum beyond bigint) raise ``RecordsRefusedError``,
+        a ``ValueError``, and write nothing; an unreachable database raises
+        ``DatabaseUnavailableError``.
         """
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}

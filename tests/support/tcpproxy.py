@@ -1,5 +1,8 @@
 """A TCP proxy on 127.0.0.1 that a test can cut (close every connection, refuse new ones) and
-restore, to simulate a database outage without touching the database server."""
+restore, to simulate a database outage without touching the database server; or freeze (keep
+every connection open and accept new ones, but forward nothing) and thaw, to simulate a peer
+that stops answering while its kernel still acknowledges packets (a hung proxy or pooler, a
+partition behind a load balancer)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._thawed = threading.Event()
+        self._thawed.set()
         self._accepter: threading.Thread | None = None
         self.port = 0
         self._listen()
@@ -50,6 +55,7 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._thawed.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -78,6 +84,14 @@ class TcpProxy:
         for sock in conns:
             self._close(sock)
 
+    def freeze(self) -> None:
+        """Forward nothing more, in either direction, while keeping every connection open."""
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        """Forward again, starting with what arrived while frozen."""
+        self._thawed.set()
+
     def restore(self) -> None:
         """Accept connections again on the same port."""
         if self._listener is None:
@@ -85,3 +99,4 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+        self._thawed.set()  # lets frozen pumps find their sockets closed and exit

@@ -67,7 +67,12 @@ def normalize_url(url: str | URL) -> URL:
 
 
 def open_backend(
-    url: URL, *, connect_timeout: float, read_timeout: float | None, engine_options: dict[str, Any]
+    url: URL,
+    *,
+    connect_timeout: float,
+    read_timeout: float | None,
+    write_timeout: float,
+    engine_options: dict[str, Any],
 ) -> Backend:
     """The backend for a URL returned by :func:`normalize_url` (it does not connect yet)."""
     if url.drivername == "memory":
@@ -89,6 +94,7 @@ def open_backend(
             url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            write_timeout=write_timeout,
             engine_options=engine_options,
         )
     except (NoSuchModuleError, ImportError) as exc:

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
-from .._errors import DatabaseUnavailableError
+from .._errors import DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
 from . import _sqlread
 from .base import Histogram, Scope, UploadRow
-from .urls import display_url
+from .urls import display_url, mask_text
 
 __all__ = ["SQLBackend"]
 
@@ -31,9 +33,10 @@ class SQLBackend(ABC):
     name: str
     engine: Engine
 
-    def __init__(self, url: URL, read_timeout: float | None) -> None:
+    def __init__(self, url: URL, *, read_timeout: float | None, write_timeout: float) -> None:
         self.url = url
         self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -52,7 +55,7 @@ class SQLBackend(ABC):
 
     def has_schema(self) -> bool:
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect() as conn, self._bounded(conn, self.write_timeout):
                 present = set(inspect(conn).get_table_names())
         except DBAPIError as exc:
             raise self.unavailable(exc) from exc
@@ -61,16 +64,30 @@ class SQLBackend(ABC):
     # --- writing -----------------------------------------------------------------------------
 
     def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+        """One write transaction, bounded by ``write_timeout``. The write plans drive the
+        driver's cursor directly, so the driver's own errors are given SQLAlchemy's classes here
+        and mapped like any other (:meth:`unavailable`)."""
+        driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
         try:
             with self.engine.connect() as conn:
                 conn.info["usage_write"] = True
                 try:
-                    with conn.begin():
-                        return self._write_batch(conn, list(uploads), list(requests))
+                    with self._bounded(conn, self.write_timeout), conn.begin():
+                        try:
+                            return self._write_batch(conn, list(uploads), list(requests))
+                        except driver_error as exc:
+                            raise DBAPIError.instance(
+                                None, None, exc, driver_error, dialect=self.engine.dialect
+                            ) from exc
                 finally:
                     conn.info.pop("usage_write", None)
         except DBAPIError as exc:
             raise self.unavailable(exc) from exc
+
+    def _bounded(self, conn: Connection, timeout: float) -> AbstractContextManager[Any]:
+        """A bound on the work done in ``conn``; none by default (SQLite's waits are bounded by
+        its busy timeout)."""
+        return nullcontext()
 
     @abstractmethod
     def _write_batch(
@@ -79,8 +96,17 @@ class SQLBackend(ABC):
         """Run the engine's write plan inside the open write transaction."""
 
     def unavailable(self, exc: DBAPIError) -> Exception:
-        """``DatabaseUnavailableError`` for errors a retry can cure; others unchanged."""
-        message = str(exc.orig).strip()
+        """``DatabaseUnavailableError`` for errors a retry can cure; ``RecordsRefusedError`` for
+        values the database refuses, which no retry cures (PostgreSQL's data exceptions, such as
+        a bigint sum out of range, and constraint violations: the idempotent conflicts never
+        raise; SQLite's checked sums); others unchanged."""
+        message = mask_text(str(exc.orig).strip())  # libpq may quote conninfo fragments
+        if (isinstance(exc, (DataError, IntegrityError)) and not exc.connection_invalidated) or (
+            isinstance(exc, OperationalError) and message == "integer overflow"
+        ):
+            return RecordsRefusedError(
+                f"the database refused the records' values: {message} (retrying cannot help)"
+            )
         if exc.connection_invalidated or (
             isinstance(exc, OperationalError) and "no such table" not in message
         ):

@@ -43,9 +43,10 @@ class SQLiteBackend(SQLBackend):
         *,
         connect_timeout: float,
         read_timeout: float | None,
+        write_timeout: float,
         engine_options: dict[str, Any],
     ) -> None:
-        super().__init__(url, read_timeout)
+        super().__init__(url, read_timeout=read_timeout, write_timeout=write_timeout)
         options = dict(engine_options)
         database = url.database or ""
         in_memory = database in ("", ":memory:") or "mode=memory" in database

@@ -1,6 +1,7 @@
--- usage-middleware: row level security for Supabase. Run after usage_tracking_schema.sql.
--- Safe to run any number of times. Not run by UsageStore.create_schema(): it needs Supabase's
--- auth schema (auth.uid()) and its anon / authenticated roles.
+-- usage-middleware: read policies for Supabase. Run after usage_tracking_schema.sql, and again
+-- after each upgrade (a table a new release adds gets its policy here). Safe to run any number
+-- of times. Not run by UsageStore.create_schema(): it needs Supabase's auth schema (auth.uid())
+-- and its anon / authenticated roles.
 --
 -- Assumed ownership table (the one the host app already has for its API keys):
 --
@@ -10,10 +11,11 @@
 --     )
 --
 -- With a differently named table, replace "public.api_keys", "id" and "user_id" in the policy
--- expression below (six places, one per table).
+-- expression below (seven places, one per table).
 --
 -- Effect:
---   * RLS is on for all six usage tables (and the legacy-migration marker, if present).
+--   * RLS is on for all seven usage tables (usage_tracking_schema.sql already switches it on,
+--     with no policy: nobody but the owner reads) and the legacy-migration marker, if present.
 --   * A signed-in user (role authenticated) may SELECT only rows whose api_key_id belongs to
 --     one of their own keys; rows without a key are visible to nobody through the API.
 --   * anon gets no policy, so it reads nothing; nobody gets INSERT/UPDATE/DELETE policies.

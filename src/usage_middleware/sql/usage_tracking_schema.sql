@@ -130,6 +130,7 @@ BEGIN
                 UNIQUE NULLS NOT DISTINCT (api_key_id, usage_month, latency_bucket)
                 INCLUDE (total_requests, error_requests, total_response_us)
         ) WITH (fillfactor = 70);
+        ALTER TABLE public.monthly_request_usage ENABLE ROW LEVEL SECURITY;
         INSERT INTO public.monthly_request_usage
         SELECT pg_catalog.date_trunc('month', d.usage_date)::date, d.api_key_id,
                d.latency_bucket, sum(d.total_requests), sum(d.error_requests),
@@ -142,6 +143,41 @@ END
 $monthly$;
 CREATE INDEX IF NOT EXISTS idx_monthly_request_usage_usage_month
     ON public.monthly_request_usage (usage_month);
+
+-- Row level security on every usage table, with no policy: only the tables' owner (the writer,
+-- UsageStore's role) and roles with BYPASSRLS (Supabase's service_role) read or change rows.
+-- Supabase grants anon and authenticated every privilege on each new table in public, so
+-- without this its REST API would serve and accept rows; supabase_rls.sql adds the read
+-- policies for signed-in users. Not FORCEd, so the owner writes as before; on plain PostgreSQL
+-- any other role needs a policy or BYPASSRLS to read. Only switched on where it is off, so a
+-- re-run takes no table lock.
+DO $rls$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['file_uploads', 'api_requests', 'daily_usage', 'hourly_usage',
+                             'monthly_request_usage', 'daily_request_usage',
+                             'hourly_request_usage'] LOOP
+        IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
+                 WHERE c.oid = pg_catalog.format('public.%I', t)::regclass) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
+        END IF;
+    END LOOP;
+    -- Where Supabase's API roles exist: anon gets nothing, authenticated at most SELECT
+    -- (TRUNCATE, for one, is not subject to row level security).
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+        REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage,
+            public.hourly_usage, public.monthly_request_usage, public.daily_request_usage,
+            public.hourly_request_usage FROM anon;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+        REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.file_uploads,
+            public.api_requests, public.daily_usage, public.hourly_usage,
+            public.monthly_request_usage, public.daily_request_usage,
+            public.hourly_request_usage FROM authenticated;
+    END IF;
+END
+$rls$;
 
 -- Installs whose unique constraints differ from the definitions below get them here: the
 -- constraint is rebuilt in place (one ALTER TABLE, so nothing is ever without it; it holds an
@@ -194,7 +230,7 @@ ALTER TABLE public.hourly_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
 -- ---------------------------------------------------------------------------------------------
--- Dashboard functions (SPEC §6). They read daily_usage, so days are UTC days; both dates are
+-- Dashboard functions. They read daily_usage, so days are UTC days; both dates are
 -- inclusive. p_file_type is an exact MIME type ('image/jpeg') or a family ('image/*'). NULL
 -- filters match everything. SECURITY INVOKER: callers see only the rows they could read anyway
 -- (row level security applies, see supabase_rls.sql). The empty search_path plus
