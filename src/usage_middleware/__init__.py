@@ -14,7 +14,7 @@ Public surface (everything else is private and may change)::
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
 from ._keys import api_key_uuid
 from ._middleware import UsageMiddleware, annotate
-from ._recorder import Recorder
+from ._recording.recorder import Recorder
 from ._records import RequestRecord, UploadRecord
 from ._router import ALL_KEYS, UsageRouter
 from ._store import UsageStore

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._capture import MultipartCapture, RawCapture, multipart_boundary, parse_options_header
 from ._errors import ConfigurationError
 from ._keys import key_from_headers
-from ._recorder import Recorder
+from ._recording.recorder import Recorder
 from ._records import RequestRecord, UploadRecord, UploadStatus
 from ._telemetry import CaptureTelemetry
 

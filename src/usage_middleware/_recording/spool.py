@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from ._records import RequestRecord, UploadRecord
+from .._records import RequestRecord, UploadRecord
 
 __all__ = ["Spool", "SpoolKey", "decode", "default_spool_path", "encode", "spool_key"]
 

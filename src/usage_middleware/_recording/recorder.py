@@ -24,32 +24,38 @@ are isolated by bisecting the batch, counted as rejected and logged, never retri
 spooled rows that cannot be read back are quarantined in the spool file, never replayed.
 
 Fork safety: ``os.register_at_fork`` resets every recorder in a forked child (no inherited
-thread, queue, spool connection or pooled database connection); the child's recorder starts on
-``start()`` or on its first ``submit()``.
+thread, queue, spool connection or pooled database connection; see :mod:`.lifecycle`); the
+child's recorder starts on ``start()`` or on its first ``submit()``.
+
+The module is longer than most because the writer and the spiller share one queue, one set of
+counters and one backoff, and their hand-offs (a batch in flight, records put back at the head
+of the queue) are easiest to check in one place; what stands alone lives beside it (backoff,
+spool, metrics, logs, lifecycle).
 """
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
-import random
 import sqlite3
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics
 
-from ._records import RequestRecord, UploadRecord
-from ._spool import Spool, SpoolKey, decode, default_spool_path
-from ._store import UsageStore
+from .._records import RequestRecord, UploadRecord
+from .._store import UsageStore
+from . import lifecycle
+from .backoff import Backoff, State
+from .logs import RateLimitedLog
+from .metrics import register_metrics
+from .spool import Spool, SpoolKey, decode, default_spool_path
 
 __all__ = ["Recorder"]
 
@@ -64,36 +70,11 @@ _DEFAULT_MAX_SPOOL_RECORDS = 1_000_000
 _DEFAULT_BACKOFF_INITIAL = 0.25
 _DEFAULT_BACKOFF_MAX = 30.0
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-_LOG_INTERVAL = 10.0
 _SPOOL_REFRESH = 5.0
 _SPOOL_RETRY = 1.0  # after the spool failed, the spiller waits this long before trying again
 _FORK_WAIT = 5.0
 
-_live: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _serial = itertools.count(1)
-# Connections a forked child inherited: kept referenced so they are never closed from the child.
-_inherited: list[Any] = []
-
-
-class _RateLimitedLog:
-    """Logs one WARNING per interval per kind and says how many were suppressed meanwhile."""
-
-    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        self._next = now + self._interval
-        if self._suppressed:
-            msg += " (%d similar warnings suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        logger.warning(msg, *args)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -162,9 +143,9 @@ class Recorder:
         self._label = store.display_url
         self._serial = next(_serial)
         self._init_state()
-        _live.add(self)
+        lifecycle.track(self)
         store.attach_recorder(self)
-        _register_metrics(self, meter_provider)
+        register_metrics(self, meter_provider)
 
     def _init_state(self) -> None:
         """Everything that belongs to one process (re-made in a forked child)."""
@@ -184,10 +165,7 @@ class Recorder:
         self._stopping = False
         self._deadline = float("inf")
         self._inflight: list[Record] | None = None
-        self._outage = False
-        self._failures = 0
-        self._delay = 0.0
-        self._next_retry = 0.0
+        self._backoff = Backoff(self.backoff_initial, self.backoff_max)
         self._next_refresh = 0.0
         self._spool_retry_at = 0.0
         self._autostart = True
@@ -204,10 +182,10 @@ class Recorder:
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._last_write_at: float | None = None
-        self._drop_log = _RateLimitedLog()
-        self._error_log = _RateLimitedLog()
-        self._reject_log = _RateLimitedLog()
-        self._spool_log = _RateLimitedLog()
+        self._drop_log = RateLimitedLog()
+        self._error_log = RateLimitedLog()
+        self._reject_log = RateLimitedLog()
+        self._spool_log = RateLimitedLog()
 
     def __repr__(self) -> str:
         return f"Recorder({self._label!r}, queued={len(self._queue)})"
@@ -283,7 +261,7 @@ class Recorder:
             self._drain(deadline)
             return not self._queue
         while self._queue or self._inflight is not None:
-            if self._outage:
+            if self._backoff.active:
                 return False
             self._wake.set()
             if deadline is not None and time.monotonic() > deadline:
@@ -365,22 +343,22 @@ class Recorder:
         while True:
             if not self._stopping:
                 timeout = self.flush_interval
-                if self._outage:
-                    timeout = min(timeout, max(self._next_retry - time.monotonic(), 0.0))
+                if self._backoff.active:
+                    timeout = min(timeout, self._backoff.remaining(time.monotonic()))
                 self._wake.wait(timeout)
                 self._wake.clear()
             try:
-                if self._outage:
+                if self._backoff.active:
                     if self._stopping:
                         return
-                    if time.monotonic() >= self._next_retry:
+                    if self._backoff.due(time.monotonic()):
                         self._retry()
                     continue
                 self._drain(self._deadline if self._stopping else None)
                 if self._stopping:
                     return
                 if (
-                    not self._outage
+                    not self._backoff.active
                     and len(self._queue) < self.batch_size
                     and self._replay_one() == "written"
                 ):
@@ -403,7 +381,7 @@ class Recorder:
 
     def _drain(self, deadline: float | None) -> None:
         """Write the queue batch by batch; on a database failure spool the batch and back off."""
-        while self._queue and not self._outage:
+        while self._queue and not self._backoff.active:
             if deadline is not None and time.monotonic() > deadline:
                 return
             batch = self._take()
@@ -508,23 +486,17 @@ class Recorder:
         self._last_error_at = time.time()
 
     def _enter_outage(self) -> None:
-        self._outage = True
-        self._failures += 1
-        delay = min(self.backoff_max, self.backoff_initial * 2 ** (self._failures - 1))
-        self._delay = delay * random.uniform(0.5, 1.0)
-        self._next_retry = time.monotonic() + self._delay
-        self._spill_wake.set()
+        self._backoff.fail(time.monotonic())
+        self._spill_wake.set()  # the spiller moves the queue to the spool meanwhile
 
     def _leave_outage(self) -> None:
-        if self._outage:
+        failures = self._backoff.reset()
+        if failures:
             logger.info(
                 "usage recorder: %s reachable again after %d failed attempts; replaying the spool",
                 self._label,
-                self._failures,
+                failures,
             )
-        self._outage = False
-        self._failures = 0
-        self._delay = 0.0
         self._wake.set()
 
     def _retry(self) -> None:
@@ -632,7 +604,7 @@ class Recorder:
             if self._stopping:
                 return
             try:
-                if self._outage:
+                if self._backoff.active:
                     self._spill(0)
                 elif len(self._queue) > self._high_water:
                     self._spill(self._low_water)
@@ -678,14 +650,15 @@ class Recorder:
         ``dropped`` records lost because the queue was full and nothing more could be spooled.
         ``last_error`` is the latest failure of any kind.
         """
+        backoff = self._backoff
         if not self._started:
-            state = "stopped" if self._stopping else "not_started"
+            state = State.STOPPED if self._stopping else State.NOT_STARTED
         else:
-            state = "backing_off" if self._outage else "running"
+            state = State.BACKING_OFF if backoff.active else State.RUNNING
         return {
             "store": self._label,
             "pid": self._pid,
-            "state": state,
+            "state": state.value,
             "queued": len(self._queue),
             "written": self._written,
             "replayed": self._replayed,
@@ -697,7 +670,7 @@ class Recorder:
             "spool_errors": self._spool_errors,
             "failed_writes": self._failed_writes,
             "retried": self._retried,
-            "backoff_seconds": round(self._delay, 3) if self._outage else 0.0,
+            "backoff_seconds": round(backoff.delay, 3) if backoff.active else 0.0,
             "last_error": self._last_error,
             "last_error_at": _iso(self._last_error_at),
             "last_write_at": _iso(self._last_write_at),
@@ -725,99 +698,6 @@ class Recorder:
             self._write_lock.release()
 
     def _after_fork_in_child(self) -> None:
-        _inherited.append(self._spool.abandon())
+        lifecycle.keep_inherited(self._spool.abandon())
         self._init_state()
         self.store.backend.after_fork()
-
-
-def _for_each_live(method: str) -> Callable[[], None]:
-    def hook() -> None:
-        for recorder in list(_live):
-            try:
-                getattr(recorder, method)()
-            except Exception:
-                logger.exception("usage recorder: %s failed", method)
-
-    return hook
-
-
-def _shutdown_at_exit() -> None:
-    for recorder in list(_live):
-        # Running, or holding records submitted after shutdown: write or spool them now.
-        if recorder._pid == os.getpid() and (recorder._started or recorder._queue):
-            recorder.shutdown(timeout=5.0)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_for_each_live("_before_fork"),
-        after_in_parent=_for_each_live("_after_fork_in_parent"),
-        after_in_child=_for_each_live("_after_fork_in_child"),
-    )
-atexit.register(_shutdown_at_exit)
-
-
-# --- OpenTelemetry metrics -----------------------------------------------------------------
-
-_metrics_lock = threading.Lock()
-_by_provider: dict[int, tuple[Any, weakref.WeakSet[Recorder]]] = {}
-
-_COUNTERS = (
-    ("written", "Records delivered to the usage store", "{record}"),
-    ("replayed", "Records written from the spool after an outage or a restart", "{record}"),
-    ("spooled", "Records moved to the on-disk spool", "{record}"),
-    ("dropped", "Records lost because the queue was full and the spool took no more", "{record}"),
-    ("rejected", "Records the usage store can never accept", "{record}"),
-    ("quarantined", "Spooled records that could not be read back, set aside", "{record}"),
-    ("spool_errors", "Failed spool operations (disk full, file size limit)", "{error}"),
-    ("failed_writes", "Failed write attempts", "{attempt}"),
-)
-_GAUGES = (
-    ("queued", "Records waiting in memory"),
-    ("spool_pending", "Records waiting in the spool"),
-)
-
-
-def _observer(
-    recorders: weakref.WeakSet[Recorder], key: str
-) -> Callable[[metrics.CallbackOptions], Iterator[metrics.Observation]]:
-    def observe(_options: metrics.CallbackOptions) -> Iterator[metrics.Observation]:
-        for recorder in list(recorders):
-            if recorder._pid != os.getpid():
-                continue
-            yield metrics.Observation(
-                recorder.stats()[key],
-                {
-                    "usage_middleware.store": recorder._label,
-                    "usage_middleware.recorder": recorder._serial,
-                },
-            )
-
-    return observe
-
-
-def _register_metrics(recorder: Recorder, meter_provider: metrics.MeterProvider | None) -> None:
-    """One set of instruments per meter provider, observing every recorder attached to it."""
-    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
-    with _metrics_lock:
-        entry = _by_provider.get(id(provider))
-        if entry is not None and entry[0] is provider:
-            entry[1].add(recorder)
-            return
-        recorders: weakref.WeakSet[Recorder] = weakref.WeakSet([recorder])
-        _by_provider[id(provider)] = (provider, recorders)
-    meter = provider.get_meter("usage_middleware")
-    for key, description, unit in _COUNTERS:
-        meter.create_observable_counter(
-            f"usage_middleware.recorder.{key}",
-            callbacks=[_observer(recorders, key)],
-            unit=unit,
-            description=description,
-        )
-    for key, description in _GAUGES:
-        meter.create_observable_gauge(
-            f"usage_middleware.recorder.{key}",
-            callbacks=[_observer(recorders, key)],
-            unit="{record}",
-            description=description,
-        )

@@ -1,0 +1,7 @@
+"""Moving records from the request path to the store in the background.
+
+* :mod:`.recorder` — the :class:`Recorder`: bounded queue, writer and spiller threads.
+* :mod:`.backoff` — the retry schedule while the store is unreachable.
+* :mod:`.spool` — the on-disk spool records wait in during an outage.
+* :mod:`.metrics` — the recorder's OpenTelemetry instruments.
+"""
