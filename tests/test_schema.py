@@ -29,7 +29,7 @@ def _columns(store: UsageStore) -> dict[str, dict[str, bool]]:
 def test_sqlite_and_postgres_schemas_have_the_same_tables_and_columns(
     sqlite_url: str, pg_url: str
 ) -> None:
-    """Both dialects get the same six tables with the same columns and nullability."""
+    """Both dialects get the same seven tables with the same columns and nullability."""
     stores = [UsageStore(sqlite_url), UsageStore(pg_url)]
     try:
         for s in stores:
