@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
 
 from usage_middleware import UsageStore
 from usage_middleware._cli import main
@@ -225,3 +227,26 @@ def test_postgresql_legacy_columns_of_the_wrong_type(
     name = pg_url.rsplit("/", 1)[1]
     line = refused(["create-schema", pg_url.replace(name, f"{name}_absent")], capsys)
     assert "does not exist" in line
+
+
+@pytest.mark.postgres
+def test_a_role_without_privileges_is_one_line(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The driver's own errors (the SQL files run on psycopg's cursor) are one line as well."""
+    role = f"usage_test_nopriv_{uuid.uuid4().hex[:12]}"
+    admin = UsageStore(pg_url)
+    with admin.engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+    try:
+        url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+        for command in (
+            ["create-schema", url],
+            ["demo-data", url, "--days", "1", "--yes-this-is-not-production"],
+            ["migrate", url],
+        ):
+            assert "permission denied" in refused(command, capsys)
+    finally:
+        with admin.engine.begin() as conn:
+            conn.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()

@@ -9,6 +9,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timezone
@@ -199,12 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         command(args)
     except UsageError as exc:
         command_parser.error(str(exc))
-    except SQLAlchemyError as exc:
-        # The database refused the URL's target (not a database file, no permission, ...).
+    except _database_errors() as exc:
+        # The database refused the work (not a database file, no permission, ...).
         reason = exc.orig if isinstance(exc, DBAPIError) else exc
         lines = str(reason).strip().splitlines() or [type(reason).__name__]
         command_parser.error(f"database error: {lines[0]}")
     return 0
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    """SQLAlchemy's errors and the drivers' own (SQL files run on the raw psycopg cursor)."""
+    try:
+        import psycopg
+    except ImportError:  # a SQLite-only install
+        return (SQLAlchemyError, sqlite3.Error)
+    return (SQLAlchemyError, sqlite3.Error, psycopg.Error)
 
 
 if __name__ == "__main__":
