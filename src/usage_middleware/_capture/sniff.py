@@ -20,7 +20,7 @@ import filetype
 from filetype.types.document import ZippedDocumentBase
 from filetype.types.video import Mkv, Webm
 
-from ._records import OCTET_STREAM, normalize_mime
+from .._records import OCTET_STREAM, normalize_mime
 
 __all__ = ["SNIFF_BYTES", "effective_type", "known_type", "sniff"]
 
