@@ -15,7 +15,7 @@ a year (nearly every row its own hourly rollup key). It also prints what record 
 per row (``UploadRecord(...)`` construction, and the re-check ``write`` does).
 
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
-script creates and drops its own database. Targets (SPEC §7, issue 2): ≥ 50,000 rows/s into
+script creates and drops its own database. Targets: ≥ 50,000 rows/s into
 PostgreSQL and ≥ 1/4 of the raw binary COPY; ≥ 20,000 rows/s into SQLite.
 """
 

@@ -18,7 +18,7 @@ aggregation rules. Then, for the busiest key, it times
 
 for 12 months, 30 days and 1 day (default granularities: week, day, hour), in UTC and
 America/New_York. It checks both give the same totals, breakdowns and series, and prints the
-median of ``--runs`` runs and the ratio. PostgreSQL target (SPEC §7): 12 months < 50 ms and
+median of ``--runs`` runs and the ratio. PostgreSQL target: 12 months < 50 ms and
 >= 50x faster than the raw scan. The script creates and drops its own database (PostgreSQL) or
 temporary file (SQLite, default 1,000,000 rows).
 """

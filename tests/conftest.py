@@ -3,17 +3,42 @@
 PostgreSQL tests connect to ``USAGE_TEST_PG_URL`` (default: the local server, user ``postgres``)
 and create a fresh database per test, dropped afterwards. Without a server they are skipped —
 except under ``CI=true``, where an unreachable server fails the run.
+
+Nothing lands in the user's home: for the whole session (subprocesses inherit the environment)
+``USAGE_MIDDLEWARE_SPOOL_DIR``, ``XDG_STATE_HOME``, ``XDG_RUNTIME_DIR`` and ``XDG_CONFIG_HOME``
+point into a temporary directory, removed at the end: every recorder without an explicit
+``spool_path`` spools there, gunicorn puts its control socket there instead of ``~/.gunicorn``
+and Chromium its crash-report settings instead of ``~/.config/chromium``.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.pg import drop_pg_database, make_pg_database
 
 from usage_middleware import UsageStore
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir() -> Iterator[Path]:
+    """The session's stand-in for ``~/.local/state``: default spools go under it."""
+    with (
+        tempfile.TemporaryDirectory(prefix="usage-middleware-tests-") as tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        state = Path(tmp)
+        runtime = state / "run"
+        runtime.mkdir(mode=0o700)
+        mp.setenv("XDG_STATE_HOME", str(state))
+        mp.setenv("XDG_RUNTIME_DIR", str(runtime))
+        mp.setenv("XDG_CONFIG_HOME", str(state / "config"))
+        mp.setenv("USAGE_MIDDLEWARE_SPOOL_DIR", str(state / "usage-middleware"))
+        yield state
 
 
 @pytest.fixture

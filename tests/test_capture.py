@@ -17,7 +17,11 @@ from starlette.types import Message, Receive, Scope, Send
 from test_middleware_helpers import JPEG, CollectingRecorder, drive, multipart
 
 from usage_middleware import UsageMiddleware
-from usage_middleware._capture import file_name_param, multipart_boundary, parse_options_header
+from usage_middleware._capture.multipart import (
+    file_name_param,
+    multipart_boundary,
+    parse_options_header,
+)
 
 
 class RecordingApp:

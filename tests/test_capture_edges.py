@@ -25,7 +25,8 @@ from test_middleware_helpers import (
     starlette_app,
 )
 
-from usage_middleware import UsageMiddleware, _capture
+from usage_middleware import UsageMiddleware
+from usage_middleware._capture import multipart as _capture
 
 # --- which parts are files: Starlette's notion -----------------------------------------------
 

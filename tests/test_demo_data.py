@@ -102,7 +102,9 @@ def test_cli_refuses_postgresql_without_confirmation(
     pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A PostgreSQL URL is refused (nothing created) unless the flag says it is not production."""
-    assert main(["demo-data", pg_url, "--days", "3"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["demo-data", pg_url, "--days", "3"])
+    assert refused.value.code == 2
     assert "--yes-this-is-not-production" in capsys.readouterr().err
     store = UsageStore(pg_url)
     assert not inspect(store.engine).has_table("file_uploads")
@@ -116,6 +118,20 @@ def test_cli_refuses_postgresql_without_confirmation(
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Nonsense sizes or dates are refused with a message, before any file is created."""
     for extra in (["--days", "0"], ["--keys", "100"], ["--end", "30/06/2025"]):
-        assert main(["demo-data", f"sqlite:///{tmp_path}/x.db", *extra]) == 2
-        assert capsys.readouterr().err.startswith("demo-data: ")
+        with pytest.raises(SystemExit) as refused:
+            main(["demo-data", f"sqlite:///{tmp_path}/x.db", *extra])
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.startswith(
+            f"usage-middleware demo-data: error: argument {extra[0]}"
+        )
     assert not (tmp_path / "x.db").exists()
+
+
+def test_days_before_the_unix_epoch_are_refused() -> None:
+    """Record ids are UUIDv7 (milliseconds since 1970), so no history reaches before 1970."""
+    with pytest.raises(ValueError, match="1970-01-01"):
+        next(generate_demo_records(days=2, end=date(1970, 1, 1), now=NOW))
+    with pytest.raises(ValueError, match="1970-01-01"):
+        next(generate_demo_records(days=1, end=date(1, 1, 1), now=NOW))
+    first = min(r.id for r in generate_demo_records(days=1, end=date(1970, 1, 1), now=NOW))
+    assert first.version == 7 and first.int >> 80 < 86_400_000  # ms on 1970-01-01

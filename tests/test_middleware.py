@@ -1,4 +1,4 @@
-"""UsageMiddleware through real Starlette and FastAPI apps: the rows SPEC §3-§4 promise."""
+"""UsageMiddleware through real Starlette and FastAPI apps: the rows requests and files produce."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_uploads_failed_on_error_status_with_reason(framework: str) -> None:
 def test_only_a_2xx_response_makes_an_upload_successful(
     status: int, expected: tuple[str, str | None]
 ) -> None:
-    """SPEC §4: success means a 2xx response; a redirect after the upload is a failed upload."""
+    """Success means a 2xx response; a redirect after the upload is a failed upload."""
     app, recorder = starlette_app()
     body, headers = three_files()
     response = request(app, "POST", f"/upload?status={status}", content=body, headers=dict(headers))

@@ -191,7 +191,9 @@ def test_missing_legacy_table_is_a_clear_error(
     try:
         with pytest.raises(ConfigurationError, match="table"):
             migrate_legacy_usage(store, LegacySource(table="no_such_table"))
-        assert main(["migrate", db_url, "--table", "no_such_table"]) == 2
+        with pytest.raises(SystemExit) as refused:
+            main(["migrate", db_url, "--table", "no_such_table"])
+        assert refused.value.code == 2
         assert "--table" in capsys.readouterr().err
         with pytest.raises(ConfigurationError, match="table"):
             LegacySource(table="x; DROP TABLE daily_usage")

@@ -197,7 +197,7 @@ def test_empty_scope_gives_zeros(seeded: UsageStore) -> None:
 
 
 def test_granular_response_shape(seeded: UsageStore) -> None:
-    """The answer has SPEC §5's keys, a zero-filled ordered series and shares summing to 100."""
+    """The answer has its documented keys, a zero-filled series and shares summing to 100."""
     body = call(
         starlette_app(seeded),
         "/api/usage/granular",

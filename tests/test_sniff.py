@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from usage_middleware._capture.sniff import SNIFF_BYTES, _markup, effective_type, sniff
 from usage_middleware._records import normalize_mime
-from usage_middleware._sniff import SNIFF_BYTES, _markup, effective_type, sniff
 
 
 def _png() -> bytes:

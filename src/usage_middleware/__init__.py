@@ -11,9 +11,10 @@ Public surface (everything else is private and may change)::
     api_key_uuid      the stable id the default hook gives an API key
 """
 
+from ._capture.annotate import annotate
+from ._capture.middleware import UsageMiddleware
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError, UsageError
 from ._keys import api_key_uuid
-from ._middleware import UsageMiddleware, annotate
 from ._recording.recorder import Recorder
 from ._records import RequestRecord, UploadRecord
 from ._router import ALL_KEYS, UsageRouter

@@ -1,26 +1,59 @@
-"""The ``usage-middleware`` command: schema, legacy migration and demo data from a shell."""
+"""The ``usage-middleware`` command: schema, legacy migration and demo data from a shell.
+
+Every wrong argument (a bad URL, an unreachable database, an invalid name, an out-of-range
+number or date, a legacy table that does not fit) ends the command the way argparse ends it for
+a malformed option: one line ``usage-middleware <command>: error: ...`` on stderr and exit
+status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import date, datetime, timezone
+from typing import NoReturn
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from ._demo import MAX_DEMO_KEYS, first_demo_day, has_uploads, write_demo_data
+from ._errors import ConfigurationError, UsageError
+from ._migrate import LegacySource, migrate_legacy_usage
+from ._store import UsageStore
 
 
-def _create_schema(args: argparse.Namespace) -> int:
-    from ._store import UsageStore
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its error on one line: scripts and logs see one line per failure."""
 
-    store = UsageStore(args.url)
-    store.create_schema()
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _open(url: str) -> UsageStore:
+    """A store for ``url``; an in-memory SQLite database is refused (it vanishes on exit)."""
+    store = UsageStore(url)
+    database = store.url.database or ""
+    memory = database in ("", ":memory:") or "mode=memory" in database
+    if store.dialect == "sqlite" and (memory or store.url.query.get("mode") == "memory"):
+        store.dispose()
+        raise ConfigurationError(
+            "an in-memory SQLite database would vanish when the command exits: "
+            "give a file, e.g. sqlite:///usage.db"
+        )
+    return store
+
+
+def _create_schema(args: argparse.Namespace) -> None:
+    store = _open(args.url)
+    try:
+        store.create_schema()
+    finally:
+        store.dispose()
     print(f"schema ready in {store!r}")
-    return 0
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    from ._errors import UsageError
-    from ._migrate import LegacySource, migrate_legacy_usage
-    from ._store import UsageStore
-
+def _migrate(args: argparse.Namespace) -> None:
     source = LegacySource(
         table=args.table,
         provider_column=args.provider_column,
@@ -29,12 +62,9 @@ def _migrate(args: argparse.Namespace) -> int:
         date_column=args.date_column,
         api_key_column=None if args.api_key_column.lower() == "none" else args.api_key_column,
     )
-    store = UsageStore(args.url)
+    store = _open(args.url)
     try:
         result = migrate_legacy_usage(store, source)
-    except UsageError as exc:
-        print(f"usage-middleware migrate: {exc}", file=sys.stderr)
-        return 2
     finally:
         store.dispose()
     verb = "was already migrated at" if result.already_migrated else "migrated at"
@@ -43,52 +73,72 @@ def _migrate(args: argparse.Namespace) -> int:
         f"rows, {result.total_uploads} uploads, {result.total_file_size} bytes "
         "(file_type 'unknown', dated by the legacy date column)"
     )
-    return 0
 
 
-def _demo_data(args: argparse.Namespace) -> int:
-    from datetime import date
-
-    from ._demo import MAX_DEMO_KEYS, has_uploads, write_demo_data
-    from ._store import UsageStore
-
+def _day(value: str) -> date:
     try:
-        end = date.fromisoformat(args.end) if args.end else None
+        return date.fromisoformat(value)
     except ValueError:
-        print(f"demo-data: --end must be a date YYYY-MM-DD, got {args.end!r}", file=sys.stderr)
-        return 2
-    if args.days < 1 or not 1 <= args.keys <= MAX_DEMO_KEYS:
-        print(f"demo-data: --days must be >= 1 and --keys in 1..{MAX_DEMO_KEYS}", file=sys.stderr)
-        return 2
-    store = UsageStore(args.url)
-    if store.dialect != "sqlite" and not args.yes_this_is_not_production:
-        print(
-            "refusing to write synthetic usage into a PostgreSQL database: demo data would mix "
-            "with real usage. Use a throwaway database and pass --yes-this-is-not-production.",
-            file=sys.stderr,
+        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {value!r:.40}") from None
+
+
+def _int_in(low: int, high: int | None, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an int in ``low..high`` (no upper bound when ``high`` is None)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r:.40}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {number}")
+        return number
+
+    return parse
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    today = datetime.now(timezone.utc).date()
+    end: date = args.end or today
+    if end > today:
+        raise ConfigurationError(
+            f"--end {end} is after today ({today}, UTC): demo data is history and nothing is "
+            "dated in the future"
         )
-        return 2
-    if args.if_empty and has_uploads(store):
-        print(f"{store!r} already has uploads; no demo data written")
-        return 0
-    summary = write_demo_data(store, days=args.days, keys=args.keys, seed=args.seed, end=end)
+    try:
+        first_demo_day(args.days, end)
+    except ValueError as exc:
+        raise ConfigurationError(f"--days {args.days} with --end {end}: {exc}") from None
+    store = _open(args.url)
+    try:
+        if store.dialect != "sqlite" and not args.yes_this_is_not_production:
+            raise ConfigurationError(
+                "refusing to write synthetic usage into a PostgreSQL database: demo data would "
+                "mix with real usage. Use a throwaway database and pass "
+                "--yes-this-is-not-production."
+            )
+        if args.if_empty and has_uploads(store):
+            print(f"{store!r} already has uploads; no demo data written")
+            return
+        summary = write_demo_data(store, days=args.days, keys=args.keys, seed=args.seed, end=end)
+    finally:
+        store.dispose()
     print(
         f"demo data {summary.start}..{summary.end}: {summary.uploads} uploads and "
         f"{summary.requests} requests for {summary.keys} demo keys, {summary.written} rows new"
     )
-    store.dispose()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="usage-middleware", description="Manage the usage-middleware tables."
-    )
+    """Run the command; 0 on success, ``SystemExit(2)`` with a one-line message on bad input."""
+    parser = _Parser(prog="usage-middleware", description="Manage the usage-middleware tables.")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], None]]] = {}
 
     p = sub.add_parser("create-schema", help="create the tables (idempotent)")
     p.add_argument("url", help="database URL, e.g. sqlite:///usage.db")
-    p.set_defaults(func=_create_schema)
+    commands["create-schema"] = (p, _create_schema)
 
     p = sub.add_parser(
         "migrate",
@@ -106,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--api-key-column", default="api_key_id", help="'none' when the table has no key column"
     )
-    p.set_defaults(func=_migrate)
+    commands["migrate"] = (p, _migrate)
 
     p = sub.add_parser(
         "demo-data",
@@ -116,10 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "re-running writes nothing new. Refuses PostgreSQL unless explicitly confirmed.",
     )
     p.add_argument("url", help="database URL, e.g. sqlite:///demo.db")
-    p.add_argument("--days", type=int, default=365, help="days of history (default 365)")
-    p.add_argument("--keys", type=int, default=3, help="number of demo API keys (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--end", help="last day, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument(
+        "--days", type=_int_in(1, None), default=365, help="days of history (default 365)"
+    )
+    p.add_argument(
+        "--keys",
+        type=_int_in(1, MAX_DEMO_KEYS),
+        default=3,
+        help=f"number of demo API keys, 1..{MAX_DEMO_KEYS} (default 3)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_in(0, None, " (a negative seed repeats the positive one)"),
+        default=0,
+        help="random seed, >= 0 (default 0)",
+    )
+    p.add_argument("--end", type=_day, help="last day, YYYY-MM-DD (default: today, UTC)")
     p.add_argument(
         "--if-empty", action="store_true", help="do nothing when the database has uploads"
     )
@@ -128,11 +190,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="allow a PostgreSQL URL (the data is synthetic)",
     )
-    p.set_defaults(func=_demo_data)
+    commands["demo-data"] = (p, _demo_data)
 
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
+    args, extra = parser.parse_known_args(argv)
+    command_parser, command = commands[args.command]
+    if extra:  # reported by the command's parser, so the line names the command
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        command(args)
+    except UsageError as exc:
+        command_parser.error(str(exc))
+    except _database_errors() as exc:
+        # The database refused the work (not a database file, no permission, ...).
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        lines = str(reason).strip().splitlines() or [type(reason).__name__]
+        command_parser.error(f"database error: {lines[0]}")
+    return 0
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    """SQLAlchemy's errors and the drivers' own (SQL files run on the raw psycopg cursor)."""
+    try:
+        import psycopg
+    except ImportError:  # a SQLite-only install
+        return (SQLAlchemyError, sqlite3.Error)
+    return (SQLAlchemyError, sqlite3.Error, psycopg.Error)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ __all__ = [
     "DEMO_KEY_IDS",
     "DemoSummary",
     "demo_key_id",
+    "first_demo_day",
     "generate_demo_records",
     "has_uploads",
     "write_demo_data",
@@ -52,6 +53,23 @@ def demo_key_id(n: int) -> uuid.UUID:
 
 
 DEMO_KEY_IDS = tuple(demo_key_id(n) for n in range(1, MAX_DEMO_KEYS + 1))
+# Record ids are UUIDv7, milliseconds since the Unix epoch: no demo day before it.
+FIRST_DAY = date(1970, 1, 1)
+
+
+def first_demo_day(days: int, end: date) -> date:
+    """The first of ``days`` days ending on ``end``; ValueError when that is before 1970-01-01."""
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    if end < FIRST_DAY:
+        raise ValueError(f"the last day {end} is before {FIRST_DAY}, where record ids start")
+    most = end.toordinal() - FIRST_DAY.toordinal() + 1
+    if days > most:
+        raise ValueError(
+            f"{days} days ending on {end} would start before {FIRST_DAY}, where record ids "
+            f"start: at most {most} days"
+        )
+    return end - timedelta(days=days - 1)
 
 
 @dataclass(frozen=True)
@@ -142,16 +160,14 @@ def generate_demo_records(
     and includes failures (files over a provider's size limit, server errors). Nothing is
     dated after ``now`` (default: the current time).
     """
-    if days < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
     if not 1 <= keys <= MAX_DEMO_KEYS:
         raise ValueError(f"keys must be in 1..{MAX_DEMO_KEYS}, got {keys}")
     now = now or datetime.now(UTC)
     end = end or now.astimezone(UTC).date()
+    start = first_demo_day(days, end)
     rng = random.Random(seed)
     key_ids = DEMO_KEY_IDS[:keys]
     key_weight = [rng.uniform(0.4, 1.6) for _ in key_ids]
-    start = end - timedelta(days=days - 1)
     serial = 0
     for offset in range(days):
         day = start + timedelta(days=offset)
@@ -268,6 +284,7 @@ def write_demo_data(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     now = now or datetime.now(UTC)
     end = end or now.astimezone(UTC).date()
+    start = first_demo_day(days, end)
     uploads = requests = written = 0
     batch: list[UploadRecord | RequestRecord] = []
     for record in generate_demo_records(days=days, keys=keys, seed=seed, end=end, now=now):
@@ -285,7 +302,7 @@ def write_demo_data(
         uploads=uploads,
         requests=requests,
         written=written,
-        start=end - timedelta(days=days - 1),
+        start=start,
         end=end,
         keys=keys,
     )

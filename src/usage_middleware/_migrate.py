@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, func, literal_column, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, ProgrammingError
 
 from ._errors import ConfigurationError
 from ._schema import daily_usage, hourly_usage
@@ -34,6 +35,7 @@ __all__ = ["LegacySource", "MigrationResult", "migrate_legacy_usage"]
 UTC = timezone.utc
 MARKER_TABLE = "usage_legacy_migrations"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,18 @@ def migrate_legacy_usage(store: UsageStore, source: LegacySource | None = None) 
                 conn.info.pop("usage_write", None)
     except DBAPIError as exc:
         message = str(exc.orig)
-        if "does not exist" in message or "no such" in message:
-            raise ConfigurationError(
-                f"cannot read the legacy totals: {message.strip()}. Point the migration at the "
-                "right table and columns (LegacySource / usage-middleware migrate --table ...)"
-            ) from exc
+        if isinstance(exc, (DataError, ProgrammingError)) or "no such" in message:
+            raise _misfit(message) from exc
         raise
+
+
+def _misfit(message: str) -> ConfigurationError:
+    """The legacy table is not what the names say (missing, or a column of another type)."""
+    first = (message.strip().splitlines() or [""])[0]  # PostgreSQL adds statement and context
+    return ConfigurationError(
+        f"cannot read the legacy totals: {first}. Point the migration at the right table and "
+        "columns (LegacySource / usage-middleware migrate --table ...)"
+    )
 
 
 def _marker(conn: Connection, name: str) -> Any:
@@ -147,8 +155,13 @@ def _migrate_postgres(conn: Connection, source: LegacySource) -> MigrationResult
         )
     before = conn.execute(text(f"SELECT to_regclass('public.{MARKER_TABLE}')")).scalar()
     already = before is not None and _marker(conn, name) is not None
+    import psycopg  # the PostgreSQL driver, present since this connection uses it
+
     with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.execute(sql_text("migrate_existing_usage_data.sql"))
+        try:
+            cursor.execute(sql_text("migrate_existing_usage_data.sql"))
+        except (psycopg.DataError, psycopg.ProgrammingError) as exc:
+            raise _misfit(str(exc)) from exc
     return _result(name, _marker(conn, name), already)
 
 
@@ -173,6 +186,18 @@ def _as_utc_date(value: Any, today: date) -> date:
     raise ConfigurationError(f"legacy date column holds {type(value).__name__}, not a date")
 
 
+def _read(convert: Callable[[Any], T], value: Any, column: str, number: int) -> T:
+    """``convert(value)``; a value that does not convert means the column is the wrong one."""
+    try:
+        return convert(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot read the legacy totals: row {number} has {value!r:.60} in column "
+            f"{column!r}. Point the migration at the right columns "
+            "(LegacySource / usage-middleware migrate --uploads-column ...)"
+        ) from exc
+
+
 def _migrate_sqlite(conn: Connection, source: LegacySource) -> MigrationResult:
     name = source.table.split(".")[-1]
     conn.execute(
@@ -194,12 +219,16 @@ def _migrate_sqlite(conn: Connection, source: LegacySource) -> MigrationResult:
     ).all()
     now = datetime.now(UTC)
     grouped: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for api_key, provider, when, uploads, size in rows:
-        uploads, size = int(uploads or 0), int(size or 0)
+    today = now.date()
+    for number, (api_key, provider, when, uploads, size) in enumerate(rows, 1):
+        uploads = _read(int, uploads or 0, source.uploads_column, number)
+        size = _read(int, size or 0, source.bytes_column, number)
         if uploads == 0 and size == 0:
             continue
         provider = (str(provider).strip() if provider is not None else "") or "unknown"
-        acc = grouped[(_as_uuid(api_key), _as_utc_date(when, now.date()), provider)]
+        key_id = _read(_as_uuid, api_key, source.api_key_column or "", number)
+        day = _read(lambda v: _as_utc_date(v, today), when, source.date_column, number)
+        acc = grouped[(key_id, day, provider)]
         acc[0] += uploads
         acc[1] += size
         acc[2] += 1

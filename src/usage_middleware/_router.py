@@ -1,4 +1,4 @@
-"""UsageRouter: the HTTP read API (SPEC §5) and the dashboard page, mountable anywhere.
+"""UsageRouter: the HTTP read API and the dashboard page, mountable anywhere.
 
 Every request is authorised first (``authorize(request)`` → key ids, ``ALL_KEYS`` or ``None``),
 then validated, then answered by :mod:`usage_middleware._queries` in a worker thread — the

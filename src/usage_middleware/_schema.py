@@ -6,7 +6,7 @@ written against these ``Table`` objects.
 
 Tables:
 
-* ``file_uploads``, ``api_requests`` — raw rows (public, SPEC §2).
+* ``file_uploads``, ``api_requests`` — raw rows (public).
 * ``daily_usage`` — exact rollup of ``file_uploads`` by UTC date, key, provider and type (public).
 * ``hourly_usage`` — the same by UTC hour; lets local-time-zone days be answered from rollups.
 * ``monthly_request_usage`` / ``daily_request_usage`` / ``hourly_request_usage`` —

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context, metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._sniff import known_type
+from ._capture.sniff import known_type
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider

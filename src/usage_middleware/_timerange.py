@@ -1,7 +1,7 @@
 """Query parameters of the read path, and local calendar ranges turned into UTC instants.
 
 Everything time-zone-specific happens here, in Python with :mod:`zoneinfo`; the database only
-ever sees UTC instants (LESSONS: never let a session time zone shift a date). A local day
+ever sees UTC instants, so no session time zone can shift a date. A local day
 begins at the first instant whose local date is that day, so DST days last 23 or 25 hours and
 zones with :30/:45 offsets cut UTC hours in half. Period boundaries are computed the same way:
 

@@ -20,7 +20,7 @@ import filetype
 from filetype.types.document import ZippedDocumentBase
 from filetype.types.video import Mkv, Webm
 
-from ._records import OCTET_STREAM, normalize_mime
+from .._records import OCTET_STREAM, normalize_mime
 
 __all__ = ["SNIFF_BYTES", "effective_type", "known_type", "sniff"]
 
@@ -137,7 +137,7 @@ def from_name(file_name: str | None) -> str | None:
 
 
 def effective_type(head: bytes, declared: str | None, file_name: str | None) -> str:
-    """Sniffed, else declared (unless the generic octet-stream), else extension."""
+    """The stored type: sniffed, else declared (unless the generic octet-stream), else extension."""
     sniffed = sniff(head)
     if sniffed:
         return sniffed

@@ -6,7 +6,7 @@ message), runs the app, and afterwards — never on the way in or out of a messa
 saw into one ``RequestRecord`` plus one ``UploadRecord`` per file and hands them to the recorder,
 which writes them in the background. The request never waits for the database.
 
-Per request: a ``_Exchange`` object counts what passes and its bound methods are the wrapped
+Per request: a ``Exchange`` object counts what passes and its bound methods are the wrapped
 ``receive`` and ``send`` (``send`` returns the server's own awaitable for every message but the
 last body message, so a plain GET costs one coroutine of ours, not one per message); a plain
 dict stored in the scope under ``SCOPE_KEY`` takes what ``annotate()`` sets (inner scope copies
@@ -18,45 +18,47 @@ type only, so a key in its message cannot leak) and ignored.
 Lifespan: the recorder starts on ``lifespan.startup`` (or on the first request when the server
 sends no lifespan events) and is shut down — flushing every record of every completed request —
 before ``lifespan.shutdown.complete`` is passed on. Both run in a worker thread.
+
+The module keeps one request's whole path, from the scope to its rows, in one class, so the
+hot path reads top to bottom; what stands alone lives beside it (exchange, routes, multipart,
+sniff, annotate).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import os
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
-from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._capture import MultipartCapture, RawCapture, multipart_boundary, parse_options_header
-from ._errors import ConfigurationError
-from ._keys import key_from_headers
-from ._recording.recorder import Recorder
-from ._records import RequestRecord, UploadRecord, UploadStatus
-from ._telemetry import CaptureTelemetry
+from .._errors import ConfigurationError
+from .._keys import key_from_headers
+from .._recording.recorder import Recorder
+from .._records import RequestRecord, UploadRecord, UploadStatus
+from .._telemetry import CaptureTelemetry
+from .annotate import SCOPE_KEY, annotate
+from .exchange import Capture, Exchange, header
+from .multipart import MultipartCapture, RawCapture, multipart_boundary, parse_options_header
+from .routes import RouteTemplates
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from ._store import UsageStore
+    from .._store import UsageStore
 
 __all__ = ["EXCLUDED_KEY", "SCOPE_KEY", "UsageMiddleware", "annotate"]
 
 logger = logging.getLogger(__name__)
 
 UTC = timezone.utc
-SCOPE_KEY = "usage_middleware.notes"
-"""Scope key of the per-request dict ``annotate()`` writes to."""
 EXCLUDED_KEY = "usage_middleware.excluded"
 """Set (truthy) in the scope by anything that wants its request left unrecorded (the router)."""
 
@@ -65,14 +67,11 @@ _DEFAULT_MAX_FILES = 1000
 # ``max_fields``, so a form Starlette accepts is parsed whole and a flood of fields is not.
 _MAX_FIELDS = 1000
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-_ROUTE_CACHE_SIZE = 4096
 _UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_ANNOTATABLE = ("provider", "api_key_id", "upload_status", "error_message")
 _UNSET: Any = object()
 _MAX_PROVIDER = 64
 
 T = TypeVar("T")
-Capture = MultipartCapture | RawCapture
 _UUID = uuid.UUID
 _now = datetime.now
 _request_row = RequestRecord._unchecked
@@ -89,168 +88,6 @@ class RecorderLike(Protocol):
     def submit_many(self, records: Iterable[RequestRecord | UploadRecord]) -> Any: ...
 
     def shutdown(self, timeout: float = ...) -> Any: ...
-
-
-# --- annotate ---------------------------------------------------------------------------------
-
-
-def _check_annotation(name: str, value: Any) -> Any:
-    if name == "provider":
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"provider must be a non-empty str, got {value!r:.60}")
-        if len(value) > _MAX_PROVIDER:
-            raise ValueError(f"provider must be at most {_MAX_PROVIDER} characters")
-        return value.strip()
-    if name == "api_key_id":
-        if value is None or isinstance(value, uuid.UUID):
-            return value
-        if isinstance(value, str):
-            try:
-                return uuid.UUID(value)
-            except ValueError:
-                pass
-        raise ValueError(
-            f"api_key_id must be a UUID (or None), got {type(value).__name__}; "
-            "hash a raw key with usage_middleware.api_key_uuid()"
-        )
-    if name == "upload_status":
-        if value not in ("success", "failed"):
-            raise ValueError(f"upload_status must be 'success' or 'failed', got {value!r:.40}")
-        return value
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"error_message must be a str or None, got {type(value).__name__}")
-    return value
-
-
-def annotate(request_or_scope: Any, **fields: Any) -> None:
-    """Set ``provider``, ``api_key_id``, ``upload_status`` or ``error_message`` for the records
-    of the current request, from inside the endpoint. Wins over the middleware's hooks.
-
-    Accepts a Starlette/FastAPI ``Request`` (or anything with ``.scope``) or the ASGI scope.
-    Unknown field names raise ``TypeError``, bad values ``ValueError``. Without the middleware
-    in front of the app, the call validates and does nothing else.
-    """
-    unknown = sorted(set(fields) - set(_ANNOTATABLE))
-    if unknown:
-        raise TypeError(
-            f"annotate() got unexpected field(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(_ANNOTATABLE)}"
-        )
-    checked = {name: _check_annotation(name, value) for name, value in fields.items()}
-    scope = request_or_scope if isinstance(request_or_scope, dict) else None
-    if scope is None:
-        scope = getattr(request_or_scope, "scope", None)
-        if not isinstance(scope, dict):
-            raise TypeError(
-                "annotate() needs a Request or an ASGI scope, "
-                f"got {type(request_or_scope).__name__}"
-            )
-    notes = scope.get(SCOPE_KEY)
-    if notes is None:
-        logger.debug("annotate(): no UsageMiddleware in front of this request; ignored")
-        return
-    notes.update(checked)
-
-
-# --- per request --------------------------------------------------------------------------------
-
-
-class _Exchange:
-    """One request's state: counters from the messages and its upload capture; its bound
-    ``receive``/``send`` are what the app is given.
-
-    It holds the server's ``send`` (and so, in uvicorn, the server's per-request object, which
-    holds the scope): it must never be reachable from the scope, or every request would leave a
-    reference cycle for the garbage collector.
-    """
-
-    __slots__ = (
-        "_receive",
-        "_send",
-        "body_done",
-        "capture",
-        "disconnected",
-        "end",
-        "handed_over",
-        "received",
-        "sent",
-        "status",
-    )
-
-    def __init__(self, receive: Receive, send: Send, capture: Capture | None) -> None:
-        self._receive = receive
-        self._send = send
-        self.capture = capture
-        self.received = 0
-        self.sent = 0
-        self.status: int | None = None
-        self.end: float | None = None  # perf_counter() once the last body message was sent
-        # Set before the last body message is awaited: a disconnect the server reports while
-        # that send is in progress (ASGI < 2.4 servers listen for one meanwhile) is no failure.
-        self.handed_over = False
-        self.body_done = False
-        self.disconnected = False
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        kind = message["type"]
-        if kind == "http.request":
-            body = message.get("body", b"")
-            if body:
-                self.received += len(body)
-                if self.capture is not None:
-                    self.capture.feed(body)
-            if not message.get("more_body", False):
-                self.body_done = True
-        elif kind == "http.disconnect" and not self.handed_over:
-            self.disconnected = True
-        return message
-
-    def send(self, message: Message) -> Awaitable[None]:
-        """Count, then return the server's own awaitable: no coroutine of ours per message,
-        except around the last one, after which the clock stops."""
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status = message["status"]
-        elif kind == "http.response.body":
-            body = message.get("body", b"")
-            if body:
-                self.sent += len(body)
-            if not message.get("more_body", False):
-                return self._send_last(message)
-        elif kind == "http.response.pathsend":
-            return self._send_file(message)
-        return self._send(message)
-
-    async def _send_last(self, message: Message) -> None:
-        self.handed_over = True
-        await self._send(message)
-        self.end = perf_counter()
-
-    async def _send_file(self, message: Message) -> None:
-        self.handed_over = True
-        await self._send(message)
-        self.end = perf_counter()
-        with contextlib.suppress(OSError):
-            self.sent += os.path.getsize(message["path"])
-
-    def error_text(self, error: BaseException | None) -> str | None:
-        """The request's ``error_message``: the exception, and whether the client went away."""
-        text = None
-        if error is not None:
-            message = str(error)
-            text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-        if self.disconnected:
-            what = "mid-body" if not self.body_done else "before the response completed"
-            text = f"client disconnected {what}" + (f" ({text})" if text else "")
-        return text
-
-
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope.get("headers", ()):
-        if name == wanted:
-            return bytes(value)
-    return None
 
 
 class UsageMiddleware:
@@ -334,7 +171,7 @@ class UsageMiddleware:
         self._max_files = max_files_per_request
         self._shutdown_timeout = shutdown_timeout
         self._telemetry = CaptureTelemetry(tracer_provider, meter_provider)
-        self._routes: dict[int, tuple[Any, str | None]] = {}
+        self._routes = RouteTemplates()
         self._started = False
         self._atexit_registered = False
         self._failures = 0
@@ -385,7 +222,7 @@ class UsageMiddleware:
                 return
         started = perf_counter()
         requested_at = _now(UTC)
-        exchange = _Exchange(receive, send, None)
+        exchange = Exchange(receive, send, None)
         notes: dict[str, Any] = {}
         scope[SCOPE_KEY] = notes
         # The router rewrites these in place on the way in; route templates need the originals.
@@ -418,7 +255,7 @@ class UsageMiddleware:
             span, token = self._telemetry.begin(scope["method"])
         except Exception:
             self._failed("starting the upload span")
-        exchange = _Exchange(receive, send, capture)
+        exchange = Exchange(receive, send, capture)
         notes: dict[str, Any] = {}
         scope[SCOPE_KEY] = notes
         root_path = scope.get("root_path", "")
@@ -433,7 +270,7 @@ class UsageMiddleware:
             recorded: tuple[RequestRecord, str | None, list[UploadRecord]] | None = None
             try:
                 capture.close(exchange.body_done)
-                template = self._route_template(scope, root_path, entry_app)
+                template = self._routes.template(scope, root_path, entry_app)
                 request = self._request(
                     scope,
                     exchange,
@@ -467,7 +304,7 @@ class UsageMiddleware:
     def _capture_for(self, scope: Scope) -> Capture | None:
         """The capture for an upload method's body, or ``None`` when the body is no upload."""
         try:
-            content_type = _header(scope, b"content-type")
+            content_type = header(scope, b"content-type")
             # Starlette strips spaces and tabs around the type and ignores its case.
             if (
                 content_type is not None
@@ -485,7 +322,7 @@ class UsageMiddleware:
                 and self._failsafe("raw_upload", self._raw_upload, scope, False)
             ):
                 name = None
-                disposition = _header(scope, b"content-disposition")
+                disposition = header(scope, b"content-disposition")
                 if disposition is not None:
                     raw = parse_options_header(disposition)[1].get(b"filename")
                     name = raw.decode("utf-8", "replace") if raw else None
@@ -502,7 +339,7 @@ class UsageMiddleware:
     def _request(
         self,
         scope: Scope,
-        exchange: _Exchange,
+        exchange: Exchange,
         notes: dict[str, Any],
         started: float,
         requested_at: datetime,
@@ -523,10 +360,9 @@ class UsageMiddleware:
             template = None
             route = scope.get("route")
             if route is not None:
-                cached = self._routes.get(id(route))
-                template = cached[1] if cached is not None and cached[0] is route else None
+                template = self._routes.cached(route)
                 if template is None:
-                    template = self._route_template(scope, root_path, entry_app)
+                    template = self._routes.template(scope, root_path, entry_app)
         if notes and "api_key_id" in notes:
             key_id = notes["api_key_id"]
         else:
@@ -562,7 +398,7 @@ class UsageMiddleware:
     def _uploads(
         self,
         scope: Scope,
-        exchange: _Exchange,
+        exchange: Exchange,
         notes: dict[str, Any],
         capture: Capture,
         request: RequestRecord,
@@ -635,33 +471,6 @@ class UsageMiddleware:
                 self._failed("building an upload record")
         return uploads
 
-    def _route_template(self, scope: Scope, entry_root_path: str, entry_app: Any) -> str | None:
-        """The matched route's path template, with the templates of the mounts above it."""
-        route = scope.get("route")
-        if route is None:
-            return None
-        cached = self._routes.get(id(route))
-        if cached is not None and cached[0] is route:
-            return cached[1]
-        path = getattr(route, "path", None)
-        if not isinstance(path, str):
-            return None
-        if isinstance(route, Mount):
-            path = path.rstrip("/") + "/{path}"
-        prefix = _mount_prefix(getattr(entry_app, "routes", None), route, 0)
-        if prefix is None:
-            # Not reachable from the app's route tree (built at run time): use the mount point
-            # the request actually went through; not cached, it may hold parameter values.
-            root_path = scope.get("root_path", "")
-            mounted = (
-                root_path[len(entry_root_path) :] if root_path.startswith(entry_root_path) else ""
-            )
-            return mounted + path
-        template = prefix + path
-        if len(self._routes) < _ROUTE_CACHE_SIZE:
-            self._routes[id(route)] = (route, template)
-        return template
-
     # --- lifespan ---------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -719,28 +528,6 @@ class UsageMiddleware:
         logger.error(
             "usage-middleware: failure while %s; the request is unaffected", what, exc_info=trace
         )
-
-
-def _mount_prefix(routes: Any, target: Any, depth: int) -> str | None:
-    """The concatenated mount templates leading to ``target`` in a route tree, or ``None``."""
-    if routes is None or depth > 8:
-        return None
-    try:
-        candidates = list(routes)
-    except TypeError:
-        return None
-    for candidate in candidates:
-        if candidate is target:
-            return ""
-    for candidate in candidates:
-        sub = getattr(candidate, "routes", None)
-        if sub is None:
-            continue
-        below = _mount_prefix(sub, target, depth + 1)
-        if below is not None:
-            mount_path = getattr(candidate, "path", "") if isinstance(candidate, Mount) else ""
-            return mount_path.rstrip("/") + below
-    return None
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[Any], timeout: float) -> None:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ._sniff import SNIFF_BYTES, effective_type
+from .sniff import SNIFF_BYTES, effective_type
 
 __all__ = [
     "CapturedFile",
