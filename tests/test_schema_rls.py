@@ -31,6 +31,8 @@ TABLES = (
     "monthly_request_usage",
     "daily_request_usage",
     "hourly_request_usage",
+    "quarter_usage",
+    "quarter_request_usage",
 )
 
 SUPABASE_STAND_IN = """

@@ -41,6 +41,17 @@ _CREATE_STAGING = (
     f"({_REQUEST_COLUMNS}, latency_bucket, response_us)",
 )
 
+
+def _quarter(column: str) -> str:
+    """The UTC quarter hour (:00, :15, :30, :45) of a stored UTC timestamp, as stored text."""
+    minute = f"substr({column}, 15, 2)"
+    return (
+        f"substr({column}, 1, 14) || CASE WHEN {minute} < '15' THEN '00' "
+        f"WHEN {minute} < '30' THEN '15' WHEN {minute} < '45' THEN '30' ELSE '45' END "
+        "|| ':00.000000'"
+    )
+
+
 _UPLOAD_STATEMENTS = (
     "DELETE FROM temp.um_stage_uploads WHERE id IN (SELECT id FROM main.file_uploads)",
     f"INSERT INTO main.file_uploads ({_UPLOAD_COLUMNS}) "
@@ -66,6 +77,7 @@ _UPLOAD_ROLLUPS = tuple(
     for table, when_column, when in (
         ("daily_usage", "usage_date", "substr(uploaded_at, 1, 10)"),
         ("hourly_usage", "usage_hour", "substr(uploaded_at, 1, 13) || ':00:00.000000'"),
+        ("quarter_usage", "usage_quarter", _quarter("uploaded_at")),
     )
 )
 
@@ -96,6 +108,7 @@ _REQUEST_ROLLUPS = tuple(
         ("monthly_request_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
         ("daily_request_usage", "usage_date", "substr(requested_at, 1, 10)"),
         ("hourly_request_usage", "usage_hour", "substr(requested_at, 1, 13) || ':00:00.000000'"),
+        ("quarter_request_usage", "usage_quarter", _quarter("requested_at")),
     )
 )
 
