@@ -4,8 +4,9 @@ The rules are those of ``sql/migrate_existing_usage_data.sql`` (read its header)
 total lands on the UTC date of its date column with ``file_type = 'unknown'``, counted as
 successful uploads, in ``daily_usage`` and at 00:00 UTC of that date in ``hourly_usage`` and
 ``quarter_usage``; rows with the same provider, key and date are summed, empty rows skipped, an
-empty provider becomes ``'unknown'``, a NULL date becomes today (UTC). A marker row in ``usage_legacy_migrations`` per
-source table, written in the same transaction, makes a second run do nothing.
+empty provider becomes ``'unknown'``, a NULL date becomes today (UTC). A marker row in
+``usage_legacy_migrations`` per source table, written in the same transaction, makes a second run
+do nothing.
 
 On PostgreSQL :func:`migrate_legacy_usage` runs that very SQL file, passing the table and column
 names as ``usage_migrate.*`` settings local to the transaction. On SQLite it does the same in

@@ -37,7 +37,7 @@ from ._schema import (
     ALL_TABLES,
     metadata,
 )
-from ._sqlitewrite import sqlite_write
+from ._sqlitewrite import backfill_quarters, sqlite_write
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -197,7 +197,8 @@ class UsageStore:
 
     def _create_sqlite_schema(self) -> None:
         """Create missing tables in one write transaction; a ``monthly_request_usage`` added to
-        an older database is filled from ``daily_request_usage`` before any writer sees it."""
+        an older database is filled from ``daily_request_usage``, and quarter-hour rollups from
+        the hourly ones and raw rows, before any writer sees them."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
@@ -206,6 +207,7 @@ class UsageStore:
                     metadata.create_all(conn, checkfirst=True)
                     if "monthly_request_usage" not in present and "daily_request_usage" in present:
                         conn.exec_driver_sql(_SQLITE_MONTHLY_BACKFILL)
+                    backfill_quarters(conn, present)
             finally:
                 conn.info.pop("usage_write", None)
 
