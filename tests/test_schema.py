@@ -152,7 +152,6 @@ def test_rerun_adds_and_fills_the_quarter_hour_rollups_of_an_older_install(db_ur
     from datetime import datetime, timezone
 
     from sqlalchemy import insert
-
     from support.rollups import (
         assert_rollups_exact,
         expected_rollups,
@@ -160,6 +159,7 @@ def test_rerun_adds_and_fills_the_quarter_hour_rollups_of_an_older_install(db_ur
         random_upload,
         stored_rollups,
     )
+
     from usage_middleware._schema import daily_usage, hourly_usage
 
     rng = random.Random(12)

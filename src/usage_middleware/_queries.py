@@ -6,12 +6,17 @@ fits inside it:
 
 * ``daily_usage`` for whole UTC days inside the period,
 * ``hourly_usage`` for whole UTC hours inside it that no whole day covers,
-* raw ``file_uploads`` only for the sub-hour edges (zones with :30/:45 offsets).
+* ``quarter_usage`` for the sub-hour edges (zones with :30/:45 offsets; every offset in use
+  since standard time is a multiple of 15 minutes),
+* raw ``file_uploads`` only for what lies off the quarter-hour grid: edges set by the local mean
+  time offsets zones had before standard time (Kolkata before 1906, Amsterdam before 1937,
+  Monrovia before 1972). Only answers about such times need raw rows; every other answer is
+  the same after raw rows are deleted (retention), rollups kept.
 
 The plan is a list of pieces ``(source, UTC interval, period, sign)``; a UTC day cut by a
 period boundary may be read as its daily row minus the shorter side (see :func:`plan`). Each
 source is joined to its pieces (passed as array/JSON parameters, so the statement text is fixed
-and cached), the three are combined with ``UNION ALL`` and summed by (period, provider,
+and cached), the sources are combined with ``UNION ALL`` and summed by (period, provider,
 file_type) in the database. Because every rollup is exact, the answer equals aggregating the
 raw rows over the same local range — for every time zone — while a year for one key costs some
 thousands of rollup rows instead of every raw row.
@@ -77,6 +82,8 @@ from ._schema import (
     latency_bucket,
     latency_representative,
     monthly_request_usage,
+    quarter_request_usage,
+    quarter_usage,
 )
 from ._store import UsageStore
 from ._timerange import QuerySpec, periods
@@ -90,6 +97,7 @@ __all__ = [
     "request_stats",
 ]
 
+_QUARTER = timedelta(minutes=15)
 _HOUR = timedelta(hours=1)
 _DAY = timedelta(days=1)
 
@@ -101,7 +109,7 @@ class Piece(NamedTuple):
     """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
 
     ``grain`` is ``month`` (monthly rollup; request statistics only), ``day`` (daily rollup),
-    ``hour`` (hourly rollup) or ``raw`` (raw rows).
+    ``hour`` (hourly rollup), ``quarter`` (quarter-hour rollup) or ``raw`` (raw rows).
     """
 
     grain: str
@@ -126,6 +134,18 @@ def _ceil_hour(t: datetime) -> datetime:
     return t
 
 
+def _floor_quarter(t: datetime) -> datetime:
+    if t.minute % 15 or t.second or t.microsecond:
+        return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0)
+    return t
+
+
+def _ceil_quarter(t: datetime) -> datetime:
+    if t.minute % 15 or t.second or t.microsecond:
+        return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0) + _QUARTER
+    return t
+
+
 def _floor_day(t: datetime) -> datetime:
     if t.hour or t.minute or t.second or t.microsecond:
         return t.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -147,22 +167,34 @@ def _emit(out: _Out, grain: str, lo: datetime, hi: datetime, period: int, sign: 
 
 
 def _split(out: _Out, lo: datetime, hi: datetime, period: int, sign: int) -> None:
-    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from raw rows."""
-    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
-    if h0 >= h1:
+    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from the
+    quarter-hour rollup, and raw rows only for what lies off the quarter-hour grid."""
+    q0, q1 = _ceil_quarter(lo), _floor_quarter(hi)
+    if q0 >= q1:
         _emit(out, "raw", lo, hi, period, sign)
         return
-    _emit(out, "raw", lo, h0, period, sign)
-    _emit(out, "hour", h0, h1, period, sign)
-    _emit(out, "raw", h1, hi, period, sign)
+    _emit(out, "raw", lo, q0, period, sign)
+    h0, h1 = _ceil_hour(q0), _floor_hour(q1)
+    if h0 >= h1:
+        _emit(out, "quarter", q0, q1, period, sign)
+    else:
+        _emit(out, "quarter", q0, h0, period, sign)
+        _emit(out, "hour", h0, h1, period, sign)
+        _emit(out, "quarter", h1, q1, period, sign)
+    _emit(out, "raw", q1, hi, period, sign)
 
 
 def _cost(lo: datetime, hi: datetime) -> int:
-    """Rough cost of reading [lo, hi) from hours and raw edges, in hourly-row units."""
-    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
-    if h0 >= h1:
+    """Rough cost of reading [lo, hi) as :func:`_split` does, in hourly-row units: each
+    sub-hour edge (quarter hours or raw rows) counts one."""
+    q0, q1 = _ceil_quarter(lo), _floor_quarter(hi)
+    if q0 >= q1:
         return 1
-    return (h1 - h0) // _HOUR + (lo < h0) + (h1 < hi)
+    h0, h1 = _ceil_hour(q0), _floor_hour(q1)
+    off_grid = (lo < q0) + (q1 < hi)
+    if h0 >= h1:
+        return 1 + off_grid
+    return (h1 - h0) // _HOUR + (q0 < h0) + (h1 < q1) + off_grid
 
 
 def plan(bounds: Sequence[datetime]) -> list[Piece]:
@@ -170,10 +202,11 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
 
     A UTC day inside one period is one daily read. A day cut by a period boundary or by the
     range edge is read either piece by piece (whole hours from the hourly rollup, sub-hour
-    edges from raw rows), or — when cheaper — as its daily row given to the period with the
-    largest piece, the other pieces subtracted from that period (and added to their own unless
-    they lie outside the range). A New York week boundary at 05:00 UTC thus costs five hourly
-    reads instead of twenty-four. Every rollup is exact, so the sum is exact.
+    edges from the quarter-hour rollup, see :func:`_split`), or — when cheaper — as its daily
+    row given to the period with the largest piece, the other pieces subtracted from that
+    period (and added to their own unless they lie outside the range). A New York week
+    boundary at 05:00 UTC thus costs five hourly reads instead of twenty-four. Every rollup is
+    exact, so the sum is exact.
     """
     start, end = bounds[0], bounds[-1]
     out: _Out = {}
@@ -222,7 +255,7 @@ _MONTH_COST = 6
 
 
 def _request_cost(x: Piece) -> int:
-    """Rough cost of reading one day, hour or raw piece of the request plan."""
+    """Rough cost of reading one day, hour, quarter-hour or raw piece of the request plan."""
     if x.grain == "day":
         return 4 * ((x.hi - x.lo) // _DAY)
     if x.grain == "hour":
@@ -242,7 +275,7 @@ def request_plan(start: datetime, end: datetime) -> list[Piece]:
     """Pieces (all of period 0) that read the request histograms over ``[start, end)``.
 
     Whole UTC months come from the monthly rollup, consecutive ones as one range. A month the
-    range only partly covers is read through :func:`plan` (days, hours, raw edges), or — when
+    range only partly covers is read through :func:`plan` (days, hours, edges), or — when
     that is cheaper — as the month's row minus the parts outside the range. Costs count
     histogram rows (:func:`_request_cost`): a local year in New York is one read of twelve
     monthly rows minus its first five UTC hours plus five hours of the next January, instead
@@ -479,12 +512,18 @@ def _joined(
 Counts = list[int]  # uploads, bytes, successful, failed
 
 _UPLOAD_COUNTERS = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+_UPLOAD_SOURCES = {
+    "day": (daily_usage, daily_usage.c.usage_date),
+    "hour": (hourly_usage, hourly_usage.c.usage_hour),
+    "quarter": (quarter_usage, quarter_usage.c.usage_quarter),
+}
+_DATES = ("month", "day")  # grains whose rollups are keyed by a date, not a timestamp
 
 
 @lru_cache(maxsize=128)
 def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
-    """Uploads of one source (daily or hourly rollup, raw edges) summed by (period, provider,
-    file_type) over the pieces in parameter ``{grain}_pieces``."""
+    """Uploads of one source (daily, hourly or quarter-hour rollup, raw rows) summed by
+    (period, provider, file_type) over the pieces in parameter ``{grain}_pieces``."""
     name = f"{grain}_pieces"
     if grain == "raw":
         fu = file_uploads
@@ -495,12 +534,11 @@ def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
         cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
         cols.append(j.c.sign * (1 - ok))
     else:
-        table = daily_usage if grain == "day" else hourly_usage
-        at = table.c.usage_date if grain == "day" else table.c.usage_hour
+        table, at = _UPLOAD_SOURCES[grain]
         names = ("provider", "file_type", *_UPLOAD_COUNTERS)
         where = _where(table, shape, dialect)
-        # hours are what a cut day's pieces move between periods (see plan())
-        cancelling = ("provider", "file_type") if grain == "hour" else ()
+        # hours and quarters are what a cut day's pieces move between periods (see plan())
+        cancelling = ("provider", "file_type") if grain != "day" else ()
         j = _joined(
             name, grain == "day", dialect, table, at, names, where, _UPLOAD_COUNTERS, cancelling
         )
@@ -525,7 +563,7 @@ def upload_statements(
     spec: QuerySpec, key_ids: Collection[UUID] | None, starts: list[datetime], dialect: str
 ) -> list[tuple[_Statement, dict[str, Any]]]:
     """Statements and their parameters answering uploads for periods starting at ``starts``,
-    one per source (daily rollup, hourly rollup, raw edges). Their rows add up; on PostgreSQL
+    one per source (daily, hourly, quarter-hour rollup, raw rows). Their rows add up; on PostgreSQL
     they run concurrently."""
     shape, scope = _scope(spec, key_ids, dialect)
     by_grain: dict[str, list[Piece]] = {}
@@ -758,6 +796,7 @@ def history(
 
 
 _REQUEST_SOURCES = {
+    "quarter": (quarter_request_usage, quarter_request_usage.c.usage_quarter),
     "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
     "day": (daily_request_usage, daily_request_usage.c.usage_date),
     "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
@@ -775,7 +814,7 @@ def _histogram_statement(grains: tuple[str, ...], dialect: str, shape: _Shape) -
         names = ("latency_bucket", *_REQUEST_COUNTERS)
         where = _where(table, shape, dialect)
         j = _joined(
-            f"{grain}_pieces", grain != "hour", dialect, table, at, names, where, _REQUEST_COUNTERS
+            f"{grain}_pieces", grain in _DATES, dialect, table, at, names, where, _REQUEST_COUNTERS
         )
         selects.append(
             select(
@@ -825,7 +864,7 @@ def request_stats(
     if grains:
         params = dict(scope)
         for g in grains:
-            params.update(_piece_params(by_grain[g], f"{g}_pieces", g != "hour", dialect))
+            params.update(_piece_params(by_grain[g], f"{g}_pieces", g in _DATES, dialect))
         for lb, n, e, us in _rows(store, _histogram_statement(grains, dialect, shape), params):
             buckets[lb] += n
             total += n
