@@ -578,8 +578,9 @@ def test_request_plan_covers_the_range_exactly_once(start: datetime, minutes: in
         elif x.grain == "quarter":  # sub-hour edges on the quarter-hour grid
             assert x.lo.minute % 15 == x.hi.minute % 15 == x.lo.second == x.hi.second == 0
             assert x.hi - x.lo < timedelta(hours=2)
-        else:  # raw rows only for what lies off that grid
-            assert x.hi - x.lo < timedelta(minutes=15)
+        else:  # raw rows only for what lies off that grid: no whole quarter hour inside
+            first = x.lo + timedelta(minutes=-x.lo.minute % 15)
+            assert x.lo.second == 0 and first + timedelta(minutes=15) > x.hi
     edges = sorted({start, end, *(x.lo for x in pieces), *(x.hi for x in pieces)})
     probes = [t + d for t in edges for d in (-timedelta(microseconds=1), timedelta(0))]
     for t in probes:
