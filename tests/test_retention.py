@@ -253,7 +253,8 @@ def test_a_year_in_a_half_or_quarter_hour_zone_reads_no_raw_rows(tz_name: str) -
 
 def test_only_offsets_off_the_quarter_hour_grid_read_raw_rows() -> None:
     """Kolkata's days before standard time (Madras time, +05:21:10, until 1906) start off the
-    quarter-hour grid: those, and only those, edges still come from raw rows."""
+    quarter-hour grid: there, and only there, edges shorter than a quarter hour come from raw
+    rows."""
     spec = QuerySpec(date(1900, 1, 1), date(1900, 1, 31), "Asia/Kolkata", "week")
     starts = [p.start for p in periods(spec)]
     raw = [x for x in plan([*starts, spec.end_utc]) if x.grain == "raw"]

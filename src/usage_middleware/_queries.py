@@ -7,11 +7,12 @@ fits inside it:
 * ``daily_usage`` for whole UTC days inside the period,
 * ``hourly_usage`` for whole UTC hours inside it that no whole day covers,
 * ``quarter_usage`` for the sub-hour edges (zones with :30/:45 offsets; every offset in use
-  since standard time is a multiple of 15 minutes),
-* raw ``file_uploads`` only for what lies off the quarter-hour grid: edges set by the local mean
-  time offsets zones had before standard time (Kolkata before 1906, Amsterdam before 1937,
-  Monrovia before 1972). Only answers about such times need raw rows; every other answer is
-  the same after raw rows are deleted (retention), rollups kept.
+  anywhere since 1979 is a multiple of 15 minutes),
+* raw ``file_uploads`` only for what lies off the quarter-hour grid: edges set by historical
+  offsets such as local mean time before standard time (Kolkata before 1906) and a few early
+  standard times (Amsterdam +00:20 until 1940, Monrovia -00:44:30 until 1972, Kiritimati
+  -10:40 until 1979). Only answers about such times need raw rows; every other answer is the
+  same after raw rows are deleted (retention), rollups kept.
 
 The plan is a list of pieces ``(source, UTC interval, period, sign)``; a UTC day cut by a
 period boundary may be read as its daily row minus the shorter side (see :func:`plan`). Each
