@@ -46,6 +46,7 @@ from starlette.routing import Mount
 
 from usage_middleware import ALL_KEYS, UsageRouter, UsageStore
 from usage_middleware._schema import latency_bucket
+from usage_middleware._sqlitewrite import _quarter
 
 UTC = timezone.utc
 YEAR_START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -105,6 +106,11 @@ PG_ROLLUPS = [
        file_type, count(*), sum(file_size), count(*) FILTER (WHERE upload_status = 'success'),
        count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
        ORDER BY 1, 2, 3, 4""",
+    """INSERT INTO quarter_usage SELECT date_bin('15 minutes', uploaded_at, timestamptz
+       '2000-01-01 00:00+00'), api_key_id, provider, file_type, count(*), sum(file_size),
+       count(*) FILTER (WHERE upload_status = 'success'),
+       count(*) FILTER (WHERE upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
+       ORDER BY 1, 2, 3, 4""",
     *(
         f"""INSERT INTO {table} SELECT {when}, api_key_id, {PG_BUCKET}, count(*),
            count(*) FILTER (WHERE status_code >= 400), sum(round(response_time_ms * 1000))::bigint,
@@ -114,6 +120,10 @@ PG_ROLLUPS = [
             ("monthly_request_usage", "date_trunc('month', requested_at AT TIME ZONE 'UTC')::date"),
             ("daily_request_usage", "(requested_at AT TIME ZONE 'UTC')::date"),
             ("hourly_request_usage", "date_trunc('hour', requested_at)"),
+            (
+                "quarter_request_usage",
+                "date_bin('15 minutes', requested_at, timestamptz '2000-01-01 00:00+00')",
+            ),
         )
     ),
 ]
@@ -183,11 +193,16 @@ SELECT lower(hex(randomblob(16))), (SELECT hex FROM bench_keys WHERE idx = CAST(
          || '.000000'
 FROM r
 """
+SQLITE_QUARTER = _quarter("uploaded_at").replace(":", r"\:")  # text(): a colon is no parameter
 SQLITE_ROLLUPS = [
     """INSERT INTO daily_usage SELECT substr(uploaded_at, 1, 10), api_key_id, provider, file_type,
        count(*), sum(file_size), sum(upload_status = 'success'), sum(upload_status <> 'success')
        FROM file_uploads GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
     """INSERT INTO hourly_usage SELECT substr(uploaded_at, 1, 13) || ':00:00.000000', api_key_id,
+       provider, file_type, count(*), sum(file_size), sum(upload_status = 'success'),
+       sum(upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
+       ORDER BY 1, 2, 3, 4""",
+    f"""INSERT INTO quarter_usage SELECT {SQLITE_QUARTER}, api_key_id,
        provider, file_type, count(*), sum(file_size), sum(upload_status = 'success'),
        sum(upload_status <> 'success') FROM file_uploads GROUP BY 1, 2, 3, 4
        ORDER BY 1, 2, 3, 4""",
@@ -217,7 +232,9 @@ def build_sqlite(conn: Connection, rows: int) -> None:
         lb = latency_bucket(ms)
         for table, when in (("monthly_request_usage", at[:7] + "-01"),
                             ("daily_request_usage", at[:10]),
-                            ("hourly_request_usage", at[:13] + ":00:00.000000")):
+                            ("hourly_request_usage", at[:13] + ":00:00.000000"),
+                            ("quarter_request_usage",
+                             f"{at[:14]}{int(at[14:16]) // 15 * 15:02d}:00.000000")):
             a = acc[(table, key, when, lb)]
             a[0] += 1
             a[1] += status >= 400
@@ -226,7 +243,8 @@ def build_sqlite(conn: Connection, rows: int) -> None:
             a[4] += rsize
     for table, col in (("monthly_request_usage", "usage_month"),
                        ("daily_request_usage", "usage_date"),
-                       ("hourly_request_usage", "usage_hour")):
+                       ("hourly_request_usage", "usage_hour"),
+                       ("quarter_request_usage", "usage_quarter")):
         conn.execute(
             text(f"INSERT INTO {table} (api_key_id, {col}, latency_bucket, total_requests, "
                  "error_requests, total_response_us, total_request_bytes, total_response_bytes) "

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from usage_middleware import ConfigurationError, UploadRecord, UsageStore
 from usage_middleware._cli import main
 from usage_middleware._migrate import LegacySource, migrate_legacy_usage
-from usage_middleware._schema import daily_usage, hourly_usage
+from usage_middleware._schema import daily_usage, hourly_usage, quarter_usage
 from usage_middleware._store import sql_text
 
 UTC = timezone.utc
@@ -60,7 +60,8 @@ def _create_legacy(store: UsageStore, table: str = "provider_usage", **names: st
 
 
 def _rollup(store: UsageStore, table: Any) -> dict[tuple[Any, ...], tuple[int, ...]]:
-    when = table.c.usage_date if table is daily_usage else table.c.usage_hour
+    names = {"daily_usage": "usage_date", "hourly_usage": "usage_hour"}
+    when = table.c[names.get(table.name, "usage_quarter")]
     with store.engine.connect() as conn:
         return {
             (r.api_key_id, r._mapping[when], r.provider, r.file_type): (
@@ -89,7 +90,8 @@ EXPECTED_DAILY = {
 
 
 def test_migration_moves_totals_once(db_url: str) -> None:
-    """Legacy totals land on their UTC date as 'unknown' type, in daily and hourly; twice = once."""
+    """Legacy totals land on their UTC date as 'unknown' type, in daily, hourly and quarter-hour;
+    twice = once."""
     store = UsageStore(db_url)
     try:
         store.create_schema()
@@ -115,6 +117,10 @@ def test_migration_moves_totals_once(db_url: str) -> None:
             (k[0], datetime.combine(k[1], datetime.min.time(), UTC), k[2], k[3]): v
             for k, v in EXPECTED_DAILY.items()
         }
+        quarter = _rollup(store, quarter_usage)
+        assert {k: v for k, v in quarter.items() if k[3] == "unknown"} == {
+            k: v for k, v in hourly.items() if k[3] == "unknown"
+        }
         totals = _provider_totals(store)
         assert totals == {"vercel": (136, 141_557_765), "s3": (10, 730)}
 
@@ -123,6 +129,7 @@ def test_migration_moves_totals_once(db_url: str) -> None:
         assert second.migrated_at == first.migrated_at
         assert _rollup(store, daily_usage) == daily
         assert _rollup(store, hourly_usage) == hourly
+        assert _rollup(store, quarter_usage) == quarter
     finally:
         store.dispose()
 
@@ -219,6 +226,7 @@ def test_sql_file_and_python_give_the_same_result(pg_url: str, sqlite_url: str) 
         migrate_legacy_usage(lite)
         assert _rollup(by_file, daily_usage) == _rollup(lite, daily_usage) == EXPECTED_DAILY
         assert _rollup(by_file, hourly_usage) == _rollup(lite, hourly_usage)
+        assert _rollup(by_file, quarter_usage) == _rollup(lite, quarter_usage)
     finally:
         by_file.dispose()
         lite.dispose()

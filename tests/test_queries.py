@@ -566,7 +566,7 @@ def test_request_stats_over_months_equal_raw_requests(
 )
 def test_request_plan_covers_the_range_exactly_once(start: datetime, minutes: int) -> None:
     """Signed pieces add up to exactly one inside ``[start, end)`` and zero outside, and every
-    piece is aligned to its grain (whole months, days, hours)."""
+    piece is aligned to its grain (whole months, days, hours, quarter hours)."""
     from usage_middleware._storage.plan import request_plan
 
     end = start + timedelta(minutes=minutes)
@@ -580,6 +580,12 @@ def test_request_plan_covers_the_range_exactly_once(start: datetime, minutes: in
             assert x.lo.time() == x.hi.time() == datetime.min.time()
         elif x.grain == "hour":
             assert x.lo.minute == x.hi.minute == x.lo.second == 0
+        elif x.grain == "quarter":  # sub-hour edges on the quarter-hour grid
+            assert x.lo.minute % 15 == x.hi.minute % 15 == x.lo.second == x.hi.second == 0
+            assert x.hi - x.lo < timedelta(hours=2)
+        else:  # raw rows only for what lies off that grid: no whole quarter hour inside
+            first = x.lo + timedelta(minutes=-x.lo.minute % 15)
+            assert x.lo.second == 0 and first + timedelta(minutes=15) > x.hi
     edges = sorted({start, end, *(x.lo for x in pieces), *(x.hi for x in pieces)})
     probes = [t + d for t in edges for d in (-timedelta(microseconds=1), timedelta(0))]
     for t in probes:

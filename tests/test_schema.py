@@ -143,6 +143,66 @@ def test_rerun_adds_and_fills_the_monthly_request_rollup_of_an_older_install(db_
     upgraded.dispose()
 
 
+def test_rerun_adds_and_fills_the_quarter_hour_rollups_of_an_older_install(db_url: str) -> None:
+    """An install from before the quarter-hour rollups gets them on the next ``create_schema()``,
+    filled from the raw rows and the hourly rollups (a migrated total without raw rows lands on
+    its hour's first quarter), so every rollup stays exact and later writes add to them."""
+    import random
+    import uuid
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert
+    from support.rollups import (
+        assert_rollups_exact,
+        expected_rollups,
+        random_request,
+        random_upload,
+        stored_rollups,
+    )
+
+    from usage_middleware._schema import daily_usage, hourly_usage
+
+    rng = random.Random(12)
+    store = UsageStore(db_url)
+    store.create_schema()
+    store.write(
+        [random_request(rng, spread_hours=300) for _ in range(300)]
+        + [random_upload(rng, spread_hours=300) for _ in range(300)]
+    )
+    expected = expected_rollups(store)
+    legacy_key = uuid.UUID(int=99, version=4)
+    at = datetime(2025, 9, 3, tzinfo=timezone.utc)
+    legacy = {"api_key_id": legacy_key, "provider": "s3", "file_type": "unknown"}
+    counts = {"total_uploads": 7, "total_file_size": 70, "successful_requests": 7}
+    with store.engine.begin() as conn:
+        conn.execute(insert(daily_usage), [{**legacy, **counts, "usage_date": at.date()}])
+        conn.execute(insert(hourly_usage), [{**legacy, **counts, "usage_hour": at}])
+        conn.exec_driver_sql("DROP TABLE quarter_usage")
+        conn.exec_driver_sql("DROP TABLE quarter_request_usage")
+    store.dispose()
+
+    upgraded = UsageStore(db_url)
+    upgraded.create_schema()
+    stored = stored_rollups(upgraded)
+    assert stored["quarter_usage"].pop((legacy_key, at, "s3", "unknown")) == (7, 70, 7, 0)
+    assert len(expected["quarter_usage"]) > 250
+    assert {k[1].minute for k in expected["quarter_request_usage"]} == {0, 15, 30, 45}
+    for name in ("quarter_usage", "quarter_request_usage"):
+        assert stored[name] == expected[name]
+    with upgraded.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM daily_usage WHERE file_type = 'unknown'")
+        conn.exec_driver_sql("DELETE FROM hourly_usage WHERE file_type = 'unknown'")
+        conn.exec_driver_sql("DELETE FROM quarter_usage WHERE file_type = 'unknown'")
+    upgraded.write(
+        [random_request(rng, spread_hours=300) for _ in range(100)]
+        + [random_upload(rng, spread_hours=300) for _ in range(100)]
+    )
+    assert_rollups_exact(upgraded)
+    upgraded.create_schema()  # a second run leaves the filled tables alone
+    assert_rollups_exact(upgraded)
+    upgraded.dispose()
+
+
 @pytest.mark.postgres
 def test_rerun_replaces_the_hourly_time_indexes(pg_url: str) -> None:
     """Older installs had time indexes on the hourly rollups' plain hour (BRIN, before that

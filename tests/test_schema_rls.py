@@ -34,6 +34,8 @@ TABLES = (
     "monthly_request_usage",
     "daily_request_usage",
     "hourly_request_usage",
+    "quarter_usage",
+    "quarter_request_usage",
 )
 
 # What Supabase has before any usage table exists: the API roles, auth.uid(), and default

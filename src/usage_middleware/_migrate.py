@@ -1,11 +1,12 @@
-"""Legacy migration: old per-provider running totals into ``daily_usage`` and ``hourly_usage``.
+"""Legacy migration: old per-provider running totals into ``daily_usage`` and the finer rollups.
 
 The rules are those of ``sql/migrate_existing_usage_data.sql`` (read its header): every legacy
 total lands on the UTC date of its date column with ``file_type = 'unknown'``, counted as
-successful uploads, in ``daily_usage`` and at 00:00 UTC of that date in ``hourly_usage``; rows
-with the same provider, key and date are summed, empty rows skipped, an empty provider becomes
-``'unknown'``, a NULL date becomes today (UTC). A marker row in ``usage_legacy_migrations`` per
-source table, written in the same transaction, makes a second run do nothing.
+successful uploads, in ``daily_usage`` and at 00:00 UTC of that date in ``hourly_usage`` and
+``quarter_usage``; rows with the same provider, key and date are summed, empty rows skipped, an
+empty provider becomes ``'unknown'``, a NULL date becomes today (UTC). A marker row in
+``usage_legacy_migrations`` per source table, written in the same transaction, makes a second run
+do nothing.
 
 On PostgreSQL :func:`migrate_legacy_usage` runs that very SQL file, passing the table and column
 names as ``usage_migrate.*`` settings local to the transaction. On SQLite it does the same in
@@ -27,7 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, ProgrammingError
 
 from ._errors import ConfigurationError
-from ._schema import daily_usage, hourly_usage
+from ._schema import daily_usage, hourly_usage, quarter_usage
 from ._store import UsageStore, sql_text
 
 __all__ = ["LegacySource", "MigrationResult", "migrate_legacy_usage"]
@@ -235,7 +236,11 @@ def _migrate_sqlite(conn: Connection, source: LegacySource) -> MigrationResult:
     ordered = sorted(
         grouped.items(), key=lambda kv: ("" if kv[0][0] is None else kv[0][0].hex, *kv[0][1:])
     )
-    for table, when_column in ((daily_usage, "usage_date"), (hourly_usage, "usage_hour")):
+    for table, when_column in (
+        (daily_usage, "usage_date"),
+        (hourly_usage, "usage_hour"),
+        (quarter_usage, "usage_quarter"),
+    ):
         if not ordered:
             break
         values = [

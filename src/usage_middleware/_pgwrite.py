@@ -5,18 +5,21 @@ empties itself at commit, and a single statement does the rest inside the server
 
     WITH new AS (INSERT INTO file_uploads SELECT .. FROM staging ORDER BY id
                  ON CONFLICT (id) DO NOTHING RETURNING ..),
-         d   AS (INSERT INTO daily_usage  SELECT .. FROM new GROUP BY key ORDER BY key
-                 ON CONFLICT ON CONSTRAINT uq_daily_usage  DO UPDATE SET counter = counter + ..),
-         h   AS (.. the same into hourly_usage ..)
-    SELECT count(*) FROM new
+         g   AS (SELECT .. FROM new GROUP BY key, UTC quarter hour),
+         q   AS (INSERT INTO quarter_usage SELECT .. FROM g ORDER BY key
+                 ON CONFLICT ON CONSTRAINT uq_quarter_usage DO UPDATE SET counter = counter + ..),
+         h   AS (.. g summed by hour into hourly_usage ..),
+         d   AS (.. g summed by day into daily_usage ..)
+    SELECT count(*) FROM new, count(*) FROM d, h, q  -- this order is the lock order
 
 Only rows that ``RETURNING`` reports as new reach the rollups, so a replayed batch adds nothing;
 everything commits together, so no crash can separate a row from its count. Raw rows are
-inserted in ``id`` order and rollup rows in unique-key order: concurrent writers take row locks
-in one global order and cannot deadlock.
+inserted in ``id`` order and rollup rows in unique-key order, the rollups one after the other
+in the order the final ``SELECT`` reads them (coarsest first, as the legacy migration writes):
+concurrent writers take row locks in one global order and cannot deadlock.
 
 Values that must agree bit for bit with Python (the latency bucket, microseconds) are computed
-in Python and staged as extra columns; UTC day and hour are computed by the server.
+in Python and staged as extra columns; UTC day, hour and quarter hour are computed by the server.
 """
 
 from __future__ import annotations
@@ -85,10 +88,14 @@ ALTER TABLE um_stage_requests
 """
 
 _UPLOAD_COUNTERS = """
-    count(*)::bigint,
-    sum(file_size)::bigint,
-    count(*) FILTER (WHERE upload_status = 'success')::bigint,
-    count(*) FILTER (WHERE upload_status <> 'success')::bigint
+    count(*)::bigint AS total_uploads,
+    sum(file_size)::bigint AS total_file_size,
+    count(*) FILTER (WHERE upload_status = 'success')::bigint AS successful_requests,
+    count(*) FILTER (WHERE upload_status <> 'success')::bigint AS failed_requests
+"""
+_UPLOAD_SUMS = """
+    sum(total_uploads)::bigint, sum(total_file_size)::bigint,
+    sum(successful_requests)::bigint, sum(failed_requests)::bigint
 """
 _UPLOAD_SET = """
     total_uploads = t.total_uploads + EXCLUDED.total_uploads,
@@ -98,6 +105,10 @@ _UPLOAD_SET = """
 """
 _UPLOAD_COUNTER_NAMES = "total_uploads, total_file_size, successful_requests, failed_requests"
 
+# The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
+# monthly rollups are sums of those groups, so the raw rows are aggregated only once.
+_QUARTER = "date_bin('15 minutes', utc_at, TIMESTAMP '2000-01-01') AS q"
+
 _INSERT_UPLOADS = f"""
 WITH new AS (
     INSERT INTO public.file_uploads ({", ".join(_UPLOAD_COLUMNS)})
@@ -106,35 +117,52 @@ WITH new AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING api_key_id, provider, file_type, file_size, upload_status,
               (uploaded_at AT TIME ZONE 'UTC') AS utc_at
-), daily AS (
-    INSERT INTO public.daily_usage AS t
-        (api_key_id, usage_date, provider, file_type, {_UPLOAD_COUNTER_NAMES})
-    SELECT api_key_id, utc_at::date, provider, file_type, {_UPLOAD_COUNTERS}
+), grouped AS (
+    SELECT api_key_id, {_QUARTER}, provider, file_type, {_UPLOAD_COUNTERS}
       FROM new
      GROUP BY 1, 2, 3, 4
+), quarter AS (
+    INSERT INTO public.quarter_usage AS t
+        (api_key_id, usage_quarter, provider, file_type, {_UPLOAD_COUNTER_NAMES})
+    SELECT api_key_id, q AT TIME ZONE 'UTC', provider, file_type, {_UPLOAD_COUNTER_NAMES}
+      FROM grouped
      ORDER BY 1, 2, 3, 4
-    ON CONFLICT ON CONSTRAINT uq_daily_usage DO UPDATE SET {_UPLOAD_SET}
+    ON CONFLICT ON CONSTRAINT uq_quarter_usage DO UPDATE SET {_UPLOAD_SET}
     RETURNING 1
 ), hourly AS (
     INSERT INTO public.hourly_usage AS t
         (api_key_id, usage_hour, provider, file_type, {_UPLOAD_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('hour', utc_at) AT TIME ZONE 'UTC', provider, file_type,
-           {_UPLOAD_COUNTERS}
-      FROM new
+    SELECT api_key_id, date_trunc('hour', q) AT TIME ZONE 'UTC', provider, file_type,
+           {_UPLOAD_SUMS}
+      FROM grouped
      GROUP BY 1, 2, 3, 4
      ORDER BY 1, 2, 3, 4
     ON CONFLICT ON CONSTRAINT uq_hourly_usage DO UPDATE SET {_UPLOAD_SET}
     RETURNING 1
+), daily AS (
+    INSERT INTO public.daily_usage AS t
+        (api_key_id, usage_date, provider, file_type, {_UPLOAD_COUNTER_NAMES})
+    SELECT api_key_id, q::date, provider, file_type, {_UPLOAD_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT ON CONSTRAINT uq_daily_usage DO UPDATE SET {_UPLOAD_SET}
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly),
+       (SELECT count(*) FROM quarter)
 """
 
 _REQUEST_COUNTERS = """
-    count(*)::bigint,
-    count(*) FILTER (WHERE status_code >= 400)::bigint,
-    sum(response_us)::bigint,
-    sum(request_size)::bigint,
-    sum(response_size)::bigint
+    count(*)::bigint AS total_requests,
+    count(*) FILTER (WHERE status_code >= 400)::bigint AS error_requests,
+    sum(response_us)::bigint AS total_response_us,
+    sum(request_size)::bigint AS total_request_bytes,
+    sum(response_size)::bigint AS total_response_bytes
+"""
+_REQUEST_SUMS = """
+    sum(total_requests)::bigint, sum(error_requests)::bigint, sum(total_response_us)::bigint,
+    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
 """
 _REQUEST_SET = """
     total_requests = t.total_requests + EXCLUDED.total_requests,
@@ -155,14 +183,34 @@ WITH new AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING id, api_key_id, status_code, request_size, response_size,
               (requested_at AT TIME ZONE 'UTC') AS utc_at
-), measured AS (
-    SELECT new.*, s.latency_bucket, s.response_us
-      FROM new JOIN pg_temp.um_stage_requests AS s USING (id)
+), grouped AS (
+    SELECT api_key_id, {_QUARTER}, latency_bucket, {_REQUEST_COUNTERS}
+      FROM new
+      JOIN (SELECT id, latency_bucket, response_us FROM pg_temp.um_stage_requests) AS s
+     USING (id)
+     GROUP BY 1, 2, 3
+), quarter AS (
+    INSERT INTO public.quarter_request_usage AS t
+        (api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}
+      FROM grouped
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), hourly AS (
+    INSERT INTO public.hourly_request_usage AS t
+        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('hour', q) AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
 ), daily AS (
     INSERT INTO public.daily_request_usage AS t
         (api_key_id, usage_date, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, utc_at::date, latency_bucket, {_REQUEST_COUNTERS}
-      FROM measured
+    SELECT api_key_id, q::date, latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
      GROUP BY 1, 2, 3
      ORDER BY 1, 2, 3
     ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
@@ -170,25 +218,15 @@ WITH new AS (
 ), monthly AS (
     INSERT INTO public.monthly_request_usage AS t
         (api_key_id, usage_month, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('month', utc_at)::date, latency_bucket, {_REQUEST_COUNTERS}
-      FROM measured
+    SELECT api_key_id, date_trunc('month', q)::date, latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
      GROUP BY 1, 2, 3
      ORDER BY 1, 2, 3
     ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
     RETURNING 1
-), hourly AS (
-    INSERT INTO public.hourly_request_usage AS t
-        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('hour', utc_at) AT TIME ZONE 'UTC', latency_bucket,
-           {_REQUEST_COUNTERS}
-      FROM measured
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
-       (SELECT count(*) FROM hourly)
+       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter)
 """
 
 

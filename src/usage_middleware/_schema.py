@@ -9,10 +9,13 @@ Tables:
 * ``file_uploads``, ``api_requests`` — raw rows (public).
 * ``daily_usage`` — exact rollup of ``file_uploads`` by UTC date, key, provider and type (public).
 * ``hourly_usage`` — the same by UTC hour; lets local-time-zone days be answered from rollups.
+* ``quarter_usage`` — the same by UTC quarter hour (``usage_quarter`` at :00/:15/:30/:45): the
+  sub-hour edges of :30/:45 offset zones, so no answer needs raw rows (they can be pruned).
 * ``monthly_request_usage`` / ``daily_request_usage`` / ``hourly_request_usage`` —
   ``api_requests`` rolled up by UTC month, day or hour, key and latency bucket (a mergeable log
   histogram, see :func:`latency_bucket`), so p95 over a year is a sum over a few thousand rows
   instead of a sort over millions. ``usage_month`` is the first day of the UTC month.
+* ``quarter_request_usage`` — the same by UTC quarter hour.
 
 Rollup rows with no API key use NULL; their uniqueness treats NULLs as equal
 (``NULLS NOT DISTINCT`` on PostgreSQL, an ``ifnull`` expression index on SQLite).
@@ -165,6 +168,22 @@ hourly_request_usage = Table(
     Column("api_key_id", Uuid, nullable=True),
     *_request_counters(),
 )
+quarter_usage = Table(
+    "quarter_usage",
+    metadata,
+    Column("usage_quarter", UTCDateTime, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("provider", Text, nullable=False),
+    Column("file_type", Text, nullable=False),
+    *_counters(),
+)
+quarter_request_usage = Table(
+    "quarter_request_usage",
+    metadata,
+    Column("usage_quarter", UTCDateTime, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    *_request_counters(),
+)
 
 # Rollup identity: the columns an upsert conflicts on, in lock order (sort keys the same way).
 ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
@@ -173,6 +192,8 @@ ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
     "monthly_request_usage": ("api_key_id", "usage_month", "latency_bucket"),
     "daily_request_usage": ("api_key_id", "usage_date", "latency_bucket"),
     "hourly_request_usage": ("api_key_id", "usage_hour", "latency_bucket"),
+    "quarter_usage": ("api_key_id", "usage_quarter", "provider", "file_type"),
+    "quarter_request_usage": ("api_key_id", "usage_quarter", "latency_bucket"),
 }
 
 # Unique indexes. PostgreSQL's live in sql/usage_tracking_schema.sql (NULLS NOT DISTINCT);
@@ -183,6 +204,8 @@ for _table in (
     monthly_request_usage,
     daily_request_usage,
     hourly_request_usage,
+    quarter_usage,
+    quarter_request_usage,
 ):
     _keys = ROLLUP_KEYS[_table.name]
     Index(
@@ -201,6 +224,8 @@ ALL_TABLES = (
     "monthly_request_usage",
     "daily_request_usage",
     "hourly_request_usage",
+    "quarter_usage",
+    "quarter_request_usage",
 )
 
 # --- latency sketch -------------------------------------------------------------------------

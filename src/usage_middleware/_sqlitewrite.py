@@ -53,6 +53,16 @@ def _checked_add(column: str) -> str:
     return f"(SELECT sum(v) FROM (SELECT {column} AS v UNION ALL SELECT excluded.{column}))"
 
 
+def _quarter(column: str) -> str:
+    """The UTC quarter hour (:00, :15, :30, :45) of a stored UTC timestamp, as stored text."""
+    minute = f"substr({column}, 15, 2)"
+    return (
+        f"substr({column}, 1, 14) || CASE WHEN {minute} < '15' THEN '00' "
+        f"WHEN {minute} < '30' THEN '15' WHEN {minute} < '45' THEN '30' ELSE '45' END "
+        "|| ':00.000000'"
+    )
+
+
 _UPLOAD_STATEMENTS = (
     "DELETE FROM temp.um_stage_uploads WHERE id IN (SELECT id FROM main.file_uploads)",
     f"INSERT INTO main.file_uploads ({_UPLOAD_COLUMNS}) "
@@ -78,6 +88,7 @@ _UPLOAD_ROLLUPS = tuple(
     for table, when_column, when in (
         ("daily_usage", "usage_date", "substr(uploaded_at, 1, 10)"),
         ("hourly_usage", "usage_hour", "substr(uploaded_at, 1, 13) || ':00:00.000000'"),
+        ("quarter_usage", "usage_quarter", _quarter("uploaded_at")),
     )
 )
 
@@ -108,6 +119,7 @@ _REQUEST_ROLLUPS = tuple(
         ("monthly_request_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
         ("daily_request_usage", "usage_date", "substr(requested_at, 1, 10)"),
         ("hourly_request_usage", "usage_hour", "substr(requested_at, 1, 13) || ':00:00.000000'"),
+        ("quarter_request_usage", "usage_quarter", _quarter("requested_at")),
     )
 )
 
@@ -189,3 +201,58 @@ def sqlite_write(
     finally:
         cur.close()
     return written
+
+
+# An install that predates the quarter-hour rollups gets them filled in the transaction that
+# creates them: minutes 15-59 of each hour from the raw rows, minutes 0-14 as the hourly row
+# minus those, so rollup rows without raw rows (migrated totals at 00:00 UTC) carry over. The
+# latency bucket and microseconds come from the very Python functions the writer uses.
+_LATE = "substr({at}, 15, 2) >= '15'"
+_QUARTER_BACKFILL = {
+    "quarter_usage": (
+        "INSERT INTO main.quarter_usage (usage_quarter, api_key_id, provider, file_type, "
+        "total_uploads, total_file_size, successful_requests, failed_requests) "
+        "SELECT q, k, p, t, sum(n), sum(b), sum(s), sum(f) FROM ("
+        "SELECT usage_hour AS q, api_key_id AS k, provider AS p, file_type AS t, "
+        "total_uploads AS n, total_file_size AS b, successful_requests AS s, "
+        "failed_requests AS f FROM main.hourly_usage "
+        f"UNION ALL SELECT {_quarter('uploaded_at')}, api_key_id, provider, file_type, 1, "
+        "file_size, upload_status = 'success', upload_status <> 'success' "
+        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')} "
+        "UNION ALL SELECT substr(uploaded_at, 1, 13) || ':00:00.000000', api_key_id, provider, "
+        "file_type, -1, -file_size, -(upload_status = 'success'), -(upload_status <> 'success') "
+        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')}"
+        ") GROUP BY q, k, p, t HAVING sum(n) <> 0"
+    ),
+    "quarter_request_usage": (
+        "INSERT INTO main.quarter_request_usage (usage_quarter, api_key_id, latency_bucket, "
+        "total_requests, error_requests, total_response_us, total_request_bytes, "
+        "total_response_bytes) "
+        "SELECT q, k, lb, sum(n), sum(e), sum(us), sum(qb), sum(rb) FROM ("
+        "SELECT usage_hour AS q, api_key_id AS k, latency_bucket AS lb, total_requests AS n, "
+        "error_requests AS e, total_response_us AS us, total_request_bytes AS qb, "
+        "total_response_bytes AS rb FROM main.hourly_request_usage "
+        f"UNION ALL SELECT {_quarter('requested_at')}, api_key_id, "
+        "um_latency_bucket(response_time_ms), 1, status_code >= 400, "
+        "um_response_us(response_time_ms), request_size, response_size "
+        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')} "
+        "UNION ALL SELECT substr(requested_at, 1, 13) || ':00:00.000000', api_key_id, "
+        "um_latency_bucket(response_time_ms), -1, -(status_code >= 400), "
+        "-um_response_us(response_time_ms), -request_size, -response_size "
+        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')}"
+        ") GROUP BY q, k, lb HAVING sum(n) <> 0"
+    ),
+}
+
+
+def backfill_quarters(conn: Connection, present: set[str]) -> None:
+    """Fill the quarter-hour rollups that an older database (tables ``present`` before this
+    transaction created the missing ones) lacked, inside ``conn``'s open write transaction."""
+    if "hourly_usage" not in present or not set(_QUARTER_BACKFILL) - present:
+        return
+    dbapi: Any = conn.connection.dbapi_connection
+    dbapi.create_function("um_latency_bucket", 1, latency_bucket, deterministic=True)
+    dbapi.create_function("um_response_us", 1, lambda ms: round(ms * 1000), deterministic=True)
+    for table, statement in _QUARTER_BACKFILL.items():
+        if table not in present:
+            conn.exec_driver_sql(statement)

@@ -20,6 +20,8 @@ from usage_middleware._schema import (
     hourly_usage,
     latency_bucket,
     monthly_request_usage,
+    quarter_request_usage,
+    quarter_usage,
 )
 
 UTC = timezone.utc
@@ -60,8 +62,12 @@ def _hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
+def _quarter(at: datetime) -> datetime:
+    return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
+
+
 def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The five rollups as GROUP BY over the raw rows, computed here in Python."""
+    """The seven rollups as GROUP BY over the raw rows, computed here in Python."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
         for name in (
@@ -70,13 +76,19 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
             "monthly_request_usage",
             "daily_request_usage",
             "hourly_request_usage",
+            "quarter_usage",
+            "quarter_request_usage",
         )
     }
     with store.engine.connect() as conn:
         for r in conn.execute(select(file_uploads)).mappings():
             at = r["uploaded_at"]
             ok = r["upload_status"] == "success"
-            for name, when in (("daily_usage", at.date()), ("hourly_usage", _hour(at))):
+            for name, when in (
+                ("daily_usage", at.date()),
+                ("hourly_usage", _hour(at)),
+                ("quarter_usage", _quarter(at)),
+            ):
                 acc = out[name][(r["api_key_id"], when, r["provider"], r["file_type"])]
                 for i, v in enumerate((1, r["file_size"], ok, not ok)):
                     acc[i] += v
@@ -94,11 +106,12 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
                 ("monthly_request_usage", at.date().replace(day=1)),
                 ("daily_request_usage", at.date()),
                 ("hourly_request_usage", _hour(at)),
+                ("quarter_request_usage", _quarter(at)),
             ):
                 acc = out[name][(r["api_key_id"], when, latency_bucket(ms))]
                 for i, v in enumerate(values):
                     acc[i] += v
-    sizes = {"daily_usage": 4, "hourly_usage": 4}
+    sizes = {"daily_usage": 4, "hourly_usage": 4, "quarter_usage": 4}
     return {
         name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
         for name, rows in out.items()
@@ -106,7 +119,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
 
 
 def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The five rollup tables as stored (zero rows left out)."""
+    """The seven rollup tables as stored."""
     upload_counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
     request_counters = (
         "total_requests",
@@ -121,6 +134,12 @@ def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[i
         (monthly_request_usage, ("api_key_id", "usage_month", "latency_bucket"), request_counters),
         (daily_request_usage, ("api_key_id", "usage_date", "latency_bucket"), request_counters),
         (hourly_request_usage, ("api_key_id", "usage_hour", "latency_bucket"), request_counters),
+        (quarter_usage, ("api_key_id", "usage_quarter", "provider", "file_type"), upload_counters),
+        (
+            quarter_request_usage,
+            ("api_key_id", "usage_quarter", "latency_bucket"),
+            request_counters,
+        ),
     ]
     out: dict[str, dict[tuple[Any, ...], tuple[int, ...]]] = {}
     with store.engine.connect() as conn:

@@ -57,6 +57,8 @@ from .._schema import (
     hourly_usage,
     latency_bucket,
     monthly_request_usage,
+    quarter_request_usage,
+    quarter_usage,
 )
 from .base import Histogram, Scope, UploadRow
 from .plan import Piece, plan, request_plan
@@ -283,12 +285,20 @@ def _joined(
 Counts = list[int]  # uploads, bytes, successful, failed
 
 _UPLOAD_COUNTERS = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
+_UPLOAD_SOURCES = {
+    "day": (daily_usage, daily_usage.c.usage_date),
+    "hour": (hourly_usage, hourly_usage.c.usage_hour),
+    "quarter": (quarter_usage, quarter_usage.c.usage_quarter),
+}
+_DATES = ("month", "day")  # grains whose rollups are keyed by a date, not a timestamp
+# Grains whose all-keys reads compare UTC wall-clock times, the expression of their time index
+_UTC_INDEXED = ("hour", "quarter")
 
 
 @lru_cache(maxsize=128)
 def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
-    """Uploads of one source (daily or hourly rollup, raw edges) summed by (period, provider,
-    file_type) over the pieces in parameter ``{grain}_pieces``."""
+    """Uploads of one source (daily, hourly or quarter-hour rollup, raw rows) summed by
+    (period, provider, file_type) over the pieces in parameter ``{grain}_pieces``."""
     name = f"{grain}_pieces"
     if grain == "raw":
         fu = file_uploads
@@ -299,12 +309,11 @@ def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
         cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * ok]
         cols.append(j.c.sign * (1 - ok))
     else:
-        table = daily_usage if grain == "day" else hourly_usage
-        at = table.c.usage_date if grain == "day" else table.c.usage_hour
+        table, at = _UPLOAD_SOURCES[grain]
         names = ("provider", "file_type", *_UPLOAD_COUNTERS)
         where = _where(table, shape, dialect)
-        # hours are what a cut day's pieces move between periods (see plan())
-        cancelling = ("provider", "file_type") if grain == "hour" else ()
+        # hours and quarters are what a cut day's pieces move between periods (see plan())
+        cancelling = ("provider", "file_type") if grain != "day" else ()
         j = _joined(
             name,
             grain == "day",
@@ -315,7 +324,7 @@ def _upload_statement(grain: str, dialect: str, shape: _Shape) -> _Statement:
             where,
             _UPLOAD_COUNTERS,
             cancelling,
-            utc_hour=grain == "hour" and not shape.keys,
+            utc_hour=grain in _UTC_INDEXED and not shape.keys,
         )
         # daily pieces are never subtracted (see plan())
         cols = [j.c[n] if grain == "day" else j.c.sign * j.c[n] for n in _UPLOAD_COUNTERS]
@@ -338,8 +347,8 @@ def upload_statements(
     scope: Scope, bounds: Sequence[datetime], dialect: str
 ) -> list[tuple[_Statement, dict[str, Any]]]:
     """Statements and their parameters answering uploads for periods ``[bounds[i],
-    bounds[i+1])``, one per source (daily rollup, hourly rollup, raw edges). Their rows add up;
-    on PostgreSQL they run concurrently."""
+    bounds[i+1])``, one per source (daily, hourly and quarter-hour rollups, raw rows). Their
+    rows add up; on PostgreSQL they run concurrently."""
     shape, params = _scope(scope, dialect)
     by_grain: dict[str, list[Piece]] = {}
     for x in plan(bounds):
@@ -461,6 +470,7 @@ def upload_rows(backend: SQLBackend, scope: Scope, bounds: Sequence[datetime]) -
 
 
 _REQUEST_SOURCES = {
+    "quarter": (quarter_request_usage, quarter_request_usage.c.usage_quarter),
     "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
     "day": (daily_request_usage, daily_request_usage.c.usage_date),
     "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
@@ -479,14 +489,14 @@ def _histogram_statement(grains: tuple[str, ...], dialect: str, shape: _Shape) -
         where = _where(table, shape, dialect)
         j = _joined(
             f"{grain}_pieces",
-            grain != "hour",
+            grain in _DATES,
             dialect,
             table,
             at,
             names,
             where,
             _REQUEST_COUNTERS,
-            utc_hour=grain == "hour" and not shape.keys,
+            utc_hour=grain in _UTC_INDEXED and not shape.keys,
         )
         selects.append(
             select(
@@ -532,7 +542,7 @@ def request_histogram(
         histogram_params = dict(params)
         for g in grains:
             histogram_params.update(
-                _piece_params(by_grain[g], f"{g}_pieces", g != "hour", dialect)
+                _piece_params(by_grain[g], f"{g}_pieces", g in _DATES, dialect)
             )
         statement = _histogram_statement(grains, dialect, shape)
         for lb, n, e, us in _rows(backend, statement, histogram_params):

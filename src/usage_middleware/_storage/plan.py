@@ -5,7 +5,13 @@ the coarsest source that fits inside it:
 
 * the daily rollup for whole UTC days inside the period,
 * the hourly rollup for whole UTC hours inside it that no whole day covers,
-* raw rows only for the sub-hour edges (zones with :30/:45 offsets).
+* the quarter-hour rollup for the sub-hour edges (zones with :30/:45 offsets; every offset in
+  use anywhere since 1979 is a multiple of 15 minutes),
+* raw rows only for what lies off the quarter-hour grid: edges set by historical offsets such as
+  local mean time before standard time (Kolkata before 1906) and a few early standard times
+  (Amsterdam +00:20 until 1940, Monrovia -00:44:30 until 1972, Kiritimati -10:40 until 1979).
+  Only answers about such times need raw rows; every other answer is the same after raw rows
+  are deleted (retention), rollups kept.
 
 The plan is a list of pieces ``(source, UTC interval, period, sign)``; a UTC day cut by a
 period boundary may be read as its daily row minus the shorter side (see :func:`plan`).
@@ -22,6 +28,7 @@ from typing import NamedTuple
 
 __all__ = ["Piece", "plan", "request_plan"]
 
+_QUARTER = timedelta(minutes=15)
 _HOUR = timedelta(hours=1)
 _DAY = timedelta(days=1)
 
@@ -33,7 +40,7 @@ class Piece(NamedTuple):
     """Rows of one source over the UTC interval [lo, hi), added to ``period`` times ``sign``.
 
     ``grain`` is ``month`` (monthly rollup; request statistics only), ``day`` (daily rollup),
-    ``hour`` (hourly rollup) or ``raw`` (raw rows).
+    ``hour`` (hourly rollup), ``quarter`` (quarter-hour rollup) or ``raw`` (raw rows).
     """
 
     grain: str
@@ -58,6 +65,18 @@ def _ceil_hour(t: datetime) -> datetime:
     return t
 
 
+def _floor_quarter(t: datetime) -> datetime:
+    if t.minute % 15 or t.second or t.microsecond:
+        return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0)
+    return t
+
+
+def _ceil_quarter(t: datetime) -> datetime:
+    if t.minute % 15 or t.second or t.microsecond:
+        return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0) + _QUARTER
+    return t
+
+
 def _floor_day(t: datetime) -> datetime:
     if t.hour or t.minute or t.second or t.microsecond:
         return t.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -79,22 +98,34 @@ def _emit(out: _Out, grain: str, lo: datetime, hi: datetime, period: int, sign: 
 
 
 def _split(out: _Out, lo: datetime, hi: datetime, period: int, sign: int) -> None:
-    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from raw rows."""
-    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
-    if h0 >= h1:
+    """Whole UTC hours of [lo, hi) from the hourly rollup, the sub-hour edges from the
+    quarter-hour rollup, and raw rows only for what lies off the quarter-hour grid."""
+    q0, q1 = _ceil_quarter(lo), _floor_quarter(hi)
+    if q0 >= q1:
         _emit(out, "raw", lo, hi, period, sign)
         return
-    _emit(out, "raw", lo, h0, period, sign)
-    _emit(out, "hour", h0, h1, period, sign)
-    _emit(out, "raw", h1, hi, period, sign)
+    _emit(out, "raw", lo, q0, period, sign)
+    h0, h1 = _ceil_hour(q0), _floor_hour(q1)
+    if h0 >= h1:
+        _emit(out, "quarter", q0, q1, period, sign)
+    else:
+        _emit(out, "quarter", q0, h0, period, sign)
+        _emit(out, "hour", h0, h1, period, sign)
+        _emit(out, "quarter", h1, q1, period, sign)
+    _emit(out, "raw", q1, hi, period, sign)
 
 
 def _cost(lo: datetime, hi: datetime) -> int:
-    """Rough cost of reading [lo, hi) from hours and raw edges, in hourly-row units."""
-    h0, h1 = _ceil_hour(lo), _floor_hour(hi)
-    if h0 >= h1:
+    """Rough cost of reading [lo, hi) as :func:`_split` does, in hourly-row units: each
+    sub-hour edge (quarter hours or raw rows) counts one."""
+    q0, q1 = _ceil_quarter(lo), _floor_quarter(hi)
+    if q0 >= q1:
         return 1
-    return (h1 - h0) // _HOUR + (lo < h0) + (h1 < hi)
+    h0, h1 = _ceil_hour(q0), _floor_hour(q1)
+    off_grid = (lo < q0) + (q1 < hi)
+    if h0 >= h1:
+        return 1 + off_grid
+    return (h1 - h0) // _HOUR + (q0 < h0) + (h1 < q1) + off_grid
 
 
 def plan(bounds: Sequence[datetime]) -> list[Piece]:
@@ -102,10 +133,11 @@ def plan(bounds: Sequence[datetime]) -> list[Piece]:
 
     A UTC day inside one period is one daily read. A day cut by a period boundary or by the
     range edge is read either piece by piece (whole hours from the hourly rollup, sub-hour
-    edges from raw rows), or — when cheaper — as its daily row given to the period with the
-    largest piece, the other pieces subtracted from that period (and added to their own unless
-    they lie outside the range). A New York week boundary at 05:00 UTC thus costs five hourly
-    reads instead of twenty-four. Every rollup is exact, so the sum is exact.
+    edges from the quarter-hour rollup, see :func:`_split`), or — when cheaper — as its daily
+    row given to the period with the largest piece, the other pieces subtracted from that
+    period (and added to their own unless they lie outside the range). A New York week
+    boundary at 05:00 UTC thus costs five hourly reads instead of twenty-four. Every rollup is
+    exact, so the sum is exact.
     """
     start, end = bounds[0], bounds[-1]
     out: _Out = {}
@@ -154,7 +186,7 @@ _MONTH_COST = 6
 
 
 def _request_cost(x: Piece) -> int:
-    """Rough cost of reading one day, hour or raw piece of the request plan."""
+    """Rough cost of reading one day, hour, quarter-hour or raw piece of the request plan."""
     if x.grain == "day":
         return 4 * ((x.hi - x.lo) // _DAY)
     if x.grain == "hour":
@@ -174,7 +206,7 @@ def request_plan(start: datetime, end: datetime) -> list[Piece]:
     """Pieces (all of period 0) that read the request histograms over ``[start, end)``.
 
     Whole UTC months come from the monthly rollup, consecutive ones as one range. A month the
-    range only partly covers is read through :func:`plan` (days, hours, raw edges), or — when
+    range only partly covers is read through :func:`plan` (days, hours, edges), or — when
     that is cheaper — as the month's row minus the parts outside the range. Costs count
     histogram rows (:func:`_request_cost`): a local year in New York is one read of twelve
     monthly rows minus its first five UTC hours plus five hours of the next January, instead

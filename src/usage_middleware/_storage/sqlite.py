@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import metadata
-from .._sqlitewrite import sqlite_write
+from .._sqlitewrite import backfill_quarters, sqlite_write
 from .sql import SQLBackend
 
 __all__ = ["SQLiteBackend"]
@@ -77,7 +77,8 @@ class SQLiteBackend(SQLBackend):
 
     def _create_schema(self) -> None:
         """Missing tables in one write transaction; a ``monthly_request_usage`` added to an older
-        database is filled from ``daily_request_usage`` before any writer sees it."""
+        database is filled from ``daily_request_usage``, and quarter-hour rollups from the
+        hourly ones and raw rows, before any writer sees them."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
@@ -86,6 +87,7 @@ class SQLiteBackend(SQLBackend):
                     metadata.create_all(conn, checkfirst=True)
                     if "monthly_request_usage" not in present and "daily_request_usage" in present:
                         conn.exec_driver_sql(_MONTHLY_BACKFILL)
+                    backfill_quarters(conn, present)
             finally:
                 conn.info.pop("usage_write", None)
 

@@ -16,7 +16,8 @@
 --   * Each legacy total lands in daily_usage with file_type 'unknown' (the old data has no type)
 --     on the UTC date of the date column (updated_at: the day by which all those uploads had
 --     happened; a NULL date is taken as today, the day the totals are known to exist), and in
---     hourly_usage at 00:00 UTC of that date, so the daily and hourly rollups stay consistent.
+--     hourly_usage and quarter_usage at 00:00 UTC of that date, so the daily, hourly and
+--     quarter-hour rollups stay consistent.
 --   * The old totals counted files that were stored, so they count as successful uploads.
 --   * Rows with the same provider, key and date are summed; rows with nothing in them skipped.
 --   * All-time per-provider totals over daily_usage grow by exactly the legacy totals.
@@ -122,6 +123,19 @@ BEGIN
                 total_file_size = t.total_file_size + EXCLUDED.total_file_size,
                 successful_requests = t.successful_requests + EXCLUDED.successful_requests
             RETURNING 1
+        ), quarter AS (
+            INSERT INTO public.quarter_usage AS t
+                (api_key_id, usage_quarter, provider, file_type,
+                 total_uploads, total_file_size, successful_requests, failed_requests)
+            SELECT api_key_id, usage_date::timestamp AT TIME ZONE 'UTC', provider, 'unknown',
+                   uploads, bytes, uploads, 0
+              FROM grouped
+             ORDER BY api_key_id, usage_date, provider
+            ON CONFLICT ON CONSTRAINT uq_quarter_usage DO UPDATE SET
+                total_uploads = t.total_uploads + EXCLUDED.total_uploads,
+                total_file_size = t.total_file_size + EXCLUDED.total_file_size,
+                successful_requests = t.successful_requests + EXCLUDED.successful_requests
+            RETURNING 1
         )
         INSERT INTO public.usage_legacy_migrations
             (source, legacy_rows, total_uploads, total_file_size)
@@ -129,6 +143,7 @@ BEGIN
           FROM grouped
     $sql$, api_key_expr, provider_col, date_col, uploads_col, bytes_col, legacy_rel, legacy_rel::text);
 
-    RAISE NOTICE 'usage-middleware: migrated % into daily_usage and hourly_usage', legacy_rel;
+    RAISE NOTICE 'usage-middleware: migrated % into daily_usage, hourly_usage and quarter_usage',
+        legacy_rel;
 END
 $migrate$;

@@ -11,10 +11,10 @@
 --     )
 --
 -- With a differently named table, replace "public.api_keys", "id" and "user_id" in the policy
--- expression below (seven places, one per table).
+-- expression below (nine places, one per table).
 --
 -- Effect:
---   * RLS is on for all seven usage tables (usage_tracking_schema.sql already switches it on,
+--   * RLS is on for all nine usage tables (usage_tracking_schema.sql already switches it on,
 --     with no policy: nobody but the owner reads) and the legacy-migration marker, if present.
 --   * A signed-in user (role authenticated) may SELECT only rows whose api_key_id belongs to
 --     one of their own keys; rows without a key are visible to nobody through the API.
@@ -32,6 +32,8 @@ ALTER TABLE public.hourly_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.monthly_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.daily_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.hourly_request_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.quarter_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.quarter_request_usage ENABLE ROW LEVEL SECURITY;
 
 DO $marker$
 BEGIN
@@ -76,14 +78,27 @@ CREATE POLICY "owners read their hourly request usage" ON public.hourly_request_
     FOR SELECT TO authenticated
     USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
 
+DROP POLICY IF EXISTS "owners read their quarter-hour usage" ON public.quarter_usage;
+CREATE POLICY "owners read their quarter-hour usage" ON public.quarter_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+DROP POLICY IF EXISTS "owners read their quarter-hour request usage" ON public.quarter_request_usage;
+CREATE POLICY "owners read their quarter-hour request usage" ON public.quarter_request_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
 -- Supabase grants table privileges to anon and authenticated by default. Reading is all the
 -- dashboard needs; anon needs nothing.
 REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage, public.hourly_usage,
-    public.monthly_request_usage, public.daily_request_usage, public.hourly_request_usage
+    public.monthly_request_usage, public.daily_request_usage, public.hourly_request_usage,
+    public.quarter_usage, public.quarter_request_usage
     FROM anon;
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.file_uploads, public.api_requests,
     public.daily_usage, public.hourly_usage, public.monthly_request_usage,
-    public.daily_request_usage, public.hourly_request_usage FROM authenticated;
+    public.daily_request_usage, public.hourly_request_usage, public.quarter_usage,
+    public.quarter_request_usage FROM authenticated;
 GRANT SELECT ON public.file_uploads, public.api_requests, public.daily_usage,
     public.hourly_usage, public.monthly_request_usage, public.daily_request_usage,
-    public.hourly_request_usage TO authenticated;
+    public.hourly_request_usage, public.quarter_usage, public.quarter_request_usage
+    TO authenticated;

@@ -95,19 +95,112 @@ CREATE TABLE IF NOT EXISTS public.hourly_request_usage (
     CONSTRAINT uq_hourly_request_usage UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)
 ) WITH (fillfactor = 70);
 
--- Reads over every key (ALL_KEYS) find an hour's rows in the hourly rollups by a btree range on
--- the hour, whatever the table's physical order (history loaded out of order, a CLUSTER on the
--- unique constraint). The index is on the UTC wall-clock hour, an expression only those reads
--- use: reads of given keys stay on the (key, hour) constraint, where a plain btree on the hour
--- can look cheaper to the planner and then reads every key's rows of an hour to find one key's.
--- The older time-only indexes (BRIN, whose block ranges all match once rows are out of time
--- order, or plain btrees) are dropped.
+-- The same by UTC quarter hour (usage_quarter at :00, :15, :30 or :45): the sub-hour edges of
+-- local days in zones with :30 and :45 offsets, so that no answer reads raw rows. An install
+-- that predates these tables gets them filled with writers held off (SHARE locks) until the
+-- transaction commits: minutes 15-59 of each hour from the raw rows, and minutes 0-14 as the
+-- hourly row minus those (so rollup rows without raw rows, e.g. migrated totals at 00:00 UTC,
+-- carry over). The latency bucket mirrors usage_middleware._schema.latency_bucket (the divisor
+-- is the bit-exact log((1 + 0.02) / (1 - 0.02))).
+DO $quarter$
+BEGIN
+    IF pg_catalog.to_regclass('public.quarter_usage') IS NULL THEN
+        LOCK TABLE public.file_uploads, public.hourly_usage IN SHARE MODE;
+        CREATE TABLE public.quarter_usage (
+            usage_quarter       timestamptz NOT NULL,
+            api_key_id          uuid,
+            provider            text NOT NULL,
+            file_type           text NOT NULL,
+            total_uploads       bigint NOT NULL DEFAULT 0,
+            total_file_size     bigint NOT NULL DEFAULT 0,
+            successful_requests bigint NOT NULL DEFAULT 0,
+            failed_requests     bigint NOT NULL DEFAULT 0,
+            CONSTRAINT uq_quarter_usage
+                UNIQUE NULLS NOT DISTINCT (api_key_id, usage_quarter, provider, file_type)
+        ) WITH (fillfactor = 70);
+        INSERT INTO public.quarter_usage
+        SELECT q, api_key_id, provider, file_type, sum(n), sum(b), sum(s), sum(f)
+          FROM (SELECT h.usage_hour, h.api_key_id, h.provider, h.file_type, h.total_uploads,
+                       h.total_file_size, h.successful_requests, h.failed_requests
+                  FROM public.hourly_usage AS h
+                UNION ALL
+                SELECT v.q, u.api_key_id, u.provider, u.file_type, v.n, v.n * u.file_size,
+                       v.n * (u.upload_status = 'success')::int,
+                       v.n * (u.upload_status <> 'success')::int
+                  FROM public.file_uploads AS u
+                 CROSS JOIN LATERAL (VALUES
+                       (pg_catalog.date_bin('15 minutes', u.uploaded_at,
+                                            '2000-01-01 00:00+00'::timestamptz), 1),
+                       (pg_catalog.date_bin('1 hour', u.uploaded_at,
+                                            '2000-01-01 00:00+00'::timestamptz), -1)) AS v(q, n)
+                 WHERE pg_catalog.date_part('minute', u.uploaded_at AT TIME ZONE 'UTC') >= 15
+               ) AS t(q, api_key_id, provider, file_type, n, b, s, f)
+         GROUP BY 1, 2, 3, 4
+        HAVING sum(n) <> 0;
+    END IF;
+    IF pg_catalog.to_regclass('public.quarter_request_usage') IS NULL THEN
+        LOCK TABLE public.api_requests, public.hourly_request_usage IN SHARE MODE;
+        CREATE TABLE public.quarter_request_usage (
+            usage_quarter        timestamptz NOT NULL,
+            api_key_id           uuid,
+            latency_bucket       smallint NOT NULL,
+            total_requests       bigint NOT NULL DEFAULT 0,
+            error_requests       bigint NOT NULL DEFAULT 0,
+            total_response_us    bigint NOT NULL DEFAULT 0,
+            total_request_bytes  bigint NOT NULL DEFAULT 0,
+            total_response_bytes bigint NOT NULL DEFAULT 0,
+            CONSTRAINT uq_quarter_request_usage
+                UNIQUE NULLS NOT DISTINCT (api_key_id, usage_quarter, latency_bucket)
+        ) WITH (fillfactor = 70);
+        INSERT INTO public.quarter_request_usage
+        SELECT q, api_key_id, lb, sum(n), sum(e), sum(us), sum(qb), sum(rb)
+          FROM (SELECT h.usage_hour, h.api_key_id, h.latency_bucket, h.total_requests,
+                       h.error_requests, h.total_response_us, h.total_request_bytes,
+                       h.total_response_bytes
+                  FROM public.hourly_request_usage AS h
+                UNION ALL
+                SELECT v.q, r.api_key_id,
+                       CASE WHEN r.response_time_ms <= 0.001::float8 THEN 0
+                            ELSE LEAST(32767, pg_catalog.ceil(
+                                pg_catalog.ln(r.response_time_ms / 0.001::float8)
+                                / 0.040005334613699206::float8))
+                       END::smallint,
+                       v.n, v.n * (r.status_code >= 400)::int,
+                       v.n * pg_catalog.round(r.response_time_ms * 1000::float8)::bigint,
+                       v.n * r.request_size, v.n * r.response_size
+                  FROM public.api_requests AS r
+                 CROSS JOIN LATERAL (VALUES
+                       (pg_catalog.date_bin('15 minutes', r.requested_at,
+                                            '2000-01-01 00:00+00'::timestamptz), 1),
+                       (pg_catalog.date_bin('1 hour', r.requested_at,
+                                            '2000-01-01 00:00+00'::timestamptz), -1)) AS v(q, n)
+                 WHERE pg_catalog.date_part('minute', r.requested_at AT TIME ZONE 'UTC') >= 15
+               ) AS t(q, api_key_id, lb, n, e, us, qb, rb)
+         GROUP BY 1, 2, 3
+        HAVING sum(n) <> 0;
+    END IF;
+END
+$quarter$;
+
+-- Reads over every key (ALL_KEYS) find an hour's or a quarter hour's rows in the hourly and
+-- quarter-hour rollups by a btree range on the time, whatever the table's physical order
+-- (history loaded out of order, a CLUSTER on the unique constraint). The index is on the UTC
+-- wall-clock time, an expression only those reads use: reads of given keys stay on the (key,
+-- time) constraint, where a plain btree on the time can look cheaper to the planner and then
+-- reads every key's rows of an hour to find one key's. The older time-only indexes (BRIN, whose
+-- block ranges all match once rows are out of time order, or plain btrees) are dropped.
 DROP INDEX IF EXISTS public.idx_hourly_usage_usage_hour;
 DROP INDEX IF EXISTS public.idx_hourly_request_usage_usage_hour;
+DROP INDEX IF EXISTS public.idx_quarter_usage_usage_quarter;
+DROP INDEX IF EXISTS public.idx_quarter_request_usage_usage_quarter;
 CREATE INDEX IF NOT EXISTS idx_hourly_usage_utc_hour
     ON public.hourly_usage ((usage_hour AT TIME ZONE 'UTC'));
 CREATE INDEX IF NOT EXISTS idx_hourly_request_usage_utc_hour
     ON public.hourly_request_usage ((usage_hour AT TIME ZONE 'UTC'));
+CREATE INDEX IF NOT EXISTS idx_quarter_usage_utc_quarter
+    ON public.quarter_usage ((usage_quarter AT TIME ZONE 'UTC'));
+CREATE INDEX IF NOT EXISTS idx_quarter_request_usage_utc_quarter
+    ON public.quarter_request_usage ((usage_quarter AT TIME ZONE 'UTC'));
 
 -- The same by UTC month (usage_month is the month's first day): a year of one key is some
 -- hundreds of rows. An install that predates this table gets it filled from daily_request_usage,
@@ -156,8 +249,8 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['file_uploads', 'api_requests', 'daily_usage', 'hourly_usage',
-                             'monthly_request_usage', 'daily_request_usage',
-                             'hourly_request_usage'] LOOP
+                             'quarter_usage', 'monthly_request_usage', 'daily_request_usage',
+                             'hourly_request_usage', 'quarter_request_usage'] LOOP
         IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
                  WHERE c.oid = pg_catalog.format('public.%I', t)::regclass) THEN
             EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
@@ -167,14 +260,15 @@ BEGIN
     -- (TRUNCATE, for one, is not subject to row level security).
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
         REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage,
-            public.hourly_usage, public.monthly_request_usage, public.daily_request_usage,
-            public.hourly_request_usage FROM anon;
+            public.hourly_usage, public.quarter_usage, public.monthly_request_usage,
+            public.daily_request_usage, public.hourly_request_usage,
+            public.quarter_request_usage FROM anon;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
         REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.file_uploads,
-            public.api_requests, public.daily_usage, public.hourly_usage,
+            public.api_requests, public.daily_usage, public.hourly_usage, public.quarter_usage,
             public.monthly_request_usage, public.daily_request_usage,
-            public.hourly_request_usage FROM authenticated;
+            public.hourly_request_usage, public.quarter_request_usage FROM authenticated;
     END IF;
 END
 $rls$;
@@ -201,7 +295,11 @@ BEGIN
          'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, latency_bucket) '
          'INCLUDE (total_requests, error_requests, total_response_us)'),
         ('hourly_request_usage', 'uq_hourly_request_usage',
-         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)')
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_hour, latency_bucket)'),
+        ('quarter_usage', 'uq_quarter_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_quarter, provider, file_type)'),
+        ('quarter_request_usage', 'uq_quarter_request_usage',
+         'UNIQUE NULLS NOT DISTINCT (api_key_id, usage_quarter, latency_bucket)')
     ) AS v(tbl, con, def) LOOP
         SELECT pg_catalog.pg_get_constraintdef(k.oid) INTO have
           FROM pg_catalog.pg_constraint AS k
@@ -227,6 +325,10 @@ ALTER TABLE public.monthly_request_usage SET
 ALTER TABLE public.daily_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 ALTER TABLE public.hourly_request_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.quarter_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.quarter_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
 -- ---------------------------------------------------------------------------------------------
