@@ -1,4 +1,4 @@
-"""The ``usage-middleware`` command: schema, legacy migration and demo data from a shell."""
+"""The ``usage-middleware`` command: schema, legacy migration, demo data and maintenance."""
 
 from __future__ import annotations
 
@@ -80,6 +80,52 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_option(value: str | None, name: str, low: int, high: int) -> int | None:
+    """``value`` as an int in ``low..high`` (None stays None); ValueError naming the option."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return number
+
+
+def _maintain(args: argparse.Namespace) -> int:
+    """Partitions ahead and raw retention; one line on stdout, or one on stderr and 1/2."""
+    from ._errors import ConfigurationError, UsageError
+    from ._maintain import MAX_MONTHS_AHEAD, MAX_RETENTION_DAYS, maintain, retention_start
+    from ._store import UsageStore
+
+    try:
+        days = _int_option(args.raw_retention_days, "--raw-retention-days", 1, MAX_RETENTION_DAYS)
+        ahead = _int_option(args.months_ahead, "--months-ahead", 0, MAX_MONTHS_AHEAD)
+        store = UsageStore(args.url)
+    except ValueError as exc:  # ConfigurationError is a ValueError too
+        print(f"usage-middleware maintain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = maintain(
+            store, raw_retention_days=days, months_ahead=3 if ahead is None else ahead
+        )
+        start = retention_start(store)
+    except UsageError as exc:
+        line = " ".join(str(exc).split())  # driver messages span lines; cron logs want one
+        print(f"usage-middleware maintain: {line}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    finally:
+        store.dispose()
+    complete = start.isoformat() if start else "all time"
+    print(
+        f"{store!r}: {result.partitions_created} partitions created, "
+        f"{result.partitions_dropped} dropped, {result.rows_deleted} raw rows deleted, "
+        f"{result.skipped} left for the next run (lock busy); raw rows complete from {complete}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="usage-middleware", description="Manage the usage-middleware tables."
@@ -129,6 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="allow a PostgreSQL URL (the data is synthetic)",
     )
     p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser(
+        "maintain",
+        help="create raw-table partitions ahead and prune old raw rows (cron-safe, idempotent)",
+        description="PostgreSQL: create the monthly partitions of file_uploads and api_requests "
+        "for the next --months-ahead months (and for rows the default partition caught), and "
+        "with --raw-retention-days drop the months wholly older than that. SQLite: delete raw "
+        "rows older than --raw-retention-days in batches. Rollups are never pruned.",
+    )
+    p.add_argument("url", help="database URL, e.g. sqlite:///usage.db")
+    p.add_argument("--raw-retention-days", metavar="N", help="prune raw rows older than N days")
+    p.add_argument("--months-ahead", metavar="K", help="partitions ahead, default 3")
+    p.set_defaults(func=_maintain)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -31,6 +31,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigurationError, DatabaseUnavailableError, SchemaMissingError
+from ._maintain import check_retention_days, maintain, prepare_pg_upgrade
 from ._pgwrite import pg_write
 from ._records import RequestRecord, UploadRecord
 from ._schema import (
@@ -103,7 +104,9 @@ class UsageStore:
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
     and use psycopg 3). The constructor does not connect; the schema is created on first use
     unless ``auto_create_schema=False``, in which case a missing schema raises
-    :class:`SchemaMissingError`.
+    :class:`SchemaMissingError`. ``raw_retention_days`` (default None: keep every raw row) is the
+    age past which raw rows are pruned, by ``usage-middleware maintain`` and at each
+    ``create_schema()``; the rollups are never pruned (see ``_maintain``).
     """
 
     def __init__(
@@ -113,12 +116,14 @@ class UsageStore:
         auto_create_schema: bool = True,
         connect_timeout: float = 5.0,
         engine_options: dict[str, Any] | None = None,
+        raw_retention_days: int | None = None,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
         self.url = _normalize_url(url)
         self.dialect = "postgresql" if self.url.get_backend_name() != "sqlite" else "sqlite"
         self.auto_create_schema = auto_create_schema
+        self.raw_retention_days = check_retention_days(raw_retention_days)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -179,12 +184,15 @@ class UsageStore:
         """Create every table, index and function; safe to call any number of times.
 
         On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
-        processes starting at once do not race. On SQLite it builds the equivalent tables.
+        processes starting at once do not race; unpartitioned raw tables of an older install are
+        converted (see the schema file). On SQLite it builds the equivalent tables. With
+        ``raw_retention_days`` set, raw rows past it are then pruned (``_maintain.maintain``).
         """
         try:
             if self.dialect == "sqlite":
                 self._create_sqlite_schema()
             else:
+                prepare_pg_upgrade(self.engine)
                 with self.engine.begin() as conn:
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215120301)")
                     # Straight to psycopg: no parameters, so the files' own text is sent as is.
@@ -194,6 +202,8 @@ class UsageStore:
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
         self._schema_ready = True
+        if self.raw_retention_days is not None:
+            maintain(self)
 
     def _create_sqlite_schema(self) -> None:
         """Create missing tables in one write transaction; a ``monthly_request_usage`` added to
