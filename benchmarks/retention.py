@@ -60,7 +60,7 @@ def drop_vs_delete(url: str, rows: int) -> tuple[float, float, float]:
     now = datetime.now(UTC)
     month = datetime(now.year - 1, now.month, 1, tzinfo=UTC)
     # One row gives the month its partition (maintain moves it out of the default partition).
-    store.write([UploadRecord(provider="s3", file_type="image/png", file_size=1, uploaded_at=month)])
+    store.write([UploadRecord(provider="s3", file_size=1, uploaded_at=month)])
     maintain(store)
     store.dispose()
     part = f"file_uploads_p{month:%Y_%m}"

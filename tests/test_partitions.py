@@ -430,3 +430,58 @@ def test_cli_maintain_unreachable_database_exits_1(capsys: pytest.CaptureFixture
     assert main(["maintain", "postgresql://nobody@127.0.0.1:9/x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach" in err
+
+
+# --- row level security -------------------------------------------------------------------------
+
+ROLES = """
+DO $$ BEGIN CREATE ROLE anon NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE authenticated NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+"""
+
+
+def _count_as(conn: psycopg.Connection[Any], role: str, table: str) -> int:
+    with conn.transaction():
+        conn.execute(f"SET LOCAL ROLE {role}")
+        row = conn.execute(f"SELECT count(*) FROM public.{table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.postgres
+def test_conversion_keeps_row_level_security_and_partitions_expose_nothing(pg_url: str) -> None:
+    """A converted table keeps its grants, RLS and policies (now on the parent), and partitions
+    read directly (as PostgREST would, with Supabase's blanket grants) show no row."""
+    key = uuid.UUID(int=0xA1, version=4)
+    with psycopg.connect(_dsn(pg_url), autocommit=True) as conn:
+        conn.execute(ROLES)
+        conn.execute(OLD_SCHEMA.read_text("utf-8"))
+        conn.execute("GRANT USAGE ON SCHEMA public TO anon, authenticated")
+        conn.execute("GRANT SELECT ON public.file_uploads TO authenticated")
+        conn.execute("ALTER TABLE public.file_uploads ENABLE ROW LEVEL SECURITY")
+        conn.execute(
+            "CREATE POLICY mine ON public.file_uploads FOR SELECT TO authenticated "
+            f"USING (api_key_id = '{key}')"
+        )
+        store = UsageStore(pg_url)
+        try:
+            rng = random.Random(23)
+            uploads = [_upload(datetime.now(UTC), rng) for _ in range(20)]
+            uploads[0].api_key_id = key
+            uploads[1:] = [u for u in uploads[1:] if u.api_key_id != key]
+            store.write(uploads)
+            assert _count_as(conn, "authenticated", "file_uploads") == 1
+            store.create_schema()
+            assert "file_uploads_legacy" in _partitions(store, "file_uploads")
+            store.write([_upload(datetime(2199, 1, 1, tzinfo=UTC), rng)])
+        finally:
+            store.dispose()
+        assert _count_as(conn, "authenticated", "file_uploads") == 1
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO anon, authenticated")
+        for part in ("file_uploads_legacy", "file_uploads_default", "usage_retention"):
+            for role in ("anon", "authenticated"):
+                assert _count_as(conn, role, part) == 0, (part, role)
+        (legacy_rows,) = conn.execute("SELECT count(*) FROM file_uploads_legacy").fetchone() or (0,)
+        assert legacy_rows == len(uploads)
