@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from ._errors import ConfigurationError
@@ -127,6 +127,7 @@ def _sqlite_prune(store: UsageStore, days: int, batch: int = SQLITE_BATCH) -> in
     # The form the write path stores (naive UTC text), so the comparison is the index's.
     cutoff_text = cutoff.replace(tzinfo=None).isoformat(" ", "microseconds")
     total = 0
+    usage_retention.create(store.engine, checkfirst=True)  # absent from pre-retention installs
     for table, column in RAW_TABLES:
         while True:
             with store.engine.connect() as conn:
@@ -165,6 +166,8 @@ def retention_start(store: UsageStore, table: str | None = None) -> datetime | N
     store.ensure_schema()
     try:
         with store.engine.connect() as conn:
+            if not inspect(conn).has_table("usage_retention"):
+                return None  # an install older than retention: nothing was ever pruned
             value: datetime | None = conn.execute(query).scalar()
     except DBAPIError as exc:
         raise store._unavailable(exc) from exc
