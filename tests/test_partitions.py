@@ -17,7 +17,13 @@ from sqlalchemy.engine import make_url
 from support.checks import scalar
 from support.rollups import assert_rollups_exact, raw_counts, stored_rollups
 
-from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
+from usage_middleware import (
+    ConfigurationError,
+    Recorder,
+    RequestRecord,
+    UploadRecord,
+    UsageStore,
+)
 from usage_middleware._cli import main
 from usage_middleware._maintain import maintain, retention_start
 from usage_middleware._schema import api_requests, file_uploads
@@ -497,6 +503,23 @@ def test_cli_maintain(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> No
         assert err.count("\n") == 1 and bad[0] in err
     assert main(["maintain", "mysql://localhost/x"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bad_retention_options_are_refused(sqlite_url: str) -> None:
+    """Retention ages and months ahead out of range raise ConfigurationError up front."""
+    for days in (0, -5, 1.5, True, 40_000):
+        with pytest.raises(ConfigurationError, match="raw_retention_days"):
+            UsageStore(sqlite_url, raw_retention_days=days)  # type: ignore[arg-type]
+    store = UsageStore(sqlite_url)
+    try:
+        with pytest.raises(ConfigurationError, match="months_ahead"):
+            maintain(store, months_ahead=121)
+        with pytest.raises(ConfigurationError, match="raw_retention_days"):
+            maintain(store, raw_retention_days=0)
+        with pytest.raises(ConfigurationError, match="table"):
+            retention_start(store, "daily_usage")
+    finally:
+        store.dispose()
 
 
 def test_cli_maintain_unreachable_database_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
