@@ -1,3 +1,4 @@
+-- The schema file of release 0.1.0 (plain, unpartitioned raw tables), kept for the upgrade tests.
 -- usage-middleware schema for PostgreSQL 15+ and Supabase.
 -- Safe to run any number of times. Everything lives in schema "public" and is named with it.
 
@@ -205,7 +206,7 @@ ALTER TABLE public.hourly_request_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
 -- ---------------------------------------------------------------------------------------------
--- Dashboard functions (SPEC §6). They read daily_usage, so days are UTC days; both dates are
+-- Dashboard functions. They read daily_usage, so days are UTC days; both dates are
 -- inclusive. p_file_type is an exact MIME type ('image/jpeg') or a family ('image/*'). NULL
 -- filters match everything. SECURITY INVOKER: callers see only the rows they could read anyway
 -- (row level security applies, see supabase_rls.sql). The empty search_path plus
