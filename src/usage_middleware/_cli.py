@@ -1,4 +1,4 @@
-"""The ``usage-middleware`` command: schema, legacy migration and demo data from a shell.
+"""The ``usage-middleware`` command: schema, maintenance, legacy migration and demo data.
 
 Every wrong argument (a bad URL, an unreachable database, an invalid name, an out-of-range
 number or date, a legacy table that does not fit) ends the command the way argparse ends it for
@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ._demo import MAX_DEMO_KEYS, first_demo_day, has_uploads, write_demo_data
 from ._errors import ConfigurationError, UsageError
+from ._maintain import MAX_MONTHS_AHEAD, MAX_RETENTION_DAYS, maintain, retention_start
 from ._migrate import LegacySource, migrate_legacy_usage
 from ._store import UsageStore
 
@@ -130,6 +131,24 @@ def _demo_data(args: argparse.Namespace) -> None:
     )
 
 
+def _maintain(args: argparse.Namespace) -> None:
+    """Partitions ahead and raw retention, one line on stdout (cron logs want one)."""
+    store = _open(args.url)
+    try:
+        result = maintain(
+            store, raw_retention_days=args.raw_retention_days, months_ahead=args.months_ahead
+        )
+        start = retention_start(store)
+    finally:
+        store.dispose()
+    complete = start.isoformat() if start else "all time"
+    print(
+        f"{store!r}: {result.partitions_created} partitions created, "
+        f"{result.partitions_dropped} dropped, {result.rows_deleted} raw rows deleted, "
+        f"{result.skipped} left for the next run (lock busy); raw rows complete from {complete}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; 0 on success, ``SystemExit(2)`` with a one-line message on bad input."""
     parser = _Parser(prog="usage-middleware", description="Manage the usage-middleware tables.")
@@ -191,6 +210,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="allow a PostgreSQL URL (the data is synthetic)",
     )
     commands["demo-data"] = (p, _demo_data)
+
+    p = sub.add_parser(
+        "maintain",
+        help="create raw-table partitions ahead and prune old raw rows (cron-safe, idempotent)",
+        description="PostgreSQL: create the monthly partitions of file_uploads and api_requests "
+        "for the next --months-ahead months (and for rows the default partition caught), and "
+        "with --raw-retention-days drop the months wholly older than that. SQLite: delete raw "
+        "rows older than --raw-retention-days in batches. Rollups are never pruned.",
+    )
+    p.add_argument("url", help="database URL, e.g. sqlite:///usage.db")
+    p.add_argument(
+        "--raw-retention-days",
+        metavar="N",
+        type=_int_in(1, MAX_RETENTION_DAYS),
+        help="prune raw rows older than N days",
+    )
+    p.add_argument(
+        "--months-ahead",
+        metavar="K",
+        type=_int_in(0, MAX_MONTHS_AHEAD),
+        default=3,
+        help="partitions ahead (default 3)",
+    )
+    commands["maintain"] = (p, _maintain)
+
 
     args, extra = parser.parse_known_args(argv)
     command_parser, command = commands[args.command]

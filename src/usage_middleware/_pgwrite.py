@@ -4,13 +4,17 @@ Per batch and table, the rows are COPYed (binary) into a session-local temporary
 empties itself at commit, and a single statement does the rest inside the server::
 
     WITH new AS (INSERT INTO file_uploads SELECT .. FROM staging ORDER BY id
-                 ON CONFLICT (id) DO NOTHING RETURNING ..),
+                 ON CONFLICT DO NOTHING RETURNING ..),
          g   AS (SELECT .. FROM new GROUP BY key, UTC quarter hour),
          q   AS (INSERT INTO quarter_usage SELECT .. FROM g ORDER BY key
                  ON CONFLICT ON CONSTRAINT uq_quarter_usage DO UPDATE SET counter = counter + ..),
          h   AS (.. g summed by hour into hourly_usage ..),
          d   AS (.. g summed by day into daily_usage ..)
     SELECT count(*) FROM new, count(*) FROM d, h, q  -- this order is the lock order
+
+The raw insert names no conflict target on purpose: the raw tables are partitioned by month, so
+their primary key is (id, time), which a replay (same id, same time) hits; an install whose
+tables are not converted yet has it on (id). Either way only an already stored id conflicts.
 
 Only rows that ``RETURNING`` reports as new reach the rollups, so a replayed batch adds nothing;
 everything commits together, so no crash can separate a row from its count. Raw rows are
@@ -114,7 +118,7 @@ WITH new AS (
     INSERT INTO public.file_uploads ({", ".join(_UPLOAD_COLUMNS)})
     SELECT {", ".join(_UPLOAD_COLUMNS)} FROM pg_temp.um_stage_uploads AS s
     ORDER BY s.id
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING api_key_id, provider, file_type, file_size, upload_status,
               (uploaded_at AT TIME ZONE 'UTC') AS utc_at
 ), grouped AS (
@@ -180,7 +184,7 @@ WITH new AS (
     INSERT INTO public.api_requests ({", ".join(_REQUEST_COLUMNS)})
     SELECT {", ".join(_REQUEST_COLUMNS)} FROM pg_temp.um_stage_requests AS s
     ORDER BY s.id
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id, api_key_id, status_code, request_size, response_size,
               (requested_at AT TIME ZONE 'UTC') AS utc_at
 ), grouped AS (

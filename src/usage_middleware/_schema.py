@@ -16,6 +16,7 @@ Tables:
   histogram, see :func:`latency_bucket`), so p95 over a year is a sum over a few thousand rows
   instead of a sort over millions. ``usage_month`` is the first day of the UTC month.
 * ``quarter_request_usage`` — the same by UTC quarter hour.
+* ``usage_retention`` — how far back raw rows are complete once retention pruned some.
 
 Rollup rows with no API key use NULL; their uniqueness treats NULLs as equal
 (``NULLS NOT DISTINCT`` on PostgreSQL, an ``ifnull`` expression index on SQLite).
@@ -183,6 +184,15 @@ quarter_request_usage = Table(
     Column("usage_quarter", UTCDateTime, nullable=False),
     Column("api_key_id", Uuid, nullable=True),
     *_request_counters(),
+)
+
+# Per raw table, the instant from which its raw rows are complete (retention removed none at or
+# after it); no row: none was ever removed. Written by ``_maintain``; the rollups are never pruned.
+usage_retention = Table(
+    "usage_retention",
+    metadata,
+    Column("table_name", Text, primary_key=True),
+    Column("raw_complete_from", UTCDateTime, nullable=False),
 )
 
 # Rollup identity: the columns an upsert conflicts on, in lock order (sort keys the same way).

@@ -18,12 +18,14 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError, SchemaMissingError
+from ._maintain import MaintainResult, check_retention_days, maintain, retention_start
 from ._records import RequestRecord, UploadRecord
 from ._storage import Backend, normalize_url, open_backend
 from ._storage.postgres import sql_text
 from ._storage.urls import display_url
 
 if TYPE_CHECKING:
+    from datetime import datetime
     from uuid import UUID
 
 __all__ = ["UsageStore", "display_url", "sql_text"]
@@ -47,6 +49,10 @@ class UsageStore:
     its commit, at the client and, per transaction, at the server (``statement_timeout``,
     ``idle_in_transaction_session_timeout``); schema creation gets ten times ``write_timeout``,
     as on upgrade it may fill a new rollup table from an old one.
+
+    ``raw_retention_days`` (default None: keep every raw row) is the age past which raw rows are
+    pruned, by ``usage-middleware maintain`` and at each ``create_schema()``; the rollups are
+    never pruned, so no answer changes.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class UsageStore:
         write_timeout: float = 30.0,
         engine_options: dict[str, Any] | None = None,
         read_timeout: float | None = 10.0,
+        raw_retention_days: int | None = None,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
@@ -78,6 +85,7 @@ class UsageStore:
             engine_options=dict(engine_options or {}),
         )
         self.auto_create_schema = auto_create_schema
+        self.raw_retention_days = check_retention_days(raw_retention_days)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -104,10 +112,14 @@ class UsageStore:
         """Create every table, index and function; safe to call any number of times.
 
         On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
-        processes starting at once do not race. On SQLite it builds the equivalent tables.
+        processes starting at once do not race; unpartitioned raw tables of an older install are
+        converted (see the schema file). On SQLite it builds the equivalent tables. With
+        ``raw_retention_days`` set, raw rows past it are then pruned (:meth:`maintain`).
         """
         self.backend.create_schema()
         self._schema_ready = True
+        if self.raw_retention_days is not None:
+            maintain(self)
 
     def has_schema(self) -> bool:
         """True when every usage table exists."""
@@ -159,6 +171,20 @@ class UsageStore:
             return 0
         self.ensure_schema()
         return self.backend.write(list(uploads.values()), list(requests.values()))
+
+    # --- maintenance ---------------------------------------------------------------------------
+
+    def maintain(
+        self, *, months_ahead: int = 3, raw_retention_days: int | None = None
+    ) -> MaintainResult:
+        """Create partitions ahead and prune raw rows past ``raw_retention_days`` (default: the
+        store's option; None keeps them); idempotent, safe from cron. Rollups are never pruned."""
+        return maintain(self, raw_retention_days=raw_retention_days, months_ahead=months_ahead)
+
+    def retention_start(self, table: str | None = None) -> datetime | None:
+        """The instant from which raw rows are complete (None: none was ever pruned); ``table``
+        is ``file_uploads`` or ``api_requests``, by default the later of the two."""
+        return retention_start(self, table)
 
     # --- health and lifecycle ----------------------------------------------------------------
 

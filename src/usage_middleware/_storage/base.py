@@ -26,7 +26,7 @@ from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
 
-__all__ = ["Backend", "Histogram", "Reader", "Scope", "UploadRow", "Writer"]
+__all__ = ["Backend", "Histogram", "MaintainResult", "Reader", "Scope", "UploadRow", "Writer"]
 
 # (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
 # group or a marginal: a None column means "summed over every value" (GROUPING SETS). Rows add.
@@ -76,6 +76,20 @@ class Histogram:
         self.response_us += response_us
 
 
+@dataclass(frozen=True)
+class MaintainResult:
+    """What one maintenance run did.
+
+    ``skipped`` counts PostgreSQL partitions due for dropping whose lock was not granted within
+    5 s (a long read held it); the next run drops them.
+    """
+
+    partitions_created: int = 0
+    partitions_dropped: int = 0
+    rows_deleted: int = 0
+    skipped: int = 0
+
+
 @runtime_checkable
 class Writer(Protocol):
     """The write side of a backend."""
@@ -95,6 +109,13 @@ class Writer(Protocol):
 
     def ping(self) -> None:
         """Raise unless the database answers a trivial statement."""
+
+    def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        """Create what future rows need (partitions) and prune raw rows older than
+        ``raw_retention_days`` (None: keep them); rollups are never pruned. Idempotent."""
+
+    def retention_start(self, tables: list[str]) -> datetime | None:
+        """The latest instant before which raw rows of ``tables`` were pruned (None: never)."""
 
     def before_fork(self) -> None:
         """Close what a child must not share (SQLite file handles); called with no write running."""

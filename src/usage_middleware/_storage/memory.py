@@ -17,7 +17,7 @@ from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import latency_bucket
-from .base import Histogram, Scope, UploadRow
+from .base import Histogram, MaintainResult, Scope, UploadRow
 
 __all__ = ["MemoryBackend"]
 
@@ -60,6 +60,13 @@ class MemoryBackend:
 
     def ping(self) -> None:
         """Always answers."""
+
+    def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        """Nothing to do: this backend answers from its rows, so it keeps every one."""
+        return MaintainResult()
+
+    def retention_start(self, tables: list[str]) -> datetime | None:
+        return None
 
     def before_fork(self) -> None:
         """Nothing is shared with a child but memory, which the fork copies."""

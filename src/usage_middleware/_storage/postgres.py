@@ -21,6 +21,8 @@ from sqlalchemy.exc import InvalidatePoolError
 
 from .._pgwrite import pg_write
 from .._records import RequestRecord, UploadRecord
+from .base import MaintainResult
+from .maintenance import pg_maintain, prepare_pg_upgrade
 from .sql import SQLBackend
 from .watchdog import watched
 
@@ -82,6 +84,9 @@ class PostgresBackend(SQLBackend):
         return watched(conn.connection.dbapi_connection, timeout)
 
     def _create_schema(self) -> None:
+        # Unpartitioned raw tables of an older install get their (id, time) index built
+        # concurrently first, so the file's conversion holds its lock for one scan only.
+        prepare_pg_upgrade(self.engine)
         # An upgrade may fill a new rollup table from an old one: ten write bounds.
         with (
             self.engine.connect() as conn,
@@ -93,6 +98,9 @@ class PostgresBackend(SQLBackend):
             with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
                 for name in SQL_FILES:
                     cursor.execute(sql_text(name))
+
+    def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        return pg_maintain(self, raw_retention_days, months_ahead)
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]

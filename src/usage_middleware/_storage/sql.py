@@ -21,7 +21,8 @@ from .._errors import DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
 from . import _sqlread
-from .base import Histogram, Scope, UploadRow
+from .base import Histogram, MaintainResult, Scope, UploadRow
+from .maintenance import sql_retention_start
 from .urls import display_url, mask_text
 
 __all__ = ["SQLBackend"]
@@ -122,6 +123,22 @@ class SQLBackend(ABC):
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        try:
+            return self._maintain(raw_retention_days, months_ahead)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+
+    @abstractmethod
+    def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        """The engine's partitions and pruning; driver errors are mapped by :meth:`maintain`."""
+
+    def retention_start(self, tables: list[str]) -> datetime | None:
+        try:
+            return sql_retention_start(self, tables)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
 
     def before_fork(self) -> None:  # noqa: B027 - a hook engines may extend
         """Nothing by default: pooled network connections are dropped in the child."""

@@ -17,6 +17,8 @@ from sqlalchemy.pool import StaticPool
 from .._records import RequestRecord, UploadRecord
 from .._schema import metadata
 from .._sqlitewrite import backfill_quarters, sqlite_write
+from .base import MaintainResult
+from .maintenance import sqlite_prune
 from .sql import SQLBackend
 
 __all__ = ["SQLiteBackend"]
@@ -90,6 +92,12 @@ class SQLiteBackend(SQLBackend):
                     backfill_quarters(conn, present)
             finally:
                 conn.info.pop("usage_write", None)
+
+    def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        """No partitions; raw rows past retention are deleted in short batches."""
+        if raw_retention_days is None:
+            return MaintainResult()
+        return MaintainResult(rows_deleted=sqlite_prune(self, raw_retention_days))
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]

@@ -1,8 +1,389 @@
 -- usage-middleware schema for PostgreSQL 15+ and Supabase.
 -- Safe to run any number of times. Everything lives in schema "public" and is named with it.
 
+-- ---------------------------------------------------------------------------------------------
+-- Raw tables partitioned by UTC month. file_uploads (by uploaded_at) and api_requests (by
+-- requested_at) are range-partitioned with native declarative partitioning: one partition per
+-- UTC month, named <table>_pYYYY_MM, plus a DEFAULT partition <table>_default that catches any
+-- row whose month has no partition yet, so no row is ever refused. A partitioned table's unique
+-- constraints must include the partition column, so the primary key is (id, <time>); records
+-- never change and a replay carries the same time, so idempotency by id holds.
+-- usage_create_raw_partitions() keeps partitions ready (this file runs it, and so does
+-- usage_maintain(), meant for cron) and moves rows out of the default partition into their
+-- month's partition when it creates that. usage_maintain() also drops raw partitions past a
+-- retention age; the rollups are never pruned. usage_retention records, per raw table, the
+-- instant from which raw rows are complete: no row at or after it was ever removed (no row in
+-- usage_retention: none was ever removed).
+-- ---------------------------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS public.usage_retention (
+    table_name        text PRIMARY KEY,
+    raw_complete_from timestamptz NOT NULL
+);
+-- Internal: no policy, so on Supabase only the owner and service_role read it.
+ALTER TABLE public.usage_retention ENABLE ROW LEVEL SECURITY;
+
+-- Every partition of a raw table but the default, with its range [range_from, range_to);
+-- range_from is NULL for MINVALUE (the partition a converted install keeps its old rows in).
+CREATE OR REPLACE FUNCTION public.usage_raw_partitions(p_table text)
+RETURNS TABLE (partition_name text, range_from timestamptz, range_to timestamptz)
+LANGUAGE sql
+STABLE
+SET search_path = ''
+AS $fn$
+    SELECT c.relname::text,
+           substring(b.bound FROM 'FROM \(''([^'']*)''\)')::timestamptz,
+           substring(b.bound FROM 'TO \(''([^'']*)''\)')::timestamptz
+      FROM pg_catalog.pg_inherits AS i
+      JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid
+     CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS bound) AS b
+     WHERE i.inhparent = pg_catalog.to_regclass(pg_catalog.format('public.%I', p_table))
+       AND b.bound <> 'DEFAULT'
+     ORDER BY 2 NULLS FIRST
+$fn$;
+
+-- Create the default partition and the monthly partitions of the current and the next
+-- p_months_ahead UTC months, plus one for every month that has rows in the default partition
+-- (those rows move into it: a late row of a past month gets its month back). Returns how many
+-- partitions were created; when all exist it creates none and takes no table lock. When it
+-- creates one, writers wait (SHARE ROW EXCLUSIVE on the parent) until commit — milliseconds:
+-- the new tables are empty or hold only the few rows the default partition caught — so no
+-- writer routes a row by an outdated partition list.
+CREATE OR REPLACE FUNCTION public.usage_create_raw_partitions(p_months_ahead integer DEFAULT 3)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = ''
+AS $fn$
+DECLARE
+    t record;
+    m timestamp;
+    lo timestamptz;
+    hi timestamptz;
+    part text;
+    dflt text;
+    in_default timestamp[];
+    locked boolean;
+    created integer := 0;
+    this_month timestamp := pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC');
+BEGIN
+    IF p_months_ahead IS NULL OR p_months_ahead < 0 OR p_months_ahead > 120 THEN
+        RAISE EXCEPTION 'p_months_ahead must be between 0 and 120, got %', p_months_ahead;
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(7215120301);
+    FOR t IN SELECT * FROM (VALUES ('file_uploads', 'uploaded_at'),
+                                   ('api_requests', 'requested_at')) AS v(tbl, col) LOOP
+        CONTINUE WHEN NOT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_class AS c
+             WHERE c.oid = pg_catalog.to_regclass(pg_catalog.format('public.%I', t.tbl))
+               AND c.relkind = 'p');
+        locked := false;
+        dflt := t.tbl || '_default';
+        IF pg_catalog.to_regclass(pg_catalog.format('public.%I', dflt)) IS NULL THEN
+            EXECUTE pg_catalog.format('LOCK TABLE public.%I IN SHARE ROW EXCLUSIVE MODE', t.tbl);
+            locked := true;
+            EXECUTE pg_catalog.format('CREATE TABLE public.%I PARTITION OF public.%I DEFAULT',
+                                      dflt, t.tbl);
+            -- Partitions are tables of their own (PostgREST would expose them): with row level
+            -- security on and no policy, only the owner and BYPASSRLS roles read one directly.
+            -- Reads through the parent apply the parent's policies.
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', dflt);
+            created := created + 1;
+        END IF;
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.array_agg(DISTINCT pg_catalog.date_trunc(''month'', %I '
+            'AT TIME ZONE ''UTC'')) FROM public.%I', t.col, dflt) INTO in_default;
+        FOR m IN
+            SELECT s::timestamp
+              FROM pg_catalog.generate_series(
+                       this_month,
+                       this_month + pg_catalog.make_interval(months => p_months_ahead),
+                       interval '1 month') AS s
+            UNION
+            SELECT pg_catalog.unnest(in_default)
+            ORDER BY 1
+        LOOP
+            lo := m AT TIME ZONE 'UTC';
+            hi := (m + interval '1 month') AT TIME ZONE 'UTC';
+            CONTINUE WHEN EXISTS (
+                SELECT 1 FROM public.usage_raw_partitions(t.tbl) AS p
+                 WHERE (p.range_from IS NULL OR p.range_from < hi)
+                   AND (p.range_to IS NULL OR p.range_to > lo));
+            IF NOT locked THEN
+                EXECUTE pg_catalog.format('LOCK TABLE public.%I IN SHARE ROW EXCLUSIVE MODE',
+                                          t.tbl);
+                locked := true;
+            END IF;
+            part := t.tbl || '_p' || pg_catalog.to_char(m, 'YYYY_MM');
+            -- PostgreSQL refuses a partition whose range has rows in the default partition, so
+            -- the month is built as a plain table, its rows moved into it, and then attached.
+            EXECUTE pg_catalog.format(
+                'CREATE TABLE public.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                part, t.tbl);
+            EXECUTE pg_catalog.format(
+                'WITH moved AS (DELETE FROM public.%I WHERE %I >= $1 AND %I < $2 RETURNING *) '
+                'INSERT INTO public.%I SELECT * FROM moved', dflt, t.col, t.col, part)
+                USING lo, hi;
+            EXECUTE pg_catalog.format(
+                'ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES FROM (%L) TO (%L)',
+                t.tbl, part, lo, hi);
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', part);
+            created := created + 1;
+        END LOOP;
+    END LOOP;
+    RETURN created;
+END
+$fn$;
+
+-- Remove raw rows older than p_raw_retention_days: every partition whose whole month is older
+-- than the cutoff is dropped (the month holding the cutoff keeps all its rows: retention is by
+-- whole months). A converted install's partition of old rows (<table>_legacy) loses its old rows
+-- in batches of p_batch (one batch per call; more = true when the batch was full) and is dropped
+-- once empty, its range going back to monthly partitions. usage_retention gets the instant from
+-- which raw rows stay complete. A DROP waits at most 5 s for its lock (a long read may hold it):
+-- otherwise the partition is counted in skipped and left for the next call, so writers never
+-- queue long behind a blocked DROP.
+CREATE OR REPLACE FUNCTION public.usage_prune_raw(
+    p_raw_retention_days integer,
+    p_batch integer DEFAULT 50000
+)
+RETURNS TABLE (partitions_dropped integer, rows_deleted bigint, more boolean, skipped integer)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $fn$
+DECLARE
+    t record;
+    p record;
+    cutoff timestamptz;
+    complete_from timestamptz;
+    n bigint;
+    empty boolean;
+    old_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    IF p_raw_retention_days IS NULL OR p_raw_retention_days < 1 THEN
+        RAISE EXCEPTION 'p_raw_retention_days must be >= 1, got %', p_raw_retention_days;
+    END IF;
+    IF p_batch IS NULL OR p_batch < 1 THEN
+        RAISE EXCEPTION 'p_batch must be >= 1, got %', p_batch;
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(7215120301);
+    cutoff := pg_catalog.now() - pg_catalog.make_interval(days => p_raw_retention_days);
+    partitions_dropped := 0;
+    rows_deleted := 0;
+    more := false;
+    skipped := 0;
+    FOR t IN SELECT * FROM (VALUES ('file_uploads', 'uploaded_at'),
+                                   ('api_requests', 'requested_at')) AS v(tbl, col) LOOP
+        complete_from := NULL;
+        FOR p IN SELECT * FROM public.usage_raw_partitions(t.tbl) LOOP
+            IF p.range_to > cutoff AND p.range_from IS NOT NULL THEN
+                CONTINUE;
+            END IF;
+            IF p.range_to > cutoff THEN
+                EXECUTE pg_catalog.format(
+                    'DELETE FROM public.%I WHERE ctid = ANY (ARRAY('
+                    'SELECT ctid FROM public.%I WHERE %I < $1 LIMIT $2))',
+                    p.partition_name, p.partition_name, t.col) USING cutoff, p_batch;
+                GET DIAGNOSTICS n = ROW_COUNT;
+                rows_deleted := rows_deleted + n;
+                IF n > 0 THEN
+                    complete_from := GREATEST(complete_from, cutoff);
+                END IF;
+                IF n >= p_batch THEN
+                    more := true;
+                    CONTINUE;
+                END IF;
+                EXECUTE pg_catalog.format('SELECT NOT EXISTS (SELECT FROM public.%I)',
+                                          p.partition_name) INTO empty;
+                CONTINUE WHEN NOT empty;
+            END IF;
+            PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+            BEGIN
+                -- The parent first, as writers lock it (then a partition): no deadlock.
+                EXECUTE pg_catalog.format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', t.tbl);
+                IF p.range_to > cutoff THEN
+                    EXECUTE pg_catalog.format('SELECT NOT EXISTS (SELECT FROM public.%I)',
+                                              p.partition_name) INTO empty;
+                END IF;
+                IF p.range_to <= cutoff OR empty THEN
+                    EXECUTE pg_catalog.format('DROP TABLE public.%I', p.partition_name);
+                    partitions_dropped := partitions_dropped + 1;
+                    IF p.range_to <= cutoff THEN
+                        complete_from := GREATEST(complete_from, p.range_to);
+                    END IF;
+                END IF;
+            EXCEPTION WHEN lock_not_available THEN
+                skipped := skipped + 1;
+            END;
+            PERFORM pg_catalog.set_config('lock_timeout', old_timeout, true);
+        END LOOP;
+        IF complete_from IS NOT NULL THEN
+            INSERT INTO public.usage_retention AS r (table_name, raw_complete_from)
+            VALUES (t.tbl, complete_from)
+            ON CONFLICT (table_name) DO UPDATE
+               SET raw_complete_from = GREATEST(r.raw_complete_from, EXCLUDED.raw_complete_from);
+        END IF;
+    END LOOP;
+    RETURN NEXT;
+END
+$fn$;
+
+-- The one call for cron (pg_cron on Supabase, or `usage-middleware maintain URL`): partitions
+-- ahead, and with p_raw_retention_days, raw rows older than that removed (see usage_prune_raw;
+-- call again while more is true). Safe to run any number of times, concurrently too.
+CREATE OR REPLACE FUNCTION public.usage_maintain(
+    p_months_ahead integer DEFAULT 3,
+    p_raw_retention_days integer DEFAULT NULL,
+    p_batch integer DEFAULT 50000
+)
+RETURNS TABLE (partitions_created integer, partitions_dropped integer, rows_deleted bigint,
+               more boolean, skipped integer)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $fn$
+BEGIN
+    partitions_created := public.usage_create_raw_partitions(p_months_ahead);
+    partitions_dropped := 0;
+    rows_deleted := 0;
+    more := false;
+    skipped := 0;
+    IF p_raw_retention_days IS NOT NULL THEN
+        SELECT * INTO partitions_dropped, rows_deleted, more, skipped
+          FROM public.usage_prune_raw(p_raw_retention_days, p_batch);
+        -- A dropped legacy partition leaves months to cover; default rows older than the
+        -- cutoff got their own (dropped) month above, late rows get one here.
+        partitions_created := partitions_created
+                              + public.usage_create_raw_partitions(p_months_ahead);
+    END IF;
+    RETURN NEXT;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION public.usage_create_raw_partitions(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.usage_prune_raw(integer, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.usage_maintain(integer, integer, integer) FROM PUBLIC;
+
+-- Converting an install made before the raw tables were partitioned (plain tables, with data),
+-- without copying a row: the old table is renamed <table>_legacy and becomes the partition for
+-- [MINVALUE, first day of next UTC month); monthly partitions follow. Its rows dated on or after
+-- that day (clock skew, test data) move to their partitions first. Steps, in one transaction
+-- holding ACCESS EXCLUSIVE on the old table (writers wait, then write into the new parent):
+-- rename; primary key (id) replaced by (id, <time>), using a valid unique index on those
+-- columns if one exists (UsageStore.create_schema() builds it CONCURRENTLY beforehand; from
+-- psql, run `CREATE UNIQUE INDEX CONCURRENTLY um_file_uploads_id_time ON public.file_uploads
+-- (id, uploaded_at)` and the same for api_requests (id, requested_at) first, or the index is
+-- built here, under the lock); other indexes renamed <name>_legacy, and attached to the
+-- parent's equal indexes by the CREATE INDEX statements below instead of being rebuilt; a CHECK
+-- (<time> < boundary) validated, one sequential scan, so that ATTACH need not scan again. The
+-- lock lasts about that one scan plus milliseconds (the whole schema transaction took 0.5-0.6 s
+-- for 1,000,000 uploads in benchmarks/retention.py). Grants and row level security are copied to
+-- the parent, and policies moved there; the old rows' partition keeps RLS on with no policy.
+DO $convert$
+DECLARE
+    t record;
+    legacy text;
+    rel oid;
+    pk text;
+    uix text;
+    ix record;
+    g record;
+    pol record;
+    cols text;
+    boundary timestamptz := (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC')
+                             + interval '1 month') AT TIME ZONE 'UTC';
+BEGIN
+    FOR t IN SELECT * FROM (VALUES ('file_uploads', 'uploaded_at'),
+                                   ('api_requests', 'requested_at')) AS v(tbl, col) LOOP
+        SELECT c.oid INTO rel FROM pg_catalog.pg_class AS c
+         WHERE c.oid = pg_catalog.to_regclass(pg_catalog.format('public.%I', t.tbl))
+           AND c.relkind = 'r';
+        CONTINUE WHEN rel IS NULL;
+        PERFORM pg_catalog.pg_advisory_xact_lock(7215120301);
+        EXECUTE pg_catalog.format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', t.tbl);
+        legacy := t.tbl || '_legacy';
+        EXECUTE pg_catalog.format('ALTER TABLE public.%I RENAME TO %I', t.tbl, legacy);
+
+        SELECT k.conname INTO pk FROM pg_catalog.pg_constraint AS k
+         WHERE k.conrelid = rel AND k.contype = 'p';
+        SELECT ic.relname INTO uix
+          FROM pg_catalog.pg_index AS i JOIN pg_catalog.pg_class AS ic ON ic.oid = i.indexrelid
+         WHERE i.indrelid = rel AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+           AND i.indexprs IS NULL
+           AND i.indkey::text = (
+               SELECT pg_catalog.string_agg(a.attnum::text, ' ' ORDER BY a.ord)
+                 FROM (SELECT x.attnum, CASE x.attname WHEN 'id' THEN 1 ELSE 2 END AS ord
+                         FROM pg_catalog.pg_attribute AS x
+                        WHERE x.attrelid = rel AND x.attname IN ('id', t.col)) AS a)
+         LIMIT 1;
+        EXECUTE pg_catalog.format('ALTER TABLE public.%I DROP CONSTRAINT %I, ADD CONSTRAINT %I %s',
+            legacy, pk, legacy || '_pkey',
+            CASE WHEN uix IS NULL THEN pg_catalog.format('PRIMARY KEY (id, %I)', t.col)
+                 ELSE pg_catalog.format('PRIMARY KEY USING INDEX %I', uix) END);
+        FOR ix IN SELECT ic.relname
+                    FROM pg_catalog.pg_index AS i
+                    JOIN pg_catalog.pg_class AS ic ON ic.oid = i.indexrelid
+                   WHERE i.indrelid = rel AND ic.relname <> legacy || '_pkey' LOOP
+            EXECUTE pg_catalog.format('ALTER INDEX public.%I RENAME TO %I',
+                                      ix.relname, pg_catalog.left(ix.relname, 56) || '_legacy');
+        END LOOP;
+
+        EXECUTE pg_catalog.format(
+            'CREATE TABLE public.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS, '
+            'PRIMARY KEY (id, %I)) PARTITION BY RANGE (%I)', t.tbl, legacy, t.col, t.col);
+        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+          INTO cols FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+        EXECUTE pg_catalog.format(
+            'CREATE TEMPORARY TABLE um_convert_future ON COMMIT DROP AS '
+            'SELECT %s FROM public.%I WITH NO DATA', cols, legacy);
+        EXECUTE pg_catalog.format(
+            'WITH moved AS (DELETE FROM public.%I WHERE %I >= $1 RETURNING %s) '
+            'INSERT INTO pg_temp.um_convert_future SELECT * FROM moved', legacy, t.col, cols)
+            USING boundary;
+        EXECUTE pg_catalog.format('ALTER TABLE public.%I ADD CONSTRAINT %I CHECK (%I < %L)',
+                                  legacy, legacy || '_range', t.col, boundary);
+        EXECUTE pg_catalog.format(
+            'ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES FROM (MINVALUE) TO (%L)',
+            t.tbl, legacy, boundary);
+
+        FOR g IN SELECT a.privilege_type, a.grantee, a.is_grantable
+                   FROM pg_catalog.pg_class AS c, pg_catalog.aclexplode(c.relacl) AS a
+                  WHERE c.oid = rel AND a.grantee <> c.relowner LOOP
+            EXECUTE pg_catalog.format('GRANT %s ON public.%I TO %s%s', g.privilege_type, t.tbl,
+                CASE WHEN g.grantee = 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        IF (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c WHERE c.oid = rel) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t.tbl);
+        END IF;
+        IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class AS c WHERE c.oid = rel) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I FORCE ROW LEVEL SECURITY', t.tbl);
+        END IF;
+        FOR pol IN SELECT * FROM pg_catalog.pg_policies AS x
+                    WHERE x.schemaname = 'public' AND x.tablename = legacy LOOP
+            EXECUTE pg_catalog.format('CREATE POLICY %I ON public.%I AS %s FOR %s TO %s%s%s',
+                pol.policyname, t.tbl, pol.permissive, pol.cmd,
+                (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r), ', ')
+                   FROM pg_catalog.unnest(pol.roles) AS r),
+                CASE WHEN pol.qual IS NULL THEN '' ELSE ' USING (' || pol.qual || ')' END,
+                CASE WHEN pol.with_check IS NULL THEN ''
+                     ELSE ' WITH CHECK (' || pol.with_check || ')' END);
+            -- Moved, not copied: later edits of the parent's policies cannot miss a partition.
+            EXECUTE pg_catalog.format('DROP POLICY %I ON public.%I', pol.policyname, legacy);
+        END LOOP;
+
+        EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', legacy);
+
+        PERFORM public.usage_create_raw_partitions();
+        EXECUTE pg_catalog.format(
+            'INSERT INTO public.%I (%s) SELECT * FROM pg_temp.um_convert_future', t.tbl, cols);
+        DROP TABLE pg_temp.um_convert_future;
+    END LOOP;
+END
+$convert$;
+
 CREATE TABLE IF NOT EXISTS public.file_uploads (
-    id            uuid PRIMARY KEY,
+    id            uuid NOT NULL,
     api_key_id    uuid,
     request_id    uuid,
     provider      text NOT NULL,
@@ -12,13 +393,14 @@ CREATE TABLE IF NOT EXISTS public.file_uploads (
     file_name     text,
     upload_status text NOT NULL CHECK (upload_status IN ('success', 'failed')),
     error_message text,
-    uploaded_at   timestamptz NOT NULL
-);
+    uploaded_at   timestamptz NOT NULL,
+    PRIMARY KEY (id, uploaded_at)
+) PARTITION BY RANGE (uploaded_at);
 CREATE INDEX IF NOT EXISTS idx_file_uploads_key_time ON public.file_uploads (api_key_id, uploaded_at);
 CREATE INDEX IF NOT EXISTS idx_file_uploads_time ON public.file_uploads (uploaded_at);
 
 CREATE TABLE IF NOT EXISTS public.api_requests (
-    id               uuid PRIMARY KEY,
+    id               uuid NOT NULL,
     api_key_id       uuid,
     method           text NOT NULL,
     path             text NOT NULL,
@@ -27,10 +409,13 @@ CREATE TABLE IF NOT EXISTS public.api_requests (
     request_size     bigint NOT NULL,
     response_size    bigint NOT NULL,
     error_message    text,
-    requested_at     timestamptz NOT NULL
-);
+    requested_at     timestamptz NOT NULL,
+    PRIMARY KEY (id, requested_at)
+) PARTITION BY RANGE (requested_at);
 CREATE INDEX IF NOT EXISTS idx_api_requests_key_time ON public.api_requests (api_key_id, requested_at);
 CREATE INDEX IF NOT EXISTS idx_api_requests_time ON public.api_requests (requested_at);
+
+SELECT public.usage_create_raw_partitions();
 
 -- Rollup rows are updated in place many times a day; free space on each page (fillfactor 70)
 -- keeps a row's new version on its page. The daily rollups' unique constraints INCLUDE the
