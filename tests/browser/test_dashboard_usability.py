@@ -215,6 +215,11 @@ def test_narrow_screen_shows_the_totals_first_and_filters_fit(narrow: Any, serve
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     audit(page, "narrow, types menu open")
 
+    # A 400 unfolds the filters, so the control it marks can be seen.
+    open_at(page, server, "start=2020-03-10&end=2020-03-01&tz=UTC")
+    assert page.evaluate(STATE) == "error"
+    assert page.is_visible("#start[aria-invalid='true'], #end[aria-invalid='true']")
+
 
 def share_colours(page: Any, chart: str) -> dict[str, str]:
     colours: dict[str, str] = page.eval_on_selector_all(
@@ -399,3 +404,17 @@ def test_every_filter_works_from_the_keyboard(page: Any, server: Any) -> None:
     query = query_of(page.url)
     assert query["range"] == ["30d"] and "file_type" not in query and "granularity" not in query
     assert page.text_content("#types-summary") == "All types"
+
+
+def test_dark_scheme_passes_axe(browser: Any, server: Any) -> None:
+    """The dark palette (prefers-color-scheme) keeps text contrast and every label."""
+    context = browser.new_context(locale="en-US", timezone_id="UTC", color_scheme="dark")
+    context.set_default_timeout(20_000)
+    try:
+        page = context.new_page()
+        open_at(page, server, MARCH)  # settle() audits it
+        page.click("#types-filter summary")
+        audit(page, "dark, types menu open")
+        open_at(page, server, "start=2020-03-10&end=2020-03-01&tz=UTC")  # the error state
+    finally:
+        context.close()
