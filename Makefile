@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/mypy
 
 DEMO_DB := sqlite:///$(CURDIR)/examples/fastapi_app/usage.db
@@ -27,5 +27,9 @@ demo: $(BIN)/python
 	$(BIN)/usage-middleware demo-data '$(DEMO_DB)' --if-empty
 	DATABASE_URL='$(DEMO_DB)' $(BIN)/python examples/fastapi_app/app.py
 
+# docs/dashboard.png and docs/dashboard-narrow.png from the example app over demo data (Chromium).
+screenshots: install
+	$(BIN)/python scripts/screenshots.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/browser/node/node_modules

@@ -35,7 +35,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from . import _queries
-from ._dashboard import dashboard_page
+from ._dashboard import dashboard_page, time_zones
 from ._errors import ConfigurationError, UsageError
 from ._store import UsageStore
 from ._timerange import (
@@ -154,6 +154,7 @@ class UsageRouter(Router):
                 Route("/history", self._history, methods=["GET"], name="usage_history"),
                 Route("/health", self._health, methods=["GET"], name="usage_health"),
                 Route("/health/live", _live, methods=["GET"], name="usage_health_live"),
+                Route("/time-zones", _time_zones, methods=["GET"], name="usage_time_zones"),
             ]
         )
 
@@ -320,3 +321,10 @@ def _only(key: str) -> Callable[[UsageStore, QuerySpec, Collection[UUID] | None]
         return {"range": result["range"], "totals": result["totals"], key: result[key]}
 
     return query
+
+
+async def _time_zones(request: Request) -> Response:
+    """The canonical IANA zones the dashboard offers and the legacy aliases browsers report
+    (``{"zones": [...], "aliases": {"Asia/Calcutta": "Asia/Kolkata", ...}}``): public reference
+    data from tzdata, no authorization, no database."""
+    return JSONResponse(time_zones(), headers={"Cache-Control": "public, max-age=86400"})

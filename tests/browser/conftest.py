@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from dashboard_page import axe_script
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
 from usage_middleware._demo import write_demo_data
@@ -47,7 +48,21 @@ UTC = timezone.utc
 KEY_1 = "00000000-0000-4000-8000-0000000000b1"
 KEY_2 = "00000000-0000-4000-8000-0000000000b2"
 PROVIDERS = ("vercel", "s3", "cloudinary")
-TYPES = ("image/png", "image/jpeg", "application/pdf", "video/mp4", "image/webp", "text/csv")
+# Twelve types, so a breakdown has more rows than a ten-colour palette, and a long one.
+TYPES = (
+    "image/png",
+    "image/jpeg",
+    "application/pdf",
+    "video/mp4",
+    "image/webp",
+    "text/csv",
+    "image/gif",
+    "application/zip",
+    "audio/mpeg",
+    "image/heic",
+    "application/x-ndjson",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+)
 
 
 def known_uploads() -> list[UploadRecord]:
@@ -184,6 +199,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def browser() -> Iterator[Any]:
     """Debian's Chromium, headless, driven by Playwright (no downloaded browser)."""
     require_chromium()
+    axe_script()  # axe-core audits every state the tests visit
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

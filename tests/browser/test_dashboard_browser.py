@@ -4,79 +4,18 @@ from __future__ import annotations
 
 from datetime import date
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import pytest
+from dashboard_page import (
+    STATE,
+    assert_page_matches,
+    granular_calls,
+    page_query,
+    settle,
+)
 
 pytestmark = pytest.mark.browser
-
-STATE = "document.getElementById('main').dataset.state"
-
-
-def settle(page: Any, action: Any) -> Any:
-    """Run ``action`` (one user change), wait for its ``/granular`` answer and the render."""
-    with page.expect_response(lambda r: "/granular?" in r.url) as answer:
-        action()
-    page.wait_for_function(f"{STATE} !== 'loading'")
-    return answer.value
-
-
-def granular_calls(page: Any) -> list[str]:
-    calls: list[str] = []
-    page.on("request", lambda r: calls.append(r.url) if "/granular?" in r.url else None)
-    return calls
-
-
-def page_query(page: Any) -> str:
-    return urlsplit(page.url).query
-
-
-def shown(page: Any) -> dict[str, Any]:
-    """KPI values and the chart data as the page holds them (data attributes of the SVG)."""
-    kpis = page.eval_on_selector_all(
-        ".kpi .value",
-        "els => Object.fromEntries(els.map(e => [e.id, [e.dataset.value, e.textContent]]))",
-    )
-    series = page.eval_on_selector_all(
-        "#uploads-chart g.col",
-        """els => els.map(e => ({period: e.dataset.period, uploads: +e.dataset.uploads,
-            bytes: +e.dataset.bytes, successful: +e.dataset.successful,
-            failed: +e.dataset.failed}))""",
-    )
-    bytes_series = page.eval_on_selector_all(
-        "#bytes-chart g.col", "els => els.map(e => [e.dataset.period, +e.dataset.bytes])"
-    )
-    shares = """els => els.map(e => [e.dataset.key, +e.dataset.uploads, +e.dataset.bytes,
-        +e.dataset.percentage])"""
-    return {
-        "kpis": kpis,
-        "series": series,
-        "bytes_series": bytes_series,
-        "file_types": page.eval_on_selector_all("#types-chart g.share-row", shares),
-        "providers": page.eval_on_selector_all("#providers-chart g.share-row", shares),
-    }
-
-
-def assert_page_matches(page: Any, body: dict[str, Any]) -> None:
-    """Every number on the page equals the ``/granular`` answer for the page's own query."""
-    got = shown(page)
-    totals = body["totals"]
-    assert got["kpis"]["kpi-uploads"] == [str(totals["uploads"]), f"{totals['uploads']:,}"]
-    assert got["kpis"]["kpi-bytes"][0] == str(totals["bytes"])
-    rate = float(got["kpis"]["kpi-success"][0])
-    assert rate == pytest.approx(100 * totals["successful"] / totals["uploads"])
-    assert got["kpis"]["kpi-success"][1] == f"{rate:.1f}".removesuffix(".0") + "%"
-    assert got["kpis"]["kpi-requests"][0] == str(body["requests"]["total"])
-    keys = ("period", "uploads", "bytes", "successful", "failed")
-    assert got["series"] == [{k: p[k] for k in keys} for p in body["series"]]
-    assert got["bytes_series"] == [[p["period"], p["bytes"]] for p in body["series"]]
-    assert got["file_types"] == [
-        [r["file_type"], r["uploads"], r["bytes"], r["percentage"]] for r in body["file_types"]
-    ]
-    assert got["providers"] == [
-        [r["provider"], r["uploads"], r["bytes"], r["percentage"]] for r in body["providers"]
-    ]
-
 
 def test_range_type_and_provider_filters_show_what_granular_returns(page: Any, server: Any) -> None:
     """Dates, time zone, a file type family and a provider: one call each, the same numbers."""
@@ -210,8 +149,8 @@ def test_screenshot_of_a_year_of_demo_data(page: Any, server: Any) -> None:
     shot = server.artifacts / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    docs = server.root / "docs" / "dashboard.png"
-    assert docs.exists(), "docs/dashboard.png (README screenshot) is missing"
+    for name in ("dashboard.png", "dashboard-narrow.png"):  # scripts/screenshots.py makes them
+        assert (server.root / "docs" / name).exists(), f"docs/{name} (README screenshot) is missing"
 
 
 def test_narrow_screen_keeps_everything_reachable(browser: Any, server: Any) -> None:
