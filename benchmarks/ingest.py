@@ -5,13 +5,14 @@
 For each shape of batch it prints rows/s of ``store.write`` (idempotency and all four rollups
 included) next to a baseline that does the least work the database allows for the same rows:
 
-* PostgreSQL: binary COPY of the same rows into a ``file_uploads``-shaped table (primary key
-  and the same two indexes), no rollup, no conflict check.
+* PostgreSQL: binary COPY of the same rows into a table partitioned like ``file_uploads`` (the
+  same monthly partitions, primary key and two indexes), no rollup, no conflict check.
 * SQLite: ``executemany`` INSERT of the same rows into a ``file_uploads``-shaped table.
 
-Shapes: ``live`` — a batch of a few thousand uploads spanning a few seconds (50 API keys x 5
-providers x 10 types, so few distinct rollup keys); ``worst`` — timestamps spread at random over
-a year (nearly every row its own hourly rollup key). It also prints what record validation costs
+Shapes: ``live`` — a batch of a few thousand uploads spanning a few seconds of this month (50 API
+keys x 5 providers x 10 types, so few distinct rollup keys); ``worst`` — timestamps spread at
+random over the four months that have partitions (this one and three ahead: nearly every row its
+own quarter-hour and hourly rollup key). It also prints what record validation costs
 per row (``UploadRecord(...)`` construction, and the re-check ``write`` does).
 
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
@@ -49,13 +50,17 @@ COLUMNS = (
     "upload_status, error_message, uploaded_at"
 )
 RAW_TABLE = """
-CREATE TABLE raw_uploads (
-    id uuid PRIMARY KEY, api_key_id uuid, request_id uuid, provider text NOT NULL,
-    file_type text NOT NULL, declared_type text, file_size bigint NOT NULL, file_name text,
-    upload_status text NOT NULL, error_message text, uploaded_at timestamptz NOT NULL
-);
+CREATE TABLE raw_uploads (LIKE public.file_uploads INCLUDING DEFAULTS)
+    PARTITION BY RANGE (uploaded_at);
+ALTER TABLE raw_uploads ADD PRIMARY KEY (id, uploaded_at);
 CREATE INDEX raw_key_time ON raw_uploads (api_key_id, uploaded_at);
 CREATE INDEX raw_time ON raw_uploads (uploaded_at);
+"""
+# The partitions of file_uploads, to give the baseline table the same ones.
+PARTITIONS = """
+SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
+  FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+ WHERE i.inhparent = 'public.file_uploads'::regclass
 """
 PG_TYPES = (
     "uuid", "uuid", "uuid", "text", "text", "text", "int8", "text", "text", "text", "timestamptz",
@@ -70,13 +75,14 @@ LIVE_ROWS_PER_SECOND = 1000  # a live batch of 5,000 rows spans 5 seconds
 def make_rows(n: int, shape: str, rng: random.Random, offset: float = 0.0) -> list[dict[str, Any]]:
     """``n`` upload rows; ids are time-ordered (UUIDv7) as the recorder makes them."""
     keys = KEYS
-    start = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    start = month + timedelta(days=1, hours=12)
     rows = []
     for i in range(n):
         if shape == "live":
             at = start + timedelta(seconds=offset + (i + rng.random()) / LIVE_ROWS_PER_SECOND)
-        else:
-            at = start - timedelta(seconds=rng.random() * 365 * 86400)
+        else:  # this month and the three ahead, which create_schema() gave partitions
+            at = month + timedelta(seconds=rng.random() * 118 * 86400)
         ok = rng.random() < 0.97
         rows.append(
             {
@@ -131,6 +137,8 @@ def bench_postgres(pg_url: str, shape: str, n: int, batch: int, repeats: int) ->
         write_runs: list[float] = []
         with psycopg.connect(dsn) as conn:
             conn.execute(RAW_TABLE)
+            for name, bound in conn.execute(PARTITIONS).fetchall():
+                conn.execute(f'CREATE TABLE "raw_{name}" PARTITION OF raw_uploads {bound}')
             conn.commit()
             for repeat in range(repeats):
                 rows = make_rows(n, shape, rng, repeat * n / LIVE_ROWS_PER_SECOND)
