@@ -56,6 +56,15 @@ ALTER TABLE raw_uploads ADD PRIMARY KEY (id, uploaded_at);
 CREATE INDEX raw_key_time ON raw_uploads (api_key_id, uploaded_at);
 CREATE INDEX raw_time ON raw_uploads (uploaded_at);
 """
+SQLITE_RAW_TABLE = """
+CREATE TABLE raw_uploads (
+    id blob PRIMARY KEY, api_key_id blob, request_id blob, provider text NOT NULL,
+    file_type text NOT NULL, declared_type text, file_size bigint NOT NULL, file_name text,
+    upload_status text NOT NULL, error_message text, uploaded_at text NOT NULL
+);
+CREATE INDEX raw_key_time ON raw_uploads (api_key_id, uploaded_at);
+CREATE INDEX raw_time ON raw_uploads (uploaded_at);
+"""
 # The partitions of file_uploads, to give the baseline table the same ones.
 PARTITIONS = """
 SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
@@ -206,7 +215,7 @@ def bench_sqlite(shape: str, n: int, batch: int, repeats: int) -> None:
         raw = sqlite3.connect(os.path.join(tmp, "raw.db"), isolation_level=None)
         raw.execute("PRAGMA journal_mode=WAL")
         raw.execute("PRAGMA synchronous=NORMAL")
-        for stmt in RAW_TABLE.replace("uuid", "blob").replace("timestamptz", "text").split(";"):
+        for stmt in SQLITE_RAW_TABLE.split(";"):
             if stmt.strip():
                 raw.execute(stmt)
         copy_runs: list[float] = []

@@ -34,12 +34,10 @@ class _Parser(argparse.ArgumentParser):
 def _open(url: str) -> UsageStore:
     """A store for ``url``; an in-memory SQLite database is refused (it vanishes on exit)."""
     store = UsageStore(url)
-    database = store.url.database or ""
-    memory = database in ("", ":memory:") or "mode=memory" in database
-    if store.dialect == "sqlite" and (memory or store.url.query.get("mode") == "memory"):
+    if store.backend.ephemeral:
         store.dispose()
         raise ConfigurationError(
-            "an in-memory SQLite database would vanish when the command exits: "
+            "an in-memory database would vanish when the command exits: "
             "give a file, e.g. sqlite:///usage.db"
         )
     return store
@@ -113,9 +111,9 @@ def _demo_data(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"--days {args.days} with --end {end}: {exc}") from None
     store = _open(args.url)
     try:
-        if store.dialect != "sqlite" and not args.yes_this_is_not_production:
+        if not store.backend.embedded and not args.yes_this_is_not_production:
             raise ConfigurationError(
-                "refusing to write synthetic usage into a PostgreSQL database: demo data would "
+                "refusing to write synthetic usage into a database server: demo data would "
                 "mix with real usage. Use a throwaway database and pass "
                 "--yes-this-is-not-production."
             )

@@ -22,10 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import select
-
 from ._records import RequestRecord, UploadRecord
-from ._schema import file_uploads
+from ._storage.base import Scope
 from ._store import UsageStore
 
 __all__ = [
@@ -263,10 +261,10 @@ def _upload_request(
 
 
 def has_uploads(store: UsageStore) -> bool:
-    """Whether ``file_uploads`` holds any row (the schema is created if missing)."""
+    """Whether the store counts any upload, ever (the schema is created if missing)."""
     store.ensure_schema()
-    with store.engine.connect() as conn:
-        return conn.execute(select(file_uploads.c.id).limit(1)).first() is not None
+    ever = [datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)]
+    return any(row[3] for row in store.backend.upload_rows(Scope(), ever))
 
 
 def write_demo_data(

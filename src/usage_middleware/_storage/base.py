@@ -21,10 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
+
+if TYPE_CHECKING:
+    from .legacy import LegacySource, MigrationResult
 
 __all__ = ["Backend", "Histogram", "MaintainResult", "Reader", "Scope", "UploadRow", "Writer"]
 
@@ -96,6 +99,10 @@ class Writer(Protocol):
 
     #: The engine's name (``sqlite``, ``postgresql``, ``memory``, …).
     name: str
+    #: The database is this process's own file or memory, not a server shared with others.
+    embedded: bool
+    #: The database vanishes with the process (memory).
+    ephemeral: bool
 
     def create_schema(self) -> None:
         """Create every table, index and function; safe to call any number of times."""
@@ -116,6 +123,11 @@ class Writer(Protocol):
 
     def retention_start(self, tables: list[str]) -> datetime | None:
         """The latest instant before which raw rows of ``tables`` were pruned (None: never)."""
+
+    def migrate_legacy(self, source: LegacySource) -> MigrationResult:
+        """Move legacy per-provider totals from the host's table ``source`` into the rollups
+        once (a marker row makes later calls do nothing); ConfigurationError where the engine
+        holds no such table."""
 
     def before_fork(self) -> None:
         """Close what a child must not share (SQLite file handles); called with no write running."""

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
+from .._errors import ConfigurationError
 from .._records import RequestRecord, UploadRecord
 from .._schema import latency_bucket
 from .base import Histogram, MaintainResult, Scope, UploadRow
+from .legacy import LegacySource, MigrationResult
 
 __all__ = ["MemoryBackend"]
 
@@ -27,6 +29,8 @@ class MemoryBackend:
 
     name = "memory"
     parallel_reads = False
+    embedded = True
+    ephemeral = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -67,6 +71,12 @@ class MemoryBackend:
 
     def retention_start(self, tables: list[str]) -> datetime | None:
         return None
+
+    def migrate_legacy(self, source: LegacySource) -> MigrationResult:
+        raise ConfigurationError(
+            "legacy totals are read from a table of the host's SQL database; an in-memory store "
+            "has none"
+        )
 
     def before_fork(self) -> None:
         """Nothing is shared with a child but memory, which the fork copies."""

@@ -22,6 +22,7 @@ from sqlalchemy.exc import InvalidatePoolError
 from .._pgwrite import pg_write
 from .._records import RequestRecord, UploadRecord
 from .base import MaintainResult
+from .legacy import LegacySource, MigrationResult, migrate_postgres
 from .maintenance import pg_maintain, prepare_pg_upgrade
 from .sql import SQLBackend
 from .watchdog import watched
@@ -40,6 +41,8 @@ def sql_text(name: str) -> str:
 class PostgresBackend(SQLBackend):
     name = "postgresql"
     parallel_reads = True
+    embedded = False
+    ephemeral = False
 
     def __init__(
         self,
@@ -101,6 +104,9 @@ class PostgresBackend(SQLBackend):
 
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         return pg_maintain(self, raw_retention_days, months_ahead)
+
+    def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
+        return migrate_postgres(conn, source)
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]

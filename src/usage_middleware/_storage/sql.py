@@ -15,13 +15,20 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from .._errors import DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
 from . import _sqlread
 from .base import Histogram, MaintainResult, Scope, UploadRow
+from .legacy import LegacySource, MigrationResult, misfit
 from .maintenance import sql_retention_start
 from .urls import display_url, mask_text
 
@@ -133,6 +140,28 @@ class SQLBackend(ABC):
     @abstractmethod
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         """The engine's partitions and pruning; driver errors are mapped by :meth:`maintain`."""
+
+    def migrate_legacy(self, source: LegacySource) -> MigrationResult:
+        """One write transaction (SQLite: ``BEGIN IMMEDIATE``, one writer at a time) running the
+        engine's migration; a legacy table that is missing or of other types is a
+        ConfigurationError saying so."""
+        try:
+            with self.engine.connect() as conn:
+                conn.info["usage_write"] = True
+                try:
+                    with conn.begin():
+                        return self._migrate_legacy(conn, source)
+                finally:
+                    conn.info.pop("usage_write", None)
+        except DBAPIError as exc:
+            message = str(exc.orig)
+            if isinstance(exc, (DataError, ProgrammingError)) or "no such" in message:
+                raise misfit(message) from exc
+            raise
+
+    @abstractmethod
+    def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
+        """The engine's legacy migration inside the open write transaction."""
 
     def retention_start(self, tables: list[str]) -> datetime | None:
         try:

@@ -18,6 +18,7 @@ from .._records import RequestRecord, UploadRecord
 from .._schema import metadata
 from .._sqlitewrite import backfill_quarters, sqlite_write
 from .base import MaintainResult
+from .legacy import LegacySource, MigrationResult, migrate_sqlite
 from .maintenance import sqlite_prune
 from .sql import SQLBackend
 
@@ -38,6 +39,7 @@ SELECT substr(usage_date, 1, 7) || '-01', api_key_id, latency_bucket, sum(total_
 class SQLiteBackend(SQLBackend):
     name = "sqlite"
     parallel_reads = False
+    embedded = True
 
     def __init__(
         self,
@@ -51,8 +53,12 @@ class SQLiteBackend(SQLBackend):
         super().__init__(url, read_timeout=read_timeout, write_timeout=write_timeout)
         options = dict(engine_options)
         database = url.database or ""
-        in_memory = database in ("", ":memory:") or "mode=memory" in database
-        self.in_memory = in_memory
+        in_memory = (
+            database in ("", ":memory:")
+            or "mode=memory" in database
+            or url.query.get("mode") == "memory"
+        )
+        self.in_memory = self.ephemeral = in_memory
         connect_args = dict(options.pop("connect_args", {}))
         connect_args.setdefault("timeout", max(connect_timeout, 30.0))
         connect_args.setdefault("check_same_thread", False)
@@ -98,6 +104,9 @@ class SQLiteBackend(SQLBackend):
         if raw_retention_days is None:
             return MaintainResult()
         return MaintainResult(rows_deleted=sqlite_prune(self, raw_retention_days))
+
+    def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
+        return migrate_sqlite(conn, source)
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
