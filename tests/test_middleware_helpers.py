@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable
 from typing import Any
 
 import anyio
@@ -19,36 +18,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message
 from starlette.websockets import WebSocket
 
-from usage_middleware import RequestRecord, UploadRecord, UsageMiddleware, annotate
-
-
-class CollectingRecorder:
-    """A recorder double: keeps what it is given, in order."""
-
-    def __init__(self) -> None:
-        self.records: list[RequestRecord | UploadRecord] = []
-        self.started = 0
-        self.shutdowns = 0
-
-    def start(self) -> None:
-        self.started += 1
-
-    def submit(self, record: RequestRecord | UploadRecord) -> None:
-        self.records.append(record)
-
-    def submit_many(self, records: Iterable[RequestRecord | UploadRecord]) -> None:
-        self.records.extend(records)
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self.shutdowns += 1
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        return [r for r in self.records if isinstance(r, RequestRecord)]
-
-    @property
-    def uploads(self) -> list[UploadRecord]:
-        return [r for r in self.records if isinstance(r, UploadRecord)]
+from usage_middleware import UsageMiddleware, annotate
+from usage_middleware.testing import CollectingRecorder
 
 
 def _annotations(params: Any) -> dict[str, Any]:
