@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from support.pg import drop_pg_database, make_pg_database
+from support.tcpproxy import TcpProxy
 
-from usage_middleware import UsageStore
+from usage_middleware import Recorder, UsageStore
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,3 +81,28 @@ def store(db_url: str) -> Iterator[UsageStore]:
         yield s
     finally:
         s.dispose()
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[Recorder]]:
+    """Recorders made by a test, shut down after it."""
+    made: list[Recorder] = []
+    yield made
+    for recorder in made:
+        recorder.shutdown(timeout=5)
+    for recorder in made:
+        recorder.store.dispose()
+
+
+@pytest.fixture
+def proxied(pg_url: str) -> Iterator[tuple[TcpProxy, str, UsageStore]]:
+    """A TCP proxy in front of the test database: (proxy, URL through it, direct store)."""
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    direct = UsageStore(pg_url)
+    direct.create_schema()
+    try:
+        yield proxy, url.set(port=proxy.port).render_as_string(hide_password=False), direct
+    finally:
+        direct.dispose()
+        proxy.close()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,8 +16,8 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import Uuid, bindparam, text
-from sqlalchemy.engine import make_url
 from support.checks import scalar, wait_for
+from support.faults import down_url
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 
@@ -42,26 +40,6 @@ def assert_rollup_exact(store: UsageStore) -> None:
     )
 
 
-def down_url(db_url: str, tmp_path: Path) -> str:
-    """A URL of the same kind as ``db_url`` whose database cannot be reached."""
-    url = make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        return f"sqlite:///{tmp_path / 'missing-dir' / 'usage.db'}"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def recorders() -> Iterator[list[Recorder]]:
-    """Recorders made by a test, shut down after it."""
-    made: list[Recorder] = []
-    yield made
-    for recorder in made:
-        recorder.shutdown(timeout=5)
-    for recorder in made:
-        recorder.store.dispose()
 
 
 def sample_uploads(n: int, **fields: object) -> list[UploadRecord]:

@@ -7,19 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 from support.checks import scalar, wait_for
+from support.faults import down_url
 from support.rollups import assert_rollups_exact
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
@@ -30,26 +28,6 @@ FIT = (2**63 - 1) // BIG  # how many of them one bigint rollup counter holds
 DAY = datetime(2025, 6, 1, 12, tzinfo=UTC)
 
 
-def down_url(db_url: str, tmp_path: Path) -> str:
-    """A URL of the same kind as ``db_url`` whose database cannot be reached."""
-    url = make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        return f"sqlite:///{tmp_path / 'missing-dir' / 'usage.db'}"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def recorders() -> Iterator[list[Recorder]]:
-    """Recorders made by a test, shut down after it."""
-    made: list[Recorder] = []
-    yield made
-    for recorder in made:
-        recorder.shutdown(timeout=5)
-    for recorder in made:
-        recorder.store.dispose()
 
 
 def spool_rows(path: Path, table: str = "spool") -> list[tuple[object, object]]:

@@ -7,13 +7,11 @@ import signal
 import statistics
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from support.checks import assert_exactly_once, scalar, wait_for
 from support.recorder_app import build_app
 from support.servers import free_port, post_uploads, server_process, uvicorn_argv, uvicorn_in_thread
@@ -24,18 +22,6 @@ from usage_middleware import Recorder, UsageStore
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-@pytest.fixture
-def proxied(pg_url: str) -> Iterator[tuple[TcpProxy, str, UsageStore]]:
-    """A TCP proxy in front of the test database: (proxy, URL through it, direct store)."""
-    url = make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    direct = UsageStore(pg_url)
-    direct.create_schema()
-    try:
-        yield proxy, url.set(port=proxy.port).render_as_string(hide_password=False), direct
-    finally:
-        direct.dispose()
-        proxy.close()
 
 
 def test_outage_during_load_keeps_requests_fast_and_lands_every_row_once(

@@ -12,11 +12,9 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 from support.checks import assert_exactly_once, scalar, wait_for
 from support.rollups import random_request, random_upload
 from support.tcpproxy import TcpProxy
@@ -35,18 +33,6 @@ pytestmark = pytest.mark.postgres
 HANG = 60.0  # seconds a blocked write gets before the test calls it hung (the bound is 1 s)
 
 
-@pytest.fixture
-def proxied(pg_url: str) -> Iterator[tuple[TcpProxy, str, UsageStore]]:
-    """A TCP proxy in front of the test database: (proxy, URL through it, direct store)."""
-    url = make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    direct = UsageStore(pg_url)
-    direct.create_schema()
-    try:
-        yield proxy, url.set(port=proxy.port).render_as_string(hide_password=False), direct
-    finally:
-        proxy.close()
-        direct.dispose()
 
 
 def batch(seed: int, n: int) -> list[UploadRecord | RequestRecord]:
