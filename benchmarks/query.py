@@ -152,7 +152,7 @@ def build_postgres(conn: Connection, rows: int) -> None:
         conn.execute(text(PG_REQUESTS).bindparams(keys=keys, n=n))
         conn.commit()
     print("  indexes and rollups ...", flush=True)
-    conn.execute(text("ALTER TABLE file_uploads ADD PRIMARY KEY (id)"))
+    conn.execute(text("ALTER TABLE file_uploads ADD PRIMARY KEY (id, uploaded_at)"))
     conn.execute(text("CREATE INDEX idx_file_uploads_key_time ON file_uploads (api_key_id, uploaded_at)"))  # noqa: E501
     conn.execute(text("CREATE INDEX idx_file_uploads_time ON file_uploads (uploaded_at)"))
     # the raw baseline's best case: an index-only scan of (key, time) with the grouped columns
