@@ -93,7 +93,7 @@ def test_cli_writes_once_and_rollups_match(tmp_path: Path) -> None:
 def test_cli_if_empty_leaves_existing_data_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--if-empty`` (what ``make demo`` uses) writes nothing into a database with uploads."""
+    """``--if-empty`` writes nothing into a database with uploads."""
     url = f"sqlite:///{tmp_path}/app.db"
     store = UsageStore(url)
     store.write([UploadRecord(provider="s3", file_type="image/png", file_size=5)])
