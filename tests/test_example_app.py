@@ -192,6 +192,55 @@ def test_unknown_provider_is_400(app_client: tuple[AppClient, Path, UsageStore])
     assert row["upload_status"] == "failed"
 
 
+def test_raw_put_records_one_upload_with_the_request_type(
+    app_client: tuple[AppClient, Path, UsageStore],
+) -> None:
+    """``PUT /files/{name}`` stores the raw body; ``raw_upload_paths`` makes it one upload row."""
+    client, files_dir, store = app_client
+    csv = b"day,uploads\n2025-06-01,3\n" * 50
+    photo = client.request(
+        "PUT",
+        "/files/photo.png",
+        headers={"x-api-key": ACME, "content-type": "image/png", "x-storage-provider": "s3"},
+        content=PNG,
+    )
+    table = client.request(
+        "PUT",
+        "/files/report.csv",
+        headers={"x-api-key": ACME, "content-type": "text/csv"},
+        content=csv,
+    )
+    assert (photo.status_code, table.status_code) == (201, 201), (photo.text, table.text)
+    assert (photo.json()["size"], table.json()["size"]) == (len(PNG), len(csv))
+    stored = {p.name.split("-", 1)[1]: p.read_bytes() for p in files_dir.rglob("*.*")}
+    assert stored == {"photo.png": PNG, "report.csv": csv}
+
+    rows = sorted(flushed_rows(store, file_uploads), key=lambda r: r["file_name"])
+    assert [(r["file_name"], r["file_type"], r["file_size"], r["provider"]) for r in rows] == [
+        ("photo.png", "image/png", len(PNG), "s3"),
+        ("report.csv", "text/csv", len(csv), "vercel"),
+    ]
+    assert {(r["upload_status"], r["api_key_id"]) for r in rows} == {("success", ACME_ID)}
+    requests = flushed_rows(store, api_requests)
+    assert {(r["method"], r["path"], r["status_code"]) for r in requests} == {
+        ("PUT", "/files/{name}", 201)
+    }
+
+
+def test_raw_put_over_the_provider_limit_fails(
+    app_client: tuple[AppClient, Path, UsageStore],
+) -> None:
+    """A raw body over vercel's limit gives 413, leaves no file and one failed upload row."""
+    client, files_dir, store = app_client
+    big = b"\x00" * 4_600_000
+    response = client.request("PUT", "/files/big.bin", headers={"x-api-key": ACME}, content=big)
+    assert response.status_code == 413
+    assert not any(files_dir.rglob("*.*"))
+    (row,) = flushed_rows(store, file_uploads)
+    assert (row["provider"], row["upload_status"]) == ("vercel", "failed")
+    assert row["error_message"] == "big.bin is over vercel's 4,500,000 bytes"
+
+
 def test_dashboard_scope_follows_the_key(app_client: tuple[AppClient, Path, UsageStore]) -> None:
     """The admin key reads every key's usage, a customer key only its own, no key nothing."""
     client, _, store = app_client

@@ -1,4 +1,5 @@
-"""Example upload API with usage tracking: ``POST /api/upload`` and a dashboard at ``/api/usage/``.
+"""Example upload API with usage tracking: ``POST /api/upload`` (multipart), ``PUT /files/{name}``
+(raw body) and a dashboard at ``/api/usage/``.
 
 Run it with ``make demo`` (from the repository root), or::
 
@@ -13,6 +14,11 @@ Each request picks a storage provider (form field ``provider`` or header ``x-sto
 among three local-folder backends named like real ones — ``vercel``, ``s3``, ``cloudinary`` —
 so the example runs offline. Each has its real per-file size limit; a file over it fails the
 upload with 413, and ``annotate()`` tells the middleware so (status and reason).
+
+``PUT /files/{name}`` takes one file as the raw request body, its type in ``Content-Type``
+(``curl -T photo.png -H 'Content-Type: image/png' .../files/photo.png``), streamed to the
+provider's folder. The middleware records it as one upload because the app passes
+``raw_upload_paths=["/files/"]``: a non-multipart body there is a file.
 
 Settings (environment): ``DATABASE_URL`` (default: SQLite file ``usage.db`` next to this file;
 ``postgresql+psycopg://...`` for PostgreSQL), ``STORAGE_DIR`` (default: ``storage/`` next to this
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import RedirectResponse
 from fastapi.security import APIKeyHeader
@@ -39,6 +46,7 @@ from usage_middleware import ALL_KEYS, UsageMiddleware, UsageRouter, UsageStore,
 
 HERE = Path(__file__).resolve().parent
 USAGE_MOUNT = "/api/usage"
+RAW_UPLOADS = "/files"
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,13 @@ def create_app(
         key = keys.from_headers(headers)
         return key.key_id if key else None
 
-    app.add_middleware(UsageMiddleware, store=store, api_key_id=key_id_of, record_file_names=True)
+    app.add_middleware(
+        UsageMiddleware,
+        store=store,
+        api_key_id=key_id_of,
+        record_file_names=True,
+        raw_upload_paths=[RAW_UPLOADS + "/"],
+    )
 
     def authorize(request: Request) -> Any:
         """Dashboard scope: the admin key reads everything, a customer key its own usage.
@@ -201,6 +215,43 @@ def create_app(
         stored = [await run_in_threadpool(backend.save, f, key) for f in files]
         return {"provider": backend.name, "files": stored}
 
+    @app.put(RAW_UPLOADS + "/{name}", status_code=201)
+    async def put_file(
+        request: Request,
+        name: str,
+        key: Annotated[ApiKey, Depends(caller)],
+        x_storage_provider: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """Store the raw request body as one file, streamed to disk chunk by chunk."""
+        backend = backends.get((x_storage_provider or "vercel").strip().lower())
+        if backend is None:
+            message = f"unknown provider; choose one of {', '.join(backends)}"
+            annotate(request, upload_status="failed", error_message=message)
+            raise HTTPException(400, message)
+        annotate(request, provider=backend.name)
+        folder = root / backend.name / str(key.key_id)
+        await run_in_threadpool(folder.mkdir, parents=True, exist_ok=True)
+        target = folder / f"{uuid.uuid4().hex[:12]}-{_safe_name(name)}"
+        size = 0
+        async with await anyio.open_file(target, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > backend.max_file_size:
+                    break
+                await out.write(chunk)
+        if size > backend.max_file_size:
+            await anyio.Path(target).unlink()
+            message = f"{_safe_name(name)} is over {backend.name}'s {backend.max_file_size:,} bytes"
+            annotate(request, upload_status="failed", error_message=message)
+            raise HTTPException(413, message)
+        return {
+            "name": name,
+            "size": size,
+            "content_type": request.headers.get("content-type"),
+            "provider": backend.name,
+            "location": f"{backend.name}://{key.key_id}/{target.name}",
+        }
+
     @app.get("/api/files")
     async def list_files(key: Annotated[ApiKey, Depends(caller)]) -> dict[str, Any]:
         """The caller's stored files, per provider."""
@@ -242,6 +293,8 @@ def banner(app: FastAPI, host: str, port: int) -> str:
             "  demo API keys  : demo-key-acme, demo-key-globex, demo-key-initech",
             f"  try            : curl -H 'x-api-key: demo-key-acme' -F provider=s3 "
             f"-F files=@README.md {base}/api/upload",
+            f"                 curl -H 'x-api-key: demo-key-acme' -H 'Content-Type: image/png' "
+            f"-T docs/dashboard.png {base}{RAW_UPLOADS}/dashboard.png",
             "",
         ]
     )

@@ -17,7 +17,13 @@ from typing import NoReturn
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from ._demo import MAX_DEMO_KEYS, first_demo_day, has_uploads, write_demo_data
+from ._demo import (
+    MAX_DEMO_KEYS,
+    first_demo_day,
+    has_uploads,
+    top_up_demo_data,
+    write_demo_data,
+)
 from ._errors import ConfigurationError, UsageError
 from ._maintain import MAX_MONTHS_AHEAD, MAX_RETENTION_DAYS, maintain, retention_start
 from ._migrate import LegacySource, migrate_legacy_usage
@@ -98,6 +104,8 @@ def _int_in(low: int, high: int | None, why: str = "") -> Callable[[str], int]:
 
 
 def _demo_data(args: argparse.Namespace) -> None:
+    if args.top_up and (args.if_empty or args.end is not None):
+        raise ConfigurationError("--top-up writes up to now: it takes neither --if-empty nor --end")
     today = datetime.now(timezone.utc).date()
     end: date = args.end or today
     if end > today:
@@ -117,10 +125,17 @@ def _demo_data(args: argparse.Namespace) -> None:
                 "mix with real usage. Use a throwaway database and pass "
                 "--yes-this-is-not-production."
             )
-        if args.if_empty and has_uploads(store):
-            print(f"{store!r} already has uploads; no demo data written")
+        summary = None
+        if args.top_up:
+            summary = top_up_demo_data(store, keys=args.keys, seed=args.seed)
+        if summary is None and (args.if_empty or args.top_up) and has_uploads(store):
+            what = "uploads but no demo data" if args.top_up else "uploads"
+            print(f"{store!r} already has {what}; no demo data written")
             return
-        summary = write_demo_data(store, days=args.days, keys=args.keys, seed=args.seed, end=end)
+        if summary is None:
+            summary = write_demo_data(
+                store, days=args.days, keys=args.keys, seed=args.seed, end=end
+            )
     finally:
         store.dispose()
     print(
@@ -201,6 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--end", type=_day, help="last day, YYYY-MM-DD (default: today, UTC)")
     p.add_argument(
         "--if-empty", action="store_true", help="do nothing when the database has uploads"
+    )
+    p.add_argument(
+        "--top-up",
+        action="store_true",
+        help="when the database holds demo data, add what is dated after its last demo record "
+        "up to now (days of its own, deterministic for --seed); when it has no uploads, write "
+        "the --days history; when it has only other uploads, nothing",
     )
     p.add_argument(
         "--yes-this-is-not-production",

@@ -11,18 +11,26 @@ The output is deterministic for a given ``seed`` and ``end`` date, ids included,
 command twice with the same arguments writes nothing the second time (``store.write`` is
 idempotent by id). Rows go through ``store.write`` in batches, rollups included, exactly like
 the recorder's.
+
+A history written on one day would stop there; ``top_up_demo_data`` writes what came after the
+last stored demo record up to now, each day from its own seeded stream, so the dashboard of a
+demo started again weeks later still reaches today.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
+from sqlalchemy import func, select
+
 from ._records import RequestRecord, UploadRecord
+from ._schema import api_requests, file_uploads
 from ._storage.base import Scope
 from ._store import UsageStore
 
@@ -32,7 +40,10 @@ __all__ = [
     "demo_key_id",
     "first_demo_day",
     "generate_demo_records",
+    "generate_top_up_records",
     "has_uploads",
+    "last_demo_record_at",
+    "top_up_demo_data",
     "write_demo_data",
 ]
 
@@ -144,6 +155,46 @@ def _pick_time(rng: random.Random, day: date) -> datetime:
     return datetime.combine(day, time(hour), UTC) + timedelta(seconds=rng.uniform(0, 3600))
 
 
+def _key_weights(seed: int, keys: int) -> tuple[tuple[uuid.UUID, ...], list[float]]:
+    """The demo keys and their traffic shares: the first draws of the seed's stream."""
+    if not 1 <= keys <= MAX_DEMO_KEYS:
+        raise ValueError(f"keys must be in 1..{MAX_DEMO_KEYS}, got {keys}")
+    rng = random.Random(seed)
+    key_ids = DEMO_KEY_IDS[:keys]
+    return key_ids, [rng.uniform(0.4, 1.6) for _ in key_ids]
+
+
+def _day_records(
+    rng: random.Random,
+    day: date,
+    key_ids: tuple[uuid.UUID, ...],
+    key_weight: list[float],
+    growth: float,
+    names: Iterator[str],
+) -> Iterator[tuple[datetime, list[UploadRecord | RequestRecord]]]:
+    """One day's traffic of every key, as (time, records of one request) pairs."""
+    for key_id, weight in zip(key_ids, key_weight, strict=True):
+        mean = 9.0 * weight * growth * _WEEKDAY[day.weekday()]
+        for _ in range(_poisson(rng, mean)):
+            at = _pick_time(rng, day)
+            yield at, list(_upload_request(rng, key_id, at, next(names)))
+        for _ in range(_poisson(rng, mean * 1.5)):
+            at = _pick_time(rng, day)
+            method, path, status, ms = rng.choices(_OTHER_ENDPOINTS, weights=(60, 25, 8, 7))[0]
+            request = RequestRecord(
+                id=_uuid7(rng, at),
+                api_key_id=key_id,
+                method=method,
+                path=path,
+                status_code=status,
+                response_time_ms=round(rng.lognormvariate(math.log(ms), 0.5), 3),
+                request_size=0,
+                response_size=0 if status == 204 else rng.randint(200, 20_000),
+                requested_at=at,
+            )
+            yield at, [request]
+
+
 def generate_demo_records(
     *,
     days: int = DEFAULT_DAYS,
@@ -158,44 +209,48 @@ def generate_demo_records(
     and includes failures (files over a provider's size limit, server errors). Nothing is
     dated after ``now`` (default: the current time).
     """
-    if not 1 <= keys <= MAX_DEMO_KEYS:
-        raise ValueError(f"keys must be in 1..{MAX_DEMO_KEYS}, got {keys}")
+    key_ids, key_weight = _key_weights(seed, keys)
     now = now or datetime.now(UTC)
     end = end or now.astimezone(UTC).date()
     start = first_demo_day(days, end)
     rng = random.Random(seed)
-    key_ids = DEMO_KEY_IDS[:keys]
-    key_weight = [rng.uniform(0.4, 1.6) for _ in key_ids]
-    serial = 0
+    for _ in key_ids:  # the key weights' draws: the stream goes on after them
+        rng.random()
+    names = map("{:06d}".format, itertools.count(1))
     for offset in range(days):
         day = start + timedelta(days=offset)
         growth = 0.5 + 0.5 * (offset + 1) / days
-        for key_id, weight in zip(key_ids, key_weight, strict=True):
-            mean = 9.0 * weight * growth * _WEEKDAY[day.weekday()]
-            # Records are always generated, then dropped when after ``now``: the random stream
-            # (hence every id) does not depend on the time of day the command runs.
-            for _ in range(_poisson(rng, mean)):
-                at = _pick_time(rng, day)
-                serial += 1
-                records = list(_upload_request(rng, key_id, at, serial))
-                if at < now:
-                    yield from records
-            for _ in range(_poisson(rng, mean * 1.5)):
-                at = _pick_time(rng, day)
-                method, path, status, ms = rng.choices(_OTHER_ENDPOINTS, weights=(60, 25, 8, 7))[0]
-                request = RequestRecord(
-                    id=_uuid7(rng, at),
-                    api_key_id=key_id,
-                    method=method,
-                    path=path,
-                    status_code=status,
-                    response_time_ms=round(rng.lognormvariate(math.log(ms), 0.5), 3),
-                    request_size=0,
-                    response_size=0 if status == 204 else rng.randint(200, 20_000),
-                    requested_at=at,
-                )
-                if at < now:
-                    yield request
+        # Records are always generated, then dropped when after ``now``: the random stream
+        # (hence every id) does not depend on the time of day the command runs.
+        for at, records in _day_records(rng, day, key_ids, key_weight, growth, names):
+            if at < now:
+                yield from records
+
+
+def generate_top_up_records(
+    *,
+    after: datetime,
+    keys: int = DEFAULT_KEYS,
+    seed: int = 0,
+    now: datetime | None = None,
+) -> Iterator[UploadRecord | RequestRecord]:
+    """Yield synthetic records dated after ``after`` and before ``now``: the days since a
+    history was written.
+
+    Each UTC day comes from its own stream seeded by ``seed`` and the date, at the traffic a
+    history reaches on its last day, so topping up twice, or once a week later, writes the
+    same records for the same hours, and the hours already written are never written again.
+    """
+    key_ids, key_weight = _key_weights(seed, keys)
+    now = now or datetime.now(UTC)
+    day, last = after.astimezone(UTC).date(), now.astimezone(UTC).date()
+    while day <= last:
+        rng = random.Random(f"usage-middleware demo {seed} {day.isoformat()}")
+        names = map(day.strftime("%Y%m%d-{:03d}").format, itertools.count(1))
+        for at, records in _day_records(rng, day, key_ids, key_weight, 1.0, names):
+            if after < at < now:
+                yield from records
+        day += timedelta(days=1)
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
@@ -209,7 +264,7 @@ def _poisson(rng: random.Random, mean: float) -> int:
 
 
 def _upload_request(
-    rng: random.Random, key_id: uuid.UUID, at: datetime, serial: int
+    rng: random.Random, key_id: uuid.UUID, at: datetime, serial: str
 ) -> Iterator[UploadRecord | RequestRecord]:
     """One ``POST /api/upload`` carrying 1 to 4 files to one provider, and its files."""
     n_files = rng.choices((1, 2, 3, 4), weights=(70, 15, 10, 5))[0]
@@ -217,7 +272,7 @@ def _upload_request(
     for i in range(n_files):
         kind = rng.choices(_KINDS, weights=[k.weight for k in _KINDS])[0]
         size = max(1, int(rng.lognormvariate(math.log(kind.median_bytes), kind.spread)))
-        files.append((kind, size, f"demo-{serial:06d}-{i + 1}.{kind.ext}"))
+        files.append((kind, size, f"demo-{serial}-{i + 1}.{kind.ext}"))
     total = sum(size for _, size, _ in files)
     # Clients mostly send large files to S3; the rest now and then hit a provider's limit.
     if total > 4_000_000 and rng.random() < 0.85:
@@ -267,6 +322,73 @@ def has_uploads(store: UsageStore) -> bool:
     return any(row[3] for row in store.backend.upload_rows(Scope(), ever))
 
 
+def last_demo_record_at(store: UsageStore) -> datetime | None:
+    """The time of the latest stored upload or request of a demo key (None: there is none)."""
+    store.ensure_schema()
+    demo = list(DEMO_KEY_IDS)
+    with store.engine.connect() as conn:
+        found = [
+            conn.execute(select(func.max(column)).where(table.c.api_key_id.in_(demo))).scalar()
+            for table, column in (
+                (file_uploads, file_uploads.c.uploaded_at),
+                (api_requests, api_requests.c.requested_at),
+            )
+        ]
+    times = [t for t in found if t is not None]
+    return max(times) if times else None
+
+
+def _write(
+    store: UsageStore, records: Iterable[UploadRecord | RequestRecord], batch_size: int
+) -> tuple[int, int, int]:
+    """Uploads, requests and new rows, written ``batch_size`` records at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    uploads = requests = written = 0
+    batch: list[UploadRecord | RequestRecord] = []
+    for record in records:
+        if isinstance(record, UploadRecord):
+            uploads += 1
+        else:
+            requests += 1
+        batch.append(record)
+        if len(batch) >= batch_size:
+            written += store.write(batch)
+            batch = []
+    if batch:
+        written += store.write(batch)
+    return uploads, requests, written
+
+
+def top_up_demo_data(
+    store: UsageStore,
+    *,
+    keys: int = DEFAULT_KEYS,
+    seed: int = 0,
+    now: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> DemoSummary | None:
+    """Write the demo records dated after the last stored one, up to ``now``.
+
+    None when the store holds no demo record (nothing to continue). Idempotent: a second call
+    finds the records the first wrote and adds only what is dated after them.
+    """
+    after = last_demo_record_at(store)
+    if after is None:
+        return None
+    now = now or datetime.now(UTC)
+    records = generate_top_up_records(after=after, keys=keys, seed=seed, now=now)
+    uploads, requests, written = _write(store, records, batch_size)
+    return DemoSummary(
+        uploads=uploads,
+        requests=requests,
+        written=written,
+        start=after.astimezone(UTC).date(),
+        end=now.astimezone(UTC).date(),
+        keys=keys,
+    )
+
+
 def write_demo_data(
     store: UsageStore,
     *,
@@ -283,19 +405,8 @@ def write_demo_data(
     now = now or datetime.now(UTC)
     end = end or now.astimezone(UTC).date()
     start = first_demo_day(days, end)
-    uploads = requests = written = 0
-    batch: list[UploadRecord | RequestRecord] = []
-    for record in generate_demo_records(days=days, keys=keys, seed=seed, end=end, now=now):
-        if isinstance(record, UploadRecord):
-            uploads += 1
-        else:
-            requests += 1
-        batch.append(record)
-        if len(batch) >= batch_size:
-            written += store.write(batch)
-            batch = []
-    if batch:
-        written += store.write(batch)
+    records = generate_demo_records(days=days, keys=keys, seed=seed, end=end, now=now)
+    uploads, requests, written = _write(store, records, batch_size)
     return DemoSummary(
         uploads=uploads,
         requests=requests,
