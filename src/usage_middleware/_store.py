@@ -36,7 +36,8 @@ class UsageStore:
 
     ``url`` picks the engine: ``sqlite:///usage.db`` (embedded, the default choice),
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
-    and use psycopg 3), or ``memory://`` (in memory, for tests). The constructor does not
+    and use psycopg 3), ``clickhouse://user:pw@host:8123/db`` or ``chdb:///path/to/dir``
+    (ClickHouse, with the ``clickhouse`` extra), or ``memory://`` (in memory, for tests). The constructor does not
     connect; the schema is created on first use unless ``auto_create_schema=False``, in which
     case a missing schema raises :class:`SchemaMissingError`. ``read_timeout`` (seconds, default
     10; ``None``: no limit) bounds each read-path statement, so a slow query gives up instead of
@@ -74,7 +75,7 @@ class UsageStore:
 
     @property
     def dialect(self) -> str:
-        """The engine's name: ``sqlite``, ``postgresql`` or ``memory``."""
+        """The engine's name: ``sqlite``, ``postgresql``, ``clickhouse``, ``chdb`` or ``memory``."""
         return self.backend.name
 
     @property
@@ -87,13 +88,23 @@ class UsageStore:
 
     # --- schema ------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
+    def create_schema(self, *, cluster: str | None = None) -> None:
         """Create every table, index and function; safe to call any number of times.
 
         On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
         processes starting at once do not race. On SQLite it builds the equivalent tables.
+        ``cluster`` (ClickHouse only) creates replicated tables ``ON CLUSTER`` that name, behind
+        ``Distributed`` tables sharded by API key.
         """
-        self.backend.create_schema()
+        if cluster is None:
+            self.backend.create_schema()
+        elif self.backend.name == "clickhouse":
+            self.backend.create_schema(cluster=cluster)  # type: ignore[call-arg]
+        else:
+            raise ConfigurationError(
+                f"cluster={cluster!r} applies only to a ClickHouse server store, not to "
+                f"{self.backend.name}"
+            )
         self._schema_ready = True
 
     def has_schema(self) -> bool:
