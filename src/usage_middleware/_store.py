@@ -37,11 +37,12 @@ class UsageStore:
     ``url`` picks the engine: ``sqlite:///usage.db`` (embedded, the default choice),
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
     and use psycopg 3), ``clickhouse://user:pw@host:8123/db`` or ``chdb:///path/to/dir``
-    (ClickHouse, with the ``clickhouse`` extra), or ``memory://`` (in memory, for tests). The constructor does not
-    connect; the schema is created on first use unless ``auto_create_schema=False``, in which
-    case a missing schema raises :class:`SchemaMissingError`. ``read_timeout`` (seconds, default
-    10; ``None``: no limit) bounds each read-path statement, so a slow query gives up instead of
-    holding a thread and a pooled connection.
+    (ClickHouse, with the ``clickhouse`` extra), or ``memory://`` (in memory, for tests). The
+    constructor does not connect; the schema is created on first use unless
+    ``auto_create_schema=False``, in which case a missing schema raises
+    :class:`SchemaMissingError`. ``read_timeout`` (seconds, default 10; ``None``: no limit)
+    bounds each read-path statement, so a slow query gives up instead of holding a thread and a
+    pooled connection.
     """
 
     def __init__(

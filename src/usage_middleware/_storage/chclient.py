@@ -183,7 +183,7 @@ class EmbeddedClient:
             try:
                 if self.path is not None:
                     os.makedirs(self.path, exist_ok=True)
-                self._session = session.Session(self.path)
+                self._session = session.Session(self.path)  # type: ignore[no-untyped-call]
             except Exception as exc:
                 raise ConfigurationError(
                     f"cannot open {self.where}: {exc} (chdb runs one embedded database "
@@ -222,18 +222,19 @@ class EmbeddedClient:
             f"INSERT INTO {table} ({', '.join(columns)}) "
             f"SETTINGS insert_deduplication_token = '{token}'"
         )
-        with self._lock:
-            with self._get().send_insert(statement, "JSONCompactEachRow") as inserter:
-                inserter.append(body)
-                inserter.finish()
+        with self._lock, self._get().send_insert(statement, "JSONCompactEachRow") as inserter:
+            inserter.append(body)
+            inserter.finish()
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child keeps the parent's session untouched (see forked())
         with self._lock:
             s, self._session = self._session, None
-            if s is not None and os.getpid() == self._pid:
+            if s is not None:
                 s.close()
 
     def forked(self) -> None:
-        # The parent's session is unusable here; _get() refuses by pid (closing it would hang).
-        self._session = None
+        # The parent's session is unusable here and _get() refuses by pid. It is kept referenced
+        # on purpose: closing it, even by garbage collection, would hang the child.
         self._lock = threading.Lock()

@@ -612,10 +612,9 @@ class ClickHouseBackend:
         }
         self.client.command(_SEAL_UPLOADS_SQL, params)
         self.client.command(_SEAL_REQUESTS_SQL, params)
-        rows = [
-            (d, _EPOCH + timedelta(microseconds=version), _EPOCH + timedelta(microseconds=watermark))
-            for d in days
-        ]
+        stamp = _EPOCH + timedelta(microseconds=version)
+        mark = _EPOCH + timedelta(microseconds=watermark)
+        rows = [(d, stamp, mark) for d in days]
         self.client.insert(
             "usage_seals", ("day", "version", "watermark"), rows, f"seal-{version}-{days[0]}"
         )
@@ -629,7 +628,21 @@ class ClickHouseBackend:
         for table in ("upload_quarters", "request_quarters"):
             ((stale,),) = self.client.query(_STALE_SQL.format(table=table), params)
             if int(stale):
-                self.client.command(_CLEANUP_SQL.format(table=table), params)
+                # a Distributed table takes no mutation: delete from the local tables
+                cluster = self._cluster_of(table)
+                target = table if cluster is None else f"{table}_local ON CLUSTER `{cluster}`"
+                self.client.command(_CLEANUP_SQL.format(table=target), params)
+
+    def _cluster_of(self, table: str) -> str | None:
+        """The cluster a ``Distributed`` usage table spans (None for a local table)."""
+        rows = self.client.query(
+            "SELECT engine, engine_full FROM system.tables "
+            "WHERE database = {db:String} AND name = {name:String}",
+            {"db": self.database, "name": table},
+        )
+        if not rows or rows[0][0] != "Distributed":
+            return None
+        return str(rows[0][1]).split("(", 1)[1].split(",", 1)[0].strip(" '`")
 
     # --- health and lifecycle ----------------------------------------------------------------
 
