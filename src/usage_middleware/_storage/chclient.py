@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 
 from .._errors import ConfigurationError, DatabaseUnavailableError
@@ -142,11 +143,24 @@ class HTTPClient:
         self._lock = threading.Lock()
 
 
-def _json_value(value: Any) -> str:
-    """UUIDs as text and UTC instants in ClickHouse's text form, microseconds kept."""
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return str(value)
+def _arrow_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """Rows as an Arrow table: UUIDs as text (ClickHouse casts them), instants as UTC
+    microsecond timestamps, everything else as Arrow infers it."""
+    import pyarrow as pa
+
+    data: dict[str, Any] = {}
+    for i, name in enumerate(columns):
+        values = [r[i] for r in rows]
+        sample = next((v for v in values if v is not None), None)
+        if isinstance(sample, uuid.UUID):
+            data[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        elif isinstance(sample, datetime):
+            data[name] = pa.array(values, pa.timestamp("us", tz="UTC"))
+        elif sample is None:
+            data[name] = pa.array(values, pa.string())
+        else:
+            data[name] = pa.array(values)
+    return pa.table(data)
 
 
 class EmbeddedClient:
@@ -216,15 +230,16 @@ class EmbeddedClient:
     def insert(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], token: str
     ) -> None:
-        dumps = json.JSONEncoder(ensure_ascii=False, default=_json_value).encode
-        body = "\n".join(map(dumps, rows))
+        """One INSERT … SELECT from an Arrow table of the rows (chdb's ``Python()`` table
+        function reads it in place: several times faster than any text format)."""
+        usage_rows = _arrow_table(columns, rows)  # noqa: F841 - read by name by chdb
+        names = ", ".join(columns)
         statement = (
-            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM Python(usage_rows) "
             f"SETTINGS insert_deduplication_token = '{token}'"
         )
-        with self._lock, self._get().send_insert(statement, "JSONCompactEachRow") as inserter:
-            inserter.append(body)
-            inserter.finish()
+        with self._lock:
+            self._get().query(statement, "JSONCompact")
 
     def close(self) -> None:
         if os.getpid() != self._pid:

@@ -46,6 +46,7 @@ On a cluster (``create_schema(cluster=...)``), see docs/clickhouse.md.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 import uuid
@@ -66,6 +67,8 @@ __all__ = ["ClickHouseBackend", "schema_statements"]
 UTC = timezone.utc
 NIL = uuid.UUID(int=0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_DAY = date(2299, 12, 31)
+_SEAL_CACHE_SECONDS = 60.0
 _SCHEMA_TABLES = ("file_uploads", "api_requests", "upload_quarters", "request_quarters",
                   "usage_seals")  # fmt: skip
 
@@ -489,6 +492,7 @@ class ClickHouseBackend:
             )
             self.parallel_reads = True
         self.cluster: str | None = None
+        self._seal_cache: tuple[float, list[tuple[Any, ...]]] = (-math.inf, [])
         self._maintained_at = 0.0
         self._maintain_lock = threading.Lock()
 
@@ -597,6 +601,7 @@ class ClickHouseBackend:
                     d += timedelta(days=1)
             if days:
                 self._seal(sorted(days), seals, now_us, watermark)
+            self._seal_cache = (-math.inf, [])
             self._cleanup(now_us)
             return len(days)
 
@@ -620,8 +625,7 @@ class ClickHouseBackend:
         )
 
     def _cleanup(self, now_us: int) -> None:
-        seals = _Seals(self.client.query(_SEALS_SQL, {"lo": date(1970, 1, 1),
-                                                      "hi": date(2299, 12, 31)}))  # fmt: skip
+        seals = _Seals(self._all_seals())
         hour_ago = now_us - 3_600_000_000
         fresh = [d for d, v in zip(seals.days, seals.versions, strict=True) if v > hour_ago]
         params = {"seal_days": seals.days, "seal_versions": seals.versions, "fresh_days": fresh}
@@ -666,8 +670,18 @@ class ClickHouseBackend:
         quarter hour (the rollup's grain); otherwise the read is answered from raw rows."""
         if not all(_aligned(b) for b in bounds):
             return _Seals([])
-        lo, hi = bounds[0].date(), bounds[-1].date()
-        return _Seals(self.client.query(_SEALS_SQL, {"lo": lo, "hi": hi}))
+        lo, hi = bounds[0].date().isoformat(), bounds[-1].date().isoformat()
+        return _Seals([r for r in self._all_seals() if lo <= str(r[0]) <= hi])
+
+    def _all_seals(self) -> list[tuple[Any, ...]]:
+        """Every day's newest seal, remembered for ``_SEAL_CACHE_SECONDS``: an older seal
+        is still whole and exact (its rollup rows outlive being superseded by an hour), so
+        reads may skip asking for a minute."""
+        at, rows = self._seal_cache
+        if time.monotonic() - at > _SEAL_CACHE_SECONDS:
+            rows = self.client.query(_SEALS_SQL, {"lo": date(1970, 1, 1), "hi": _MAX_DAY})
+            self._seal_cache = (time.monotonic(), rows)
+        return rows
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         try:
