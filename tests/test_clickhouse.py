@@ -325,7 +325,7 @@ def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
         (formatted,) = client.query("SELECT formatQuery({q:String})", {"q": statement})[0]
         assert "ON CLUSTER prod" in formatted
     distributed = [s for s in statements if "ENGINE = Distributed" in s]
-    assert len(distributed) == 4
+    assert len(distributed) == 6
     assert all("cityHash64(api_key_id)" in s for s in distributed)
     client.command("CREATE DATABASE IF NOT EXISTS usage")
     for statement in statements:
@@ -339,6 +339,7 @@ def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
         client.command(f"{head}ENGINE = {engine}({version}){tail}")
     tables = {r[0] for r in client.query("SELECT name FROM system.tables WHERE database='usage'")}
     assert tables == {"file_uploads_local", "api_requests_local", "upload_quarters_local",
+                      "upload_days_local", "request_days_local",
                       "request_quarters_local", "usage_seals"}  # fmt: skip
 
 

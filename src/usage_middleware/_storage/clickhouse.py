@@ -70,7 +70,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_DAY = date(2299, 12, 31)
 _SEAL_CACHE_SECONDS = 60.0
 _SCHEMA_TABLES = ("file_uploads", "api_requests", "upload_quarters", "request_quarters",
-                  "usage_seals")  # fmt: skip
+                  "upload_days", "request_days", "usage_seals")  # fmt: skip
+_ROLLUPS = ("upload_quarters", "request_quarters", "upload_days", "request_days")
 
 UPLOAD_COLUMNS = (
     "id", "api_key_id", "has_key", "request_id", "provider", "file_type", "declared_type",
@@ -159,6 +160,36 @@ _TABLES: dict[str, tuple[str, str, str, str]] = {
         "",
         "toYYYYMM(day)",
         "(api_key_id, has_key, day, version, quarter, bucket)",
+    ),
+    "upload_days": (
+        """
+    day Date,
+    version DateTime64(6, 'UTC'),
+    api_key_id UUID,
+    has_key Bool,
+    provider LowCardinality(String),
+    file_type LowCardinality(String),
+    uploads UInt64,
+    bytes UInt64,
+    successful UInt64,
+    failed UInt64""",
+        "",
+        "toYYYYMM(day)",
+        "(api_key_id, has_key, day, version, provider, file_type)",
+    ),
+    "request_days": (
+        """
+    day Date,
+    version DateTime64(6, 'UTC'),
+    api_key_id UUID,
+    has_key Bool,
+    bucket UInt16,
+    requests UInt64,
+    errors UInt64,
+    response_us UInt64""",
+        "",
+        "toYYYYMM(day)",
+        "(api_key_id, has_key, day, version, bucket)",
     ),
     "usage_seals": (
         """
@@ -274,63 +305,95 @@ GROUP BY day
 ORDER BY day
 """
 
-# A raw row is read unless its day is sealed and its first copy is at or before the seal's
-# watermark. The first disjunction only lets the minmax index on inserted_at skip old granules;
-# the transform() is the exact per-day test.
-_LATE_OR_UNSEALED = """
+# The read statements are a UNION ALL of four parts, each row counted in exactly one:
+# sealed days that lie whole inside one period (day rollup), the other sealed days (quarter
+# rollup, cut at the bounds), raw rows of unsealed days, and raw rows of sealed days first
+# inserted after their seal's watermark. The raw parts are split so that the primary key prunes
+# the first and the minmax index on inserted_at the second (FINAL stays exact: every copy of an
+# id has the same time, so it falls in the same part).
+_SEALED_VERSION = """
+    AND toUnixTimestamp64Micro(version) = transform(day, {seal_days:Array(Date)},
+        {seal_versions:Array(Int64)}, toInt64(0))"""
+_WHOLE_DAY = """(day >= {whole_lo:Date} AND day <= {whole_hi:Date}
+         AND NOT has({split_days:Array(Date)}, day))"""
+_DAYS_PART = (
+    """
+    AND day >= {whole_lo:Date} AND day <= {whole_hi:Date}
+    AND NOT has({split_days:Array(Date)}, day)"""
+    + _SEALED_VERSION
+)
+_QUARTERS_PART = (
+    """
+    AND day >= toDate(fromUnixTimestamp64Micro({start:Int64}, 'UTC'))
+    AND day <= toDate(fromUnixTimestamp64Micro({end:Int64}, 'UTC'))
+    AND NOT """
+    + _WHOLE_DAY
+    + """
+    AND quarter >= fromUnixTimestamp64Micro({start:Int64}, 'UTC')
+    AND quarter < fromUnixTimestamp64Micro({end:Int64}, 'UTC')"""
+    + _SEALED_VERSION
+)
+_UNSEALED_PART = """
+    AND {t} >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC')
+    AND {t} < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC')
     AND ({t} < fromUnixTimestamp64Micro({{sealed_from:Int64}}, 'UTC')
-         OR {t} >= fromUnixTimestamp64Micro({{sealed_to:Int64}}, 'UTC')
-         OR inserted_at > fromUnixTimestamp64Micro({{min_watermark:Int64}}, 'UTC'))
+         OR {t} >= fromUnixTimestamp64Micro({{sealed_to:Int64}}, 'UTC'))"""
+_LATE_PART = """
+    AND {t} >= fromUnixTimestamp64Micro(greatest({{start:Int64}}, {{sealed_from:Int64}}), 'UTC')
+    AND {t} < fromUnixTimestamp64Micro(least({{end:Int64}}, {{sealed_to:Int64}}), 'UTC')
+    AND inserted_at > fromUnixTimestamp64Micro({{min_watermark:Int64}}, 'UTC')
     AND toUnixTimestamp64Micro(inserted_at) > transform(toDate({t}), {{seal_days:Array(Date)}},
         {{seal_watermarks:Array(Int64)}}, toInt64(0))"""
 
-_SEALED_ROLLUP = """
-    AND has({seal_days:Array(Date)}, day)
-    AND toUnixTimestamp64Micro(version) = transform(day, {seal_days:Array(Date)},
-        {seal_versions:Array(Int64)}, toInt64(0))
-    AND quarter >= fromUnixTimestamp64Micro({start:Int64}, 'UTC')
-    AND quarter < fromUnixTimestamp64Micro({end:Int64}, 'UTC')
-    AND day >= toDate(fromUnixTimestamp64Micro({start:Int64}, 'UTC'))
-    AND day <= toDate(fromUnixTimestamp64Micro({end:Int64}, 'UTC'))"""
-
 _READ_SETTINGS = """
 SETTINGS use_skip_indexes_if_final = 1, use_skip_indexes_if_final_exact_mode = 1{timeout}"""
+
+_UPLOADS_RAW = """
+    SELECT {bucket} AS t, provider, file_type,
+           count() AS u, sum(file_size) AS b, countIf(upload_status = 'success') AS s,
+           countIf(upload_status = 'failed') AS f
+    FROM file_uploads FINAL
+    WHERE {keys}{filters}{part}
+    GROUP BY t, provider, file_type"""
 
 _UPLOADS_SQL = """
 SELECT arrayCount(x -> x <= t, {{bounds:Array(Int64)}}) - 1 AS period, provider, file_type,
        sum(u), sum(b), sum(s), sum(f)
 FROM (
+    SELECT toUnixTimestamp(toDateTime(day, 'UTC')) * 1000000 AS t, provider, file_type,
+           uploads AS u, bytes AS b, successful AS s, failed AS f
+    FROM upload_days
+    WHERE {keys}{filters}{days_part}
+    UNION ALL
     SELECT toUnixTimestamp(quarter) * 1000000 AS t, provider, file_type,
            uploads AS u, bytes AS b, successful AS s, failed AS f
     FROM upload_quarters
-    WHERE {keys}{filters}{sealed_rollup}
-    UNION ALL
-    SELECT {bucket} AS t, provider, file_type,
-           count() AS u, sum(file_size) AS b, countIf(upload_status = 'success') AS s,
-           countIf(upload_status = 'failed') AS f
-    FROM file_uploads FINAL
-    WHERE {keys}{filters}
-      AND uploaded_at >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC')
-      AND uploaded_at < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC'){late}
-    GROUP BY t, provider, file_type
+    WHERE {keys}{filters}{quarters_part}
+    UNION ALL{unsealed}
+    UNION ALL{late}
 )
 GROUP BY period, provider, file_type{settings}
 """
+
+_REQUESTS_RAW = """
+    SELECT latency_bucket AS bucket, count() AS n, countIf(status_code >= 400) AS e,
+           sum(response_us) AS us
+    FROM api_requests FINAL
+    WHERE {keys}{part}
+    GROUP BY bucket"""
 
 _REQUESTS_SQL = """
 SELECT bucket, sum(n), sum(e), sum(us)
 FROM (
     SELECT bucket, requests AS n, errors AS e, response_us AS us
-    FROM request_quarters
-    WHERE {keys}{sealed_rollup}
+    FROM request_days
+    WHERE {keys}{days_part}
     UNION ALL
-    SELECT latency_bucket AS bucket, count() AS n, countIf(status_code >= 400) AS e,
-           sum(response_us) AS us
-    FROM api_requests FINAL
-    WHERE {keys}
-      AND requested_at >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC')
-      AND requested_at < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC'){late}
-    GROUP BY bucket
+    SELECT bucket, requests AS n, errors AS e, response_us AS us
+    FROM request_quarters
+    WHERE {keys}{quarters_part}
+    UNION ALL{unsealed}
+    UNION ALL{late}
 )
 GROUP BY bucket{settings}
 """
@@ -341,8 +404,39 @@ _LATE_DAYS_SQL = """
 SELECT DISTINCT toString(toDate({t}))
 FROM {table}
 WHERE {t} < fromUnixTimestamp64Micro({{horizon:Int64}}, 'UTC')
-  AND inserted_at <= fromUnixTimestamp64Micro({{watermark:Int64}}, 'UTC'){late}
-SETTINGS use_skip_indexes_if_final = 1, use_skip_indexes_if_final_exact_mode = 1
+  AND ({t} < fromUnixTimestamp64Micro({{sealed_from:Int64}}, 'UTC')
+       OR {t} >= fromUnixTimestamp64Micro({{sealed_to:Int64}}, 'UTC'))
+  AND inserted_at <= fromUnixTimestamp64Micro({{watermark:Int64}}, 'UTC')
+UNION DISTINCT
+SELECT DISTINCT toString(toDate({t}))
+FROM {table}
+WHERE {t} < fromUnixTimestamp64Micro({{horizon:Int64}}, 'UTC')
+  AND {t} >= fromUnixTimestamp64Micro({{sealed_from:Int64}}, 'UTC')
+  AND {t} < fromUnixTimestamp64Micro({{sealed_to:Int64}}, 'UTC')
+  AND inserted_at > fromUnixTimestamp64Micro({{min_watermark:Int64}}, 'UTC')
+  AND inserted_at <= fromUnixTimestamp64Micro({{watermark:Int64}}, 'UTC')
+  AND toUnixTimestamp64Micro(inserted_at) > transform(toDate({t}), {{seal_days:Array(Date)}},
+      {{seal_watermarks:Array(Int64)}}, toInt64(0))
+"""
+
+# maintain(): each sealed day's totals per key, provider and type (or latency bucket), from the
+# quarter rows the same seal just wrote.
+_SEAL_UPLOAD_DAYS_SQL = """
+INSERT INTO upload_days (day, version, api_key_id, has_key, provider, file_type, uploads, bytes,
+                         successful, failed)
+SELECT day, version, api_key_id, has_key, provider, file_type, sum(uploads), sum(bytes),
+       sum(successful), sum(failed)
+FROM upload_quarters
+WHERE has({days:Array(Date)}, day) AND version = fromUnixTimestamp64Micro({version:Int64}, 'UTC')
+GROUP BY day, version, api_key_id, has_key, provider, file_type
+"""
+_SEAL_REQUEST_DAYS_SQL = """
+INSERT INTO request_days (day, version, api_key_id, has_key, bucket, requests, errors,
+                          response_us)
+SELECT day, version, api_key_id, has_key, bucket, sum(requests), sum(errors), sum(response_us)
+FROM request_quarters
+WHERE has({days:Array(Date)}, day) AND version = fromUnixTimestamp64Micro({version:Int64}, 'UTC')
+GROUP BY day, version, api_key_id, has_key, bucket
 """
 
 # maintain(): a new seal of ``days`` = their current seal's rollup rows + the raw ids first
@@ -587,7 +681,7 @@ class ClickHouseBackend:
             params = {**seals.params(), "horizon": horizon, "watermark": watermark}
             late: set[date] = set()
             for table, t in _RAW_TIME.items():
-                sql = _LATE_DAYS_SQL.format(t=t, table=table, late=_LATE_OR_UNSEALED.format(t=t))
+                sql = _LATE_DAYS_SQL.format(t=t, table=table)
                 late.update(date.fromisoformat(r[0]) for r in self.client.query(sql, params))
             sealed = set(seals.days)
             days = set(late)
@@ -617,6 +711,8 @@ class ClickHouseBackend:
         }
         self.client.command(_SEAL_UPLOADS_SQL, params)
         self.client.command(_SEAL_REQUESTS_SQL, params)
+        self.client.command(_SEAL_UPLOAD_DAYS_SQL, params)
+        self.client.command(_SEAL_REQUEST_DAYS_SQL, params)
         stamp = _EPOCH + timedelta(microseconds=version)
         mark = _EPOCH + timedelta(microseconds=watermark)
         rows = [(d, stamp, mark) for d in days]
@@ -629,7 +725,7 @@ class ClickHouseBackend:
         hour_ago = now_us - 3_600_000_000
         fresh = [d for d, v in zip(seals.days, seals.versions, strict=True) if v > hour_ago]
         params = {"seal_days": seals.days, "seal_versions": seals.versions, "fresh_days": fresh}
-        for table in ("upload_quarters", "request_quarters"):
+        for table in _ROLLUPS:
             ((stale,),) = self.client.query(_STALE_SQL.format(table=table), params)
             if int(stale):
                 # a Distributed table takes no mutation: delete from the local tables
@@ -702,41 +798,55 @@ class ClickHouseBackend:
             timeout = f", max_execution_time = {max(1, round(self.read_timeout))}"
         return _READ_SETTINGS.format(timeout=timeout)
 
+    def _read_params(self, bounds: Sequence[datetime]) -> dict[str, Any]:
+        """Seals plus which UTC days of the range may come whole from the day rollups: those
+        no bound cuts (a day holding a bound strictly inside is read by quarter hour)."""
+        start, end = bounds[0], bounds[-1]
+        split = sorted({b.date() for b in bounds if b.time() != datetime.min.time()})
+        whole_lo = start.date() + timedelta(days=start.time() != datetime.min.time())
+        return {
+            **self._seals_for(bounds).params(),
+            "bounds": [_micros(b) for b in bounds],
+            "start": _micros(start),
+            "end": _micros(end),
+            "split_days": split,
+            "whole_lo": whole_lo,
+            "whole_hi": max(whole_lo - timedelta(days=1), end.date() - timedelta(days=1)),
+        }
+
     def upload_rows(self, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
         if scope.keys is not None and not scope.keys:
             return []
-        seals = self._seals_for(bounds)
-        params: dict[str, Any] = {
-            **seals.params(),
-            "bounds": [_micros(b) for b in bounds],
-            "start": _micros(bounds[0]),
-            "end": _micros(bounds[-1]),
-        }
+        params = self._read_params(bounds)
         keys = _keys_condition(scope, params)
         filters = ""
         if scope.providers:
             filters += " AND provider IN {providers:Array(String)}"
             params["providers"] = list(scope.providers)
         if scope.file_types:
-            exact = [f for f in scope.file_types if not f.endswith("/*")]
-            prefixes = [f[:-1] for f in scope.file_types if f.endswith("/*")]
             filters += (
                 " AND (file_type IN {exact_types:Array(String)}"
                 " OR arrayExists(p -> startsWith(file_type, p), {type_prefixes:Array(String)}))"
             )
-            params["exact_types"] = exact
-            params["type_prefixes"] = prefixes
-        aligned = all(_aligned(b) for b in bounds)
+            params["exact_types"] = [f for f in scope.file_types if not f.endswith("/*")]
+            params["type_prefixes"] = [f[:-1] for f in scope.file_types if f.endswith("/*")]
+        bucket = (
+            "toUnixTimestamp(toStartOfFifteenMinutes(uploaded_at)) * 1000000"
+            if all(_aligned(b) for b in bounds)
+            else "toUnixTimestamp64Micro(uploaded_at)"
+        )
+        t = "uploaded_at"
         sql = _UPLOADS_SQL.format(
             keys=keys,
             filters=filters,
-            sealed_rollup=_SEALED_ROLLUP,
-            bucket=(
-                "toUnixTimestamp(toStartOfFifteenMinutes(uploaded_at)) * 1000000"
-                if aligned
-                else "toUnixTimestamp64Micro(uploaded_at)"
+            days_part=_DAYS_PART,
+            quarters_part=_QUARTERS_PART,
+            unsealed=_UPLOADS_RAW.format(
+                bucket=bucket, keys=keys, filters=filters, part=_UNSEALED_PART.format(t=t)
             ),
-            late=_LATE_OR_UNSEALED.format(t="uploaded_at"),
+            late=_UPLOADS_RAW.format(
+                bucket=bucket, keys=keys, filters=filters, part=_LATE_PART.format(t=t)
+            ),
             settings=self._settings(),
         )
         return [
@@ -748,13 +858,15 @@ class ClickHouseBackend:
         out = Histogram()
         if scope.keys is not None and not scope.keys:
             return out
-        seals = self._seals_for([start, end])
-        params: dict[str, Any] = {**seals.params(), "start": _micros(start), "end": _micros(end)}
+        params = self._read_params([start, end])
         keys = _keys_condition(scope, params)
+        t = "requested_at"
         sql = _REQUESTS_SQL.format(
             keys=keys,
-            sealed_rollup=_SEALED_ROLLUP,
-            late=_LATE_OR_UNSEALED.format(t="requested_at"),
+            days_part=_DAYS_PART,
+            quarters_part=_QUARTERS_PART,
+            unsealed=_REQUESTS_RAW.format(keys=keys, part=_UNSEALED_PART.format(t=t)),
+            late=_REQUESTS_RAW.format(keys=keys, part=_LATE_PART.format(t=t)),
             settings=self._settings(),
         )
         for bucket, n, e, us in self._read(sql, params):
