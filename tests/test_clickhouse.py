@@ -374,3 +374,26 @@ def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "clickhouse_connect", None)
     with pytest.raises(ConfigurationError, match=r"usage-middleware\[clickhouse\]"):
         UsageStore("clickhouse://localhost/db")
+
+
+@pytest.mark.parametrize("max_runs", [0, 16])
+def test_fragmented_seals_read_the_same(
+    ch: UsageStore, monkeypatch: pytest.MonkeyPatch, max_runs: int
+) -> None:
+    """Days re-sealed one by one (many runs of seal versions) answer alike whether the read
+    tests versions by run or per day."""
+    from usage_middleware._storage import clickhouse
+
+    monkeypatch.setattr(clickhouse, "_MAX_SEAL_RUNS", max_runs)
+    key = uuid.uuid4()
+    start = datetime(DAY0.year, DAY0.month, DAY0.day, 7, 45, tzinfo=UTC)
+    first = [UploadRecord(api_key_id=key, file_size=d, uploaded_at=start + timedelta(days=d))
+             for d in range(8)]  # fmt: skip
+    ch.write(first)
+    backend(ch).maintain()
+    late = [UploadRecord(api_key_id=key, file_size=100, uploaded_at=start + timedelta(days=d))
+            for d in range(0, 8, 2)]  # fmt: skip
+    ch.write(late)
+    backend(ch).maintain()  # every other day now has a newer seal version
+    for tz in ("Asia/Kathmandu", "Pacific/Chatham"):
+        assert answers(ch, [key], tz) == reference([*first, *late], [key], tz)

@@ -281,6 +281,32 @@ class _Seals:
         self.last = max(self.days) if self.days else None
         self.min_watermark = min(self.watermarks) if self.watermarks else 0
 
+    def version_condition(self, params: dict[str, Any]) -> str:
+        """Which rollup rows belong to the newest seals: per run of consecutive days sealed
+        under one version, a range test (cheap, and the primary key prunes with it), or a
+        per-day lookup when the seals are too fragmented."""
+        runs: list[list[Any]] = []
+        for d, v in zip(self.days, self.versions, strict=True):
+            if runs and runs[-1][2] == v and runs[-1][1] + timedelta(days=1) == d:
+                runs[-1][1] = d
+            else:
+                runs.append([d, d, v])
+        if not runs:
+            return "0"
+        if len(runs) > _MAX_SEAL_RUNS:
+            return (
+                "toUnixTimestamp64Micro(version) = transform(day, {seal_days:Array(Date)}, "
+                "{seal_versions:Array(Int64)}, toInt64(0))"
+            )
+        tests = []
+        for i, (lo, hi, v) in enumerate(runs):
+            params.update({f"run{i}_lo": lo, f"run{i}_hi": hi, f"run{i}_v": v})
+            tests.append(
+                f"(day >= {{run{i}_lo:Date}} AND day <= {{run{i}_hi:Date}} AND "
+                f"version = fromUnixTimestamp64Micro({{run{i}_v:Int64}}, 'UTC'))"
+            )
+        return "(" + " OR ".join(tests) + ")"
+
     def params(self) -> dict[str, Any]:
         """The parameters the read statements take the seals from."""
         first = self.first or date(1970, 1, 1)
@@ -312,10 +338,9 @@ ORDER BY day
 # the first and the minmax index on inserted_at the second (FINAL stays exact: every copy of an
 # id has the same time, so it falls in the same part).
 _SEALED_VERSION = """
-    AND toUnixTimestamp64Micro(version) = transform(day, {seal_days:Array(Date)},
-        {seal_versions:Array(Int64)}, toInt64(0))"""
-_WHOLE_DAY = """(day >= {whole_lo:Date} AND day <= {whole_hi:Date}
-         AND NOT has({split_days:Array(Date)}, day))"""
+    AND @SEALED_VERSION@"""
+# More runs of days than this and a read checks versions per day with transform() instead.
+_MAX_SEAL_RUNS = 16
 _DAYS_PART = (
     """
     AND day >= {whole_lo:Date} AND day <= {whole_hi:Date}
@@ -326,9 +351,7 @@ _QUARTERS_PART = (
     """
     AND day >= toDate(fromUnixTimestamp64Micro({start:Int64}, 'UTC'))
     AND day <= toDate(fromUnixTimestamp64Micro({end:Int64}, 'UTC'))
-    AND NOT """
-    + _WHOLE_DAY
-    + """
+    AND (day IN {split_days:Array(Date)} OR day < {whole_lo:Date} OR day > {whole_hi:Date})
     AND quarter >= fromUnixTimestamp64Micro({start:Int64}, 'UTC')
     AND quarter < fromUnixTimestamp64Micro({end:Int64}, 'UTC')"""
     + _SEALED_VERSION
@@ -804,8 +827,11 @@ class ClickHouseBackend:
         start, end = bounds[0], bounds[-1]
         split = sorted({b.date() for b in bounds if b.time() != datetime.min.time()})
         whole_lo = start.date() + timedelta(days=start.time() != datetime.min.time())
+        seals = self._seals_for(bounds)
+        params = seals.params()
+        params["sealed_version"] = seals.version_condition(params)
         return {
-            **self._seals_for(bounds).params(),
+            **params,
             "bounds": [_micros(b) for b in bounds],
             "start": _micros(start),
             "end": _micros(end),
@@ -818,6 +844,7 @@ class ClickHouseBackend:
         if scope.keys is not None and not scope.keys:
             return []
         params = self._read_params(bounds)
+        sealed = params.pop("sealed_version")
         keys = _keys_condition(scope, params)
         filters = ""
         if scope.providers:
@@ -839,8 +866,8 @@ class ClickHouseBackend:
         sql = _UPLOADS_SQL.format(
             keys=keys,
             filters=filters,
-            days_part=_DAYS_PART,
-            quarters_part=_QUARTERS_PART,
+            days_part=_DAYS_PART.replace("@SEALED_VERSION@", sealed),
+            quarters_part=_QUARTERS_PART.replace("@SEALED_VERSION@", sealed),
             unsealed=_UPLOADS_RAW.format(
                 bucket=bucket, keys=keys, filters=filters, part=_UNSEALED_PART.format(t=t)
             ),
@@ -859,12 +886,13 @@ class ClickHouseBackend:
         if scope.keys is not None and not scope.keys:
             return out
         params = self._read_params([start, end])
+        sealed = params.pop("sealed_version")
         keys = _keys_condition(scope, params)
         t = "requested_at"
         sql = _REQUESTS_SQL.format(
             keys=keys,
-            days_part=_DAYS_PART,
-            quarters_part=_QUARTERS_PART,
+            days_part=_DAYS_PART.replace("@SEALED_VERSION@", sealed),
+            quarters_part=_QUARTERS_PART.replace("@SEALED_VERSION@", sealed),
             unsealed=_REQUESTS_RAW.format(keys=keys, part=_UNSEALED_PART.format(t=t)),
             late=_REQUESTS_RAW.format(keys=keys, part=_LATE_PART.format(t=t)),
             settings=self._settings(),
