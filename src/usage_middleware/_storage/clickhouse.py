@@ -18,9 +18,9 @@ Why every answer is exact (each ``id`` counted once, whatever was replayed):
   (``upload_quarters``, ``request_quarters``) and, from those, day rollups (``upload_days``,
   ``request_days``: read for the days no period bound cuts) under a *seal*:
   ``(day, version, watermark)`` in ``usage_seals``. A seal of a day holds exactly the day's
-  ids whose first copy was inserted at or before its watermark (raw ``FINAL``, ``inserted_at <= watermark``); a read takes the day's
-  rows of its newest seal from the rollup plus, from raw, the ids first inserted after the
-  watermark. Each id is in exactly one of the two, so a record arriving for a sealed day counts
+  ids whose first copy was inserted at or before its watermark (raw ``FINAL``,
+  ``inserted_at <= watermark``); a read takes the day's rows of its newest seal from the
+  rollups plus, from raw, the ids first inserted after the watermark. Each id is in exactly one of the two, so a record arriving for a sealed day counts
   at once, and the next ``maintain`` folds it in: a new seal = the previous seal's rows + the
   raw ids in ``(old watermark, new watermark]``, written under a new version, the seal row last.
   A reader only uses rollup rows of the version its seal row names, so a half-written seal is
