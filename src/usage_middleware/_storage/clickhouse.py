@@ -13,18 +13,18 @@ Why every answer is exact (each ``id`` counted once, whatever was replayed):
   is visible (a later copy cannot replace it).
 * Answers are computed in the engine from raw rows, per quarter hour, and mapped to the periods
   by their UTC bounds (every zone's local midnight and hour is on a UTC quarter hour).
-* A sealed tier, for speed and for raw retention. :meth:`ClickHouseBackend.maintain`
-  aggregates whole UTC days older than ``settle_days`` into quarter-hour rollups
-  (``upload_quarters``, ``request_quarters``) and, from those, day rollups (``upload_days``,
-  ``request_days``: read for the days no period bound cuts) under a *seal*:
-  ``(day, version, watermark)`` in ``usage_seals``. A seal of a day holds exactly the day's
-  ids whose first copy was inserted at or before its watermark (raw ``FINAL``,
-  ``inserted_at <= watermark``); a read takes the day's rows of its newest seal from the
-  rollups plus, from raw, the ids first inserted after the watermark. Each id is in exactly one of the two, so a record arriving for a sealed day counts
-  at once, and the next ``maintain`` folds it in: a new seal = the previous seal's rows + the
-  raw ids in ``(old watermark, new watermark]``, written under a new version, the seal row last.
-  A reader only uses rollup rows of the version its seal row names, so a half-written seal is
-  never read, and superseded versions are deleted an hour after their successor.
+* A sealed tier, for speed and for raw retention. :meth:`ClickHouseBackend.maintain` aggregates
+  whole UTC days older than ``settle_days`` into quarter-hour rollups (``upload_quarters``,
+  ``request_quarters``) and, from those, day rollups (``upload_days``, ``request_days``: read for
+  the days no period bound cuts) under a *seal*: ``(day, version, watermark)`` in ``usage_seals``. A
+  seal of a day holds exactly the day's ids whose first copy was inserted at or before its watermark
+  (raw ``FINAL``, ``inserted_at <= watermark``); a read takes the day's rows of its newest seal from
+  the rollups plus, from raw, the ids first inserted after the watermark. Each id is in exactly one
+  of the two, so a record arriving for a sealed day counts at once, and the next ``maintain`` folds
+  it in: a new seal = the previous seal's rows + the raw ids in ``(old watermark, new watermark]``,
+  written under a new version, the seal row last. A reader only uses rollup rows of the version its
+  seal row names, so a half-written seal is never read, and superseded versions are deleted an hour
+  after their successor.
 * The watermark is the server's ``now64() - visibility_margin``: rows stamped earlier are
   visible by the time the seal reads them (an INSERT taking longer than the margin, 5 minutes by
   default, between stamping and commit is the one way to break this).
