@@ -8,6 +8,7 @@ dialect serves all examples of a property; each example uses fresh API keys as i
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import uuid
 from collections import defaultdict
@@ -83,6 +84,12 @@ def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         "memory": UsageStore("memory://"),
         "sqlite": UsageStore(f"sqlite:///{tmp_path_factory.mktemp('q')}/usage.db"),
     }
+    if importlib.util.find_spec("chdb") is not None:
+        # sealing after every write: answers mix sealed rollups, late raw rows and raw days
+        stores["chdb"] = UsageStore(
+            f"chdb:///{tmp_path_factory.mktemp('ch')}",
+            engine_options={"visibility_margin": 0, "maintain_interval": 1e-9},
+        )
     pg = None
     try:
         try:
@@ -305,7 +312,33 @@ def test_granular_equals_raw_aggregation_in_local_time(
     shared_store: UsageStore, scenario: dict[str, Any]
 ) -> None:
     """Series, totals, breakdowns and request stats equal raw records aggregated in local time."""
-    s = scenario
+    check_granular(shared_store, scenario)
+
+
+@pytest.fixture
+def chdb_store(shared_stores: dict[str, UsageStore]) -> UsageStore:
+    """The module's chdb store (embedded ClickHouse), when the clickhouse extra is installed."""
+    if "chdb" not in shared_stores:
+        pytest.skip("the clickhouse extra is not installed")
+    return shared_stores["chdb"]
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=50,  # each example also seals: about 0.5 s on chdb
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios())
+def test_granular_on_chdb_equals_raw_aggregation_in_local_time(
+    chdb_store: UsageStore, scenario: dict[str, Any]
+) -> None:
+    """The same property on ClickHouse (chdb), sealing after every write."""
+    check_granular(chdb_store, scenario)
+
+
+def check_granular(shared_store: UsageStore, s: dict[str, Any]) -> None:
+    """``GET /granular`` equals the independent aggregation of the scenario's records."""
     shared_store.write([*s["uploads"], *s["requests"]])
     keys = s["keys"]
     visible = keys if s["narrow"] is None else [keys[s["narrow"]]]

@@ -38,7 +38,9 @@ class UsageStore:
 
     ``url`` picks the engine: ``sqlite:///usage.db`` (embedded, the default choice),
     ``postgresql+psycopg://user:pw@host/db`` (``postgresql://`` and ``postgres://`` are accepted
-    and use psycopg 3), or ``memory://`` (in memory, for tests). The constructor does not
+    and use psycopg 3), ``clickhouse://user:pw@host:8123/db`` or ``chdb:///path/to/dir``
+    (ClickHouse, with the ``clickhouse`` extra), or ``memory://`` (in memory, for tests). The
+    constructor does not
     connect; the schema is created on first use unless ``auto_create_schema=False``, in which
     case a missing schema raises :class:`SchemaMissingError`. ``read_timeout`` (seconds, default
     10; ``None``: no limit) bounds each read-path statement, so a slow query gives up instead of
@@ -77,15 +79,16 @@ class UsageStore:
         self.write_timeout = write_timeout
         self.url = normalize_url(url)
         self.display_url = display_url(self.url)
+        self.raw_retention_days = check_retention_days(raw_retention_days)
         self.backend: Backend = open_backend(
             self.url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             write_timeout=write_timeout,
+            raw_retention_days=self.raw_retention_days,
             engine_options=dict(engine_options or {}),
         )
         self.auto_create_schema = auto_create_schema
-        self.raw_retention_days = check_retention_days(raw_retention_days)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._recorders: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -95,7 +98,7 @@ class UsageStore:
 
     @property
     def dialect(self) -> str:
-        """The engine's name: ``sqlite``, ``postgresql`` or ``memory``."""
+        """The engine's name: ``sqlite``, ``postgresql``, ``clickhouse``, ``chdb`` or ``memory``."""
         return self.backend.name
 
     @property
@@ -108,15 +111,17 @@ class UsageStore:
 
     # --- schema ------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
+    def create_schema(self, *, cluster: str | None = None) -> None:
         """Create every table, index and function; safe to call any number of times.
 
         On PostgreSQL this runs the very files in ``sql/`` under an advisory lock, so several
         processes starting at once do not race; unpartitioned raw tables of an older install are
         converted (see the schema file). On SQLite it builds the equivalent tables. With
         ``raw_retention_days`` set, raw rows past it are then pruned (:meth:`maintain`).
+        ``cluster`` (ClickHouse only) creates replicated tables ``ON CLUSTER`` that name, behind
+        ``Distributed`` tables sharded by API key.
         """
-        self.backend.create_schema()
+        self.backend.create_schema(cluster)
         self._schema_ready = True
         if self.raw_retention_days is not None:
             maintain(self)

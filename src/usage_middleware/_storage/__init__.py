@@ -5,6 +5,8 @@
 * ``sqlite:///path/usage.db`` — :mod:`.sqlite` (embedded, the default choice)
 * ``postgresql+psycopg://user@host/db`` (also ``postgresql://``, ``postgres://``) — :mod:`.postgres`
 * ``memory://`` — :mod:`.memory`, the in-memory test double
+* ``clickhouse://user:pw@host:8123/db`` (a server over HTTP) and ``chdb:///path/to/dir``
+  (embedded in this process) — :mod:`.clickhouse`, with the ``clickhouse`` extra
 
 Engines are imported only when used, so a missing optional driver matters only to its users.
 """
@@ -34,7 +36,10 @@ __all__ = [
     "open_backend",
 ]
 
-_SUPPORTED = "'sqlite:///path/usage.db', 'postgresql+psycopg://user@host/dbname' or 'memory://'"
+_SUPPORTED = (
+    "'sqlite:///path/usage.db', 'postgresql+psycopg://user@host/dbname', "
+    "'clickhouse://user:pw@host:8123/db', 'chdb:///path/to/dir' or 'memory://'"
+)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -58,7 +63,7 @@ def normalize_url(url: str | URL) -> URL:
             raise ConfigurationError(
                 f"unsupported SQLite driver {parsed.drivername!r}: use 'sqlite:///path/usage.db'"
             )
-    elif parsed.drivername != "memory":
+    elif parsed.drivername not in ("memory", "clickhouse", "chdb"):
         raise ConfigurationError(
             f"unsupported database URL scheme {parsed.drivername!r}: usage-middleware stores "
             f"to {_SUPPORTED}"
@@ -72,6 +77,7 @@ def open_backend(
     connect_timeout: float,
     read_timeout: float | None,
     write_timeout: float,
+    raw_retention_days: int | None = None,
     engine_options: dict[str, Any],
 ) -> Backend:
     """The backend for a URL returned by :func:`normalize_url` (it does not connect yet)."""
@@ -81,6 +87,18 @@ def open_backend(
         if engine_options:
             raise ConfigurationError("engine_options do not apply to the in-memory backend")
         return MemoryBackend()
+    if url.drivername in ("clickhouse", "chdb"):
+        from .clickhouse import ClickHouseBackend
+
+        # ClickHouse keeps retention as a table TTL, so it needs the age at schema creation;
+        # the SQL engines prune on maintain() instead.
+        return ClickHouseBackend(
+            url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            raw_retention_days=raw_retention_days,
+            engine_options=engine_options,
+        )
     try:
         if url.get_backend_name() == "sqlite":
             from .sqlite import SQLiteBackend

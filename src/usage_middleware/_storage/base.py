@@ -104,8 +104,10 @@ class Writer(Protocol):
     #: The database vanishes with the process (memory).
     ephemeral: bool
 
-    def create_schema(self) -> None:
-        """Create every table, index and function; safe to call any number of times."""
+    def create_schema(self, cluster: str | None = None) -> None:
+        """Create every table, index and function; safe to call any number of times.
+        ``cluster`` names a cluster to create replicated tables on, where the engine has
+        clusters (ClickHouse); elsewhere it is a ConfigurationError."""
 
     def has_schema(self) -> bool:
         """True when every usage table exists."""

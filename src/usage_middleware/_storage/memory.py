@@ -42,8 +42,10 @@ class MemoryBackend:
 
     # --- writer ------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
+    def create_schema(self, cluster: str | None = None) -> None:
         """Nothing to create."""
+        if cluster is not None:
+            raise ConfigurationError("the in-memory store has no cluster")
 
     def has_schema(self) -> bool:
         return True

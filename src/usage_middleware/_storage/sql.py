@@ -23,7 +23,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
 )
 
-from .._errors import DatabaseUnavailableError, RecordsRefusedError
+from .._errors import ConfigurationError, DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
 from . import _sqlread
@@ -51,7 +51,11 @@ class SQLBackend(ABC):
 
     # --- schema ------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
+    def create_schema(self, cluster: str | None = None) -> None:
+        if cluster is not None:
+            raise ConfigurationError(
+                f"cluster={cluster!r} applies to a ClickHouse server store, not to {self.name}"
+            )
         try:
             self._create_schema()
         except DBAPIError as exc:

@@ -1,0 +1,399 @@
+"""The ClickHouse backend on chdb (embedded ClickHouse): exactness under replays and racing
+copies, sealing, late rows, raw retention, the router, the cluster DDL and the client seam.
+
+Every answer is compared with the in-memory backend holding the same records (exact by
+construction), in zones whose offsets are on :30 and :45. chdb runs one database directory per
+process, so each test opens its own store and closes it before the next.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usage_middleware import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    RequestRecord,
+    UploadRecord,
+    UsageStore,
+)
+from usage_middleware._queries import granular
+from usage_middleware._storage.clickhouse import (
+    REQUEST_COLUMNS,
+    UPLOAD_COLUMNS,
+    ClickHouseBackend,
+    _request_row,
+    _upload_row,
+    schema_statements,
+)
+from usage_middleware._timerange import QuerySpec
+
+pytest.importorskip("chdb")
+
+UTC = timezone.utc
+ZONES = ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "America/St_Johns",
+         "Australia/Lord_Howe"]  # fmt: skip
+DAY0 = date(2025, 3, 28)  # a week around Lord Howe's and Chatham's April DST changes
+PROVIDERS = ["s3", "r2"]
+TYPES = ["image/png", "image/jpeg", "application/pdf"]
+
+
+@pytest.fixture
+def ch(tmp_path: os.PathLike[str]) -> Iterator[UsageStore]:
+    """A chdb store that seals only when told (``maintain``), with no visibility margin."""
+    store = UsageStore(
+        f"chdb:///{os.path.join(tmp_path, 'ch')}",
+        engine_options={"visibility_margin": 0, "maintain_interval": 0},
+    )
+    store.create_schema()
+    try:
+        yield store
+    finally:
+        store.dispose()
+
+
+def backend(store: UsageStore) -> ClickHouseBackend:
+    b = store.backend
+    assert isinstance(b, ClickHouseBackend)
+    return b
+
+
+def answers(store: UsageStore, keys: list[uuid.UUID], tz: str) -> list[dict[str, Any]]:
+    """/granular answers over the data's week in ``tz``: hourly for two days, daily, monthly."""
+    specs = [
+        QuerySpec(DAY0 + timedelta(days=2), DAY0 + timedelta(days=3), tz, "hour"),
+        QuerySpec(DAY0 - timedelta(days=1), DAY0 + timedelta(days=8), tz, "day"),
+        QuerySpec(DAY0 - timedelta(days=1), DAY0 + timedelta(days=8), tz, "month",
+                  providers=("s3",), file_types=("image/*",)),
+    ]  # fmt: skip
+    return [granular(store, spec, keys) for spec in specs]
+
+
+def reference(records: list[Any], keys: list[uuid.UUID], tz: str) -> list[dict[str, Any]]:
+    memory = UsageStore("memory://")
+    memory.write(records)
+    return answers(memory, keys, tz)
+
+
+instants = st.integers(0, 8 * 86400 * 1000).map(
+    lambda ms: datetime(DAY0.year, DAY0.month, DAY0.day, tzinfo=UTC) + timedelta(milliseconds=ms)
+)
+
+
+def records(keys: list[uuid.UUID]) -> st.SearchStrategy[list[Any]]:
+    upload = st.builds(
+        lambda at, k, p, t, size, ok: UploadRecord(
+            api_key_id=k, provider=p, file_type=t, file_size=size,
+            upload_status="success" if ok else "failed", uploaded_at=at,
+        ),
+        instants, st.sampled_from(keys), st.sampled_from(PROVIDERS), st.sampled_from(TYPES),
+        st.integers(0, 10**9), st.booleans(),
+    )  # fmt: skip
+    request = st.builds(
+        lambda at, k, ms, status: RequestRecord(
+            api_key_id=k, status_code=status, response_time_ms=ms, requested_at=at
+        ),
+        instants, st.sampled_from(keys), st.floats(0.05, 5000), st.sampled_from([200, 404, 500]),
+    )  # fmt: skip
+    return st.lists(st.one_of(upload, request), max_size=30)
+
+
+def race(store: UsageStore, batch: list[Any]) -> None:
+    """Insert copies of ``batch`` as a racing writer would: past the write's id check."""
+    ups = [r for r in batch if isinstance(r, UploadRecord)]
+    reqs = [r for r in batch if isinstance(r, RequestRecord)]
+    client = backend(store).client
+    tag = uuid.uuid4().hex
+    if ups:
+        client.insert("file_uploads", UPLOAD_COLUMNS, [_upload_row(u) for u in ups], tag)
+    if reqs:
+        client.insert("api_requests", REQUEST_COLUMNS, [_request_row(r) for r in reqs], tag)
+
+
+def drop_raw_before(store: UsageStore, cutoff: datetime) -> None:
+    """What the raw TTL does, now: delete raw rows older than ``cutoff``."""
+    ts = cutoff.strftime("%Y-%m-%d %H:%M:%S")
+    client = backend(store).client
+    client.command(f"ALTER TABLE file_uploads DELETE WHERE uploaded_at < '{ts}'")
+    client.command(f"ALTER TABLE api_requests DELETE WHERE requested_at < '{ts}'")
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data(), tz=st.sampled_from(ZONES))
+def test_answers_stay_exact_through_late_rows_races_reseals_and_raw_retention(
+    ch: UsageStore, data: st.DataObject, tz: str
+) -> None:
+    """Sealed days, late rows for sealed days, racing copies that straddle a seal's watermark,
+    a re-seal and dropping the sealed raw rows: every answer equals the raw aggregation."""
+    keys = [uuid.uuid4(), uuid.uuid4()]
+    first = data.draw(records(keys))
+    late = data.draw(records(keys))
+    b = backend(ch)
+    ch.write(first)
+    b.seal()  # seals the week (and every day up to the horizon)
+    assert answers(ch, keys, tz) == reference(first, keys, tz)
+    # a replay regrouping sealed records with new ones for the same (sealed) days
+    replay = data.draw(st.lists(st.sampled_from(first), unique_by=id)) if first else []
+    assert ch.write([*late, *replay]) == len(late)
+    race(ch, [*first, *late])  # copies inserted after the seal, of sealed and late ids
+    want = reference([*first, *late], keys, tz)
+    assert answers(ch, keys, tz) == want
+    b.seal()  # folds the late rows into a new seal
+    assert answers(ch, keys, tz) == want
+    drop_raw_before(ch, datetime(DAY0.year, DAY0.month, DAY0.day, tzinfo=UTC) + timedelta(9))
+    assert answers(ch, keys, tz) == want
+
+
+def test_retried_and_regrouped_batches_count_each_id_once(ch: UsageStore) -> None:
+    """Retries and regrouped replays add nothing; racing copies stored twice count once."""
+    key = uuid.uuid4()
+    at = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    batch = [UploadRecord(api_key_id=key, file_size=i, uploaded_at=at) for i in range(1, 6)]
+    assert ch.write(batch) == 5
+    assert ch.write(batch) == 0
+    assert ch.write([batch[4], batch[0], UploadRecord(api_key_id=key, uploaded_at=at)]) == 1
+    race(ch, batch)
+    race(ch, batch[:2])
+    ((stored,),) = backend(ch).client.query("SELECT count() FROM file_uploads")
+    assert int(stored) == 6 + 5 + 2  # the copies are really there, not merged yet
+    spec = QuerySpec(date(2025, 6, 1), date(2025, 6, 1), "Asia/Kolkata", "hour")
+    assert granular(ch, spec, [key])["totals"] == {
+        "uploads": 6, "bytes": 15, "successful": 6, "failed": 0,
+    }  # fmt: skip
+
+
+def test_concurrent_writers_keep_answers_exact(ch: UsageStore) -> None:
+    """Writers racing on overlapping batches: the stored answers count each id once."""
+    key = uuid.uuid4()
+    base = datetime(2025, 6, 1, tzinfo=UTC)
+    records = [
+        UploadRecord(api_key_id=key, file_size=1, uploaded_at=base + timedelta(minutes=i))
+        for i in range(200)
+    ]
+
+    def writer(offset: int) -> None:
+        for i in range(0, 200, 20):
+            ch.write(records[(i + offset) % 200 : (i + offset) % 200 + 40])
+
+    threads = [threading.Thread(target=writer, args=(n * 7,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spec = QuerySpec(date(2025, 6, 1), date(2025, 6, 1), "UTC", "hour")
+    assert granular(ch, spec, [key])["totals"]["uploads"] == 200
+
+
+def test_the_raw_ttl_drops_only_sealed_rows_and_answers_do_not_change(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """With raw_retention_days the raw tables carry a TTL on greatest(time, inserted_at). Rows
+    are sealed by maintain; then the TTL is let expire them (its interval shortened, as if the
+    days had passed) and ClickHouse drops them: the answers do not change."""
+    store = UsageStore(
+        f"chdb:///{os.path.join(tmp_path, 'ch')}",
+        engine_options={"raw_retention_days": 5, "settle_days": 2, "visibility_margin": 0},
+    )
+    try:
+        store.create_schema()
+        client = backend(store).client
+        for table, t in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
+            ((ddl,),) = client.query(
+                "SELECT create_table_query FROM system.tables "
+                "WHERE database = 'default' AND name = {t:String}", {"t": table}
+            )
+            assert f"TTL toDateTime(greatest({t}, inserted_at)) + toIntervalDay(5)" in ddl
+        key = uuid.uuid4()
+        at = datetime(2025, 3, 30, 18, 40, tzinfo=UTC)  # 00:25 on the 31st in Kathmandu
+        store.write([
+            *(UploadRecord(api_key_id=key, file_size=3, uploaded_at=at + timedelta(hours=h))
+              for h in range(48)),
+            *(RequestRecord(api_key_id=key, response_time_ms=h,
+                            requested_at=at + timedelta(hours=h)) for h in range(1, 4)),
+        ])  # fmt: skip
+        specs = [
+            QuerySpec(date(2025, 3, 30), date(2025, 4, 2), tz, "hour")
+            for tz in ("Asia/Kathmandu", "Asia/Kolkata", "America/St_Johns")
+        ]
+        before = [granular(store, spec, [key]) for spec in specs]
+        assert before[0]["totals"]["uploads"] == 48
+        assert before[0]["requests"]["total"] == 3
+        backend(store).seal()
+        for table, t in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
+            client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime({t}) + INTERVAL 5 DAY")
+            client.command(f"OPTIMIZE TABLE {table} FINAL")
+            ((left,),) = client.query(f"SELECT count() FROM {table}")
+            assert int(left) == 0
+        assert [granular(store, spec, [key]) for spec in specs] == before
+    finally:
+        store.dispose()
+
+
+def test_retention_must_outlast_the_settle_window() -> None:
+    """A raw TTL shorter than settle_days + 2 could drop rows before they are sealed."""
+    with pytest.raises(ConfigurationError, match="settle_days"):
+        UsageStore("chdb://", engine_options={"raw_retention_days": 3, "settle_days": 2})
+    with pytest.raises(ConfigurationError, match="do not apply"):
+        UsageStore("chdb://", engine_options={"pool_size": 3})
+
+
+def test_the_router_serves_granular_from_chdb(ch: UsageStore) -> None:
+    """GET /granular through a mounted UsageRouter answers from the chdb store."""
+    import anyio
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Mount
+
+    from usage_middleware import UsageRouter
+
+    key = uuid.uuid4()
+    at = datetime(2025, 5, 4, 10, tzinfo=UTC)
+    ch.write([
+        UploadRecord(api_key_id=key, provider="s3", file_type="image/png", file_size=100,
+                     uploaded_at=at),
+        UploadRecord(api_key_id=key, provider="r2", file_type="application/pdf", file_size=50,
+                     upload_status="failed", uploaded_at=at + timedelta(hours=1)),
+        RequestRecord(api_key_id=key, status_code=500, response_time_ms=40, requested_at=at),
+    ])  # fmt: skip
+
+    def authorize(request: Request) -> list[str]:
+        return [str(key)]
+
+    app = Starlette(routes=[Mount("/usage", UsageRouter(ch, authorize=authorize))])
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            params = {"start": "2025-05-04", "end": "2025-05-04", "tz": "Asia/Kolkata"}
+            return await client.get("/usage/granular", params=params)
+
+    response = anyio.run(go)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["totals"] == {"uploads": 2, "bytes": 150, "successful": 1, "failed": 1}
+    assert [(p["provider"], p["uploads"]) for p in body["providers"]] == [("r2", 1), ("s3", 1)]
+    assert body["requests"]["total"] == 1 and body["requests"]["errors"] == 1
+    assert [e["period"] for e in body["series"] if e["uploads"]] == [
+        "2025-05-04T15:00:00+05:30", "2025-05-04T16:00:00+05:30",
+    ]  # fmt: skip
+
+
+def test_a_forked_child_is_refused_instead_of_hanging(ch: UsageStore) -> None:
+    """chdb's embedded server does not survive fork: the child gets a ConfigurationError."""
+    ch.write([UploadRecord(uploaded_at=datetime(2025, 1, 1, tzinfo=UTC))])
+    ch.backend.before_fork()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            ch.backend.after_fork()
+            try:
+                ch.write([UploadRecord()])
+            except ConfigurationError as exc:
+                code = 0 if "forked" in str(exc) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ch.write([UploadRecord(uploaded_at=datetime(2025, 1, 1, tzinfo=UTC))]) == 1
+
+
+def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
+    """ON CLUSTER statements: replicated local tables plus Distributed tables sharded by key.
+    No Keeper or cluster here: each statement is parsed by the engine, and the local tables are
+    created with their replication and ON CLUSTER taken out."""
+    statements = schema_statements("usage", cluster="prod", raw_retention_days=30)
+    client = backend(ch).client
+    for statement in statements:
+        (formatted,) = client.query("SELECT formatQuery({q:String})", {"q": statement})[0]
+        assert "ON CLUSTER prod" in formatted
+    distributed = [s for s in statements if "ENGINE = Distributed" in s]
+    assert len(distributed) == 6
+    assert all("cityHash64(api_key_id)" in s for s in distributed)
+    client.command("CREATE DATABASE IF NOT EXISTS usage")
+    for statement in statements:
+        if "ENGINE = Distributed" in statement:
+            continue
+        local = statement.replace(" ON CLUSTER `prod`", "")
+        head, rest = local.split("ENGINE = Replicated", 1)
+        engine, tail = rest.split("(", 1)
+        args, tail = tail.split(")", 1)
+        version = args.split("'{replica}'")[1].strip(", ")
+        client.command(f"{head}ENGINE = {engine}({version}){tail}")
+    tables = {r[0] for r in client.query("SELECT name FROM system.tables WHERE database='usage'")}
+    assert tables == {"file_uploads_local", "api_requests_local", "upload_quarters_local",
+                      "upload_days_local", "request_days_local",
+                      "request_quarters_local", "usage_seals"}  # fmt: skip
+
+
+def test_cluster_is_refused_where_it_does_not_apply(ch: UsageStore, tmp_path: Any) -> None:
+    """Only a ClickHouse server store takes create_schema(cluster=...)."""
+    with pytest.raises(ConfigurationError, match="cluster"):
+        ch.create_schema(cluster="prod")
+    sqlite = UsageStore(f"sqlite:///{os.path.join(tmp_path, 'u.db')}")
+    with pytest.raises(ConfigurationError, match="cluster"):
+        sqlite.create_schema(cluster="prod")
+    sqlite.dispose()
+
+
+def test_a_server_url_connects_lazily_and_an_unreachable_one_is_unavailable() -> None:
+    """clickhouse:// builds without connecting; a closed port is DatabaseUnavailableError."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = UsageStore(f"clickhouse://u:secret@127.0.0.1:{port}/usage", connect_timeout=1)
+    assert store.dialect == "clickhouse"
+    assert "secret" not in repr(store)
+    with pytest.raises(DatabaseUnavailableError, match="cannot reach"):
+        store.ping()
+    store.dispose()
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without chdb / clickhouse-connect the store says which extra to install."""
+    monkeypatch.setitem(sys.modules, "chdb", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'usage-middleware\[clickhouse\]'"):
+        UsageStore("chdb://")
+    monkeypatch.setitem(sys.modules, "clickhouse_connect", None)
+    with pytest.raises(ConfigurationError, match=r"usage-middleware\[clickhouse\]"):
+        UsageStore("clickhouse://localhost/db")
+
+
+@pytest.mark.parametrize("max_runs", [0, 16])
+def test_fragmented_seals_read_the_same(
+    ch: UsageStore, monkeypatch: pytest.MonkeyPatch, max_runs: int
+) -> None:
+    """Days re-sealed one by one (many runs of seal versions) answer alike whether the read
+    tests versions by run or per day."""
+    from usage_middleware._storage import clickhouse
+
+    monkeypatch.setattr(clickhouse, "_MAX_SEAL_RUNS", max_runs)
+    key = uuid.uuid4()
+    start = datetime(DAY0.year, DAY0.month, DAY0.day, 7, 45, tzinfo=UTC)
+    first = [UploadRecord(api_key_id=key, file_size=d, uploaded_at=start + timedelta(days=d))
+             for d in range(8)]  # fmt: skip
+    ch.write(first)
+    backend(ch).seal()
+    late = [UploadRecord(api_key_id=key, file_size=100, uploaded_at=start + timedelta(days=d))
+            for d in range(0, 8, 2)]  # fmt: skip
+    ch.write(late)
+    backend(ch).seal()  # every other day now has a newer seal version
+    for tz in ("Asia/Kathmandu", "Pacific/Chatham"):
+        assert answers(ch, [key], tz) == reference([*first, *late], [key], tz)
