@@ -36,6 +36,7 @@ TABLES = (
     "hourly_request_usage",
     "quarter_usage",
     "quarter_request_usage",
+    "quarter_mismatch_usage",
 )
 
 # What Supabase has before any usage table exists: the API roles, auth.uid(), and default

@@ -21,12 +21,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
 
-__all__ = ["Backend", "Histogram", "MaintainResult", "Reader", "Scope", "UploadRow", "Writer"]
+__all__ = [
+    "EXPORT_COLUMNS",
+    "Backend",
+    "Failure",
+    "FailureKey",
+    "Histogram",
+    "MaintainResult",
+    "Reader",
+    "Scope",
+    "UploadRow",
+    "Writer",
+    "is_failed_request",
+]
 
 # (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
 # group or a marginal: a None column means "summed over every value" (GROUPING SETS). Rows add.
@@ -60,6 +72,41 @@ class Scope:
         return self.keys is None or record.api_key_id in self.keys
 
 
+# --- failures, export and type mismatches (read path II) --------------------------------------
+
+# Position of a failure in the newest-first order: (time, kind, id), compared descending as a
+# tuple ("upload" sorts after "request", so at one instant uploads come first).
+FailureKey = tuple[datetime, str, UUID]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed upload (``kind="upload"``) or a request answered with status >= 400 or an
+    exception (``kind="request"``); the other kind's columns are None."""
+
+    kind: str
+    at: datetime
+    id: UUID
+    api_key_id: UUID | None
+    provider: str | None = None
+    file_type: str | None = None
+    declared_type: str | None = None
+    file_size: int | None = None
+    method: str | None = None
+    route: str | None = None
+    status_code: int | None = None
+    error_message: str | None = None
+
+    @property
+    def key(self) -> FailureKey:
+        return (self.at, self.kind, self.id)
+
+
+def is_failed_request(record: RequestRecord) -> bool:
+    """The reference definition of a failed request (the SQL filters and indexes agree)."""
+    return record.status_code >= 400 or record.error_message is not None
+
+
 @dataclass
 class Histogram:
     """Requests over a range: counts per latency bucket plus exact sums."""
@@ -74,6 +121,36 @@ class Histogram:
         self.requests += requests
         self.errors += errors
         self.response_us += response_us
+
+
+# The columns an export carries, in order: the raw table's own (the time column last).
+EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "uploads": (
+        "id",
+        "api_key_id",
+        "request_id",
+        "provider",
+        "file_type",
+        "declared_type",
+        "file_size",
+        "file_name",
+        "upload_status",
+        "error_message",
+        "uploaded_at",
+    ),
+    "requests": (
+        "id",
+        "api_key_id",
+        "method",
+        "path",
+        "status_code",
+        "response_time_ms",
+        "request_size",
+        "response_size",
+        "error_message",
+        "requested_at",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -141,6 +218,39 @@ class Reader(Protocol):
 
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
         """Requests of the scope's keys in the UTC range ``[start, end)``."""
+
+    def failure_rows(
+        self,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        kinds: tuple[str, ...],
+        before: FailureKey | None,
+        limit: int,
+    ) -> list[Failure]:
+        """Up to ``limit`` failures of ``kinds`` (``upload``, ``request``) in the UTC range
+        ``[start, end)`` and ``scope`` (provider and type filters apply to uploads), newest
+        first by :data:`FailureKey` and strictly after ``before`` in that order (keyset)."""
+
+    def export_rows(
+        self,
+        dataset: str,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` raw rows of ``dataset`` (``uploads`` or ``requests``; columns in
+        :data:`EXPORT_COLUMNS` order, times aware UTC) in ``[start, end)`` and ``scope``,
+        oldest first by (time, id) and strictly after ``after`` (keyset)."""
+
+    def mismatch_rows(
+        self, scope: Scope, start: datetime, end: datetime
+    ) -> list[tuple[str, str, int]]:
+        """Uploads in ``[start, end)`` and ``scope`` whose declared type differs from the
+        detected one, as (file_type, declared_type, uploads) rows (rows may repeat a pair;
+        they add)."""
 
 
 @runtime_checkable
