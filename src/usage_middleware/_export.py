@@ -47,13 +47,14 @@ def _one(params: Mapping[str, Sequence[str]], name: str) -> str | None:
 
 
 def parse_export_options(params: Mapping[str, Sequence[str]]) -> tuple[str, str]:
-    """``dataset`` (required: uploads or requests) and ``format`` (csv, the default, or
+    """``dataset`` (uploads, the default, or requests) and ``format`` (csv, the default, or
     ndjson); :class:`QueryError` (400) otherwise."""
-    dataset = _one(params, "dataset")
+    dataset = _one(params, "dataset") or "uploads"
     if dataset not in DATASETS:
-        got = "nothing" if dataset is None else repr(dataset[:20])
         raise QueryError(
-            "invalid_dataset", f"dataset must be uploads or requests, got {got}", "dataset"
+            "invalid_dataset",
+            f"dataset must be uploads or requests, got {dataset[:20]!r}",
+            "dataset",
         )
     fmt = _one(params, "format") or "csv"
     if fmt not in FORMATS:
@@ -91,13 +92,13 @@ class Export:
         key_ids: Collection[UUID] | None,
         dataset: str,
         fmt: str,
-        chunk_rows: int = CHUNK_ROWS,
+        chunk_rows: int | None = None,
     ) -> None:
         self.store = store
         self.dataset = dataset
         self.format = fmt
         self.columns = EXPORT_COLUMNS[dataset]
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
         self.start, self.end = spec.start_utc, spec.end_utc
         # provider and file type filters select uploads; requests have neither
         self.ignored = [] if dataset == "uploads" else [
