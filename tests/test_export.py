@@ -300,7 +300,7 @@ def test_a_key_outside_the_scope_is_never_exported(store: UsageStore) -> None:
         ([("dataset", "keys")], "invalid_dataset", "dataset"),
         ([("dataset", "uploads"), ("format", "xlsx")], "invalid_format", "format"),
         ([("dataset", "uploads"), ("dataset", "requests")], "repeated_parameter", "dataset"),
-        ([("dataset", "uploads"), ("start", "2025-02-30")], "invalid_date", "start"),
+        ([("start", "2025-02-30"), ("end", "2025-03-01")], "invalid_date", "start"),
     ],
 )
 def test_bad_export_parameters_are_json_400(
