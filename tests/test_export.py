@@ -62,7 +62,8 @@ def upload_row(u: UploadRecord) -> list[str]:
     """What the CSV holds for ``u`` (before neutralisation)."""
     values = [
         u.id, u.api_key_id, u.request_id, u.provider, u.file_type, u.declared_type,
-        u.file_size, u.file_name, u.upload_status, u.error_message, u.uploaded_at.isoformat(),
+        u.file_size, u.file_name, u.upload_status, u.error_message,
+        u.uploaded_at.isoformat(timespec="microseconds"),
     ]  # fmt: skip
     return ["" if v is None else str(v) for v in values]
 
@@ -70,7 +71,8 @@ def upload_row(u: UploadRecord) -> list[str]:
 def request_row(r: RequestRecord) -> list[str]:
     values = [
         r.id, r.api_key_id, r.method, r.path, r.status_code, repr(r.response_time_ms),
-        r.request_size, r.response_size, r.error_message, r.requested_at.isoformat(),
+        r.request_size, r.response_size, r.error_message,
+        r.requested_at.isoformat(timespec="microseconds"),
     ]  # fmt: skip
     return ["" if v is None else str(v) for v in values]
 
@@ -176,7 +178,7 @@ def test_export_reads_pages_by_keyset_never_the_whole_range(
     assert [x["file_size"] for x in lines] == list(range(23))
     # each page continues after the previous page's last (time, id)
     for (after, _), last in zip(calls[1:], lines[4::5], strict=False):
-        assert (after[0].isoformat(), str(after[1])) == (last["uploaded_at"], last["id"])
+        assert after == (datetime.fromisoformat(last["uploaded_at"]), uuid.UUID(last["id"]))
 
 
 def _spec() -> Any:
@@ -264,7 +266,8 @@ def test_ndjson_and_requests(store: UsageStore) -> None:
         {
             "id": str(req.id), "api_key_id": str(key), "method": "POST", "path": "/files/{id}",
             "status_code": 500, "response_time_ms": 12.5, "request_size": 3, "response_size": 4,
-            "error_message": "=boom", "requested_at": AT.isoformat(),
+            "error_message": "=boom",
+            "requested_at": AT.isoformat(timespec="microseconds"),
         }
     ]  # fmt: skip
     # upload filters do not apply to requests: said in a header
@@ -329,3 +332,25 @@ def test_a_range_past_retention_says_so_in_a_header(store: UsageStore) -> None:
     # the requests table was never pruned
     r = get(app, [*RANGE, ("dataset", "requests")], str(key))
     assert "x-usage-retention-start" not in r.headers
+
+
+def test_every_backend_exports_the_same_text(shared_store: UsageStore) -> None:
+    """Keyless rows, request ids and microseconds come out the same on every backend."""
+    request_id = uuid.uuid4()
+    upload = UploadRecord(
+        api_key_id=None, request_id=request_id, provider="p-" + request_id.hex, file_size=0,
+        uploaded_at=datetime(2031, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    )  # fmt: skip
+    shared_store.write([upload])
+    app = Starlette(routes=[Mount("/usage", UsageRouter(shared_store, public=True))])
+    params = {"start": "2031-01-02", "end": "2031-01-02", "format": "ndjson",
+              "provider": upload.provider}  # fmt: skip
+    r = get(app, params, "")
+    assert [json.loads(line) for line in r.text.splitlines()] == [
+        {
+            "id": str(upload.id), "api_key_id": None, "request_id": str(request_id),
+            "provider": upload.provider, "file_type": upload.file_type, "declared_type": None,
+            "file_size": 0, "file_name": None, "upload_status": "success",
+            "error_message": None, "uploaded_at": "2031-01-02T03:04:05.000006+00:00",
+        }
+    ]  # fmt: skip

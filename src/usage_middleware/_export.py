@@ -11,8 +11,8 @@ CSV is RFC 4180 (Python's :mod:`csv`, CRLF line ends, a header row). A text cell
 spreadsheet would evaluate as a formula — one starting with ``=``, ``+``, ``-``, ``@``, a tab or
 a carriage return — gets a leading single quote (``'=cmd()``), the usual neutralisation
 (OWASP "CSV injection"); numbers, ids and times never start with those. NDJSON is one JSON object
-per line with values unchanged. Times are UTC ISO 8601, ids canonical UUID text, missing values
-empty (CSV) or null (NDJSON).
+per line with values unchanged. Times are UTC ISO 8601 with microseconds, ids canonical UUID
+text, missing values empty (CSV) or null (NDJSON).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from sqlalchemy import Text
+
 from ._queries import _scope
+from ._schema import api_requests, file_uploads
 from ._storage.base import EXPORT_COLUMNS, Scope
 from ._store import UsageStore
 from ._timerange import QueryError, QuerySpec
@@ -35,7 +38,7 @@ __all__ = ["CHUNK_ROWS", "DATASETS", "FORMATS", "Export", "parse_export_options"
 DATASETS = ("uploads", "requests")
 FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 CHUNK_ROWS = 5_000
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r"))
 _TABLES = {"uploads": "file_uploads", "requests": "api_requests"}
 
 
@@ -64,21 +67,22 @@ def parse_export_options(params: Mapping[str, Sequence[str]]) -> tuple[str, str]
     return dataset, fmt
 
 
-def _csv_cell(value: Any) -> Any:
-    """A CSV cell; a text a spreadsheet would evaluate is quoted so it reads as text."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return "'" + value if value.startswith(_FORMULA_START) else value
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value) if isinstance(value, UUID) else value
+def _text_columns(dataset: str) -> list[int]:
+    """Indexes of the free-text columns (those a CSV cell may need neutralised in)."""
+    table = file_uploads if dataset == "uploads" else api_requests
+    names = EXPORT_COLUMNS[dataset]
+    return [i for i, name in enumerate(names) if isinstance(table.c[name].type, Text)]
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value) if isinstance(value, UUID) else value
+def _neutralised(rows: list[tuple[Any, ...]], text_columns: list[int]) -> list[Any]:
+    """The page with every text a spreadsheet would evaluate prefixed with a single quote,
+    a whole column per comprehension (ids, times and numbers are never touched)."""
+    columns: list[Any] = list(zip(*rows, strict=True))
+    for i in text_columns:
+        columns[i] = [
+            "'" + v if v is not None and v[:1] in _FORMULA_START else v for v in columns[i]
+        ]
+    return list(zip(*columns, strict=True))
 
 
 class Export:
@@ -136,17 +140,18 @@ class Export:
             yield rows
             if len(rows) < self.chunk_rows:
                 return
-            last = rows[-1]
-            rows = self._page((last[-1], last[0]))  # (time, id): the keyset
+            at, rid = rows[-1][-1], rows[-1][0]  # the keyset, as text
+            rows = self._page((datetime.fromisoformat(at), UUID(rid)))
 
     def body(self) -> Iterator[bytes]:
         """The encoded body, one chunk per page (blocking: iterate in a worker thread)."""
         if self.format == "csv":
+            text_columns = _text_columns(self.dataset)
             buffer = io.StringIO()
             writer = csv.writer(buffer)  # RFC 4180: excel dialect, CRLF, minimal quoting
             writer.writerow(self.columns)
             for rows in self.pages():
-                writer.writerows([[_csv_cell(v) for v in row] for row in rows])
+                writer.writerows(_neutralised(rows, text_columns))  # None is written empty
                 yield buffer.getvalue().encode()
                 buffer.seek(0)
                 buffer.truncate()
@@ -156,7 +161,6 @@ class Export:
         columns = self.columns
         dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         for rows in self.pages():
-            yield "".join(
-                dumps({c: _json_value(v) for c, v in zip(columns, row, strict=True)}) + "\n"
-                for row in rows
-            ).encode()
+            lines = [dumps(dict(zip(columns, row, strict=True))) for row in rows]
+            lines.append("")
+            yield "\n".join(lines).encode()

@@ -241,9 +241,11 @@ class Reader(Protocol):
         after: tuple[datetime, UUID] | None,
         limit: int,
     ) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` raw rows of ``dataset`` (``uploads`` or ``requests``; columns in
-        :data:`EXPORT_COLUMNS` order, times aware UTC) in ``[start, end)`` and ``scope``,
-        oldest first by (time, id) and strictly after ``after`` (keyset)."""
+        """Up to ``limit`` raw rows of ``dataset`` (``uploads`` or ``requests``) in ``[start,
+        end)`` and ``scope``, oldest first by (time, id) and strictly after ``after`` (keyset).
+        Columns in :data:`EXPORT_COLUMNS` order, ready to write: ids as canonical UUID text,
+        times as ISO 8601 UTC text with microseconds (``2025-09-01T12:00:00.000000+00:00``),
+        numbers and other text as stored, missing values None."""
 
     def mismatch_rows(
         self, scope: Scope, start: datetime, end: datetime

@@ -32,6 +32,13 @@ from .base import (
 __all__ = ["MemoryBackend"]
 
 
+def _export_value(value: Any) -> Any:
+    """A value as :meth:`MemoryBackend.export_rows` gives it (ids and times as text)."""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="microseconds")
+    return str(value) if isinstance(value, UUID) else value
+
+
 class MemoryBackend:
     """Records in dictionaries keyed by id; reads scan them. Thread-safe."""
 
@@ -207,7 +214,7 @@ class MemoryBackend:
         rows = sorted(found, key=lambda r: (getattr(r, at), r.id))
         if after is not None:
             rows = [r for r in rows if (getattr(r, at), r.id) > after]
-        return [tuple(getattr(r, c) for c in columns) for r in rows[:limit]]
+        return [tuple(_export_value(getattr(r, c)) for c in columns) for r in rows[:limit]]
 
     def mismatch_rows(
         self, scope: Scope, start: datetime, end: datetime
