@@ -65,6 +65,22 @@ _TABLES: dict[str, tuple[Table, str]] = {
 }
 
 
+def _keyed(scope: Scope, dialect: str, uploads: bool) -> tuple[_Shape, bool, dict[str, Any]]:
+    """The filter shape and parameters, plus whether the scope is one key: that is compared
+    with ``=`` (parameter ``key``), so PostgreSQL walks the (key, time) index in time order
+    and stops at ``LIMIT``, where ``= ANY`` of a one-element array would sort the key's
+    rows."""
+    shape, params = _scope(scope, dialect, uploads=uploads)
+    if scope.keys is None or len(scope.keys) != 1:
+        return shape, False, params
+    params["key"] = params.pop("keys")[0]
+    return _Shape(False, shape.providers, shape.types, shape.families), True, params
+
+
+def _key_filter(table: Table, single: bool) -> list[Any]:
+    return [table.c.api_key_id == bindparam("key", type_=Uuid())] if single else []
+
+
 def _utc(value: datetime) -> datetime:
     """psycopg returns timestamptz in the session's zone; answers are UTC everywhere."""
     return value if value.tzinfo is UTC else value.astimezone(UTC)
@@ -79,7 +95,7 @@ _FAILURE_COLUMNS = {
 
 
 @lru_cache(maxsize=64)
-def _failure_statement(kind: str, dialect: str, shape: _Shape) -> _Statement:
+def _failure_statement(kind: str, dialect: str, shape: _Shape, single: bool) -> _Statement:
     """Failed rows of one kind in ``[start, end)`` strictly before ``(t, cid)`` in (time, id)
     order, newest first, at most ``lim`` of them."""
     table, at_name = _TABLES[kind]
@@ -93,6 +109,7 @@ def _failure_statement(kind: str, dialect: str, shape: _Shape) -> _Statement:
             at < bindparam("end", type_=UTCDateTime()),
             tuple_(at, table.c.id)
             < tuple_(bindparam("t", type_=UTCDateTime()), bindparam("cid", type_=Uuid())),
+            *_key_filter(table, single),
             *_where(table, shape, dialect),
         )
         .order_by(at.desc(), table.c.id.desc())
@@ -128,10 +145,10 @@ def failure_rows(
         return []
     out: list[Failure] = []
     for kind in kinds:
-        shape, params = _scope(scope, backend.name, uploads=kind == "upload")
+        shape, single, params = _keyed(scope, backend.name, uploads=kind == "upload")
         t, cid = _before(kind, before, end)
         params.update(start=start, end=end, t=t, cid=cid, lim=limit)
-        statement = _failure_statement(kind, backend.name, shape)
+        statement = _failure_statement(kind, backend.name, shape, single)
         for row in _rows(backend, statement, params):
             if kind == "upload":
                 rid, at, key, provider, file_type, declared, size, message = row
@@ -183,7 +200,7 @@ def _as_text(column: Any, dialect: str) -> Any:
 
 
 @lru_cache(maxsize=32)
-def _export_statement(dataset: str, dialect: str, shape: _Shape) -> _Statement:
+def _export_statement(dataset: str, dialect: str, shape: _Shape, single: bool) -> _Statement:
     """Raw rows of ``dataset`` in ``[start, end)`` after ``(t, cid)``, oldest first, ids and
     times as text made by the database (cheaper than Python objects formatted one by one)."""
     table, at_name = _TABLES[dataset]
@@ -196,6 +213,7 @@ def _export_statement(dataset: str, dialect: str, shape: _Shape) -> _Statement:
             at < bindparam("end", type_=UTCDateTime()),
             tuple_(at, table.c.id)
             > tuple_(bindparam("t", type_=UTCDateTime()), bindparam("cid", type_=Uuid())),
+            *_key_filter(table, single),
             *_where(table, shape, dialect),
         )
         .order_by(at, table.c.id)
@@ -216,10 +234,10 @@ def export_rows(
     """One keyset page of raw rows (a short statement: no connection is held between pages)."""
     if scope.keys is not None and not scope.keys:
         return []
-    shape, params = _scope(scope, backend.name, uploads=dataset == "uploads")
+    shape, single, params = _keyed(scope, backend.name, uploads=dataset == "uploads")
     t, cid = after if after is not None else (start - _TICK, _NO_ID)
     params.update(start=start, end=end, t=t, cid=cid, lim=limit)
-    return _rows(backend, _export_statement(dataset, backend.name, shape), params)
+    return _rows(backend, _export_statement(dataset, backend.name, shape, single), params)
 
 
 # --- declared-type mismatches -----------------------------------------------------------------
