@@ -5,8 +5,9 @@
 Builds, inside a throwaway PostgreSQL database (``generate_series``), ``api_requests`` with
 ``--requests`` rows (default 2,000,000; 50 API keys with a skewed share, 12 months of 2025, ~5 %
 answered >= 400) and ``file_uploads`` with ``--uploads`` rows (default 1,000,000; ~3 % failed),
-each inserted in time order as live writes leave them, then VACUUM ANALYZE. No rollups: neither endpoint reads them. Then, through a mounted
-``UsageRouter`` (in-process ASGI call, JSON included), it times
+each inserted in time order as live writes leave them, then VACUUM ANALYZE. No rollups: neither
+endpoint reads them. Then, through a mounted ``UsageRouter`` (in-process ASGI call, JSON
+included), it times
 
 * the first ``/failures`` page (limit 50) and the page after it, for the busiest key and for
   every key, over 12 months in UTC and America/New_York (median of ``--runs``);
