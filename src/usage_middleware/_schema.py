@@ -205,8 +205,12 @@ quarter_mismatch_usage = Table(
 
 # Newest-first keyset reads of failures (``GET /failures``): partial indexes holding only the
 # failed rows, per key and for every key. PostgreSQL's twins are in the schema file.
-FAILED_UPLOAD = file_uploads.c.upload_status == "failed"
-FAILED_REQUEST = (api_requests.c.status_code >= 400) | api_requests.c.error_message.isnot(None)
+# Literals, not parameters: a planner can use a partial index only for a query whose condition
+# visibly implies the index's (a prepared statement's generic plan knows no parameter values).
+FAILED_UPLOAD = file_uploads.c.upload_status == literal_column("'failed'")
+FAILED_REQUEST = (api_requests.c.status_code >= literal_column("400")) | (
+    api_requests.c.error_message.isnot(None)
+)
 FAILURE_INDEXES = (
     Index(
         "idx_file_uploads_failed_key_time",

@@ -5,11 +5,13 @@ A backend is one database engine behind two small protocols:
 * :class:`Writer` — what the recorder and ``UsageStore.write`` need: the schema, one idempotent
   write of a batch (raw rows and every rollup in one transaction, each ``id`` counted once), a
   health ping, and the process hooks (a fork must not share connections).
-* :class:`Reader` — the two primitives the read path is built from: uploads summed per
+* :class:`Reader` — the primitives the read path is built from: uploads summed per
   (period, provider, file type) over UTC period bounds, and the merged latency histogram of
-  requests over a UTC range. Everything the HTTP API answers (series, breakdowns, shares,
-  percentiles) is shaped from these in engine-neutral Python, so every backend gives the same
-  answer for the same records — which the contract tests check, backend by backend.
+  requests over a UTC range; for failures, exports and declared-type mismatches, keyset pages
+  of failed or raw rows and mismatch counts. Everything the HTTP API answers (series,
+  breakdowns, shares, percentiles) is shaped from these in engine-neutral Python, so every
+  backend gives the same answer for the same records — which the contract tests check,
+  backend by backend.
 
 How a backend answers is its own business: the SQL backends read exact rollups and only the
 edges from raw rows; the in-memory backend (``usage_middleware.testing``) scans its rows.
