@@ -140,12 +140,13 @@ def granular(
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]
+    finish_additions = start_granular_additions(store, spec, key_ids)
     rows, request_block = _both(
         store,
         lambda: _upload_rows(store, spec, key_ids, bounds),
         lambda: request_stats(store, spec, key_ids),
     )
-    additions = granular_additions(store, spec, key_ids)
+    additions = finish_additions()
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
     for i, period in enumerate(ps):
@@ -251,19 +252,24 @@ def _type_mismatches(rows: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
     return [{"file_type": t, "declared_type": d, "uploads": n} for (t, d), n in items]
 
 
-def granular_additions(
+def start_granular_additions(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None
-) -> dict[str, Any]:
-    """``previous``: upload totals plus ``requests`` and ``errors`` of :func:`previous_range`
+) -> Callable[[], dict[str, Any]]:
+    """Start reading ``/granular``'s ``previous`` and ``type_mismatches``; the returned call
+    finishes and answers them.
+
+    ``previous``: upload totals plus ``requests`` and ``errors`` of :func:`previous_range`
     (same zone, same key scope and filters; ``start``/``end`` name it, null with zeros when it
     cannot exist); ``type_mismatches``: uploads in the range whose declared type differs from
     the detected one, per (file_type, declared_type), most uploads first. Both come from
-    rollups, so they do not change when raw rows are pruned. The two request-free reads run on
-    the read pool where the backend allows it; the upload read, which may itself fan out, runs
-    here."""
+    rollups, so they do not change when raw rows are pruned. Where the backend allows it, the
+    two request-free reads start on the read pool at once (they overlap the main answer's
+    reads); the upload read of the previous range, which may itself fan out, runs in the
+    finishing call."""
     zero = {"uploads": 0, "bytes": 0, "successful": 0, "failed": 0, "requests": 0, "errors": 0}
     if key_ids is not None and not key_ids:
-        return {"previous": {"start": None, "end": None, **zero}, "type_mismatches": []}
+        empty = {"previous": {"start": None, "end": None, **zero}, "type_mismatches": []}
+        return lambda: empty
     store.ensure_schema()
     scope = _scope(spec, key_ids)
     backend = store.backend
@@ -280,17 +286,21 @@ def granular_additions(
 
     if backend.parallel_reads:
         later_histogram, later_mismatches = submit(histogram), submit(mismatches)
-    rows = [] if prev_spec is None else _whole_range_rows(store, prev_spec, key_ids)
-    if backend.parallel_reads:
-        h, found = later_histogram.result(), later_mismatches.result()
-    else:
-        h, found = histogram(), mismatches()
-    totals = _fold(rows)[3]
-    previous = {
-        "start": None if prev is None else prev[0].isoformat(),
-        "end": None if prev is None else prev[1].isoformat(),
-        **_counts(totals),
-        "requests": h.requests,
-        "errors": h.errors,
-    }
-    return {"previous": previous, "type_mismatches": _type_mismatches(found)}
+
+    def finish() -> dict[str, Any]:
+        rows = [] if prev_spec is None else _whole_range_rows(store, prev_spec, key_ids)
+        if backend.parallel_reads:
+            h, found = later_histogram.result(), later_mismatches.result()
+        else:
+            h, found = histogram(), mismatches()
+        totals = _fold(rows)[3]
+        previous = {
+            "start": None if prev is None else prev[0].isoformat(),
+            "end": None if prev is None else prev[1].isoformat(),
+            **_counts(totals),
+            "requests": h.requests,
+            "errors": h.errors,
+        }
+        return {"previous": previous, "type_mismatches": _type_mismatches(found)}
+
+    return finish
