@@ -171,3 +171,41 @@ def test_memory_backend_lists_what_it_holds() -> None:
     assert [dataclasses.asdict(r) for r in backend.requests()] == [
         dataclasses.asdict(r) for r in store.backend.requests()  # type: ignore[attr-defined]
     ]
+
+
+def test_failure_export_and_mismatch_primitives_agree(any_store: UsageStore) -> None:
+    """failure_rows pages newest first strictly after a position; export_rows gives text ids
+    and times oldest first after a (time, id); mismatch_rows counts differing declared types."""
+    other = uuid.uuid4()
+    records: list[UploadRecord | RequestRecord] = [
+        UploadRecord(api_key_id=KEY, provider="s3", file_type="image/png", file_size=1,
+                     upload_status="failed", declared_type="image/gif", uploaded_at=T0),
+        UploadRecord(api_key_id=KEY, provider="r2", file_type="image/png", file_size=2,
+                     declared_type="image/gif", uploaded_at=T0 + timedelta(minutes=1)),
+        UploadRecord(api_key_id=other, provider="s3", file_type="image/png", file_size=3,
+                     upload_status="failed", uploaded_at=T0),
+        RequestRecord(api_key_id=KEY, method="GET", path="/a", status_code=200,
+                      response_time_ms=1.0, request_size=0, response_size=0,
+                      error_message="boom", requested_at=T0),
+        RequestRecord(api_key_id=KEY, method="GET", path="/b", status_code=200,
+                      response_time_ms=1.0, request_size=0, response_size=0, requested_at=T0),
+    ]  # fmt: skip
+    any_store.write(records)
+    b = any_store.backend
+    scope = Scope(keys=(KEY,))
+    lo, hi = T0 - timedelta(hours=1), T0 + timedelta(hours=1)
+    both = ("upload", "request")
+    page = b.failure_rows(scope, lo, hi, both, None, 10)
+    assert [(f.kind, f.route, f.provider) for f in page] == [
+        ("upload", None, "s3"), ("request", "/a", None)
+    ]  # fmt: skip
+    assert b.failure_rows(scope, lo, hi, both, page[0].key, 10) == page[1:]
+    assert b.failure_rows(Scope(keys=(KEY,), providers=("r2",)), lo, hi, ("upload",), None, 9) == []
+    rows = b.export_rows("uploads", scope, lo, hi, None, 1)
+    assert rows[0][0] == str(records[0].id) and rows[0][-1] == "2025-06-01T12:00:00.000000+00:00"
+    after = (T0, records[0].id)
+    assert [r[3] for r in b.export_rows("uploads", scope, lo, hi, after, 5)] == ["r2"]
+    mismatches: dict[tuple[str, str], int] = {}
+    for file_type, declared, n in b.mismatch_rows(scope, lo, hi):  # rows of a pair add
+        mismatches[file_type, declared] = mismatches.get((file_type, declared), 0) + n
+    assert mismatches == {("image/png", "image/gif"): 2}

@@ -34,13 +34,16 @@ OLD_SCHEMA = Path(__file__).parent / "support" / "schema_0_1_0.sql"
 
 
 def _quarter_tables_sql() -> str:
-    """The schema file's block that adds (and fills) the quarter-hour rollups: an install of the
-    previous release that has them, so this release's writer can write to it before the
-    conversion of its raw tables."""
+    """The schema file's blocks that add (and fill) the quarter-hour rollups and the
+    declared-type mismatch rollup: an install of the previous release that has them, so this
+    release's writer can write to it before the conversion of its raw tables."""
     text_ = sql_text("usage_tracking_schema.sql")
-    start = text_.index("DO $quarter$")
-    end = text_.index("$quarter$;", start + len("DO $quarter$")) + len("$quarter$;")
-    return text_[start:end]
+    blocks = []
+    for tag in ("$quarter$", "$mismatch$"):
+        start = text_.index(f"DO {tag}")
+        end = text_.index(f"{tag};", start + len(f"DO {tag}")) + len(f"{tag};")
+        blocks.append(text_[start:end])
+    return "\n".join(blocks)
 
 
 def _upload(at: datetime, rng: random.Random) -> UploadRecord:

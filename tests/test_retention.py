@@ -105,13 +105,14 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     uploads = draw(
         st.lists(
             st.builds(
-                lambda at, key, provider, ft, size, ok: UploadRecord(
+                lambda at, key, provider, ft, size, ok, declared: UploadRecord(
                     api_key_id=key,
                     provider=provider,
                     file_type=ft,
                     file_size=size,
                     upload_status="success" if ok else "failed",
                     uploaded_at=at,
+                    declared_type=declared,
                 ),
                 instant,
                 st.sampled_from([*keys, None]),
@@ -119,6 +120,9 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
                 st.sampled_from(TYPES),
                 st.integers(0, 10**9),
                 st.booleans(),
+                # /granular's type_mismatches come from their own rollup (image/png on a png
+                # upload is no mismatch: it is stored as None)
+                st.sampled_from([None, "image/png", "application/octet-stream"]),
             ),
             min_size=1,
             max_size=40,
@@ -167,8 +171,8 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def answers(store: UsageStore, spec: QuerySpec, key_ids: list[uuid.UUID] | None) -> Any:
-    """The ``/granular`` answer (series, breakdowns, request statistics) and the whole-range
-    breakdowns."""
+    """The ``/granular`` answer (series, breakdowns, request statistics, the previous range,
+    declared-type mismatches) and the whole-range breakdowns."""
     return granular(store, spec, key_ids), breakdowns(store, spec, key_ids)
 
 

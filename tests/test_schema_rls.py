@@ -36,6 +36,7 @@ TABLES = (
     "hourly_request_usage",
     "quarter_usage",
     "quarter_request_usage",
+    "quarter_mismatch_usage",
 )
 
 # What Supabase has before any usage table exists: the API roles, auth.uid(), and default
@@ -74,12 +75,25 @@ def _install(conn: psycopg.Connection, pg_url: str) -> None:
         store.create_schema()
         at = datetime(2025, 9, 5, 12, tzinfo=UTC)
         store.write(
-            [UploadRecord(api_key_id=ALICE_KEY, provider="s3", file_size=1, uploaded_at=at)]
+            # declared types that differ from the detected one fill quarter_mismatch_usage too
+            [
+                UploadRecord(
+                    api_key_id=ALICE_KEY, provider="s3", file_size=1, uploaded_at=at,
+                    declared_type="image/gif",
+                )
+            ]
             + [
-                UploadRecord(api_key_id=BOB_KEY, provider="s3", file_size=2, uploaded_at=at)
+                UploadRecord(
+                    api_key_id=BOB_KEY, provider="s3", file_size=2, uploaded_at=at,
+                    declared_type="image/gif",
+                )
                 for _ in range(2)
             ]
-            + [UploadRecord(provider="s3", file_size=4, uploaded_at=at)]
+            + [
+                UploadRecord(
+                    provider="s3", file_size=4, uploaded_at=at, declared_type="image/gif"
+                )
+            ]
             + [
                 RequestRecord(api_key_id=ALICE_KEY, requested_at=at),
                 RequestRecord(api_key_id=BOB_KEY, requested_at=at),

@@ -9,8 +9,9 @@ empties itself at commit, and a single statement does the rest inside the server
          q   AS (INSERT INTO quarter_usage SELECT .. FROM g ORDER BY key
                  ON CONFLICT ON CONSTRAINT uq_quarter_usage DO UPDATE SET counter = counter + ..),
          h   AS (.. g summed by hour into hourly_usage ..),
-         d   AS (.. g summed by day into daily_usage ..)
-    SELECT count(*) FROM new, count(*) FROM d, h, q  -- this order is the lock order
+         d   AS (.. g summed by day into daily_usage ..),
+         m   AS (.. new rows whose declared type differs, by quarter, into quarter_mismatch_usage)
+    SELECT count(*) FROM new, count(*) FROM d, h, q, m  -- this order is the lock order
 
 The raw insert names no conflict target on purpose: the raw tables are partitioned by month, so
 their primary key is (id, time), which a replay (same id, same time) hits; an install whose
@@ -119,7 +120,7 @@ WITH new AS (
     SELECT {", ".join(_UPLOAD_COLUMNS)} FROM pg_temp.um_stage_uploads AS s
     ORDER BY s.id
     ON CONFLICT DO NOTHING
-    RETURNING api_key_id, provider, file_type, file_size, upload_status,
+    RETURNING api_key_id, provider, file_type, declared_type, file_size, upload_status,
               (uploaded_at AT TIME ZONE 'UTC') AS utc_at
 ), grouped AS (
     SELECT api_key_id, {_QUARTER}, provider, file_type, {_UPLOAD_COUNTERS}
@@ -152,9 +153,21 @@ WITH new AS (
      ORDER BY 1, 2, 3, 4
     ON CONFLICT ON CONSTRAINT uq_daily_usage DO UPDATE SET {_UPLOAD_SET}
     RETURNING 1
+), mismatch AS (
+    INSERT INTO public.quarter_mismatch_usage AS t
+        (api_key_id, usage_quarter, provider, file_type, declared_type, total_uploads)
+    SELECT api_key_id, {_QUARTER.removesuffix(" AS q")} AT TIME ZONE 'UTC', provider, file_type,
+           declared_type, count(*)
+      FROM new
+     WHERE declared_type IS NOT NULL AND declared_type <> file_type
+     GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT ON CONSTRAINT uq_quarter_mismatch_usage
+    DO UPDATE SET total_uploads = t.total_uploads + EXCLUDED.total_uploads
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly),
-       (SELECT count(*) FROM quarter)
+       (SELECT count(*) FROM quarter), (SELECT count(*) FROM mismatch)
 """
 
 _REQUEST_COUNTERS = """

@@ -14,8 +14,10 @@ means no key and gives zeros without touching the database.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
+from datetime import date, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -138,11 +140,13 @@ def granular(
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]
+    finish_additions = start_granular_additions(store, spec, key_ids)
     rows, request_block = _both(
         store,
         lambda: _upload_rows(store, spec, key_ids, bounds),
         lambda: request_stats(store, spec, key_ids),
     )
+    additions = finish_additions()
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
     for i, period in enumerate(ps):
@@ -155,6 +159,7 @@ def granular(
         "file_types": _breakdown(by_type, "file_type"),
         "providers": _breakdown(by_provider, "provider"),
         "requests": request_block,
+        **additions,
     }
 
 
@@ -225,3 +230,77 @@ def percentile(h: Histogram, q: float) -> float:
         if seen >= rank:
             return latency_representative(lb)
     return 0.0
+
+
+# --- /granular: the previous range and declared-type mismatches -------------------------------
+
+
+def previous_range(spec: QuerySpec) -> tuple[date, date] | None:
+    """The equally long local range (in days) that ends the day before ``spec`` starts; None
+    when it would begin before the earliest date a query may name."""
+    days = (spec.end - spec.start).days + 1
+    if spec.start.toordinal() - days < date(2, 1, 1).toordinal():
+        return None
+    return spec.start - timedelta(days=days), spec.start - timedelta(days=1)
+
+
+def _type_mismatches(rows: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    acc: dict[tuple[str, str], int] = {}
+    for file_type, declared, n in rows:
+        acc[file_type, declared] = acc.get((file_type, declared), 0) + n
+    items = sorted(((k, n) for k, n in acc.items() if n), key=lambda kv: (-kv[1], kv[0]))
+    return [{"file_type": t, "declared_type": d, "uploads": n} for (t, d), n in items]
+
+
+def start_granular_additions(
+    store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None
+) -> Callable[[], dict[str, Any]]:
+    """Start reading ``/granular``'s ``previous`` and ``type_mismatches``; the returned call
+    finishes and answers them.
+
+    ``previous``: upload totals plus ``requests`` and ``errors`` of :func:`previous_range`
+    (same zone, same key scope and filters; ``start``/``end`` name it, null with zeros when it
+    cannot exist); ``type_mismatches``: uploads in the range whose declared type differs from
+    the detected one, per (file_type, declared_type), most uploads first. Both come from
+    rollups, so they do not change when raw rows are pruned. Where the backend allows it, the
+    two request-free reads start on the read pool at once (they overlap the main answer's
+    reads); the upload read of the previous range, which may itself fan out, runs in the
+    finishing call."""
+    zero = {"uploads": 0, "bytes": 0, "successful": 0, "failed": 0, "requests": 0, "errors": 0}
+    if key_ids is not None and not key_ids:
+        empty = {"previous": {"start": None, "end": None, **zero}, "type_mismatches": []}
+        return lambda: empty
+    store.ensure_schema()
+    scope = _scope(spec, key_ids)
+    backend = store.backend
+    prev = previous_range(spec)
+    prev_spec = None if prev is None else dataclasses.replace(spec, start=prev[0], end=prev[1])
+
+    def histogram() -> Histogram:
+        if prev_spec is None:
+            return Histogram()
+        return backend.request_histogram(scope, prev_spec.start_utc, prev_spec.end_utc)
+
+    def mismatches() -> list[tuple[str, str, int]]:
+        return backend.mismatch_rows(scope, spec.start_utc, spec.end_utc)
+
+    if backend.parallel_reads:
+        later_histogram, later_mismatches = submit(histogram), submit(mismatches)
+
+    def finish() -> dict[str, Any]:
+        rows = [] if prev_spec is None else _whole_range_rows(store, prev_spec, key_ids)
+        if backend.parallel_reads:
+            h, found = later_histogram.result(), later_mismatches.result()
+        else:
+            h, found = histogram(), mismatches()
+        totals = _fold(rows)[3]
+        previous = {
+            "start": None if prev is None else prev[0].isoformat(),
+            "end": None if prev is None else prev[1].isoformat(),
+            **_counts(totals),
+            "requests": h.requests,
+            "errors": h.errors,
+        }
+        return {"previous": previous, "type_mismatches": _type_mismatches(found)}
+
+    return finish

@@ -30,11 +30,11 @@ from uuid import UUID
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from . import _queries
+from . import _export, _failures, _queries
 from ._dashboard import dashboard_page, time_zones
 from ._errors import ConfigurationError, UsageError
 from ._store import UsageStore
@@ -152,6 +152,8 @@ class UsageRouter(Router):
                 Route("/file-types", self._file_types, methods=["GET"], name="usage_file_types"),
                 Route("/providers", self._providers, methods=["GET"], name="usage_providers"),
                 Route("/history", self._history, methods=["GET"], name="usage_history"),
+                Route("/failures", self._failures, methods=["GET"], name="usage_failures"),
+                Route("/export", self._export, methods=["GET"], name="usage_export"),
                 Route("/health", self._health, methods=["GET"], name="usage_health"),
                 Route("/health/live", _live, methods=["GET"], name="usage_health_live"),
                 Route("/time-zones", _time_zones, methods=["GET"], name="usage_time_zones"),
@@ -258,6 +260,87 @@ class UsageRouter(Router):
 
     async def _history(self, request: Request) -> Response:
         return await self._answer(request, _queries.history)
+
+    # --- failures and export ------------------------------------------------------------------
+
+    async def _prepared(
+        self, request: Request
+    ) -> tuple[QuerySpec, Collection[UUID] | None, dict[str, list[str]]] | Response:
+        """Authorization, the usual parameters and the key scope, as :meth:`_answer` does them,
+        plus every parameter's values for the endpoint's own; or the error response."""
+        try:
+            allowed = await self._scope(request)
+            spec = self._spec(request)  # also caps the number of distinct names
+        except _Denied as denied:
+            return denied.response
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        keys: Collection[UUID] | None = allowed
+        if spec.api_key_ids is not None:
+            outside = [k for k in spec.api_key_ids if allowed is not None and k not in allowed]
+            if outside:
+                return _error(
+                    403, "forbidden", f"api_key_id {outside[0]} is outside your scope", "api_key_id"
+                )
+            keys = frozenset(spec.api_key_ids)
+        params: dict[str, list[str]] = {}
+        for name, value in request.query_params.multi_items():
+            params.setdefault(name, []).append(value)
+        return spec, keys, params
+
+    async def _guarded(self, fn: Callable[[], _T]) -> _T | Response:
+        """``fn`` in a worker thread, with the database errors mapped as :meth:`_answer` does."""
+        try:
+            return await self._run(fn)
+        except _queries.ReadTimeoutError as exc:
+            logger.warning("usage router: %s", exc)
+            return _error(
+                503, "query_timeout", "the usage query took too long; try a shorter range"
+            )
+        except (SQLAlchemyError, UsageError) as exc:
+            logger.warning("usage router: database query failed: %s", exc)
+            return _error(503, "database_unavailable", "the usage database did not answer")
+
+    async def _failures(self, request: Request) -> Response:
+        prepared = await self._prepared(request)
+        if isinstance(prepared, Response):
+            return prepared
+        spec, keys, params = prepared
+        try:
+            limit, cursor = _failures.parse_failure_options(params)
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        body = await self._guarded(
+            partial(_failures.failures, self.store, spec, keys, limit, cursor)
+        )
+        if isinstance(body, Response):
+            return body
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def _export(self, request: Request) -> Response:
+        prepared = await self._prepared(request)
+        if isinstance(prepared, Response):
+            return prepared
+        spec, keys, params = prepared
+        try:
+            dataset, fmt = _export.parse_export_options(params)
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        export = _export.Export(self.store, spec, keys, dataset, fmt)
+        failed = await self._guarded(export.prepare)
+        if isinstance(failed, Response):
+            return failed
+        headers = {
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{export.filename}"',
+            "X-Content-Type-Options": "nosniff",
+        }
+        if export.retention_start is not None:
+            headers["X-Usage-Retention-Start"] = export.retention_start.isoformat()
+        if export.ignored:
+            headers["X-Usage-Ignored"] = ",".join(export.ignored)
+        # a sync iterator: Starlette reads each page in a worker thread
+        return StreamingResponse(export.body(), media_type=export.media_type, headers=headers)
 
     async def _may_see_health(self, request: Request) -> None:
         """Raises ``_Denied`` unless the caller may see health details."""

@@ -16,6 +16,8 @@ Tables:
   histogram, see :func:`latency_bucket`), so p95 over a year is a sum over a few thousand rows
   instead of a sort over millions. ``usage_month`` is the first day of the UTC month.
 * ``quarter_request_usage`` — the same by UTC quarter hour.
+* ``quarter_mismatch_usage`` — uploads whose declared type differs from the detected one, by
+  UTC quarter hour, key, provider, type and declared type (sparse: only mismatches).
 * ``usage_retention`` — how far back raw rows are complete once retention pruned some.
 
 Rollup rows with no API key use NULL; their uniqueness treats NULLs as equal
@@ -186,6 +188,58 @@ quarter_request_usage = Table(
     *_request_counters(),
 )
 
+# Uploads whose declared type differs from the detected one, by UTC quarter hour, key, provider,
+# type and declared type: a sparse exact rollup (rows only where a mismatch happened), so
+# ``type_mismatches`` is answered the same after raw rows are pruned. Reads sum the quarters of
+# a range; only edges off the quarter-hour grid come from raw rows.
+quarter_mismatch_usage = Table(
+    "quarter_mismatch_usage",
+    metadata,
+    Column("usage_quarter", UTCDateTime, nullable=False),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("provider", Text, nullable=False),
+    Column("file_type", Text, nullable=False),
+    Column("declared_type", Text, nullable=False),
+    Column("total_uploads", BigInteger, nullable=False, server_default="0"),
+)
+
+# Newest-first keyset reads of failures (``GET /failures``): partial indexes holding only the
+# failed rows, per key and for every key. PostgreSQL's twins are in the schema file.
+# Literals, not parameters: a planner can use a partial index only for a query whose condition
+# visibly implies the index's (a prepared statement's generic plan knows no parameter values).
+FAILED_UPLOAD = file_uploads.c.upload_status == literal_column("'failed'")
+FAILED_REQUEST = (api_requests.c.status_code >= literal_column("400")) | (
+    api_requests.c.error_message.isnot(None)
+)
+FAILURE_INDEXES = (
+    Index(
+        "idx_file_uploads_failed_key_time",
+        file_uploads.c.api_key_id,
+        file_uploads.c.uploaded_at.desc(),
+        file_uploads.c.id.desc(),
+        sqlite_where=FAILED_UPLOAD,
+    ),
+    Index(
+        "idx_file_uploads_failed_time",
+        file_uploads.c.uploaded_at.desc(),
+        file_uploads.c.id.desc(),
+        sqlite_where=FAILED_UPLOAD,
+    ),
+    Index(
+        "idx_api_requests_failed_key_time",
+        api_requests.c.api_key_id,
+        api_requests.c.requested_at.desc(),
+        api_requests.c.id.desc(),
+        sqlite_where=FAILED_REQUEST,
+    ),
+    Index(
+        "idx_api_requests_failed_time",
+        api_requests.c.requested_at.desc(),
+        api_requests.c.id.desc(),
+        sqlite_where=FAILED_REQUEST,
+    ),
+)
+
 # Per raw table, the instant from which its raw rows are complete (retention removed none at or
 # after it); no row: none was ever removed. Written by ``_maintain``; the rollups are never pruned.
 usage_retention = Table(
@@ -204,6 +258,13 @@ ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
     "hourly_request_usage": ("api_key_id", "usage_hour", "latency_bucket"),
     "quarter_usage": ("api_key_id", "usage_quarter", "provider", "file_type"),
     "quarter_request_usage": ("api_key_id", "usage_quarter", "latency_bucket"),
+    "quarter_mismatch_usage": (
+        "api_key_id",
+        "usage_quarter",
+        "provider",
+        "file_type",
+        "declared_type",
+    ),
 }
 
 # Unique indexes. PostgreSQL's live in sql/usage_tracking_schema.sql (NULLS NOT DISTINCT);
@@ -216,6 +277,7 @@ for _table in (
     hourly_request_usage,
     quarter_usage,
     quarter_request_usage,
+    quarter_mismatch_usage,
 ):
     _keys = ROLLUP_KEYS[_table.name]
     Index(
@@ -236,6 +298,7 @@ ALL_TABLES = (
     "hourly_request_usage",
     "quarter_usage",
     "quarter_request_usage",
+    "quarter_mismatch_usage",
 )
 
 # --- latency sketch -------------------------------------------------------------------------

@@ -92,6 +92,30 @@ _UPLOAD_ROLLUPS = tuple(
     )
 )
 
+# Uploads whose declared type differs from the detected one (sparse: no row for the rest).
+_MISMATCH_WHERE = "declared_type IS NOT NULL AND declared_type <> file_type"
+_MISMATCH_ROLLUP = (
+    "INSERT INTO main.quarter_mismatch_usage (api_key_id, usage_quarter, provider, file_type, "
+    "declared_type, total_uploads) "
+    f"SELECT api_key_id, {_quarter('uploaded_at')} AS w, provider, file_type, declared_type, "
+    f"count(*) FROM {{source}} WHERE {_MISMATCH_WHERE} "
+    "GROUP BY api_key_id, w, provider, file_type, declared_type "
+    "ORDER BY api_key_id, w, provider, file_type, declared_type "
+    "ON CONFLICT (ifnull(api_key_id, ''), usage_quarter, provider, file_type, declared_type) "
+    "DO UPDATE SET total_uploads = total_uploads + excluded.total_uploads"
+)
+_UPLOAD_ROLLUPS = (*_UPLOAD_ROLLUPS, _MISMATCH_ROLLUP.format(source="temp.um_stage_uploads"))
+
+
+def backfill_mismatches(conn: Connection, present: set[str]) -> None:
+    """Fill ``quarter_mismatch_usage`` from the raw rows when an older database (tables
+    ``present`` before this transaction) lacked it, inside ``conn``'s write transaction."""
+    if "quarter_mismatch_usage" in present or "file_uploads" not in present:
+        return
+    # no conflict can arise in an empty table; the upsert form is the writer's own statement
+    conn.exec_driver_sql(_MISMATCH_ROLLUP.format(source="main.file_uploads"))
+
+
 _REQUEST_STATEMENTS = (
     "DELETE FROM temp.um_stage_requests WHERE id IN (SELECT id FROM main.api_requests)",
     f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) "

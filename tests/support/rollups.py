@@ -20,6 +20,7 @@ from usage_middleware._schema import (
     hourly_usage,
     latency_bucket,
     monthly_request_usage,
+    quarter_mismatch_usage,
     quarter_request_usage,
     quarter_usage,
 )
@@ -41,6 +42,7 @@ def random_upload(rng: random.Random, spread_hours: float = 6.0) -> UploadRecord
         file_size=rng.randrange(0, 10_000_000),
         upload_status=rng.choice(["success", "success", "failed"]),
         uploaded_at=BASE + timedelta(seconds=rng.random() * spread_hours * 3600),
+        declared_type=rng.choice([None, None, "image/png", "application/pdf"]),
     )
 
 
@@ -67,7 +69,7 @@ def _quarter(at: datetime) -> datetime:
 
 
 def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The seven rollups as GROUP BY over the raw rows, computed here in Python."""
+    """The eight rollups as GROUP BY over the raw rows, computed here in Python."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
         for name in (
@@ -78,6 +80,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
             "hourly_request_usage",
             "quarter_usage",
             "quarter_request_usage",
+            "quarter_mismatch_usage",
         )
     }
     with store.engine.connect() as conn:
@@ -92,6 +95,10 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
                 acc = out[name][(r["api_key_id"], when, r["provider"], r["file_type"])]
                 for i, v in enumerate((1, r["file_size"], ok, not ok)):
                     acc[i] += v
+            declared = r["declared_type"]
+            if declared is not None and declared != r["file_type"]:
+                key = (r["api_key_id"], _quarter(at), r["provider"], r["file_type"], declared)
+                out["quarter_mismatch_usage"][key][0] += 1
         for r in conn.execute(select(api_requests)).mappings():
             at = r["requested_at"]
             ms = r["response_time_ms"]
@@ -111,7 +118,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
                 acc = out[name][(r["api_key_id"], when, latency_bucket(ms))]
                 for i, v in enumerate(values):
                     acc[i] += v
-    sizes = {"daily_usage": 4, "hourly_usage": 4, "quarter_usage": 4}
+    sizes = {"daily_usage": 4, "hourly_usage": 4, "quarter_usage": 4, "quarter_mismatch_usage": 1}
     return {
         name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
         for name, rows in out.items()
@@ -119,7 +126,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
 
 
 def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The seven rollup tables as stored."""
+    """The eight rollup tables as stored."""
     upload_counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
     request_counters = (
         "total_requests",
@@ -139,6 +146,11 @@ def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[i
             quarter_request_usage,
             ("api_key_id", "usage_quarter", "latency_bucket"),
             request_counters,
+        ),
+        (
+            quarter_mismatch_usage,
+            ("api_key_id", "usage_quarter", "provider", "file_type", "declared_type"),
+            ("total_uploads",),
         ),
     ]
     out: dict[str, dict[tuple[Any, ...], tuple[int, ...]]] = {}

@@ -5,11 +5,13 @@ A backend is one database engine behind two small protocols:
 * :class:`Writer` — what the recorder and ``UsageStore.write`` need: the schema, one idempotent
   write of a batch (raw rows and every rollup in one transaction, each ``id`` counted once), a
   health ping, and the process hooks (a fork must not share connections).
-* :class:`Reader` — the two primitives the read path is built from: uploads summed per
+* :class:`Reader` — the primitives the read path is built from: uploads summed per
   (period, provider, file type) over UTC period bounds, and the merged latency histogram of
-  requests over a UTC range. Everything the HTTP API answers (series, breakdowns, shares,
-  percentiles) is shaped from these in engine-neutral Python, so every backend gives the same
-  answer for the same records — which the contract tests check, backend by backend.
+  requests over a UTC range; for failures, exports and declared-type mismatches, keyset pages
+  of failed or raw rows and mismatch counts. Everything the HTTP API answers (series,
+  breakdowns, shares, percentiles) is shaped from these in engine-neutral Python, so every
+  backend gives the same answer for the same records — which the contract tests check,
+  backend by backend.
 
 How a backend answers is its own business: the SQL backends read exact rollups and only the
 edges from raw rows; the in-memory backend (``usage_middleware.testing``) scans its rows.
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
@@ -29,7 +31,19 @@ from .._records import RequestRecord, UploadRecord
 if TYPE_CHECKING:
     from .legacy import LegacySource, MigrationResult
 
-__all__ = ["Backend", "Histogram", "MaintainResult", "Reader", "Scope", "UploadRow", "Writer"]
+__all__ = [
+    "EXPORT_COLUMNS",
+    "Backend",
+    "Failure",
+    "FailureKey",
+    "Histogram",
+    "MaintainResult",
+    "Reader",
+    "Scope",
+    "UploadRow",
+    "Writer",
+    "is_failed_request",
+]
 
 # (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
 # group or a marginal: a None column means "summed over every value" (GROUPING SETS). Rows add.
@@ -63,6 +77,41 @@ class Scope:
         return self.keys is None or record.api_key_id in self.keys
 
 
+# --- failures, export and type mismatches (read path II) --------------------------------------
+
+# Position of a failure in the newest-first order: (time, kind, id), compared descending as a
+# tuple ("upload" sorts after "request", so at one instant uploads come first).
+FailureKey = tuple[datetime, str, UUID]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed upload (``kind="upload"``) or a request answered with status >= 400 or an
+    exception (``kind="request"``); the other kind's columns are None."""
+
+    kind: str
+    at: datetime
+    id: UUID
+    api_key_id: UUID | None
+    provider: str | None = None
+    file_type: str | None = None
+    declared_type: str | None = None
+    file_size: int | None = None
+    method: str | None = None
+    route: str | None = None
+    status_code: int | None = None
+    error_message: str | None = None
+
+    @property
+    def key(self) -> FailureKey:
+        return (self.at, self.kind, self.id)
+
+
+def is_failed_request(record: RequestRecord) -> bool:
+    """The reference definition of a failed request (the SQL filters and indexes agree)."""
+    return record.status_code >= 400 or record.error_message is not None
+
+
 @dataclass
 class Histogram:
     """Requests over a range: counts per latency bucket plus exact sums."""
@@ -77,6 +126,36 @@ class Histogram:
         self.requests += requests
         self.errors += errors
         self.response_us += response_us
+
+
+# The columns an export carries, in order: the raw table's own (the time column last).
+EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "uploads": (
+        "id",
+        "api_key_id",
+        "request_id",
+        "provider",
+        "file_type",
+        "declared_type",
+        "file_size",
+        "file_name",
+        "upload_status",
+        "error_message",
+        "uploaded_at",
+    ),
+    "requests": (
+        "id",
+        "api_key_id",
+        "method",
+        "path",
+        "status_code",
+        "response_time_ms",
+        "request_size",
+        "response_size",
+        "error_message",
+        "requested_at",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -155,6 +234,41 @@ class Reader(Protocol):
 
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
         """Requests of the scope's keys in the UTC range ``[start, end)``."""
+
+    def failure_rows(
+        self,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        kinds: tuple[str, ...],
+        before: FailureKey | None,
+        limit: int,
+    ) -> list[Failure]:
+        """Up to ``limit`` failures of ``kinds`` (``upload``, ``request``) in the UTC range
+        ``[start, end)`` and ``scope`` (provider and type filters apply to uploads), newest
+        first by :data:`FailureKey` and strictly after ``before`` in that order (keyset)."""
+
+    def export_rows(
+        self,
+        dataset: str,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` raw rows of ``dataset`` (``uploads`` or ``requests``) in ``[start,
+        end)`` and ``scope``, oldest first by (time, id) and strictly after ``after`` (keyset).
+        Columns in :data:`EXPORT_COLUMNS` order, ready to write: ids as canonical UUID text,
+        times as ISO 8601 UTC text with microseconds (``2025-09-01T12:00:00.000000+00:00``),
+        numbers and other text as stored, missing values None."""
+
+    def mismatch_rows(
+        self, scope: Scope, start: datetime, end: datetime
+    ) -> list[tuple[str, str, int]]:
+        """Uploads in ``[start, end)`` and ``scope`` whose declared type differs from the
+        detected one, as (file_type, declared_type, uploads) rows (rows may repeat a pair;
+        they add)."""
 
 
 @runtime_checkable

@@ -60,9 +60,10 @@ from sqlalchemy.engine import URL
 from .._errors import ConfigurationError, DatabaseUnavailableError, ReadTimeoutError
 from .._records import RequestRecord, UploadRecord
 from .._schema import latency_bucket
-from .base import Histogram, MaintainResult, Scope, UploadRow
+from .base import Failure, FailureKey, Histogram, MaintainResult, Scope, UploadRow
 from .chclient import Client, EmbeddedClient, HTTPClient
 from .legacy import LegacySource, MigrationResult
+from .memory import MemoryBackend
 
 __all__ = ["ClickHouseBackend", "schema_statements"]
 
@@ -543,6 +544,25 @@ WHERE version < now64(6) - INTERVAL 1 HOUR
 """
 
 
+_RAW_UPLOADS_SQL = """
+SELECT toString(id), has_key, toString(api_key_id), toString(request_id), provider, file_type,
+       declared_type, file_size, toString(upload_status), file_name, error_message,
+       toUnixTimestamp64Micro(uploaded_at)
+FROM file_uploads FINAL
+WHERE {keys}
+  AND uploaded_at >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC')
+  AND uploaded_at < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC')
+"""
+_RAW_REQUESTS_SQL = """
+SELECT toString(id), has_key, toString(api_key_id), method, path, status_code, response_time_ms,
+       request_size, response_size, error_message, toUnixTimestamp64Micro(requested_at)
+FROM api_requests FINAL
+WHERE {keys}
+  AND requested_at >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC')
+  AND requested_at < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC')
+"""
+
+
 class ClickHouseBackend:
     """Usage tables in ClickHouse (a server over HTTP, or chdb in this process).
 
@@ -806,6 +826,66 @@ class ClickHouseBackend:
         raise ConfigurationError(
             "legacy totals are migrated into a SQLite or PostgreSQL store; ClickHouse has none"
         )
+
+    # --- failures, exports and type mismatches: from the raw rows ----------------------------
+    # Answered by reading the range's raw rows (each id once, FINAL) into the in-memory
+    # reference backend: exact while raw rows are kept, not yet optimised for long ranges, and
+    # without a sealed tier, so past the raw TTL these three see nothing.
+
+    def _raw_view(self, scope: Scope, start: datetime, end: datetime) -> MemoryBackend:
+        params: dict[str, Any] = {"start": _micros(start), "end": _micros(end)}
+        keys = _keys_condition(scope, params)
+        view = MemoryBackend()
+        uploads = [
+            UploadRecord(
+                id=uuid.UUID(r[0]), api_key_id=None if not r[1] else uuid.UUID(r[2]),
+                request_id=None if r[3] is None else uuid.UUID(r[3]), provider=r[4],
+                file_type=r[5], declared_type=r[6], file_size=int(r[7]), upload_status=r[8],
+                file_name=r[9], error_message=r[10],
+                uploaded_at=_EPOCH + timedelta(microseconds=int(r[11])),
+            )
+            for r in self._read(_RAW_UPLOADS_SQL.format(keys=keys), params)
+        ]
+        requests = [
+            RequestRecord(
+                id=uuid.UUID(r[0]), api_key_id=None if not r[1] else uuid.UUID(r[2]),
+                method=r[3], path=r[4], status_code=int(r[5]), response_time_ms=float(r[6]),
+                request_size=int(r[7]), response_size=int(r[8]), error_message=r[9],
+                requested_at=_EPOCH + timedelta(microseconds=int(r[10])),
+            )
+            for r in self._read(_RAW_REQUESTS_SQL.format(keys=keys), params)
+        ]
+        view.write(uploads, requests)
+        return view
+
+    def failure_rows(
+        self,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        kinds: tuple[str, ...],
+        before: FailureKey | None,
+        limit: int,
+    ) -> list[Failure]:
+        view = self._raw_view(scope, start, end)
+        return view.failure_rows(scope, start, end, kinds, before, limit)
+
+    def export_rows(
+        self,
+        dataset: str,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, uuid.UUID] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        view = self._raw_view(scope, start, end)
+        return view.export_rows(dataset, scope, start, end, after, limit)
+
+    def mismatch_rows(
+        self, scope: Scope, start: datetime, end: datetime
+    ) -> list[tuple[str, str, int]]:
+        return self._raw_view(scope, start, end).mismatch_rows(scope, start, end)
 
     def before_fork(self) -> None:
         """Nothing: the child forgets the parent's connections in :meth:`after_fork`."""

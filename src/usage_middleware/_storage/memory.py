@@ -13,15 +13,32 @@ import threading
 from bisect import bisect_right
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from .._errors import ConfigurationError
 from .._records import RequestRecord, UploadRecord
 from .._schema import latency_bucket
-from .base import Histogram, MaintainResult, Scope, UploadRow
+from .base import (
+    EXPORT_COLUMNS,
+    Failure,
+    FailureKey,
+    Histogram,
+    MaintainResult,
+    Scope,
+    UploadRow,
+    is_failed_request,
+)
 from .legacy import LegacySource, MigrationResult
 
 __all__ = ["MemoryBackend"]
+
+
+def _export_value(value: Any) -> Any:
+    """A value as :meth:`MemoryBackend.export_rows` gives it (ids and times as text)."""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="microseconds")
+    return str(value) if isinstance(value, UUID) else value
 
 
 class MemoryBackend:
@@ -130,3 +147,99 @@ class MemoryBackend:
                 ms = r.response_time_ms
                 out.add(latency_bucket(ms), 1, int(r.status_code >= 400), round(ms * 1000))
         return out
+
+    def failure_rows(
+        self,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        kinds: tuple[str, ...],
+        before: FailureKey | None,
+        limit: int,
+    ) -> list[Failure]:
+        with self._lock:
+            uploads = list(self._uploads.values())
+            requests = list(self._requests.values())
+        out: list[Failure] = []
+        if "upload" in kinds:
+            out += [
+                Failure(
+                    "upload",
+                    u.uploaded_at,
+                    u.id,
+                    u.api_key_id,
+                    provider=u.provider,
+                    file_type=u.file_type,
+                    declared_type=u.declared_type,
+                    file_size=u.file_size,
+                    error_message=u.error_message,
+                )
+                for u in uploads
+                if u.upload_status == "failed"
+                and start <= u.uploaded_at < end
+                and scope.matches_upload(u)
+            ]
+        if "request" in kinds:
+            out += [
+                Failure(
+                    "request",
+                    r.requested_at,
+                    r.id,
+                    r.api_key_id,
+                    method=r.method,
+                    route=r.path,
+                    status_code=r.status_code,
+                    error_message=r.error_message,
+                )
+                for r in requests
+                if is_failed_request(r)
+                and start <= r.requested_at < end
+                and scope.matches_request(r)
+            ]
+        if before is not None:
+            out = [f for f in out if f.key < before]
+        out.sort(key=lambda f: f.key, reverse=True)
+        return out[:limit]
+
+    def export_rows(
+        self,
+        dataset: str,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        columns = EXPORT_COLUMNS[dataset]
+        with self._lock:
+            if dataset == "uploads":
+                found: list[Any] = [
+                    u for u in self._uploads.values()
+                    if start <= u.uploaded_at < end and scope.matches_upload(u)
+                ]
+            else:
+                found = [
+                    r for r in self._requests.values()
+                    if start <= r.requested_at < end and scope.matches_request(r)
+                ]
+        at = columns[-1]
+        rows = sorted(found, key=lambda r: (getattr(r, at), r.id))
+        if after is not None:
+            rows = [r for r in rows if (getattr(r, at), r.id) > after]
+        return [tuple(_export_value(getattr(r, c)) for c in columns) for r in rows[:limit]]
+
+    def mismatch_rows(
+        self, scope: Scope, start: datetime, end: datetime
+    ) -> list[tuple[str, str, int]]:
+        acc: dict[tuple[str, str], int] = {}
+        with self._lock:
+            rows = list(self._uploads.values())
+        for u in rows:
+            if (
+                u.declared_type is not None
+                and u.declared_type != u.file_type
+                and start <= u.uploaded_at < end
+                and scope.matches_upload(u)
+            ):
+                acc[u.file_type, u.declared_type] = acc.get((u.file_type, u.declared_type), 0) + 1
+        return [(t, d, n) for (t, d), n in acc.items()]

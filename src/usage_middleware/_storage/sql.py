@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import URL
@@ -26,8 +27,8 @@ from sqlalchemy.exc import (
 from .._errors import ConfigurationError, DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
-from . import _sqlread
-from .base import Histogram, MaintainResult, Scope, UploadRow
+from . import _sqlread, sqlfailures
+from .base import Failure, FailureKey, Histogram, MaintainResult, Scope, UploadRow
 from .legacy import LegacySource, MigrationResult, misfit
 from .maintenance import sql_retention_start
 from .urls import display_url, mask_text
@@ -190,3 +191,30 @@ class SQLBackend(ABC):
 
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
         return _sqlread.request_histogram(self, scope, start, end)
+
+    def failure_rows(
+        self,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        kinds: tuple[str, ...],
+        before: FailureKey | None,
+        limit: int,
+    ) -> list[Failure]:
+        return sqlfailures.failure_rows(self, scope, start, end, kinds, before, limit)
+
+    def export_rows(
+        self,
+        dataset: str,
+        scope: Scope,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        return sqlfailures.export_rows(self, dataset, scope, start, end, after, limit)
+
+    def mismatch_rows(
+        self, scope: Scope, start: datetime, end: datetime
+    ) -> list[tuple[str, str, int]]:
+        return sqlfailures.mismatch_rows(self, scope, start, end)

@@ -15,8 +15,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
-from .._schema import metadata
-from .._sqlitewrite import backfill_quarters, sqlite_write
+from .._schema import FAILURE_INDEXES, metadata
+from .._sqlitewrite import backfill_mismatches, backfill_quarters, sqlite_write
 from .base import MaintainResult
 from .legacy import LegacySource, MigrationResult, migrate_sqlite
 from .maintenance import sqlite_prune
@@ -96,6 +96,9 @@ class SQLiteBackend(SQLBackend):
                     if "monthly_request_usage" not in present and "daily_request_usage" in present:
                         conn.exec_driver_sql(_MONTHLY_BACKFILL)
                     backfill_quarters(conn, present)
+                    backfill_mismatches(conn, present)
+                    for index in FAILURE_INDEXES:  # tables that predate them lack them
+                        index.create(conn, checkfirst=True)
             finally:
                 conn.info.pop("usage_write", None)
 

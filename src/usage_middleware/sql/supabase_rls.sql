@@ -11,10 +11,10 @@
 --     )
 --
 -- With a differently named table, replace "public.api_keys", "id" and "user_id" in the policy
--- expression below (nine places, one per table).
+-- expression below (ten places, one per table).
 --
 -- Effect:
---   * RLS is on for all nine usage tables (usage_tracking_schema.sql already switches it on,
+--   * RLS is on for all ten usage tables (usage_tracking_schema.sql already switches it on,
 --     with no policy: nobody but the owner reads) and the legacy-migration marker, if present.
 --   * A signed-in user (role authenticated) may SELECT only rows whose api_key_id belongs to
 --     one of their own keys; rows without a key are visible to nobody through the API.
@@ -34,6 +34,7 @@ ALTER TABLE public.daily_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.hourly_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.quarter_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.quarter_request_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.quarter_mismatch_usage ENABLE ROW LEVEL SECURITY;
 
 DO $marker$
 BEGIN
@@ -87,6 +88,14 @@ DROP POLICY IF EXISTS "owners read their quarter-hour request usage" ON public.q
 CREATE POLICY "owners read their quarter-hour request usage" ON public.quarter_request_usage
     FOR SELECT TO authenticated
     USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+DROP POLICY IF EXISTS "owners read their type mismatches" ON public.quarter_mismatch_usage;
+CREATE POLICY "owners read their type mismatches" ON public.quarter_mismatch_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+REVOKE ALL ON public.quarter_mismatch_usage FROM anon;
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.quarter_mismatch_usage FROM authenticated;
+GRANT SELECT ON public.quarter_mismatch_usage TO authenticated;
 
 -- Supabase grants table privileges to anon and authenticated by default. Reading is all the
 -- dashboard needs; anon needs nothing.

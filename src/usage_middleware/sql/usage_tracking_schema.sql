@@ -622,6 +622,69 @@ $monthly$;
 CREATE INDEX IF NOT EXISTS idx_monthly_request_usage_usage_month
     ON public.monthly_request_usage (usage_month);
 
+-- Uploads whose declared type differs from the detected one (declared_type is stored only
+-- then), by UTC quarter hour, key, provider, type and declared type: a sparse exact rollup that
+-- answers /granular's type_mismatches after raw rows are pruned. An install that predates it
+-- gets it filled from the raw rows with writers held off (SHARE lock) until the transaction
+-- commits, so no upload is missed or counted twice. Row level security and the Supabase roles'
+-- privileges as for every usage table (see the $rls$ block below).
+DO $mismatch$
+BEGIN
+    IF pg_catalog.to_regclass('public.quarter_mismatch_usage') IS NULL THEN
+        LOCK TABLE public.file_uploads IN SHARE MODE;
+        CREATE TABLE public.quarter_mismatch_usage (
+            usage_quarter timestamptz NOT NULL,
+            api_key_id    uuid,
+            provider      text NOT NULL,
+            file_type     text NOT NULL,
+            declared_type text NOT NULL,
+            total_uploads bigint NOT NULL DEFAULT 0,
+            CONSTRAINT uq_quarter_mismatch_usage UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_quarter, provider, file_type, declared_type)
+        ) WITH (fillfactor = 70);
+        INSERT INTO public.quarter_mismatch_usage
+        SELECT pg_catalog.date_bin('15 minutes', u.uploaded_at,
+                                   '2000-01-01 00:00+00'::timestamptz),
+               u.api_key_id, u.provider, u.file_type, u.declared_type, count(*)
+          FROM public.file_uploads AS u
+         WHERE u.declared_type IS NOT NULL AND u.declared_type <> u.file_type
+         GROUP BY 1, 2, 3, 4, 5;
+    END IF;
+    IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
+             WHERE c.oid = 'public.quarter_mismatch_usage'::regclass) THEN
+        ALTER TABLE public.quarter_mismatch_usage ENABLE ROW LEVEL SECURITY;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+        REVOKE ALL ON public.quarter_mismatch_usage FROM anon;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+        REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
+            ON public.quarter_mismatch_usage FROM authenticated;
+    END IF;
+END
+$mismatch$;
+CREATE INDEX IF NOT EXISTS idx_quarter_mismatch_usage_utc_quarter
+    ON public.quarter_mismatch_usage ((usage_quarter AT TIME ZONE 'UTC'));
+ALTER TABLE public.quarter_mismatch_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+
+-- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
+-- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
+-- partitioned raw tables these are partitioned indexes (one per partition, made for new
+-- partitions too). A failed request is one answered with status >= 400 or an exception.
+CREATE INDEX IF NOT EXISTS idx_file_uploads_failed_key_time
+    ON public.file_uploads (api_key_id, uploaded_at DESC, id DESC)
+    WHERE upload_status = 'failed';
+CREATE INDEX IF NOT EXISTS idx_file_uploads_failed_time
+    ON public.file_uploads (uploaded_at DESC, id DESC)
+    WHERE upload_status = 'failed';
+CREATE INDEX IF NOT EXISTS idx_api_requests_failed_key_time
+    ON public.api_requests (api_key_id, requested_at DESC, id DESC)
+    WHERE status_code >= 400 OR error_message IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_api_requests_failed_time
+    ON public.api_requests (requested_at DESC, id DESC)
+    WHERE status_code >= 400 OR error_message IS NOT NULL;
+
 -- Row level security on every usage table, with no policy: only the tables' owner (the writer,
 -- UsageStore's role) and roles with BYPASSRLS (Supabase's service_role) read or change rows.
 -- Supabase grants anon and authenticated every privilege on each new table in public, so
