@@ -1,9 +1,10 @@
 """The read path's answers: local-time usage shaped into the JSON the router serves.
 
 A query covers the UTC instants [local start 00:00, local end+1 00:00) cut into periods
-(:func:`usage_middleware._timerange.periods`). The store's backend answers two primitives
+(:func:`usage_middleware._timerange.periods`). The store's backend answers a few primitives
 (:class:`usage_middleware._storage.base.Reader`): uploads summed per period, provider and file
-type, and the merged latency histogram of requests. Everything else — zero-filled series,
+type, the merged latency histogram of requests, and declared-type mismatch counts. Everything
+else — zero-filled series,
 breakdowns with shares that add up to 100, totals, mean and p95 — is shaped here, the same for
 every engine, so engines differ only in how fast they answer, never in what.
 
@@ -133,10 +134,11 @@ def _fold(
 def granular(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None = None
 ) -> dict[str, Any]:
-    """The ``GET /granular`` answer: totals, zero-filled series, breakdowns and request stats.
+    """The ``GET /granular`` answer: totals, zero-filled series, breakdowns, request stats,
+    and the ``previous`` range's totals and ``type_mismatches``.
 
-    The upload and request reads are independent; on a pooled server they run at the same
-    time, so the answer takes about as long as the slowest one.
+    The reads are independent; on a pooled server they run at the same time, so the answer
+    takes about as long as the slowest one.
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]
