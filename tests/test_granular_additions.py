@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 from support.rollups import assert_rollups_exact
+from support.strategies import request_records, upload_records
 from test_queries import (
     ANCHORS,
     PROVIDERS,
@@ -33,7 +34,7 @@ from test_queries import (
     shared_stores,
 )
 
-from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware import UploadRecord, UsageStore
 
 __all__ = ["shared_store", "shared_stores"]  # fixtures used here
 
@@ -59,39 +60,10 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     instant = st.one_of(
         st.integers(0, span).map(lambda s: lo + timedelta(seconds=s)), st.sampled_from(edges)
     )
-    uploads = st.builds(
-        lambda at, key, provider, ft, size, ok, declared: UploadRecord(
-            api_key_id=key,
-            provider=provider,
-            file_type=ft,
-            file_size=size,
-            upload_status="success" if ok else "failed",
-            declared_type=declared,
-            uploaded_at=at,
-        ),
-        instant,
-        st.sampled_from([*keys, None]),
-        st.sampled_from(PROVIDERS),
-        st.sampled_from(TYPES),
-        st.integers(0, 10**9),
-        st.booleans(),
-        st.sampled_from(DECLARED),
+    uploads = upload_records(
+        instant, [*keys, None], PROVIDERS, TYPES, st.sampled_from(DECLARED)
     )
-    requests = st.builds(
-        lambda at, key, status: RequestRecord(
-            api_key_id=key,
-            method="GET",
-            path="/f",
-            status_code=status,
-            response_time_ms=2.0,
-            request_size=1,
-            response_size=1,
-            requested_at=at,
-        ),
-        instant,
-        st.sampled_from([*keys, None]),
-        st.sampled_from([200, 404, 500]),
-    )
+    requests = request_records(instant, [*keys, None], [200, 404, 500])
     return {
         "tz_name": tz_name,
         "start": start,

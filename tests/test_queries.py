@@ -26,6 +26,7 @@ from sqlalchemy import insert
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Mount
+from support.strategies import request_records, upload_records
 
 from usage_middleware import RequestRecord, UploadRecord, UsageRouter, UsageStore
 from usage_middleware._schema import daily_usage, hourly_usage
@@ -247,42 +248,17 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     )
     uploads = draw(
         st.lists(
-            st.builds(
-                lambda at, key, provider, ft, size, ok: UploadRecord(
-                    api_key_id=key,
-                    provider=provider,
-                    file_type=ft,
-                    file_size=size,
-                    upload_status="success" if ok else "failed",
-                    uploaded_at=at,
-                ),
-                instant,
-                st.sampled_from(keys),
-                st.sampled_from(PROVIDERS),
-                st.sampled_from(TYPES),
-                st.integers(0, 10**10),
-                st.booleans(),
-            ),
+            upload_records(instant, keys, PROVIDERS, TYPES, max_file_size=10**10),
             max_size=40,
         )
     )
     requests = draw(
         st.lists(
-            st.builds(
-                lambda at, key, ms, status: RequestRecord(
-                    api_key_id=key,
-                    method="POST",
-                    path="/files",
-                    status_code=status,
-                    response_time_ms=ms,
-                    request_size=10,
-                    response_size=20,
-                    requested_at=at,
-                ),
+            request_records(
                 instant,
-                st.sampled_from(keys),
+                keys,
+                [200, 201, 302, 400, 404, 500],
                 st.floats(0.05, 60_000, allow_nan=False),
-                st.sampled_from([200, 201, 302, 400, 404, 500]),
             ),
             max_size=25,
         )

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete
+from support.strategies import request_records, upload_records
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
 from usage_middleware._queries import breakdowns, granular
@@ -104,22 +105,11 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     )
     uploads = draw(
         st.lists(
-            st.builds(
-                lambda at, key, provider, ft, size, ok, declared: UploadRecord(
-                    api_key_id=key,
-                    provider=provider,
-                    file_type=ft,
-                    file_size=size,
-                    upload_status="success" if ok else "failed",
-                    uploaded_at=at,
-                    declared_type=declared,
-                ),
+            upload_records(
                 instant,
-                st.sampled_from([*keys, None]),
-                st.sampled_from(PROVIDERS),
-                st.sampled_from(TYPES),
-                st.integers(0, 10**9),
-                st.booleans(),
+                [*keys, None],
+                PROVIDERS,
+                TYPES,
                 # /granular's type_mismatches come from their own rollup (image/png on a png
                 # upload is no mismatch: it is stored as None)
                 st.sampled_from([None, "image/png", "application/octet-stream"]),
@@ -130,21 +120,11 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     )
     requests = draw(
         st.lists(
-            st.builds(
-                lambda at, key, ms, status: RequestRecord(
-                    api_key_id=key,
-                    method="POST",
-                    path="/files",
-                    status_code=status,
-                    response_time_ms=ms,
-                    request_size=10,
-                    response_size=20,
-                    requested_at=at,
-                ),
+            request_records(
                 instant,
-                st.sampled_from([*keys, None]),
+                [*keys, None],
+                [200, 201, 400, 500],
                 st.floats(0.05, 60_000, allow_nan=False),
-                st.sampled_from([200, 201, 400, 500]),
             ),
             max_size=25,
         )
