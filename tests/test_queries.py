@@ -78,8 +78,8 @@ def app_for(store: UsageStore) -> Starlette:
 
 @pytest.fixture(scope="module")
 def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, UsageStore]]:
-    """One SQLite and (when available) one PostgreSQL store reused by every example."""
-    from support.pg import drop_pg_database, make_pg_database
+    """One store per backend (PostgreSQL when a server answers) reused by every example."""
+    from support.pg import with_postgres
 
     stores = {
         "memory": UsageStore("memory://"),
@@ -91,22 +91,8 @@ def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             f"chdb:///{tmp_path_factory.mktemp('ch')}",
             engine_options={"visibility_margin": 0, "maintain_interval": 1e-9},
         )
-    pg = None
-    try:
-        try:
-            pg = make_pg_database()
-        except pytest.skip.Exception:
-            pg = None
-        if pg is not None:
-            stores["postgres"] = UsageStore(pg)
-        for s in stores.values():
-            s.create_schema()
+    with with_postgres(stores):
         yield stores
-    finally:
-        for s in stores.values():
-            s.dispose()
-        if pg is not None:
-            drop_pg_database(pg)
 
 
 @pytest.fixture(

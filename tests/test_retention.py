@@ -48,26 +48,12 @@ WEEKS = 5
 
 @pytest.fixture(scope="module")
 def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, UsageStore]]:
-    """One SQLite and (when available) one PostgreSQL store reused by every example."""
-    from support.pg import drop_pg_database, make_pg_database
+    """One store per backend (PostgreSQL when a server answers) reused by every example."""
+    from support.pg import with_postgres
 
     stores = {"sqlite": UsageStore(f"sqlite:///{tmp_path_factory.mktemp('r')}/usage.db")}
-    pg = None
-    try:
-        try:
-            pg = make_pg_database()
-        except pytest.skip.Exception:
-            pg = None
-        if pg is not None:
-            stores["postgres"] = UsageStore(pg)
-        for s in stores.values():
-            s.create_schema()
+    with with_postgres(stores):
         yield stores
-    finally:
-        for s in stores.values():
-            s.dispose()
-        if pg is not None:
-            drop_pg_database(pg)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

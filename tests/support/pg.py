@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from usage_middleware import UsageStore
 
 PG_ADMIN_URL = os.environ.get(
     "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -71,3 +75,26 @@ def make_pg_database() -> str:
 
 def drop_pg_database(url: str) -> None:
     drop_database(PG_ADMIN_URL, url)
+
+
+@contextmanager
+def with_postgres(stores: dict[str, UsageStore]) -> Iterator[dict[str, UsageStore]]:
+    """``stores`` plus, when a server answers, one store on a fresh PostgreSQL database under
+    ``"postgres"``; every schema created; all disposed (and the database dropped) afterwards.
+    For module-scoped fixtures shared by many examples."""
+    pg = None
+    try:
+        try:
+            pg = make_pg_database()
+        except pytest.skip.Exception:
+            pg = None
+        if pg is not None:
+            stores["postgres"] = UsageStore(pg)
+        for store in stores.values():
+            store.create_schema()
+        yield stores
+    finally:
+        for store in stores.values():
+            store.dispose()
+        if pg is not None:
+            drop_pg_database(pg)
