@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
+from .._schema import api_requests, file_uploads
 
 if TYPE_CHECKING:
     from .legacy import LegacySource, MigrationResult
@@ -130,31 +131,8 @@ class Histogram:
 
 # The columns an export carries, in order: the raw table's own (the time column last).
 EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "uploads": (
-        "id",
-        "api_key_id",
-        "request_id",
-        "provider",
-        "file_type",
-        "declared_type",
-        "file_size",
-        "file_name",
-        "upload_status",
-        "error_message",
-        "uploaded_at",
-    ),
-    "requests": (
-        "id",
-        "api_key_id",
-        "method",
-        "path",
-        "status_code",
-        "response_time_ms",
-        "request_size",
-        "response_size",
-        "error_message",
-        "requested_at",
-    ),
+    "uploads": tuple(file_uploads.c.keys()),
+    "requests": tuple(api_requests.c.keys()),
 }
 
 
