@@ -65,16 +65,28 @@ TYPES = (
 )
 
 
+def declared(i: int, file_type: str) -> str | None:
+    """What the client claimed for upload ``i``: now and then a type other than the content's."""
+    if i % 11 == 0:
+        return "image/png" if file_type != "image/png" else "application/pdf"
+    if i % 29 == 0:
+        return "text/plain"
+    return None
+
+
 def known_uploads() -> list[UploadRecord]:
-    """Uploads spread over 2020-02-25 .. 2020-04-05 (UTC), every provider and type, some failed."""
+    """Uploads spread over 2020-02-25 .. 2020-04-05 (UTC), every provider and type, some failed,
+    some declared as another type than their content."""
     out = []
     start = datetime(2020, 2, 25, tzinfo=UTC)
     for i in range(420):
+        file_type = TYPES[(i // 3) % len(TYPES)]
         out.append(
             UploadRecord(
                 api_key_id=KEY_1 if i % 3 else KEY_2,
                 provider=PROVIDERS[i % 3],
-                file_type=TYPES[(i // 3) % len(TYPES)],
+                file_type=file_type,
+                declared_type=declared(i, file_type),
                 file_size=1_000 + 7_919 * i,
                 upload_status="failed" if i % 13 == 0 else "success",
                 error_message="too large" if i % 13 == 0 else None,
@@ -85,20 +97,38 @@ def known_uploads() -> list[UploadRecord]:
 
 
 KNOWN = known_uploads()
+ROUTES = (
+    ("POST", "/api/upload"),
+    ("GET", "/api/files/{file_id}"),
+    ("PUT", "/files/{name}"),
+    ("DELETE", "/api/files/{file_id}"),
+)
 
 
 def known_requests() -> list[RequestRecord]:
-    return [
-        RequestRecord(
-            api_key_id=KEY_1,
-            method="POST",
-            path="/api/upload",
-            status_code=201 if i % 10 else 500,
-            response_time_ms=10.0 + i,
-            requested_at=datetime(2020, 3, 1, tzinfo=UTC) + timedelta(hours=i * 5),
+    """Requests over 2020-02-27 .. 2020-04-02 (UTC): four endpoints, both keys and none, some
+    answered 404 or 500 (a few of those with an exception's message)."""
+    out = []
+    for i in range(200):
+        method, route = ROUTES[i % 4]
+        status = 500 if i % 10 == 0 else 404 if i % 7 == 0 else 201 if method in ("POST", "PUT") else 200
+        out.append(
+            RequestRecord(
+                api_key_id=None if i % 17 == 0 else KEY_1 if i % 3 else KEY_2,
+                method=method,
+                path=route,
+                status_code=status,
+                response_time_ms=5.0 + (i * 37) % 400,
+                request_size=100 * (i % 9),
+                response_size=50 + i,
+                error_message="storage offline" if status == 500 and i % 20 == 0 else None,
+                requested_at=datetime(2020, 2, 27, 3, tzinfo=UTC) + timedelta(hours=i * 4.3),
+            )
         )
-        for i in range(100)
-    ]
+    return out
+
+
+KNOWN_REQUESTS = known_requests()
 
 
 def require_chromium() -> None:
@@ -115,16 +145,22 @@ class Server:
 
     base: str  # e.g. http://127.0.0.1:PORT
     dashboard: str  # the usage mount, with a trailing slash
+    url: str  # the app's database
     admin_key: str = ADMIN_KEY
     known: tuple[UploadRecord, ...] = tuple(KNOWN)
+    known_requests: tuple[RequestRecord, ...] = tuple(KNOWN_REQUESTS)
     artifacts: Path = ARTIFACTS
     root: Path = ROOT
 
-    def granular(self, query: str, key: str = ADMIN_KEY) -> httpx.Response:
-        """What ``/granular`` answers for a query string, asked directly (not by the page)."""
+    def get(self, endpoint: str, query: str, key: str = ADMIN_KEY) -> httpx.Response:
+        """What an endpoint of the mount answers for a query string, asked directly (not by
+        the page)."""
         return httpx.get(
-            f"{self.dashboard}granular?{query}", headers={"x-api-key": key}, timeout=30
+            f"{self.dashboard}{endpoint}?{query}", headers={"x-api-key": key}, timeout=30
         )
+
+    def granular(self, query: str, key: str = ADMIN_KEY) -> httpx.Response:
+        return self.get("granular", query, key)
 
 
 def _free_port() -> int:
@@ -154,7 +190,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("example")
     url = f"sqlite:///{tmp / 'usage.db'}"
     store = UsageStore(url)
-    store.write([*KNOWN, *known_requests()])
+    store.write([*KNOWN, *KNOWN_REQUESTS])
     write_demo_data(store, days=365, keys=3, seed=0)
     store.dispose()
     env = {
@@ -181,7 +217,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         pytest.fail("could not start the example app")
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        yield Server(base=base, dashboard=f"{base}/api/usage/")
+        yield Server(base=base, dashboard=f"{base}/api/usage/", url=url)
     finally:
         _stop(proc)
 

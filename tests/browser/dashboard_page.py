@@ -18,6 +18,10 @@ from typing import Any
 import pytest
 
 STATE = "document.getElementById('main').dataset.state"
+# The main answer is in and no panel is still waiting for its own call.
+SETTLED = (
+    f"{STATE} !== 'loading' && !document.querySelector('[data-panel][data-state=\"loading\"]')"
+)
 NODE_DIR = Path(__file__).resolve().parent / "node"
 AXE = NODE_DIR / "node_modules" / "axe-core" / "axe.min.js"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -78,11 +82,11 @@ def audit(page: Any, context: str = "") -> None:
 
 
 def settle(page: Any, action: Any, *, check: bool = True) -> Any:
-    """Run ``action`` (one user change), wait for its ``/granular`` answer and the render, then
-    audit the resulting state with axe-core."""
+    """Run ``action`` (one user change), wait for its ``/granular`` answer, the render and the
+    panels' own answers, then audit the resulting state with axe-core."""
     with page.expect_response(lambda r: "/granular?" in r.url) as answer:
         action()
-    page.wait_for_function(f"{STATE} !== 'loading'")
+    page.wait_for_function(SETTLED)
     if check:
         audit(page)
     return answer.value
