@@ -221,6 +221,10 @@ class RequestRecord:
     error_message: str | None = None
     requested_at: datetime = field(default_factory=_now)
     id: uuid.UUID = field(default_factory=new_id)
+    #: ``path`` is a route the application matched (its template), not an unmatched raw path.
+    #: Request rollups group unmatched paths under one label, so a scanner probing random
+    #: paths adds one group, not one per path.
+    route_matched: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -237,6 +241,7 @@ class RequestRecord:
         api_key_id: uuid.UUID | None,
         error_message: str | None,
         requested_at: datetime,
+        route_matched: bool,
         /,
     ) -> RequestRecord:
         """A record of values the caller produced itself, built without validating them.
@@ -254,6 +259,7 @@ class RequestRecord:
         record.api_key_id = api_key_id
         record.error_message = error_message
         record.requested_at = requested_at
+        record.route_matched = route_matched
         record_id = _new_object(_UUID)  # new_id(), inlined: this runs once per request
         _set_uuid_int(record_id, _uuid7_int())
         _set_uuid_safe(record_id, _SAFE_UNKNOWN)
@@ -282,3 +288,7 @@ class RequestRecord:
         self.response_size = _size(self.response_size, "response_size")
         self.error_message = _text(self.error_message, "error_message", _MAX_ERROR)
         self.requested_at = _timestamp(self.requested_at, "requested_at")
+        if type(self.route_matched) is not bool:
+            raise ValueError(
+                f"route_matched must be a bool, got {type(self.route_matched).__name__}"
+            )

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Date,
     DateTime,
@@ -128,6 +129,8 @@ api_requests = Table(
     Column("response_size", BigInteger, nullable=False),
     Column("error_message", Text, nullable=True),
     Column("requested_at", UTCDateTime, nullable=False),
+    # False when no route matched and ``path`` is the raw path (rollups label it "(unmatched)")
+    Column("route_matched", Boolean, nullable=False, server_default=literal_column("1")),
 )
 Index("idx_api_requests_key_time", api_requests.c.api_key_id, api_requests.c.requested_at)
 Index("idx_api_requests_time", api_requests.c.requested_at)
@@ -203,6 +206,54 @@ quarter_mismatch_usage = Table(
     Column("total_uploads", BigInteger, nullable=False, server_default="0"),
 )
 
+
+
+def _endpoint_columns() -> list[Column[Any]]:
+    return [
+        Column("api_key_id", Uuid, nullable=True),
+        Column("method", Text, nullable=False),
+        Column("route", Text, nullable=False),
+        Column("status_code", SmallInteger, nullable=False),
+        Column("latency_bucket", SmallInteger, nullable=False),
+        Column("total_requests", BigInteger, nullable=False, server_default="0"),
+        Column("total_response_us", BigInteger, nullable=False, server_default="0"),
+        Column("total_request_bytes", BigInteger, nullable=False, server_default="0"),
+        Column("total_response_bytes", BigInteger, nullable=False, server_default="0"),
+    ]
+
+
+# ``api_requests`` by UTC month, day or quarter hour, key, endpoint (method and route labels,
+# see :func:`endpoint_method` / :func:`endpoint_route`), status code and coarse latency bucket
+# (:func:`endpoint_bucket`): what ``GET /requests`` answers from. Errors are the rows with
+# status_code >= 400. Hours are read as four quarter hours, so there is no hourly tier.
+monthly_endpoint_usage = Table(
+    "monthly_endpoint_usage",
+    metadata,
+    Column("usage_month", Date, nullable=False),
+    *_endpoint_columns(),
+)
+daily_endpoint_usage = Table(
+    "daily_endpoint_usage",
+    metadata,
+    Column("usage_date", Date, nullable=False),
+    *_endpoint_columns(),
+)
+quarter_endpoint_usage = Table(
+    "quarter_endpoint_usage",
+    metadata,
+    Column("usage_quarter", UTCDateTime, nullable=False),
+    *_endpoint_columns(),
+)
+# The named routes each key has on each UTC day (at most ROUTES_PER_KEY_DAY): the route cap's
+# memory. A route that is not here once the day is full is rolled up as "(other)".
+endpoint_routes = Table(
+    "endpoint_routes",
+    metadata,
+    Column("api_key_id", Uuid, nullable=True),
+    Column("usage_date", Date, nullable=False),
+    Column("route", Text, nullable=False),
+)
+
 # Newest-first keyset reads of failures (``GET /failures``): partial indexes holding only the
 # failed rows, per key and for every key. PostgreSQL's twins are in the schema file.
 # Literals, not parameters: a planner can use a partial index only for a query whose condition
@@ -265,6 +316,16 @@ ROLLUP_KEYS: dict[str, tuple[str, ...]] = {
         "file_type",
         "declared_type",
     ),
+    "monthly_endpoint_usage": (
+        "api_key_id", "usage_month", "method", "route", "status_code", "latency_bucket",
+    ),
+    "daily_endpoint_usage": (
+        "api_key_id", "usage_date", "method", "route", "status_code", "latency_bucket",
+    ),
+    "quarter_endpoint_usage": (
+        "api_key_id", "usage_quarter", "method", "route", "status_code", "latency_bucket",
+    ),
+    "endpoint_routes": ("api_key_id", "usage_date", "route"),
 }
 
 # Unique indexes. PostgreSQL's live in sql/usage_tracking_schema.sql (NULLS NOT DISTINCT);
@@ -278,6 +339,10 @@ for _table in (
     quarter_usage,
     quarter_request_usage,
     quarter_mismatch_usage,
+    monthly_endpoint_usage,
+    daily_endpoint_usage,
+    quarter_endpoint_usage,
+    endpoint_routes,
 ):
     _keys = ROLLUP_KEYS[_table.name]
     Index(
@@ -299,6 +364,10 @@ ALL_TABLES = (
     "quarter_usage",
     "quarter_request_usage",
     "quarter_mismatch_usage",
+    "monthly_endpoint_usage",
+    "daily_endpoint_usage",
+    "quarter_endpoint_usage",
+    "endpoint_routes",
 )
 
 # --- latency sketch -------------------------------------------------------------------------
@@ -324,3 +393,51 @@ def latency_representative(bucket: int) -> float:
     if bucket <= 0:
         return _MIN_MS
     return 2 * _MIN_MS * _GAMMA**bucket / (_GAMMA + 1)
+
+
+# Endpoint rollups use a coarser sketch: ENDPOINT_BUCKET_WIDTH consecutive buckets as one, so a
+# key-day of thirty routes holds a few thousand rows, not tens of thousands.
+ENDPOINT_BUCKET_WIDTH = 5
+_ENDPOINT_GAMMA = _GAMMA**ENDPOINT_BUCKET_WIDTH
+#: Every percentile ``GET /requests`` reports is within this of the exact value (9.96 %).
+ENDPOINT_RELATIVE_ERROR = (_ENDPOINT_GAMMA - 1) / (_ENDPOINT_GAMMA + 1)
+
+
+def endpoint_bucket(ms: float) -> int:
+    """Coarse histogram bucket of a response time: fine buckets ``5c-4 .. 5c`` are bucket c."""
+    return -(-latency_bucket(ms) // ENDPOINT_BUCKET_WIDTH)
+
+
+def endpoint_representative(bucket: int) -> float:
+    """A value within ``ENDPOINT_RELATIVE_ERROR`` of every value in coarse ``bucket`` (ms)."""
+    if bucket <= 0:
+        return _MIN_MS
+    hi = _MIN_MS * _GAMMA ** (bucket * ENDPOINT_BUCKET_WIDTH)
+    lo = hi / _ENDPOINT_GAMMA
+    return 2 * lo * hi / (lo + hi)
+
+
+# --- endpoint labels: bounded cardinality by design -----------------------------------------
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+#: The method label of every request whose method is not in ``STANDARD_METHODS``.
+OTHER_METHOD = "OTHER"
+#: The route label of every request whose path matched no route of the application.
+UNMATCHED_ROUTE = "(unmatched)"
+#: The route label of named routes past a key's daily cap.
+OTHER_ROUTE = "(other)"
+#: Distinct named routes one key keeps per UTC day in the endpoint rollups; later new routes of
+#: that key and day are rolled up as ``(other)`` (counted, never dropped). Which routes keep
+#: their name on a day past the cap depends on the order rows were written in.
+ROUTES_PER_KEY_DAY = 200
+
+
+def endpoint_method(method: str) -> str:
+    """The method label rollups group a request under."""
+    return method if method in STANDARD_METHODS else OTHER_METHOD
+
+
+def endpoint_route(path: str, route_matched: bool) -> str:
+    """The route label before the daily cap: the template, or ``(unmatched)``."""
+    return path if route_matched else UNMATCHED_ROUTE

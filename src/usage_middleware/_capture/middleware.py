@@ -384,6 +384,7 @@ class UsageMiddleware:
             key_id,
             exchange.error_text(error) if error is not None or exchange.disconnected else None,
             requested_at,
+            template is not None,
         )
 
     def _coerce_key_id(self, value: Any) -> uuid.UUID | None:

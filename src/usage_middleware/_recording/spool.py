@@ -9,9 +9,10 @@ pid is gone), and the worst case of an expired lease is a duplicate, harmless, i
 
 Rows hold a compact, versioned JSON array per record: UUIDs as hex, timestamps as integer
 microseconds since the epoch (records are normalised to UTC, so this is lossless), floats in
-``repr`` form (exact round trip). A row that cannot be read back (damaged, or written by
-something else) is moved to the ``spool_quarantine`` table with the reason, never replayed,
-so it cannot hold back the rows claimed with it.
+``repr`` form (exact round trip); a request whose path matched no route carries a trailing
+``0`` (rows spooled before that field existed decode as matched). A row that cannot be read
+back (damaged, or written by something else) is moved to the ``spool_quarantine`` table with
+the reason, never replayed, so it cannot hold back the rows claimed with it.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def encode(record: Record) -> str:
                 record.response_size,
                 record.error_message,
                 _us(record.requested_at),
+                *(() if record.route_matched else (0,)),
             ],
             ensure_ascii=False,
             separators=(",", ":"),
@@ -160,7 +162,9 @@ def decode(payload: str) -> Record:
                 uploaded_at=_dt(at),
             )
         if kind == "r":
-            (rid, key, method, path, status_code, ms, req_size, resp_size, err, at) = fields
+            (rid, key, method, path, status_code, ms, req_size, resp_size, err, at, *rest) = fields
+            if rest not in ([], [0]):
+                raise ValueError(f"unexpected trailing fields {rest!r:.40}")
             return RequestRecord(
                 id=uuid.UUID(hex=rid),
                 api_key_id=_uuid(key),
@@ -172,6 +176,7 @@ def decode(payload: str) -> Record:
                 response_size=resp_size,
                 error_message=err,
                 requested_at=_dt(at),
+                route_matched=not rest,
             )
     except Exception as exc:
         raise ValueError(f"invalid spooled record: {type(exc).__name__}: {exc}") from None

@@ -7,8 +7,9 @@ A backend is one database engine behind two small protocols:
   health ping, and the process hooks (a fork must not share connections).
 * :class:`Reader` — the primitives the read path is built from: uploads summed per
   (period, provider, file type) over UTC period bounds, and the merged latency histogram of
-  requests over a UTC range; for failures, exports and declared-type mismatches, keyset pages
-  of failed or raw rows and mismatch counts. Everything the HTTP API answers (series,
+  requests over a UTC range; requests by endpoint and status code and per period, and usage
+  per key; for failures, exports and declared-type mismatches, keyset pages of failed or raw
+  rows and mismatch counts. Everything the HTTP API answers (series,
   breakdowns, shares, percentiles) is shaped from these in engine-neutral Python, so every
   backend gives the same answer for the same records — which the contract tests check,
   backend by backend.
@@ -35,12 +36,16 @@ if TYPE_CHECKING:
 __all__ = [
     "EXPORT_COLUMNS",
     "Backend",
+    "ConsumerRow",
+    "EndpointRow",
     "Failure",
     "FailureKey",
     "Histogram",
     "MaintainResult",
     "Reader",
+    "RequestFilter",
     "Scope",
+    "SeriesRow",
     "UploadRow",
     "Writer",
     "is_failed_request",
@@ -76,6 +81,46 @@ class Scope:
 
     def matches_request(self, record: RequestRecord) -> bool:
         return self.keys is None or record.api_key_id in self.keys
+
+
+# --- request analytics and consumers (read path II) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which requests ``GET /requests`` covers besides key and time: method and route labels
+    (as the endpoint rollups hold them) and status codes, as inclusive ``(lo, hi)`` ranges
+    (``4xx`` is ``(400, 499)``). Empty: no narrowing by that column."""
+
+    methods: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    statuses: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.methods or self.routes or self.statuses)
+
+    def matches(self, method: str, route: str, status_code: int) -> bool:
+        """Whether a request with these labels is inside the filter (the SQL agrees)."""
+        if self.methods and method not in self.methods:
+            return False
+        if self.routes and route not in self.routes:
+            return False
+        return not self.statuses or any(lo <= status_code <= hi for lo, hi in self.statuses)
+
+
+# (method, route, status_code, latency bucket, requests, response_us, request_bytes,
+# response_bytes): requests over a whole range by endpoint label, status code and coarse latency
+# bucket (``_schema.endpoint_bucket``). Rows may repeat a group (and carry negative counts that
+# a later row makes up); they add.
+EndpointRow = tuple[str, str, int, int, int, int, int, int]
+
+# (period index, coarse latency bucket, requests, errors, response_us); rows add.
+SeriesRow = tuple[int, int, int, int, int]
+
+# (api_key_id, uploads, bytes, failed_uploads, requests, errors, last_seen): one key's usage
+# in a range; ``last_seen`` is its newest upload or request in the range (None: none stored).
+ConsumerRow = tuple[UUID | None, int, int, int, int, int, datetime | None]
 
 
 # --- failures, export and type mismatches (read path II) --------------------------------------
@@ -247,6 +292,23 @@ class Reader(Protocol):
         """Uploads in ``[start, end)`` and ``scope`` whose declared type differs from the
         detected one, as (file_type, declared_type, uploads) rows (rows may repeat a pair;
         they add)."""
+
+    def endpoint_rows(
+        self, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
+    ) -> list[EndpointRow]:
+        """Requests of the scope's keys in ``[start, end)`` inside ``filters``, by endpoint
+        label, status code and coarse latency bucket (see :data:`EndpointRow`)."""
+
+    def request_series(
+        self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+    ) -> list[SeriesRow]:
+        """Requests of the scope's keys inside ``filters`` per period ``[bounds[i],
+        bounds[i+1])`` and coarse latency bucket (see :data:`SeriesRow`)."""
+
+    def consumer_rows(self, scope: Scope, start: datetime, end: datetime) -> list[ConsumerRow]:
+        """One row per key of the scope with an upload or a request in ``[start, end)``
+        (``scope.keys`` None: every key, rows without one as key None); upload columns honour
+        the scope's provider and type filters, request columns do not."""
 
 
 @runtime_checkable

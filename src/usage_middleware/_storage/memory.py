@@ -18,14 +18,26 @@ from uuid import UUID
 
 from .._errors import ConfigurationError
 from .._records import RequestRecord, UploadRecord
-from .._schema import latency_bucket
+from .._schema import (
+    OTHER_ROUTE,
+    ROUTES_PER_KEY_DAY,
+    UNMATCHED_ROUTE,
+    endpoint_bucket,
+    endpoint_method,
+    endpoint_route,
+    latency_bucket,
+)
 from .base import (
     EXPORT_COLUMNS,
+    ConsumerRow,
+    EndpointRow,
     Failure,
     FailureKey,
     Histogram,
     MaintainResult,
+    RequestFilter,
     Scope,
+    SeriesRow,
     UploadRow,
     is_failed_request,
 )
@@ -53,6 +65,9 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._uploads: dict[UUID, UploadRecord] = {}
         self._requests: dict[UUID, RequestRecord] = {}
+        # per request id, its (method, route) labels, fixed when it was written (route cap)
+        self._labels: dict[UUID, tuple[str, str]] = {}
+        self._named: dict[tuple[UUID | None, Any], set[str]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(uploads={len(self._uploads)}, requests={len(self._requests)})"
@@ -75,11 +90,36 @@ class MemoryBackend:
                     # a copy: a caller mutating its record later must not change what is stored
                     self._uploads[upload.id] = dataclasses.replace(upload)
                     new += 1
-            for request in requests:
-                if request.id not in self._requests:
-                    self._requests[request.id] = dataclasses.replace(request)
-                    new += 1
+            fresh = [r for r in {r.id: r for r in requests}.values() if r.id not in self._requests]
+            for request in fresh:
+                self._requests[request.id] = dataclasses.replace(request)
+            self._label(fresh)
+            new += len(fresh)
         return new
+
+    def _label(self, requests: Sequence[RequestRecord]) -> None:
+        """Fix new requests' endpoint labels: a key's new named routes of a UTC day are admitted
+        in route order while the day holds fewer than ``ROUTES_PER_KEY_DAY``; the rest are
+        ``(other)`` (the rule every backend's writer follows)."""
+        wanted: dict[tuple[UUID | None, Any], set[str]] = {}
+        for r in requests:
+            route = endpoint_route(r.path, r.route_matched)
+            if route != UNMATCHED_ROUTE:
+                wanted.setdefault((r.api_key_id, r.requested_at.date()), set()).add(route)
+        for key_day, routes in wanted.items():
+            named = self._named.setdefault(key_day, set())
+            for route in sorted(routes - named):
+                if len(named) >= ROUTES_PER_KEY_DAY:
+                    break
+                named.add(route)
+        for r in requests:
+            route = endpoint_route(r.path, r.route_matched)
+            if (
+                route != UNMATCHED_ROUTE
+                and route not in self._named[r.api_key_id, r.requested_at.date()]
+            ):
+                route = OTHER_ROUTE
+            self._labels[r.id] = (endpoint_method(r.method), route)
 
     def ping(self) -> None:
         """Always answers."""
@@ -214,12 +254,14 @@ class MemoryBackend:
         with self._lock:
             if dataset == "uploads":
                 found: list[Any] = [
-                    u for u in self._uploads.values()
+                    u
+                    for u in self._uploads.values()
                     if start <= u.uploaded_at < end and scope.matches_upload(u)
                 ]
             else:
                 found = [
-                    r for r in self._requests.values()
+                    r
+                    for r in self._requests.values()
                     if start <= r.requested_at < end and scope.matches_request(r)
                 ]
         at = columns[-1]
@@ -243,3 +285,62 @@ class MemoryBackend:
             ):
                 acc[u.file_type, u.declared_type] = acc.get((u.file_type, u.declared_type), 0) + 1
         return [(t, d, n) for (t, d), n in acc.items()]
+
+    def _labelled(
+        self, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
+    ) -> list[tuple[RequestRecord, str, str]]:
+        with self._lock:
+            rows = [(r, *self._labels[r.id]) for r in self._requests.values()]
+        return [
+            (r, method, route)
+            for r, method, route in rows
+            if start <= r.requested_at < end
+            and scope.matches_request(r)
+            and filters.matches(method, route, r.status_code)
+        ]
+
+    def endpoint_rows(
+        self, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
+    ) -> list[EndpointRow]:
+        acc: dict[tuple[str, str, int, int], list[int]] = {}
+        for r, method, route in self._labelled(scope, start, end, filters):
+            ms = r.response_time_ms
+            c = acc.setdefault((method, route, r.status_code, endpoint_bucket(ms)), [0, 0, 0, 0])
+            c[0] += 1
+            c[1] += round(ms * 1000)
+            c[2] += r.request_size
+            c[3] += r.response_size
+        return [(*k, *c) for k, c in acc.items()]  # type: ignore[misc]
+
+    def request_series(
+        self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+    ) -> list[SeriesRow]:
+        acc: dict[tuple[int, int], list[int]] = {}
+        for r, _, _ in self._labelled(scope, bounds[0], bounds[-1], filters):
+            ms = r.response_time_ms
+            key = (bisect_right(bounds, r.requested_at) - 1, endpoint_bucket(ms))
+            c = acc.setdefault(key, [0, 0, 0])
+            c[0] += 1
+            c[1] += r.status_code >= 400
+            c[2] += round(ms * 1000)
+        return [(p, b, c[0], c[1], c[2]) for (p, b), c in acc.items()]
+
+    def consumer_rows(self, scope: Scope, start: datetime, end: datetime) -> list[ConsumerRow]:
+        with self._lock:
+            uploads = list(self._uploads.values())
+            requests = list(self._requests.values())
+        acc: dict[UUID | None, list[Any]] = {}
+        for u in uploads:
+            if start <= u.uploaded_at < end and scope.matches_upload(u):
+                c = acc.setdefault(u.api_key_id, [0, 0, 0, 0, 0, None])
+                c[0] += 1
+                c[1] += u.file_size
+                c[2] += u.upload_status != "success"
+                c[5] = u.uploaded_at if c[5] is None else max(c[5], u.uploaded_at)
+        for r in requests:
+            if start <= r.requested_at < end and scope.matches_request(r):
+                c = acc.setdefault(r.api_key_id, [0, 0, 0, 0, 0, None])
+                c[3] += 1
+                c[4] += r.status_code >= 400
+                c[5] = r.requested_at if c[5] is None else max(c[5], r.requested_at)
+        return [(key, *c) for key, c in acc.items()]
