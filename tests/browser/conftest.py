@@ -149,6 +149,7 @@ class Server:
     admin_key: str = ADMIN_KEY
     known: tuple[UploadRecord, ...] = tuple(KNOWN)
     known_requests: tuple[RequestRecord, ...] = tuple(KNOWN_REQUESTS)
+    keys: tuple[str, str] = (KEY_1, KEY_2)  # the known rows' API key ids
     artifacts: Path = ARTIFACTS
     root: Path = ROOT
 
