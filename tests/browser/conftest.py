@@ -111,7 +111,9 @@ def known_requests() -> list[RequestRecord]:
     out = []
     for i in range(200):
         method, route = ROUTES[i % 4]
-        status = 500 if i % 10 == 0 else 404 if i % 7 == 0 else 201 if method in ("POST", "PUT") else 200
+        status = (
+            500 if i % 10 == 0 else 404 if i % 7 == 0 else 201 if method in ("POST", "PUT") else 200
+        )
         out.append(
             RequestRecord(
                 api_key_id=None if i % 17 == 0 else KEY_1 if i % 3 else KEY_2,

@@ -17,6 +17,7 @@ from dashboard_page import (
 
 pytestmark = pytest.mark.browser
 
+
 def test_range_type_and_provider_filters_show_what_granular_returns(page: Any, server: Any) -> None:
     """Dates, time zone, a file type family and a provider: one call each, the same numbers."""
     calls = granular_calls(page)

@@ -33,7 +33,7 @@ def open_at(page: Any, server: Any, query: str) -> Any:
 
 def focused(page: Any) -> str:
     name: str = page.evaluate(
-        "() => { const e = document.activeElement; return e.id || e.tagName + ':' + e.textContent; }"
+        "() => { const e = document.activeElement; return e.id || e.tagName + ':' + e.textContent }"
     )
     return name
 
@@ -72,9 +72,10 @@ def test_each_kpi_shows_its_change_against_the_previous_period(page: Any, server
         assert float(change) == pytest.approx((is_ - was) / was), kpi
         assert text.startswith(("▲", "▼")) and " from " in text, text
     assert f"from {prev['uploads']:,}" in shown["uploads"][2]
-    rate, rate_before = 100 * now["successful"] / now["uploads"], 100 * prev["successful"] / prev[
-        "uploads"
-    ]
+    rate, rate_before = (
+        100 * now["successful"] / now["uploads"],
+        100 * prev["successful"] / prev["uploads"],
+    )
     assert float(shown["success"][0]) == pytest.approx(rate_before, abs=1e-4)
     assert float(shown["success"][1]) == pytest.approx(rate - rate_before, abs=2e-4)
     assert " pts from " in shown["success"][2]
@@ -88,8 +89,10 @@ def test_each_kpi_shows_its_change_against_the_previous_period(page: Any, server
     # Before the first known row there is nothing to compare with, and the page says so.
     open_at(page, server, "start=2020-02-25&end=2020-03-10&tz=UTC")
     body = server.granular("start=2020-02-25&end=2020-03-10&tz=UTC").json()
-    assert body["previous"]["uploads"] == 0 == len(
-        View(date(2020, 2, 10), date(2020, 2, 24)).uploads(server.known)
+    assert (
+        body["previous"]["uploads"]
+        == 0
+        == len(View(date(2020, 2, 10), date(2020, 2, 24)).uploads(server.known))
     )
     assert page.get_attribute("#kpi-uploads-change", "data-change") == ""
     assert page.text_content("#kpi-uploads-change") == "none in the previous period"
@@ -104,9 +107,9 @@ def test_spoofed_types_count_uploads_declared_as_another_type(page: Any, server:
     body = server.granular(view.query).json()
     spoofed = [r for r in view.uploads(server.known) if r.declared_type is not None]
     pairs = Counter((r.declared_type, r.file_type) for r in spoofed)
-    assert {(m["declared_type"], m["file_type"]): m["uploads"] for m in body["type_mismatches"]} == (
-        pairs
-    )
+    assert {
+        (m["declared_type"], m["file_type"]): m["uploads"] for m in body["type_mismatches"]
+    } == (pairs)
     assert len(spoofed) > 1
     assert page.get_attribute("#mismatch-count", "data-value") == str(len(spoofed))
     assert page.text_content("#mismatch-count") == str(len(spoofed))
@@ -114,7 +117,9 @@ def test_spoofed_types_count_uploads_declared_as_another_type(page: Any, server:
         "#mismatch-table tbody tr",
         "rs => rs.map(r => [r.dataset.declared, r.dataset.detected, +r.dataset.uploads])",
     )
-    assert table == [[m["declared_type"], m["file_type"], m["uploads"]] for m in body["type_mismatches"]]
+    assert table == [
+        [m["declared_type"], m["file_type"], m["uploads"]] for m in body["type_mismatches"]
+    ]
     share = 100 * len(spoofed) / body["totals"]["uploads"]
     assert f"({share:.1f}".rstrip("0").rstrip(".") in page.text_content("#mismatch-share")
 
@@ -159,14 +164,14 @@ def test_failures_page_through_failed_uploads_and_requests(page: Any, server: An
     key = server.keys[0]
     view = View(date(2020, 2, 27), MARCH[1], "Europe/Berlin", keys=(key,))
     open_at(page, server, view.query)
+    uploads = [r for r in view.uploads(server.known) if r.upload_status == "failed"]
+    requests = [r for r in view.requests(server.known_requests) if r.status_code >= 400]
     expected = sorted(
-        [("upload", r.uploaded_at, r.error_message) for r in view.uploads(server.known)
-         if r.upload_status == "failed"]
-        + [("request", r.requested_at, r.error_message) for r in view.requests(server.known_requests)
-           if r.status_code >= 400 or r.error_message],
+        [("upload", r.uploaded_at, r.error_message) for r in uploads]
+        + [("request", r.requested_at, r.error_message) for r in requests],
         key=lambda f: (f[1], f[0]),
         reverse=True,
-    )  # fmt: skip
+    )
     items = api_failures(server, view.query)
     assert [(i["kind"], datetime.fromisoformat(i["at"]), i["error_message"]) for i in items] == (
         expected
@@ -182,7 +187,9 @@ def test_failures_page_through_failed_uploads_and_requests(page: Any, server: An
         count = len(shown_failures(page))
         with page.expect_response(lambda r: "/failures?" in r.url and "cursor=" in r.url):
             page.keyboard.press("Enter")
-        page.wait_for_function(f"document.querySelectorAll('#failures-table tbody tr').length > {count}")
+        page.wait_for_function(
+            f"document.querySelectorAll('#failures-table tbody tr').length > {count}"
+        )
     assert shown_failures(page) == as_shown
     assert focused(page) == "failures-table"  # the button left; focus stays in the panel
     assert "(all of them)" in page.text_content("#failures-count")
@@ -219,12 +226,15 @@ def test_export_saves_the_tables_and_the_raw_rows(page: Any, server: Any) -> Non
     open_at(page, server, view.query)
     body = server.granular(view.query).json()
 
-    name, text = download(page, lambda: page.click("#export-tables [data-table='uploads-over-time']"))
+    name, text = download(
+        page, lambda: page.click("#export-tables [data-table='uploads-over-time']")
+    )
     assert name == "usage-uploads-over-time-2020-03-01_2020-03-31.csv"
     rows = read_csv(text)
     assert rows[0] == ["period", "uploads", "successful", "failed", "bytes"]
     assert [[r[0], *map(int, r[1:])] for r in rows[1:]] == [
-        [p["period"], p["uploads"], p["successful"], p["failed"], p["bytes"]] for p in body["series"]
+        [p["period"], p["uploads"], p["successful"], p["failed"], p["bytes"]]
+        for p in body["series"]
     ]
     assert sum(int(r[1]) for r in rows[1:]) == len(view.uploads(server.known))
 
@@ -264,7 +274,9 @@ def test_export_saves_the_tables_and_the_raw_rows(page: Any, server: Any) -> Non
         name, text = download(page, lambda: page.keyboard.press("Enter"))
     assert "file_type" not in parse_qs(urlsplit(asked.value.url).query)
     lines = [json.loads(line) for line in text.splitlines()]
-    assert {line["id"] for line in lines} == {str(r.id) for r in view.requests(server.known_requests)}
+    assert {line["id"] for line in lines} == {
+        str(r.id) for r in view.requests(server.known_requests)
+    }
     assert "requests have neither" in page.text_content("#export-note")
     audit(page, "after raw exports")
 
@@ -277,7 +289,8 @@ def set_hidden(page: Any, hidden: bool) -> None:
     """What the browser does when the tab goes to the background (or comes back)."""
     page.evaluate(
         """hidden => {
-        for (const [name, value] of [['hidden', hidden], ['visibilityState', hidden ? 'hidden' : 'visible']])
+        const values = [['hidden', hidden], ['visibilityState', hidden ? 'hidden' : 'visible']];
+        for (const [name, value] of values)
           Object.defineProperty(document, name, {configurable: true, get: () => value});
         document.dispatchEvent(new Event('visibilitychange'));
     }""",
@@ -307,8 +320,8 @@ def test_live_refresh_updates_numbers_in_place(page: Any, server: Any) -> None:
     )
     store = UsageStore(server.url)
     try:
-        store.write([UploadRecord(api_key_id=server.keys[0], provider="s3", file_type="image/png",
-                                  file_size=4_321, uploaded_at=datetime.now(timezone.utc))])  # fmt: skip
+        now = datetime.now(timezone.utc)
+        store.write([UploadRecord(provider="s3", file_type="image/png", uploaded_at=now)])
     finally:
         store.dispose()
 
