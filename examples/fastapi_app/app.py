@@ -140,7 +140,8 @@ def create_app(
     database_url = database_url or os.environ.get("DATABASE_URL") or default_url
     root = Path(storage_dir or os.environ.get("STORAGE_DIR") or HERE / "storage")
     admin_key = admin_key or os.environ.get("USAGE_ADMIN_KEY") or secrets.token_urlsafe(18)
-    keys = KeyTable(demo_keys(admin_key))
+    table = demo_keys(admin_key)
+    keys = KeyTable(table)
     backends = {name: Backend(name, root, limit) for name, limit in PROVIDER_LIMITS.items()}
     store = UsageStore(database_url)
 
@@ -173,7 +174,13 @@ def create_app(
             return None
         return ALL_KEYS if key.admin else [key.key_id]
 
-    app.mount(USAGE_MOUNT, UsageRouter(store, authorize=authorize))
+    owners = {key.key_id: key.owner for key in table.values()}
+
+    def key_labels(ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """Names for the dashboard's consumers: each key's owner, never the key itself."""
+        return {i: owners[i] for i in ids if i in owners}
+
+    app.mount(USAGE_MOUNT, UsageRouter(store, authorize=authorize, key_labels=key_labels))
 
     header_key = APIKeyHeader(name="x-api-key", auto_error=False)
 

@@ -309,6 +309,28 @@ def test_consumers_list_each_key_and_narrow_the_whole_page(page: Any, server: An
     assert page.text_content("#keys-summary") == "All keys"
 
 
+def test_keys_show_by_the_hosts_labels(page: Any, server: Any) -> None:
+    """Keys the host names (the example app labels each key with its owner) show by that name
+    in the Consumers table, the key picker and the failures."""
+    open_at(page, server, "range=90d&tz=UTC")
+    body = server.get("consumers", "range=90d&tz=UTC").json()
+    labels = {c["api_key_id"]: c["label"] for c in body["consumers"]}
+    assert sorted(labels.values()) == ["Acme", "Globex", "Initech"]  # the demo data's keys
+    shown = page.eval_on_selector_all(
+        "#consumers-table tbody tr",
+        "rs => rs.map(r => [r.dataset.key, r.dataset.label, r.querySelector('th').textContent])",
+    )
+    assert shown == [[c["api_key_id"], c["label"], c["label"]] for c in body["consumers"]]
+    picker = page.eval_on_selector_all(
+        "#keys-filter label", "ls => ls.map(l => [l.querySelector('input').value, l.textContent])"
+    )
+    assert sorted(picker) == sorted([k, f"{v} ({k[:8]}…)"] for k, v in labels.items())
+    failures = page.eval_on_selector_all(
+        "#failures-table span.key[data-id]", "ss => ss.map(s => [s.dataset.id, s.textContent])"
+    )
+    assert failures and all(text == labels[key] for key, text in failures)
+
+
 def test_a_customer_key_sees_neither_consumers_nor_the_key_picker(page: Any, server: Any) -> None:
     """A caller that may read one key has nothing to compare it with."""
     settle(page, lambda: page.goto(f"{server.dashboard}?range=90d&tz=UTC#key=demo-key-acme"))
