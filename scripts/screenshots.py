@@ -30,7 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DIR = ROOT / "examples" / "fastapi_app"
 CHROMIUM = "/usr/bin/chromium"
 ADMIN_KEY = "screenshot-admin-key"
-READY = "document.getElementById('main').dataset.state === 'ready'"
+# The main answer is drawn and no panel is still waiting for its own.
+READY = (
+    "document.getElementById('main').dataset.state === 'ready'"
+    " && !document.querySelector('[data-panel][data-state=\"loading\"]')"
+)
 
 
 def _free_port() -> int:
