@@ -97,7 +97,7 @@ def take(out: Path) -> list[Path]:
                     desktop = browser.new_context(
                         locale="en-US", timezone_id="UTC", viewport={"width": 1280, "height": 900}
                     ).new_page()
-                    _open(desktop, f"{mount}?range=12m&tz=UTC#key={ADMIN_KEY}")
+                    _open(desktop, f"{mount}?range=90d&tz=UTC#key={ADMIN_KEY}")
                     desktop.screenshot(path=str(out / "dashboard.png"), full_page=True)
                     phone = browser.new_context(
                         locale="en-US",

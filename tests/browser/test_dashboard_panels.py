@@ -306,7 +306,7 @@ def test_live_refresh_updates_numbers_in_place(page: Any, server: Any) -> None:
     query = "range=today&tz=UTC"
     open_at(page, server, query)
     assert page.is_visible("#live-box") and page.is_checked("#live")
-    assert "Every 30 s" in page.text_content("#live-status")
+    assert "every 30 s · updated " in page.text_content("#live-status")
     before = kpi(page, "uploads")
     page.evaluate(
         """() => {
