@@ -704,11 +704,14 @@ DECLARE
 BEGIN
     IF pg_catalog.to_regclass('public.endpoint_routes') IS NULL THEN
         LOCK TABLE public.api_requests IN SHARE MODE;
+        -- Memory for this transaction's sorts and hashes, so a large install's fill does not
+        -- spill to disk; the unique constraints are added last, each index built in one sort.
+        PERFORM pg_catalog.set_config('work_mem', '128MB', true);
+        PERFORM pg_catalog.set_config('maintenance_work_mem', '256MB', true);
         CREATE TABLE public.endpoint_routes (
             api_key_id uuid,
             usage_date date NOT NULL,
-            route      text COLLATE "C" NOT NULL,
-            CONSTRAINT uq_endpoint_routes UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, route)
+            route      text COLLATE "C" NOT NULL
         );
         CREATE TABLE public.monthly_endpoint_usage (
             usage_month          date NOT NULL,
@@ -720,11 +723,7 @@ BEGIN
             total_requests       bigint NOT NULL DEFAULT 0,
             total_response_us    bigint NOT NULL DEFAULT 0,
             total_request_bytes  bigint NOT NULL DEFAULT 0,
-            total_response_bytes bigint NOT NULL DEFAULT 0,
-            CONSTRAINT uq_monthly_endpoint_usage UNIQUE NULLS NOT DISTINCT
-                (api_key_id, usage_month, method, route, status_code, latency_bucket)
-                INCLUDE (total_requests, total_response_us, total_request_bytes,
-                         total_response_bytes)
+            total_response_bytes bigint NOT NULL DEFAULT 0
         ) WITH (fillfactor = 70);
         CREATE TABLE public.daily_endpoint_usage (
             usage_date           date NOT NULL,
@@ -736,11 +735,7 @@ BEGIN
             total_requests       bigint NOT NULL DEFAULT 0,
             total_response_us    bigint NOT NULL DEFAULT 0,
             total_request_bytes  bigint NOT NULL DEFAULT 0,
-            total_response_bytes bigint NOT NULL DEFAULT 0,
-            CONSTRAINT uq_daily_endpoint_usage UNIQUE NULLS NOT DISTINCT
-                (api_key_id, usage_date, method, route, status_code, latency_bucket)
-                INCLUDE (total_requests, total_response_us, total_request_bytes,
-                         total_response_bytes)
+            total_response_bytes bigint NOT NULL DEFAULT 0
         ) WITH (fillfactor = 70);
         CREATE TABLE public.quarter_endpoint_usage (
             usage_quarter        timestamptz NOT NULL,
@@ -752,9 +747,7 @@ BEGIN
             total_requests       bigint NOT NULL DEFAULT 0,
             total_response_us    bigint NOT NULL DEFAULT 0,
             total_request_bytes  bigint NOT NULL DEFAULT 0,
-            total_response_bytes bigint NOT NULL DEFAULT 0,
-            CONSTRAINT uq_quarter_endpoint_usage UNIQUE NULLS NOT DISTINCT
-                (api_key_id, usage_quarter, method, route, status_code, latency_bucket)
+            total_response_bytes bigint NOT NULL DEFAULT 0
         ) WITH (fillfactor = 70);
 
         INSERT INTO public.endpoint_routes
@@ -812,6 +805,21 @@ BEGIN
                sum(d.total_response_us), sum(d.total_request_bytes), sum(d.total_response_bytes)
           FROM public.daily_endpoint_usage AS d
          GROUP BY 1, 2, 3, 4, 5, 6;
+        ALTER TABLE public.endpoint_routes ADD CONSTRAINT uq_endpoint_routes
+            UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, route);
+        ALTER TABLE public.monthly_endpoint_usage ADD CONSTRAINT uq_monthly_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_month, method, route, status_code, latency_bucket)
+            INCLUDE (total_requests, total_response_us, total_request_bytes,
+                     total_response_bytes);
+        ALTER TABLE public.daily_endpoint_usage ADD CONSTRAINT uq_daily_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_date, method, route, status_code, latency_bucket)
+            INCLUDE (total_requests, total_response_us, total_request_bytes,
+                     total_response_bytes);
+        ALTER TABLE public.quarter_endpoint_usage ADD CONSTRAINT uq_quarter_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_quarter, method, route, status_code, latency_bucket);
     END IF;
     FOREACH t IN ARRAY ARRAY['endpoint_routes', 'monthly_endpoint_usage', 'daily_endpoint_usage',
                              'quarter_endpoint_usage'] LOOP
