@@ -239,3 +239,74 @@ def test_rerun_replaces_the_hourly_time_indexes(pg_url: str) -> None:
         "idx_hourly_request_usage_utc_hour": "btree ((usage_hour AT TIME ZONE 'UTC'::text))",
     }
     store.dispose()
+
+
+def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: str) -> None:
+    """An install from before the endpoint rollups (no ``route_matched`` column, no endpoint
+    tables; on PostgreSQL some rows in the default partition) gets them on the next
+    ``create_schema()``: every stored request counts as a matched route, the tables equal a
+    rebuild from the raw rows (the cap applied per key-day in route order), and later writes
+    add to them by the rule."""
+    import random
+    from datetime import datetime, timedelta, timezone
+
+    from support.endpoints import EndpointReference, rebuilt_endpoints, stored_endpoints
+    from support.rollups import assert_rollups_exact, random_request
+
+    from usage_middleware import RequestRecord
+    from usage_middleware._schema import ROUTES_PER_KEY_DAY, api_requests
+
+    rng = random.Random(14)
+    day = datetime(2025, 9, 2, 9, tzinfo=timezone.utc)
+    crowded = [
+        RequestRecord(path=f"/r/{i}", api_key_id=None, requested_at=day + timedelta(seconds=i))
+        for i in range(ROUTES_PER_KEY_DAY + 40)
+    ]
+    far = [RequestRecord(path="/later", requested_at=datetime(2150, 1, 1, tzinfo=timezone.utc))]
+    store = UsageStore(db_url)
+    store.create_schema()
+    store.write([random_request(rng, spread_hours=900) for _ in range(400)] + crowded + far)
+    with store.engine.begin() as conn:
+        for table in ("endpoint_routes", "monthly_endpoint_usage", "daily_endpoint_usage",
+                      "quarter_endpoint_usage"):
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql("ALTER TABLE api_requests DROP COLUMN route_matched")
+        if store.dialect == "postgresql":
+            assert conn.exec_driver_sql("SELECT count(*) FROM api_requests_default").scalar()
+    store.dispose()  # fmt: skip
+
+    upgraded = UsageStore(db_url)
+    upgraded.create_schema()
+    with upgraded.engine.connect() as conn:
+        raw = [dict(r) for r in conn.execute(api_requests.select()).mappings()]
+        if upgraded.dialect == "postgresql":  # the parent and every partition have the column
+            columns = conn.exec_driver_sql(
+                "SELECT count(*), bool_and(a.attnotnull), "
+                "bool_and(pg_get_expr(d.adbin, d.adrelid) = 'true') "
+                "FROM pg_attribute a JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, "
+                "a.attnum) WHERE a.attname = 'route_matched' AND a.attrelid IN ("
+                "SELECT 'api_requests'::regclass UNION ALL SELECT inhrelid FROM pg_inherits "
+                "WHERE inhparent = 'api_requests'::regclass)"
+            ).one()
+            partitions = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'api_requests'::regclass"
+            ).scalar()
+            assert tuple(columns) == (partitions + 1, True, True)
+    assert len(raw) == 400 + len(crowded) + 1 and all(r["route_matched"] for r in raw)
+    rebuilt = rebuilt_endpoints(raw)
+    assert stored_endpoints(upgraded) == rebuilt
+    assert sum(1 for k in rebuilt["endpoint_routes"] if k[0] is None) >= ROUTES_PER_KEY_DAY
+    assert_rollups_exact(upgraded)
+
+    reference = EndpointReference()
+    reference.write(raw)
+    more = [random_request(rng, spread_hours=900) for _ in range(200)]
+    more += [
+        RequestRecord(path=f"/s/{i}", api_key_id=None, requested_at=day) for i in range(30)
+    ]
+    upgraded.write(more)
+    reference.write(more)
+    assert stored_endpoints(upgraded) == reference.rollups()
+    upgraded.create_schema()  # a second run leaves the filled tables alone
+    assert stored_endpoints(upgraded) == reference.rollups()
+    upgraded.dispose()
