@@ -564,6 +564,11 @@ VALUES = st.one_of(
             "5xx",
             "404",
             "/files/{id}",
+            "(unmatched)",
+            "purge",
+            "6xx",
+            "99",
+            "2XX",
             # a well-formed cursor (time, kind, id) and near misses
             "eyJ0IjoiMjAyNS0wMy0xMFQxMjowMDowMC4wMDAwMDArMDA6MDAiLCJrIjoidXBsb2FkIiwiaSI6IjAwMDAwMDAwMDAwMDQwMDA4MDAwMDAwMDAwMDAwMDBhIn0",
             "eyJ0IjoiMjAyNS0wMy0xMFQxMjowMDowMC4wMDAwMDArMDA6MDAiLCJrIjoidXBsb2FkIn0",
@@ -573,7 +578,16 @@ VALUES = st.one_of(
     ),
 )
 # Endpoints the never-a-500 property covers: every one that reads a query string.
-API_PATHS = ["/granular", "/file-types", "/providers", "/history", "/failures", "/export"]
+API_PATHS = [
+    "/granular",
+    "/file-types",
+    "/providers",
+    "/history",
+    "/requests",
+    "/consumers",
+    "/failures",
+    "/export",
+]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import date, datetime, tzinfo
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from . import _export, _failures, _queries
+from . import _export, _failures, _queries, _requests
 from ._dashboard import dashboard_page, time_zones
 from ._errors import ConfigurationError, UsageError
 from ._store import UsageStore
@@ -77,6 +77,7 @@ ALL_KEYS: Final = _AllKeys()
 KeyScope = Iterable[UUID | str] | _AllKeys | None  # what authorize() returns
 Authorize = Callable[[Request], "KeyScope | Awaitable[KeyScope]"]
 HealthAuthorize = Callable[[Request], "bool | Awaitable[bool | None] | None"]
+KeyLabels = Callable[[list[UUID]], "Mapping[Any, Any] | Awaitable[Mapping[Any, Any]]"]
 
 # More distinct parameter names than this is not a usage query (there are eight): refused before
 # any per-name work, so a crafted URL costs one linear pass on the event loop.
@@ -113,6 +114,11 @@ class UsageRouter(Router):
     ``True`` shows them, ``False`` is 403, ``None`` is 401. By default only callers whose
     ``authorize`` returns ``ALL_KEYS`` see them (with ``public=True``, everyone).
     ``/health/live`` answers ``{"status": "ok"}`` to anyone.
+
+    ``key_labels(ids)`` (sync or async) names keys in ``/consumers``: it gets the listed key
+    ids and returns ``{id: label}``; labels are the host's (say, a customer name), never
+    derived from the key itself. Ids it was not asked about are ignored; if it raises, the
+    labels are null and the answer is still served.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class UsageRouter(Router):
         max_range_days: int = DEFAULT_MAX_RANGE_DAYS,
         max_filter_values: int = DEFAULT_MAX_FILTER_VALUES,
         today: Callable[[tzinfo], date] = _today,
+        key_labels: KeyLabels | None = None,
     ) -> None:
         if authorize is None and not public:
             raise ConfigurationError(
@@ -145,6 +152,9 @@ class UsageRouter(Router):
         self._max_range_days = max_range_days
         self._max_filter_values = max_filter_values
         self._today = today
+        if key_labels is not None and not callable(key_labels):
+            raise ConfigurationError("key_labels must be callable(ids) -> {id: label}")
+        self._key_labels = key_labels
         super().__init__(
             routes=[
                 Route("/", dashboard_page, methods=["GET"], name="usage_dashboard"),
@@ -152,6 +162,8 @@ class UsageRouter(Router):
                 Route("/file-types", self._file_types, methods=["GET"], name="usage_file_types"),
                 Route("/providers", self._providers, methods=["GET"], name="usage_providers"),
                 Route("/history", self._history, methods=["GET"], name="usage_history"),
+                Route("/requests", self._requests, methods=["GET"], name="usage_requests"),
+                Route("/consumers", self._consumers, methods=["GET"], name="usage_consumers"),
                 Route("/failures", self._failures, methods=["GET"], name="usage_failures"),
                 Route("/export", self._export, methods=["GET"], name="usage_export"),
                 Route("/health", self._health, methods=["GET"], name="usage_health"),
@@ -300,6 +312,61 @@ class UsageRouter(Router):
         except (SQLAlchemyError, UsageError) as exc:
             logger.warning("usage router: database query failed: %s", exc)
             return _error(503, "database_unavailable", "the usage database did not answer")
+
+    async def _requests(self, request: Request) -> Response:
+        prepared = await self._prepared(request)
+        if isinstance(prepared, Response):
+            return prepared
+        spec, keys, params = prepared
+        try:
+            filters = _requests.parse_request_filter(params, self._max_filter_values)
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        body = await self._guarded(
+            partial(_requests.requests_answer, self.store, spec, keys, filters)
+        )
+        if isinstance(body, Response):
+            return body
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def _consumers(self, request: Request) -> Response:
+        prepared = await self._prepared(request)
+        if isinstance(prepared, Response):
+            return prepared
+        spec, keys, params = prepared
+        try:
+            limit = _requests.parse_consumer_limit(params)
+        except QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.parameter)
+        body = await self._guarded(
+            partial(_requests.consumers_answer, self.store, spec, keys, limit)
+        )
+        if isinstance(body, Response):
+            return body
+        await self._label(body["consumers"])
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def _label(self, rows: list[dict[str, Any]]) -> None:
+        """Fill ``label`` from the host's ``key_labels`` for the listed keys only."""
+        ids = [UUID(row["api_key_id"]) for row in rows if row["api_key_id"] is not None]
+        if self._key_labels is None or not ids:
+            return
+        try:
+            result = self._key_labels(ids)
+            if inspect.isawaitable(result):
+                result = await result
+            labels = {}
+            for k, v in dict(result).items():
+                try:
+                    labels[str(k if isinstance(k, UUID) else UUID(str(k)))] = v
+                except ValueError:
+                    continue
+        except Exception:
+            logger.exception("usage router: key_labels() failed; consumers served without labels")
+            return
+        for row in rows:
+            label = labels.get(row["api_key_id"]) if row["api_key_id"] is not None else None
+            row["label"] = label if isinstance(label, str) else None
 
     async def _failures(self, request: Request) -> Response:
         prepared = await self._prepared(request)
