@@ -299,7 +299,7 @@ def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: s
     assert_rollups_exact(upgraded)
 
     reference = EndpointReference()
-    reference.write(raw)
+    reference.write(raw, stored=True)
     more = [random_request(rng, spread_hours=900) for _ in range(200)]
     more += [
         RequestRecord(path=f"/s/{i}", api_key_id=None, requested_at=day) for i in range(30)
@@ -310,3 +310,61 @@ def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: s
     upgraded.create_schema()  # a second run leaves the filled tables alone
     assert stored_endpoints(upgraded) == reference.rollups()
     upgraded.dispose()
+
+
+@pytest.mark.postgres
+def test_a_0_1_0_install_gets_endpoint_rollups_equal_to_a_rebuild(pg_url: str) -> None:
+    """An install made with the 0.1.0 schema file, holding requests (with methods outside the
+    standard set, latencies around the bucket edges, more routes on one key-day than the cap),
+    is upgraded by create_schema(): its endpoint rollups equal the rebuild from its raw rows,
+    computed here in Python with the writer's own label and bucket functions."""
+    import random
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from support.endpoints import rebuilt_endpoints, stored_endpoints, stored_request_rows
+
+    from usage_middleware._schema import ROUTES_PER_KEY_DAY, STANDARD_METHODS
+
+    old = Path(__file__).parent / "support" / "schema_0_1_0.sql"
+    rng = random.Random(21)
+    start = datetime(2025, 1, 30, 22, tzinfo=timezone.utc)
+    keys = [None, uuid.UUID(int=5, version=4)]
+    rows = [
+        (
+            uuid.UUID(int=rng.getrandbits(128), version=4),
+            rng.choice(keys),
+            rng.choice([*sorted(STANDARD_METHODS), "MKCOL", "get"]),
+            f"/r/{rng.randrange(ROUTES_PER_KEY_DAY + 60)}",
+            rng.choice([200, 302, 404, 503]),
+            rng.choice([0.0, 0.001, 0.0011, 1.0, 12.5, rng.lognormvariate(2, 2)]),
+            rng.randrange(10_000),
+            rng.randrange(10_000),
+            start + timedelta(seconds=rng.random() * 3 * 86_400),
+        )
+        for _ in range(3_000)
+    ]
+    with psycopg.connect(
+        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as conn:
+        conn.execute(old.read_text("utf-8"))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO api_requests (id, api_key_id, method, path, status_code, "
+                "response_time_ms, request_size, response_size, requested_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+    store = UsageStore(pg_url)
+    try:
+        store.create_schema()
+        raw = stored_request_rows(store)
+        assert len(raw) == len(rows) and all(r["route_matched"] for r in raw)
+        rebuilt = rebuilt_endpoints(raw)
+        assert stored_endpoints(store) == rebuilt
+        daily = rebuilt["daily_endpoint_usage"]
+        assert "(other)" in {route for (_, _, _, route, *_) in daily}
+        assert {method for (_, _, method, *_) in daily} == {*STANDARD_METHODS, "OTHER"}
+    finally:
+        store.dispose()

@@ -45,24 +45,35 @@ def _row(r: RequestRecord | dict[str, Any]) -> dict[str, Any]:
 
 
 class EndpointReference:
-    """The rule applied to batches in the order they are written: a batch's requests whose id
-    was not seen before are new; per key and UTC day, the new named routes not yet named are
-    admitted in sorted order while the day has fewer than ``ROUTES_PER_KEY_DAY``; a request
-    whose route is not named is ``(other)``."""
+    """The rule applied to batches in the order they are written: a batch's requests not stored
+    before are new; per key and UTC day, the new named routes not yet named are admitted in
+    sorted order while the day has fewer than ``ROUTES_PER_KEY_DAY``; a request whose route is
+    not named is ``(other)``.
 
-    def __init__(self) -> None:
-        self.seen: set[UUID] = set()
+    A request is stored before when its id is (``by_time``: its id and time, as PostgreSQL's
+    partitioned raw table keys it; a replay carries the same time, so only records that reuse
+    an id at another time tell the two apart)."""
+
+    def __init__(self, *, by_time: bool = False) -> None:
+        self.by_time = by_time
+        self.seen: set[Any] = set()
         self.named: dict[tuple[UUID | None, date], set[str]] = defaultdict(set)
         self.tiers: dict[str, dict[tuple[Any, ...], list[int]]] = {
             name: defaultdict(lambda: [0, 0, 0, 0]) for name in ENDPOINT_TABLES
         }
 
-    def write(self, records: Iterable[RequestRecord | dict[str, Any]]) -> None:
+    def write(
+        self, records: Iterable[RequestRecord | dict[str, Any]], *, stored: bool = False
+    ) -> None:
+        """Apply the rule to one batch (``stored``: rows already stored, each new)."""
         fresh = []
+        batch: set[UUID] = set()
         for record in records:
             r = _row(record)
-            if r["id"] not in self.seen:
-                self.seen.add(r["id"])
+            identity = (r["id"], r["requested_at"]) if self.by_time else r["id"]
+            if stored or (identity not in self.seen and r["id"] not in batch):
+                self.seen.add(identity)
+                batch.add(r["id"])
                 fresh.append(r)
         wanted: dict[tuple[UUID | None, date], set[str]] = defaultdict(set)
         for r in fresh:
@@ -104,7 +115,7 @@ class EndpointReference:
 def rebuilt_endpoints(requests: list[dict[str, Any]]) -> Rollups:
     """What writing ``requests`` (raw rows as mappings) in one batch gives."""
     reference = EndpointReference()
-    reference.write(requests)
+    reference.write(requests, stored=True)
     return reference.rollups()
 
 
