@@ -1,19 +1,28 @@
 """The SQL request and consumer reads beyond what the backend contract compares: the series
-plan's month tier, and ``last_seen`` once retention pruned the raw rows it was read from."""
+plan's month tier, ``last_seen`` once retention pruned the raw rows it was read from, and the
+SQL function ``get_request_breakdown``."""
 
 from __future__ import annotations
 
+import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from test_queries import get
 
-from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware import ALL_KEYS, RequestRecord, UploadRecord, UsageRouter, UsageStore
 from usage_middleware._storage.base import Scope
 from usage_middleware._storage.plan import series_plan
 
 UTC = timezone.utc
+KEY = uuid.UUID("22222222-2222-4222-8222-222222222222")
 
 
 @given(
@@ -106,3 +115,101 @@ def test_last_seen_after_retention_is_exact_or_its_quarter_hour(store: UsageStor
         kept: _floor_quarter(old),
         mixed: _floor_quarter(old + timedelta(minutes=1)),
     }
+
+
+# --- get_request_breakdown (sql/usage_tracking_schema.sql) ------------------------------------
+
+BREAKDOWN_CASES = [
+    (date(2025, 9, 1), date(2025, 9, 30), None),  # one whole month: the monthly tier alone
+    (date(2025, 8, 25), date(2025, 10, 3), None),  # days, a whole month, days
+    (date(2025, 8, 25), date(2025, 10, 3), KEY),
+    (date(2025, 9, 5), date(2025, 9, 5), None),
+    (date(2025, 7, 1), date(2025, 10, 31), KEY),  # whole months around the data
+    (date(2025, 9, 2), date(2025, 9, 29), None),  # inside one month: days only
+    (date(2024, 1, 1), date(2024, 1, 31), None),  # nothing
+]
+
+
+@pytest.fixture(scope="module")
+def breakdown_stores() -> Iterator[tuple[UsageStore, UsageStore]]:
+    """A PostgreSQL store and the in-memory reference with the same ~2,000 requests around
+    September 2025, shared by the module."""
+    from support.pg import drop_pg_database, make_pg_database
+
+    url = make_pg_database()
+    store, reference = UsageStore(url), UsageStore("memory://")
+    rng = random.Random(7)
+    base = datetime(2025, 8, 20, tzinfo=UTC)
+    records = [
+        RequestRecord(
+            api_key_id=rng.choice([KEY, uuid.UUID(int=9, version=4), None]),
+            method=rng.choice(["GET", "GET", "POST", "PURGE"]),
+            path=rng.choice(["/files", "/files/{id}", "/upload", "/.env"]),
+            route_matched=rng.random() < 0.9,
+            status_code=rng.choice([200, 200, 201, 404, 413, 500]),
+            response_time_ms=rng.expovariate(0.05),
+            request_size=1,
+            response_size=1,
+            requested_at=base + timedelta(seconds=rng.random() * 50 * 86400),
+        )
+        for _ in range(2000)
+    ]
+    try:
+        store.create_schema()
+        for part in (records[:700], records[700:]):
+            store.write(part)
+            reference.write(part)
+        yield store, reference
+    finally:
+        store.dispose()
+        drop_pg_database(url)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("start", "end", "key"), BREAKDOWN_CASES)
+def test_get_request_breakdown_agrees_with_the_router(
+    breakdown_stores: tuple[UsageStore, UsageStore], start: date, end: date, key: uuid.UUID | None
+) -> None:
+    """Per method and route, the SQL function gives what ``GET /requests`` gives for the same
+    UTC days — requests, errors, mean response time, shares (adding up to exactly 100), order
+    — and the router's numbers are the reference's."""
+    store, reference = breakdown_stores
+    params = {"start": str(start), "end": str(end), "tz": "UTC"}
+    if key is not None:
+        params["api_key_id"] = str(key)
+    endpoints = []
+    for s in (store, reference):
+        app = Starlette(routes=[Mount("/usage", UsageRouter(s, authorize=lambda r: ALL_KEYS))])
+        response = get(app, "/usage/requests", params)
+        assert response.status_code == 200, response.text
+        endpoints.append(response.json()["endpoints"])
+    assert endpoints[0] == endpoints[1]
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT * FROM public.get_request_breakdown(:s, :e, :k)"),
+            {"s": start, "e": end, "k": key},
+        ).all()
+    want = [(x["method"], x["route"], x["requests"], x["errors"]) for x in endpoints[0]]
+    assert [tuple(r[:4]) for r in rows] == want
+    for (*_, avg_ms, share), x in zip(rows, endpoints[0], strict=True):
+        assert round(avg_ms, 4) == pytest.approx(x["avg_response_ms"], abs=1e-4)
+        assert float(share) == x["percentage"]
+    if rows:
+        assert sum(r[5] for r in rows) == 100
+
+
+@pytest.mark.postgres
+def test_get_request_breakdown_is_invoker_with_pinned_search_path(
+    breakdown_stores: tuple[UsageStore, UsageStore],
+) -> None:
+    """SECURITY INVOKER, search_path '' and no EXECUTE for PUBLIC, like the other functions."""
+    store, _ = breakdown_stores
+    with store.engine.connect() as conn:
+        secdef, config, acl = conn.execute(
+            text(
+                "SELECT prosecdef, proconfig, proacl::text[] FROM pg_proc "
+                "WHERE oid = 'public.get_request_breakdown(date, date, uuid)'::regprocedure"
+            )
+        ).one()
+    assert secdef is False and config == ['search_path=""']
+    assert acl is not None and not any(item.startswith("=") for item in acl)
