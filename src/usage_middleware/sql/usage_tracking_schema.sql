@@ -1082,12 +1082,93 @@ AS $fn$
      ORDER BY g.upload_count DESC, g.provider
 $fn$;
 
+-- Requests per endpoint (method and route labels as the endpoint rollups hold them, see
+-- daily_endpoint_usage): whole calendar months inside the range are read from
+-- monthly_endpoint_usage, the other days from daily_endpoint_usage. Days are UTC days, both dates
+-- inclusive; errors are requests answered with status >= 400. percentage is the share of
+-- requests with two decimals adding up to exactly 100, as GET /requests gives it (every share
+-- floored to 0.01 %, the missing hundredths to the largest remainders); most requests first.
+CREATE OR REPLACE FUNCTION public.get_request_breakdown(
+    p_start_date date,
+    p_end_date   date,
+    p_api_key_id uuid DEFAULT NULL
+)
+RETURNS TABLE (
+    method          text,
+    route           text,
+    requests        bigint,
+    errors          bigint,
+    avg_response_ms double precision,
+    percentage      numeric
+)
+LANGUAGE sql
+STABLE
+SECURITY INVOKER
+SET search_path = ''
+AS $fn$
+    WITH months AS (
+        -- the whole months inside the range: [first, stop) (none when first >= stop)
+        SELECT (pg_catalog.date_trunc('month', (p_start_date - 1)::timestamp)
+                + interval '1 month')::date AS first,
+               pg_catalog.date_trunc('month', (p_end_date + 1)::timestamp)::date AS stop
+    ),
+    picked AS (
+        SELECT m.method, m.route, m.status_code, m.total_requests, m.total_response_us
+          FROM public.monthly_endpoint_usage AS m, months AS w
+         WHERE m.usage_month >= w.first AND m.usage_month < w.stop
+           AND (p_api_key_id IS NULL OR m.api_key_id = p_api_key_id)
+        UNION ALL
+        SELECT d.method, d.route, d.status_code, d.total_requests, d.total_response_us
+          FROM public.daily_endpoint_usage AS d, months AS w
+         WHERE d.usage_date BETWEEN p_start_date AND p_end_date
+           AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
+           AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
+    ),
+    g AS (
+        SELECT p.method,
+               p.route::text COLLATE "C" AS route,
+               sum(p.total_requests)::bigint AS requests,
+               coalesce(sum(p.total_requests) FILTER (WHERE p.status_code >= 400), 0)::bigint
+                   AS errors,
+               sum(p.total_response_us) AS response_us
+          FROM picked AS p
+         GROUP BY p.method, p.route
+        HAVING sum(p.total_requests) > 0
+    ),
+    shares AS (  -- in hundredths of a percent: each share's floor and remainder
+        SELECT g.*,
+               g.requests * 10000 / t.total AS floor,
+               g.requests * 10000 % t.total AS remainder
+          FROM g, (SELECT sum(x.requests)::bigint AS total FROM g AS x) AS t
+    ),
+    ranked AS (
+        SELECT s.*,
+               pg_catalog.sum(s.floor) OVER () AS floors,
+               pg_catalog.row_number() OVER (
+                   ORDER BY s.remainder DESC, s.requests DESC, s.method COLLATE "C", s.route
+               ) AS by_remainder
+          FROM shares AS s
+    )
+    SELECT r.method,
+           r.route,
+           r.requests,
+           r.errors,
+           r.response_us::double precision / r.requests / 1000,
+           pg_catalog.round(
+               (r.floor + CASE WHEN r.by_remainder <= 10000 - r.floors THEN 1 ELSE 0 END)
+               / 100.0,
+               2)
+      FROM ranked AS r
+     ORDER BY r.requests DESC, r.method COLLATE "C", r.route
+$fn$;
+
 -- Functions are executable by PUBLIC by default. Take that away; on Supabase, also from anon,
 -- and give it to signed-in users (authenticated) and the service role. On plain PostgreSQL,
 -- where those roles do not exist, grant EXECUTE to your application's role yourself.
 REVOKE ALL ON FUNCTION public.get_usage_by_date_range(date, date, text, text, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.get_file_type_breakdown(date, date, uuid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.get_provider_breakdown(date, date, uuid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.get_request_breakdown(date, date, uuid) FROM PUBLIC;
 
 DO $grants$
 DECLARE
@@ -1096,7 +1177,8 @@ BEGIN
     FOREACH fn IN ARRAY ARRAY[
         'public.get_usage_by_date_range(date, date, text, text, uuid)',
         'public.get_file_type_breakdown(date, date, uuid, text)',
-        'public.get_provider_breakdown(date, date, uuid, text)'
+        'public.get_provider_breakdown(date, date, uuid, text)',
+        'public.get_request_breakdown(date, date, uuid)'
     ] LOOP
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
             EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM anon', fn);
