@@ -2,22 +2,29 @@
 
     .venv/bin/python benchmarks/ingest.py [--pg URL] [--rows N] [--batch N]
 
-For each shape of batch it prints rows/s of ``store.write`` (idempotency and all four rollups
-included) next to a baseline that does the least work the database allows for the same rows:
+For each data set and shape of batch it prints rows/s of ``store.write`` (idempotency and every
+rollup included) next to a baseline that does the least work the database allows for the same
+rows:
 
-* PostgreSQL: binary COPY of the same rows into a table partitioned like ``file_uploads`` (the
-  same monthly partitions, primary key and two indexes), no rollup, no conflict check.
-* SQLite: ``executemany`` INSERT of the same rows into a ``file_uploads``-shaped table.
+* PostgreSQL: binary COPY of the same rows into a table partitioned like the raw table (the same
+  monthly partitions, primary key and indexes), no rollup, no conflict check.
+* SQLite: ``executemany`` INSERT of the same rows into a table shaped like the raw table, with
+  its indexes.
 
-Shapes: ``live`` — a batch of a few thousand uploads spanning a few seconds of this month (50 API
-keys x 5 providers x 10 types, so few distinct rollup keys); ``worst`` — timestamps spread at
-random over the four months that have partitions (this one and three ahead: nearly every row its
-own quarter-hour and hourly rollup key). It also prints what record validation costs
-per row (``UploadRecord(...)`` construction, and the re-check ``write`` does).
+Data sets: ``uploads`` (50 API keys x 5 providers x 10 types; rollups by day, hour and quarter
+hour, declared-type mismatches) and ``requests`` (50 keys, 30 routes of an upload API with their
+own status and latency mix, 1 % unmatched scanner paths, a few non-standard methods; request
+histograms by month, day, hour and quarter hour, and endpoint rollups by month, day and quarter
+hour with the route cap). Shapes: ``live`` — a batch of a few thousand rows spanning a few
+seconds of this month; ``worst`` — timestamps spread at random over the four months that have
+partitions (nearly every row its own quarter-hour, hourly and endpoint rollup keys). It also
+prints what record validation costs per row, and how many rollup rows one busy key-day makes:
+the request histograms alone, and with the endpoint rollups.
 
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
-script creates and drops its own database. Targets: ≥ 50,000 rows/s into
-PostgreSQL and ≥ 1/4 of the raw binary COPY; ≥ 20,000 rows/s into SQLite.
+script creates and drops its own databases. Targets: the live shapes ≥ 1/5 of the raw binary COPY
+on PostgreSQL (1/4 is the aim) and ≥ 20,000 rows/s into SQLite (half of raw ``executemany`` is
+the aim).
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
 
-from usage_middleware import UploadRecord, UsageStore
+from usage_middleware import RequestRecord, UploadRecord, UsageStore
 from usage_middleware._records import new_id
 
 UTC = timezone.utc
@@ -45,68 +53,123 @@ TYPES = [
     "image/jpeg", "image/png", "image/webp", "image/gif", "application/pdf", "video/mp4",
     "text/plain", "application/zip", "audio/mpeg", "application/octet-stream",
 ]  # fmt: skip
-COLUMNS = (
-    "id, api_key_id, request_id, provider, file_type, declared_type, file_size, file_name, "
-    "upload_status, error_message, uploaded_at"
-)
-RAW_TABLE = """
-CREATE TABLE raw_uploads (LIKE public.file_uploads INCLUDING DEFAULTS)
-    PARTITION BY RANGE (uploaded_at);
-ALTER TABLE raw_uploads ADD PRIMARY KEY (id, uploaded_at);
-CREATE INDEX raw_key_time ON raw_uploads (api_key_id, uploaded_at);
-CREATE INDEX raw_time ON raw_uploads (uploaded_at);
-"""
-SQLITE_RAW_TABLE = """
-CREATE TABLE raw_uploads (
-    id blob PRIMARY KEY, api_key_id blob, request_id blob, provider text NOT NULL,
-    file_type text NOT NULL, declared_type text, file_size bigint NOT NULL, file_name text,
-    upload_status text NOT NULL, error_message text, uploaded_at text NOT NULL
-);
-CREATE INDEX raw_key_time ON raw_uploads (api_key_id, uploaded_at);
-CREATE INDEX raw_time ON raw_uploads (uploaded_at);
-"""
-# The partitions of file_uploads, to give the baseline table the same ones.
-PARTITIONS = """
-SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
-  FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
- WHERE i.inhparent = 'public.file_uploads'::regclass
-"""
-PG_TYPES = (
-    "uuid", "uuid", "uuid", "text", "text", "text", "int8", "text", "text", "text", "timestamptz",
-)  # fmt: skip
-
+# (method, route, traffic weight, median ms)
+ROUTES = [
+    ("POST", "/api/upload", 18, 180.0), ("POST", "/api/upload/multipart", 4, 900.0),
+    ("GET", "/api/files", 12, 25.0), ("GET", "/api/files/{id}", 16, 12.0),
+    ("GET", "/api/files/{id}/download", 9, 60.0), ("DELETE", "/api/files/{id}", 2, 20.0),
+    ("PATCH", "/api/files/{id}", 1, 18.0), ("GET", "/api/files/{id}/thumbnail", 8, 35.0),
+    ("POST", "/api/files/{id}/transform", 2, 450.0), ("GET", "/api/usage", 3, 40.0),
+    ("GET", "/api/usage/daily", 1, 55.0), ("GET", "/api/keys", 1, 8.0),
+    ("POST", "/api/keys", 0.3, 15.0), ("DELETE", "/api/keys/{id}", 0.1, 10.0),
+    ("POST", "/api/auth/token", 3, 30.0), ("POST", "/api/auth/refresh", 2, 9.0),
+    ("GET", "/api/health", 6, 1.5), ("GET", "/api/folders", 2, 22.0),
+    ("POST", "/api/folders", 0.5, 25.0), ("GET", "/api/folders/{id}", 1.5, 18.0),
+    ("PUT", "/api/folders/{id}", 0.3, 24.0), ("DELETE", "/api/folders/{id}", 0.2, 30.0),
+    ("POST", "/api/webhooks", 0.2, 20.0), ("GET", "/api/webhooks", 0.4, 12.0),
+    ("POST", "/api/webhooks/{id}/test", 0.1, 300.0), ("GET", "/api/search", 3, 120.0),
+    ("POST", "/api/share", 1, 28.0), ("GET", "/s/{token}", 4, 14.0),
+    ("OPTIONS", "/api/upload", 2, 0.8), ("HEAD", "/api/files/{id}", 1, 6.0),
+]  # fmt: skip
+STATUSES = [200] * 80 + [201] * 8 + [204] * 3 + [304] * 2 + [400, 401, 403, 404, 404, 422, 429]
+STATUSES += [500, 503]
 
 _KEY_RNG = random.Random(7)
 KEYS = [uuid.UUID(int=_KEY_RNG.getrandbits(128), version=4) for _ in range(50)]
 LIVE_ROWS_PER_SECOND = 1000  # a live batch of 5,000 rows spans 5 seconds
 
 
-def make_rows(n: int, shape: str, rng: random.Random, offset: float = 0.0) -> list[dict[str, Any]]:
-    """``n`` upload rows; ids are time-ordered (UUIDv7) as the recorder makes them."""
-    keys = KEYS
+def _moment(shape: str, i: int, rng: random.Random, offset: float) -> datetime:
     month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    start = month + timedelta(days=1, hours=12)
+    if shape == "live":
+        start = month + timedelta(days=1, hours=12)
+        return start + timedelta(seconds=offset + (i + rng.random()) / LIVE_ROWS_PER_SECOND)
+    # this month and the three ahead, which create_schema() gave partitions
+    return month + timedelta(seconds=rng.random() * 118 * 86400)
+
+
+def make_uploads(n: int, shape: str, rng: random.Random, offset: float = 0.0) -> list[Any]:
+    """``n`` upload rows; ids are time-ordered (UUIDv7) as the recorder makes them."""
     rows = []
     for i in range(n):
-        if shape == "live":
-            at = start + timedelta(seconds=offset + (i + rng.random()) / LIVE_ROWS_PER_SECOND)
-        else:  # this month and the three ahead, which create_schema() gave partitions
-            at = month + timedelta(seconds=rng.random() * 118 * 86400)
         ok = rng.random() < 0.97
         rows.append(
             {
                 "id": new_id(),
-                "api_key_id": rng.choice(keys),
+                "api_key_id": rng.choice(KEYS),
                 "request_id": uuid.UUID(int=rng.getrandbits(128), version=4),
                 "provider": rng.choice(PROVIDERS),
                 "file_type": rng.choice(TYPES),
                 "file_size": rng.randrange(100, 5_000_000),
                 "upload_status": "success" if ok else "failed",
                 "error_message": None if ok else "storage provider returned 503",
-                "uploaded_at": at,
+                "uploaded_at": _moment(shape, i, rng, offset),
             }
         )
     return rows
+
+
+_WEIGHTS = [r[2] for r in ROUTES]
+
+
+def make_requests(n: int, shape: str, rng: random.Random, offset: float = 0.0) -> list[Any]:
+    """``n`` request rows of the upload API in ``ROUTES``; 1 % unmatched scanner paths."""
+    rows = []
+    picks = rng.choices(ROUTES, weights=_WEIGHTS, k=n)
+    for i, (method, route, _, median) in enumerate(picks):
+        matched = rng.random() >= 0.01
+        status = rng.choice(STATUSES) if matched else 404
+        rows.append(
+            {
+                "id": new_id(),
+                "api_key_id": rng.choice(KEYS),
+                "method": method if rng.random() >= 0.001 else "PROPFIND",
+                "path": route if matched else f"/{uuid.UUID(int=rng.getrandbits(128)).hex}.php",
+                "route_matched": matched,
+                "status_code": status,
+                "response_time_ms": rng.lognormvariate(0, 0.8) * median,
+                "request_size": rng.randrange(0, 20_000),
+                "response_size": rng.randrange(0, 200_000),
+                "error_message": "Internal Server Error" if status >= 500 else None,
+                "requested_at": _moment(shape, i, rng, offset),
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    table: str  # the raw table the baseline copies
+    time_column: str
+    columns: tuple[str, ...]
+    pg_types: tuple[str, ...]
+    record: Callable[..., Any]
+    make: Callable[[int, str, random.Random, float], list[Any]]
+
+
+UPLOADS = Dataset(
+    "uploads",
+    "file_uploads",
+    "uploaded_at",
+    ("id", "api_key_id", "request_id", "provider", "file_type", "declared_type", "file_size",
+     "file_name", "upload_status", "error_message", "uploaded_at"),
+    ("uuid", "uuid", "uuid", "text", "text", "text", "int8", "text", "text", "text",
+     "timestamptz"),
+    UploadRecord,
+    make_uploads,
+)  # fmt: skip
+REQUESTS = Dataset(
+    "requests",
+    "api_requests",
+    "requested_at",
+    ("id", "api_key_id", "method", "path", "status_code", "response_time_ms", "request_size",
+     "response_size", "error_message", "requested_at", "route_matched"),
+    ("uuid", "uuid", "text", "text", "int4", "float8", "int8", "int8", "text", "timestamptz",
+     "bool"),
+    RequestRecord,
+    make_requests,
+)  # fmt: skip
 
 
 def best_rate(rows: int, runs: list[float]) -> float:
@@ -131,7 +194,36 @@ def pg_admin(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def bench_postgres(pg_url: str, shape: str, n: int, batch: int, repeats: int) -> None:
+# The baseline table: partitioned like the raw table, with the same partitions and indexes.
+PARTITIONS = """
+SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
+  FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+ WHERE i.inhparent = %s::regclass
+"""
+INDEXES = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = %s"
+
+
+def pg_baseline_table(conn: psycopg.Connection[Any], data: Dataset) -> str:
+    raw = f"raw_{data.table}"
+    conn.execute(
+        f"CREATE TABLE {raw} (LIKE public.{data.table} INCLUDING DEFAULTS) "
+        f"PARTITION BY RANGE ({data.time_column})"
+    )
+    for (definition,) in conn.execute(INDEXES, (data.table,)).fetchall():
+        conn.execute(
+            definition.replace(f"ON public.{data.table} ", f"ON public.{raw} ").replace(
+                "INDEX ", f"INDEX {raw}_", 1
+            )
+        )
+    for name, bound in conn.execute(PARTITIONS, (f"public.{data.table}",)).fetchall():
+        conn.execute(f'CREATE TABLE "raw_{name}" PARTITION OF {raw} {bound}')
+    conn.commit()
+    return raw
+
+
+def bench_postgres(
+    pg_url: str, data: Dataset, shape: str, n: int, batch: int, repeats: int
+) -> None:
     name = f"um_bench_{uuid.uuid4().hex[:10]}"
     admin_dsn = pg_admin(pg_url)
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
@@ -144,34 +236,26 @@ def bench_postgres(pg_url: str, shape: str, n: int, batch: int, repeats: int) ->
         rng = random.Random(1)
         copy_runs: list[float] = []
         write_runs: list[float] = []
+        columns = ", ".join(data.columns)
         with psycopg.connect(dsn) as conn:
-            conn.execute(RAW_TABLE)
-            for name, bound in conn.execute(PARTITIONS).fetchall():
-                conn.execute(f'CREATE TABLE "raw_{name}" PARTITION OF raw_uploads {bound}')
-            conn.commit()
+            raw = pg_baseline_table(conn, data)
             for repeat in range(repeats):
-                rows = make_rows(n, shape, rng, repeat * n / LIVE_ROWS_PER_SECOND)
+                rows = data.make(n, shape, rng, repeat * n / LIVE_ROWS_PER_SECOND)
                 batches = [rows[i : i + batch] for i in range(0, n, batch)]
-                records = [[UploadRecord(**r) for r in b] for b in batches]
+                records = [[data.record(**r) for r in b] for b in batches]
 
                 def raw_copy(batches: list[list[dict[str, Any]]] = batches) -> None:
                     for b in batches:
                         with (
                             conn.cursor() as cur,
-                            cur.copy(
-                                f"COPY raw_uploads ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
-                            ) as copy,
+                            cur.copy(f"COPY {raw} ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
                         ):
-                            copy.set_types(PG_TYPES)
+                            copy.set_types(data.pg_types)
                             for r in b:
-                                copy.write_row(
-                                    (r["id"], r["api_key_id"], r["request_id"], r["provider"],
-                                     r["file_type"], None, r["file_size"], None,
-                                     r["upload_status"], r["error_message"], r["uploaded_at"])
-                                )  # fmt: skip
+                                copy.write_row(tuple(r.get(c) for c in data.columns))
                         conn.commit()
 
-                def store_write(records: list[list[UploadRecord]] = records) -> None:
+                def store_write(records: list[list[Any]] = records) -> None:
                     for b in records:
                         store.write(b)
 
@@ -182,32 +266,37 @@ def bench_postgres(pg_url: str, shape: str, n: int, batch: int, repeats: int) ->
         copy_rate = best_rate(n, copy_runs)
         write_rate = best_rate(n, write_runs)
         print(
-            f"postgresql {shape:5} batch={batch:>6}: store.write {write_rate:>9,.0f} rows/s | "
-            f"raw binary COPY {copy_rate:>9,.0f} rows/s | ratio {write_rate / copy_rate:.2f} | "
-            f"replay (all duplicates) {n / replay:>9,.0f} rows/s"
+            f"postgresql {data.name:8} {shape:5} batch={batch:>6}: "
+            f"store.write {write_rate:>9,.0f} rows/s | raw binary COPY {copy_rate:>9,.0f} rows/s"
+            f" | ratio {write_rate / copy_rate:.2f} | replay (all duplicates) "
+            f"{n / replay:>9,.0f} rows/s"
         )
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def sqlite_row(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        r["id"].hex,
-        r["api_key_id"].hex,
-        r["request_id"].hex,
-        r["provider"],
-        r["file_type"],
-        None,
-        r["file_size"],
-        None,
-        r["upload_status"],
-        r["error_message"],
-        r["uploaded_at"].isoformat(),
-    )
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
-def bench_sqlite(shape: str, n: int, batch: int, repeats: int) -> None:
+def sqlite_baseline_table(raw: sqlite3.Connection, store: UsageStore, data: Dataset) -> str:
+    """A table with the raw table's columns and indexes (copied from the store's file)."""
+    with store.engine.connect() as conn:
+        schema = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL", (data.table,)
+        ).all()
+    name = f"raw_{data.table}"
+    for (sql,) in schema:
+        sql = sql.replace(f"ON {data.table} ", f"ON {name} ")
+        sql = sql.replace(f"TABLE {data.table} ", f"TABLE {name} ")
+        raw.execute(sql.replace("INDEX ", f"INDEX {name}_", 1) if "INDEX" in sql else sql)
+    return name
+
+
+def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int) -> None:
     rng = random.Random(2)
     with tempfile.TemporaryDirectory() as tmp:
         store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
@@ -215,26 +304,27 @@ def bench_sqlite(shape: str, n: int, batch: int, repeats: int) -> None:
         raw = sqlite3.connect(os.path.join(tmp, "raw.db"), isolation_level=None)
         raw.execute("PRAGMA journal_mode=WAL")
         raw.execute("PRAGMA synchronous=NORMAL")
-        for stmt in SQLITE_RAW_TABLE.split(";"):
-            if stmt.strip():
-                raw.execute(stmt)
+        table = sqlite_baseline_table(raw, store, data)
+        insert = (
+            f"INSERT INTO {table} ({', '.join(data.columns)}) "
+            f"VALUES ({', '.join('?' for _ in data.columns)})"
+        )
         copy_runs: list[float] = []
         write_runs: list[float] = []
         for repeat in range(repeats):
-            rows = make_rows(n, shape, rng, repeat * n / LIVE_ROWS_PER_SECOND)
+            rows = data.make(n, shape, rng, repeat * n / LIVE_ROWS_PER_SECOND)
             batches = [rows[i : i + batch] for i in range(0, n, batch)]
-            records = [[UploadRecord(**r) for r in b] for b in batches]
+            records = [[data.record(**r) for r in b] for b in batches]
 
             def raw_insert(batches: list[list[dict[str, Any]]] = batches) -> None:
                 for b in batches:
                     raw.execute("BEGIN IMMEDIATE")
                     raw.executemany(
-                        f"INSERT INTO raw_uploads ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        [sqlite_row(r) for r in b],
+                        insert, [tuple(_sqlite_value(r.get(c)) for c in data.columns) for r in b]
                     )
                     raw.execute("COMMIT")
 
-            def store_write(records: list[list[UploadRecord]] = records) -> None:
+            def store_write(records: list[list[Any]] = records) -> None:
                 for b in records:
                     store.write(b)
 
@@ -245,9 +335,42 @@ def bench_sqlite(shape: str, n: int, batch: int, repeats: int) -> None:
         base = best_rate(n, copy_runs)
         rate = best_rate(n, write_runs)
         print(
-            f"sqlite     {shape:5} batch={batch:>6}: store.write {rate:>9,.0f} rows/s | "
-            f"raw executemany {base:>9,.0f} rows/s | ratio {rate / base:.2f}"
+            f"sqlite     {data.name:8} {shape:5} batch={batch:>6}: store.write {rate:>9,.0f} "
+            f"rows/s | raw executemany {base:>9,.0f} rows/s | ratio {rate / base:.2f}"
         )
+
+
+BEFORE = ("monthly_request_usage", "daily_request_usage", "hourly_request_usage",
+          "quarter_request_usage")  # fmt: skip
+ENDPOINTS = ("monthly_endpoint_usage", "daily_endpoint_usage", "quarter_endpoint_usage",
+             "endpoint_routes")  # fmt: skip
+
+
+def busy_key_day(n: int) -> None:
+    """Rollup rows one key's day of ``n`` requests (this mix, spread over the UTC day) makes."""
+    rng = random.Random(3)
+    day = datetime(2025, 6, 3, tzinfo=UTC)
+    rows = make_requests(n, "live", rng)
+    for r in rows:
+        r["api_key_id"] = KEYS[0]
+        r["requested_at"] = day + timedelta(seconds=rng.random() * 86_400)
+    rows.sort(key=lambda r: r["requested_at"])
+    with tempfile.TemporaryDirectory() as tmp:
+        store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
+        for i in range(0, n, 5_000):
+            store.write([RequestRecord(**r) for r in rows[i : i + 5_000]])
+        with store.engine.connect() as conn:
+            counts = {
+                t: conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one()
+                for t in BEFORE + ENDPOINTS
+            }
+        store.dispose()
+    before = sum(counts[t] for t in BEFORE)
+    added = sum(counts[t] for t in ENDPOINTS)
+    print(f"rollup rows of one busy key-day ({n:,} requests over {len(ROUTES)} routes):")
+    print("  request histograms: " + ", ".join(f"{t} {counts[t]:,}" for t in BEFORE))
+    print("  endpoint rollups:   " + ", ".join(f"{t} {counts[t]:,}" for t in ENDPOINTS))
+    print(f"  before {before:,} rows, after {before + added:,} ({(before + added) / before:.1f}x)")
 
 
 def main() -> None:
@@ -261,18 +384,25 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="rows per timed run")
     parser.add_argument("--batch", type=int, default=5_000, help="rows per store.write call")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (best wins)")
+    parser.add_argument("--busy-day", type=int, default=100_000, help="requests of the busy day")
+    parser.add_argument("--data", choices=["uploads", "requests", "both"], default="both")
+    parser.add_argument("--shapes", default="live,worst", help="comma-separated: live, worst")
     parser.add_argument("--skip-postgres", action="store_true")
     args = parser.parse_args()
 
-    build_us, check_us = bench_validation(make_rows(20_000, "live", random.Random(0)))
+    build_us, check_us = bench_validation(make_uploads(20_000, "live", random.Random(0)))
     print(
         f"validation: UploadRecord(...) {build_us:.2f} µs/row "
         f"({1e6 / build_us:,.0f} rows/s); re-check in write() {check_us:.2f} µs/row"
     )
-    for shape in ("live", "worst"):
-        if not args.skip_postgres:
-            bench_postgres(args.pg, shape, args.rows, args.batch, args.repeats)
-        bench_sqlite(shape, args.rows, args.batch, args.repeats)
+    datasets = [d for d in (UPLOADS, REQUESTS) if args.data in (d.name, "both")]
+    for data in datasets:
+        for shape in args.shapes.split(","):
+            if not args.skip_postgres:
+                bench_postgres(args.pg, data, shape, args.rows, args.batch, args.repeats)
+            bench_sqlite(data, shape, args.rows, args.batch, args.repeats)
+    if args.busy_day:
+        busy_key_day(args.busy_day)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import uuid
-from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from support.pg import drop_pg_database, make_pg_database
 
 from usage_middleware import ConfigurationError, RequestRecord, UploadRecord, UsageStore
-from usage_middleware._storage.base import Backend, Scope
+from usage_middleware._schema import ROUTES_PER_KEY_DAY
+from usage_middleware._storage.base import Backend, RequestFilter, Scope
+from usage_middleware._timerange import QuerySpec, periods
 from usage_middleware.testing import MemoryBackend
 
 UTC = timezone.utc
@@ -209,3 +213,168 @@ def test_failure_export_and_mismatch_primitives_agree(any_store: UsageStore) -> 
     for file_type, declared, n in b.mismatch_rows(scope, lo, hi):  # rows of a pair add
         mismatches[file_type, declared] = mismatches.get((file_type, declared), 0) + n
     assert mismatches == {("image/png", "image/gif"): 2}
+
+
+# --- request analytics and consumers: every backend answers as the in-memory reference ----------
+
+OTHER_KEY = uuid.UUID("33333333-3333-4333-8333-333333333333")
+# DST both ways (New York, Lord Howe's half hour, Chatham's +12:45/+13:45, St John's -03:30),
+# :30 and :45 offsets (Kolkata, Kathmandu), +14:00 (Kiritimati)
+ZONES = [
+    "UTC", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Lord_Howe",
+    "Pacific/Kiritimati", "Pacific/Chatham", "America/St_Johns",
+]  # fmt: skip
+RANGES = [
+    (date(2025, 2, 26), date(2025, 4, 8), "week"),
+    (date(2025, 3, 1), date(2025, 5, 31), "month"),  # whole months read from the monthly tiers
+    (date(2025, 3, 8), date(2025, 3, 10), "hour"),  # New York springs forward
+    (date(2025, 4, 5), date(2025, 4, 6), "hour"),  # Lord Howe and Chatham fall back
+    (date(2025, 3, 28), date(2025, 4, 2), "day"),
+    (date(1900, 1, 1), date(1900, 1, 2), "hour"),  # local mean times: edges off the quarter grid
+]
+FILTERS = [
+    RequestFilter(),
+    RequestFilter(methods=("GET",)),
+    RequestFilter(methods=("OTHER", "DELETE")),
+    RequestFilter(routes=("/files/{id}",)),
+    RequestFilter(routes=("(unmatched)", "(other)")),
+    RequestFilter(statuses=((400, 499),)),
+    RequestFilter(statuses=((201, 201), (500, 599))),
+    RequestFilter(statuses=((600, 700),)),  # no stored code: nothing
+    RequestFilter(statuses=((450, 599), (300, 200), (400, 460))),  # overlapping, one empty
+    RequestFilter(
+        methods=("POST",), routes=("/upload", "/r007"), statuses=((200, 299), (413, 413))
+    ),
+]
+SCOPES = [Scope(), Scope(keys=(KEY,)), Scope(keys=(KEY, OTHER_KEY)), Scope(keys=())]
+# every scope unfiltered, every filter in one of the scopes
+COMBINATIONS = [
+    *((scope, FILTERS[0]) for scope in SCOPES[1:]),
+    *((SCOPES[i % 3], f) for i, f in enumerate(FILTERS)),
+]
+
+
+def cases() -> Iterator[tuple[str, str, list[datetime], Scope, RequestFilter]]:
+    """(zone, granularity, period bounds, scope, filter): each range in each zone with four of
+    the combinations, taken in turn, so that every combination meets many zones and ranges."""
+    turn = 0
+    for start, end, granularity in RANGES:
+        for tz in ZONES:
+            spec = QuerySpec(start, end, tz, granularity)  # type: ignore[arg-type]
+            bounds = [p.start for p in periods(spec)] + [spec.end_utc]
+            for _ in range(4):
+                scope, f = COMBINATIONS[turn % len(COMBINATIONS)]
+                turn += 1
+                yield tz, granularity, bounds, scope, f
+
+
+def request_batches() -> list[list[UploadRecord | RequestRecord]]:
+    """The same batches go to each backend and to the reference (the route cap depends on
+    them): requests with standard and other methods, matched and unmatched paths, statuses
+    and latencies of every kind, uploads, rows without a key, rows on local midnights of the
+    zones above, in 1900 (local mean time), and one key-day with more routes than the cap."""
+    rng = random.Random(13)
+    keys = [KEY, OTHER_KEY, None]
+    instants = [
+        datetime(2025, 2, 24, tzinfo=UTC) + timedelta(seconds=rng.random() * 100 * 86400)
+        for _ in range(500)
+    ]
+    instants += [datetime(1899, 12, 31, tzinfo=UTC) + timedelta(seconds=rng.random() * 4 * 86400)
+                 for _ in range(60)]  # fmt: skip
+    # the first instant of every period (days for the short ranges) and of the range's end,
+    # and the instant just before each
+    for start, end, granularity in RANGES:
+        for tz in ZONES:
+            spec = QuerySpec(start, end, tz, "day" if granularity == "hour" else granularity)  # type: ignore[arg-type]
+            for at in [*(p.start for p in periods(spec)), spec.end_utc]:
+                instants += [at, at - timedelta(microseconds=1)]
+    records: list[UploadRecord | RequestRecord] = []
+    for at in instants:
+        records.append(
+            request(
+                api_key_id=rng.choice(keys),
+                method=rng.choice(["GET", "GET", "POST", "DELETE", "BREW", "get"]),
+                path=rng.choice(["/upload", "/files/{id}", "/files/{id}", "/wp-admin.php"]),
+                route_matched=rng.random() < 0.85,
+                status_code=rng.choice([200, 200, 201, 204, 302, 400, 404, 413, 500, 503]),
+                response_time_ms=rng.choice([0.0, 0.001, 0.4, 3.25, rng.expovariate(0.02)]),
+                request_size=rng.randrange(10**6),
+                response_size=rng.randrange(10**4),
+                requested_at=at,
+            )
+        )
+        if rng.random() < 0.5:
+            records.append(
+                upload(
+                    api_key_id=rng.choice(keys),
+                    provider=rng.choice(["s3", "vercel"]),
+                    file_type=rng.choice(["image/png", "image/jpeg", "application/pdf"]),
+                    file_size=rng.randrange(10**7),
+                    upload_status=rng.choice(["success", "success", "failed"]),
+                    uploaded_at=at + timedelta(seconds=rng.random() * 600),
+                )
+            )
+    rng.shuffle(records)
+    busy = datetime(2025, 3, 20, 9, tzinfo=UTC)
+    over_cap = [
+        request(path=f"/r{i:03d}", requested_at=busy + timedelta(seconds=i),
+                status_code=200 + i % 2 * 300)
+        for i in range(ROUTES_PER_KEY_DAY + 20)
+    ]  # fmt: skip
+    third = len(records) // 3
+    return [records[:third], over_cap[:150], records[third:], over_cap[100:]]
+
+
+def _summed(rows: Sequence[Sequence[Any]], width: int) -> dict[tuple[Any, ...], list[int]]:
+    """Rows added up by their first ``width`` columns, groups that add up to nothing dropped."""
+    acc: dict[tuple[Any, ...], list[int]] = {}
+    for row in rows:
+        key, counts = tuple(row[:width]), list(row[width:])
+        acc[key] = [a + b for a, b in zip(acc.get(key, [0] * len(counts)), counts, strict=True)]
+    return {k: v for k, v in acc.items() if any(v)}
+
+
+@pytest.fixture
+def loaded(any_store: UsageStore) -> tuple[UsageStore, UsageStore]:
+    """(the backend under test, the in-memory reference), holding the same batches."""
+    reference = UsageStore("memory://")
+    for batch in request_batches():
+        reference.write(batch)
+        any_store.write(batch)
+    return any_store, reference
+
+
+def test_endpoint_rows_agree_with_the_reference(loaded: tuple[UsageStore, UsageStore]) -> None:
+    """Requests by endpoint, status and latency bucket equal the reference's in every zone
+    and range, for every key scope and filter."""
+    store, reference = loaded
+    for tz, _, bounds, scope, f in cases():
+        args = (scope, bounds[0], bounds[-1], f)
+        want = _summed(reference.backend.endpoint_rows(*args), 4)
+        assert _summed(store.backend.endpoint_rows(*args), 4) == want, (tz, bounds[0], scope, f)
+
+
+def test_request_series_agree_with_the_reference(loaded: tuple[UsageStore, UsageStore]) -> None:
+    """Requests per local period and latency bucket equal the reference's in every zone and
+    granularity, for every key scope and filter (unfiltered and filtered reads take different
+    tiers)."""
+    store, reference = loaded
+    for tz, granularity, bounds, scope, f in cases():
+        want = _summed(reference.backend.request_series(scope, bounds, f), 2)
+        got = _summed(store.backend.request_series(scope, bounds, f), 2)
+        assert got == want, (tz, bounds[0], granularity, scope, f)
+
+
+def test_consumer_rows_agree_with_the_reference(loaded: tuple[UsageStore, UsageStore]) -> None:
+    """Usage per key — uploads inside the provider and type filters, requests, errors and
+    the newest activity — equals the reference's in every zone and scope."""
+    store, reference = loaded
+    scopes = [
+        *SCOPES, Scope(providers=("vercel",)), Scope(keys=(KEY,), file_types=("image/*",)),
+        Scope(file_types=("application/pdf",), providers=("s3",)),
+    ]  # fmt: skip
+    for turn, (tz, _, bounds, _, _) in enumerate(cases()):
+        scope = scopes[turn % len(scopes)]
+        args = (scope, bounds[0], bounds[-1])
+        want = sorted(reference.backend.consumer_rows(*args), key=str)
+        assert sorted(store.backend.consumer_rows(*args), key=str) == want, (tz, bounds[0], scope)

@@ -29,7 +29,10 @@ OUTSIDE = re.compile(
     r"\bS[P]EC\b|\xa7|\bL[E]SSONS\b"
     r"|(?i:s[t]yle\.md|\bthe[ ]issue\b|\bi[s]sue \d|\bd[e]fect \d|h[a]rdening)"
 )
-NUMBERS = {"five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+NUMBERS = {
+    "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11,
+    "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+}  # fmt: skip
 
 
 def shipped_files() -> list[Path]:

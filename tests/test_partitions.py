@@ -34,12 +34,13 @@ OLD_SCHEMA = Path(__file__).parent / "support" / "schema_0_1_0.sql"
 
 
 def _quarter_tables_sql() -> str:
-    """The schema file's blocks that add (and fill) the quarter-hour rollups and the
-    declared-type mismatch rollup: an install of the previous release that has them, so this
-    release's writer can write to it before the conversion of its raw tables."""
+    """The schema file's blocks that add (and fill) the tables and the column added after the
+    raw tables were partitioned: the quarter-hour rollups, the declared-type mismatch rollup,
+    ``api_requests.route_matched`` and the endpoint rollups. An install of 0.1.0 with them is one
+    this release's writer can write to before the conversion of its raw tables."""
     text_ = sql_text("usage_tracking_schema.sql")
     blocks = []
-    for tag in ("$quarter$", "$mismatch$"):
+    for tag in ("$quarter$", "$mismatch$", "$route_matched$", "$endpoint$"):
         start = text_.index(f"DO {tag}")
         end = text_.index(f"{tag};", start + len(f"DO {tag}")) + len(f"{tag};")
         blocks.append(text_[start:end])

@@ -239,3 +239,132 @@ def test_rerun_replaces_the_hourly_time_indexes(pg_url: str) -> None:
         "idx_hourly_request_usage_utc_hour": "btree ((usage_hour AT TIME ZONE 'UTC'::text))",
     }
     store.dispose()
+
+
+def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: str) -> None:
+    """An install from before the endpoint rollups (no ``route_matched`` column, no endpoint
+    tables; on PostgreSQL some rows in the default partition) gets them on the next
+    ``create_schema()``: every stored request counts as a matched route, the tables equal a
+    rebuild from the raw rows (the cap applied per key-day in route order), and later writes
+    add to them by the rule."""
+    import random
+    from datetime import datetime, timedelta, timezone
+
+    from support.endpoints import EndpointReference, rebuilt_endpoints, stored_endpoints
+    from support.rollups import assert_rollups_exact, random_request
+
+    from usage_middleware import RequestRecord
+    from usage_middleware._schema import ROUTES_PER_KEY_DAY, api_requests
+
+    rng = random.Random(14)
+    day = datetime(2025, 9, 2, 9, tzinfo=timezone.utc)
+    crowded = [
+        RequestRecord(path=f"/r/{i}", api_key_id=None, requested_at=day + timedelta(seconds=i))
+        for i in range(ROUTES_PER_KEY_DAY + 40)
+    ]
+    far = [RequestRecord(path="/later", requested_at=datetime(2150, 1, 1, tzinfo=timezone.utc))]
+    store = UsageStore(db_url)
+    store.create_schema()
+    store.write([random_request(rng, spread_hours=900) for _ in range(400)] + crowded + far)
+    with store.engine.begin() as conn:
+        for table in ("endpoint_routes", "monthly_endpoint_usage", "daily_endpoint_usage",
+                      "quarter_endpoint_usage"):
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql("ALTER TABLE api_requests DROP COLUMN route_matched")
+        if store.dialect == "postgresql":
+            assert conn.exec_driver_sql("SELECT count(*) FROM api_requests_default").scalar()
+    store.dispose()  # fmt: skip
+
+    upgraded = UsageStore(db_url)
+    upgraded.create_schema()
+    with upgraded.engine.connect() as conn:
+        raw = [dict(r) for r in conn.execute(api_requests.select()).mappings()]
+        if upgraded.dialect == "postgresql":  # the parent and every partition have the column
+            columns = conn.exec_driver_sql(
+                "SELECT count(*), bool_and(a.attnotnull), "
+                "bool_and(pg_get_expr(d.adbin, d.adrelid) = 'true') "
+                "FROM pg_attribute a JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, "
+                "a.attnum) WHERE a.attname = 'route_matched' AND a.attrelid IN ("
+                "SELECT 'api_requests'::regclass UNION ALL SELECT inhrelid FROM pg_inherits "
+                "WHERE inhparent = 'api_requests'::regclass)"
+            ).one()
+            partitions = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'api_requests'::regclass"
+            ).scalar()
+            assert tuple(columns) == (partitions + 1, True, True)
+    assert len(raw) == 400 + len(crowded) + 1 and all(r["route_matched"] for r in raw)
+    rebuilt = rebuilt_endpoints(raw)
+    assert stored_endpoints(upgraded) == rebuilt
+    assert sum(1 for k in rebuilt["endpoint_routes"] if k[0] is None) >= ROUTES_PER_KEY_DAY
+    assert_rollups_exact(upgraded)
+
+    reference = EndpointReference()
+    reference.write(raw, stored=True)
+    more = [random_request(rng, spread_hours=900) for _ in range(200)]
+    more += [
+        RequestRecord(path=f"/s/{i}", api_key_id=None, requested_at=day) for i in range(30)
+    ]
+    upgraded.write(more)
+    reference.write(more)
+    assert stored_endpoints(upgraded) == reference.rollups()
+    upgraded.create_schema()  # a second run leaves the filled tables alone
+    assert stored_endpoints(upgraded) == reference.rollups()
+    upgraded.dispose()
+
+
+@pytest.mark.postgres
+def test_a_0_1_0_install_gets_endpoint_rollups_equal_to_a_rebuild(pg_url: str) -> None:
+    """An install made with the 0.1.0 schema file, holding requests (with methods outside the
+    standard set, latencies around the bucket edges, more routes on one key-day than the cap),
+    is upgraded by create_schema(): its endpoint rollups equal the rebuild from its raw rows,
+    computed here in Python with the writer's own label and bucket functions."""
+    import random
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from support.endpoints import rebuilt_endpoints, stored_endpoints, stored_request_rows
+
+    from usage_middleware._schema import ROUTES_PER_KEY_DAY, STANDARD_METHODS
+
+    old = Path(__file__).parent / "support" / "schema_0_1_0.sql"
+    rng = random.Random(21)
+    start = datetime(2025, 1, 30, 22, tzinfo=timezone.utc)
+    keys = [None, uuid.UUID(int=5, version=4)]
+    rows = [
+        (
+            uuid.UUID(int=rng.getrandbits(128), version=4),
+            rng.choice(keys),
+            rng.choice([*sorted(STANDARD_METHODS), "MKCOL", "get"]),
+            f"/r/{rng.randrange(ROUTES_PER_KEY_DAY + 60)}",
+            rng.choice([200, 302, 404, 503]),
+            rng.choice([0.0, 0.001, 0.0011, 1.0, 12.5, rng.lognormvariate(2, 2)]),
+            rng.randrange(10_000),
+            rng.randrange(10_000),
+            start + timedelta(seconds=rng.random() * 3 * 86_400),
+        )
+        for _ in range(3_000)
+    ]
+    with psycopg.connect(
+        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as conn:
+        conn.execute(old.read_text("utf-8"))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO api_requests (id, api_key_id, method, path, status_code, "
+                "response_time_ms, request_size, response_size, requested_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+    store = UsageStore(pg_url)
+    try:
+        store.create_schema()
+        raw = stored_request_rows(store)
+        assert len(raw) == len(rows) and all(r["route_matched"] for r in raw)
+        rebuilt = rebuilt_endpoints(raw)
+        assert stored_endpoints(store) == rebuilt
+        daily = rebuilt["daily_endpoint_usage"]
+        assert "(other)" in {route for (_, _, _, route, *_) in daily}
+        assert {method for (_, _, method, *_) in daily} == {*STANDARD_METHODS, "OTHER"}
+    finally:
+        store.dispose()

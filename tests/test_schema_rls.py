@@ -37,6 +37,10 @@ TABLES = (
     "quarter_usage",
     "quarter_request_usage",
     "quarter_mismatch_usage",
+    "monthly_endpoint_usage",
+    "daily_endpoint_usage",
+    "quarter_endpoint_usage",
+    "endpoint_routes",
 )
 
 # What Supabase has before any usage table exists: the API roles, auth.uid(), and default

@@ -227,6 +227,7 @@ def test_functions_are_invoker_with_pinned_search_path(
         "get_usage_by_date_range",
         "get_file_type_breakdown",
         "get_provider_breakdown",
+        "get_request_breakdown",
     }
     for name, secdef, config, acl in rows:
         assert secdef is False, name

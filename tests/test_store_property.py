@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.endpoints import EndpointReference, stored_endpoints, stored_request_rows
 from support.rollups import assert_rollups_exact, raw_counts
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
@@ -33,6 +34,9 @@ requests = st.builds(
     RequestRecord,
     id=ids,
     api_key_id=st.sampled_from(KEYS),
+    method=st.sampled_from(["GET", "POST", "DELETE", "PROPFIND"]),
+    path=st.sampled_from(["/files/{id}", "/upload", "/.env"]),
+    route_matched=st.booleans(),
     status_code=st.sampled_from([200, 204, 400, 404, 503]),
     response_time_ms=st.floats(min_value=0, max_value=60_000, allow_nan=False),
     request_size=st.integers(min_value=0, max_value=2**31),
@@ -51,15 +55,20 @@ batches = st.lists(st.lists(st.one_of(uploads, requests), max_size=25), min_size
 def test_rollups_equal_group_by_for_random_batches(
     store: UsageStore, batches: list[list[UploadRecord | RequestRecord]]
 ) -> None:
-    """Whatever batches arrive, in whatever order and repetition, every rollup stays exact."""
+    """Whatever batches arrive, in whatever order and repetition, every rollup stays exact, and
+    the endpoint rollups follow the route rule batch by batch."""
     seen: set[tuple[str, uuid.UUID]] = set()
+    reference = EndpointReference(by_time=store.dialect == "postgresql")
+    reference.write(stored_request_rows(store), stored=True)
     before = raw_counts(store)
     for batch in batches:
         new = {(type(r).__name__, r.id) for r in batch}
         stored_before = raw_counts(store)
         written = store.write(batch)
+        reference.write([r for r in batch if isinstance(r, RequestRecord)])
         assert sum(stored_before) + written == sum(raw_counts(store))
         seen |= new
         store.write(batch)  # a replay adds nothing
     assert sum(raw_counts(store)) >= sum(before)
     assert_rollups_exact(store)
+    assert stored_endpoints(store) == reference.rollups()

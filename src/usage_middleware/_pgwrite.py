@@ -35,7 +35,15 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ._records import RequestRecord, UploadRecord
-from ._schema import latency_bucket
+from ._schema import (
+    ENDPOINT_BUCKET_WIDTH,
+    OTHER_METHOD,
+    OTHER_ROUTE,
+    ROUTES_PER_KEY_DAY,
+    STANDARD_METHODS,
+    UNMATCHED_ROUTE,
+    latency_bucket,
+)
 
 __all__ = ["pg_write"]
 
@@ -67,20 +75,28 @@ _REQUEST_COLUMNS = (
     "response_size",
     "error_message",
     "requested_at",
+    "route_matched",
 )
+# Staged after the columns: values that must agree bit for bit with the Python reference.
+_REQUEST_EXTRA = (
+    "latency_bucket", "response_us", "endpoint_method", "endpoint_route", "endpoint_bucket",
+)  # fmt: skip
 _REQUEST_TYPES = (
     "uuid", "uuid", "text", "text", "int4", "float8", "int8", "int8", "text", "timestamptz",
-    "int2", "int8",
+    "bool", "int2", "int8", "text", "text", "int2",
 )  # fmt: skip
 
 # The server's half of the write bound, set for this transaction only (so it holds behind a
 # transaction-mode pooler too): a statement stuck on a lock is cancelled, and a transaction whose
 # client went silent is ended, releasing the rollup rows it locked.
+# A session's staging tables may predate this release (a pooled server connection outlives the
+# client that made them): the newest staged column tells, and the ALTER adds what is missing.
 _STAGING_PRESENT = (
     "SELECT set_config('statement_timeout', %(ms)s, true), "
     "set_config('idle_in_transaction_session_timeout', %(ms)s, true), "
     "to_regclass('pg_temp.um_stage_uploads') IS NOT NULL "
-    "AND to_regclass('pg_temp.um_stage_requests') IS NOT NULL"
+    "AND EXISTS (SELECT FROM pg_catalog.pg_attribute "
+    "WHERE attrelid = to_regclass('pg_temp.um_stage_requests') AND attname = 'endpoint_bucket')"
 )
 _CREATE_STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_uploads
@@ -88,8 +104,12 @@ CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_uploads
 CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_requests
     (LIKE public.api_requests) ON COMMIT DELETE ROWS;
 ALTER TABLE um_stage_requests
+    ADD COLUMN IF NOT EXISTS route_matched boolean,
     ADD COLUMN IF NOT EXISTS latency_bucket smallint,
-    ADD COLUMN IF NOT EXISTS response_us bigint;
+    ADD COLUMN IF NOT EXISTS response_us bigint,
+    ADD COLUMN IF NOT EXISTS endpoint_method text,
+    ADD COLUMN IF NOT EXISTS endpoint_route text COLLATE "C",
+    ADD COLUMN IF NOT EXISTS endpoint_bucket smallint;
 """
 
 _UPLOAD_COUNTERS = """
@@ -192,6 +212,61 @@ _REQUEST_COUNTER_NAMES = (
     "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
 )
 
+# The endpoint rollups' labels: method and route staged as computed in Python, the route then
+# capped per key and UTC day. held: the named routes the batch's key-days have (as of this
+# statement's snapshot); the batch's other named routes are admitted in route order into the
+# room left (ROUTES_PER_KEY_DAY minus held). Under READ COMMITTED a concurrent writer may have
+# inserted one of them since the snapshot: the upsert then waits for it and, DO UPDATE being
+# what it is, returns the row anyway, so a route is named exactly when endpoint_routes holds it.
+# Two writers that both saw room may together pass the cap by what their batches admitted.
+# The NULL key joins as a hashable equality: (key IS NULL, coalesce(key, nil UUID)).
+_NIL = "'00000000-0000-0000-0000-000000000000'::uuid"
+_SAME_KEY = (
+    "({a}.api_key_id IS NULL) = ({b}.api_key_id IS NULL) "
+    f"AND coalesce({{a}}.api_key_id, {_NIL}) = coalesce({{b}}.api_key_id, {_NIL})"
+)
+_ENDPOINT_COUNTER_NAMES = (
+    "total_requests, total_response_us, total_request_bytes, total_response_bytes"
+)
+_ENDPOINT_SUMS = """
+    sum(total_requests)::bigint, sum(total_response_us)::bigint,
+    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
+"""
+_ENDPOINT_SET = """
+    total_requests = t.total_requests + EXCLUDED.total_requests,
+    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
+    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
+    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
+"""
+
+
+def _endpoint_tier(name: str, table: str, column: str, when: str) -> str:
+    return f"""{name} AS (
+    INSERT INTO public.{table} AS t
+        (api_key_id, {column}, method, route, status_code, latency_bucket,
+         {_ENDPOINT_COUNTER_NAMES})
+    SELECT api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}
+      FROM labelled
+     GROUP BY 1, 2, 3, 4, 5, 6
+     ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_ENDPOINT_SET}
+    RETURNING 1
+)"""
+
+
+# Coarsest first, as the request tiers.
+_ENDPOINT_TIERS = ",\n".join(
+    (
+        _endpoint_tier(
+            "emonthly", "monthly_endpoint_usage", "usage_month", "date_trunc('month', q)::date"
+        ),
+        _endpoint_tier("edaily", "daily_endpoint_usage", "usage_date", "q::date"),
+        _endpoint_tier(
+            "equarter", "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'"
+        ),
+    )
+)
+
 _INSERT_REQUESTS = f"""
 WITH new AS (
     INSERT INTO public.api_requests ({", ".join(_REQUEST_COLUMNS)})
@@ -200,11 +275,15 @@ WITH new AS (
     ON CONFLICT DO NOTHING
     RETURNING id, api_key_id, status_code, request_size, response_size,
               (requested_at AT TIME ZONE 'UTC') AS utc_at
+), staged AS (
+    SELECT n.api_key_id, {_QUARTER.replace("utc_at", "n.utc_at")}, n.status_code,
+           n.request_size, n.response_size, s.latency_bucket, s.response_us, s.endpoint_method,
+           s.endpoint_route, s.endpoint_bucket
+      FROM new AS n
+      JOIN pg_temp.um_stage_requests AS s USING (id)
 ), grouped AS (
-    SELECT api_key_id, {_QUARTER}, latency_bucket, {_REQUEST_COUNTERS}
-      FROM new
-      JOIN (SELECT id, latency_bucket, response_us FROM pg_temp.um_stage_requests) AS s
-     USING (id)
+    SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
+      FROM staged
      GROUP BY 1, 2, 3
 ), quarter AS (
     INSERT INTO public.quarter_request_usage AS t
@@ -241,9 +320,63 @@ WITH new AS (
      ORDER BY 1, 2, 3
     ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
     RETURNING 1
-)
+), endpoints AS (
+    SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
+           status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
+           count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
+           sum(request_size)::bigint AS total_request_bytes,
+           sum(response_size)::bigint AS total_response_bytes
+      FROM staged
+     GROUP BY 1, 2, 3, 4, 5, 6
+), wanted AS (
+    SELECT DISTINCT api_key_id, q::date AS d, route
+      FROM endpoints
+     WHERE route <> '{UNMATCHED_ROUTE}'
+), days AS (
+    SELECT DISTINCT api_key_id, d FROM wanted
+), held AS (
+    SELECT e.api_key_id, e.usage_date AS d, e.route
+      FROM days JOIN public.endpoint_routes AS e
+        ON e.api_key_id = days.api_key_id AND e.usage_date = days.d
+    UNION ALL
+    SELECT e.api_key_id, e.usage_date, e.route
+      FROM days JOIN public.endpoint_routes AS e
+        ON days.api_key_id IS NULL AND e.api_key_id IS NULL AND e.usage_date = days.d
+), ranked AS (
+    SELECT api_key_id, d, route, held,
+           count(*) FILTER (WHERE held) OVER (PARTITION BY api_key_id, d) AS n_held,
+           row_number() OVER (PARTITION BY api_key_id, d, held ORDER BY route) AS n
+      FROM (SELECT api_key_id, d, route, bool_or(held) AS held
+              FROM (SELECT api_key_id, d, route, true AS held FROM held
+                    UNION ALL
+                    SELECT api_key_id, d, route, false FROM wanted) AS u
+             GROUP BY 1, 2, 3) AS c
+), admitted AS (
+    INSERT INTO public.endpoint_routes AS t (api_key_id, usage_date, route)
+    SELECT api_key_id, d, route
+      FROM ranked
+     WHERE NOT held AND n <= {ROUTES_PER_KEY_DAY} - n_held
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_endpoint_routes DO UPDATE SET route = EXCLUDED.route
+    RETURNING api_key_id, usage_date AS d, route
+), named AS (
+    SELECT api_key_id, d, route FROM held
+    UNION ALL
+    SELECT api_key_id, d, route FROM admitted
+), labelled AS (
+    SELECT p.api_key_id, p.q, p.method,
+           CASE WHEN p.route = '{UNMATCHED_ROUTE}' OR n.route IS NOT NULL THEN p.route
+                ELSE '{OTHER_ROUTE}' END AS route,
+           p.status_code, p.latency_bucket, p.total_requests, p.total_response_us,
+           p.total_request_bytes, p.total_response_bytes
+      FROM endpoints AS p
+      LEFT JOIN named AS n
+        ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
+), {_ENDPOINT_TIERS}
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
-       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter)
+       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter),
+       (SELECT count(*) FROM admitted), (SELECT count(*) FROM emonthly),
+       (SELECT count(*) FROM edaily), (SELECT count(*) FROM equarter)
 """
 
 
@@ -293,13 +426,14 @@ def pg_write(
             written += cur.fetchone()[0]
         if requests:
             with cur.copy(
-                f"COPY pg_temp.um_stage_requests ({', '.join(_REQUEST_COLUMNS)}, "
-                "latency_bucket, response_us) FROM STDIN (FORMAT BINARY)"
+                f"COPY pg_temp.um_stage_requests ({', '.join(_REQUEST_COLUMNS + _REQUEST_EXTRA)}) "
+                "FROM STDIN (FORMAT BINARY)"
             ) as copy:
                 copy.set_types(_REQUEST_TYPES)
                 write_row = copy.write_row
                 for r in requests:
                     ms = r.response_time_ms
+                    fine = latency_bucket(ms)
                     write_row(
                         (
                             r.id,
@@ -312,8 +446,12 @@ def pg_write(
                             r.response_size,
                             r.error_message,
                             r.requested_at,
-                            latency_bucket(ms),
+                            r.route_matched,
+                            fine,
                             round(ms * 1000),
+                            r.method if r.method in STANDARD_METHODS else OTHER_METHOD,
+                            r.path if r.route_matched else UNMATCHED_ROUTE,
+                            -(-fine // ENDPOINT_BUCKET_WIDTH),
                         )
                     )
             cur.execute(_INSERT_REQUESTS)

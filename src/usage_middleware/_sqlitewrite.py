@@ -6,10 +6,17 @@ only writer until commit), the batch goes into a connection-local temporary tabl
 into the raw table and rolled up with ``INSERT .. SELECT .. GROUP BY .. ON CONFLICT DO UPDATE``.
 Counting from the staging table after the delete means only new rows reach the rollups.
 
+Endpoint rollups follow the route cap (see ``_schema.ROUTES_PER_KEY_DAY``): the batch's new
+named routes of each key and UTC day are admitted into ``endpoint_routes`` in route order while
+the day has room, staged rows whose route was not admitted are relabelled ``(other)``, and then
+the three endpoint tiers are rolled up like the others. Being the only writer, SQLite never
+exceeds the cap.
+
 Values are staged in exactly the form SQLAlchemy stores them on SQLite (UUIDs as 32 hex digits,
 UTC datetimes as ``YYYY-MM-DD HH:MM:SS.ffffff``, dates as ``YYYY-MM-DD``), so the read path, which
 goes through the ``_schema`` tables, reads them back unchanged. Skipping SQLAlchemy's per-value
-processing here is what makes the path several times faster.
+processing here is what makes the path several times faster. Labels and latency buckets come
+from the very Python functions the reference backend uses.
 """
 
 from __future__ import annotations
@@ -22,9 +29,23 @@ from uuid import UUID
 from sqlalchemy import Connection
 
 from ._records import RequestRecord, UploadRecord
-from ._schema import latency_bucket
+from ._schema import (
+    ENDPOINT_BUCKET_WIDTH,
+    OTHER_METHOD,
+    OTHER_ROUTE,
+    ROUTES_PER_KEY_DAY,
+    STANDARD_METHODS,
+    UNMATCHED_ROUTE,
+    latency_bucket,
+)
 
-__all__ = ["sqlite_write"]
+__all__ = [
+    "CREATE_STAGING",
+    "ENDPOINT_ROLLUPS",
+    "ENDPOINT_STATEMENTS",
+    "MISMATCH_ROLLUP",
+    "sqlite_write",
+]
 
 _UPLOAD_COLUMNS = (
     "id, api_key_id, request_id, provider, file_type, declared_type, file_size, file_name, "
@@ -32,25 +53,30 @@ _UPLOAD_COLUMNS = (
 )
 _REQUEST_COLUMNS = (
     "id, api_key_id, method, path, status_code, response_time_ms, request_size, "
-    "response_size, error_message, requested_at"
+    "response_size, error_message, requested_at, route_matched"
 )
 
-_CREATE_STAGING = (
+CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_uploads ({_UPLOAD_COLUMNS})",
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests "
-    f"({_REQUEST_COLUMNS}, latency_bucket, response_us)",
+    f"({_REQUEST_COLUMNS}, latency_bucket, response_us, endpoint_method, endpoint_route, "
+    "endpoint_bucket)",
 )
 
 
 def _checked_add(column: str) -> str:
     """``column + excluded.column`` that fails instead of overflowing.
 
-    SQLite's ``+`` silently turns an integer overflow into an inexact REAL, while ``sum()``
-    raises ``integer overflow``, which the store reports as refused records (as PostgreSQL's
-    ``bigint out of range``). Used for the byte and time sums, the only counters that can grow
-    that large; the per-batch sums are ``sum()`` already.
+    SQLite's ``+`` silently turns an integer overflow into an inexact REAL; ``abs()`` of the
+    smallest integer raises ``integer overflow`` (as ``sum()`` does), which the store reports as
+    refused records (as PostgreSQL's ``bigint out of range``). Both terms are sums of values
+    that are never negative, so the sum overflows exactly when the test says. Used for the byte
+    and time sums, the only counters that can grow that large; the per-batch sums are ``sum()``.
     """
-    return f"(SELECT sum(v) FROM (SELECT {column} AS v UNION ALL SELECT excluded.{column}))"
+    return (
+        f"CASE WHEN {column} > 9223372036854775807 - excluded.{column} "
+        f"THEN abs(-9223372036854775807 - 1) ELSE {column} + excluded.{column} END"
+    )
 
 
 def _quarter(column: str) -> str:
@@ -105,15 +131,7 @@ _MISMATCH_ROLLUP = (
     "DO UPDATE SET total_uploads = total_uploads + excluded.total_uploads"
 )
 _UPLOAD_ROLLUPS = (*_UPLOAD_ROLLUPS, _MISMATCH_ROLLUP.format(source="temp.um_stage_uploads"))
-
-
-def backfill_mismatches(conn: Connection, present: set[str]) -> None:
-    """Fill ``quarter_mismatch_usage`` from the raw rows when an older database (tables
-    ``present`` before this transaction) lacked it, inside ``conn``'s write transaction."""
-    if "quarter_mismatch_usage" in present or "file_uploads" not in present:
-        return
-    # no conflict can arise in an empty table; the upsert form is the writer's own statement
-    conn.exec_driver_sql(_MISMATCH_ROLLUP.format(source="main.file_uploads"))
+MISMATCH_ROLLUP = _MISMATCH_ROLLUP
 
 
 _REQUEST_STATEMENTS = (
@@ -148,13 +166,97 @@ _REQUEST_ROLLUPS = tuple(
 )
 
 
+# --- endpoint rollups and the route cap -----------------------------------------------------
+# The cap's two steps run on the staged rows (new ones only, after the delete above): admit the
+# batch's new named routes per key and UTC day, in route order, into the room the day has left
+# (SQLite runs an INSERT's SELECT to completion before inserting when it reads the target table,
+# so the room is the day's count before this batch); then relabel every staged route that is not
+# in endpoint_routes as "(other)".
+_SAME_KEY = "ifnull(e.api_key_id, '') = ifnull({k}, '')"
+_ADMIT_ROUTES = (
+    "INSERT INTO main.endpoint_routes (api_key_id, usage_date, route) "
+    "SELECT k, d, r FROM ("
+    "SELECT k, d, r, row_number() OVER (PARTITION BY ifnull(k, ''), d ORDER BY r) AS n "
+    "FROM (SELECT DISTINCT api_key_id AS k, substr(requested_at, 1, 10) AS d, "
+    "endpoint_route AS r FROM temp.um_stage_requests "
+    f"WHERE endpoint_route <> '{UNMATCHED_ROUTE}') AS w "
+    "WHERE NOT EXISTS (SELECT 1 FROM main.endpoint_routes AS e "
+    f"WHERE {_SAME_KEY.format(k='w.k')} AND e.usage_date = w.d AND e.route = w.r)"
+    ") AS c "
+    f"WHERE n <= {ROUTES_PER_KEY_DAY} - (SELECT count(*) FROM main.endpoint_routes AS e "
+    f"WHERE {_SAME_KEY.format(k='c.k')} AND e.usage_date = c.d) "
+    "ORDER BY ifnull(k, ''), d, r"
+)
+_RELABEL = (
+    f"UPDATE temp.um_stage_requests SET endpoint_route = '{OTHER_ROUTE}' "
+    f"WHERE endpoint_route <> '{UNMATCHED_ROUTE}' AND NOT EXISTS ("
+    "SELECT 1 FROM main.endpoint_routes AS e "
+    f"WHERE {_SAME_KEY.format(k='um_stage_requests.api_key_id')} "
+    "AND e.usage_date = substr(um_stage_requests.requested_at, 1, 10) "
+    "AND e.route = um_stage_requests.endpoint_route)"
+)
+_ENDPOINT_SET = (
+    "total_requests = total_requests + excluded.total_requests, "
+    f"total_response_us = {_checked_add('total_response_us')}, "
+    f"total_request_bytes = {_checked_add('total_request_bytes')}, "
+    f"total_response_bytes = {_checked_add('total_response_bytes')}"
+)
+_ENDPOINT_GROUP = "api_key_id, w, endpoint_method, endpoint_route, status_code, endpoint_bucket"
+ENDPOINT_ROLLUPS = {
+    table: f"INSERT INTO main.{table} (api_key_id, {when_column}, method, route, status_code, "
+    "latency_bucket, total_requests, total_response_us, total_request_bytes, "
+    "total_response_bytes) "
+    f"SELECT api_key_id, {when} AS w, endpoint_method, endpoint_route, status_code, "
+    "endpoint_bucket, count(*), sum(response_us), sum(request_size), sum(response_size) "
+    f"FROM temp.um_stage_requests WHERE true GROUP BY {_ENDPOINT_GROUP} "
+    f"ORDER BY {_ENDPOINT_GROUP} "
+    f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, method, route, status_code, "
+    f"latency_bucket) DO UPDATE SET {_ENDPOINT_SET}"
+    for table, when_column, when in (
+        ("monthly_endpoint_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
+        ("daily_endpoint_usage", "usage_date", "substr(requested_at, 1, 10)"),
+        ("quarter_endpoint_usage", "usage_quarter", _quarter("requested_at")),
+    )
+}
+#: The cap's statements on the staged rows, then the endpoint tiers (the backfill reuses them).
+ENDPOINT_STATEMENTS = (_ADMIT_ROUTES, _RELABEL, *ENDPOINT_ROLLUPS.values())
+
+_METHODS = STANDARD_METHODS
+_WIDTH = ENDPOINT_BUCKET_WIDTH
+
+
 def _hex(value: UUID | None) -> str | None:
     return None if value is None else value.hex
 
 
 def _utc_text(value: datetime) -> str:
-    """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite."""
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite: its ISO text
+    without the ``+00:00`` (cheaper than converting it to a naive datetime first)."""
+    return value.isoformat(" ", "microseconds")[:26]
+
+
+def _request_row(r: RequestRecord) -> tuple[Any, ...]:
+    """A request as staged: its columns, then its latency bucket, microseconds and labels."""
+    ms = r.response_time_ms
+    fine = latency_bucket(ms)
+    return (
+        r.id.hex,
+        None if r.api_key_id is None else r.api_key_id.hex,
+        r.method,
+        r.path,
+        r.status_code,
+        ms,
+        r.request_size,
+        r.response_size,
+        r.error_message,
+        _utc_text(r.requested_at),
+        r.route_matched,
+        fine,
+        round(ms * 1000),
+        r.method if r.method in _METHODS else OTHER_METHOD,
+        r.path if r.route_matched else UNMATCHED_ROUTE,
+        -(-fine // _WIDTH),
+    )
 
 
 def sqlite_write(
@@ -165,7 +267,7 @@ def sqlite_write(
     cur = dbapi.cursor()
     written = 0
     try:
-        for statement in _CREATE_STAGING:
+        for statement in CREATE_STAGING:
             cur.execute(statement)
         if uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
@@ -197,86 +299,15 @@ def sqlite_write(
         if requests:
             cur.execute("DELETE FROM temp.um_stage_requests")
             cur.executemany(
-                "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        r.id.hex,
-                        _hex(r.api_key_id),
-                        r.method,
-                        r.path,
-                        r.status_code,
-                        r.response_time_ms,
-                        r.request_size,
-                        r.response_size,
-                        r.error_message,
-                        _utc_text(r.requested_at),
-                        latency_bucket(r.response_time_ms),
-                        round(r.response_time_ms * 1000),
-                    )
-                    for r in requests
-                ],
+                "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [_request_row(r) for r in requests],
             )
             for statement in _REQUEST_STATEMENTS:
                 cur.execute(statement)
             written += cur.rowcount
-            for statement in _REQUEST_ROLLUPS:
+            for statement in (*_REQUEST_ROLLUPS, *ENDPOINT_STATEMENTS):
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_requests")
     finally:
         cur.close()
     return written
-
-
-# An install that predates the quarter-hour rollups gets them filled in the transaction that
-# creates them: minutes 15-59 of each hour from the raw rows, minutes 0-14 as the hourly row
-# minus those, so rollup rows without raw rows (migrated totals at 00:00 UTC) carry over. The
-# latency bucket and microseconds come from the very Python functions the writer uses.
-_LATE = "substr({at}, 15, 2) >= '15'"
-_QUARTER_BACKFILL = {
-    "quarter_usage": (
-        "INSERT INTO main.quarter_usage (usage_quarter, api_key_id, provider, file_type, "
-        "total_uploads, total_file_size, successful_requests, failed_requests) "
-        "SELECT q, k, p, t, sum(n), sum(b), sum(s), sum(f) FROM ("
-        "SELECT usage_hour AS q, api_key_id AS k, provider AS p, file_type AS t, "
-        "total_uploads AS n, total_file_size AS b, successful_requests AS s, "
-        "failed_requests AS f FROM main.hourly_usage "
-        f"UNION ALL SELECT {_quarter('uploaded_at')}, api_key_id, provider, file_type, 1, "
-        "file_size, upload_status = 'success', upload_status <> 'success' "
-        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')} "
-        "UNION ALL SELECT substr(uploaded_at, 1, 13) || ':00:00.000000', api_key_id, provider, "
-        "file_type, -1, -file_size, -(upload_status = 'success'), -(upload_status <> 'success') "
-        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')}"
-        ") GROUP BY q, k, p, t HAVING sum(n) <> 0"
-    ),
-    "quarter_request_usage": (
-        "INSERT INTO main.quarter_request_usage (usage_quarter, api_key_id, latency_bucket, "
-        "total_requests, error_requests, total_response_us, total_request_bytes, "
-        "total_response_bytes) "
-        "SELECT q, k, lb, sum(n), sum(e), sum(us), sum(qb), sum(rb) FROM ("
-        "SELECT usage_hour AS q, api_key_id AS k, latency_bucket AS lb, total_requests AS n, "
-        "error_requests AS e, total_response_us AS us, total_request_bytes AS qb, "
-        "total_response_bytes AS rb FROM main.hourly_request_usage "
-        f"UNION ALL SELECT {_quarter('requested_at')}, api_key_id, "
-        "um_latency_bucket(response_time_ms), 1, status_code >= 400, "
-        "um_response_us(response_time_ms), request_size, response_size "
-        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')} "
-        "UNION ALL SELECT substr(requested_at, 1, 13) || ':00:00.000000', api_key_id, "
-        "um_latency_bucket(response_time_ms), -1, -(status_code >= 400), "
-        "-um_response_us(response_time_ms), -request_size, -response_size "
-        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')}"
-        ") GROUP BY q, k, lb HAVING sum(n) <> 0"
-    ),
-}
-
-
-def backfill_quarters(conn: Connection, present: set[str]) -> None:
-    """Fill the quarter-hour rollups that an older database (tables ``present`` before this
-    transaction created the missing ones) lacked, inside ``conn``'s open write transaction."""
-    if "hourly_usage" not in present or not set(_QUARTER_BACKFILL) - present:
-        return
-    dbapi: Any = conn.connection.dbapi_connection
-    dbapi.create_function("um_latency_bucket", 1, latency_bucket, deterministic=True)
-    dbapi.create_function("um_response_us", 1, lambda ms: round(ms * 1000), deterministic=True)
-    for table, statement in _QUARTER_BACKFILL.items():
-        if table not in present:
-            conn.exec_driver_sql(statement)

@@ -9,17 +9,22 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select
+from support.endpoints import ENDPOINT_COUNTERS, ENDPOINT_LABELS, Rollups, rebuilt_endpoints
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
 from usage_middleware._schema import (
     api_requests,
+    daily_endpoint_usage,
     daily_request_usage,
     daily_usage,
+    endpoint_routes,
     file_uploads,
     hourly_request_usage,
     hourly_usage,
     latency_bucket,
+    monthly_endpoint_usage,
     monthly_request_usage,
+    quarter_endpoint_usage,
     quarter_mismatch_usage,
     quarter_request_usage,
     quarter_usage,
@@ -30,6 +35,11 @@ KEYS = [uuid.UUID(int=i + 1, version=4) for i in range(4)]
 PROVIDERS = ["vercel", "s3", "cloudinary"]
 TYPES = ["image/jpeg", "image/png", "application/pdf", "video/mp4"]
 BASE = datetime(2025, 9, 1, 22, 30, tzinfo=UTC)
+# Matched route templates, and raw paths that matched none (labelled "(unmatched)").
+ROUTES = ["/files/{id}", "/upload", "/files", "/health"]
+RAW_PATHS = ["/wp-login.php", "/.env", "/files/42/x"]
+# Every standard method is its own label; the rest share "OTHER".
+METHODS = ["GET", "GET", "POST", "PUT", "DELETE", "HEAD", "PROPFIND", "BREW"]
 
 
 def random_upload(rng: random.Random, spread_hours: float = 6.0) -> UploadRecord:
@@ -47,11 +57,14 @@ def random_upload(rng: random.Random, spread_hours: float = 6.0) -> UploadRecord
 
 
 def random_request(rng: random.Random, spread_hours: float = 6.0) -> RequestRecord:
+    """A request over a few routes, raw unmatched paths and methods (standard and not)."""
+    matched = rng.random() < 0.85
     return RequestRecord(
         id=uuid.UUID(int=rng.getrandbits(128), version=4),
         api_key_id=rng.choice([*KEYS, None]),
-        method=rng.choice(["GET", "POST"]),
-        path="/files/{id}",
+        method=rng.choice(METHODS),
+        path=rng.choice(ROUTES if matched else RAW_PATHS),
+        route_matched=matched,
         status_code=rng.choice([200, 201, 404, 500]),
         response_time_ms=rng.choice([0.0, 0.5, 3.25, 120.0, rng.random() * 1000]),
         request_size=rng.randrange(0, 100_000),
@@ -68,8 +81,10 @@ def _quarter(at: datetime) -> datetime:
     return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
-def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The eight rollups as GROUP BY over the raw rows, computed here in Python."""
+def expected_rollups(store: UsageStore) -> Rollups:
+    """Every rollup as GROUP BY over the raw rows, computed here in Python (the endpoint
+    rollups as :func:`rebuilt_endpoints`: exact while no key-day has more named routes than
+    the cap, or when every request arrived in one batch)."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
         for name in (
@@ -84,6 +99,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
         )
     }
     with store.engine.connect() as conn:
+        requests = [dict(r) for r in conn.execute(select(api_requests)).mappings()]
         for r in conn.execute(select(file_uploads)).mappings():
             at = r["uploaded_at"]
             ok = r["upload_status"] == "success"
@@ -99,7 +115,7 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
             if declared is not None and declared != r["file_type"]:
                 key = (r["api_key_id"], _quarter(at), r["provider"], r["file_type"], declared)
                 out["quarter_mismatch_usage"][key][0] += 1
-        for r in conn.execute(select(api_requests)).mappings():
+        for r in requests:
             at = r["requested_at"]
             ms = r["response_time_ms"]
             values = (
@@ -120,13 +136,16 @@ def expected_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple
                     acc[i] += v
     sizes = {"daily_usage": 4, "hourly_usage": 4, "quarter_usage": 4, "quarter_mismatch_usage": 1}
     return {
-        name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
-        for name, rows in out.items()
+        **{
+            name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
+            for name, rows in out.items()
+        },
+        **rebuilt_endpoints(requests),
     }
 
 
-def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[int, ...]]]:
-    """The eight rollup tables as stored."""
+def stored_rollups(store: UsageStore) -> Rollups:
+    """Every rollup table as stored (``endpoint_routes`` with no counters)."""
     upload_counters = ("total_uploads", "total_file_size", "successful_requests", "failed_requests")
     request_counters = (
         "total_requests",
@@ -152,6 +171,15 @@ def stored_rollups(store: UsageStore) -> dict[str, dict[tuple[Any, ...], tuple[i
             ("api_key_id", "usage_quarter", "provider", "file_type", "declared_type"),
             ("total_uploads",),
         ),
+        *(
+            (table, ("api_key_id", when, *ENDPOINT_LABELS), ENDPOINT_COUNTERS)
+            for table, when in (
+                (monthly_endpoint_usage, "usage_month"),
+                (daily_endpoint_usage, "usage_date"),
+                (quarter_endpoint_usage, "usage_quarter"),
+            )
+        ),
+        (endpoint_routes, ("api_key_id", "usage_date", "route"), ()),
     ]
     out: dict[str, dict[tuple[Any, ...], tuple[int, ...]]] = {}
     with store.engine.connect() as conn:

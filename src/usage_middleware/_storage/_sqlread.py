@@ -48,7 +48,7 @@ from .statements import Shape, Statement, filter_clauses, joined, piece_params, 
 if TYPE_CHECKING:
     from .sql import SQLBackend
 
-__all__ = ["request_histogram", "upload_rows"]
+__all__ = ["request_histogram", "run_reads", "upload_rows"]
 
 # --- uploads ----------------------------------------------------------------------------------
 
@@ -224,16 +224,21 @@ def upload_rows(backend: SQLBackend, scope: Scope, bounds: Sequence[datetime]) -
     """(period index, provider, file_type, uploads, bytes, successful, failed) rows."""
     if scope.keys is not None and not scope.keys:
         return []
-    statements = upload_statements(scope, bounds, backend.name)
+    return [row for rows in run_reads(backend, upload_statements(scope, bounds, backend.name))
+            for row in rows]
+
+
+def run_reads(
+    backend: SQLBackend, statements: Sequence[tuple[Statement, dict[str, Any]]]
+) -> list[list[Any]]:
+    """Each statement's rows, in order. On PostgreSQL they run at the same time, each on its
+    own pooled connection; one SQLite connection may be shared (in-memory databases), so
+    there they run one after the other."""
     if backend.name == "postgresql" and len(statements) > 1:
-        # each on its own pooled connection, at the same time
         futures = [submit(partial(_rows, backend, *s)) for s in statements[1:]]
-        rows = _rows(backend, *statements[0])
-        for future in futures:
-            rows.extend(future.result())
-        return rows
-    # one SQLite connection may be shared (in-memory databases): stay sequential
-    return [row for s in statements for row in _rows(backend, *s)]
+        first = _rows(backend, *statements[0])
+        return [first, *(future.result() for future in futures)]
+    return [_rows(backend, *s) for s in statements]
 
 
 # --- API requests -----------------------------------------------------------------------------

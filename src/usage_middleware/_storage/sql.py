@@ -1,5 +1,6 @@
 """What the SQLite and PostgreSQL backends share: a SQLAlchemy engine, one write transaction
-per batch, the mapping of driver errors, and the read statements of :mod:`._sqlread`.
+per batch, the mapping of driver errors, and the read statements of :mod:`._sqlread`,
+:mod:`.sqlfailures`, :mod:`.sqlrequests` and :mod:`.sqlconsumers`.
 
 A subclass says how to make its engine, create its schema and run its write plan
 (``_write_batch``); everything else is here, so the two engines cannot drift apart.
@@ -27,8 +28,19 @@ from sqlalchemy.exc import (
 from .._errors import ConfigurationError, DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
-from . import _sqlread, sqlfailures
-from .base import Failure, FailureKey, Histogram, MaintainResult, Scope, UploadRow
+from . import _sqlread, sqlconsumers, sqlfailures, sqlrequests
+from .base import (
+    ConsumerRow,
+    EndpointRow,
+    Failure,
+    FailureKey,
+    Histogram,
+    MaintainResult,
+    RequestFilter,
+    Scope,
+    SeriesRow,
+    UploadRow,
+)
 from .legacy import LegacySource, MigrationResult, misfit
 from .maintenance import sql_retention_start
 from .urls import display_url, mask_text
@@ -218,3 +230,16 @@ class SQLBackend(ABC):
         self, scope: Scope, start: datetime, end: datetime
     ) -> list[tuple[str, str, int]]:
         return sqlfailures.mismatch_rows(self, scope, start, end)
+
+    def endpoint_rows(
+        self, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
+    ) -> list[EndpointRow]:
+        return sqlrequests.endpoint_rows(self, scope, start, end, filters)
+
+    def request_series(
+        self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+    ) -> list[SeriesRow]:
+        return sqlrequests.request_series(self, scope, bounds, filters)
+
+    def consumer_rows(self, scope: Scope, start: datetime, end: datetime) -> list[ConsumerRow]:
+        return sqlconsumers.consumer_rows(self, scope, start, end)

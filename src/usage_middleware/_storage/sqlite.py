@@ -16,7 +16,13 @@ from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import FAILURE_INDEXES, metadata
-from .._sqlitewrite import backfill_mismatches, backfill_quarters, sqlite_write
+from .._sqliteupgrade import (
+    add_route_matched,
+    backfill_endpoints,
+    backfill_mismatches,
+    backfill_quarters,
+)
+from .._sqlitewrite import sqlite_write
 from .base import MaintainResult
 from .legacy import LegacySource, MigrationResult, migrate_sqlite
 from .maintenance import sqlite_prune
@@ -85,18 +91,21 @@ class SQLiteBackend(SQLBackend):
 
     def _create_schema(self) -> None:
         """Missing tables in one write transaction; a ``monthly_request_usage`` added to an older
-        database is filled from ``daily_request_usage``, and quarter-hour rollups from the
-        hourly ones and raw rows, before any writer sees them."""
+        database is filled from ``daily_request_usage``, quarter-hour rollups from the hourly
+        ones and raw rows, and endpoint rollups from raw requests (which get ``route_matched``),
+        before any writer sees them (:mod:`usage_middleware._sqliteupgrade`)."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
                 with conn.begin():
                     present = set(inspect(conn).get_table_names())
+                    add_route_matched(conn, present)
                     metadata.create_all(conn, checkfirst=True)
                     if "monthly_request_usage" not in present and "daily_request_usage" in present:
                         conn.exec_driver_sql(_MONTHLY_BACKFILL)
                     backfill_quarters(conn, present)
                     backfill_mismatches(conn, present)
+                    backfill_endpoints(conn, present)
                     for index in FAILURE_INDEXES:  # tables that predate them lack them
                         index.create(conn, checkfirst=True)
             finally:

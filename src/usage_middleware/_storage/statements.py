@@ -42,10 +42,20 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from .._schema import ROLLUP_KEYS
-from .base import Scope
+from .base import RequestFilter, Scope
 from .plan import Piece
 
-__all__ = ["Shape", "Statement", "filter_clauses", "joined", "piece_params", "scope_params"]
+__all__ = [
+    "FilterShape",
+    "Shape",
+    "Statement",
+    "filter_clauses",
+    "filter_params",
+    "joined",
+    "piece_params",
+    "request_clauses",
+    "scope_params",
+]
 
 
 
@@ -87,24 +97,18 @@ def filter_clauses(table: Table, shape: Shape, dialect: str) -> list[ColumnEleme
     """The filters of ``shape`` on ``table``, reading their values from parameters: arrays with
     ``= ANY`` / ``LIKE ANY`` on PostgreSQL, expanding ``IN`` and a JSON list on SQLite."""
     pg = dialect == "postgresql"
-
-    def among(col: Any, name: str, kind: Any) -> Any:
-        if pg:
-            return col == any_(bindparam(name, type_=ARRAY(kind)))
-        return col.in_(bindparam(name, expanding=True))
-
     out: list[ColumnElement[bool]] = []
     if shape.keys:
         key: Any = table.c.api_key_id
         if not pg and table.name in ROLLUP_KEYS:
             # the SQLite rollup indexes are on ifnull(api_key_id, ''): say it the same way
             key = type_coerce(func.ifnull(key, literal_column("''")), Uuid())
-        out.append(among(key, "keys", Uuid()))
+        out.append(_among(key, "keys", Uuid(), pg))
     if shape.providers:
-        out.append(among(table.c.provider, "providers", String()))
+        out.append(_among(table.c.provider, "providers", String(), pg))
     kinds: list[ColumnElement[bool]] = []
     if shape.types:
-        kinds.append(among(table.c.file_type, "types", String()))
+        kinds.append(_among(table.c.file_type, "types", String(), pg))
     if shape.families:
         ft = table.c.file_type
         if pg:  # backslash is PostgreSQL's default LIKE escape
@@ -115,6 +119,77 @@ def filter_clauses(table: Table, shape: Shape, dialect: str) -> list[ColumnEleme
             kinds.append(exists(match.where(ft.like(each.c.value, escape="\\"))))
     if kinds:
         out.append(or_(*kinds))
+    return out
+
+
+def _among(col: Any, name: str, kind: Any, pg: bool) -> Any:
+    """``col`` is one of the values of list parameter ``name``."""
+    if pg:
+        return col == any_(bindparam(name, type_=ARRAY(kind)))
+    return col.in_(bindparam(name, expanding=True))
+
+
+@dataclass(frozen=True)
+class FilterShape:
+    """Which request filters a statement reads: method and route labels, and how many
+    disjoint status code ranges (each two parameters, so the text is fixed per count)."""
+
+    methods: bool
+    routes: bool
+    statuses: int
+
+
+# Stored status codes are 100..599 (records are validated), so ranges are clipped to a band
+# that holds them all and stays inside every integer type a driver binds.
+_STATUS_FLOOR, _STATUS_CEILING = 0, 999
+
+
+def filter_params(filters: RequestFilter) -> tuple[FilterShape, dict[str, Any]]:
+    """A request filter's shape and its values as parameters (see :func:`request_clauses`).
+    Status ranges are merged into disjoint ones; ranges that hold no code match nothing."""
+    params: dict[str, Any] = {}
+    if filters.methods:
+        params["methods"] = sorted(set(filters.methods))
+    if filters.routes:
+        params["routes"] = sorted(set(filters.routes))
+    merged: list[list[int]] = []
+    for lo, hi in sorted(filters.statuses):
+        lo, hi = max(lo, _STATUS_FLOOR), min(hi, _STATUS_CEILING)
+        if lo > hi:
+            continue
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    if filters.statuses and not merged:
+        merged = [[_STATUS_CEILING + 1, _STATUS_CEILING + 1]]  # no stored code is in it
+    for i, (lo, hi) in enumerate(merged):
+        params[f"status_lo_{i}"], params[f"status_hi_{i}"] = lo, hi
+    return FilterShape("methods" in params, "routes" in params, len(merged)), params
+
+
+def request_clauses(table: Table, shape: FilterShape, dialect: str) -> list[ColumnElement[bool]]:
+    """The request filters of ``shape`` on an endpoint rollup (its method and route labels)
+    or on ``api_requests`` (its status codes only: raw rows are labelled in Python)."""
+    pg = dialect == "postgresql"
+    out: list[ColumnElement[bool]] = []
+    if shape.methods and "route" in table.c:
+        out.append(_among(table.c.method, "methods", String(), pg))
+    if shape.routes and "route" in table.c:
+        out.append(_among(table.c.route, "routes", String(), pg))
+    if shape.statuses:
+        code = table.c.status_code
+        out.append(
+            or_(
+                *(
+                    code.between(
+                        bindparam(f"status_lo_{i}", type_=Integer()),
+                        bindparam(f"status_hi_{i}", type_=Integer()),
+                    )
+                    for i in range(shape.statuses)
+                )
+            )
+        )
     return out
 
 

@@ -11,10 +11,10 @@
 --     )
 --
 -- With a differently named table, replace "public.api_keys", "id" and "user_id" in the policy
--- expression below (ten places, one per table).
+-- expression below (fourteen places, one per table).
 --
 -- Effect:
---   * RLS is on for all ten usage tables (usage_tracking_schema.sql already switches it on,
+--   * RLS is on for all fourteen usage tables (usage_tracking_schema.sql already switches it on,
 --     with no policy: nobody but the owner reads) and the legacy-migration marker, if present.
 --   * A signed-in user (role authenticated) may SELECT only rows whose api_key_id belongs to
 --     one of their own keys; rows without a key are visible to nobody through the API.
@@ -35,6 +35,10 @@ ALTER TABLE public.hourly_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.quarter_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.quarter_request_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.quarter_mismatch_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.monthly_endpoint_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.daily_endpoint_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.quarter_endpoint_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.endpoint_routes ENABLE ROW LEVEL SECURITY;
 
 DO $marker$
 BEGIN
@@ -96,6 +100,34 @@ CREATE POLICY "owners read their type mismatches" ON public.quarter_mismatch_usa
 REVOKE ALL ON public.quarter_mismatch_usage FROM anon;
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.quarter_mismatch_usage FROM authenticated;
 GRANT SELECT ON public.quarter_mismatch_usage TO authenticated;
+
+DROP POLICY IF EXISTS "owners read their monthly endpoint usage" ON public.monthly_endpoint_usage;
+CREATE POLICY "owners read their monthly endpoint usage" ON public.monthly_endpoint_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+DROP POLICY IF EXISTS "owners read their daily endpoint usage" ON public.daily_endpoint_usage;
+CREATE POLICY "owners read their daily endpoint usage" ON public.daily_endpoint_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+DROP POLICY IF EXISTS "owners read their quarter-hour endpoint usage" ON public.quarter_endpoint_usage;
+CREATE POLICY "owners read their quarter-hour endpoint usage" ON public.quarter_endpoint_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+DROP POLICY IF EXISTS "owners read their endpoint routes" ON public.endpoint_routes;
+CREATE POLICY "owners read their endpoint routes" ON public.endpoint_routes
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT k.id FROM public.api_keys AS k WHERE k.user_id = (SELECT auth.uid())));
+
+REVOKE ALL ON public.monthly_endpoint_usage, public.daily_endpoint_usage,
+    public.quarter_endpoint_usage, public.endpoint_routes FROM anon;
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.monthly_endpoint_usage,
+    public.daily_endpoint_usage, public.quarter_endpoint_usage, public.endpoint_routes
+    FROM authenticated;
+GRANT SELECT ON public.monthly_endpoint_usage, public.daily_endpoint_usage,
+    public.quarter_endpoint_usage, public.endpoint_routes TO authenticated;
 
 -- Supabase grants table privileges to anon and authenticated by default. Reading is all the
 -- dashboard needs; anon needs nothing.

@@ -410,10 +410,28 @@ CREATE TABLE IF NOT EXISTS public.api_requests (
     response_size    bigint NOT NULL,
     error_message    text,
     requested_at     timestamptz NOT NULL,
+    route_matched    boolean NOT NULL DEFAULT true,
     PRIMARY KEY (id, requested_at)
 ) PARTITION BY RANGE (requested_at);
 CREATE INDEX IF NOT EXISTS idx_api_requests_key_time ON public.api_requests (api_key_id, requested_at);
 CREATE INDEX IF NOT EXISTS idx_api_requests_time ON public.api_requests (requested_at);
+
+-- route_matched is false when the request's path matched no route of the application (path is
+-- then the raw path, which the endpoint rollups label '(unmatched)'). An install from before
+-- the column gets it here, on the parent and so on every partition, the default one included:
+-- a constant default is kept in the catalog, no row is rewritten, and every stored row reads as
+-- a matched route (older releases stored no other kind). Added only where it is missing, so a
+-- re-run takes no lock on the table.
+DO $route_matched$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = 'public.api_requests'::regclass
+                      AND a.attname = 'route_matched' AND NOT a.attisdropped) THEN
+        ALTER TABLE public.api_requests
+            ADD COLUMN IF NOT EXISTS route_matched boolean NOT NULL DEFAULT true;
+    END IF;
+END
+$route_matched$;
 
 SELECT public.usage_create_raw_partitions();
 
@@ -668,6 +686,170 @@ CREATE INDEX IF NOT EXISTS idx_quarter_mismatch_usage_utc_quarter
 ALTER TABLE public.quarter_mismatch_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
+-- api_requests by UTC month, day and quarter hour, key, endpoint, status code and a coarse
+-- latency bucket: what GET /requests answers from (errors are the rows with status_code >= 400).
+-- Labels bound the rows a key can make: method is the request's own when standard, else
+-- 'OTHER'; route is the matched route template, '(unmatched)' for every path that matched no
+-- route, and '(other)' for a key's named routes past the first 200 of a UTC day, which
+-- endpoint_routes records (routes are admitted per batch in byte order, route COLLATE "C").
+-- latency_bucket is (fine bucket + 4) / 5 of the 2 % sketch the request rollups use: five of
+-- its buckets as one, so a percentile is within 9.96 % of the exact value. An install that
+-- predates these tables gets them filled from the raw rows, as if every stored request had been
+-- written in one batch, with writers held off (SHARE lock) until the transaction commits, so no
+-- request is missed or counted twice; requests pruned by retention before are not in them.
+-- Row level security and the Supabase roles' privileges as for every usage table.
+DO $endpoint$
+DECLARE
+    t text;
+BEGIN
+    IF pg_catalog.to_regclass('public.endpoint_routes') IS NULL THEN
+        LOCK TABLE public.api_requests IN SHARE MODE;
+        -- Memory for this transaction's sorts and hashes, so a large install's fill does not
+        -- spill to disk; the unique constraints are added last, each index built in one sort.
+        PERFORM pg_catalog.set_config('work_mem', '128MB', true);
+        PERFORM pg_catalog.set_config('maintenance_work_mem', '256MB', true);
+        CREATE TABLE public.endpoint_routes (
+            api_key_id uuid,
+            usage_date date NOT NULL,
+            route      text COLLATE "C" NOT NULL
+        );
+        CREATE TABLE public.monthly_endpoint_usage (
+            usage_month          date NOT NULL,
+            api_key_id           uuid,
+            method               text NOT NULL,
+            route                text COLLATE "C" NOT NULL,
+            status_code          smallint NOT NULL,
+            latency_bucket       smallint NOT NULL,
+            total_requests       bigint NOT NULL DEFAULT 0,
+            total_response_us    bigint NOT NULL DEFAULT 0,
+            total_request_bytes  bigint NOT NULL DEFAULT 0,
+            total_response_bytes bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 70);
+        CREATE TABLE public.daily_endpoint_usage (
+            usage_date           date NOT NULL,
+            api_key_id           uuid,
+            method               text NOT NULL,
+            route                text COLLATE "C" NOT NULL,
+            status_code          smallint NOT NULL,
+            latency_bucket       smallint NOT NULL,
+            total_requests       bigint NOT NULL DEFAULT 0,
+            total_response_us    bigint NOT NULL DEFAULT 0,
+            total_request_bytes  bigint NOT NULL DEFAULT 0,
+            total_response_bytes bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 70);
+        CREATE TABLE public.quarter_endpoint_usage (
+            usage_quarter        timestamptz NOT NULL,
+            api_key_id           uuid,
+            method               text NOT NULL,
+            route                text COLLATE "C" NOT NULL,
+            status_code          smallint NOT NULL,
+            latency_bucket       smallint NOT NULL,
+            total_requests       bigint NOT NULL DEFAULT 0,
+            total_response_us    bigint NOT NULL DEFAULT 0,
+            total_request_bytes  bigint NOT NULL DEFAULT 0,
+            total_response_bytes bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 70);
+
+        INSERT INTO public.endpoint_routes
+        SELECT c.api_key_id, c.d, c.path
+          FROM (SELECT w.api_key_id, w.d, w.path,
+                       pg_catalog.row_number() OVER (PARTITION BY w.api_key_id, w.d
+                                                     ORDER BY w.path) AS n
+                  FROM (SELECT DISTINCT r.api_key_id,
+                               (r.requested_at AT TIME ZONE 'UTC')::date AS d,
+                               r.path COLLATE "C" AS path
+                          FROM public.api_requests AS r
+                         WHERE r.route_matched) AS w) AS c
+         WHERE c.n <= 200;
+        -- The fine bucket mirrors usage_middleware._schema.latency_bucket, as in $quarter$.
+        INSERT INTO public.quarter_endpoint_usage
+        SELECT x.q, x.api_key_id, x.method, x.route, x.status_code, x.latency_bucket,
+               count(*), sum(x.us), sum(x.request_size), sum(x.response_size)
+          FROM (SELECT pg_catalog.date_bin('15 minutes', r.requested_at,
+                                           '2000-01-01 00:00+00'::timestamptz) AS q,
+                       r.api_key_id,
+                       CASE WHEN r.method IN ('CONNECT', 'DELETE', 'GET', 'HEAD', 'OPTIONS',
+                                              'PATCH', 'POST', 'PUT', 'TRACE')
+                            THEN r.method ELSE 'OTHER' END AS method,
+                       CASE WHEN NOT r.route_matched THEN '(unmatched)'
+                            WHEN e.route IS NOT NULL THEN r.path
+                            ELSE '(other)' END COLLATE "C" AS route,
+                       r.status_code::smallint AS status_code,
+                       ((CASE WHEN r.response_time_ms <= 0.001::float8 THEN 0
+                              ELSE LEAST(32767, pg_catalog.ceil(
+                                  pg_catalog.ln(r.response_time_ms / 0.001::float8)
+                                  / 0.040005334613699206::float8))
+                         END)::int + 4) / 5 AS latency_bucket,
+                       pg_catalog.round(r.response_time_ms * 1000::float8)::bigint AS us,
+                       r.request_size, r.response_size
+                  FROM public.api_requests AS r
+                  LEFT JOIN public.endpoint_routes AS e
+                    ON r.route_matched
+                   AND e.usage_date = (r.requested_at AT TIME ZONE 'UTC')::date
+                   AND e.route = r.path COLLATE "C"
+                   -- the same key, NULL included, as a hashable equality
+                   AND (e.api_key_id IS NULL) = (r.api_key_id IS NULL)
+                   AND coalesce(e.api_key_id, '00000000-0000-0000-0000-000000000000')
+                       = coalesce(r.api_key_id, '00000000-0000-0000-0000-000000000000')
+               ) AS x
+         GROUP BY 1, 2, 3, 4, 5, 6;
+        INSERT INTO public.daily_endpoint_usage
+        SELECT (q.usage_quarter AT TIME ZONE 'UTC')::date, q.api_key_id, q.method, q.route,
+               q.status_code, q.latency_bucket, sum(q.total_requests), sum(q.total_response_us),
+               sum(q.total_request_bytes), sum(q.total_response_bytes)
+          FROM public.quarter_endpoint_usage AS q
+         GROUP BY 1, 2, 3, 4, 5, 6;
+        INSERT INTO public.monthly_endpoint_usage
+        SELECT pg_catalog.date_trunc('month', d.usage_date)::date, d.api_key_id, d.method,
+               d.route, d.status_code, d.latency_bucket, sum(d.total_requests),
+               sum(d.total_response_us), sum(d.total_request_bytes), sum(d.total_response_bytes)
+          FROM public.daily_endpoint_usage AS d
+         GROUP BY 1, 2, 3, 4, 5, 6;
+        ALTER TABLE public.endpoint_routes ADD CONSTRAINT uq_endpoint_routes
+            UNIQUE NULLS NOT DISTINCT (api_key_id, usage_date, route);
+        ALTER TABLE public.monthly_endpoint_usage ADD CONSTRAINT uq_monthly_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_month, method, route, status_code, latency_bucket)
+            INCLUDE (total_requests, total_response_us, total_request_bytes,
+                     total_response_bytes);
+        ALTER TABLE public.daily_endpoint_usage ADD CONSTRAINT uq_daily_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_date, method, route, status_code, latency_bucket)
+            INCLUDE (total_requests, total_response_us, total_request_bytes,
+                     total_response_bytes);
+        ALTER TABLE public.quarter_endpoint_usage ADD CONSTRAINT uq_quarter_endpoint_usage
+            UNIQUE NULLS NOT DISTINCT
+                (api_key_id, usage_quarter, method, route, status_code, latency_bucket);
+    END IF;
+    FOREACH t IN ARRAY ARRAY['endpoint_routes', 'monthly_endpoint_usage', 'daily_endpoint_usage',
+                             'quarter_endpoint_usage'] LOOP
+        IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
+                 WHERE c.oid = pg_catalog.format('public.%I', t)::regclass) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+            EXECUTE pg_catalog.format('REVOKE ALL ON public.%I FROM anon', t);
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+            EXECUTE pg_catalog.format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, '
+                                      'TRIGGER ON public.%I FROM authenticated', t);
+        END IF;
+    END LOOP;
+END
+$endpoint$;
+CREATE INDEX IF NOT EXISTS idx_monthly_endpoint_usage_usage_month
+    ON public.monthly_endpoint_usage (usage_month);
+CREATE INDEX IF NOT EXISTS idx_daily_endpoint_usage_usage_date
+    ON public.daily_endpoint_usage (usage_date);
+CREATE INDEX IF NOT EXISTS idx_quarter_endpoint_usage_utc_quarter
+    ON public.quarter_endpoint_usage ((usage_quarter AT TIME ZONE 'UTC'));
+ALTER TABLE public.monthly_endpoint_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.daily_endpoint_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+ALTER TABLE public.quarter_endpoint_usage SET
+    (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
+
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
 -- partitioned raw tables these are partitioned indexes (one per partition, made for new
@@ -900,12 +1082,93 @@ AS $fn$
      ORDER BY g.upload_count DESC, g.provider
 $fn$;
 
+-- Requests per endpoint (method and route labels as the endpoint rollups hold them, see
+-- daily_endpoint_usage): whole calendar months inside the range are read from
+-- monthly_endpoint_usage, the other days from daily_endpoint_usage. Days are UTC days, both dates
+-- inclusive; errors are requests answered with status >= 400. percentage is the share of
+-- requests with two decimals adding up to exactly 100, as GET /requests gives it (every share
+-- floored to 0.01 %, the missing hundredths to the largest remainders); most requests first.
+CREATE OR REPLACE FUNCTION public.get_request_breakdown(
+    p_start_date date,
+    p_end_date   date,
+    p_api_key_id uuid DEFAULT NULL
+)
+RETURNS TABLE (
+    method          text,
+    route           text,
+    requests        bigint,
+    errors          bigint,
+    avg_response_ms double precision,
+    percentage      numeric
+)
+LANGUAGE sql
+STABLE
+SECURITY INVOKER
+SET search_path = ''
+AS $fn$
+    WITH months AS (
+        -- the whole months inside the range: [first, stop) (none when first >= stop)
+        SELECT (pg_catalog.date_trunc('month', (p_start_date - 1)::timestamp)
+                + interval '1 month')::date AS first,
+               pg_catalog.date_trunc('month', (p_end_date + 1)::timestamp)::date AS stop
+    ),
+    picked AS (
+        SELECT m.method, m.route, m.status_code, m.total_requests, m.total_response_us
+          FROM public.monthly_endpoint_usage AS m, months AS w
+         WHERE m.usage_month >= w.first AND m.usage_month < w.stop
+           AND (p_api_key_id IS NULL OR m.api_key_id = p_api_key_id)
+        UNION ALL
+        SELECT d.method, d.route, d.status_code, d.total_requests, d.total_response_us
+          FROM public.daily_endpoint_usage AS d, months AS w
+         WHERE d.usage_date BETWEEN p_start_date AND p_end_date
+           AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
+           AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
+    ),
+    g AS (
+        SELECT p.method,
+               p.route::text COLLATE "C" AS route,
+               sum(p.total_requests)::bigint AS requests,
+               coalesce(sum(p.total_requests) FILTER (WHERE p.status_code >= 400), 0)::bigint
+                   AS errors,
+               sum(p.total_response_us) AS response_us
+          FROM picked AS p
+         GROUP BY p.method, p.route
+        HAVING sum(p.total_requests) > 0
+    ),
+    shares AS (  -- in hundredths of a percent: each share's floor and remainder
+        SELECT g.*,
+               g.requests * 10000 / t.total AS floor,
+               g.requests * 10000 % t.total AS remainder
+          FROM g, (SELECT sum(x.requests)::bigint AS total FROM g AS x) AS t
+    ),
+    ranked AS (
+        SELECT s.*,
+               pg_catalog.sum(s.floor) OVER () AS floors,
+               pg_catalog.row_number() OVER (
+                   ORDER BY s.remainder DESC, s.requests DESC, s.method COLLATE "C", s.route
+               ) AS by_remainder
+          FROM shares AS s
+    )
+    SELECT r.method,
+           r.route,
+           r.requests,
+           r.errors,
+           r.response_us::double precision / r.requests / 1000,
+           pg_catalog.round(
+               (r.floor + CASE WHEN r.by_remainder <= 10000 - r.floors THEN 1 ELSE 0 END)
+               / 100.0,
+               2)
+      FROM ranked AS r
+     ORDER BY r.requests DESC, r.method COLLATE "C", r.route
+$fn$;
+
 -- Functions are executable by PUBLIC by default. Take that away; on Supabase, also from anon,
 -- and give it to signed-in users (authenticated) and the service role. On plain PostgreSQL,
 -- where those roles do not exist, grant EXECUTE to your application's role yourself.
 REVOKE ALL ON FUNCTION public.get_usage_by_date_range(date, date, text, text, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.get_file_type_breakdown(date, date, uuid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.get_provider_breakdown(date, date, uuid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.get_request_breakdown(date, date, uuid) FROM PUBLIC;
 
 DO $grants$
 DECLARE
@@ -914,7 +1177,8 @@ BEGIN
     FOREACH fn IN ARRAY ARRAY[
         'public.get_usage_by_date_range(date, date, text, text, uuid)',
         'public.get_file_type_breakdown(date, date, uuid, text)',
-        'public.get_provider_breakdown(date, date, uuid, text)'
+        'public.get_provider_breakdown(date, date, uuid, text)',
+        'public.get_request_breakdown(date, date, uuid)'
     ] LOOP
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
             EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM anon', fn);

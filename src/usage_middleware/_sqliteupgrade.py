@@ -1,0 +1,143 @@
+"""Upgrades of SQLite files made by older releases, inside the schema's write transaction.
+
+``SQLiteBackend`` creates missing tables from ``_schema.metadata`` in one ``BEGIN IMMEDIATE``
+transaction and then calls these with the tables that were ``present`` before it: a table this
+release added is filled from what the older file holds before any writer can see it, so every
+rollup is exact from the first write on. Latency buckets, microseconds and endpoint labels come
+from the very Python functions the writer stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, inspect
+
+from ._schema import endpoint_bucket, endpoint_method, endpoint_route, latency_bucket
+from ._sqlitewrite import (
+    CREATE_STAGING,
+    ENDPOINT_ROLLUPS,
+    ENDPOINT_STATEMENTS,
+    MISMATCH_ROLLUP,
+    _quarter,
+)
+
+__all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
+
+ENDPOINT_TABLES = ("endpoint_routes", *ENDPOINT_ROLLUPS)
+
+
+def _functions(conn: Connection) -> None:
+    """Register the writer's Python functions on the connection, for statements over raw rows."""
+    dbapi: Any = conn.connection.dbapi_connection
+    dbapi.create_function("um_latency_bucket", 1, latency_bucket, deterministic=True)
+    dbapi.create_function("um_response_us", 1, lambda ms: round(ms * 1000), deterministic=True)
+    dbapi.create_function("um_endpoint_bucket", 1, endpoint_bucket, deterministic=True)
+    dbapi.create_function("um_endpoint_method", 1, endpoint_method, deterministic=True)
+    dbapi.create_function(
+        "um_endpoint_route", 2, lambda p, m: endpoint_route(p, bool(m)), deterministic=True
+    )
+
+
+def add_route_matched(conn: Connection, present: set[str]) -> None:
+    """Give an older ``api_requests`` its ``route_matched`` column: every stored row was
+    recorded as a matched route (older releases stored no other kind of row)."""
+    if "api_requests" not in present:
+        return
+    columns = {c["name"] for c in inspect(conn).get_columns("api_requests")}
+    if "route_matched" not in columns:
+        conn.exec_driver_sql(
+            "ALTER TABLE api_requests ADD COLUMN route_matched BOOLEAN DEFAULT 1 NOT NULL"
+        )
+
+
+# The stored requests are staged as one batch and go through the writer's own cap and rollup
+# statements: routes are admitted per key and UTC day in route order up to the cap, so the
+# result equals what writing every stored request in one batch would have produced.
+_STAGE_RAW = (
+    "INSERT INTO temp.um_stage_requests SELECT id, api_key_id, method, path, status_code, "
+    "response_time_ms, request_size, response_size, error_message, requested_at, route_matched, "
+    "um_latency_bucket(response_time_ms), um_response_us(response_time_ms), "
+    "um_endpoint_method(method), um_endpoint_route(path, route_matched), "
+    "um_endpoint_bucket(response_time_ms) FROM main.api_requests"
+)
+
+
+def backfill_endpoints(conn: Connection, present: set[str]) -> None:
+    """Fill the endpoint rollups an older database lacked from its raw requests."""
+    missing = [t for t in ENDPOINT_TABLES if t not in present]
+    if "api_requests" not in present or not missing:
+        return
+    _functions(conn)
+    admit, relabel, *tiers = ENDPOINT_STATEMENTS
+    for statement in CREATE_STAGING:
+        conn.exec_driver_sql(statement)
+    conn.exec_driver_sql("DELETE FROM temp.um_stage_requests")
+    conn.exec_driver_sql(_STAGE_RAW)
+    if "endpoint_routes" in missing:
+        conn.exec_driver_sql(admit)
+    conn.exec_driver_sql(relabel)
+    for table, statement in zip(ENDPOINT_ROLLUPS, tiers, strict=True):
+        if table in missing:
+            conn.exec_driver_sql(statement)
+    conn.exec_driver_sql("DELETE FROM temp.um_stage_requests")
+
+
+def backfill_mismatches(conn: Connection, present: set[str]) -> None:
+    """Fill ``quarter_mismatch_usage`` from the raw rows when an older database lacked it."""
+    if "quarter_mismatch_usage" in present or "file_uploads" not in present:
+        return
+    # no conflict can arise in an empty table; the upsert form is the writer's own statement
+    conn.exec_driver_sql(MISMATCH_ROLLUP.format(source="main.file_uploads"))
+
+
+# An install that predates the quarter-hour rollups gets them filled in the transaction that
+# creates them: minutes 15-59 of each hour from the raw rows, minutes 0-14 as the hourly row
+# minus those, so rollup rows without raw rows (migrated totals at 00:00 UTC) carry over.
+_LATE = "substr({at}, 15, 2) >= '15'"
+_QUARTER_BACKFILL = {
+    "quarter_usage": (
+        "INSERT INTO main.quarter_usage (usage_quarter, api_key_id, provider, file_type, "
+        "total_uploads, total_file_size, successful_requests, failed_requests) "
+        "SELECT q, k, p, t, sum(n), sum(b), sum(s), sum(f) FROM ("
+        "SELECT usage_hour AS q, api_key_id AS k, provider AS p, file_type AS t, "
+        "total_uploads AS n, total_file_size AS b, successful_requests AS s, "
+        "failed_requests AS f FROM main.hourly_usage "
+        f"UNION ALL SELECT {_quarter('uploaded_at')}, api_key_id, provider, file_type, 1, "
+        "file_size, upload_status = 'success', upload_status <> 'success' "
+        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')} "
+        "UNION ALL SELECT substr(uploaded_at, 1, 13) || ':00:00.000000', api_key_id, provider, "
+        "file_type, -1, -file_size, -(upload_status = 'success'), -(upload_status <> 'success') "
+        f"FROM main.file_uploads WHERE {_LATE.format(at='uploaded_at')}"
+        ") GROUP BY q, k, p, t HAVING sum(n) <> 0"
+    ),
+    "quarter_request_usage": (
+        "INSERT INTO main.quarter_request_usage (usage_quarter, api_key_id, latency_bucket, "
+        "total_requests, error_requests, total_response_us, total_request_bytes, "
+        "total_response_bytes) "
+        "SELECT q, k, lb, sum(n), sum(e), sum(us), sum(qb), sum(rb) FROM ("
+        "SELECT usage_hour AS q, api_key_id AS k, latency_bucket AS lb, total_requests AS n, "
+        "error_requests AS e, total_response_us AS us, total_request_bytes AS qb, "
+        "total_response_bytes AS rb FROM main.hourly_request_usage "
+        f"UNION ALL SELECT {_quarter('requested_at')}, api_key_id, "
+        "um_latency_bucket(response_time_ms), 1, status_code >= 400, "
+        "um_response_us(response_time_ms), request_size, response_size "
+        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')} "
+        "UNION ALL SELECT substr(requested_at, 1, 13) || ':00:00.000000', api_key_id, "
+        "um_latency_bucket(response_time_ms), -1, -(status_code >= 400), "
+        "-um_response_us(response_time_ms), -request_size, -response_size "
+        f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')}"
+        ") GROUP BY q, k, lb HAVING sum(n) <> 0"
+    ),
+}
+
+
+def backfill_quarters(conn: Connection, present: set[str]) -> None:
+    """Fill the quarter-hour rollups that an older database (tables ``present`` before this
+    transaction created the missing ones) lacked, inside ``conn``'s open write transaction."""
+    if "hourly_usage" not in present or not set(_QUARTER_BACKFILL) - present:
+        return
+    _functions(conn)
+    for table, statement in _QUARTER_BACKFILL.items():
+        if table not in present:
+            conn.exec_driver_sql(statement)

@@ -1,0 +1,330 @@
+"""The SQL backends' read for ``GET /consumers``: usage per API key over a range.
+
+Uploads, bytes and failed uploads per key are summed from the upload rollups over the same plan
+as the upload reads (:func:`.plan.plan`: days, hours, quarter hours, raw rows off the grid),
+honouring the provider and type filters; requests and errors per key from the request histogram
+tiers over :func:`.plan.request_plan` (whole UTC months from the monthly tier). On PostgreSQL
+these statements run at the same time.
+
+``last_seen`` — the key's newest upload (inside the filters) or request in the range — is then
+probed per key that has usage, newest first on the raw tables' ``(api_key_id, time)`` indexes:
+one short backward index scan per key and table (PostgreSQL: a subquery per element of the
+keys array; SQLite: a correlated subquery per ``json_each`` row).
+
+**Retention.** Raw rows before ``retention_start`` may be gone while the rollups keep their
+counts. The rule, so that ``last_seen`` never silently means something else: it is the exact
+instant whenever the key's newest activity in the range is at or after ``retention_start``
+(every raw row from there on is kept, so the probe finds it). Otherwise the newest activity lies
+in pruned time, and ``last_seen`` is the start of the UTC quarter hour that holds it, read from
+the quarter-hour rollups (``quarter_usage`` inside the filters, ``quarter_request_usage``): the
+true instant truncated to its quarter hour — never later than it, at most 15 minutes earlier,
+always inside the range. Keys never read as having no activity because their raw rows are gone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    Table,
+    Uuid,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    null,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from .._schema import (
+    UTCDateTime,
+    api_requests,
+    daily_request_usage,
+    daily_usage,
+    file_uploads,
+    hourly_request_usage,
+    hourly_usage,
+    monthly_request_usage,
+    quarter_request_usage,
+    quarter_usage,
+)
+from ._sqlread import _SPLIT_DAYS, _halves, run_reads
+from .base import ConsumerRow, Scope
+from .plan import Piece, _ceil_quarter, _floor_quarter, plan, request_plan
+from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
+
+if TYPE_CHECKING:
+    from .sql import SQLBackend
+
+__all__ = ["consumer_rows"]
+
+UTC = timezone.utc
+_UPLOAD_SOURCES = {
+    "day": (daily_usage, daily_usage.c.usage_date),
+    "hour": (hourly_usage, hourly_usage.c.usage_hour),
+    "quarter": (quarter_usage, quarter_usage.c.usage_quarter),
+}
+_REQUEST_SOURCES = {
+    "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
+    "day": (daily_request_usage, daily_request_usage.c.usage_date),
+    "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
+    "quarter": (quarter_request_usage, quarter_request_usage.c.usage_quarter),
+}
+_DATES = ("month", "day")
+_UPLOAD_SUMS = ("total_uploads", "total_file_size", "failed_requests")
+_REQUEST_SUMS = ("total_requests", "error_requests")
+
+
+def _sum(column: Any) -> Any:
+    return cast(func.sum(cast(column, BigInteger)), BigInteger)
+
+
+@lru_cache(maxsize=64)
+def _upload_statement(grain: str, dialect: str, shape: Shape) -> Statement:
+    """(key, uploads, bytes, failed) over one upload source's pieces in ``{grain}_pieces``."""
+    if grain == "raw":
+        fu = file_uploads
+        j = joined(
+            "raw_pieces", False, dialect, fu, fu.c.uploaded_at,
+            ("api_key_id", "file_size", "upload_status"), filter_clauses(fu, shape, dialect),
+        )  # fmt: skip
+        failed = case((j.c.upload_status == "success", 0), else_=1)
+        cols: list[Any] = [j.c.sign, j.c.sign * j.c.file_size, j.c.sign * failed]
+    else:
+        table, at = _UPLOAD_SOURCES[grain]
+        j = joined(
+            f"{grain}_pieces", grain == "day", dialect, table, at, ("api_key_id", *_UPLOAD_SUMS),
+            filter_clauses(table, shape, dialect), _UPLOAD_SUMS,
+            utc_hour=grain != "day" and not shape.keys,
+        )  # fmt: skip
+        cols = [j.c.sign * j.c[c] for c in _UPLOAD_SUMS]
+    stmt = select(j.c.api_key_id, *map(_sum, cols)).group_by(j.c.api_key_id)
+    return Statement(stmt, dialect)
+
+
+@lru_cache(maxsize=64)
+def _request_statement(grains: tuple[str, ...], dialect: str, shape: Shape) -> Statement:
+    """(key, requests, errors) over the request histogram tiers and raw rows of ``grains``."""
+    selects: list[Select[Any]] = []
+    for grain in grains:
+        if grain == "raw":
+            ar = api_requests
+            j = joined(
+                "raw_pieces", False, dialect, ar, ar.c.requested_at, ("api_key_id", "status_code"),
+                filter_clauses(ar, shape, dialect),
+            )  # fmt: skip
+            errors = case((j.c.status_code >= literal_column("400"), 1), else_=0)
+            cols: list[Any] = [j.c.sign, j.c.sign * errors]
+        else:
+            table, at = _REQUEST_SOURCES[grain]
+            j = joined(
+                f"{grain}_pieces", grain in _DATES, dialect, table, at,
+                ("api_key_id", *_REQUEST_SUMS), filter_clauses(table, shape, dialect),
+                _REQUEST_SUMS, utc_hour=grain not in _DATES and not shape.keys,
+            )  # fmt: skip
+            cols = [j.c.sign * j.c[c] for c in _REQUEST_SUMS]
+        selects.append(
+            select(
+                j.c.api_key_id.label("k"),
+                *(cast(c, BigInteger).label(n) for c, n in zip(cols, ("n", "e"), strict=True)),
+            )
+        )
+    u = (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
+    return Statement(select(u.c.k, _sum(u.c.n), _sum(u.c.e)).group_by(u.c.k), dialect)
+
+
+def _grouped(pieces: Sequence[Piece]) -> dict[str, list[Piece]]:
+    out: dict[str, list[Piece]] = {}
+    for x in pieces:
+        out.setdefault(x.grain, []).append(x)
+    return out
+
+
+def _statements(
+    scope: Scope, start: datetime, end: datetime, dialect: str
+) -> list[tuple[Statement, dict[str, Any]]]:
+    """The request statement first, then one upload statement per source (PostgreSQL: a long
+    daily read as two, for two cores)."""
+    shape, params = scope_params(scope, dialect)
+    request_shape, request_params = scope_params(scope, dialect, uploads=False)
+    by_grain = _grouped(request_plan(start, end))
+    grains = tuple(g for g in (*_REQUEST_SOURCES, "raw") if g in by_grain)
+    out = [(_request_statement(grains, dialect, request_shape), dict(request_params))]
+    for g in grains:
+        out[0][1].update(piece_params(by_grain[g], f"{g}_pieces", g in _DATES, dialect))
+    parts: list[tuple[str, list[Piece]]] = []
+    for grain, pieces in _grouped(plan([start, end])).items():
+        days = sum((x.hi - x.lo).days for x in pieces) if grain == "day" else 0
+        if dialect == "postgresql" and days >= _SPLIT_DAYS:
+            parts.extend((grain, half) for half in _halves(pieces) if half)
+        else:
+            parts.append((grain, pieces))
+    for grain, pieces in parts:
+        out.append(
+            (
+                _upload_statement(grain, dialect, shape),
+                {**params, **piece_params(pieces, f"{grain}_pieces", grain == "day", dialect)},
+            )
+        )
+    return out
+
+
+def consumer_rows(
+    backend: SQLBackend, scope: Scope, start: datetime, end: datetime
+) -> list[ConsumerRow]:
+    """One row per key with an upload (inside the filters) or a request in ``[start, end)``."""
+    if scope.keys is not None and not scope.keys:
+        return []
+    statements = _statements(scope, start, end, backend.name)
+    results = run_reads(backend, statements)
+    acc: dict[UUID | None, list[int]] = {}
+    for key, n, e in results[0]:
+        c = acc.setdefault(key, [0] * 5)
+        c[3] += n
+        c[4] += e
+    for rows in results[1:]:
+        for key, u, b, f in rows:
+            c = acc.setdefault(key, [0] * 5)
+            c[0] += u
+            c[1] += b
+            c[2] += f
+    active = {k: c for k, c in acc.items() if c[0] or c[3]}  # signed pieces may cancel out
+    seen = last_seen(backend, scope, start, end, list(active))
+    return [(k, *c, seen.get(k)) for k, c in active.items()]  # type: ignore[misc]
+
+
+# --- last_seen --------------------------------------------------------------------------------
+
+_PROBE_SOURCES: dict[str, tuple[tuple[Table, str], tuple[Table, str]]] = {
+    "raw": ((file_uploads, "uploaded_at"), (api_requests, "requested_at")),
+    "quarter": ((quarter_usage, "usage_quarter"), (quarter_request_usage, "usage_quarter")),
+}
+
+
+@lru_cache(maxsize=32)
+def _probe_statement(source: str, dialect: str, shape: Shape, null_key: bool) -> Statement:
+    """Per key of parameter ``probe`` (and the rows without a key when ``null_key``): the
+    newest upload time inside the filters and the newest request time in ``[lo, hi)`` of
+    ``source`` (raw rows, or the quarter-hour rollups' quarter starts)."""
+    pg = dialect == "postgresql"
+    if pg:
+        keys: Any = (
+            func.unnest(bindparam("probe", type_=ARRAY(Uuid()))).table_valued("key")
+            .render_derived(name="probe_keys")
+        )  # fmt: skip
+        key = keys.c.key
+    else:
+        keys = func.json_each(bindparam("probe")).table_valued("value")
+        key = keys.c.value
+
+    def newest(table: Table, at_name: str, matching: Any, uploads: bool) -> Any:
+        at = table.c[at_name]
+        where = filter_clauses(table, shape, dialect) if uploads else []
+        if not pg and source == "quarter" and matching is not None:
+            # the SQLite rollup indexes are on ifnull(api_key_id, '')
+            cond = func.ifnull(table.c.api_key_id, literal_column("''")) == matching
+        elif matching is not None:
+            cond = table.c.api_key_id == matching
+        else:
+            cond = table.c.api_key_id.is_(None)
+        return (
+            select(at)
+            .where(
+                cond,
+                at >= bindparam("lo", type_=UTCDateTime()),
+                at < bindparam("hi", type_=UTCDateTime()),
+                *where,
+            )
+            .order_by(at.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    (upload_table, upload_at), (request_table, request_at) = _PROBE_SOURCES[source]
+    selects: list[Select[Any]] = [
+        select(
+            key.label("k"),
+            newest(upload_table, upload_at, key, True).label("u"),
+            newest(request_table, request_at, key, False).label("r"),
+        ).select_from(keys)
+    ]
+    if null_key:
+        selects.append(
+            select(
+                cast(null(), Uuid()).label("k"),
+                newest(upload_table, upload_at, None, True).label("u"),
+                newest(request_table, request_at, None, False).label("r"),
+            )
+        )
+    stmt: Any = selects[0] if len(selects) == 1 else union_all(*selects)
+    return Statement(stmt, dialect)
+
+
+def _probe(
+    backend: SQLBackend,
+    source: str,
+    scope: Scope,
+    keys: Sequence[UUID | None],
+    lo: datetime,
+    hi: datetime,
+) -> dict[UUID | None, datetime]:
+    """The newest activity per key in ``[lo, hi)`` as ``source`` knows it (keys without any
+    are left out)."""
+    dialect = backend.name
+    shape, params = scope_params(Scope(None, scope.providers, scope.file_types), dialect)
+    named = [k for k in keys if k is not None]
+    if dialect == "postgresql":
+        params["probe"] = named
+    else:
+        params["probe"] = json.dumps([k.hex for k in named])
+    params.update(lo=lo, hi=hi)
+    statement = _probe_statement(source, dialect, shape, None in keys)
+    out: dict[UUID | None, datetime] = {}
+    for k, u, r in run_reads(backend, [(statement, params)])[0]:
+        times = [_utc(t) for t in (u, r) if t is not None]
+        if times:
+            # SQLite gives the key as the hex text it was probed with
+            out[k if k is None or isinstance(k, UUID) else UUID(k)] = max(times)
+    return out
+
+
+def _utc(value: datetime) -> datetime:
+    """psycopg returns timestamptz in the session's zone; answers are UTC everywhere."""
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def last_seen(
+    backend: SQLBackend,
+    scope: Scope,
+    start: datetime,
+    end: datetime,
+    keys: Sequence[UUID | None],
+) -> dict[UUID | None, datetime]:
+    """Each key's newest activity in ``[start, end)`` by the rule of this module's docstring."""
+    if not keys:
+        return {}
+    exact = _probe(backend, "raw", scope, keys, start, end)
+    complete_from = backend.retention_start(["file_uploads", "api_requests"])
+    stale = [
+        k
+        for k in keys
+        if k not in exact or (complete_from is not None and exact[k] < complete_from)
+    ]
+    if not stale:
+        return exact
+    q0, q1 = _ceil_quarter(start), _floor_quarter(end)
+    if complete_from is not None:
+        q1 = min(q1, complete_from)
+    if q0 < q1:
+        exact.update(_probe(backend, "quarter", scope, stale, q0, q1))
+    return exact

@@ -1,0 +1,287 @@
+"""The SQL backends' reads for ``GET /requests``: requests by endpoint, and per period.
+
+Both follow the plan of :mod:`.plan`, like the upload reads. Requests by endpoint over one range
+(:func:`endpoint_rows`) read the endpoint rollups by :func:`.plan.request_plan`: whole UTC months
+from ``monthly_endpoint_usage``, days from ``daily_endpoint_usage``, and hours and sub-hour edges
+from ``quarter_endpoint_usage`` (there is no hourly endpoint tier: an hour piece is the same
+``[lo, hi)`` read from the quarter hours). The method, route and status filters are conditions on
+the rollups' own labels.
+
+Requests per period (:func:`request_series`) follow :func:`.plan.series_plan`. Without a filter
+they read the request histogram tiers (``*_request_usage``), folding the fine latency bucket into
+the coarse one in SQL (``(fine + 4) / 5``, what :func:`~usage_middleware._schema.endpoint_bucket`
+computes): a key's day there is one row per fine bucket in use — a hundred or two — where the
+endpoint tiers hold one per endpoint, status code and coarse bucket, thousands for an API of
+thirty routes, and they have an hourly tier besides. Both are exact, so the answer is the same
+either way; with a filter only the endpoint tiers know the labels.
+
+Raw rows are read only for the edges off the quarter-hour grid (historical offsets before 1979)
+and labelled here like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
+:func:`~usage_middleware._schema.endpoint_route`). The per-key-per-day route cap cannot be applied
+to them: which routes a day admitted depends on the order rows were written in, which raw rows do
+not keep. So a request in such an edge keeps its route where the rollups may say ``(other)`` —
+only for keys with more than ``ROUTES_PER_KEY_DAY`` routes on that UTC day.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Select,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    union_all,
+)
+
+from .._schema import (
+    api_requests,
+    daily_endpoint_usage,
+    daily_request_usage,
+    endpoint_bucket,
+    endpoint_method,
+    endpoint_route,
+    hourly_request_usage,
+    monthly_endpoint_usage,
+    monthly_request_usage,
+    quarter_endpoint_usage,
+    quarter_request_usage,
+)
+from ._sqlread import run_reads
+from .base import EndpointRow, RequestFilter, Scope, SeriesRow
+from .plan import Piece, request_plan, series_plan
+from .statements import (
+    FilterShape,
+    Shape,
+    Statement,
+    filter_clauses,
+    filter_params,
+    joined,
+    piece_params,
+    request_clauses,
+    scope_params,
+)
+
+if TYPE_CHECKING:
+    from .sql import SQLBackend
+
+__all__ = ["endpoint_rows", "request_series"]
+
+# tier -> (table, time column); an hour piece is read from the quarter-hour endpoint tier
+_ENDPOINT_SOURCES = {
+    "month": (monthly_endpoint_usage, monthly_endpoint_usage.c.usage_month),
+    "day": (daily_endpoint_usage, daily_endpoint_usage.c.usage_date),
+    "quarter": (quarter_endpoint_usage, quarter_endpoint_usage.c.usage_quarter),
+}
+_ENDPOINT_TIER = {"month": "month", "day": "day", "hour": "quarter", "quarter": "quarter"}
+_HISTOGRAM_SOURCES = {
+    "month": (monthly_request_usage, monthly_request_usage.c.usage_month),
+    "day": (daily_request_usage, daily_request_usage.c.usage_date),
+    "hour": (hourly_request_usage, hourly_request_usage.c.usage_hour),
+    "quarter": (quarter_request_usage, quarter_request_usage.c.usage_quarter),
+}
+_HISTOGRAM_TIER = {"month": "month", "day": "day", "hour": "hour", "quarter": "quarter"}
+_DATES = ("month", "day")  # tiers keyed by a date, not a timestamp
+_LABELS = ("method", "route", "status_code", "latency_bucket")
+_COUNTERS = ("total_requests", "total_response_us", "total_request_bytes", "total_response_bytes")
+_RAW = ("method", "path", "route_matched", "status_code", "response_time_ms", "request_size",
+        "response_size")  # fmt: skip
+
+
+def _utc_indexed(tier: str, shape: Shape) -> bool:
+    """Whether an all-keys read of ``tier`` compares UTC wall-clock times (the expression
+    of the sub-day tiers' time index on PostgreSQL, see :func:`.statements.joined`)."""
+    return tier in ("hour", "quarter") and not shape.keys
+
+
+def _by_tier(pieces: Sequence[Piece], tiers: dict[str, str]) -> dict[str, list[Piece]]:
+    """The pieces per tier that reads them (``raw``: raw rows), in plan order."""
+    out: dict[str, list[Piece]] = {}
+    for x in pieces:
+        out.setdefault(tiers.get(x.grain, "raw"), []).append(x)
+    return out
+
+
+def _signed(j: Any, name: str) -> Any:
+    return cast(j.c.sign * j.c[name], BigInteger).label(name)
+
+
+def _union(selects: list[Select[Any]]) -> Any:
+    return (selects[0] if len(selects) == 1 else union_all(*selects)).subquery("parts")
+
+
+@lru_cache(maxsize=128)
+def _endpoint_statement(
+    tiers: tuple[str, ...], dialect: str, shape: Shape, fshape: FilterShape
+) -> Statement:
+    """``EndpointRow`` columns summed over the endpoint rollups of ``tiers``, each read over
+    its pieces in ``{tier}_pieces``."""
+    selects: list[Select[Any]] = []
+    for tier in tiers:
+        table, at = _ENDPOINT_SOURCES[tier]
+        where = [*filter_clauses(table, shape, dialect), *request_clauses(table, fshape, dialect)]
+        j = joined(
+            f"{tier}_pieces", tier in _DATES, dialect, table, at, (*_LABELS, *_COUNTERS), where,
+            _COUNTERS, utc_hour=_utc_indexed(tier, shape),
+        )  # fmt: skip
+        selects.append(select(*(j.c[n] for n in _LABELS), *(_signed(j, c) for c in _COUNTERS)))
+    u = _union(selects)
+    stmt = select(
+        *(u.c[n] for n in _LABELS), *(cast(func.sum(u.c[c]), BigInteger) for c in _COUNTERS)
+    ).group_by(*(u.c[n] for n in _LABELS))
+    return Statement(stmt, dialect)
+
+
+@lru_cache(maxsize=128)
+def _series_statement(
+    source: str, tiers: tuple[str, ...], dialect: str, shape: Shape, fshape: FilterShape
+) -> Statement:
+    """``SeriesRow`` columns per (period, coarse bucket) over the ``source`` tiers
+    (``histogram``: the request histograms, unfiltered; ``endpoint``: the endpoint rollups)."""
+    selects: list[Select[Any]] = []
+    for tier in tiers:
+        if source == "histogram":
+            table, at = _HISTOGRAM_SOURCES[tier]
+            summed: tuple[str, ...] = ("total_requests", "error_requests", "total_response_us")
+            names: tuple[str, ...] = ("latency_bucket", *summed)
+            where = filter_clauses(table, shape, dialect)
+        else:
+            table, at = _ENDPOINT_SOURCES[tier]
+            summed = ("total_requests", "total_response_us")
+            names = ("status_code", "latency_bucket", *summed)
+            where = [
+                *filter_clauses(table, shape, dialect), *request_clauses(table, fshape, dialect)
+            ]  # fmt: skip
+        j = joined(
+            f"{tier}_pieces", tier in _DATES, dialect, table, at, names, where, summed,
+            utc_hour=_utc_indexed(tier, shape),
+        )  # fmt: skip
+        if source == "histogram":
+            errors: Any = j.c.error_requests
+            # the fine bucket's coarse one, integer division (buckets are never negative)
+            bucket = (j.c.latency_bucket + literal_column("4", Integer)) // literal_column(
+                "5", Integer
+            )
+        else:
+            errors = case((j.c.status_code >= literal_column("400"), j.c.total_requests), else_=0)
+            bucket = j.c.latency_bucket
+        selects.append(
+            select(
+                j.c.p.label("p"),
+                bucket.label("b"),
+                cast(j.c.sign * j.c.total_requests, BigInteger).label("n"),
+                cast(j.c.sign * errors, BigInteger).label("e"),
+                cast(j.c.sign * j.c.total_response_us, BigInteger).label("us"),
+            )
+        )
+    u = _union(selects)
+    stmt = select(
+        u.c.p, u.c.b, *(cast(func.sum(u.c[c]), BigInteger) for c in ("n", "e", "us"))
+    ).group_by(u.c.p, u.c.b)
+    return Statement(stmt, dialect)
+
+
+@lru_cache(maxsize=32)
+def _raw_statement(dialect: str, shape: Shape, fshape: FilterShape) -> Statement:
+    """Raw ``api_requests`` rows over ``raw_pieces`` with their period and sign; the status
+    filter applies here, the labels' filters in Python (after labelling)."""
+    ar = api_requests
+    where = [*filter_clauses(ar, shape, dialect), *request_clauses(ar, fshape, dialect)]
+    j = joined("raw_pieces", False, dialect, ar, ar.c.requested_at, _RAW, where)
+    return Statement(select(j.c.p, j.c.sign, *(j.c[n] for n in _RAW)), dialect)
+
+
+def _statements(
+    backend: SQLBackend,
+    scope: Scope,
+    filters: RequestFilter,
+    pieces: Sequence[Piece],
+    tiers: dict[str, str],
+    rolled: Any,
+) -> tuple[list[tuple[Statement, dict[str, Any]]], bool]:
+    """The rollup statement (``rolled(tiers, dialect, shape, fshape)``) and, when the plan has
+    raw pieces, the raw one after it; and whether there is a raw one."""
+    dialect = backend.name
+    shape, params = scope_params(scope, dialect, uploads=False)
+    fshape, fparams = filter_params(filters)
+    params.update(fparams)
+    by_tier = _by_tier(pieces, tiers)
+    out: list[tuple[Statement, dict[str, Any]]] = []
+    rollups = tuple(t for t in dict.fromkeys(tiers.values()) if t in by_tier)
+    if rollups:
+        p = dict(params)
+        for t in rollups:
+            p.update(piece_params(by_tier[t], f"{t}_pieces", t in _DATES, dialect))
+        out.append((rolled(rollups, dialect, shape, fshape), p))
+    raw = "raw" in by_tier
+    if raw:
+        p = {**params, **piece_params(by_tier["raw"], "raw_pieces", False, dialect)}
+        out.append((_raw_statement(dialect, shape, fshape), p))
+    return out, raw
+
+
+def _labelled(rows: list[Any], filters: RequestFilter) -> list[tuple[Any, ...]]:
+    """Raw rows ``(period, sign, method label, route label, status, ms, in, out)`` inside
+    ``filters``."""
+    out = []
+    for p, sign, method, path, matched, status, ms, size_in, size_out in rows:
+        m, r = endpoint_method(method), endpoint_route(path, bool(matched))
+        if filters.matches(m, r, status):
+            out.append((p, sign, m, r, status, ms, size_in, size_out))
+    return out
+
+
+def endpoint_rows(
+    backend: SQLBackend, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
+) -> list[EndpointRow]:
+    """Requests in ``[start, end)`` by endpoint, status code and coarse latency bucket."""
+    if scope.keys is not None and not scope.keys:
+        return []
+    statements, raw = _statements(
+        backend, scope, filters, request_plan(start, end), _ENDPOINT_TIER, _endpoint_statement
+    )
+    results = run_reads(backend, statements)
+    out: list[EndpointRow] = []
+    for rows in results[: len(results) - raw]:
+        out += [(m, r, s, b, int(n), int(us), int(i), int(o)) for m, r, s, b, n, us, i, o in rows]
+    if raw:
+        out += [
+            (m, r, s, endpoint_bucket(ms), sign, sign * round(ms * 1000), sign * i, sign * o)
+            for _, sign, m, r, s, ms, i, o in _labelled(results[-1], filters)
+        ]
+    return out
+
+
+def request_series(
+    backend: SQLBackend, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+) -> list[SeriesRow]:
+    """Requests per period ``[bounds[i], bounds[i+1])`` and coarse latency bucket."""
+    if scope.keys is not None and not scope.keys:
+        return []
+    if filters.empty:
+        tiers, source = _HISTOGRAM_TIER, "histogram"
+    else:
+        tiers, source = _ENDPOINT_TIER, "endpoint"
+
+    def rolled(rollups: tuple[str, ...], dialect: str, shape: Shape, fs: FilterShape) -> Any:
+        return _series_statement(source, rollups, dialect, shape, fs)
+
+    statements, raw = _statements(backend, scope, filters, series_plan(bounds), tiers, rolled)
+    results = run_reads(backend, statements)
+    out: list[SeriesRow] = []
+    for rows in results[: len(results) - raw]:
+        out += [(p, b, int(n), int(e), int(us)) for p, b, n, e, us in rows]
+    if raw:
+        out += [
+            (p, endpoint_bucket(ms), sign, sign * (s >= 400), sign * round(ms * 1000))
+            for p, sign, _, _, s, ms, _, _ in _labelled(results[-1], filters)
+        ]
+    return out
