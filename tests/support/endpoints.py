@@ -70,10 +70,13 @@ class EndpointReference:
         batch: set[UUID] = set()
         for record in records:
             r = _row(record)
-            identity = (r["id"], r["requested_at"]) if self.by_time else r["id"]
-            if stored or (identity not in self.seen and r["id"] not in batch):
-                self.seen.add(identity)
+            if not stored:  # the store keeps the first record of each id in a batch
+                if r["id"] in batch:
+                    continue
                 batch.add(r["id"])
+            identity = (r["id"], r["requested_at"]) if self.by_time else r["id"]
+            if stored or identity not in self.seen:
+                self.seen.add(identity)
                 fresh.append(r)
         wanted: dict[tuple[UUID | None, date], set[str]] = defaultdict(set)
         for r in fresh:
