@@ -29,14 +29,9 @@ from usage_middleware import (
     UsageStore,
 )
 from usage_middleware._queries import granular
-from usage_middleware._storage.clickhouse import (
-    REQUEST_COLUMNS,
-    UPLOAD_COLUMNS,
-    ClickHouseBackend,
-    _request_row,
-    _upload_row,
-    schema_statements,
-)
+from usage_middleware._schema import endpoint_route
+from usage_middleware._storage.chwrite import REQUEST_KINDS, UPLOAD_KINDS, request_data, upload_data
+from usage_middleware._storage.clickhouse import ClickHouseBackend, schema_statements
 from usage_middleware._timerange import QuerySpec
 
 pytest.importorskip("chdb")
@@ -116,9 +111,10 @@ def race(store: UsageStore, batch: list[Any]) -> None:
     client = backend(store).client
     tag = uuid.uuid4().hex
     if ups:
-        client.insert("file_uploads", UPLOAD_COLUMNS, [_upload_row(u) for u in ups], tag)
+        client.insert("file_uploads", UPLOAD_KINDS, upload_data(ups), tag)
     if reqs:
-        client.insert("api_requests", REQUEST_COLUMNS, [_request_row(r) for r in reqs], tag)
+        labels = [endpoint_route(r.path, r.route_matched) for r in reqs]
+        client.insert("api_requests", REQUEST_KINDS, request_data(reqs, labels), tag)
 
 
 def drop_raw_before(store: UsageStore, cutoff: datetime) -> None:
@@ -338,9 +334,9 @@ def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
         version = args.split("'{replica}'")[1].strip(", ")
         client.command(f"{head}ENGINE = {engine}({version}){tail}")
     tables = {r[0] for r in client.query("SELECT name FROM system.tables WHERE database='usage'")}
-    assert tables == {"file_uploads_local", "api_requests_local", "upload_quarters_local",
-                      "upload_days_local", "request_days_local",
-                      "request_quarters_local", "usage_seals"}  # fmt: skip
+    assert tables == {"file_uploads_local", "api_requests_local", "upload_rollup_local",
+                      "request_rollup_local", "endpoint_rollup_local", "endpoint_routes_local",
+                      "rollup_seals"}  # fmt: skip
 
 
 def test_cluster_is_refused_where_it_does_not_apply(ch: UsageStore, tmp_path: Any) -> None:
@@ -376,15 +372,9 @@ def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
         UsageStore("clickhouse://localhost/db")
 
 
-@pytest.mark.parametrize("max_runs", [0, 16])
-def test_fragmented_seals_read_the_same(
-    ch: UsageStore, monkeypatch: pytest.MonkeyPatch, max_runs: int
-) -> None:
-    """Days re-sealed one by one (many runs of seal versions) answer alike whether the read
-    tests versions by run or per day."""
-    from usage_middleware._storage import clickhouse
-
-    monkeypatch.setattr(clickhouse, "_MAX_SEAL_RUNS", max_runs)
+def test_days_resealed_one_by_one_read_the_same(ch: UsageStore) -> None:
+    """Every other day re-sealed under a newer version: each day is read from its own newest
+    seal."""
     key = uuid.uuid4()
     start = datetime(DAY0.year, DAY0.month, DAY0.day, 7, 45, tzinfo=UTC)
     first = [UploadRecord(api_key_id=key, file_size=d, uploaded_at=start + timedelta(days=d))

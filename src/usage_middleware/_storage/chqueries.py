@@ -1,0 +1,251 @@
+"""The ClickHouse backend's aggregate reads, one statement each (see :mod:`.chread`).
+
+Each takes the seals of its range and a ``run`` callable (the backend's timed, error-mapping
+query) and returns the rows the :class:`.base.Reader` protocol promises. Raw measures are cast
+to ``Int64`` so they add to the signed rollup sums.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from .base import ConsumerRow, EndpointRow, Histogram, RequestFilter, Scope, SeriesRow, UploadRow
+from .chread import (
+    METHOD_LABEL,
+    PERIOD_OF_Q,
+    build,
+    keys_condition,
+    raw_period,
+    request_filters,
+    upload_filters,
+)
+from .chseal import EPOCH, Seals
+
+__all__ = [
+    "consumer_rows",
+    "endpoint_rows",
+    "mismatch_rows",
+    "request_histogram",
+    "request_series",
+    "upload_rows",
+]
+
+Run = Callable[[str, dict[str, Any]], list[tuple[Any, ...]]]
+
+
+def _union(rollup: str, raw: str) -> str:
+    return f"{rollup}\n    UNION ALL{raw}" if rollup else raw
+
+
+def upload_rows(
+    run: Run, seals: Seals, scope: Scope, bounds: Sequence[datetime], settings: str
+) -> list[UploadRow]:
+    """Marginal rows (GROUPING SETS): per period, per provider and per file type."""
+    params: dict[str, Any] = {}
+    where = keys_condition(scope, params) + upload_filters(scope, params)
+    read = build(
+        "upload_rollup",
+        "provider, file_type, uploads * sign AS u, bytes * sign AS b, "
+        "successful * sign AS s, failed * sign AS f",
+        where, "uploaded_at", seals, bounds,
+    )  # fmt: skip
+    params.update(read.params)
+    q = raw_period("uploaded_at", bounds, params)
+    raw = f"""
+    SELECT {PERIOD_OF_Q} AS period, 1 AS sign, provider, file_type, u, b, s, f
+    FROM (
+        SELECT {q} AS q, provider, file_type, toInt64(count()) AS u,
+               toInt64(sum(file_size)) AS b, toInt64(countIf(upload_status = 'success')) AS s,
+               toInt64(countIf(upload_status = 'failed')) AS f
+        FROM file_uploads FINAL
+        WHERE {where} AND {read.raw_where}
+        GROUP BY q, provider, file_type
+    )"""
+    sql = f"""
+SELECT period, provider, file_type, sum(u), sum(b), sum(s), sum(f)
+FROM ({_union(read.rollup, raw)})
+GROUP BY GROUPING SETS ((period), (provider), (file_type))
+SETTINGS group_by_use_nulls = 1, {settings}"""
+    return [
+        (None if p is None else int(p), provider, file_type, int(u), int(b), int(s), int(f))
+        for p, provider, file_type, u, b, s, f in run(sql, params)
+    ]
+
+
+def request_histogram(
+    run: Run, seals: Seals, scope: Scope, start: datetime, end: datetime, settings: str
+) -> Histogram:
+    params: dict[str, Any] = {}
+    where = keys_condition(scope, params)
+    read = build(
+        "request_rollup",
+        "bucket, requests * sign AS n, errors * sign AS e, response_us * sign AS us",
+        where, "requested_at", seals, [start, end],
+    )  # fmt: skip
+    params.update(read.params)
+    raw = f"""
+    SELECT 0 AS period, 1 AS sign, latency_bucket AS bucket, toInt64(count()) AS n,
+           toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
+    FROM api_requests FINAL
+    WHERE {where} AND {read.raw_where}
+    GROUP BY latency_bucket"""
+    sql = f"""
+SELECT bucket, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+GROUP BY bucket SETTINGS {settings}"""
+    out = Histogram()
+    for bucket, n, e, us in run(sql, params):
+        out.add(int(bucket), int(n), int(e), int(us))
+    return out
+
+
+def mismatch_rows(
+    run: Run, seals: Seals, scope: Scope, start: datetime, end: datetime, settings: str
+) -> list[tuple[str, str, int]]:
+    params: dict[str, Any] = {}
+    where = keys_condition(scope, params) + upload_filters(scope, params)
+    read = build(
+        "upload_rollup", "file_type, declared_type AS declared, uploads * sign AS n",
+        where + " AND declared_type != ''", "uploaded_at", seals, [start, end],
+    )  # fmt: skip
+    params.update(read.params)
+    raw = f"""
+    SELECT 0 AS period, 1 AS sign, file_type, assumeNotNull(declared_type) AS declared,
+           toInt64(count()) AS n
+    FROM file_uploads FINAL
+    WHERE {where} AND declared_type IS NOT NULL AND declared_type != file_type
+      AND {read.raw_where}
+    GROUP BY file_type, declared"""
+    sql = f"""
+SELECT file_type, declared, sum(n) FROM ({_union(read.rollup, raw)})
+GROUP BY file_type, declared SETTINGS {settings}"""
+    return [(str(t), str(d), int(n)) for t, d, n in run(sql, params)]
+
+
+def endpoint_rows(
+    run: Run,
+    seals: Seals,
+    scope: Scope,
+    start: datetime,
+    end: datetime,
+    filters: RequestFilter,
+    settings: str,
+) -> list[EndpointRow]:
+    params: dict[str, Any] = {}
+    keys = keys_condition(scope, params)
+    read = build(
+        "endpoint_rollup",
+        "method AS m, route AS r, status_code AS sc, bucket AS cb, requests * sign AS n, "
+        "response_us * sign AS us, request_bytes * sign AS qb, response_bytes * sign AS pb",
+        keys + request_filters(filters, params, "method", "route"), "requested_at", seals,
+        [start, end],
+    )  # fmt: skip
+    params.update(read.params)
+    raw = f"""
+    SELECT 0 AS period, 1 AS sign, {METHOD_LABEL} AS m, route_label AS r, status_code AS sc,
+           intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
+           toInt64(sum(response_us)) AS us, toInt64(sum(request_size)) AS qb,
+           toInt64(sum(response_size)) AS pb
+    FROM api_requests FINAL
+    WHERE {keys}{request_filters(filters, params, METHOD_LABEL, "route_label")}
+      AND {read.raw_where}
+    GROUP BY m, r, sc, cb"""
+    sql = f"""
+SELECT m, r, sc, cb, sum(n), sum(us), sum(qb), sum(pb) FROM ({_union(read.rollup, raw)})
+GROUP BY m, r, sc, cb SETTINGS {settings}"""
+    return [
+        (str(m), str(r), int(sc), int(cb), int(n), int(us), int(qb), int(pb))
+        for m, r, sc, cb, n, us, qb, pb in run(sql, params)
+    ]
+
+
+def request_series(
+    run: Run,
+    seals: Seals,
+    scope: Scope,
+    bounds: Sequence[datetime],
+    filters: RequestFilter,
+    settings: str,
+) -> list[SeriesRow]:
+    params: dict[str, Any] = {}
+    keys = keys_condition(scope, params)
+    read = build(
+        "endpoint_rollup",
+        "bucket AS cb, requests * sign AS n, if(status_code >= 400, requests, 0) * sign AS e, "
+        "response_us * sign AS us",
+        keys + request_filters(filters, params, "method", "route"), "requested_at", seals,
+        bounds,
+    )  # fmt: skip
+    params.update(read.params)
+    q = raw_period("requested_at", bounds, params)
+    raw = f"""
+    SELECT {PERIOD_OF_Q} AS period, 1 AS sign, cb, n, e, us
+    FROM (
+        SELECT {q} AS q, intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
+               toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
+        FROM api_requests FINAL
+        WHERE {keys}{request_filters(filters, params, METHOD_LABEL, "route_label")}
+          AND {read.raw_where}
+        GROUP BY q, cb
+    )"""
+    sql = f"""
+SELECT period, cb, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+GROUP BY period, cb SETTINGS {settings}"""
+    return [
+        (int(p), int(cb), int(n), int(e), int(us)) for p, cb, n, e, us in run(sql, params)
+    ]
+
+
+def consumer_rows(
+    run: Run, seals: Seals, scope: Scope, start: datetime, end: datetime, settings: str
+) -> list[ConsumerRow]:
+    """Uploads and requests per key; rollups are read without subtraction (a newest time does
+    not subtract), so both builds plan the same cover and share its parameters."""
+    params: dict[str, Any] = {}
+    keys = keys_condition(scope, params)
+    filters = upload_filters(scope, params)
+    bounds = [start, end]
+    ups = build(
+        "upload_rollup",
+        "api_key_id AS kid, has_key AS hk, toInt64(uploads) AS u, toInt64(bytes) AS b, "
+        "toInt64(failed) AS fl, toInt64(0) AS n, toInt64(0) AS e, "
+        "toUnixTimestamp64Micro(last_at) AS l",
+        keys + filters, "uploaded_at", seals, bounds, subtract=False,
+    )  # fmt: skip
+    reqs = build(
+        "request_rollup",
+        "api_key_id AS kid, has_key AS hk, toInt64(0) AS u, toInt64(0) AS b, toInt64(0) AS fl, "
+        "toInt64(requests) AS n, toInt64(errors) AS e, toUnixTimestamp64Micro(last_at) AS l",
+        keys, "requested_at", seals, bounds, subtract=False,
+    )  # fmt: skip
+    params.update(ups.params)
+    params.update(reqs.params)
+    raw_ups = f"""
+    SELECT 0 AS period, 1 AS sign, api_key_id AS kid, has_key AS hk, toInt64(count()) AS u,
+           toInt64(sum(file_size)) AS b, toInt64(countIf(upload_status = 'failed')) AS fl,
+           toInt64(0) AS n, toInt64(0) AS e, max(toUnixTimestamp64Micro(uploaded_at)) AS l
+    FROM file_uploads FINAL
+    WHERE {keys}{filters} AND {ups.raw_where}
+    GROUP BY api_key_id, has_key"""
+    raw_reqs = f"""
+    SELECT 0 AS period, 1 AS sign, api_key_id AS kid, has_key AS hk, toInt64(0) AS u,
+           toInt64(0) AS b, toInt64(0) AS fl, toInt64(count()) AS n,
+           toInt64(countIf(status_code >= 400)) AS e,
+           max(toUnixTimestamp64Micro(requested_at)) AS l
+    FROM api_requests FINAL
+    WHERE {keys} AND {reqs.raw_where}
+    GROUP BY api_key_id, has_key"""
+    union = _union(_union(ups.rollup, raw_ups), _union(reqs.rollup, raw_reqs))
+    sql = f"""
+SELECT toString(kid), hk, sum(u), sum(b), sum(fl), sum(n), sum(e), max(l)
+FROM ({union})
+GROUP BY kid, hk SETTINGS {settings}"""
+    return [
+        (
+            uuid.UUID(k) if hk else None, int(u), int(b), int(fl), int(n), int(e),
+            EPOCH + timedelta(microseconds=int(last)),
+        )
+        for k, hk, u, b, fl, n, e, last in run(sql, params)
+    ]  # fmt: skip

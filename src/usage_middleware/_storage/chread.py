@@ -1,0 +1,212 @@
+"""The ClickHouse read statements: sealed rollups plus the raw rows no seal holds, in one pass.
+
+Every read is one statement, a ``UNION ALL`` of two sources that count each id exactly once:
+
+* **Rollup rows of sealed days**, picked by a plan (:func:`.plan.plan`): a UTC day inside one
+  period is its day row; a day a period bound cuts is its hour and quarter-hour rows, or its day
+  row minus the short side (a New York week boundary at 05:00 UTC costs five hour rows, not
+  twenty-four). Each row's ``(period, sign)`` comes from a lookup of ``(grain, start)`` in the
+  plan's pieces, and only rows of the version the day's seal names are read.
+* **Raw rows no seal holds** — on unsealed days, or first inserted after their day's seal's
+  watermark — read with ``FINAL`` (each id once, its earliest copy deciding whether it is
+  late), summed per quarter hour and mapped to periods by the bounds.
+
+Answers are shaped in Python by the engine-neutral read path, so a backend only sums. Bounds off
+the quarter-hour grid (historical local mean time) are read from raw rows alone.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from .base import RequestFilter, Scope
+from .chschema import METHOD_LABEL
+from .chseal import EPOCH, Seals, micros
+from .plan import Piece, plan
+
+__all__ = [
+    "FINAL_SETTINGS",
+    "METHOD_LABEL",
+    "PERIOD_OF_Q",
+    "Read",
+    "aligned",
+    "build",
+    "cover",
+    "keys_condition",
+    "raw_period",
+    "request_filters",
+    "upload_filters",
+]
+
+_GRAIN = {"quarter": 1, "hour": 2, "day": 3}
+_STEP = {"quarter": 900, "hour": 3600, "day": 86400}
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+FINAL_SETTINGS = "use_skip_indexes_if_final = 1, use_skip_indexes_if_final_exact_mode = 1"
+
+
+def aligned(t: datetime) -> bool:
+    return t.second == 0 and t.microsecond == 0 and t.minute % 15 == 0
+
+
+def _ceil(t: datetime, step: timedelta) -> datetime:
+    rest = (t - EPOCH) % step
+    return t + (step - rest) if rest else t
+
+
+def _floor(t: datetime, step: timedelta) -> datetime:
+    return t - (t - EPOCH) % step
+
+
+def cover(start: datetime, end: datetime) -> list[Piece]:
+    """``[start, end)`` (quarter-aligned) as whole days, whole hours and quarter hours, all
+    added to period 0: the plan for reads that cannot subtract (a newest time is no sum)."""
+    out: list[Piece] = []
+
+    def edge(lo: datetime, hi: datetime) -> None:
+        h0, h1 = _ceil(lo, _HOUR), _floor(hi, _HOUR)
+        if h0 >= h1:
+            out.append(Piece("quarter", lo, hi, 0, 1))
+            return
+        parts = (("quarter", lo, h0), ("hour", h0, h1), ("quarter", h1, hi))
+        out.extend(Piece(g, a, b, 0, 1) for g, a, b in parts if a < b)
+
+    d0, d1 = _ceil(start, _DAY), _floor(end, _DAY)
+    if d0 >= d1:
+        edge(start, end)
+        return out
+    if start < d0:
+        edge(start, d0)
+    out.append(Piece("day", d0, d1, 0, 1))
+    if d1 < end:
+        edge(d1, end)
+    return out
+
+
+def keys_condition(scope: Scope, params: dict[str, Any]) -> str:
+    if scope.keys is None:
+        return "1"
+    params["keys"] = list(scope.keys)
+    return "api_key_id IN {keys:Array(UUID)} AND has_key"
+
+
+def upload_filters(scope: Scope, params: dict[str, Any]) -> str:
+    """Provider and exact or family type filters (the same columns in raw and rollup rows)."""
+    out = ""
+    if scope.providers:
+        out += " AND provider IN {providers:Array(String)}"
+        params["providers"] = list(scope.providers)
+    if scope.file_types:
+        out += (
+            " AND (file_type IN {exact_types:Array(String)}"
+            " OR arrayExists(p -> startsWith(file_type, p), {type_prefixes:Array(String)}))"
+        )
+        params["exact_types"] = [f for f in scope.file_types if not f.endswith("/*")]
+        params["type_prefixes"] = [f[:-1] for f in scope.file_types if f.endswith("/*")]
+    return out
+
+
+def request_filters(
+    filters: RequestFilter, params: dict[str, Any], method: str, route: str
+) -> str:
+    """Method and route label and status filters; ``method`` and ``route`` are the labels'
+    expressions (columns of the endpoint rollup; computed from raw rows)."""
+    out = ""
+    if filters.methods:
+        out += f" AND {method} IN {{methods:Array(String)}}"
+        params["methods"] = list(filters.methods)
+    if filters.routes:
+        out += f" AND {route} IN {{routes:Array(String)}}"
+        params["routes"] = list(filters.routes)
+    if filters.statuses:
+        tests = [f"status_code BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in filters.statuses]
+        out += " AND (" + " OR ".join(tests) + ")"
+    return out
+
+
+class Read(NamedTuple):
+    """The two sources of one read: rollup rows with their ``period`` and ``sign`` columns, and
+    the raw rows' condition."""
+
+    rollup: str  # SQL of the mapped rollup rows ('' when no sealed day is read)
+    raw_where: str  # the raw part's condition on time and insertion
+    params: dict[str, Any]
+
+
+def build(
+    table: str,
+    columns: str,
+    where: str,
+    raw_time: str,
+    seals: Seals,
+    bounds: Sequence[datetime],
+    *,
+    subtract: bool = True,
+) -> Read:
+    """Plan a read of ``table`` (a rollup) over periods ``bounds`` and the raw rows beside it.
+
+    ``columns`` are the rollup columns to pass on (they may use ``sign``), ``where`` the rollup's
+    key and filter conditions. With ``subtract`` False the rollup rows are a plain cover (every
+    sign 1) for reads of a newest time."""
+    start, end = bounds[0], bounds[-1]
+    params: dict[str, Any] = {"start": micros(start), "end": micros(end), **seals.params()}
+    raw_where = (
+        f"{raw_time} >= fromUnixTimestamp64Micro({{start:Int64}}, 'UTC') "
+        f"AND {raw_time} < fromUnixTimestamp64Micro({{end:Int64}}, 'UTC') "
+        f"AND {seals.tail(raw_time, start, end)} "
+        f"AND toUnixTimestamp64Micro(inserted_at) > transform(toDate({raw_time}), "
+        "{seal_days:Array(Date)}, {seal_watermarks:Array(Int64)}, toInt64(0))"
+    )
+    plus: dict[int, int] = {}
+    minus: dict[int, int] = {}
+    starts: dict[int, set[int]] = {g: set() for g in _GRAIN.values()}
+    for lo, hi in seals.spans(start, end):
+        first = bisect_right(bounds, lo) - 1
+        clipped = [lo, *(b for b in bounds if lo < b < hi), hi]
+        pieces = plan(clipped) if subtract else cover(lo, hi)
+        for p in pieces:
+            g, step = _GRAIN[p.grain], _STEP[p.grain]
+            target = plus if p.sign > 0 else minus
+            for s in range(micros(p.lo) // 1_000_000, micros(p.hi) // 1_000_000, step):
+                target[s * 4 + g] = first + p.period
+                starts[g].add(s)
+    if not plus:
+        return Read("", raw_where, params)
+    sets = []
+    for grain, g in _GRAIN.items():
+        if starts[g]:
+            params[f"{grain}_starts"] = sorted(starts[g])
+            starts_in = f"toUnixTimestamp(t) IN {{{grain}_starts:Array(UInt32)}}"
+            sets.append(f"(grain = '{grain}' AND {starts_in})")
+    params["plus_k"], params["plus_p"] = list(plus), list(plus.values())
+    lookup = "(transform(k, {{{0}_k:Array(UInt64)}}, {{{0}_p:Array(Int32)}}, -1), toInt8({1}))"
+    lookups = [lookup.format("plus", 1)]
+    if minus:
+        params["minus_k"], params["minus_p"] = list(minus), list(minus.values())
+        lookups.append(lookup.format("minus", -1))
+    rollup = f"""
+    SELECT ps.1 AS period, ps.2 AS sign, {columns}
+    FROM (
+        SELECT *, toUInt64(toUnixTimestamp(t)) * 4 + CAST(grain, 'UInt8') AS k
+        FROM {table}
+        WHERE {where} AND ({" OR ".join(sets)})
+          AND toUnixTimestamp64Micro(version) = transform(day, {{seal_days:Array(Date)}},
+              {{seal_versions:Array(Int64)}}, toInt64(0))
+    )
+    ARRAY JOIN arrayFilter(x -> x.1 >= 0, [{", ".join(lookups)}]) AS ps"""
+    return Read(rollup, raw_where, params)
+
+
+def raw_period(raw_time: str, bounds: Sequence[datetime], params: dict[str, Any]) -> str:
+    """The period of a raw row: its quarter hour (its exact time off the grid) among ``bounds``.
+    Raw parts group by this bucket ``q`` first and map the buckets, not the rows."""
+    params["bounds"] = [micros(b) for b in bounds]
+    if all(aligned(b) for b in bounds):
+        return f"toUnixTimestamp(toStartOfFifteenMinutes({raw_time})) * 1000000"
+    return f"toUnixTimestamp64Micro({raw_time})"
+
+
+PERIOD_OF_Q = "arrayCount(x -> x <= q, {bounds:Array(Int64)}) - 1"
