@@ -205,7 +205,9 @@ def raw_period(raw_time: str, bounds: Sequence[datetime], params: dict[str, Any]
     Raw parts group by this bucket ``q`` first and map the buckets, not the rows."""
     params["bounds"] = [micros(b) for b in bounds]
     if all(aligned(b) for b in bounds):
-        return f"toUnixTimestamp(toStartOfFifteenMinutes({raw_time})) * 1000000"
+        # integer arithmetic: toStartOfFifteenMinutes and toUnixTimestamp cannot go before 1970
+        micro = f"toUnixTimestamp64Micro({raw_time})"
+        return f"({micro} - positiveModulo({micro}, 900000000))"
     return f"toUnixTimestamp64Micro({raw_time})"
 
 
