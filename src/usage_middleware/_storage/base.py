@@ -174,10 +174,11 @@ class Histogram:
         self.response_us += response_us
 
 
-# The columns an export carries, in order: the raw table's own (the time column last).
+# The columns an export carries, in order: the raw table's own with the time column last (the
+# keyset orders by it). ``route_matched`` is left out: ``path`` already shows the raw path.
 EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
     "uploads": tuple(file_uploads.c.keys()),
-    "requests": tuple(api_requests.c.keys()),
+    "requests": tuple(c.name for c in api_requests.c if c.name != "route_matched"),
 }
 
 
