@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -101,6 +101,14 @@ def _install(conn: psycopg.Connection, pg_url: str) -> None:
             + [
                 RequestRecord(api_key_id=ALICE_KEY, requested_at=at),
                 RequestRecord(api_key_id=BOB_KEY, requested_at=at),
+            ]
+        )
+        # those requests sealed into the rollups; two more only raw, as live ones are
+        store.seal(at + timedelta(hours=1))
+        store.write(
+            [
+                RequestRecord(api_key_id=ALICE_KEY, requested_at=at + timedelta(hours=2)),
+                RequestRecord(api_key_id=BOB_KEY, requested_at=at + timedelta(hours=2)),
             ]
         )
     finally:

@@ -1,7 +1,9 @@
 """The PostgreSQL write path: binary COPY into a staging table, then one statement per table.
 
-Per batch and table, the rows are COPYed (binary) into a session-local temporary table that
-empties itself at commit, and a single statement does the rest inside the server::
+Requests have a plan of their own (:mod:`usage_middleware._pgrequests`): live ones are raw rows
+only, their rollups sealed every quarter hour. For uploads, per batch the rows are COPYed
+(binary) into a session-local temporary table that empties itself at commit, and a single
+statement does the rest inside the server::
 
     WITH new AS (INSERT INTO file_uploads SELECT .. FROM staging ORDER BY id
                  ON CONFLICT DO NOTHING RETURNING ..),
@@ -30,20 +32,13 @@ in Python and staged as extra columns; UTC day, hour and quarter hour are comput
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
+from ._pgrequests import QUARTER, write_requests
 from ._records import RequestRecord, UploadRecord
-from ._schema import (
-    ENDPOINT_BUCKET_WIDTH,
-    OTHER_METHOD,
-    OTHER_ROUTE,
-    ROUTES_PER_KEY_DAY,
-    STANDARD_METHODS,
-    UNMATCHED_ROUTE,
-    latency_bucket,
-)
 
 __all__ = ["pg_write"]
 
@@ -62,28 +57,6 @@ _UPLOAD_COLUMNS = (
 )
 _UPLOAD_TYPES = (
     "uuid", "uuid", "uuid", "text", "text", "text", "int8", "text", "text", "text", "timestamptz",
-)  # fmt: skip
-
-_REQUEST_COLUMNS = (
-    "id",
-    "api_key_id",
-    "method",
-    "path",
-    "status_code",
-    "response_time_ms",
-    "request_size",
-    "response_size",
-    "error_message",
-    "requested_at",
-    "route_matched",
-)
-# Staged after the columns: values that must agree bit for bit with the Python reference.
-_REQUEST_EXTRA = (
-    "latency_bucket", "response_us", "endpoint_method", "endpoint_route", "endpoint_bucket",
-)  # fmt: skip
-_REQUEST_TYPES = (
-    "uuid", "uuid", "text", "text", "int4", "float8", "int8", "int8", "text", "timestamptz",
-    "bool", "int2", "int8", "text", "text", "int2",
 )  # fmt: skip
 
 # The server's half of the write bound, set for this transaction only (so it holds behind a
@@ -130,10 +103,6 @@ _UPLOAD_SET = """
 """
 _UPLOAD_COUNTER_NAMES = "total_uploads, total_file_size, successful_requests, failed_requests"
 
-# The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
-# monthly rollups are sums of those groups, so the raw rows are aggregated only once.
-_QUARTER = "date_bin('15 minutes', utc_at, TIMESTAMP '2000-01-01') AS q"
-
 _INSERT_UPLOADS = f"""
 WITH new AS (
     INSERT INTO public.file_uploads ({", ".join(_UPLOAD_COLUMNS)})
@@ -143,7 +112,7 @@ WITH new AS (
     RETURNING api_key_id, provider, file_type, declared_type, file_size, upload_status,
               (uploaded_at AT TIME ZONE 'UTC') AS utc_at
 ), grouped AS (
-    SELECT api_key_id, {_QUARTER}, provider, file_type, {_UPLOAD_COUNTERS}
+    SELECT api_key_id, {QUARTER}, provider, file_type, {_UPLOAD_COUNTERS}
       FROM new
      GROUP BY 1, 2, 3, 4
 ), quarter AS (
@@ -176,7 +145,7 @@ WITH new AS (
 ), mismatch AS (
     INSERT INTO public.quarter_mismatch_usage AS t
         (api_key_id, usage_quarter, provider, file_type, declared_type, total_uploads)
-    SELECT api_key_id, {_QUARTER.removesuffix(" AS q")} AT TIME ZONE 'UTC', provider, file_type,
+    SELECT api_key_id, {QUARTER.removesuffix(" AS q")} AT TIME ZONE 'UTC', provider, file_type,
            declared_type, count(*)
       FROM new
      WHERE declared_type IS NOT NULL AND declared_type <> file_type
@@ -190,208 +159,20 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*
        (SELECT count(*) FROM quarter), (SELECT count(*) FROM mismatch)
 """
 
-_REQUEST_COUNTERS = """
-    count(*)::bigint AS total_requests,
-    count(*) FILTER (WHERE status_code >= 400)::bigint AS error_requests,
-    sum(response_us)::bigint AS total_response_us,
-    sum(request_size)::bigint AS total_request_bytes,
-    sum(response_size)::bigint AS total_response_bytes
-"""
-_REQUEST_SUMS = """
-    sum(total_requests)::bigint, sum(error_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_REQUEST_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    error_requests = t.error_requests + EXCLUDED.error_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
-_REQUEST_COUNTER_NAMES = (
-    "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
-)
-
-# The endpoint rollups' labels: method and route staged as computed in Python, the route then
-# capped per key and UTC day. held: the named routes the batch's key-days have (as of this
-# statement's snapshot); the batch's other named routes are admitted in route order into the
-# room left (ROUTES_PER_KEY_DAY minus held). Under READ COMMITTED a concurrent writer may have
-# inserted one of them since the snapshot: the upsert then waits for it and, DO UPDATE being
-# what it is, returns the row anyway, so a route is named exactly when endpoint_routes holds it.
-# Two writers that both saw room may together pass the cap by what their batches admitted.
-# The NULL key joins as a hashable equality: (key IS NULL, coalesce(key, nil UUID)).
-_NIL = "'00000000-0000-0000-0000-000000000000'::uuid"
-_SAME_KEY = (
-    "({a}.api_key_id IS NULL) = ({b}.api_key_id IS NULL) "
-    f"AND coalesce({{a}}.api_key_id, {_NIL}) = coalesce({{b}}.api_key_id, {_NIL})"
-)
-_ENDPOINT_COUNTER_NAMES = (
-    "total_requests, total_response_us, total_request_bytes, total_response_bytes"
-)
-_ENDPOINT_SUMS = """
-    sum(total_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_ENDPOINT_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
-
-
-def _endpoint_tier(name: str, table: str, column: str, when: str) -> str:
-    return f"""{name} AS (
-    INSERT INTO public.{table} AS t
-        (api_key_id, {column}, method, route, status_code, latency_bucket,
-         {_ENDPOINT_COUNTER_NAMES})
-    SELECT api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}
-      FROM labelled
-     GROUP BY 1, 2, 3, 4, 5, 6
-     ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_ENDPOINT_SET}
-    RETURNING 1
-)"""
-
-
-# Coarsest first, as the request tiers.
-_ENDPOINT_TIERS = ",\n".join(
-    (
-        _endpoint_tier(
-            "emonthly", "monthly_endpoint_usage", "usage_month", "date_trunc('month', q)::date"
-        ),
-        _endpoint_tier("edaily", "daily_endpoint_usage", "usage_date", "q::date"),
-        _endpoint_tier(
-            "equarter", "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'"
-        ),
-    )
-)
-
-_INSERT_REQUESTS = f"""
-WITH new AS (
-    INSERT INTO public.api_requests ({", ".join(_REQUEST_COLUMNS)})
-    SELECT {", ".join(_REQUEST_COLUMNS)} FROM pg_temp.um_stage_requests AS s
-    ORDER BY s.id
-    ON CONFLICT DO NOTHING
-    RETURNING id, api_key_id, status_code, request_size, response_size,
-              (requested_at AT TIME ZONE 'UTC') AS utc_at
-), staged AS (
-    SELECT n.api_key_id, {_QUARTER.replace("utc_at", "n.utc_at")}, n.status_code,
-           n.request_size, n.response_size, s.latency_bucket, s.response_us, s.endpoint_method,
-           s.endpoint_route, s.endpoint_bucket
-      FROM new AS n
-      JOIN pg_temp.um_stage_requests AS s USING (id)
-), grouped AS (
-    SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
-      FROM staged
-     GROUP BY 1, 2, 3
-), quarter AS (
-    INSERT INTO public.quarter_request_usage AS t
-        (api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}
-      FROM grouped
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), hourly AS (
-    INSERT INTO public.hourly_request_usage AS t
-        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('hour', q) AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), daily AS (
-    INSERT INTO public.daily_request_usage AS t
-        (api_key_id, usage_date, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, q::date, latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), monthly AS (
-    INSERT INTO public.monthly_request_usage AS t
-        (api_key_id, usage_month, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('month', q)::date, latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), endpoints AS (
-    SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
-           status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
-           count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
-           sum(request_size)::bigint AS total_request_bytes,
-           sum(response_size)::bigint AS total_response_bytes
-      FROM staged
-     GROUP BY 1, 2, 3, 4, 5, 6
-), wanted AS (
-    SELECT DISTINCT api_key_id, q::date AS d, route
-      FROM endpoints
-     WHERE route <> '{UNMATCHED_ROUTE}'
-), days AS (
-    SELECT DISTINCT api_key_id, d FROM wanted
-), held AS (
-    SELECT e.api_key_id, e.usage_date AS d, e.route
-      FROM days JOIN public.endpoint_routes AS e
-        ON e.api_key_id = days.api_key_id AND e.usage_date = days.d
-    UNION ALL
-    SELECT e.api_key_id, e.usage_date, e.route
-      FROM days JOIN public.endpoint_routes AS e
-        ON days.api_key_id IS NULL AND e.api_key_id IS NULL AND e.usage_date = days.d
-), ranked AS (
-    SELECT api_key_id, d, route, held,
-           count(*) FILTER (WHERE held) OVER (PARTITION BY api_key_id, d) AS n_held,
-           row_number() OVER (PARTITION BY api_key_id, d, held ORDER BY route) AS n
-      FROM (SELECT api_key_id, d, route, bool_or(held) AS held
-              FROM (SELECT api_key_id, d, route, true AS held FROM held
-                    UNION ALL
-                    SELECT api_key_id, d, route, false FROM wanted) AS u
-             GROUP BY 1, 2, 3) AS c
-), admitted AS (
-    INSERT INTO public.endpoint_routes AS t (api_key_id, usage_date, route)
-    SELECT api_key_id, d, route
-      FROM ranked
-     WHERE NOT held AND n <= {ROUTES_PER_KEY_DAY} - n_held
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_endpoint_routes DO UPDATE SET route = EXCLUDED.route
-    RETURNING api_key_id, usage_date AS d, route
-), named AS (
-    SELECT api_key_id, d, route FROM held
-    UNION ALL
-    SELECT api_key_id, d, route FROM admitted
-), labelled AS (
-    SELECT p.api_key_id, p.q, p.method,
-           CASE WHEN p.route = '{UNMATCHED_ROUTE}' OR n.route IS NOT NULL THEN p.route
-                ELSE '{OTHER_ROUTE}' END AS route,
-           p.status_code, p.latency_bucket, p.total_requests, p.total_response_us,
-           p.total_request_bytes, p.total_response_bytes
-      FROM endpoints AS p
-      LEFT JOIN named AS n
-        ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
-), {_ENDPOINT_TIERS}
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
-       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter),
-       (SELECT count(*) FROM admitted), (SELECT count(*) FROM emonthly),
-       (SELECT count(*) FROM edaily), (SELECT count(*) FROM equarter)
-"""
-
-
 def pg_write(
     conn: Connection,
     uploads: Sequence[UploadRecord],
     requests: Sequence[RequestRecord],
     timeout: float,
-) -> int:
-    """Write validated, id-unique records inside ``conn``'s open transaction; returns new rows.
+) -> tuple[int, datetime | None]:
+    """Write validated, id-unique records inside ``conn``'s open transaction; returns how many
+    rows were new and, when there were requests, the seal instant they were written under.
 
     ``timeout`` (seconds) bounds each statement and any idle time of the transaction.
     """
     dbapi: Any = conn.connection.dbapi_connection
     written = 0
+    sealed_before = None
     with dbapi.cursor() as cur:
         # Checked in every transaction, not remembered per client connection: behind a
         # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
@@ -425,35 +206,6 @@ def pg_write(
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]
         if requests:
-            with cur.copy(
-                f"COPY pg_temp.um_stage_requests ({', '.join(_REQUEST_COLUMNS + _REQUEST_EXTRA)}) "
-                "FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.set_types(_REQUEST_TYPES)
-                write_row = copy.write_row
-                for r in requests:
-                    ms = r.response_time_ms
-                    fine = latency_bucket(ms)
-                    write_row(
-                        (
-                            r.id,
-                            r.api_key_id,
-                            r.method,
-                            r.path,
-                            r.status_code,
-                            ms,
-                            r.request_size,
-                            r.response_size,
-                            r.error_message,
-                            r.requested_at,
-                            r.route_matched,
-                            fine,
-                            round(ms * 1000),
-                            r.method if r.method in STANDARD_METHODS else OTHER_METHOD,
-                            r.path if r.route_matched else UNMATCHED_ROUTE,
-                            -(-fine // ENDPOINT_BUCKET_WIDTH),
-                        )
-                    )
-            cur.execute(_INSERT_REQUESTS)
-            written += cur.fetchone()[0]
-    return written
+            new, sealed_before = write_requests(cur, requests)
+            written += new
+    return written, sealed_before

@@ -186,6 +186,19 @@ class UsageStore:
         store's option; None keeps them); idempotent, safe from cron. Rollups are never pruned."""
         return maintain(self, raw_retention_days=raw_retention_days, months_ahead=months_ahead)
 
+    def seal(self, before: datetime | None = None) -> int:
+        """Fold recent raw rows into the rollups now, up to ``before`` (default: what the engine
+        deems settled); returns how many rows were folded.
+
+        Only engines that roll up behind their writes have anything to do: PostgreSQL writes
+        live requests as raw rows and folds each quarter hour into the request rollups once it
+        has ended (two minutes later); ClickHouse seals whole days. Writers and ``maintain`` do
+        this on their own, and every answer is exact either way; call it after loading history
+        in bulk, so that reads of it come from the rollups at once.
+        """
+        self.ensure_schema()
+        return self.backend.seal(before)
+
     def retention_start(self, table: str | None = None) -> datetime | None:
         """The instant from which raw rows are complete (None: none was ever pruned); ``table``
         is ``file_uploads`` or ``api_requests``, by default the later of the two."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -42,7 +42,7 @@ from .._schema import (
     quarter_usage,
 )
 from .base import Histogram, Scope, UploadRow
-from .plan import Piece, plan, request_plan
+from .plan import Piece, cut_at, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
@@ -243,6 +243,48 @@ def run_reads(
 
 # --- API requests -----------------------------------------------------------------------------
 
+_SEALED_BEFORE = "SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'"
+_SEAL_TRIES = 5
+
+T = TypeVar("T")
+
+
+def sealed_reads(
+    backend: SQLBackend,
+    build: Callable[[datetime | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, T]],
+) -> tuple[list[list[Any]], T]:
+    """Run the statements ``build(sealed_before)`` makes for the request rollups as they are.
+
+    On PostgreSQL the request rollups hold exactly the raw rows before ``rollup_seals``'
+    instant (see ``usage_middleware._pgrequests``); elsewhere every row (``None``). ``build``
+    returns its statements, whether any of its pieces reaches past the instant (see
+    :func:`.plan.cut_at`), and what the caller needs to read the results. When one does, the
+    instant is read again afterwards: a seal that committed in between may have put rows into
+    the rollups that the raw part read too, so the whole read is made again (seals are a
+    quarter hour apart; five tries that each meet one cannot happen).
+    """
+    if backend.name != "postgresql":
+        statements, _, extra = build(None)
+        return run_reads(backend, statements), extra
+    sealed_before = _instant(backend)
+    for _ in range(_SEAL_TRIES):
+        statements, touched, extra = build(sealed_before)
+        results = run_reads(backend, statements)
+        if not touched:
+            return results, extra
+        now = _instant(backend)
+        if now == sealed_before:
+            return results, extra
+        sealed_before = now
+    raise ReadTimeoutError("the request rollups were sealed during every try of this read")
+
+
+def _instant(backend: SQLBackend) -> datetime:
+    with backend.engine.connect() as conn:
+        value: datetime = conn.exec_driver_sql(_SEALED_BEFORE).scalar_one()
+    return value
+
+
 
 _REQUEST_SOURCES = {
     "quarter": (quarter_request_usage, quarter_request_usage.c.usage_quarter),
@@ -303,28 +345,42 @@ def request_histogram(
     backend: SQLBackend, scope: Scope, start: datetime, end: datetime
 ) -> Histogram:
     """The merged latency histogram of requests in ``[start, end)``: whole months, days and
-    hours from the request rollups, sub-hour edges bucketed here from raw rows."""
+    hours from the request rollups, sub-hour edges and what no seal holds yet bucketed here
+    from raw rows."""
     out = Histogram()
     if scope.keys is not None and not scope.keys:
         return out
     dialect = backend.name
     shape, params = scope_params(scope, dialect, uploads=False)
-    by_grain: dict[str, list[Piece]] = {}
-    for x in request_plan(start, end):
-        by_grain.setdefault(x.grain, []).append(x)
-    grains = tuple(g for g in _REQUEST_SOURCES if g in by_grain)
-    if grains:
-        histogram_params = dict(params)
-        for g in grains:
-            histogram_params.update(
-                piece_params(by_grain[g], f"{g}_pieces", g in _DATES, dialect)
-            )
-        statement = _histogram_statement(grains, dialect, shape)
-        for lb, n, e, us in _rows(backend, statement, histogram_params):
+    planned = request_plan(start, end)
+
+    def build(
+        sealed_before: datetime | None,
+    ) -> tuple[list[tuple[Statement, dict[str, Any]]], bool, bool]:
+        pieces, touched = cut_at(planned, sealed_before)
+        by_grain: dict[str, list[Piece]] = {}
+        for x in pieces:
+            by_grain.setdefault(x.grain, []).append(x)
+        statements = []
+        grains = tuple(g for g in _REQUEST_SOURCES if g in by_grain)
+        if grains:
+            histogram_params = dict(params)
+            for g in grains:
+                histogram_params.update(
+                    piece_params(by_grain[g], f"{g}_pieces", g in _DATES, dialect)
+                )
+            statements.append((_histogram_statement(grains, dialect, shape), histogram_params))
+        raw = "raw" in by_grain
+        if raw:
+            raw_params = {**params, **piece_params(by_grain["raw"], "raw_pieces", False, dialect)}
+            statements.append((_raw_request_statement(dialect, shape), raw_params))
+        return statements, touched, raw
+
+    results, raw = sealed_reads(backend, build)
+    for rows in results[: len(results) - raw]:
+        for lb, n, e, us in rows:
             out.add(lb, n, e, us)
-    if "raw" in by_grain:
-        raw_params = {**params, **piece_params(by_grain["raw"], "raw_pieces", False, dialect)}
-        statement = _raw_request_statement(dialect, shape)
-        for sign, ms, status in _rows(backend, statement, raw_params):
+    if raw:
+        for sign, ms, status in results[-1]:
             out.add(latency_bucket(ms), sign, sign * (status >= 400), sign * round(ms * 1000))
     return out

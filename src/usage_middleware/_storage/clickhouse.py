@@ -209,13 +209,16 @@ class ClickHouseBackend:
 
     # --- sealing -----------------------------------------------------------------------------
 
-    def seal(self) -> int:
+    def seal(self, before: datetime | None = None) -> int:
         """Seal whole UTC days older than ``settle_days`` into the rollups, fold late rows of
-        sealed days into a new seal, and delete superseded rollup versions.
+        sealed days into a new seal, and delete superseded rollup versions. ``before`` must be
+        None: which days are settled is this backend's own rule.
 
         Returns how many days got a new seal. Safe to run from several processes at once:
         every seal is self-contained, and readers use the newest complete one.
         """
+        if before is not None:
+            raise ConfigurationError("ClickHouse seals whole settled days; pass no 'before'")
         with self._maintain_lock:
             self._maintained_at = time.monotonic()
             ((now_us,),) = self.client.query("SELECT toUnixTimestamp64Micro(now64(6))")

@@ -124,6 +124,10 @@ class MemoryBackend:
     def ping(self) -> None:
         """Always answers."""
 
+    def seal(self, before: datetime | None = None) -> int:
+        """Nothing to do: this backend answers from its rows."""
+        return 0
+
     def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         """Nothing to do: this backend answers from its rows, so it keeps every one."""
         return MaintainResult()

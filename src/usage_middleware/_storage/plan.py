@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-__all__ = ["Piece", "plan", "request_plan", "series_plan"]
+__all__ = ["Piece", "cut_at", "plan", "request_plan", "series_plan"]
 
 _QUARTER = timedelta(minutes=15)
 _HOUR = timedelta(hours=1)
@@ -251,3 +251,29 @@ def series_plan(bounds: Sequence[datetime]) -> list[Piece]:
             if lo < hi:
                 out.append(Piece(grain, lo, hi, x.period, x.sign))
     return out
+
+
+def cut_at(pieces: Sequence[Piece], sealed_before: datetime | None) -> tuple[list[Piece], bool]:
+    """``pieces`` for rollups that hold exactly the rows before ``sealed_before`` (None: every
+    row), and whether any piece reaches past it.
+
+    A piece wholly before the instant stays; one wholly after it becomes raw; one that spans it
+    stays (its rollup rows hold its part before the instant, no more) and gains the raw rows
+    of its part from the instant on, with the same period and sign.
+    """
+    if sealed_before is None or not pieces:
+        return list(pieces), False
+    if pieces[0].hi.tzinfo is None:  # pieces in naive UTC
+        sealed_before = sealed_before.astimezone(timezone.utc).replace(tzinfo=None)
+    out: list[Piece] = []
+    touched = False
+    for x in pieces:
+        if x.grain == "raw" or x.hi <= sealed_before:
+            out.append(x)
+            continue
+        touched = True
+        if x.lo >= sealed_before:
+            out.append(x._replace(grain="raw"))
+        else:
+            out += [x, Piece("raw", sealed_before, x.hi, x.period, x.sign)]
+    return out, touched

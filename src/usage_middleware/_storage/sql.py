@@ -148,6 +148,10 @@ class SQLBackend(ABC):
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    def seal(self, before: datetime | None = None) -> int:
+        """Nothing by default: each write rolls up its rows (PostgreSQL seals requests)."""
+        return 0
+
     def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         try:
             return self._maintain(raw_retention_days, months_ahead)

@@ -58,9 +58,9 @@ from .._schema import (
     quarter_request_usage,
     quarter_usage,
 )
-from ._sqlread import _SPLIT_DAYS, _halves, run_reads
+from ._sqlread import _SPLIT_DAYS, _halves, run_reads, sealed_reads
 from .base import ConsumerRow, Scope
-from .plan import Piece, _ceil_quarter, _floor_quarter, plan, request_plan
+from .plan import Piece, _ceil_quarter, _floor_quarter, cut_at, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
@@ -151,13 +151,15 @@ def _grouped(pieces: Sequence[Piece]) -> dict[str, list[Piece]]:
 
 
 def _statements(
-    scope: Scope, start: datetime, end: datetime, dialect: str
-) -> list[tuple[Statement, dict[str, Any]]]:
-    """The request statement first, then one upload statement per source (PostgreSQL: a long
-    daily read as two, for two cores)."""
+    scope: Scope, start: datetime, end: datetime, dialect: str, sealed_before: datetime | None
+) -> tuple[list[tuple[Statement, dict[str, Any]]], bool, None]:
+    """The request statement first (the request rollups cut at ``sealed_before``, see
+    :func:`.plan.cut_at`), then one upload statement per source (PostgreSQL: a long daily read
+    as two, for two cores); and whether the cut touched a piece."""
     shape, params = scope_params(scope, dialect)
     request_shape, request_params = scope_params(scope, dialect, uploads=False)
-    by_grain = _grouped(request_plan(start, end))
+    pieces, touched = cut_at(request_plan(start, end), sealed_before)
+    by_grain = _grouped(pieces)
     grains = tuple(g for g in (*_REQUEST_SOURCES, "raw") if g in by_grain)
     out = [(_request_statement(grains, dialect, request_shape), dict(request_params))]
     for g in grains:
@@ -176,7 +178,7 @@ def _statements(
                 {**params, **piece_params(pieces, f"{grain}_pieces", grain == "day", dialect)},
             )
         )
-    return out
+    return out, touched, None
 
 
 def consumer_rows(
@@ -185,8 +187,9 @@ def consumer_rows(
     """One row per key with an upload (inside the filters) or a request in ``[start, end)``."""
     if scope.keys is not None and not scope.keys:
         return []
-    statements = _statements(scope, start, end, backend.name)
-    results = run_reads(backend, statements)
+    results, _ = sealed_reads(
+        backend, lambda sealed_before: _statements(scope, start, end, backend.name, sealed_before)
+    )
     acc: dict[UUID | None, list[int]] = {}
     for key, n, e in results[0]:
         c = acc.setdefault(key, [0] * 5)

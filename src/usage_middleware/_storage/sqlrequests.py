@@ -15,12 +15,14 @@ endpoint tiers hold one per endpoint, status code and coarse bucket, thousands f
 thirty routes, and they have an hourly tier besides. Both are exact, so the answer is the same
 either way; with a filter only the endpoint tiers know the labels.
 
-Raw rows are read only for the edges off the quarter-hour grid (historical offsets before 1979)
-and labelled here like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
+Raw rows are read for the edges off the quarter-hour grid (historical offsets before 1979) and,
+on PostgreSQL, for the requests that no seal holds yet (:func:`._sqlread.sealed_reads`), and
+labelled here like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
 :func:`~usage_middleware._schema.endpoint_route`). The per-key-per-day route cap cannot be applied
 to them: which routes a day admitted depends on the order rows were written in, which raw rows do
-not keep. So a request in such an edge keeps its route where the rollups may say ``(other)`` —
-only for keys with more than ``ROUTES_PER_KEY_DAY`` routes on that UTC day.
+not keep. So a request read from raw rows keeps its route where the rollups may say
+``(other)`` — only for keys with more than ``ROUTES_PER_KEY_DAY`` routes on that UTC day, and
+for a recent request only until its quarter hour is sealed.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ from .._schema import (
     quarter_endpoint_usage,
     quarter_request_usage,
 )
-from ._sqlread import run_reads
+from ._sqlread import sealed_reads
 from .base import EndpointRow, RequestFilter, Scope, SeriesRow
-from .plan import Piece, request_plan, series_plan
+from .plan import Piece, cut_at, request_plan, series_plan
 from .statements import (
     FilterShape,
     Shape,
@@ -245,10 +247,16 @@ def endpoint_rows(
     """Requests in ``[start, end)`` by endpoint, status code and coarse latency bucket."""
     if scope.keys is not None and not scope.keys:
         return []
-    statements, raw = _statements(
-        backend, scope, filters, request_plan(start, end), _ENDPOINT_TIER, _endpoint_statement
-    )
-    results = run_reads(backend, statements)
+    planned = request_plan(start, end)
+
+    def build(sealed_before: datetime | None) -> tuple[list[Any], bool, bool]:
+        pieces, touched = cut_at(planned, sealed_before)
+        statements, raw = _statements(
+            backend, scope, filters, pieces, _ENDPOINT_TIER, _endpoint_statement
+        )
+        return statements, touched, raw
+
+    results, raw = sealed_reads(backend, build)
     out: list[EndpointRow] = []
     for rows in results[: len(results) - raw]:
         out += [(m, r, s, b, int(n), int(us), int(i), int(o)) for m, r, s, b, n, us, i, o in rows]
@@ -274,8 +282,14 @@ def request_series(
     def rolled(rollups: tuple[str, ...], dialect: str, shape: Shape, fs: FilterShape) -> Any:
         return _series_statement(source, rollups, dialect, shape, fs)
 
-    statements, raw = _statements(backend, scope, filters, series_plan(bounds), tiers, rolled)
-    results = run_reads(backend, statements)
+    planned = series_plan(bounds)
+
+    def build(sealed_before: datetime | None) -> tuple[list[Any], bool, bool]:
+        pieces, touched = cut_at(planned, sealed_before)
+        statements, raw = _statements(backend, scope, filters, pieces, tiers, rolled)
+        return statements, touched, raw
+
+    results, raw = sealed_reads(backend, build)
     out: list[SeriesRow] = []
     for rows in results[: len(results) - raw]:
         out += [(p, b, int(n), int(e), int(us)) for p, b, n, e, us in rows]

@@ -129,6 +129,17 @@ REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.monthly_endpoint_usage,
 GRANT SELECT ON public.monthly_endpoint_usage, public.daily_endpoint_usage,
     public.quarter_endpoint_usage, public.endpoint_routes TO authenticated;
 
+-- rollup_seals holds one instant per data set and nothing about any key: every signed-in user
+-- reads it, so that get_request_breakdown adds the requests no seal holds yet.
+ALTER TABLE public.rollup_seals ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS "signed-in users read the seal instants" ON public.rollup_seals;
+CREATE POLICY "signed-in users read the seal instants" ON public.rollup_seals
+    FOR SELECT TO authenticated
+    USING (true);
+REVOKE ALL ON public.rollup_seals FROM anon;
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.rollup_seals FROM authenticated;
+GRANT SELECT ON public.rollup_seals TO authenticated;
+
 -- Supabase grants table privileges to anon and authenticated by default. Reading is all the
 -- dashboard needs; anon needs nothing.
 REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage, public.hourly_usage,

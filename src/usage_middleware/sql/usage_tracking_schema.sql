@@ -154,6 +154,7 @@ DECLARE
     t record;
     p record;
     cutoff timestamptz;
+    tcut timestamptz;
     complete_from timestamptz;
     n bigint;
     empty boolean;
@@ -174,19 +175,26 @@ BEGIN
     FOR t IN SELECT * FROM (VALUES ('file_uploads', 'uploaded_at'),
                                    ('api_requests', 'requested_at')) AS v(tbl, col) LOOP
         complete_from := NULL;
+        -- Requests not yet folded into the sealed rollups are never pruned (see rollup_seals).
+        tcut := cutoff;
+        IF t.tbl = 'api_requests' THEN
+            SELECT LEAST(cutoff, s.sealed_before) INTO tcut
+              FROM public.rollup_seals AS s WHERE s.dataset = 'requests';
+            tcut := coalesce(tcut, cutoff);
+        END IF;
         FOR p IN SELECT * FROM public.usage_raw_partitions(t.tbl) LOOP
-            IF p.range_to > cutoff AND p.range_from IS NOT NULL THEN
+            IF p.range_to > tcut AND p.range_from IS NOT NULL THEN
                 CONTINUE;
             END IF;
-            IF p.range_to > cutoff THEN
+            IF p.range_to > tcut THEN
                 EXECUTE pg_catalog.format(
                     'DELETE FROM public.%I WHERE ctid = ANY (ARRAY('
                     'SELECT ctid FROM public.%I WHERE %I < $1 LIMIT $2))',
-                    p.partition_name, p.partition_name, t.col) USING cutoff, p_batch;
+                    p.partition_name, p.partition_name, t.col) USING tcut, p_batch;
                 GET DIAGNOSTICS n = ROW_COUNT;
                 rows_deleted := rows_deleted + n;
                 IF n > 0 THEN
-                    complete_from := GREATEST(complete_from, cutoff);
+                    complete_from := GREATEST(complete_from, tcut);
                 END IF;
                 IF n >= p_batch THEN
                     more := true;
@@ -200,14 +208,14 @@ BEGIN
             BEGIN
                 -- The parent first, as writers lock it (then a partition): no deadlock.
                 EXECUTE pg_catalog.format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', t.tbl);
-                IF p.range_to > cutoff THEN
+                IF p.range_to > tcut THEN
                     EXECUTE pg_catalog.format('SELECT NOT EXISTS (SELECT FROM public.%I)',
                                               p.partition_name) INTO empty;
                 END IF;
-                IF p.range_to <= cutoff OR empty THEN
+                IF p.range_to <= tcut OR empty THEN
                     EXECUTE pg_catalog.format('DROP TABLE public.%I', p.partition_name);
                     partitions_dropped := partitions_dropped + 1;
-                    IF p.range_to <= cutoff THEN
+                    IF p.range_to <= tcut THEN
                         complete_from := GREATEST(complete_from, p.range_to);
                     END IF;
                 END IF;
@@ -850,6 +858,40 @@ ALTER TABLE public.daily_endpoint_usage SET
 ALTER TABLE public.quarter_endpoint_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
+-- rollup_seals: for each data set whose rollups are sealed ('requests': the request histograms
+-- and the endpoint tiers), the instant before which the rollups hold every raw row and after
+-- which they hold none. A writer stores a new request of that instant or later as a raw row only;
+-- a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows between the old and
+-- the new instant into the rollups and moves it on, in one transaction. Readers take the
+-- rollups up to the instant and the raw rows from it on, so every answer is exact at every
+-- moment. Writers hold advisory lock 7215120302 shared for their transaction and a seal holds
+-- it exclusively, so no write of the old instant commits after a seal has moved it. An install
+-- that predates this table had every stored request rolled up: its instant starts just after
+-- the newest stored request (a new install's at 0001-01-01).
+DO $seal$
+BEGIN
+    IF pg_catalog.to_regclass('public.rollup_seals') IS NULL THEN
+        LOCK TABLE public.api_requests IN SHARE MODE;
+        CREATE TABLE public.rollup_seals (
+            dataset       text PRIMARY KEY,
+            sealed_before timestamptz NOT NULL
+        );
+        INSERT INTO public.rollup_seals (dataset, sealed_before)
+        SELECT 'requests', coalesce(max(r.requested_at) + interval '1 microsecond',
+                                    '0001-01-01 00:00:00+00'::timestamptz)
+          FROM public.api_requests AS r;
+        ALTER TABLE public.rollup_seals ENABLE ROW LEVEL SECURITY;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+            REVOKE ALL ON public.rollup_seals FROM anon;
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+            REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
+                ON public.rollup_seals FROM authenticated;
+        END IF;
+    END IF;
+END
+$seal$;
+
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
 -- partitioned raw tables these are partitioned indexes (one per partition, made for new
@@ -1123,6 +1165,23 @@ AS $fn$
          WHERE d.usage_date BETWEEN p_start_date AND p_end_date
            AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
            AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
+        UNION ALL
+        -- the requests no seal holds yet (see rollup_seals), labelled as the writer labels them
+        -- (a key past its route cap has them under their own route until they are sealed)
+        SELECT CASE WHEN r.method IN ('CONNECT', 'DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH',
+                                      'POST', 'PUT', 'TRACE')
+                    THEN r.method ELSE 'OTHER' END,
+               (CASE WHEN r.route_matched IS FALSE THEN '(unmatched)' ELSE r.path END)
+                   COLLATE "C",
+               r.status_code::smallint, 1::bigint,
+               pg_catalog.round(r.response_time_ms * 1000::float8)::bigint
+          FROM public.api_requests AS r
+         WHERE r.requested_at >= GREATEST(
+                   coalesce((SELECT s.sealed_before FROM public.rollup_seals AS s
+                              WHERE s.dataset = 'requests'), 'infinity'::timestamptz),
+                   p_start_date::timestamp AT TIME ZONE 'UTC')
+           AND r.requested_at < (p_end_date + 1)::timestamp AT TIME ZONE 'UTC'
+           AND (p_api_key_id IS NULL OR r.api_key_id = p_api_key_id)
     ),
     g AS (
         SELECT p.method,

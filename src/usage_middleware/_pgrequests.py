@@ -1,0 +1,395 @@
+"""The PostgreSQL write plan of requests: raw rows, and the rollups sealed behind them.
+
+The request rollups (histograms by month, day, hour and quarter hour; endpoint tiers by month,
+day and quarter hour, with the route cap) are *sealed*: ``rollup_seals`` holds, for the data set
+``requests``, the instant before which they hold every raw row and after which they hold none.
+
+* A live request (at or after that instant) is written as a raw row only: binary COPY straight
+  into ``api_requests``, sorted by id (concurrent writers lock index entries in one order).
+  COPY has no ``ON CONFLICT``: a batch holding an id already stored (a replay) fails it, and the
+  batch is redone under a savepoint through staging with ``ON CONFLICT DO NOTHING``.
+* A late request (before the instant: a spool replay, a long upload recorded late) is written
+  with its rollups, as every request once was: staged, inserted with ``ON CONFLICT DO NOTHING
+  RETURNING``, and only the new rows reach the rollups, in the same statement.
+* A seal (:mod:`usage_middleware._pgseal`) folds the raw rows between the old and the new
+  instant into the rollups with the same statement, reading them from ``api_requests``.
+
+So each rollup row is written once per quarter hour for all the traffic of that quarter hour
+instead of once per batch, and writers do what a raw COPY does. Writers hold advisory lock
+``SEAL_LOCK`` shared for their transaction and read the instant after taking it; a seal holds it
+exclusively, so no write made under an old instant commits after the seal has moved it.
+
+Values that must agree bit for bit with Python are computed in Python when staging (the latency
+buckets, microseconds, labels) and, for a seal, in SQL by the same formulas: the fine bucket is
+``ceil(ln(ms / min) / ln(gamma))`` with the same float64 constants, and PostgreSQL's ``round``
+of a float rounds half to even, as Python's does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from ._records import RequestRecord
+from ._schema import (
+    _LOG_GAMMA,
+    _MAX_BUCKET,
+    _MIN_MS,
+    ENDPOINT_BUCKET_WIDTH,
+    OTHER_METHOD,
+    OTHER_ROUTE,
+    ROUTES_PER_KEY_DAY,
+    STANDARD_METHODS,
+    UNMATCHED_ROUTE,
+    latency_bucket,
+)
+
+__all__ = ["QUARTER", "SEAL_LOCK", "SEAL_SQL", "write_requests"]
+
+#: Taken shared by every request write, exclusively by a seal (see the module docstring).
+SEAL_LOCK = 7215120302
+
+# The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
+# monthly rollups are sums of those groups, so the raw rows are aggregated only once.
+QUARTER = "date_bin('15 minutes', utc_at, TIMESTAMP '2000-01-01') AS q"
+
+REQUEST_COLUMNS = (
+    "id",
+    "api_key_id",
+    "method",
+    "path",
+    "status_code",
+    "response_time_ms",
+    "request_size",
+    "response_size",
+    "error_message",
+    "requested_at",
+    "route_matched",
+)
+# Staged after the columns: values that must agree bit for bit with the Python reference.
+REQUEST_EXTRA = (
+    "latency_bucket", "response_us", "endpoint_method", "endpoint_route", "endpoint_bucket",
+)  # fmt: skip
+_RAW_TYPES = (
+    "uuid", "uuid", "text", "text", "int4", "float8", "int8", "int8", "text", "timestamptz",
+    "bool",
+)  # fmt: skip
+_STAGED_TYPES = (*_RAW_TYPES, "int2", "int8", "text", "text", "int2")
+
+_REQUEST_COUNTERS = """
+    count(*)::bigint AS total_requests,
+    count(*) FILTER (WHERE status_code >= 400)::bigint AS error_requests,
+    sum(response_us)::bigint AS total_response_us,
+    sum(request_size)::bigint AS total_request_bytes,
+    sum(response_size)::bigint AS total_response_bytes
+"""
+_REQUEST_SUMS = """
+    sum(total_requests)::bigint, sum(error_requests)::bigint, sum(total_response_us)::bigint,
+    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
+"""
+_REQUEST_SET = """
+    total_requests = t.total_requests + EXCLUDED.total_requests,
+    error_requests = t.error_requests + EXCLUDED.error_requests,
+    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
+    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
+    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
+"""
+_REQUEST_COUNTER_NAMES = (
+    "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
+)
+
+# The endpoint rollups' labels: method and route staged as computed in Python, the route then
+# capped per key and UTC day. held: the named routes the batch's key-days have (as of this
+# statement's snapshot); the batch's other named routes are admitted in route order into the
+# room left (ROUTES_PER_KEY_DAY minus held). Under READ COMMITTED a concurrent writer may have
+# inserted one of them since the snapshot: the upsert then waits for it and, DO UPDATE being
+# what it is, returns the row anyway, so a route is named exactly when endpoint_routes holds it.
+# Two writers that both saw room may together pass the cap by what their batches admitted.
+# The NULL key joins as a hashable equality: (key IS NULL, coalesce(key, nil UUID)).
+_NIL = "'00000000-0000-0000-0000-000000000000'::uuid"
+_SAME_KEY = (
+    "({a}.api_key_id IS NULL) = ({b}.api_key_id IS NULL) "
+    f"AND coalesce({{a}}.api_key_id, {_NIL}) = coalesce({{b}}.api_key_id, {_NIL})"
+)
+_ENDPOINT_COUNTER_NAMES = (
+    "total_requests, total_response_us, total_request_bytes, total_response_bytes"
+)
+_ENDPOINT_SUMS = """
+    sum(total_requests)::bigint, sum(total_response_us)::bigint,
+    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
+"""
+_ENDPOINT_SET = """
+    total_requests = t.total_requests + EXCLUDED.total_requests,
+    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
+    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
+    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
+"""
+
+
+def _endpoint_tier(name: str, table: str, column: str, when: str) -> str:
+    return f"""{name} AS (
+    INSERT INTO public.{table} AS t
+        (api_key_id, {column}, method, route, status_code, latency_bucket,
+         {_ENDPOINT_COUNTER_NAMES})
+    SELECT api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}
+      FROM labelled
+     GROUP BY 1, 2, 3, 4, 5, 6
+     ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_ENDPOINT_SET}
+    RETURNING 1
+)"""
+
+
+# Coarsest first, as the request tiers.
+_ENDPOINT_TIERS = ",\n".join(
+    (
+        _endpoint_tier(
+            "emonthly", "monthly_endpoint_usage", "usage_month", "date_trunc('month', q)::date"
+        ),
+        _endpoint_tier("edaily", "daily_endpoint_usage", "usage_date", "q::date"),
+        _endpoint_tier(
+            "equarter", "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'"
+        ),
+    )
+)
+
+_ROLLUPS = f"""grouped AS (
+    SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
+      FROM staged
+     GROUP BY 1, 2, 3
+), quarter AS (
+    INSERT INTO public.quarter_request_usage AS t
+        (api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}
+      FROM grouped
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), hourly AS (
+    INSERT INTO public.hourly_request_usage AS t
+        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('hour', q) AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), daily AS (
+    INSERT INTO public.daily_request_usage AS t
+        (api_key_id, usage_date, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, q::date, latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), monthly AS (
+    INSERT INTO public.monthly_request_usage AS t
+        (api_key_id, usage_month, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, date_trunc('month', q)::date, latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+), endpoints AS (
+    SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
+           status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
+           count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
+           sum(request_size)::bigint AS total_request_bytes,
+           sum(response_size)::bigint AS total_response_bytes
+      FROM staged
+     GROUP BY 1, 2, 3, 4, 5, 6
+), wanted AS (
+    SELECT DISTINCT api_key_id, q::date AS d, route
+      FROM endpoints
+     WHERE route <> '{UNMATCHED_ROUTE}'
+), days AS (
+    SELECT DISTINCT api_key_id, d FROM wanted
+), held AS (
+    SELECT e.api_key_id, e.usage_date AS d, e.route
+      FROM days JOIN public.endpoint_routes AS e
+        ON e.api_key_id = days.api_key_id AND e.usage_date = days.d
+    UNION ALL
+    SELECT e.api_key_id, e.usage_date, e.route
+      FROM days JOIN public.endpoint_routes AS e
+        ON days.api_key_id IS NULL AND e.api_key_id IS NULL AND e.usage_date = days.d
+), ranked AS (
+    SELECT api_key_id, d, route, held,
+           count(*) FILTER (WHERE held) OVER (PARTITION BY api_key_id, d) AS n_held,
+           row_number() OVER (PARTITION BY api_key_id, d, held ORDER BY route) AS n
+      FROM (SELECT api_key_id, d, route, bool_or(held) AS held
+              FROM (SELECT api_key_id, d, route, true AS held FROM held
+                    UNION ALL
+                    SELECT api_key_id, d, route, false FROM wanted) AS u
+             GROUP BY 1, 2, 3) AS c
+), admitted AS (
+    INSERT INTO public.endpoint_routes AS t (api_key_id, usage_date, route)
+    SELECT api_key_id, d, route
+      FROM ranked
+     WHERE NOT held AND n <= {ROUTES_PER_KEY_DAY} - n_held
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_endpoint_routes DO UPDATE SET route = EXCLUDED.route
+    RETURNING api_key_id, usage_date AS d, route
+), named AS (
+    SELECT api_key_id, d, route FROM held
+    UNION ALL
+    SELECT api_key_id, d, route FROM admitted
+), labelled AS (
+    SELECT p.api_key_id, p.q, p.method,
+           CASE WHEN p.route = '{UNMATCHED_ROUTE}' OR n.route IS NOT NULL THEN p.route
+                ELSE '{OTHER_ROUTE}' END AS route,
+           p.status_code, p.latency_bucket, p.total_requests, p.total_response_us,
+           p.total_request_bytes, p.total_response_bytes
+      FROM endpoints AS p
+      LEFT JOIN named AS n
+        ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
+), {_ENDPOINT_TIERS}
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
+       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter),
+       (SELECT count(*) FROM admitted), (SELECT count(*) FROM emonthly),
+       (SELECT count(*) FROM edaily), (SELECT count(*) FROM equarter)
+"""
+
+_COLUMNS = ", ".join(REQUEST_COLUMNS)
+
+# Late rows: inserted from staging; the ones that were new go on to the rollups.
+_INSERT_ROLLED = f"""
+WITH new AS (
+    INSERT INTO public.api_requests ({_COLUMNS})
+    SELECT {_COLUMNS} FROM pg_temp.um_stage_requests AS s
+    ORDER BY s.id
+    ON CONFLICT DO NOTHING
+    RETURNING id, api_key_id, status_code, request_size, response_size,
+              (requested_at AT TIME ZONE 'UTC') AS utc_at
+), staged AS (
+    SELECT n.api_key_id, {QUARTER.replace("utc_at", "n.utc_at")}, n.status_code,
+           n.request_size, n.response_size, s.latency_bucket, s.response_us, s.endpoint_method,
+           s.endpoint_route, s.endpoint_bucket
+      FROM new AS n
+      JOIN pg_temp.um_stage_requests AS s USING (id)
+), {_ROLLUPS}"""
+
+# A replayed live batch: raw rows only, the ones not stored yet.
+_INSERT_RAW = f"""
+INSERT INTO public.api_requests ({_COLUMNS})
+SELECT {_COLUMNS} FROM pg_temp.um_stage_requests AS s
+ORDER BY s.id
+ON CONFLICT DO NOTHING
+"""
+
+_FINE_BUCKET = (
+    f"CASE WHEN r.response_time_ms <= {_MIN_MS!r}::float8 THEN 0 "
+    f"ELSE LEAST({_MAX_BUCKET}, pg_catalog.ceil(pg_catalog.ln(r.response_time_ms / "
+    f"{_MIN_MS!r}::float8) / {_LOG_GAMMA!r}::float8)) END::smallint"
+)
+_METHODS = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
+
+#: A seal: the raw rows of [lo, hi) into every request rollup, labelled and bucketed in SQL as
+#: the writer does in Python. The first column of its one row is how many rows it folded.
+SEAL_SQL = f"""
+WITH new AS (
+    SELECT r.api_key_id, {QUARTER.replace("utc_at", "(r.requested_at AT TIME ZONE 'UTC')")},
+           r.status_code, r.request_size, r.response_size, {_FINE_BUCKET} AS latency_bucket,
+           pg_catalog.round(r.response_time_ms * 1000::float8)::bigint AS response_us,
+           CASE WHEN r.method IN ({_METHODS}) THEN r.method ELSE '{OTHER_METHOD}' END
+               AS endpoint_method,
+           (CASE WHEN r.route_matched IS FALSE THEN '{UNMATCHED_ROUTE}' ELSE r.path END)
+               COLLATE "C" AS endpoint_route
+      FROM public.api_requests AS r
+     WHERE r.requested_at >= %(lo)s AND r.requested_at < %(hi)s
+), staged AS (
+    SELECT n.*, ((n.latency_bucket + {ENDPOINT_BUCKET_WIDTH - 1}) / {ENDPOINT_BUCKET_WIDTH}
+                 )::smallint AS endpoint_bucket
+      FROM new AS n
+), {_ROLLUPS}"""
+
+
+def _stage(cur: Any, requests: Sequence[RequestRecord]) -> None:
+    """COPY ``requests`` into the (emptied) staging table with their Python-computed extras."""
+    cur.execute("DELETE FROM pg_temp.um_stage_requests")
+    with cur.copy(
+        f"COPY pg_temp.um_stage_requests ({_COLUMNS}, {', '.join(REQUEST_EXTRA)}) "
+        "FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(_STAGED_TYPES)
+        write_row = copy.write_row
+        for r in requests:
+            ms = r.response_time_ms
+            fine = latency_bucket(ms)
+            write_row(
+                (
+                    r.id,
+                    r.api_key_id,
+                    r.method,
+                    r.path,
+                    r.status_code,
+                    ms,
+                    r.request_size,
+                    r.response_size,
+                    r.error_message,
+                    r.requested_at,
+                    r.route_matched,
+                    fine,
+                    round(ms * 1000),
+                    r.method if r.method in STANDARD_METHODS else OTHER_METHOD,
+                    r.path if r.route_matched else UNMATCHED_ROUTE,
+                    -(-fine // ENDPOINT_BUCKET_WIDTH),
+                )
+            )
+
+
+def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
+    """Raw rows only, by binary COPY; a batch that holds a stored id is redone through
+    staging, each id once. Returns how many rows were new."""
+    cur.execute("SAVEPOINT um_live")
+    try:
+        with cur.copy(f"COPY public.api_requests ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_RAW_TYPES)
+            write_row = copy.write_row
+            for r in requests:
+                write_row(
+                    (
+                        r.id,
+                        r.api_key_id,
+                        r.method,
+                        r.path,
+                        r.status_code,
+                        r.response_time_ms,
+                        r.request_size,
+                        r.response_size,
+                        r.error_message,
+                        r.requested_at,
+                        r.route_matched,
+                    )
+                )
+    except psycopg.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT um_live")
+        _stage(cur, requests)
+        cur.execute(_INSERT_RAW)
+        return int(cur.rowcount)
+    cur.execute("RELEASE SAVEPOINT um_live")
+    return len(requests)
+
+
+def write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, datetime]:
+    """Write id-unique ``requests`` in ``cur``'s open transaction (staging tables present);
+    returns how many rows were new and the seal instant they were written under."""
+    cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
+    # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
+    cur.execute("SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'")
+    (sealed_before,) = cur.fetchone()
+    ordered = sorted(requests, key=lambda r: r.id)
+    late = [r for r in ordered if r.requested_at < sealed_before]
+    live = [r for r in ordered if r.requested_at >= sealed_before] if late else ordered
+    written = 0
+    if late:
+        _stage(cur, late)
+        cur.execute(_INSERT_ROLLED)
+        written += int(cur.fetchone()[0])
+    if live:
+        written += _copy_live(cur, live)
+    return written, sealed_before

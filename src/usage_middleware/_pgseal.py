@@ -1,0 +1,107 @@
+"""Sealing on PostgreSQL: the raw requests of a closed stretch of time folded into the rollups.
+
+``rollup_seals`` holds the instant before which the request rollups hold every raw row (see
+:mod:`usage_middleware._pgrequests`). A seal moves it to the start of the last whole UTC quarter
+hour that ended at least ``SEAL_LAG`` ago, so that each rollup row of a quarter hour is written
+once for all of its traffic, and requests still in flight when their quarter hour ends (their
+time is their start) are rarely late. Each transaction folds at most about ``SEAL_ROWS`` raw
+rows, so that the writers it holds off (advisory lock, exclusive) wait a second or so, and a
+backlog (a bulk load of history) is sealed in steps, each one exact on its own.
+
+Several processes may seal at once: they queue on the lock, and the later ones find the instant
+already moved and do nothing. Readers never wait for a seal: they take the rollups up to the
+instant and the raw rows from it on (and read again if a seal committed meanwhile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from ._pgrequests import SEAL_LOCK, SEAL_SQL
+
+__all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
+
+#: How far behind the clock a seal stays: requests that started earlier and are recorded later
+#: (slow responses, the recorder's batching) are written with their rollups.
+SEAL_LAG = timedelta(minutes=2)
+#: How often (seconds) a writing process checks whether a quarter hour is due for sealing.
+SEAL_INTERVAL = 60.0
+#: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
+SEAL_ROWS = 250_000
+_QUARTER = timedelta(minutes=15)
+_EPOCH = datetime(2000, 1, 1)
+
+
+def seal_target(now: datetime) -> datetime:
+    """The start of the last whole UTC quarter hour that ended ``SEAL_LAG`` before ``now``."""
+    t = now - SEAL_LAG
+    return t - (t.replace(tzinfo=None) - _EPOCH) % _QUARTER
+
+
+def seal_due(now: datetime, sealed_before: datetime) -> bool:
+    """Whether a seal at ``now`` would move the instant."""
+    return seal_target(now) > sealed_before
+
+
+def pg_seal(
+    engine: Engine,
+    bounded: Callable[[Connection, float], AbstractContextManager[Any]],
+    timeout: float,
+    before: datetime | None = None,
+) -> int:
+    """Fold the raw requests before ``before`` (default :func:`seal_target` of the server's
+    clock) that no seal holds yet into the rollups; returns how many rows were folded.
+
+    An instant already at or past ``before`` is left alone: a seal never moves back.
+    """
+    folded = 0
+    while True:
+        with engine.connect() as conn:
+            conn.info["usage_write"] = True
+            try:
+                with bounded(conn, timeout), conn.begin():
+                    cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                    ms = str(max(1, round(timeout * 1000)))
+                    cur.execute(
+                        "SELECT set_config('statement_timeout', %(ms)s, true), "
+                        "set_config('work_mem', '64MB', true)",
+                        {"ms": ms},
+                    )
+                    cur.execute(f"SELECT pg_advisory_xact_lock({SEAL_LOCK})")
+                    cur.execute(
+                        "SELECT sealed_before, now() FROM public.rollup_seals "
+                        "WHERE dataset = 'requests'"
+                    )
+                    sealed_before, now = cur.fetchone()
+                    target = seal_target(now) if before is None else before
+                    if target <= sealed_before:
+                        return folded
+                    # The time of the SEAL_ROWS-th raw row from the instant on, if there is one
+                    # before the target: this step stops there.
+                    cur.execute(
+                        "SELECT requested_at FROM public.api_requests "
+                        "WHERE requested_at >= %(lo)s AND requested_at < %(hi)s "
+                        "ORDER BY requested_at OFFSET %(n)s LIMIT 1",
+                        {"lo": sealed_before, "hi": target, "n": SEAL_ROWS},
+                    )
+                    row = cur.fetchone()
+                    hi = target
+                    if row is not None:
+                        hi = max(row[0], sealed_before + timedelta(microseconds=1))
+                    cur.execute(SEAL_SQL, {"lo": sealed_before, "hi": hi})
+                    folded += int(cur.fetchone()[0])
+                    cur.execute(
+                        "UPDATE public.rollup_seals SET sealed_before = %(hi)s "
+                        "WHERE dataset = 'requests'",
+                        {"hi": hi},
+                    )
+                    cur.close()
+            finally:
+                conn.info.pop("usage_write", None)
+        if hi >= target:
+            return folded
