@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import Uuid, bindparam, text
 from support.checks import scalar, wait_for
 from support.faults import down_url
+from support.rollups import FAR
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 
@@ -29,7 +30,9 @@ def uploads_in(store: UsageStore) -> int:
 
 
 def assert_rollup_exact(store: UsageStore) -> None:
-    """daily_usage equals aggregating file_uploads (nothing counted twice or lost)."""
+    """daily_usage equals aggregating file_uploads (nothing counted twice or lost), and after
+    a seal of every request (PostgreSQL) daily_request_usage equals api_requests."""
+    store.seal(FAR)
     raw = scalar(store, "SELECT count(*) FROM file_uploads")
     raw_bytes = scalar(store, "SELECT coalesce(sum(file_size), 0) FROM file_uploads")
     assert scalar(store, "SELECT coalesce(sum(total_uploads), 0) FROM daily_usage") == raw

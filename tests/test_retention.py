@@ -157,6 +157,7 @@ def test_deleting_old_raw_rows_changes_no_answer(
     store = shared_store
     store.write([*s["uploads"], *s["requests"]])
     before = answers(store, s["spec"], s["key_ids"])
+    store.seal(s["cutoff"])  # retention prunes only requests a seal holds (PostgreSQL)
     with store.engine.begin() as conn:
         conn.execute(delete(file_uploads).where(file_uploads.c.uploaded_at < s["cutoff"]))
         conn.execute(delete(api_requests).where(api_requests.c.requested_at < s["cutoff"]))
@@ -189,6 +190,7 @@ def test_deleting_every_raw_row_keeps_a_kolkata_week_exact(store: UsageStore) ->
     )  # fmt: skip
     spec = QuerySpec(date(2025, 6, 3), date(2025, 6, 4), "Asia/Kolkata", "day")
     before = granular(store, spec, [key])
+    store.seal(datetime(2100, 1, 1, tzinfo=timezone.utc))  # PostgreSQL: retention's premise
     with store.engine.begin() as conn:
         conn.execute(delete(file_uploads))
         conn.execute(delete(api_requests))

@@ -375,9 +375,19 @@ def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
     return len(requests)
 
 
-def write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, datetime]:
+def write_requests(
+    cur: Any, requests: Sequence[RequestRecord], sealing: bool
+) -> tuple[int, datetime | None]:
     """Write id-unique ``requests`` in ``cur``'s open transaction (staging tables present);
-    returns how many rows were new and the seal instant they were written under."""
+    returns how many rows were new and the seal instant they were written under.
+
+    Without ``sealing`` (a schema from before ``rollup_seals``, until ``create_schema()``
+    upgrades it) every request is written with its rollups, as that schema's readers expect.
+    """
+    if not sealing:
+        _stage(cur, requests)
+        cur.execute(_INSERT_ROLLED)
+        return int(cur.fetchone()[0]), None
     cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
     cur.execute("SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'")

@@ -69,7 +69,8 @@ _STAGING_PRESENT = (
     "set_config('idle_in_transaction_session_timeout', %(ms)s, true), "
     "to_regclass('pg_temp.um_stage_uploads') IS NOT NULL "
     "AND EXISTS (SELECT FROM pg_catalog.pg_attribute "
-    "WHERE attrelid = to_regclass('pg_temp.um_stage_requests') AND attname = 'endpoint_bucket')"
+    "WHERE attrelid = to_regclass('pg_temp.um_stage_requests') AND attname = 'endpoint_bucket'), "
+    "to_regclass('public.rollup_seals') IS NOT NULL"
 )
 _CREATE_STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS um_stage_uploads
@@ -178,7 +179,8 @@ def pg_write(
         # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
         # server connection, and DISCARD ALL drops temporary tables.
         cur.execute(_STAGING_PRESENT, {"ms": str(max(1, round(timeout * 1000)))})
-        if not cur.fetchone()[2]:
+        _, _, staging, sealing = cur.fetchone()
+        if not staging:
             cur.execute(_CREATE_STAGING)
         if uploads:
             with cur.copy(
@@ -206,6 +208,6 @@ def pg_write(
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]
         if requests:
-            new, sealed_before = write_requests(cur, requests)
+            new, sealed_before = write_requests(cur, requests, sealing)
             written += new
     return written, sealed_before

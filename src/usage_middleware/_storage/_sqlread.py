@@ -244,6 +244,7 @@ def run_reads(
 # --- API requests -----------------------------------------------------------------------------
 
 _SEALED_BEFORE = "SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'"
+_SEALING_PRESENT = "SELECT to_regclass('public.rollup_seals') IS NOT NULL"
 _SEAL_TRIES = 5
 
 T = TypeVar("T")
@@ -279,8 +280,15 @@ def sealed_reads(
     raise ReadTimeoutError("the request rollups were sealed during every try of this read")
 
 
-def _instant(backend: SQLBackend) -> datetime:
+def _instant(backend: SQLBackend) -> datetime | None:
+    """The seal instant; None on a schema from before ``rollup_seals`` (every request rolled
+    up as written), until ``create_schema()`` upgrades it."""
     with backend.engine.connect() as conn:
+        if not backend.sealing:
+            present = conn.exec_driver_sql(_SEALING_PRESENT).scalar_one()
+            if not present:
+                return None
+            backend.sealing = True  # seen once, for good: the table is never dropped
         value: datetime = conn.exec_driver_sql(_SEALED_BEFORE).scalar_one()
     return value
 

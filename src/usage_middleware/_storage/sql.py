@@ -54,6 +54,9 @@ class SQLBackend(ABC):
     name: str
     engine: Engine
 
+    #: PostgreSQL: ``rollup_seals`` was seen, so requests may be raw rows behind a seal.
+    sealing = False
+
     def __init__(self, url: URL, *, read_timeout: float | None, write_timeout: float) -> None:
         self.url = url
         self.read_timeout = read_timeout
