@@ -5,7 +5,7 @@
 hour that ended at least ``SEAL_LAG`` ago, so that each rollup row of a quarter hour is written
 once for all of its traffic, and requests still in flight when their quarter hour ends (their
 time is their start) are rarely late. Each transaction folds at most about ``SEAL_ROWS`` raw
-rows, so that the writers it holds off (advisory lock, exclusive) wait a second or so, and a
+rows, so that the writers it holds off (advisory lock, exclusive) wait seconds, not minutes, and a
 backlog (a bulk load of history) is sealed in steps, each one exact on its own.
 
 Several processes may seal at once: they queue on the lock, and the later ones find the instant
@@ -32,7 +32,7 @@ SEAL_LAG = timedelta(minutes=2)
 #: How often (seconds) a writing process checks whether a quarter hour is due for sealing.
 SEAL_INTERVAL = 60.0
 #: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
-SEAL_ROWS = 250_000
+SEAL_ROWS = 1_000_000
 _QUARTER = timedelta(minutes=15)
 _EPOCH = datetime(2000, 1, 1)
 

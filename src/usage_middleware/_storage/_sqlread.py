@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -143,14 +143,24 @@ _SPLIT_DAYS = 120
 
 
 def _halves(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
-    """``pieces`` in two runs of about the same number of days."""
-    total = sum((x.hi - x.lo).days for x in pieces)
+    """``pieces`` (of whole days) in two runs of about the same number of days; a piece that
+    straddles the middle (a year read as one range) is cut there at a day boundary."""
+    half = (sum((x.hi - x.lo).days for x in pieces) + 1) // 2
+    first: list[Piece] = []
+    second: list[Piece] = []
     seen = 0
-    for i, x in enumerate(pieces):
-        seen += (x.hi - x.lo).days
-        if 2 * seen >= total:
-            return pieces[: i + 1], pieces[i + 1 :]
-    return pieces, []
+    for x in pieces:
+        days = (x.hi - x.lo).days
+        if seen >= half:
+            second.append(x)
+        elif seen + days <= half:
+            first.append(x)
+        else:
+            cut = x.lo + timedelta(days=half - seen)
+            first.append(x._replace(hi=cut))
+            second.append(x._replace(lo=cut))
+        seen += days
+    return first, second
 
 
 

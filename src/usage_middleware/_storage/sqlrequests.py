@@ -162,15 +162,20 @@ def _series_statement(
             where = [
                 *filter_clauses(table, shape, dialect), *request_clauses(table, fshape, dialect)
             ]  # fmt: skip
+        folded = source == "histogram" and dialect == "postgresql"
         j = joined(
             f"{tier}_pieces", tier in _DATES, dialect, table, at, names, where, summed,
-            utc_hour=_utc_indexed(tier, shape),
+            utc_hour=_utc_indexed(tier, shape), coarse=folded,
         )  # fmt: skip
         if source == "histogram":
             errors: Any = j.c.error_requests
-            # the fine bucket's coarse one, integer division (buckets are never negative)
-            bucket = (j.c.latency_bucket + literal_column("4", Integer)) // literal_column(
-                "5", Integer
+            # the fine bucket's coarse one, integer division (buckets are never negative);
+            # PostgreSQL folded it while summing each interval
+            bucket = (
+                j.c.latency_bucket
+                if folded
+                else (j.c.latency_bucket + literal_column("4", Integer))
+                // literal_column("5", Integer)
             )
         else:
             errors = case((j.c.status_code >= literal_column("400"), j.c.total_requests), else_=0)

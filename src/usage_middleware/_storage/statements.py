@@ -251,6 +251,7 @@ def joined(
     summed: Sequence[str] = (),
     cancelling: Sequence[str] = (),
     utc_hour: bool = False,
+    coarse: bool = False,
 ) -> Any:
     """Source rows of ``table`` inside each piece (:func:`piece_params`), with the piece's
     period and sign.
@@ -270,6 +271,10 @@ def joined(
     ``utc_hour`` (hourly rollups read for every key) compares UTC wall-clock hours, the
     expression of the hourly rollups' time index on PostgreSQL (see the schema file), so the
     read is an index range whatever the table's physical order.
+
+    ``coarse`` (PostgreSQL) folds the fine ``latency_bucket`` into the coarse one, ``(fine + 4)
+    / 5``, while summing each interval: a week of a key's daily histogram rows leaves the scan
+    as a fifth as many rows.
     """
     if dialect != "postgresql":
         each = func.json_each(bindparam(name)).table_valued("value")
@@ -300,8 +305,15 @@ def joined(
         .table_valued("i", "p", "sign")
         .render_derived(name=f"{name}_targets")
     )
+    def column(n: str) -> Any:
+        c = table.c[n]
+        if coarse and n == "latency_bucket":
+            four, five = literal_column("4", Integer), literal_column("5", Integer)
+            return ((c + four) // five).label(n)
+        return c
+
     grouped = {
-        n: case((d.c.net != 0, table.c[n])).label(n) if n in cancelling else table.c[n]
+        n: case((d.c.net != 0, column(n))).label(n) if n in cancelling else column(n)
         for n in names
         if n not in summed
     }
