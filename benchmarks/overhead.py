@@ -4,7 +4,9 @@ Variants of the same Starlette app: ``bare``; ``noop`` (a timing-only pure ASGI 
 ``otel`` (opentelemetry-instrumentation-asgi, SDK with a batch processor to a no-op exporter);
 ``prometheus`` (prometheus-fastapi-instrumentator); ``ours`` (UsageMiddleware with a no-op
 recorder: the capture cost alone, full rows built); ``ours+sqlite`` (UsageMiddleware with the
-real recorder writing into SQLite). Variants are interleaved round by round and medians are
+real recorder writing into SQLite); ``ours+postgres`` (the real recorder writing into a
+PostgreSQL database the script creates and drops: ``--pg URL``, default ``USAGE_TEST_PG_URL`` or
+the local server). Variants are interleaved round by round and medians are
 reported, because the machine is shared and noisy.
 
 The upload endpoint parses the form with ``request.form()``, as an upload API does.
@@ -45,7 +47,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-VARIANTS = ["bare", "noop", "otel", "prometheus", "ours", "ours+sqlite"]
+VARIANTS = ["bare", "noop", "otel", "prometheus", "ours", "ours+sqlite", "ours+postgres"]
+PG_ENV = "USAGE_BENCH_OVERHEAD_PG"  # the database ours+postgres writes to, set by main()
 CHUNK = 64 * 1024
 BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"  # what a browser sends
 
@@ -134,14 +137,17 @@ def build(variant: str, workdir: str) -> tuple[ASGIApp, Callable[[], None]]:
         from prometheus_fastapi_instrumentator import Instrumentator
 
         Instrumentator(registry=CollectorRegistry()).instrument(app)
-    elif variant in ("ours", "ours+sqlite"):
+    elif variant in ("ours", "ours+sqlite", "ours+postgres"):
         from usage_middleware import Recorder, UsageMiddleware, UsageStore
 
         if variant == "ours":
             app.add_middleware(UsageMiddleware, recorder=NoopRecorder())
         else:
-            path = os.path.join(workdir, f"usage-{os.getpid()}-{random.random()}.db")
-            store = UsageStore(f"sqlite:///{path}")
+            if variant == "ours+sqlite":
+                path = os.path.join(workdir, f"usage-{os.getpid()}-{random.random()}.db")
+                store = UsageStore(f"sqlite:///{path}")
+            else:
+                store = UsageStore(os.environ[PG_ENV])
             store.create_schema()
             recorder = Recorder(store)
             recorder.start()
@@ -435,15 +441,30 @@ def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]]
     )
     if loop:
         print(
-            f"  loopback req/s ours/bare = {loop['ours']['ratio']:.2f} (target >= 0.85); "
-            f"ours+sqlite/bare = {loop['ours+sqlite']['ratio']:.2f}"
+            f"  loopback req/s ours/bare = {loop['ours']['ratio']:.2f} (target >= 0.90); "
+            f"ours+sqlite/bare = {loop['ours+sqlite']['ratio']:.2f} (target >= 0.80); "
+            f"ours+postgres/bare = {loop['ours+postgres']['ratio']:.2f} (target >= 0.80)"
         )
+        base = loop["bare"]["cpu_us"]
+        alone = loop["ours"]["cpu_us"] - base
+        for v in ("ours+sqlite", "ours+postgres"):
+            print(
+                f"  server CPU added per request {v} / ours = "
+                f"{(loop[v]['cpu_us'] - base) / alone:.2f} (target <= 2.0 for ours+sqlite)"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--no-loopback", action="store_true", help="skip uvicorn + wrk")
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="PostgreSQL server for ours+postgres (a database is created and dropped)",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -451,15 +472,30 @@ def main() -> None:
         serve(args.serve, args.port)
         return
     started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="usage-bench-")
-    built = {v: build(v, workdir) for v in VARIANTS}
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+    name = f"um_bench_overhead_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    os.environ[PG_ENV] = make_url(args.pg).set(database=name).render_as_string(False)
     try:
-        stats = asyncio.run(in_process({v: app for v, (app, _) in built.items()}, args.quick))
+        workdir = tempfile.mkdtemp(prefix="usage-bench-")
+        built = {v: build(v, workdir) for v in VARIANTS}
+        try:
+            stats = asyncio.run(
+                in_process({v: app for v, (app, _) in built.items()}, args.quick)
+            )
+        finally:
+            for _, close in built.values():
+                close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        loop = None if args.no_loopback else loopback(VARIANTS, args.quick)
     finally:
-        for _, close in built.values():
-            close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    loop = None if args.no_loopback else loopback(VARIANTS, args.quick)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"{time.monotonic() - started:.0f} s\n"

@@ -258,7 +258,7 @@ class Recorder:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._started or self._writer is None or not self._writer.is_alive():
-            self._drain(deadline)
+            self._drain(deadline, whole=True)
             return not self._queue
         while self._queue or self._inflight is not None:
             if self._backoff.active:
@@ -354,7 +354,7 @@ class Recorder:
                     if self._backoff.due(time.monotonic()):
                         self._retry()
                     continue
-                self._drain(self._deadline if self._stopping else None)
+                self._drain(self._deadline if self._stopping else None, whole=self._stopping)
                 if self._stopping:
                     return
                 if (
@@ -379,11 +379,21 @@ class Recorder:
                 break
         return batch
 
-    def _drain(self, deadline: float | None) -> None:
-        """Write the queue batch by batch; on a database failure spool the batch and back off."""
+    def _drain(self, deadline: float | None, whole: bool = False) -> None:
+        """Write the queue batch by batch; on a database failure spool the batch and back off.
+
+        After the first batch only full batches follow, unless ``whole`` (shutting down, a
+        flush without the thread): under load a writer that chased the queue would write many
+        small batches, each paying a transaction's round trips; what is left waits for the
+        next wake (a full batch queued, ``flush_interval``, or ``force_flush``).
+        """
+        first = True
         while self._queue and not self._backoff.active:
             if deadline is not None and time.monotonic() > deadline:
                 return
+            if not (first or whole) and len(self._queue) < self.batch_size:
+                return
+            first = False
             batch = self._take()
             try:
                 pending = self._write(batch)
