@@ -497,6 +497,49 @@ def test_failed_query_is_503_and_the_pooled_connection_stays_transactional(pg_ur
         store.dispose()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("path", ["granular", "requests", "consumers"])
+def test_a_failed_answer_waits_for_the_reads_it_started(
+    pg_url: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one read of an answer fails, the answer (a 503) comes only after the reads running
+    beside it have finished: none outlives it holding a pooled connection, which it could
+    otherwise hand back to a pool its store has disposed of (and never close)."""
+    import threading
+    import time as clock
+
+    from usage_middleware._storage import _sqlread
+
+    store = UsageStore(pg_url)
+    try:
+        seed(store)
+        store.seal(datetime(2100, 1, 1, tzinfo=timezone.utc))  # requests read from rollups too
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE daily_usage RENAME TO daily_usage_away")
+            conn.exec_driver_sql("ALTER TABLE daily_request_usage RENAME TO daily_request_away")
+        real = _sqlread._rows
+        running = [0]
+        lock = threading.Lock()
+
+        def slow_rows(*args: Any) -> Any:
+            with lock:
+                running[0] += 1
+            try:
+                clock.sleep(0.3)
+                return real(*args)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        monkeypatch.setattr(_sqlread, "_rows", slow_rows)
+        year = {"start": "2025-01-01", "end": "2025-12-31"}
+        r = call(starlette_app(store), f"/api/usage/{path}", year, {"x-who": "admin"})
+        assert r.status_code == 503, r.text
+        assert running[0] == 0
+    finally:
+        store.dispose()
+
+
 def test_authorize_that_raises_gives_json_error(store: UsageStore) -> None:
     """A failing authorize hook answers a JSON 500 instead of crashing the app."""
 

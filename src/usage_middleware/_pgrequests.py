@@ -308,6 +308,23 @@ WITH new AS (
 ), {_ROLLUPS}"""
 
 
+def _raw(r: RequestRecord) -> tuple[Any, ...]:
+    """A request's ``api_requests`` row, in ``REQUEST_COLUMNS`` order."""
+    return (
+        r.id,
+        r.api_key_id,
+        r.method,
+        r.path,
+        r.status_code,
+        r.response_time_ms,
+        r.request_size,
+        r.response_size,
+        r.error_message,
+        r.requested_at,
+        r.route_matched,
+    )
+
+
 def _stage(cur: Any, requests: Sequence[RequestRecord]) -> None:
     """COPY ``requests`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
@@ -322,17 +339,7 @@ def _stage(cur: Any, requests: Sequence[RequestRecord]) -> None:
             fine = latency_bucket(ms)
             write_row(
                 (
-                    r.id,
-                    r.api_key_id,
-                    r.method,
-                    r.path,
-                    r.status_code,
-                    ms,
-                    r.request_size,
-                    r.response_size,
-                    r.error_message,
-                    r.requested_at,
-                    r.route_matched,
+                    *_raw(r),
                     fine,
                     round(ms * 1000),
                     r.method if r.method in STANDARD_METHODS else OTHER_METHOD,
@@ -351,28 +358,13 @@ def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
             copy.set_types(_RAW_TYPES)
             write_row = copy.write_row
             for r in requests:
-                write_row(
-                    (
-                        r.id,
-                        r.api_key_id,
-                        r.method,
-                        r.path,
-                        r.status_code,
-                        r.response_time_ms,
-                        r.request_size,
-                        r.response_size,
-                        r.error_message,
-                        r.requested_at,
-                        r.route_matched,
-                    )
-                )
+                write_row(_raw(r))
     except psycopg.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT um_live")
         _stage(cur, requests)
         cur.execute(_INSERT_RAW)
         return int(cur.rowcount)
-    cur.execute("RELEASE SAVEPOINT um_live")
-    return len(requests)
+    return len(requests)  # the savepoint ends with the transaction: no round trip for it
 
 
 def write_requests(

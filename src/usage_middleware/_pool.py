@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 __all__ = ["submit"]
 
@@ -23,6 +23,16 @@ _pool: ThreadPoolExecutor | None = None
 
 def _new_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="usage-query")
+
+
+def settle(futures: Iterable[Future[Any]]) -> None:
+    """Wait until ``futures`` are done, whatever they return or raise.
+
+    An answer whose read failed waits for the reads it started beside it before it raises: they
+    hold pooled connections, and a read that outlived its answer could hand one back to a pool
+    its store has disposed of meanwhile (the connection would then never be closed).
+    """
+    wait(list(futures))
 
 
 def submit(fn: Callable[[], _T]) -> Future[_T]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
 from datetime import date, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
 from ._errors import ReadTimeoutError
-from ._pool import submit
+from ._pool import settle, submit
 from ._schema import latency_representative
 from ._storage.base import Histogram, Scope, UploadRow
 from ._store import UsageStore
@@ -54,7 +55,11 @@ def _both(store: UsageStore, first: Callable[[], _T], second: Callable[[], Any])
     if not store.backend.parallel_reads:
         return first(), second()
     later = submit(second)
-    return first(), later.result()
+    try:
+        result = first()
+    finally:
+        settle([later])
+    return result, later.result()
 
 
 def _percentages(counts: Sequence[int]) -> list[float]:
@@ -142,12 +147,16 @@ def granular(
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]
-    finish_additions = start_granular_additions(store, spec, key_ids)
-    rows, request_block = _both(
-        store,
-        lambda: _upload_rows(store, spec, key_ids, bounds),
-        lambda: request_stats(store, spec, key_ids),
-    )
+    finish_additions, started = start_granular_additions(store, spec, key_ids)
+    try:
+        rows, request_block = _both(
+            store,
+            lambda: _upload_rows(store, spec, key_ids, bounds),
+            lambda: request_stats(store, spec, key_ids),
+        )
+    except BaseException:
+        settle(started)
+        raise
     additions = finish_additions()
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
@@ -256,9 +265,10 @@ def _type_mismatches(rows: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
 
 def start_granular_additions(
     store: UsageStore, spec: QuerySpec, key_ids: Collection[UUID] | None
-) -> Callable[[], dict[str, Any]]:
+) -> tuple[Callable[[], dict[str, Any]], list[Future[Any]]]:
     """Start reading ``/granular``'s ``previous`` and ``type_mismatches``; the returned call
-    finishes and answers them.
+    finishes and answers them (the reads it started are returned beside it, for an answer that
+    fails before it finishes to wait for).
 
     ``previous``: upload totals plus ``requests`` and ``errors`` of :func:`previous_range`
     (same zone, same key scope and filters; ``start``/``end`` name it, null with zeros when it
@@ -271,7 +281,7 @@ def start_granular_additions(
     zero = {"uploads": 0, "bytes": 0, "successful": 0, "failed": 0, "requests": 0, "errors": 0}
     if key_ids is not None and not key_ids:
         empty = {"previous": {"start": None, "end": None, **zero}, "type_mismatches": []}
-        return lambda: empty
+        return (lambda: empty), []
     store.ensure_schema()
     scope = _scope(spec, key_ids)
     backend = store.backend
@@ -286,11 +296,17 @@ def start_granular_additions(
     def mismatches() -> list[tuple[str, str, int]]:
         return backend.mismatch_rows(scope, spec.start_utc, spec.end_utc)
 
+    started: list[Future[Any]] = []
     if backend.parallel_reads:
         later_histogram, later_mismatches = submit(histogram), submit(mismatches)
+        started = [later_histogram, later_mismatches]
 
     def finish() -> dict[str, Any]:
-        rows = [] if prev_spec is None else _whole_range_rows(store, prev_spec, key_ids)
+        try:
+            rows = [] if prev_spec is None else _whole_range_rows(store, prev_spec, key_ids)
+        except BaseException:
+            settle(started)
+            raise
         if backend.parallel_reads:
             h, found = later_histogram.result(), later_mismatches.result()
         else:
@@ -305,4 +321,4 @@ def start_granular_additions(
         }
         return {"previous": previous, "type_mismatches": _type_mismatches(found)}
 
-    return finish
+    return finish, started

@@ -24,7 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from ._failures import parse_limit
-from ._pool import submit
+from ._pool import settle, submit
 from ._queries import _both, _percentages, _range_json, percentile
 from ._schema import endpoint_method, endpoint_representative
 from ._storage.base import (
@@ -279,11 +279,16 @@ def requests_answer(
             later = submit(lambda: backend.request_histogram(scope, spec.start_utc, spec.end_utc))
         else:
             fine = backend.request_histogram(scope, spec.start_utc, spec.end_utc)
-    rows, series_rows = _both(
-        store,
-        lambda: backend.endpoint_rows(scope, spec.start_utc, spec.end_utc, filters),
-        lambda: backend.request_series(scope, bounds, filters),
-    )
+    try:
+        rows, series_rows = _both(
+            store,
+            lambda: backend.endpoint_rows(scope, spec.start_utc, spec.end_utc, filters),
+            lambda: backend.request_series(scope, bounds, filters),
+        )
+    except BaseException:
+        if filters.empty and backend.parallel_reads:
+            settle([later])
+        raise
     if filters.empty and backend.parallel_reads:
         fine = later.result()
     return _shape(spec, rows, series_rows, fine)

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._errors import ReadTimeoutError
-from .._pool import submit
+from .._pool import settle, submit
 from .._schema import (
     api_requests,
     daily_request_usage,
@@ -246,7 +246,10 @@ def run_reads(
     there they run one after the other."""
     if backend.name == "postgresql" and len(statements) > 1:
         futures = [submit(partial(_rows, backend, *s)) for s in statements[1:]]
-        first = _rows(backend, *statements[0])
+        try:
+            first = _rows(backend, *statements[0])
+        finally:
+            settle(futures)
         return [first, *(future.result() for future in futures)]
     return [_rows(backend, *s) for s in statements]
 
