@@ -320,3 +320,32 @@ def test_sqlite_and_memory_have_nothing_to_seal(sqlite_url: str) -> None:
         assert store.seal() == 0
         assert store.seal(FAR) == 0
         store.dispose()
+
+
+def test_a_schema_from_before_sealing_keeps_the_old_plan(pg_url: str) -> None:
+    """Until create_schema() adds rollup_seals, writers of this release write every request
+    with its rollups, a seal does nothing, and reads take the rollups whole."""
+    from sqlalchemy import text
+
+    new = UsageStore(pg_url)
+    new.create_schema()
+    new.dispose()
+    old = UsageStore(pg_url, auto_create_schema=False)
+    try:
+        with old.engine.begin() as conn:
+            conn.execute(text("DROP TABLE rollup_seals"))
+        rng = random.Random(6)
+        records = _requests(rng, 300, datetime(2025, 9, 1, tzinfo=UTC), 30)
+        assert old.write(records) == 300
+        assert old.seal(FAR) == 0
+        assert _rollup_rows(old) > 0
+        memory = UsageStore("memory://")
+        memory.write(records)
+        keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
+        params = [("start", "2025-09-01"), ("end", "2025-09-03"), ("granularity", "hour")]
+        headers = {"x-keys": ",".join(keys)}
+        for path in ("requests", "consumers", "granular"):
+            got = get(app_for(old), f"/usage/{path}", params, headers).json()
+            assert got == get(app_for(memory), f"/usage/{path}", params, headers).json(), path
+    finally:
+        old.dispose()

@@ -72,6 +72,9 @@ def pg_seal(
                         "set_config('work_mem', '64MB', true)",
                         {"ms": ms},
                     )
+                    cur.execute("SELECT to_regclass('public.rollup_seals') IS NOT NULL")
+                    if not cur.fetchone()[0]:
+                        return folded  # a schema from before sealing: create_schema() upgrades it
                     cur.execute(f"SELECT pg_advisory_xact_lock({SEAL_LOCK})")
                     cur.execute(
                         "SELECT sealed_before, now() FROM public.rollup_seals "
