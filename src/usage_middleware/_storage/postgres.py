@@ -149,6 +149,11 @@ class PostgresBackend(SQLBackend):
                 self._seal_lock.release()
         return written
 
+    def after_fork(self) -> None:
+        super().after_fork()
+        self._seal_lock = threading.Lock()  # a parent's seal may have held it at fork time
+        self._seal_checked = time.monotonic()
+
     def seal(self, before: datetime | None = None) -> int:
         """Fold the raw requests that no seal holds yet, up to ``before`` (default: the last
         whole quarter hour that ended two minutes ago), into the rollups; returns how many."""
