@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 VARIANTS = ["bare", "noop", "otel", "prometheus", "ours", "ours+sqlite", "ours+postgres"]
 PG_ENV = "USAGE_BENCH_OVERHEAD_PG"  # the database ours+postgres writes to, set by main()
+WORKDIR_ENV = "USAGE_BENCH_OVERHEAD_DIR"  # where the loopback servers keep their files
 CHUNK = 64 * 1024
 BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"  # what a browser sends
 
@@ -149,7 +150,7 @@ def build(variant: str, workdir: str) -> tuple[ASGIApp, Callable[[], None]]:
             else:
                 store = UsageStore(os.environ[PG_ENV])
             store.create_schema()
-            recorder = Recorder(store)
+            recorder = Recorder(store, spool_path=os.path.join(workdir, "spool.sqlite3"))
             recorder.start()
             app.add_middleware(UsageMiddleware, recorder=recorder)
 
@@ -275,7 +276,8 @@ def serve(variant: str, port: int) -> None:
     """Child process: serve one variant with uvicorn until terminated."""
     import uvicorn
 
-    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    # under the parent's directory, which the parent removes whatever way this process ends
+    workdir = tempfile.mkdtemp(prefix="usage-bench-", dir=os.environ.get(WORKDIR_ENV))
     app, close = build(variant, workdir)
     try:
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
@@ -346,10 +348,12 @@ def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | 
         return None
     seconds, rounds = (2, 2) if quick else (3, 7)
     ports = {v: free_port() for v in variants}
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
     children = {
         v: subprocess.Popen(
             [sys.executable, __file__, "--serve", v, "--port", str(ports[v])],
             stdout=subprocess.DEVNULL,
+            env={**os.environ, WORKDIR_ENV: workdir},
         )
         for v in variants
     }
@@ -380,6 +384,7 @@ def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | 
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
     return {
         v: {
             "rps": statistics.median(rps[v]),
