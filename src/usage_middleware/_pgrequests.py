@@ -143,6 +143,36 @@ def _endpoint_tier(name: str, table: str, column: str, when: str) -> str:
 )"""
 
 
+def _request_tier(name: str, table: str, column: str, when: str) -> str:
+    """A request histogram tier summed from the quarter-hour groups (hour, day, month)."""
+    return f"""{name} AS (
+    INSERT INTO public.{table} AS t
+        (api_key_id, {column}, latency_bucket, {_REQUEST_COUNTER_NAMES})
+    SELECT api_key_id, {when}, latency_bucket, {_REQUEST_SUMS}
+      FROM grouped
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_REQUEST_SET}
+    RETURNING 1
+)"""
+
+
+# After the quarter-hour tier, in the order the final SELECT reads them.
+_SUMMED_REQUEST_TIERS = ", ".join(
+    (
+        _request_tier(
+            "hourly",
+            "hourly_request_usage",
+            "usage_hour",
+            "date_trunc('hour', q) AT TIME ZONE 'UTC'",
+        ),
+        _request_tier("daily", "daily_request_usage", "usage_date", "q::date"),
+        _request_tier(
+            "monthly", "monthly_request_usage", "usage_month", "date_trunc('month', q)::date"
+        ),
+    )
+)
+
 # Coarsest first, as the request tiers.
 _ENDPOINT_TIERS = ",\n".join(
     (
@@ -168,34 +198,7 @@ _ROLLUPS = f"""grouped AS (
      ORDER BY 1, 2, 3
     ON CONFLICT ON CONSTRAINT uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}
     RETURNING 1
-), hourly AS (
-    INSERT INTO public.hourly_request_usage AS t
-        (api_key_id, usage_hour, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('hour', q) AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_hourly_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), daily AS (
-    INSERT INTO public.daily_request_usage AS t
-        (api_key_id, usage_date, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, q::date, latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_daily_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), monthly AS (
-    INSERT INTO public.monthly_request_usage AS t
-        (api_key_id, usage_month, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, date_trunc('month', q)::date, latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_monthly_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), endpoints AS (
+), {_SUMMED_REQUEST_TIERS}, endpoints AS (
     SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
            status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
            count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
