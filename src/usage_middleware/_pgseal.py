@@ -1,7 +1,7 @@
 """Sealing on PostgreSQL: the raw requests of a closed stretch of time folded into the rollups.
 
 ``rollup_seals`` holds the instant before which the request rollups hold every raw row (see
-:mod:`usage_middleware._pgrequests`). A seal moves it to the start of the last whole UTC quarter
+:mod:`usage_middleware._pgrequests`). A seal moves it to the end of the last whole UTC quarter
 hour that ended at least ``SEAL_LAG`` ago, so that each rollup row of a quarter hour is written
 once for all of its traffic, and requests still in flight when their quarter hour ends (their
 time is their start) are rarely late. Each transaction folds at most about ``SEAL_ROWS`` raw
@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ._pgrequests import SEAL_LOCK, SEAL_SQL
+from ._storage.plan import _floor_quarter
 
 __all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
 
@@ -33,14 +34,12 @@ SEAL_LAG = timedelta(minutes=2)
 SEAL_INTERVAL = 60.0
 #: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
 SEAL_ROWS = 1_000_000
-_QUARTER = timedelta(minutes=15)
-_EPOCH = datetime(2000, 1, 1)
 
 
 def seal_target(now: datetime) -> datetime:
-    """The start of the last whole UTC quarter hour that ended ``SEAL_LAG`` before ``now``."""
-    t = now - SEAL_LAG
-    return t - (t.replace(tzinfo=None) - _EPOCH) % _QUARTER
+    """The end of the last whole UTC quarter hour that had ended ``SEAL_LAG`` before ``now``
+    (``now`` in UTC)."""
+    return _floor_quarter(now - SEAL_LAG)
 
 
 def seal_due(now: datetime, sealed_before: datetime) -> bool:
@@ -64,8 +63,8 @@ def pg_seal(
         with engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
-                with bounded(conn, timeout), conn.begin():
-                    cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                dbapi: Any = conn.connection.dbapi_connection
+                with bounded(conn, timeout), conn.begin(), dbapi.cursor() as cur:
                     ms = str(max(1, round(timeout * 1000)))
                     cur.execute(
                         "SELECT set_config('statement_timeout', %(ms)s, true), "
@@ -103,7 +102,6 @@ def pg_seal(
                         "WHERE dataset = 'requests'",
                         {"hi": hi},
                     )
-                    cur.close()
             finally:
                 conn.info.pop("usage_write", None)
         if hi >= target:
