@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 from uuid import UUID
 
@@ -274,6 +275,7 @@ def requests_answer(
     scope = Scope(None if key_ids is None else tuple(key_ids))
     bounds = [*(p.start for p in periods(spec)), spec.end_utc]
     fine = None
+    later: Future[Histogram] | None = None
     if filters.empty:
         if backend.parallel_reads:
             later = submit(lambda: backend.request_histogram(scope, spec.start_utc, spec.end_utc))
@@ -286,10 +288,10 @@ def requests_answer(
             lambda: backend.request_series(scope, bounds, filters),
         )
     except BaseException:
-        if filters.empty and backend.parallel_reads:
+        if later is not None:
             settle([later])
         raise
-    if filters.empty and backend.parallel_reads:
+    if later is not None:
         fine = later.result()
     return _shape(spec, rows, series_rows, fine)
 

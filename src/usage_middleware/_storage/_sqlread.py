@@ -260,13 +260,13 @@ _SEALED_BEFORE = "SELECT sealed_before FROM public.rollup_seals WHERE dataset = 
 _SEALING_PRESENT = "SELECT to_regclass('public.rollup_seals') IS NOT NULL"
 _SEAL_TRIES = 5
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def sealed_reads(
     backend: SQLBackend,
-    build: Callable[[datetime | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, T]],
-) -> tuple[list[list[Any]], T]:
+    build: Callable[[datetime | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, _T]],
+) -> tuple[list[list[Any]], _T]:
     """Run the statements ``build(sealed_before)`` makes for the request rollups as they are.
 
     On PostgreSQL the request rollups hold exactly the raw rows before ``rollup_seals``'
@@ -304,7 +304,6 @@ def _instant(backend: SQLBackend) -> datetime | None:
             backend.sealing = True  # seen once, for good: the table is never dropped
         value: datetime = conn.exec_driver_sql(_SEALED_BEFORE).scalar_one()
     return value
-
 
 
 _REQUEST_SOURCES = {

@@ -305,6 +305,7 @@ def joined(
         .table_valued("i", "p", "sign")
         .render_derived(name=f"{name}_targets")
     )
+
     def column(n: str) -> Any:
         c = table.c[n]
         if coarse and n == "latency_bucket":
