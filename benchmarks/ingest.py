@@ -209,14 +209,20 @@ def pg_baseline_table(conn: psycopg.Connection[Any], data: Dataset) -> str:
         f"CREATE TABLE {raw} (LIKE public.{data.table} INCLUDING DEFAULTS) "
         f"PARTITION BY RANGE ({data.time_column})"
     )
-    for (definition,) in conn.execute(INDEXES, (data.table,)).fetchall():
+    # A partitioned table's index definitions read "ON ONLY public.<table>"; on the baseline
+    # they become partitioned indexes, which every partition created below inherits.
+    definitions = [d for (d,) in conn.execute(INDEXES, (data.table,)).fetchall()]
+    for definition in definitions:
+        target = f" ON ONLY public.{data.table} "
+        if target not in definition:
+            raise RuntimeError(f"unexpected index definition: {definition}")
         conn.execute(
-            definition.replace(f"ON public.{data.table} ", f"ON public.{raw} ").replace(
-                "INDEX ", f"INDEX {raw}_", 1
-            )
+            definition.replace(target, f" ON public.{raw} ").replace("INDEX ", f"INDEX {raw}_", 1)
         )
     for name, bound in conn.execute(PARTITIONS, (f"public.{data.table}",)).fetchall():
         conn.execute(f'CREATE TABLE "raw_{name}" PARTITION OF {raw} {bound}')
+    if len(conn.execute(INDEXES, (raw,)).fetchall()) != len(definitions):
+        raise RuntimeError(f"{raw} did not get the indexes of {data.table}")
     conn.commit()
     return raw
 
