@@ -113,6 +113,42 @@ def test_late_requests_carry_their_rollups(pg: UsageStore) -> None:
     assert_rollups_exact(pg)
 
 
+def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: UsageStore) -> None:
+    """A seal plainly inserts the rows of periods that start at or after its old instant (none
+    of their rollup rows can exist). Should one exist after all (written by hand), the seal does
+    not fail for ever on the duplicate: it upserts instead, adding to that row."""
+    from sqlalchemy import text
+
+    quarter = datetime(2025, 6, 2, 9, 15, tzinfo=UTC)
+    record = replace(
+        random_request(random.Random(4)),
+        api_key_id=None,
+        status_code=200,
+        response_time_ms=0.0,
+        requested_at=quarter + timedelta(minutes=3),
+    )
+    pg.seal(quarter)  # the instant is at the start of the quarter hour: it is a fresh period
+    assert pg.write([record]) == 1
+    with pg.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO quarter_request_usage (api_key_id, usage_quarter, latency_bucket, "
+                "total_requests, error_requests, total_response_us, total_request_bytes, "
+                "total_response_bytes) VALUES (NULL, :q, 0, 5, 0, 0, 0, 0)"
+            ),
+            {"q": quarter},
+        )
+    assert pg.seal(FAR) == 1
+    with pg.engine.connect() as conn:
+        totals = conn.execute(
+            text("SELECT total_requests FROM quarter_request_usage WHERE usage_quarter = :q"),
+            {"q": quarter},
+        ).scalars()
+        assert list(totals) == [6]
+        daily = conn.execute(text("SELECT sum(total_requests) FROM daily_request_usage"))
+        assert daily.scalar() == 1
+
+
 # --- answers at every seal state ------------------------------------------------------------
 
 

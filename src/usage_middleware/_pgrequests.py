@@ -47,7 +47,7 @@ from ._schema import (
     latency_bucket,
 )
 
-__all__ = ["QUARTER", "SEAL_LOCK", "SEAL_SQL", "write_requests"]
+__all__ = ["QUARTER", "SEAL_LOCK", "SEAL_SQL", "SEAL_UPSERT_SQL", "write_requests"]
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
@@ -129,76 +129,111 @@ _ENDPOINT_SET = """
 """
 
 
-def _endpoint_tier(name: str, table: str, column: str, when: str) -> str:
-    return f"""{name} AS (
-    INSERT INTO public.{table} AS t
-        (api_key_id, {column}, method, route, status_code, latency_bucket,
-         {_ENDPOINT_COUNTER_NAMES})
-    SELECT api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}
-      FROM labelled
-     GROUP BY 1, 2, 3, 4, 5, 6
-     ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_ENDPOINT_SET}
-    RETURNING 1
-)"""
+
+# A seal's old instant as a UTC timestamp, comparable with the periods' starts.
+_LO_UTC = "(%(lo)s::timestamptz AT TIME ZONE 'UTC')"
 
 
-def _request_tier(name: str, table: str, column: str, when: str) -> str:
-    """A request histogram tier summed from the quarter-hour groups (hour, day, month)."""
-    return f"""{name} AS (
-    INSERT INTO public.{table} AS t
-        (api_key_id, {column}, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, {when}, latency_bucket, {_REQUEST_SUMS}
-      FROM grouped
-     GROUP BY 1, 2, 3
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_{table} DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-)"""
+def _tier(
+    name: str, into: str, select: str, source: str, group: str, conflict: str, start: str,
+    split: bool,
+) -> str:  # fmt: skip
+    """One rollup tier: ``INSERT INTO {into} SELECT {select} FROM {source} {group}`` with an
+    upsert on ``conflict``.
+
+    With ``split`` (a seal), two statements: ``{name}`` upserts the groups of periods that
+    started before the seal's old instant, and ``{name}_new`` plainly inserts the others
+    (``start``: the period's start, a UTC timestamp), which no rollup row can hold yet: every
+    row folded so far, late or sealed, is older than that instant, and so is its period's start.
+    Most of a seal's rows are of such periods, and a plain insert skips each row's conflict probe.
+    """
+    statement = f"INSERT INTO public.{into}\n    SELECT {select}\n      FROM {source}"
+    statement += "{where}" + group
+    upsert = f"ON CONFLICT ON CONSTRAINT {conflict}"
+    if not split:
+        return f"{name} AS (\n    {statement.format(where='')}\n    {upsert}\n)"
+    old = statement.format(where=f"\n     WHERE {start} < {_LO_UTC}")
+    new = statement.format(where=f"\n     WHERE {start} >= {_LO_UTC}")
+    return f"{name} AS (\n    {old}\n    {upsert}\n), {name}_new AS (\n    {new}\n)"
 
 
-# After the quarter-hour tier, in the order the final SELECT reads them.
-_SUMMED_REQUEST_TIERS = ", ".join(
-    (
-        _request_tier(
-            "hourly",
-            "hourly_request_usage",
-            "usage_hour",
-            "date_trunc('hour', q) AT TIME ZONE 'UTC'",
-        ),
-        _request_tier("daily", "daily_request_usage", "usage_date", "q::date"),
-        _request_tier(
-            "monthly", "monthly_request_usage", "usage_month", "date_trunc('month', q)::date"
-        ),
+def _request_tier(table: str, column: str, when: str, start: str, split: bool) -> str:
+    """A request histogram tier summed from the quarter-hour groups."""
+    return _tier(
+        f"into_{table}",
+        f"{table} AS t (api_key_id, {column}, latency_bucket, {_REQUEST_COUNTER_NAMES})",
+        f"api_key_id, {when}, latency_bucket, {_REQUEST_SUMS}",
+        "grouped",
+        "\n     GROUP BY 1, 2, 3\n     ORDER BY 1, 2, 3",
+        f"uq_{table} DO UPDATE SET {_REQUEST_SET}",
+        start,
+        split,
     )
-)
 
-# Coarsest first, as the request tiers.
-_ENDPOINT_TIERS = ",\n".join(
-    (
-        _endpoint_tier(
-            "emonthly", "monthly_endpoint_usage", "usage_month", "date_trunc('month', q)::date"
-        ),
-        _endpoint_tier("edaily", "daily_endpoint_usage", "usage_date", "q::date"),
-        _endpoint_tier(
-            "equarter", "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'"
-        ),
+
+def _endpoint_tier(table: str, column: str, when: str, start: str, split: bool) -> str:
+    """An endpoint tier summed from the labelled quarter-hour groups."""
+    return _tier(
+        f"into_{table}",
+        f"{table} AS t (api_key_id, {column}, method, route, status_code, latency_bucket, "
+        f"{_ENDPOINT_COUNTER_NAMES})",
+        f"api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}",
+        "labelled",
+        "\n     GROUP BY 1, 2, 3, 4, 5, 6\n     ORDER BY 1, 2, 3, 4, 5, 6",
+        f"uq_{table} DO UPDATE SET {_ENDPOINT_SET}",
+        start,
+        split,
     )
-)
 
-_ROLLUPS = f"""grouped AS (
+
+_HOUR = "date_trunc('hour', q)"
+_DAY = "date_trunc('day', q)"
+_MONTH = "date_trunc('month', q)"
+
+
+def _rollups(split: bool) -> str:
+    """The CTEs that fold ``staged`` (the new raw rows, labelled and bucketed, with their UTC
+    quarter hour ``q``) into every request rollup; ``split`` as in :func:`_tier`. The statement
+    that ends with them selects the number of ``new`` rows."""
+    quarter = _tier(
+        "into_quarter_request_usage",
+        "quarter_request_usage AS t "
+        f"(api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})",
+        f"api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}",
+        "grouped",
+        "\n     ORDER BY 1, 2, 3",
+        f"uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}",
+        "q",
+        split,
+    )
+    requests = ", ".join(
+        (
+            quarter,
+            _request_tier(
+                "hourly_request_usage", "usage_hour", f"{_HOUR} AT TIME ZONE 'UTC'", _HOUR, split
+            ),
+            _request_tier("daily_request_usage", "usage_date", "q::date", _DAY, split),
+            _request_tier(
+                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split
+            ),
+        )
+    )
+    endpoints = ", ".join(
+        (
+            _endpoint_tier(
+                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split
+            ),
+            _endpoint_tier("daily_endpoint_usage", "usage_date", "q::date", _DAY, split),
+            _endpoint_tier(
+                "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'", "q", split
+            ),
+        )
+    )
+    return f"""grouped AS (
     SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
       FROM staged
      GROUP BY 1, 2, 3
-), quarter AS (
-    INSERT INTO public.quarter_request_usage AS t
-        (api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})
-    SELECT api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}
-      FROM grouped
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}
-    RETURNING 1
-), {_SUMMED_REQUEST_TIERS}, endpoints AS (
+), {requests}, endpoints AS (
     SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
            status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
            count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
@@ -250,12 +285,10 @@ _ROLLUPS = f"""grouped AS (
       FROM endpoints AS p
       LEFT JOIN named AS n
         ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
-), {_ENDPOINT_TIERS}
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM monthly), (SELECT count(*) FROM daily),
-       (SELECT count(*) FROM hourly), (SELECT count(*) FROM quarter),
-       (SELECT count(*) FROM admitted), (SELECT count(*) FROM emonthly),
-       (SELECT count(*) FROM edaily), (SELECT count(*) FROM equarter)
+), {endpoints}
+SELECT count(*) FROM new
 """
+
 
 _COLUMNS = ", ".join(REQUEST_COLUMNS)
 
@@ -274,7 +307,7 @@ WITH new AS (
            s.endpoint_route, s.endpoint_bucket
       FROM new AS n
       JOIN pg_temp.um_stage_requests AS s USING (id)
-), {_ROLLUPS}"""
+), {_rollups(split=False)}"""
 
 # A replayed live batch: raw rows only, the ones not stored yet.
 _INSERT_RAW = f"""
@@ -291,9 +324,11 @@ _FINE_BUCKET = (
 )
 _METHODS = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
 
-#: A seal: the raw rows of [lo, hi) into every request rollup, labelled and bucketed in SQL as
-#: the writer does in Python. The first column of its one row is how many rows it folded.
-SEAL_SQL = f"""
+
+def _seal(split: bool) -> str:
+    """A seal: the raw rows of [lo, hi) into every request rollup, labelled and bucketed in
+    SQL as the writer does in Python; its one row is how many rows it folded."""
+    return f"""
 WITH new AS (
     SELECT r.api_key_id, {QUARTER.replace("utc_at", "(r.requested_at AT TIME ZONE 'UTC')")},
            r.status_code, r.request_size, r.response_size, {_FINE_BUCKET} AS latency_bucket,
@@ -308,7 +343,14 @@ WITH new AS (
     SELECT n.*, ((n.latency_bucket + {ENDPOINT_BUCKET_WIDTH - 1}) / {ENDPOINT_BUCKET_WIDTH}
                  )::smallint AS endpoint_bucket
       FROM new AS n
-), {_ROLLUPS}"""
+), {_rollups(split)}"""
+
+
+#: The seal, plainly inserting the rows of periods that start at or after its old instant.
+SEAL_SQL = _seal(split=True)
+#: The seal, upserting every row: what a seal falls back on should a rollup row of such a
+#: period exist after all (rows written into the rollups by hand); it then adds to it.
+SEAL_UPSERT_SQL = _seal(split=False)
 
 
 def _raw(r: RequestRecord) -> tuple[Any, ...]:

@@ -20,9 +20,10 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine
 
-from ._pgrequests import SEAL_LOCK, SEAL_SQL
+from ._pgrequests import SEAL_LOCK, SEAL_SQL, SEAL_UPSERT_SQL
 from ._storage.plan import _floor_quarter
 
 __all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
@@ -95,7 +96,13 @@ def pg_seal(
                     hi = target
                     if row is not None:
                         hi = max(row[0], sealed_before + timedelta(microseconds=1))
-                    cur.execute(SEAL_SQL, {"lo": sealed_before, "hi": hi})
+                    bounds = {"lo": sealed_before, "hi": hi}
+                    cur.execute("SAVEPOINT um_seal")
+                    try:
+                        cur.execute(SEAL_SQL, bounds)
+                    except psycopg.errors.UniqueViolation:
+                        cur.execute("ROLLBACK TO SAVEPOINT um_seal")
+                        cur.execute(SEAL_UPSERT_SQL, bounds)
                     folded += int(cur.fetchone()[0])
                     cur.execute(
                         "UPDATE public.rollup_seals SET sealed_before = %(hi)s "
