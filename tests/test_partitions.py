@@ -476,6 +476,7 @@ def test_retention_empties_the_legacy_partition_in_batches_then_drops_it(pg_url:
     try:
         store.create_schema()
         assert "file_uploads_legacy" in _partitions(store, "file_uploads")
+        store.seal()  # what maintain() does first: the last day of requests rolls up
         rollups = stored_rollups(store)
         with store.engine.begin() as conn:  # one call deletes one batch, and says there is more
             row = conn.execute(text("SELECT * FROM public.usage_maintain(3, 30, 50)")).one()

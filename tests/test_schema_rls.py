@@ -103,12 +103,14 @@ def _install(conn: psycopg.Connection, pg_url: str) -> None:
                 RequestRecord(api_key_id=BOB_KEY, requested_at=at),
             ]
         )
-        # those requests sealed into the rollups; two more only raw, as live ones are
-        store.seal(at + timedelta(hours=1))
+        # those requests sealed into the rollups (their day is over: into every tier); two
+        # more only raw, as live ones are
+        later = at + timedelta(days=1)
+        store.seal(later)
         store.write(
             [
-                RequestRecord(api_key_id=ALICE_KEY, requested_at=at + timedelta(hours=2)),
-                RequestRecord(api_key_id=BOB_KEY, requested_at=at + timedelta(hours=2)),
+                RequestRecord(api_key_id=ALICE_KEY, requested_at=later + timedelta(hours=2)),
+                RequestRecord(api_key_id=BOB_KEY, requested_at=later + timedelta(hours=2)),
             ]
         )
     finally:

@@ -21,7 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.endpoints import rebuilt_endpoints, stored_endpoints, stored_request_rows
 from support.pg import PG_ADMIN_URL, create_database, drop_database, require_postgres
-from support.rollups import FAR, assert_rollups_exact, random_request, sealed_instant
+from support.rollups import (
+    FAR,
+    assert_rollups_exact,
+    random_request,
+    sealed_days,
+    sealed_instant,
+)
 from test_queries import app_for, get
 from test_requests import scenarios
 
@@ -69,7 +75,8 @@ def test_live_requests_are_raw_until_sealed_then_equal_the_rebuild(
     pg: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Live batches (a replay among them) leave the rollups empty; seals in steps of at most
-    SEAL_ROWS rows fold them in, and every rollup then equals aggregating the raw rows in Python
+    SEAL_ROWS rows fold them into the quarter-hour tiers, and the UTC days they complete into
+    the coarser ones; every rollup then equals aggregating the raw rows in Python
     with the writer's own bucket and label functions, edges of the latency buckets included."""
     import usage_middleware._pgseal as pgseal
 
@@ -86,6 +93,8 @@ def test_live_requests_are_raw_until_sealed_then_equal_the_rebuild(
     middle = start + timedelta(hours=11, minutes=7, seconds=3)
     assert pg.seal(middle) == sum(r.requested_at < middle for r in records)
     assert sealed_instant(pg) == middle
+    # the days that ended before the instant are rolled into the coarse tiers, whole
+    assert sealed_days(pg) == middle.replace(hour=0, minute=0, second=0)
     assert_rollups_exact(pg)
     assert pg.seal(middle - timedelta(hours=1)) == 0  # never back
     assert sealed_instant(pg) == middle
@@ -146,7 +155,7 @@ def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: Usa
         ).scalars()
         assert list(totals) == [6]
         daily = conn.execute(text("SELECT sum(total_requests) FROM daily_request_usage"))
-        assert daily.scalar() == 1
+        assert daily.scalar() == 6  # the day, summed from its quarter hours
 
 
 # --- answers at every seal state ------------------------------------------------------------
@@ -385,3 +394,51 @@ def test_a_schema_from_before_sealing_keeps_the_old_plan(pg_url: str) -> None:
             assert got == get(app_for(memory), f"/usage/{path}", params, headers).json(), path
     finally:
         old.dispose()
+
+
+def test_a_schema_from_before_the_day_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
+    """An install whose coarse tiers followed the seal instant (no ``request_days`` row yet):
+    writers keep them so, a seal does nothing, answers stay exact; create_schema() then cuts the
+    coarse tiers back to the UTC midnight before the seal instant (deleting that day's hours and
+    day, taking the day's quarter hours off its month), and from there seals roll whole days."""
+    from sqlalchemy import text
+
+    store = UsageStore(pg_url)
+    store.create_schema()
+    instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_days'"))
+        conn.execute(
+            text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = 'requests'"),
+            {"at": instant},
+        )
+    try:
+        rng = random.Random(7)
+        records = _requests(rng, 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
+        assert store.write(records) == 800  # those before the instant with every rollup
+        assert store.seal(FAR) == 0
+        memory = UsageStore("memory://")
+        memory.write(records)
+        keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
+        headers = {"x-keys": ",".join(keys)}
+
+        def same_answers() -> None:
+            for tz in ("UTC", "Asia/Kolkata", "America/St_Johns"):
+                params = [("start", "2025-10-29"), ("end", "2025-11-02"), ("tz", tz),
+                          ("granularity", "hour")]  # fmt: skip
+                for path in ("requests", "consumers", "granular"):
+                    got = get(app_for(store), f"/usage/{path}", params, headers).json()
+                    want = get(app_for(memory), f"/usage/{path}", params, headers).json()
+                    assert got == want, (path, tz)
+
+        same_answers()
+        store.create_schema()
+        assert sealed_instant(store) == instant
+        assert sealed_days(store) == datetime(2025, 10, 31, tzinfo=UTC)
+        assert_rollups_exact(store)
+        same_answers()
+        assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)
+        assert_rollups_exact(store)
+        same_answers()
+    finally:
+        store.dispose()

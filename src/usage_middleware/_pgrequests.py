@@ -1,23 +1,29 @@
 """The PostgreSQL write plan of requests: raw rows, and the rollups sealed behind them.
 
-The request rollups (histograms by month, day, hour and quarter hour; endpoint tiers by month,
-day and quarter hour, with the route cap) are *sealed*: ``rollup_seals`` holds, for the data set
-``requests``, the instant before which they hold every raw row and after which they hold none.
+The request rollups are *sealed*: ``rollup_seals`` holds two instants. The *fine* tiers (the
+quarter-hour histogram and endpoint rollup, and ``endpoint_routes``, the route cap) hold every
+raw row before the seal instant (``requests``) and none after it; the *coarse* tiers (the
+histograms by hour, day and month, the endpoint rollups by day and month) likewise for the day
+instant (``request_days``), a UTC midnight at or before the seal instant.
 
-* A live request (at or after that instant) is written as a raw row only: binary COPY straight
-  into ``api_requests``, sorted by id (concurrent writers lock index entries in one order).
-  COPY has no ``ON CONFLICT``: a batch holding an id already stored (a replay) fails it, and the
-  batch is redone under a savepoint through staging with ``ON CONFLICT DO NOTHING``.
-* A late request (before the instant: a spool replay, a long upload recorded late) is written
-  with its rollups, as every request once was: staged, inserted with ``ON CONFLICT DO NOTHING
-  RETURNING``, and only the new rows reach the rollups, in the same statement.
-* A seal (:mod:`usage_middleware._pgseal`) folds the raw rows between the old and the new
-  instant into the rollups with the same statement, reading them from ``api_requests``.
+* A live request (at or after the seal instant) is written as a raw row only: binary COPY
+  straight into ``api_requests``, sorted by id (concurrent writers lock index entries in one
+  order). COPY has no ``ON CONFLICT``: a batch holding an id already stored (a replay) fails it,
+  and the batch is redone under a savepoint through staging with ``ON CONFLICT DO NOTHING``.
+* A late request (before the seal instant: a spool replay, a long upload recorded late) is
+  written with its rollups, as every request once was: staged, inserted with ``ON CONFLICT DO
+  NOTHING RETURNING``, and only the new rows reach the fine tiers, and the coarse ones if they
+  are older than the day instant, in the same statement.
+* A seal (:mod:`usage_middleware._pgseal`) folds the raw rows between the old and the new seal
+  instant into the fine tiers with the same statement, reading them from ``api_requests``; when
+  the new instant has passed a UTC midnight, a *roll* sums the fine rows of the days it completed
+  into the coarse tiers and moves the day instant there.
 
-So each rollup row is written once per quarter hour for all the traffic of that quarter hour
-instead of once per batch, and writers do what a raw COPY does. Writers hold advisory lock
-``SEAL_LOCK`` shared for their transaction and read the instant after taking it; a seal holds it
-exclusively, so no write made under an old instant commits after the seal has moved it.
+So each fine rollup row is written once per quarter hour for all the traffic of that quarter
+hour, and each coarse one once per day, instead of once per batch; writers do what a raw COPY
+does. Writers hold advisory lock ``SEAL_LOCK`` shared for their transaction and read the
+instants after taking it; a seal holds it exclusively, so no write made under old instants
+commits after the seal has moved them.
 
 Values that must agree bit for bit with Python are computed in Python when staging (the latency
 buckets, microseconds, labels) and, for a seal, in SQL by the same formulas: the fine bucket is
@@ -28,7 +34,7 @@ of a float rounds half to even, as Python's does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -47,7 +53,10 @@ from ._schema import (
     latency_bucket,
 )
 
-__all__ = ["QUARTER", "SEAL_LOCK", "SEAL_SQL", "SEAL_UPSERT_SQL", "write_requests"]
+__all__ = [
+    "INSTANTS_SQL", "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_LOCK", "SEAL_SQL",
+    "SEAL_UPSERT_SQL", "write_requests",
+]  # fmt: skip
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
@@ -157,13 +166,15 @@ def _tier(
     return f"{name} AS (\n    {old}\n    {upsert}\n), {name}_new AS (\n    {new}\n)"
 
 
-def _request_tier(table: str, column: str, when: str, start: str, split: bool) -> str:
-    """A request histogram tier summed from the quarter-hour groups."""
+def _request_tier(
+    table: str, column: str, when: str, start: str, split: bool, source: str = "grouped"
+) -> str:
+    """A request histogram tier summed from quarter-hour groups."""
     return _tier(
         f"into_{table}",
         f"{table} AS t (api_key_id, {column}, latency_bucket, {_REQUEST_COUNTER_NAMES})",
         f"api_key_id, {when}, latency_bucket, {_REQUEST_SUMS}",
-        "grouped",
+        source,
         "\n     GROUP BY 1, 2, 3\n     ORDER BY 1, 2, 3",
         f"uq_{table} DO UPDATE SET {_REQUEST_SET}",
         start,
@@ -171,14 +182,16 @@ def _request_tier(table: str, column: str, when: str, start: str, split: bool) -
     )
 
 
-def _endpoint_tier(table: str, column: str, when: str, start: str, split: bool) -> str:
-    """An endpoint tier summed from the labelled quarter-hour groups."""
+def _endpoint_tier(
+    table: str, column: str, when: str, start: str, split: bool, source: str = "labelled"
+) -> str:
+    """An endpoint tier summed from labelled quarter-hour groups."""
     return _tier(
         f"into_{table}",
         f"{table} AS t (api_key_id, {column}, method, route, status_code, latency_bucket, "
         f"{_ENDPOINT_COUNTER_NAMES})",
         f"api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}",
-        "labelled",
+        source,
         "\n     GROUP BY 1, 2, 3, 4, 5, 6\n     ORDER BY 1, 2, 3, 4, 5, 6",
         f"uq_{table} DO UPDATE SET {_ENDPOINT_SET}",
         start,
@@ -191,10 +204,39 @@ _DAY = "date_trunc('day', q)"
 _MONTH = "date_trunc('month', q)"
 
 
-def _rollups(split: bool) -> str:
-    """The CTEs that fold ``staged`` (the new raw rows, labelled and bucketed, with their UTC
-    quarter hour ``q``) into every request rollup; ``split`` as in :func:`_tier`. The statement
-    that ends with them selects the number of ``new`` rows."""
+def _coarse(split: bool, grouped: str = "grouped", labelled: str = "labelled") -> str:
+    """The CTEs that add quarter-hour groups (``grouped``: histogram rows, ``labelled``:
+    endpoint rows, each with its UTC quarter hour ``q``) to the *coarse* tiers: the request
+    histograms by hour, day and month and the endpoint rollups by day and month."""
+    return ", ".join(
+        (
+            _request_tier(
+                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, grouped
+            ),
+            _request_tier("daily_request_usage", "usage_date", "q::date", _DAY, split, grouped),
+            _request_tier(
+                "hourly_request_usage",
+                "usage_hour",
+                f"{_HOUR} AT TIME ZONE 'UTC'",
+                _HOUR,
+                split,
+                grouped,
+            ),
+            _endpoint_tier(
+                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, labelled
+            ),
+            _endpoint_tier(
+                "daily_endpoint_usage", "usage_date", "q::date", _DAY, split, labelled
+            ),
+        )
+    )
+
+
+def _fine(split: bool) -> str:
+    """The CTEs that fold ``staged`` (new raw rows, bucketed and labelled as in Python, with
+    their UTC quarter hour ``q``) into the *fine* tiers: the quarter-hour request histogram and
+    endpoint rollup, with the route cap (``endpoint_routes``). They leave ``grouped`` and
+    ``labelled`` for :func:`_coarse`."""
     quarter = _tier(
         "into_quarter_request_usage",
         "quarter_request_usage AS t "
@@ -206,34 +248,14 @@ def _rollups(split: bool) -> str:
         "q",
         split,
     )
-    requests = ", ".join(
-        (
-            quarter,
-            _request_tier(
-                "hourly_request_usage", "usage_hour", f"{_HOUR} AT TIME ZONE 'UTC'", _HOUR, split
-            ),
-            _request_tier("daily_request_usage", "usage_date", "q::date", _DAY, split),
-            _request_tier(
-                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split
-            ),
-        )
-    )
-    endpoints = ", ".join(
-        (
-            _endpoint_tier(
-                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split
-            ),
-            _endpoint_tier("daily_endpoint_usage", "usage_date", "q::date", _DAY, split),
-            _endpoint_tier(
-                "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'", "q", split
-            ),
-        )
+    endpoints = _endpoint_tier(
+        "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'", "q", split
     )
     return f"""grouped AS (
     SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
       FROM staged
      GROUP BY 1, 2, 3
-), {requests}, endpoints AS (
+), {quarter}, endpoints AS (
     SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
            status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
            count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
@@ -285,12 +307,15 @@ def _rollups(split: bool) -> str:
       FROM endpoints AS p
       LEFT JOIN named AS n
         ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
-), {endpoints}
-SELECT count(*) FROM new
-"""
+), {endpoints}"""
 
 
 _COLUMNS = ", ".join(REQUEST_COLUMNS)
+
+# The coarse tiers hold exactly the requests before the day instant (see the module docstring):
+# a late request reaches them only if it is older than that.
+_BEFORE_DAYS = "(SELECT * FROM {} WHERE q < (%(days)s::timestamptz AT TIME ZONE 'UTC')) AS g"
+_LATE_COARSE = _coarse(False, _BEFORE_DAYS.format("grouped"), _BEFORE_DAYS.format("labelled"))
 
 # Late rows: inserted from staging; the ones that were new go on to the rollups.
 _INSERT_ROLLED = f"""
@@ -307,7 +332,8 @@ WITH new AS (
            s.endpoint_route, s.endpoint_bucket
       FROM new AS n
       JOIN pg_temp.um_stage_requests AS s USING (id)
-), {_rollups(split=False)}"""
+), {_fine(split=False)}, {_LATE_COARSE}
+SELECT count(*) FROM new"""
 
 # A replayed live batch: raw rows only, the ones not stored yet.
 _INSERT_RAW = f"""
@@ -343,14 +369,43 @@ WITH new AS (
     SELECT n.*, ((n.latency_bucket + {ENDPOINT_BUCKET_WIDTH - 1}) / {ENDPOINT_BUCKET_WIDTH}
                  )::smallint AS endpoint_bucket
       FROM new AS n
-), {_rollups(split)}"""
+), {_fine(split)}
+SELECT count(*) FROM new"""
+
+
+# By the fine tiers' index on the UTC quarter hour.
+_UTC_DAYS = (
+    "usage_quarter AT TIME ZONE 'UTC' >= (%(lo)s::timestamptz AT TIME ZONE 'UTC') "
+    "AND usage_quarter AT TIME ZONE 'UTC' < (%(hi)s::timestamptz AT TIME ZONE 'UTC')"
+)
+
+
+def _roll(split: bool) -> str:
+    """A day roll: the fine tiers' rows of the UTC days [lo, hi) summed into the coarse tiers;
+    its one row is how many requests they hold."""
+    return f"""
+WITH grouped AS (
+    SELECT api_key_id, usage_quarter AT TIME ZONE 'UTC' AS q, latency_bucket,
+           {_REQUEST_COUNTER_NAMES}
+      FROM public.quarter_request_usage
+     WHERE {_UTC_DAYS}
+), labelled AS (
+    SELECT api_key_id, usage_quarter AT TIME ZONE 'UTC' AS q, method, route, status_code,
+           latency_bucket, {_ENDPOINT_COUNTER_NAMES}
+      FROM public.quarter_endpoint_usage
+     WHERE {_UTC_DAYS}
+), {_coarse(split)}
+SELECT coalesce(sum(total_requests), 0) FROM grouped"""
 
 
 #: The seal, plainly inserting the rows of periods that start at or after its old instant.
 SEAL_SQL = _seal(split=True)
-#: The seal, upserting every row: what a seal falls back on should a rollup row of such a
-#: period exist after all (rows written into the rollups by hand); it then adds to it.
+#: The day roll, likewise.
+ROLL_SQL = _roll(split=True)
+#: Both upserting every row: what a seal falls back on should a rollup row of such a period
+#: exist after all (written into the rollups by hand); it then adds to that row.
 SEAL_UPSERT_SQL = _seal(split=False)
+ROLL_UPSERT_SQL = _roll(split=False)
 
 
 def _raw(r: RequestRecord) -> tuple[Any, ...]:
@@ -412,6 +467,18 @@ def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
     return len(requests)  # the savepoint ends with the transaction: no round trip for it
 
 
+#: Both instants in one row: (the seal instant, the day instant). The day instant is NULL on a
+#: schema from before it (until ``create_schema()`` adds it), whose coarse tiers hold what the
+#: fine ones hold: every request before the seal instant.
+INSTANTS_SQL = (
+    "SELECT max(sealed_before) FILTER (WHERE dataset = 'requests'), "
+    "max(sealed_before) FILTER (WHERE dataset = 'request_days') FROM public.rollup_seals"
+)
+
+# Every request rolled up, on a schema from before rollup_seals.
+_NO_SEAL = {"days": datetime.max.replace(tzinfo=timezone.utc)}
+
+
 def write_requests(
     cur: Any, requests: Sequence[RequestRecord], sealing: bool
 ) -> tuple[int, datetime | None]:
@@ -423,19 +490,19 @@ def write_requests(
     """
     if not sealing:
         _stage(cur, requests)
-        cur.execute(_INSERT_ROLLED)
+        cur.execute(_INSERT_ROLLED, _NO_SEAL)
         return int(cur.fetchone()[0]), None
     cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
-    cur.execute("SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'")
-    (sealed_before,) = cur.fetchone()
+    cur.execute(INSTANTS_SQL)
+    sealed_before, days = cur.fetchone()
     ordered = sorted(requests, key=lambda r: r.id)
     late = [r for r in ordered if r.requested_at < sealed_before]
     live = [r for r in ordered if r.requested_at >= sealed_before] if late else ordered
     written = 0
     if late:
         _stage(cur, late)
-        cur.execute(_INSERT_ROLLED)
+        cur.execute(_INSERT_ROLLED, {"days": sealed_before if days is None else days})
         written += int(cur.fetchone()[0])
     if live:
         written += _copy_live(cur, live)

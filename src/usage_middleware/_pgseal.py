@@ -1,30 +1,42 @@
 """Sealing on PostgreSQL: the raw requests of a closed stretch of time folded into the rollups.
 
-``rollup_seals`` holds the instant before which the request rollups hold every raw row (see
-:mod:`usage_middleware._pgrequests`). A seal moves it to the end of the last whole UTC quarter
-hour that ended at least ``SEAL_LAG`` ago, so that each rollup row of a quarter hour is written
-once for all of its traffic, and requests still in flight when their quarter hour ends (their
-time is their start) are rarely late. Each transaction folds at most about ``SEAL_ROWS`` raw
-rows, so that the writers it holds off (advisory lock, exclusive) wait seconds, not minutes, and a
-backlog (a bulk load of history) is sealed in steps, each one exact on its own.
+``rollup_seals`` holds the instants before which the request rollups hold every raw row (see
+:mod:`usage_middleware._pgrequests`). A seal moves the seal instant to the end of the last whole
+UTC quarter hour that ended at least ``SEAL_LAG`` ago, folding the raw rows in between into the
+quarter-hour tiers, so that each of their rows is written once for all of its quarter hour's
+traffic and requests still in flight when their quarter hour ends (their time is their start)
+are rarely late. When that passes a UTC midnight, the same transaction rolls the completed days'
+quarter-hour rows into the hourly, daily and monthly tiers and moves the day instant to that
+midnight: a coarse row is written once a day. Each transaction folds at most about
+``SEAL_ROWS`` raw rows, so that the writers it holds off (advisory lock, exclusive) wait
+seconds, not minutes, and a backlog (a bulk load of history) is sealed in steps, each one exact
+on its own.
 
 Several processes may seal at once: they queue on the lock, and the later ones find the instant
-already moved and do nothing. Readers never wait for a seal: they take the rollups up to the
-instant and the raw rows from it on (and read again if a seal committed meanwhile).
+already moved and do nothing. Readers never wait for a seal: they take each tier up to its
+instant and the raw rows from the seal instant on (and read again if a seal committed
+meanwhile).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 from sqlalchemy import Connection, Engine
 
-from ._pgrequests import SEAL_LOCK, SEAL_SQL, SEAL_UPSERT_SQL
-from ._storage.plan import _floor_quarter
+from ._pgrequests import (
+    INSTANTS_SQL,
+    ROLL_SQL,
+    ROLL_UPSERT_SQL,
+    SEAL_LOCK,
+    SEAL_SQL,
+    SEAL_UPSERT_SQL,
+)
+from ._storage.plan import _floor_day, _floor_quarter
 
 __all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
 
@@ -35,6 +47,9 @@ SEAL_LAG = timedelta(minutes=2)
 SEAL_INTERVAL = 60.0
 #: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
 SEAL_ROWS = 1_000_000
+
+
+_MOVE = "UPDATE public.rollup_seals SET sealed_before = %(to)s WHERE dataset = %(dataset)s"
 
 
 def seal_target(now: datetime) -> datetime:
@@ -48,6 +63,18 @@ def seal_due(now: datetime, sealed_before: datetime) -> bool:
     return seal_target(now) > sealed_before
 
 
+def _fold(cur: Any, statement: str, fallback: str, bounds: dict[str, datetime]) -> int:
+    """Run a seal or roll ``statement``; should one of the rollup rows it inserts plainly
+    exist after all (see ``_pgrequests._tier``), run ``fallback``, which upserts them."""
+    cur.execute("SAVEPOINT um_seal")
+    try:
+        cur.execute(statement, bounds)
+    except psycopg.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT um_seal")
+        cur.execute(fallback, bounds)
+    return int(cur.fetchone()[0])
+
+
 def pg_seal(
     engine: Engine,
     bounded: Callable[[Connection, float], AbstractContextManager[Any]],
@@ -55,7 +82,8 @@ def pg_seal(
     before: datetime | None = None,
 ) -> int:
     """Fold the raw requests before ``before`` (default :func:`seal_target` of the server's
-    clock) that no seal holds yet into the rollups; returns how many rows were folded.
+    clock) that no seal holds yet into the fine rollups, and the UTC days that ended before the
+    new instant into the coarse ones; returns how many raw rows were folded.
 
     An instant already at or past ``before`` is left alone: a seal never moves back.
     """
@@ -76,12 +104,12 @@ def pg_seal(
                     if not cur.fetchone()[0]:
                         return folded  # a schema from before sealing: create_schema() upgrades it
                     cur.execute(f"SELECT pg_advisory_xact_lock({SEAL_LOCK})")
-                    cur.execute(
-                        "SELECT sealed_before, now() FROM public.rollup_seals "
-                        "WHERE dataset = 'requests'"
-                    )
-                    sealed_before, now = cur.fetchone()
-                    target = seal_target(now) if before is None else before
+                    cur.execute(INSTANTS_SQL)
+                    sealed_before, days = cur.fetchone()
+                    if days is None:
+                        return folded  # a schema from before the day instant: likewise
+                    cur.execute("SELECT now()")
+                    target = seal_target(cur.fetchone()[0]) if before is None else before
                     if target <= sealed_before:
                         return folded
                     # The time of the SEAL_ROWS-th raw row from the instant on, if there is one
@@ -97,18 +125,13 @@ def pg_seal(
                     if row is not None:
                         hi = max(row[0], sealed_before + timedelta(microseconds=1))
                     bounds = {"lo": sealed_before, "hi": hi}
-                    cur.execute("SAVEPOINT um_seal")
-                    try:
-                        cur.execute(SEAL_SQL, bounds)
-                    except psycopg.errors.UniqueViolation:
-                        cur.execute("ROLLBACK TO SAVEPOINT um_seal")
-                        cur.execute(SEAL_UPSERT_SQL, bounds)
-                    folded += int(cur.fetchone()[0])
-                    cur.execute(
-                        "UPDATE public.rollup_seals SET sealed_before = %(hi)s "
-                        "WHERE dataset = 'requests'",
-                        {"hi": hi},
-                    )
+                    folded += _fold(cur, SEAL_SQL, SEAL_UPSERT_SQL, bounds)
+                    cur.execute(_MOVE, {"dataset": "requests", "to": hi})
+                    whole_days = _floor_day(hi.astimezone(timezone.utc))
+                    if whole_days > days:
+                        bounds = {"lo": days, "hi": whole_days}
+                        _fold(cur, ROLL_SQL, ROLL_UPSERT_SQL, bounds)
+                        cur.execute(_MOVE, {"dataset": "request_days", "to": whole_days})
             finally:
                 conn.info.pop("usage_write", None)
         if hi >= target:

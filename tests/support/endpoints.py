@@ -140,13 +140,12 @@ def assert_endpoints_consistent(store: UsageStore, slack: int = 0) -> None:
     """What holds however requests were batched, concurrently too: summed over routes, every
     endpoint tier equals the raw rows; a named route of a key-day is in ``endpoint_routes``; a
     key-day names at most ``ROUTES_PER_KEY_DAY + slack`` routes. (PostgreSQL: the requests before
-    the seal instant, which are the ones its rollups hold.)"""
-    from support.rollups import sealed_instant
+    each tier's instant, which are the ones it holds.)"""
+    from support.rollups import sealed_requests
 
-    instant = sealed_instant(store)
-    rebuilt = rebuilt_endpoints(
-        [r for r in stored_request_rows(store) if instant is None or r["requested_at"] < instant]
-    )
+    rebuilt = {
+        name: rebuilt_endpoints(sealed_requests(store, name))[name] for name in ENDPOINT_TABLES
+    }
     stored = stored_endpoints(store)
     named = set(stored["endpoint_routes"])
     per_day: dict[tuple[Any, Any], int] = defaultdict(int)

@@ -86,25 +86,53 @@ def _quarter(at: datetime) -> datetime:
 FAR = datetime(2100, 1, 1, tzinfo=timezone.utc)
 
 
-def sealed_instant(store: UsageStore) -> datetime | None:
-    """PostgreSQL: the instant before which the request rollups hold every raw row and after
-    which none (``rollup_seals``); elsewhere None (every row is rolled up as it is written)."""
+def _instant(store: UsageStore, dataset: str) -> datetime | None:
     if store.dialect != "postgresql":
         return None
     from sqlalchemy import text
 
     with store.engine.connect() as conn:
         value: datetime = conn.execute(
-            text("SELECT sealed_before FROM rollup_seals WHERE dataset = 'requests'")
+            text("SELECT sealed_before FROM rollup_seals WHERE dataset = :d"), {"d": dataset}
         ).scalar_one()
     return value
+
+
+def sealed_instant(store: UsageStore) -> datetime | None:
+    """PostgreSQL: the instant before which the fine request rollups (quarter hours, routes)
+    hold every raw row and after which none (``rollup_seals``); elsewhere None (every row is
+    rolled up as it is written)."""
+    return _instant(store, "requests")
+
+
+def sealed_days(store: UsageStore) -> datetime | None:
+    """PostgreSQL: the day instant, the same for the coarse request rollups (hours, days,
+    months); elsewhere None."""
+    return _instant(store, "request_days")
+
+
+#: The request rollups that the day instant bounds on PostgreSQL; the others, the seal instant.
+COARSE = frozenset(
+    ("monthly_request_usage", "daily_request_usage", "hourly_request_usage",
+     "monthly_endpoint_usage", "daily_endpoint_usage")
+)  # fmt: skip
+
+
+def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
+    """The stored requests that request rollup ``table`` holds: on PostgreSQL those before its
+    instant, elsewhere all."""
+    from support.endpoints import stored_request_rows
+
+    instant = (sealed_days if table in COARSE else sealed_instant)(store)
+    return [r for r in stored_request_rows(store) if instant is None or r["requested_at"] < instant]
 
 
 def expected_rollups(store: UsageStore) -> Rollups:
     """Every rollup as GROUP BY over the raw rows, computed here in Python (the endpoint
     rollups as :func:`rebuilt_endpoints`: exact while no key-day has more named routes than
-    the cap, or when every request arrived in one batch). Request rollups hold the requests
-    before the seal instant (:func:`sealed_instant`), and only those."""
+    the cap, or when every request arrived in one batch). On PostgreSQL a request rollup holds
+    the requests before its instant (:func:`sealed_instant`, :func:`sealed_days`), and only
+    those."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
         for name in (
@@ -118,13 +146,9 @@ def expected_rollups(store: UsageStore) -> Rollups:
             "quarter_mismatch_usage",
         )
     }
-    sealed_before = sealed_instant(store)
+    fine, coarse = sealed_instant(store), sealed_days(store)
     with store.engine.connect() as conn:
-        requests = [
-            dict(r)
-            for r in conn.execute(select(api_requests)).mappings()
-            if sealed_before is None or r["requested_at"] < sealed_before
-        ]
+        requests = [dict(r) for r in conn.execute(select(api_requests)).mappings()]
         for r in conn.execute(select(file_uploads)).mappings():
             at = r["uploaded_at"]
             ok = r["upload_status"] == "success"
@@ -156,6 +180,9 @@ def expected_rollups(store: UsageStore) -> Rollups:
                 ("hourly_request_usage", _hour(at)),
                 ("quarter_request_usage", _quarter(at)),
             ):
+                instant = coarse if name in COARSE else fine
+                if instant is not None and at >= instant:
+                    continue
                 acc = out[name][(r["api_key_id"], when, latency_bucket(ms))]
                 for i, v in enumerate(values):
                     acc[i] += v
@@ -165,7 +192,14 @@ def expected_rollups(store: UsageStore) -> Rollups:
             name: {k: tuple(v[: sizes.get(name, 5)]) for k, v in rows.items()}
             for name, rows in out.items()
         },
-        **rebuilt_endpoints(requests),
+        **{
+            name: rows
+            for instant, tiers in ((fine, False), (coarse, True))
+            for name, rows in rebuilt_endpoints(
+                [r for r in requests if instant is None or r["requested_at"] < instant]
+            ).items()
+            if (name in COARSE) == tiers
+        },
     }
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._errors import ReadTimeoutError
+from .._pgrequests import INSTANTS_SQL
 from .._pool import settle, submit
 from .._schema import (
     api_requests,
@@ -42,7 +43,7 @@ from .._schema import (
     quarter_usage,
 )
 from .base import Histogram, Scope, UploadRow
-from .plan import Piece, cut_at, plan, request_plan
+from .plan import Piece, Seals, cut_at, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
@@ -256,7 +257,6 @@ def run_reads(
 
 # --- API requests -----------------------------------------------------------------------------
 
-_SEALED_BEFORE = "SELECT sealed_before FROM public.rollup_seals WHERE dataset = 'requests'"
 _SEALING_PRESENT = "SELECT to_regclass('public.rollup_seals') IS NOT NULL"
 _SEAL_TRIES = 5
 
@@ -265,45 +265,46 @@ _T = TypeVar("_T")
 
 def sealed_reads(
     backend: SQLBackend,
-    build: Callable[[datetime | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, _T]],
+    build: Callable[[Seals | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, _T]],
 ) -> tuple[list[list[Any]], _T]:
-    """Run the statements ``build(sealed_before)`` makes for the request rollups as they are.
+    """Run the statements ``build(seals)`` makes for the request rollups as they are.
 
     On PostgreSQL the request rollups hold exactly the raw rows before ``rollup_seals``'
-    instant (see ``usage_middleware._pgrequests``); elsewhere every row (``None``). ``build``
-    returns its statements, whether any of its pieces reaches past the instant (see
+    instants (see ``usage_middleware._pgrequests``); elsewhere every row (``None``). ``build``
+    returns its statements, whether any of its pieces reaches past an instant (see
     :func:`.plan.cut_at`), and what the caller needs to read the results. When one does, the
-    instant is read again afterwards: a seal that committed in between may have put rows into
-    the rollups that the raw part read too, so the whole read is made again (seals are a
-    quarter hour apart; five tries that each meet one cannot happen).
+    instants are read again afterwards: a seal that committed in between may have put rows into
+    the rollups that the raw or quarter-hour part read too, so the whole read is made again
+    (seals are a quarter hour apart; five tries that each meet one cannot happen).
     """
     if backend.name != "postgresql":
         statements, _, extra = build(None)
         return run_reads(backend, statements), extra
-    sealed_before = _instant(backend)
+    seals = _instants(backend)
     for _ in range(_SEAL_TRIES):
-        statements, touched, extra = build(sealed_before)
+        statements, touched, extra = build(seals)
         results = run_reads(backend, statements)
         if not touched:
             return results, extra
-        now = _instant(backend)
-        if now == sealed_before:
+        now = _instants(backend)
+        if now == seals:
             return results, extra
-        sealed_before = now
+        seals = now
     raise ReadTimeoutError("the request rollups were sealed during every try of this read")
 
 
-def _instant(backend: SQLBackend) -> datetime | None:
-    """The seal instant; None on a schema from before ``rollup_seals`` (every request rolled
-    up as written), until ``create_schema()`` upgrades it."""
+def _instants(backend: SQLBackend) -> Seals | None:
+    """The seal instants; None on a schema from before ``rollup_seals`` (every request rolled
+    up as written), until ``create_schema()`` upgrades it. A schema from before the day instant
+    has its coarse tiers sealed with the fine ones."""
     with backend.engine.connect() as conn:
         if not backend.sealing:
             present = conn.exec_driver_sql(_SEALING_PRESENT).scalar_one()
             if not present:
                 return None
             backend.sealing = True  # seen once, for good: the table is never dropped
-        value: datetime = conn.exec_driver_sql(_SEALED_BEFORE).scalar_one()
-    return value
+        fine, coarse = conn.exec_driver_sql(INSTANTS_SQL).one()
+    return Seals(fine, fine if coarse is None else coarse)
 
 
 _REQUEST_SOURCES = {
@@ -375,9 +376,9 @@ def request_histogram(
     planned = request_plan(start, end)
 
     def build(
-        sealed_before: datetime | None,
+        seals: Seals | None,
     ) -> tuple[list[tuple[Statement, dict[str, Any]]], bool, bool]:
-        pieces, touched = cut_at(planned, sealed_before)
+        pieces, touched = cut_at(planned, seals)
         by_grain: dict[str, list[Piece]] = {}
         for x in pieces:
             by_grain.setdefault(x.grain, []).append(x)

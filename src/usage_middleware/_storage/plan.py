@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-__all__ = ["Piece", "cut_at", "plan", "request_plan", "series_plan"]
+__all__ = ["Piece", "Seals", "cut_at", "plan", "request_plan", "series_plan"]
 
 _QUARTER = timedelta(minutes=15)
 _HOUR = timedelta(hours=1)
@@ -253,27 +253,50 @@ def series_plan(bounds: Sequence[datetime]) -> list[Piece]:
     return out
 
 
-def cut_at(pieces: Sequence[Piece], sealed_before: datetime | None) -> tuple[list[Piece], bool]:
-    """``pieces`` for rollups that hold exactly the rows before ``sealed_before`` (None: every
-    row), and whether any piece reaches past it.
+class Seals(NamedTuple):
+    """The instants of PostgreSQL's sealed request rollups: the quarter-hour tiers hold exactly
+    the raw rows before ``fine``, the coarser ones (hours, days, months) exactly those before
+    ``coarse``, a UTC midnight at or before ``fine``."""
 
-    A piece wholly before the instant stays; one wholly after it becomes raw; one that spans it
-    stays (its rollup rows hold its part before the instant, no more) and gains the raw rows
-    of its part from the instant on, with the same period and sign.
+    fine: datetime
+    coarse: datetime
+
+
+_COARSE = frozenset(("month", "day", "hour"))
+
+
+def cut_at(pieces: Sequence[Piece], seals: Seals | None) -> tuple[list[Piece], bool]:
+    """``pieces`` for rollups sealed at ``seals`` (None: every row in every tier), and whether
+    any piece reaches past an instant.
+
+    A coarse piece wholly from the coarse instant on is read from the quarter-hour tier
+    instead; one that spans it stays (its rows hold its part before the instant, no more) and
+    gains a quarter-hour piece for its part from the instant on, with the same period and sign.
+    Then likewise at the fine instant: a quarter-hour piece after it becomes raw, one that spans
+    it gains the raw rows from the instant on.
     """
-    if sealed_before is None or not pieces:
+    if seals is None or not pieces:
         return list(pieces), False
+    fine, coarse = seals
     if pieces[0].hi.tzinfo is None:  # pieces in naive UTC
-        sealed_before = sealed_before.astimezone(timezone.utc).replace(tzinfo=None)
+        fine = fine.astimezone(timezone.utc).replace(tzinfo=None)
+        coarse = coarse.astimezone(timezone.utc).replace(tzinfo=None)
     out: list[Piece] = []
     touched = False
     for x in pieces:
-        if x.grain == "raw" or x.hi <= sealed_before:
+        if x.grain in _COARSE and x.hi > coarse:
+            touched = True
+            if x.lo < coarse:
+                out.append(x)
+                x = Piece("quarter", coarse, x.hi, x.period, x.sign)
+            else:
+                x = x._replace(grain="quarter")
+        if x.grain == "raw" or x.hi <= fine:
             out.append(x)
             continue
         touched = True
-        if x.lo >= sealed_before:
+        if x.lo >= fine:
             out.append(x._replace(grain="raw"))
         else:
-            out += [x, Piece("raw", sealed_before, x.hi, x.period, x.sign)]
+            out += [x, Piece("raw", fine, x.hi, x.period, x.sign)]
     return out, touched

@@ -59,7 +59,7 @@ from .._schema import (
 )
 from ._sqlread import sealed_reads
 from .base import EndpointRow, RequestFilter, Scope, SeriesRow
-from .plan import Piece, cut_at, request_plan, series_plan
+from .plan import Piece, Seals, cut_at, request_plan, series_plan
 from .statements import (
     FilterShape,
     Shape,
@@ -254,8 +254,8 @@ def endpoint_rows(
         return []
     planned = request_plan(start, end)
 
-    def build(sealed_before: datetime | None) -> tuple[list[Any], bool, bool]:
-        pieces, touched = cut_at(planned, sealed_before)
+    def build(seals: Seals | None) -> tuple[list[Any], bool, bool]:
+        pieces, touched = cut_at(planned, seals)
         statements, raw = _statements(
             backend, scope, filters, pieces, _ENDPOINT_TIER, _endpoint_statement
         )
@@ -289,8 +289,8 @@ def request_series(
 
     planned = series_plan(bounds)
 
-    def build(sealed_before: datetime | None) -> tuple[list[Any], bool, bool]:
-        pieces, touched = cut_at(planned, sealed_before)
+    def build(seals: Seals | None) -> tuple[list[Any], bool, bool]:
+        pieces, touched = cut_at(planned, seals)
         statements, raw = _statements(backend, scope, filters, pieces, tiers, rolled)
         return statements, touched, raw
 

@@ -858,16 +858,21 @@ ALTER TABLE public.daily_endpoint_usage SET
 ALTER TABLE public.quarter_endpoint_usage SET
     (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01);
 
--- rollup_seals: for each data set whose rollups are sealed ('requests': the request histograms
--- and the endpoint tiers), the instant before which the rollups hold every raw row and after
--- which they hold none. A writer stores a new request of that instant or later as a raw row only;
--- a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows between the old and
--- the new instant into the rollups and moves it on, in one transaction. Readers take the
--- rollups up to the instant and the raw rows from it on, so every answer is exact at every
--- moment. Writers hold advisory lock 7215120302 shared for their transaction and a seal holds
--- it exclusively, so no write of the old instant commits after a seal has moved it. An install
--- that predates this table had every stored request rolled up: its instant starts just after
--- the newest stored request (a new install's at 0001-01-01).
+-- rollup_seals: the instants before which the request rollups hold every raw row and after
+-- which they hold none. 'requests', the seal instant, is the fine tiers' (quarter_request_usage,
+-- quarter_endpoint_usage and endpoint_routes); 'request_days', the day instant, a UTC midnight at
+-- or before it, is the coarse tiers' (the request histograms by hour, day and month, the endpoint
+-- rollups by day and month). A writer stores a new request of the seal instant or later as a raw
+-- row only; a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows between the
+-- old and the new instant into the fine tiers, and when the new one has passed a UTC midnight,
+-- sums the fine rows of the days it completed into the coarse tiers and moves the day instant
+-- there, all in one transaction. So a coarse row is written once per day, not once per quarter
+-- hour. Readers take the coarse tiers up to the day instant, the fine ones up to the seal
+-- instant and the raw rows from it on, so every answer is exact at every moment. Writers hold
+-- advisory lock 7215120302 shared for their transaction and a seal holds it exclusively, so no
+-- write of old instants commits after a seal has moved them. An install that predates this
+-- table had every stored request rolled up: its seal instant starts just after the newest stored
+-- request (a new install's at 0001-01-01).
 DO $seal$
 BEGIN
     IF pg_catalog.to_regclass('public.rollup_seals') IS NULL THEN
@@ -891,6 +896,69 @@ BEGIN
     END IF;
 END
 $seal$;
+
+-- The day instant. An install whose coarse tiers followed the seal instant (before the day
+-- instant existed) has them cut back to the UTC midnight before it: their hours and days from
+-- that midnight on are deleted, and that month's rows lose the fine rows from the midnight on
+-- (the fine tiers hold exactly what the coarse ones did, the requests before the seal instant).
+DO $days$
+DECLARE
+    midnight timestamptz;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_days') THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
+        SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+          INTO midnight
+          FROM public.rollup_seals AS s WHERE s.dataset = 'requests';
+        DELETE FROM public.hourly_request_usage AS h WHERE h.usage_hour >= midnight;
+        DELETE FROM public.daily_request_usage AS d
+         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
+        DELETE FROM public.daily_endpoint_usage AS d
+         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
+        UPDATE public.monthly_request_usage AS m
+           SET total_requests = m.total_requests - q.total_requests,
+               error_requests = m.error_requests - q.error_requests,
+               total_response_us = m.total_response_us - q.total_response_us,
+               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
+               total_response_bytes = m.total_response_bytes - q.total_response_bytes
+          FROM (SELECT f.api_key_id, f.latency_bucket, sum(f.total_requests) AS total_requests,
+                       sum(f.error_requests) AS error_requests,
+                       sum(f.total_response_us) AS total_response_us,
+                       sum(f.total_request_bytes) AS total_request_bytes,
+                       sum(f.total_response_bytes) AS total_response_bytes
+                  FROM public.quarter_request_usage AS f
+                 WHERE f.usage_quarter >= midnight
+                 GROUP BY 1, 2) AS q
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.api_key_id IS NOT DISTINCT FROM q.api_key_id
+           AND m.latency_bucket = q.latency_bucket;
+        DELETE FROM public.monthly_request_usage AS m
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.total_requests = 0;
+        UPDATE public.monthly_endpoint_usage AS m
+           SET total_requests = m.total_requests - q.total_requests,
+               total_response_us = m.total_response_us - q.total_response_us,
+               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
+               total_response_bytes = m.total_response_bytes - q.total_response_bytes
+          FROM (SELECT f.api_key_id, f.method, f.route, f.status_code, f.latency_bucket,
+                       sum(f.total_requests) AS total_requests,
+                       sum(f.total_response_us) AS total_response_us,
+                       sum(f.total_request_bytes) AS total_request_bytes,
+                       sum(f.total_response_bytes) AS total_response_bytes
+                  FROM public.quarter_endpoint_usage AS f
+                 WHERE f.usage_quarter >= midnight
+                 GROUP BY 1, 2, 3, 4, 5) AS q
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.api_key_id IS NOT DISTINCT FROM q.api_key_id
+           AND m.method = q.method AND m.route = q.route AND m.status_code = q.status_code
+           AND m.latency_bucket = q.latency_bucket;
+        DELETE FROM public.monthly_endpoint_usage AS m
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.total_requests = 0;
+        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_days', midnight);
+    END IF;
+END
+$days$;
 
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
@@ -1126,10 +1194,12 @@ $fn$;
 
 -- Requests per endpoint (method and route labels as the endpoint rollups hold them, see
 -- daily_endpoint_usage): whole calendar months inside the range are read from
--- monthly_endpoint_usage, the other days from daily_endpoint_usage. Days are UTC days, both dates
--- inclusive; errors are requests answered with status >= 400. percentage is the share of
--- requests with two decimals adding up to exactly 100, as GET /requests gives it (every share
--- floored to 0.01 %, the missing hundredths to the largest remainders); most requests first.
+-- monthly_endpoint_usage, the other days from daily_endpoint_usage, the days after the day
+-- instant from quarter_endpoint_usage and what no seal holds from api_requests. Days are UTC
+-- days, both dates inclusive; errors are requests answered with status >= 400. percentage is
+-- the share of requests with two decimals adding up to exactly 100, as GET /requests gives it
+-- (every share floored to 0.01 %, the missing hundredths to the largest remainders); most
+-- requests first.
 CREATE OR REPLACE FUNCTION public.get_request_breakdown(
     p_start_date date,
     p_end_date   date,
@@ -1165,6 +1235,17 @@ AS $fn$
          WHERE d.usage_date BETWEEN p_start_date AND p_end_date
            AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
            AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
+        UNION ALL
+        -- the sealed requests of the days no roll has reached yet (see rollup_seals)
+        SELECT q.method, q.route, q.status_code, q.total_requests, q.total_response_us
+          FROM public.quarter_endpoint_usage AS q
+         WHERE q.usage_quarter AT TIME ZONE 'UTC' >= GREATEST(
+                   coalesce((SELECT s.sealed_before FROM public.rollup_seals AS s
+                              WHERE s.dataset = 'request_days'), 'infinity'::timestamptz)
+                       AT TIME ZONE 'UTC',
+                   p_start_date::timestamp)
+           AND q.usage_quarter AT TIME ZONE 'UTC' < (p_end_date + 1)::timestamp
+           AND (p_api_key_id IS NULL OR q.api_key_id = p_api_key_id)
         UNION ALL
         -- the requests no seal holds yet (see rollup_seals), labelled as the writer labels them
         -- (a key past its route cap has them under their own route until they are sealed)
