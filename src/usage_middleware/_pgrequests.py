@@ -380,20 +380,27 @@ _UTC_DAYS = (
 )
 
 
+def _named_sums(names: str) -> str:
+    return ", ".join(f"sum({c})::bigint AS {c}" for c in names.split(", "))
+
+
 def _roll(split: bool) -> str:
     """A day roll: the fine tiers' rows of the UTC days [lo, hi) summed into the coarse tiers;
-    its one row is how many requests they hold."""
+    its one row is how many requests they hold. The quarter hours are summed by hour (request
+    histograms) and by day (endpoints) first, so each coarse tier sums a few rows per period."""
     return f"""
 WITH grouped AS (
-    SELECT api_key_id, usage_quarter AT TIME ZONE 'UTC' AS q, latency_bucket,
-           {_REQUEST_COUNTER_NAMES}
+    SELECT api_key_id, date_trunc('hour', usage_quarter AT TIME ZONE 'UTC') AS q,
+           latency_bucket, {_named_sums(_REQUEST_COUNTER_NAMES)}
       FROM public.quarter_request_usage
      WHERE {_UTC_DAYS}
+     GROUP BY 1, 2, 3
 ), labelled AS (
-    SELECT api_key_id, usage_quarter AT TIME ZONE 'UTC' AS q, method, route, status_code,
-           latency_bucket, {_ENDPOINT_COUNTER_NAMES}
+    SELECT api_key_id, date_trunc('day', usage_quarter AT TIME ZONE 'UTC') AS q, method, route,
+           status_code, latency_bucket, {_named_sums(_ENDPOINT_COUNTER_NAMES)}
       FROM public.quarter_endpoint_usage
      WHERE {_UTC_DAYS}
+     GROUP BY 1, 2, 3, 4, 5, 6
 ), {_coarse(split)}
 SELECT coalesce(sum(total_requests), 0) FROM grouped"""
 
