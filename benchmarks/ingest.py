@@ -16,12 +16,12 @@ hour, declared-type mismatches) and ``requests`` (50 keys, 30 routes of an uploa
 own status and latency mix, 1 % unmatched scanner paths, a few non-standard methods; request
 histograms by month, day, hour and quarter hour, and endpoint rollups by month, day and quarter
 hour with the route cap). Shapes: ``live`` — a batch of a few thousand rows spanning a few
-seconds of this month (requests: each run's rows in a quarter hour of their own, sealed once,
+seconds of next month (requests: each run's rows in a quarter hour of their own, sealed once,
 and the day's roll into the hourly, daily and monthly rollups timed after the runs; rates of all
-runs together, roll included — ``--repeats 96`` is a whole day); ``worst`` — timestamps spread at random over the four months that have
-partitions (nearly every row its own quarter-hour, hourly and endpoint rollup keys). It also
-prints what record validation costs per row, and how many rollup rows one busy key-day makes:
-the request histograms alone, and with the endpoint rollups.
+runs together, roll included — ``--repeats 96`` is a whole day); ``worst`` — timestamps spread at
+random over the four months that have partitions (nearly every row its own quarter-hour, hourly
+and endpoint rollup keys). It also prints what record validation costs per row, and how many
+rollup rows one busy key-day makes: the request histograms alone, and with the endpoint rollups.
 
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
 script creates and drops its own databases. Targets: the live shapes ≥ 1/5 of the raw binary COPY
