@@ -243,9 +243,10 @@ def test_a_seal_during_a_read_is_not_counted_twice(
     pg: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A seal that commits between a read's statements moves requests from the raw part to the
-    rollups under it: the read sees the instant move and reads again."""
+    rollups under it, and rolls a day from the quarter-hour tiers into the coarse ones: the read
+    sees the instants move and reads again."""
     rng = random.Random(3)
-    start = datetime(2025, 7, 1, tzinfo=UTC)
+    start = datetime(2025, 6, 30, 18, tzinfo=UTC)
     records = _requests(rng, 400, start, 20)
     pg.write(records)
     memory = UsageStore("memory://")
@@ -263,19 +264,21 @@ def test_a_seal_during_a_read_is_not_counted_twice(
 
     monkeypatch.setattr(_sqlread, "run_reads", sealing_reads)
     app_pg, app_mem = app_for(pg), app_for(memory)
-    params = [("start", "2025-07-01"), ("end", "2025-07-02"), ("granularity", "hour")]
+    params = [("start", "2025-06-30"), ("end", "2025-07-02"), ("granularity", "hour")]
     keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
     headers = {"x-keys": ",".join(keys)}
     got = get(app_pg, "/usage/requests", params, headers).json()
+    assert sealed_days(pg) == datetime(2025, 7, 1, tzinfo=UTC)
     assert sealed == [sum(r.requested_at < start + timedelta(hours=12) for r in records)]
     assert got == get(app_mem, "/usage/requests", params, headers).json()
 
 
 def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
     """Three threads write batches (some requests late, replays among them) while a fourth
-    seals at rising instants: every request is counted once, the rollups hold exactly those
-    before the final instant, and a final seal folds in the rest."""
-    start = datetime(2025, 8, 1, tzinfo=UTC)
+    seals at rising instants, past a UTC midnight (a day roll among them): every request is
+    counted once, each rollup holds exactly those before its instant, and a final seal folds in
+    the rest."""
+    start = datetime(2025, 7, 31, 21, tzinfo=UTC)
     errors: list[BaseException] = []
     written: list[RequestRecord] = []
     lock = threading.Lock()
@@ -307,6 +310,7 @@ def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
         t.join()
     assert not errors
     assert len(stored_request_rows(pg)) == len(written)
+    assert sealed_days(pg) == datetime(2025, 8, 1, tzinfo=UTC)
     assert_rollups_exact(pg)
     pg.seal(FAR)
     assert_rollups_exact(pg)
