@@ -901,6 +901,7 @@ $seal$;
 -- instant existed) has them cut back to the UTC midnight before it: their hours and days from
 -- that midnight on are deleted, and that month's rows lose the fine rows from the midnight on
 -- (the fine tiers hold exactly what the coarse ones did, the requests before the seal instant).
+-- The key is matched as (is null, coalesce) so that the join can hash.
 DO $days$
 DECLARE
     midnight timestamptz;
@@ -930,7 +931,9 @@ BEGIN
                  WHERE f.usage_quarter >= midnight
                  GROUP BY 1, 2) AS q
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND m.api_key_id IS NOT DISTINCT FROM q.api_key_id
+           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
+           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
            AND m.latency_bucket = q.latency_bucket;
         DELETE FROM public.monthly_request_usage AS m
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
@@ -949,7 +952,9 @@ BEGIN
                  WHERE f.usage_quarter >= midnight
                  GROUP BY 1, 2, 3, 4, 5) AS q
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND m.api_key_id IS NOT DISTINCT FROM q.api_key_id
+           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
+           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
            AND m.method = q.method AND m.route = q.route AND m.status_code = q.status_code
            AND m.latency_bucket = q.latency_bucket;
         DELETE FROM public.monthly_endpoint_usage AS m
