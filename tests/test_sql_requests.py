@@ -124,6 +124,8 @@ BREAKDOWN_CASES = [
     (date(2025, 8, 25), date(2025, 10, 3), None),  # days, a whole month, days
     (date(2025, 8, 25), date(2025, 10, 3), KEY),
     (date(2025, 9, 5), date(2025, 9, 5), None),
+    (date(2025, 9, 10), date(2025, 9, 10), None),  # the day instant's day: quarter hours, raw
+    (date(2025, 9, 10), date(2025, 9, 10), KEY),
     (date(2025, 7, 1), date(2025, 10, 31), KEY),  # whole months around the data
     (date(2025, 9, 2), date(2025, 9, 29), None),  # inside one month: days only
     (date(2024, 1, 1), date(2024, 1, 31), None),  # nothing
@@ -133,7 +135,7 @@ BREAKDOWN_CASES = [
 @pytest.fixture(scope="module")
 def breakdown_stores() -> Iterator[tuple[UsageStore, UsageStore]]:
     """A PostgreSQL store and the in-memory reference with the same ~2,000 requests around
-    September 2025, shared by the module."""
+    September 2025, shared by the module; PostgreSQL's sealed part way through a day."""
     from support.pg import drop_pg_database, make_pg_database
 
     url = make_pg_database()
@@ -159,6 +161,9 @@ def breakdown_stores() -> Iterator[tuple[UsageStore, UsageStore]]:
         for part in (records[:700], records[700:]):
             store.write(part)
             reference.write(part)
+            # PostgreSQL: the days before Sep 10 from the coarse tiers, Sep 10 until 07:13 from
+            # the quarter-hour tier, the rest raw (the second part's older rows are late)
+            store.seal(datetime(2025, 9, 10, 7, 13, tzinfo=UTC))
         yield store, reference
     finally:
         store.dispose()

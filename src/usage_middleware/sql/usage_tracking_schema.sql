@@ -1241,15 +1241,20 @@ AS $fn$
            AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
            AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
         UNION ALL
-        -- the sealed requests of the days no roll has reached yet (see rollup_seals)
+        -- the sealed requests of the days no roll has reached yet (see rollup_seals); the
+        -- range twice: on the time for one key's constraint, on the UTC wall clock for the
+        -- all-keys index
         SELECT q.method, q.route, q.status_code, q.total_requests, q.total_response_us
-          FROM public.quarter_endpoint_usage AS q
-         WHERE q.usage_quarter AT TIME ZONE 'UTC' >= GREATEST(
-                   coalesce((SELECT s.sealed_before FROM public.rollup_seals AS s
-                              WHERE s.dataset = 'request_days'), 'infinity'::timestamptz)
-                       AT TIME ZONE 'UTC',
-                   p_start_date::timestamp)
-           AND q.usage_quarter AT TIME ZONE 'UTC' < (p_end_date + 1)::timestamp
+          FROM public.quarter_endpoint_usage AS q,
+               (SELECT GREATEST(
+                           coalesce((SELECT s.sealed_before FROM public.rollup_seals AS s
+                                      WHERE s.dataset = 'request_days'),
+                                    'infinity'::timestamptz),
+                           p_start_date::timestamp AT TIME ZONE 'UTC') AS lo,
+                       (p_end_date + 1)::timestamp AT TIME ZONE 'UTC' AS hi) AS w
+         WHERE q.usage_quarter >= w.lo AND q.usage_quarter < w.hi
+           AND q.usage_quarter AT TIME ZONE 'UTC' >= w.lo AT TIME ZONE 'UTC'
+           AND q.usage_quarter AT TIME ZONE 'UTC' < w.hi AT TIME ZONE 'UTC'
            AND (p_api_key_id IS NULL OR q.api_key_id = p_api_key_id)
         UNION ALL
         -- the requests no seal holds yet (see rollup_seals), labelled as the writer labels them
