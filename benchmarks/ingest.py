@@ -17,11 +17,12 @@ own status and latency mix, 1 % unmatched scanner paths, a few non-standard meth
 histograms by month, day, hour and quarter hour, and endpoint rollups by month, day and quarter
 hour with the route cap). Shapes: ``live`` — a batch of a few thousand rows spanning a few
 seconds of next month (requests: each run's rows in a quarter hour of their own, sealed once,
-and the day's roll into the hourly, daily and monthly rollups timed after the runs; rates of all
-runs together, roll included — ``--repeats 96`` is a whole day); ``worst`` — timestamps spread at
-random over the four months that have partitions (nearly every row its own quarter-hour, hourly
-and endpoint rollup keys). It also prints what record validation costs per row, and how many
-rollup rows one busy key-day makes: the request histograms alone, and with the endpoint rollups.
+and each whole hour's roll into the hourly, daily and monthly rollups, the last one timed after
+the runs; rates of all runs together, rolls included — ``--repeats 96`` is a whole day);
+``worst`` — timestamps spread at random over the four months that have partitions (nearly every
+row its own quarter-hour, hourly and endpoint rollup keys). It also prints what record
+validation costs per row, and how many rollup rows one busy key-day makes: the request
+histograms alone, and with the endpoint rollups.
 
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
 script creates and drops its own databases. Targets: the live shapes ≥ 1/5 of the raw binary COPY
@@ -269,7 +270,7 @@ def bench_postgres(
 
                 # Requests: live ones are raw rows until a seal folds them into the quarter-hour
                 # rollups; the timed work includes sealing every row written (as one seal, the
-                # way a quarter hour is sealed once). The day roll is timed after the runs.
+                # way a quarter hour is sealed once), and the rolls of the whole hours it passes.
                 end = max(r[data.time_column] for r in rows) + timedelta(microseconds=1)
 
                 def store_write(records: list[list[Any]] = records, end: datetime = end) -> None:
@@ -280,16 +281,13 @@ def bench_postgres(
 
                 copy_runs.append(timed(raw_copy))
                 write_runs.append(timed(store_write))
-            # Requests: the seal at the next UTC midnight rolls the day's quarter hours into
-            # the hourly, daily and monthly rollups, and the rates are of all runs together,
-            # that roll included: a day's share of it for each quarter hour with
-            # --repeats 96, far more with fewer (a roll costs much the same for a few quarter
-            # hours as for a whole day).
+            # Requests: the seal at the next whole UTC hour rolls the last hour's quarter hours
+            # into the hourly, daily and monthly rollups, and the rates are of all runs
+            # together, that roll included.
             roll = 0.0
             if data is REQUESTS:
-                midnight = (end + timedelta(days=1)).replace(hour=0, minute=0, second=0,
-                                                            microsecond=0)  # fmt: skip
-                roll = timed(lambda: store.seal(midnight))
+                hour = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+                roll = timed(lambda: store.seal(hour))
         replay = timed(lambda: [store.write(b) for b in records])
         store.dispose()
         if data is REQUESTS:

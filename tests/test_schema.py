@@ -293,7 +293,7 @@ def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: s
     upgraded = UsageStore(db_url)
     upgraded.create_schema()
     # PostgreSQL: the upgrade leaves the coarse tiers holding the requests before the UTC
-    # midnight before the newest one (its day instant); a seal past it rolls that day in too
+    # midnight before the newest one (its hour instant); a seal past it rolls that day in too
     assert_rollups_exact(upgraded)
     upgraded.seal(datetime(2200, 1, 1, tzinfo=timezone.utc))
     with upgraded.engine.connect() as conn:
@@ -378,7 +378,7 @@ def test_a_0_1_0_install_gets_endpoint_rollups_equal_to_a_rebuild(pg_url: str) -
     store = UsageStore(pg_url)
     try:
         store.create_schema()
-        # the coarse tiers are cut back to the midnight before the newest request (the day
+        # the coarse tiers are cut back to the midnight before the newest request (the hour
         # instant); a seal past it rolls that day in too
         store.seal(datetime(2200, 1, 1, tzinfo=timezone.utc))
         raw = stored_request_rows(store)

@@ -25,7 +25,7 @@ from support.rollups import (
     FAR,
     assert_rollups_exact,
     random_request,
-    sealed_days,
+    sealed_hours,
     sealed_instant,
 )
 from test_queries import app_for, get
@@ -75,7 +75,7 @@ def test_live_requests_are_raw_until_sealed_then_equal_the_rebuild(
     pg: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Live batches (a replay among them) leave the rollups empty; seals in steps of at most
-    SEAL_ROWS rows fold them into the quarter-hour tiers, and the UTC days they complete into
+    SEAL_ROWS rows fold them into the quarter-hour tiers, and the UTC hours they complete into
     the coarser ones; every rollup then equals aggregating the raw rows in Python
     with the writer's own bucket and label functions, edges of the latency buckets included."""
     import usage_middleware._pgseal as pgseal
@@ -93,8 +93,8 @@ def test_live_requests_are_raw_until_sealed_then_equal_the_rebuild(
     middle = start + timedelta(hours=11, minutes=7, seconds=3)
     assert pg.seal(middle) == sum(r.requested_at < middle for r in records)
     assert sealed_instant(pg) == middle
-    # the days that ended before the instant are rolled into the coarse tiers, whole
-    assert sealed_days(pg) == middle.replace(hour=0, minute=0, second=0)
+    # the hours that ended before the instant are rolled into the coarse tiers, whole
+    assert sealed_hours(pg) == middle.replace(minute=0, second=0)
     assert_rollups_exact(pg)
     assert pg.seal(middle - timedelta(hours=1)) == 0  # never back
     assert sealed_instant(pg) == middle
@@ -243,7 +243,7 @@ def test_a_seal_during_a_read_is_not_counted_twice(
     pg: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A seal that commits between a read's statements moves requests from the raw part to the
-    rollups under it, and rolls a day from the quarter-hour tiers into the coarse ones: the read
+    rollups under it, and rolls hours from the quarter-hour tiers into the coarse ones: the read
     sees the instants move and reads again."""
     rng = random.Random(3)
     start = datetime(2025, 6, 30, 18, tzinfo=UTC)
@@ -268,14 +268,14 @@ def test_a_seal_during_a_read_is_not_counted_twice(
     keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
     headers = {"x-keys": ",".join(keys)}
     got = get(app_pg, "/usage/requests", params, headers).json()
-    assert sealed_days(pg) == datetime(2025, 7, 1, tzinfo=UTC)
+    assert sealed_hours(pg) == datetime(2025, 7, 1, 6, tzinfo=UTC)
     assert sealed == [sum(r.requested_at < start + timedelta(hours=12) for r in records)]
     assert got == get(app_mem, "/usage/requests", params, headers).json()
 
 
 def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
     """Three threads write batches (some requests late, replays among them) while a fourth
-    seals at rising instants, past a UTC midnight (a day roll among them): every request is
+    seals at rising instants, past a UTC midnight (rolls among them): every request is
     counted once, each rollup holds exactly those before its instant, and a final seal folds in
     the rest."""
     start = datetime(2025, 7, 31, 21, tzinfo=UTC)
@@ -310,7 +310,7 @@ def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
         t.join()
     assert not errors
     assert len(stored_request_rows(pg)) == len(written)
-    assert sealed_days(pg) == datetime(2025, 8, 1, tzinfo=UTC)
+    assert sealed_hours(pg) == datetime(2025, 8, 1, 2, tzinfo=UTC)
     assert_rollups_exact(pg)
     pg.seal(FAR)
     assert_rollups_exact(pg)
@@ -400,18 +400,18 @@ def test_a_schema_from_before_sealing_keeps_the_old_plan(pg_url: str) -> None:
         old.dispose()
 
 
-def test_a_schema_from_before_the_day_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
-    """An install whose coarse tiers followed the seal instant (no ``request_days`` row yet):
+def test_a_schema_from_before_the_hour_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
+    """An install whose coarse tiers followed the seal instant (no ``request_hours`` row yet):
     writers keep them so, a seal does nothing, answers stay exact; create_schema() then cuts the
     coarse tiers back to the UTC midnight before the seal instant (deleting that day's hours and
-    day, taking the day's quarter hours off its month), and from there seals roll whole days."""
+    day, taking the day's quarter hours off its month), and from there seals roll whole hours."""
     from sqlalchemy import text
 
     store = UsageStore(pg_url)
     store.create_schema()
     instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
     with store.engine.begin() as conn:
-        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_days'"))
+        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_hours'"))
         conn.execute(
             text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = 'requests'"),
             {"at": instant},
@@ -438,7 +438,7 @@ def test_a_schema_from_before_the_day_instant_is_cut_back_to_a_midnight(pg_url: 
         same_answers()
         store.create_schema()
         assert sealed_instant(store) == instant
-        assert sealed_days(store) == datetime(2025, 10, 31, tzinfo=UTC)
+        assert sealed_hours(store) == datetime(2025, 10, 31, tzinfo=UTC)
         assert_rollups_exact(store)
         same_answers()
         assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)

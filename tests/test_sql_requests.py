@@ -124,7 +124,7 @@ BREAKDOWN_CASES = [
     (date(2025, 8, 25), date(2025, 10, 3), None),  # days, a whole month, days
     (date(2025, 8, 25), date(2025, 10, 3), KEY),
     (date(2025, 9, 5), date(2025, 9, 5), None),
-    (date(2025, 9, 10), date(2025, 9, 10), None),  # the day instant's day: quarter hours, raw
+    (date(2025, 9, 10), date(2025, 9, 10), None),  # the instants' day: hours, quarters, raw
     (date(2025, 9, 10), date(2025, 9, 10), KEY),
     (date(2025, 7, 1), date(2025, 10, 31), KEY),  # whole months around the data
     (date(2025, 9, 2), date(2025, 9, 29), None),  # inside one month: days only

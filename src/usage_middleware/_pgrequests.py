@@ -3,8 +3,8 @@
 The request rollups are *sealed*: ``rollup_seals`` holds two instants. The *fine* tiers (the
 quarter-hour histogram and endpoint rollup, and ``endpoint_routes``, the route cap) hold every
 raw row before the seal instant (``requests``) and none after it; the *coarse* tiers (the
-histograms by hour, day and month, the endpoint rollups by day and month) likewise for the day
-instant (``request_days``), a UTC midnight at or before the seal instant.
+histograms by hour, day and month, the endpoint rollups by day and month) likewise for the hour
+instant (``request_hours``), a whole UTC hour at or before the seal instant.
 
 * A live request (at or after the seal instant) is written as a raw row only: binary COPY
   straight into ``api_requests``, sorted by id (concurrent writers lock index entries in one
@@ -13,14 +13,14 @@ instant (``request_days``), a UTC midnight at or before the seal instant.
 * A late request (before the seal instant: a spool replay, a long upload recorded late) is
   written with its rollups, as every request once was: staged, inserted with ``ON CONFLICT DO
   NOTHING RETURNING``, and only the new rows reach the fine tiers, and the coarse ones if they
-  are older than the day instant, in the same statement.
+  are older than the hour instant, in the same statement.
 * A seal (:mod:`usage_middleware._pgseal`) folds the raw rows between the old and the new seal
   instant into the fine tiers with the same statement, reading them from ``api_requests``; when
-  the new instant has passed a UTC midnight, a *roll* sums the fine rows of the days it completed
-  into the coarse tiers and moves the day instant there.
+  the new instant has passed a whole UTC hour, a *roll* sums the fine rows of the hours it
+  completed into the coarse tiers and moves the hour instant there.
 
 So each fine rollup row is written once per quarter hour for all the traffic of that quarter
-hour, and each coarse one once per day, instead of once per batch; writers do what a raw COPY
+hour, and each coarse one once per hour, instead of once per batch; writers do what a raw COPY
 does. Writers hold advisory lock ``SEAL_LOCK`` shared for their transaction and read the
 instants after taking it; a seal holds it exclusively, so no write made under old instants
 commits after the seal has moved them.
@@ -312,10 +312,10 @@ def _fine(split: bool) -> str:
 
 _COLUMNS = ", ".join(REQUEST_COLUMNS)
 
-# The coarse tiers hold exactly the requests before the day instant (see the module docstring):
+# The coarse tiers hold exactly the requests before the hour instant (see the module docstring):
 # a late request reaches them only if it is older than that.
-_BEFORE_DAYS = "(SELECT * FROM {} WHERE q < (%(days)s::timestamptz AT TIME ZONE 'UTC')) AS g"
-_LATE_COARSE = _coarse(False, _BEFORE_DAYS.format("grouped"), _BEFORE_DAYS.format("labelled"))
+_BEFORE_COARSE = "(SELECT * FROM {} WHERE q < (%(coarse)s::timestamptz AT TIME ZONE 'UTC')) AS g"
+_LATE_COARSE = _coarse(False, _BEFORE_COARSE.format("grouped"), _BEFORE_COARSE.format("labelled"))
 
 # Late rows: inserted from staging; the ones that were new go on to the rollups.
 _INSERT_ROLLED = f"""
@@ -385,7 +385,7 @@ def _named_sums(names: str) -> str:
 
 
 def _roll(split: bool) -> str:
-    """A day roll: the fine tiers' rows of the UTC days [lo, hi) summed into the coarse tiers;
+    """A roll: the fine tiers' rows of the UTC hours [lo, hi) summed into the coarse tiers;
     its one row is how many requests they hold. The quarter hours are summed by hour (request
     histograms) and by day (endpoints) first, so each coarse tier sums a few rows per period."""
     return f"""
@@ -407,7 +407,7 @@ SELECT coalesce(sum(total_requests), 0) FROM grouped"""
 
 #: The seal, plainly inserting the rows of periods that start at or after its old instant.
 SEAL_SQL = _seal(split=True)
-#: The day roll, likewise.
+#: The roll, likewise.
 ROLL_SQL = _roll(split=True)
 #: Both upserting every row: what a seal falls back on should a rollup row of such a period
 #: exist after all (written into the rollups by hand); it then adds to that row.
@@ -474,16 +474,16 @@ def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
     return len(requests)  # the savepoint ends with the transaction: no round trip for it
 
 
-#: Both instants in one row: (the seal instant, the day instant). The day instant is NULL on a
+#: Both instants in one row: (the seal instant, the hour instant). The hour instant is NULL on a
 #: schema from before it (until ``create_schema()`` adds it), whose coarse tiers hold what the
 #: fine ones hold: every request before the seal instant.
 INSTANTS_SQL = (
     "SELECT max(sealed_before) FILTER (WHERE dataset = 'requests'), "
-    "max(sealed_before) FILTER (WHERE dataset = 'request_days') FROM public.rollup_seals"
+    "max(sealed_before) FILTER (WHERE dataset = 'request_hours') FROM public.rollup_seals"
 )
 
 # Every request rolled up, on a schema from before rollup_seals.
-_NO_SEAL = {"days": datetime.max.replace(tzinfo=timezone.utc)}
+_NO_SEAL = {"coarse": datetime.max.replace(tzinfo=timezone.utc)}
 
 
 def write_requests(
@@ -502,14 +502,14 @@ def write_requests(
     cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
     cur.execute(INSTANTS_SQL)
-    sealed_before, days = cur.fetchone()
+    sealed_before, coarse = cur.fetchone()
     ordered = sorted(requests, key=lambda r: r.id)
     late = [r for r in ordered if r.requested_at < sealed_before]
     live = [r for r in ordered if r.requested_at >= sealed_before] if late else ordered
     written = 0
     if late:
         _stage(cur, late)
-        cur.execute(_INSERT_ROLLED, {"days": sealed_before if days is None else days})
+        cur.execute(_INSERT_ROLLED, {"coarse": sealed_before if coarse is None else coarse})
         written += int(cur.fetchone()[0])
     if live:
         written += _copy_live(cur, live)

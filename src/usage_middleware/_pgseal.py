@@ -5,9 +5,11 @@
 UTC quarter hour that ended at least ``SEAL_LAG`` ago, folding the raw rows in between into the
 quarter-hour tiers, so that each of their rows is written once for all of its quarter hour's
 traffic and requests still in flight when their quarter hour ends (their time is their start)
-are rarely late. When that passes a UTC midnight, the same transaction rolls the completed days'
-quarter-hour rows into the hourly, daily and monthly tiers and moves the day instant to that
-midnight: a coarse row is written once a day. Each transaction folds at most about
+are rarely late. When that passes a whole UTC hour, the same transaction rolls the completed
+hours' quarter-hour rows into the hourly, daily and monthly tiers and moves the hour instant
+there: a coarse row is written once an hour, not once a quarter hour, and a roll holds the
+writers off for an hour's rows at most (a day's, at a thousand requests a second, would take
+tens of seconds). Each transaction folds at most about
 ``SEAL_ROWS`` raw rows, so that the writers it holds off (advisory lock, exclusive) wait
 seconds, not minutes, and a backlog (a bulk load of history) is sealed in steps, each one exact
 on its own.
@@ -36,7 +38,7 @@ from ._pgrequests import (
     SEAL_SQL,
     SEAL_UPSERT_SQL,
 )
-from ._storage.plan import _floor_day, _floor_quarter
+from ._storage.plan import _floor_hour, _floor_quarter
 
 __all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
 
@@ -82,7 +84,7 @@ def pg_seal(
     before: datetime | None = None,
 ) -> int:
     """Fold the raw requests before ``before`` (default :func:`seal_target` of the server's
-    clock) that no seal holds yet into the fine rollups, and the UTC days that ended before the
+    clock) that no seal holds yet into the fine rollups, and the UTC hours that ended before the
     new instant into the coarse ones; returns how many raw rows were folded.
 
     An instant already at or past ``before`` is left alone: a seal never moves back.
@@ -105,9 +107,9 @@ def pg_seal(
                         return folded  # a schema from before sealing: create_schema() upgrades it
                     cur.execute(f"SELECT pg_advisory_xact_lock({SEAL_LOCK})")
                     cur.execute(INSTANTS_SQL)
-                    sealed_before, days = cur.fetchone()
-                    if days is None:
-                        return folded  # a schema from before the day instant: likewise
+                    sealed_before, hours = cur.fetchone()
+                    if hours is None:
+                        return folded  # a schema from before the hour instant: likewise
                     cur.execute("SELECT now()")
                     target = seal_target(cur.fetchone()[0]) if before is None else before
                     if target <= sealed_before:
@@ -127,11 +129,11 @@ def pg_seal(
                     bounds = {"lo": sealed_before, "hi": hi}
                     folded += _fold(cur, SEAL_SQL, SEAL_UPSERT_SQL, bounds)
                     cur.execute(_MOVE, {"dataset": "requests", "to": hi})
-                    whole_days = _floor_day(hi.astimezone(timezone.utc))
-                    if whole_days > days:
-                        bounds = {"lo": days, "hi": whole_days}
+                    whole_hours = _floor_hour(hi.astimezone(timezone.utc))
+                    if whole_hours > hours:
+                        bounds = {"lo": hours, "hi": whole_hours}
                         _fold(cur, ROLL_SQL, ROLL_UPSERT_SQL, bounds)
-                        cur.execute(_MOVE, {"dataset": "request_days", "to": whole_days})
+                        cur.execute(_MOVE, {"dataset": "request_hours", "to": whole_hours})
             finally:
                 conn.info.pop("usage_write", None)
         if hi >= target:

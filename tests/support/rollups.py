@@ -105,13 +105,13 @@ def sealed_instant(store: UsageStore) -> datetime | None:
     return _instant(store, "requests")
 
 
-def sealed_days(store: UsageStore) -> datetime | None:
-    """PostgreSQL: the day instant, the same for the coarse request rollups (hours, days,
+def sealed_hours(store: UsageStore) -> datetime | None:
+    """PostgreSQL: the hour instant, the same for the coarse request rollups (hours, days,
     months); elsewhere None."""
-    return _instant(store, "request_days")
+    return _instant(store, "request_hours")
 
 
-#: The request rollups that the day instant bounds on PostgreSQL; the others, the seal instant.
+#: The request rollups that the hour instant bounds on PostgreSQL; the others, the seal instant.
 COARSE = frozenset(
     ("monthly_request_usage", "daily_request_usage", "hourly_request_usage",
      "monthly_endpoint_usage", "daily_endpoint_usage")
@@ -123,7 +123,7 @@ def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
     instant, elsewhere all."""
     from support.endpoints import stored_request_rows
 
-    instant = (sealed_days if table in COARSE else sealed_instant)(store)
+    instant = (sealed_hours if table in COARSE else sealed_instant)(store)
     return [r for r in stored_request_rows(store) if instant is None or r["requested_at"] < instant]
 
 
@@ -131,7 +131,7 @@ def expected_rollups(store: UsageStore) -> Rollups:
     """Every rollup as GROUP BY over the raw rows, computed here in Python (the endpoint
     rollups as :func:`rebuilt_endpoints`: exact while no key-day has more named routes than
     the cap, or when every request arrived in one batch). On PostgreSQL a request rollup holds
-    the requests before its instant (:func:`sealed_instant`, :func:`sealed_days`), and only
+    the requests before its instant (:func:`sealed_instant`, :func:`sealed_hours`), and only
     those."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
@@ -146,7 +146,7 @@ def expected_rollups(store: UsageStore) -> Rollups:
             "quarter_mismatch_usage",
         )
     }
-    fine, coarse = sealed_instant(store), sealed_days(store)
+    fine, coarse = sealed_instant(store), sealed_hours(store)
     with store.engine.connect() as conn:
         requests = [dict(r) for r in conn.execute(select(api_requests)).mappings()]
         for r in conn.execute(select(file_uploads)).mappings():

@@ -295,7 +295,7 @@ def sealed_reads(
 
 def _instants(backend: SQLBackend) -> Seals | None:
     """The seal instants; None on a schema from before ``rollup_seals`` (every request rolled
-    up as written), until ``create_schema()`` upgrades it. A schema from before the day instant
+    up as written), until ``create_schema()`` upgrades it. A schema from before the hour instant
     has its coarse tiers sealed with the fine ones."""
     with backend.engine.connect() as conn:
         if not backend.sealing:

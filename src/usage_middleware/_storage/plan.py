@@ -256,7 +256,7 @@ def series_plan(bounds: Sequence[datetime]) -> list[Piece]:
 class Seals(NamedTuple):
     """The instants of PostgreSQL's sealed request rollups: the quarter-hour tiers hold exactly
     the raw rows before ``fine``, the coarser ones (hours, days, months) exactly those before
-    ``coarse``, a UTC midnight at or before ``fine``."""
+    ``coarse``, a whole UTC hour at or before ``fine``."""
 
     fine: datetime
     coarse: datetime

@@ -130,7 +130,7 @@ GRANT SELECT ON public.monthly_endpoint_usage, public.daily_endpoint_usage,
     public.quarter_endpoint_usage, public.endpoint_routes TO authenticated;
 
 -- rollup_seals holds the seal instants and nothing about any key: every signed-in user reads
--- them, so that get_request_breakdown adds the requests that no day roll or no seal holds yet.
+-- them, so that get_request_breakdown adds the requests that no roll or no seal holds yet.
 ALTER TABLE public.rollup_seals ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS "signed-in users read the seal instants" ON public.rollup_seals;
 CREATE POLICY "signed-in users read the seal instants" ON public.rollup_seals

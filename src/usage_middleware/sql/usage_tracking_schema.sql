@@ -860,17 +860,17 @@ ALTER TABLE public.quarter_endpoint_usage SET
 
 -- rollup_seals: the instants before which the request rollups hold every raw row and after
 -- which they hold none. 'requests', the seal instant, is the fine tiers' (quarter_request_usage,
--- quarter_endpoint_usage and endpoint_routes); 'request_days', the day instant, a UTC midnight at
--- or before it, is the coarse tiers' (the request histograms by hour, day and month, the endpoint
--- rollups by day and month). A writer stores a new request of the seal instant or later as a raw
--- row only; a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows between the
--- old and the new instant into the fine tiers, and when the new one has passed a UTC midnight,
--- sums the fine rows of the days it completed into the coarse tiers and moves the day instant
--- there, all in one transaction. So a coarse row is written once per day, not once per quarter
--- hour. Readers take the coarse tiers up to the day instant, the fine ones up to the seal
--- instant and the raw rows from it on, so every answer is exact at every moment. Writers hold
--- advisory lock 7215120302 shared for their transaction and a seal holds it exclusively, so no
--- write of old instants commits after a seal has moved them. An install that predates this
+-- quarter_endpoint_usage and endpoint_routes); 'request_hours', the hour instant, a whole UTC
+-- hour at or before it, is the coarse tiers' (the request histograms by hour, day and month, the
+-- endpoint rollups by day and month). A writer stores a new request of the seal instant or later
+-- as a raw row only; a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows
+-- between the old and the new instant into the fine tiers, and when the new one has passed a
+-- whole UTC hour, sums the fine rows of the hours it completed into the coarse tiers and moves
+-- the hour instant there, all in one transaction. So a coarse row is written once an hour, not
+-- once a quarter hour. Readers take the coarse tiers up to the hour instant, the fine ones up to
+-- the seal instant and the raw rows from it on, so every answer is exact at every moment.
+-- Writers hold advisory lock 7215120302 shared for their transaction and a seal holds it
+-- exclusively, so no write of old instants commits after a seal has moved them. An install that predates this
 -- table had every stored request rolled up: its seal instant starts just after the newest stored
 -- request (a new install's at 0001-01-01).
 DO $seal$
@@ -897,16 +897,16 @@ BEGIN
 END
 $seal$;
 
--- The day instant. An install whose coarse tiers followed the seal instant (before the day
+-- The hour instant. An install whose coarse tiers followed the seal instant (before the hour
 -- instant existed) has them cut back to the UTC midnight before it: their hours and days from
 -- that midnight on are deleted, and that month's rows lose the fine rows from the midnight on
 -- (the fine tiers hold exactly what the coarse ones did, the requests before the seal instant).
 -- The key is matched as (is null, coalesce) so that the join can hash.
-DO $days$
+DO $hours$
 DECLARE
     midnight timestamptz;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_days') THEN
+    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_hours') THEN
         PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
         SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
           INTO midnight
@@ -960,10 +960,10 @@ BEGIN
         DELETE FROM public.monthly_endpoint_usage AS m
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
            AND m.total_requests = 0;
-        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_days', midnight);
+        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_hours', midnight);
     END IF;
 END
-$days$;
+$hours$;
 
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
@@ -1199,7 +1199,7 @@ $fn$;
 
 -- Requests per endpoint (method and route labels as the endpoint rollups hold them, see
 -- daily_endpoint_usage): whole calendar months inside the range are read from
--- monthly_endpoint_usage, the other days from daily_endpoint_usage, the days after the day
+-- monthly_endpoint_usage, the other days from daily_endpoint_usage, the hours after the hour
 -- instant from quarter_endpoint_usage and what no seal holds from api_requests. Days are UTC
 -- days, both dates inclusive; errors are requests answered with status >= 400. percentage is
 -- the share of requests with two decimals adding up to exactly 100, as GET /requests gives it
@@ -1241,14 +1241,14 @@ AS $fn$
            AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
            AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
         UNION ALL
-        -- the sealed requests of the days no roll has reached yet (see rollup_seals); the
+        -- the sealed requests of the hours no roll has reached yet (see rollup_seals); the
         -- range twice: on the time for one key's constraint, on the UTC wall clock for the
         -- all-keys index
         SELECT q.method, q.route, q.status_code, q.total_requests, q.total_response_us
           FROM public.quarter_endpoint_usage AS q,
                (SELECT GREATEST(
                            coalesce((SELECT s.sealed_before FROM public.rollup_seals AS s
-                                      WHERE s.dataset = 'request_days'),
+                                      WHERE s.dataset = 'request_hours'),
                                     'infinity'::timestamptz),
                            p_start_date::timestamp AT TIME ZONE 'UTC') AS lo,
                        (p_end_date + 1)::timestamp AT TIME ZONE 'UTC' AS hi) AS w
