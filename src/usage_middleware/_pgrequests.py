@@ -25,10 +25,7 @@ does. Writers hold advisory lock ``SEAL_LOCK`` shared for their transaction and 
 instants after taking it; a seal holds it exclusively, so no write made under old instants
 commits after the seal has moved them.
 
-Values that must agree bit for bit with Python are computed in Python when staging (the latency
-buckets, microseconds, labels) and, for a seal, in SQL by the same formulas: the fine bucket is
-``ceil(ln(ms / min) / ln(gamma))`` with the same float64 constants, and PostgreSQL's ``round``
-of a float rounds half to even, as Python's does.
+The statements of the tiers, the seal and the roll are in :mod:`usage_middleware._pgrollups`.
 """
 
 from __future__ import annotations
@@ -39,31 +36,20 @@ from typing import Any
 
 import psycopg
 
+from ._pgrollups import QUARTER, coarse_tiers, fine_tiers
 from ._records import RequestRecord
 from ._schema import (
-    _LOG_GAMMA,
-    _MAX_BUCKET,
-    _MIN_MS,
     ENDPOINT_BUCKET_WIDTH,
     OTHER_METHOD,
-    OTHER_ROUTE,
-    ROUTES_PER_KEY_DAY,
     STANDARD_METHODS,
     UNMATCHED_ROUTE,
     latency_bucket,
 )
 
-__all__ = [
-    "INSTANTS_SQL", "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_LOCK", "SEAL_SQL",
-    "SEAL_UPSERT_SQL", "write_requests",
-]  # fmt: skip
+__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "write_requests"]
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
-
-# The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
-# monthly rollups are sums of those groups, so the raw rows are aggregated only once.
-QUARTER = "date_bin('15 minutes', utc_at, TIMESTAMP '2000-01-01') AS q"
 
 REQUEST_COLUMNS = (
     "id",
@@ -88,234 +74,14 @@ _RAW_TYPES = (
 )  # fmt: skip
 _STAGED_TYPES = (*_RAW_TYPES, "int2", "int8", "text", "text", "int2")
 
-_REQUEST_COUNTERS = """
-    count(*)::bigint AS total_requests,
-    count(*) FILTER (WHERE status_code >= 400)::bigint AS error_requests,
-    sum(response_us)::bigint AS total_response_us,
-    sum(request_size)::bigint AS total_request_bytes,
-    sum(response_size)::bigint AS total_response_bytes
-"""
-_REQUEST_SUMS = """
-    sum(total_requests)::bigint, sum(error_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_REQUEST_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    error_requests = t.error_requests + EXCLUDED.error_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
-_REQUEST_COUNTER_NAMES = (
-    "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
-)
-
-# The endpoint rollups' labels: method and route staged as computed in Python, the route then
-# capped per key and UTC day. held: the named routes the batch's key-days have (as of this
-# statement's snapshot); the batch's other named routes are admitted in route order into the
-# room left (ROUTES_PER_KEY_DAY minus held). Under READ COMMITTED a concurrent writer may have
-# inserted one of them since the snapshot: the upsert then waits for it and, DO UPDATE being
-# what it is, returns the row anyway, so a route is named exactly when endpoint_routes holds it.
-# Two writers that both saw room may together pass the cap by what their batches admitted.
-# The NULL key joins as a hashable equality: (key IS NULL, coalesce(key, nil UUID)).
-_NIL = "'00000000-0000-0000-0000-000000000000'::uuid"
-_SAME_KEY = (
-    "({a}.api_key_id IS NULL) = ({b}.api_key_id IS NULL) "
-    f"AND coalesce({{a}}.api_key_id, {_NIL}) = coalesce({{b}}.api_key_id, {_NIL})"
-)
-_ENDPOINT_COUNTER_NAMES = (
-    "total_requests, total_response_us, total_request_bytes, total_response_bytes"
-)
-_ENDPOINT_SUMS = """
-    sum(total_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_ENDPOINT_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
-
-
-
-# A seal's old instant as a UTC timestamp, comparable with the periods' starts.
-_LO_UTC = "(%(lo)s::timestamptz AT TIME ZONE 'UTC')"
-
-
-def _tier(
-    name: str, into: str, select: str, source: str, group: str, conflict: str, start: str,
-    split: bool,
-) -> str:  # fmt: skip
-    """One rollup tier: ``INSERT INTO {into} SELECT {select} FROM {source} {group}`` with an
-    upsert on ``conflict``.
-
-    With ``split`` (a seal), two statements: ``{name}`` upserts the groups of periods that
-    started before the seal's old instant, and ``{name}_new`` plainly inserts the others
-    (``start``: the period's start, a UTC timestamp), which no rollup row can hold yet: every
-    row folded so far, late or sealed, is older than that instant, and so is its period's start.
-    Most of a seal's rows are of such periods, and a plain insert skips each row's conflict probe.
-    """
-    statement = f"INSERT INTO public.{into}\n    SELECT {select}\n      FROM {source}"
-    statement += "{where}" + group
-    upsert = f"ON CONFLICT ON CONSTRAINT {conflict}"
-    if not split:
-        return f"{name} AS (\n    {statement.format(where='')}\n    {upsert}\n)"
-    old = statement.format(where=f"\n     WHERE {start} < {_LO_UTC}")
-    new = statement.format(where=f"\n     WHERE {start} >= {_LO_UTC}")
-    return f"{name} AS (\n    {old}\n    {upsert}\n), {name}_new AS (\n    {new}\n)"
-
-
-def _request_tier(
-    table: str, column: str, when: str, start: str, split: bool, source: str = "grouped"
-) -> str:
-    """A request histogram tier summed from quarter-hour groups."""
-    return _tier(
-        f"into_{table}",
-        f"{table} AS t (api_key_id, {column}, latency_bucket, {_REQUEST_COUNTER_NAMES})",
-        f"api_key_id, {when}, latency_bucket, {_REQUEST_SUMS}",
-        source,
-        "\n     GROUP BY 1, 2, 3\n     ORDER BY 1, 2, 3",
-        f"uq_{table} DO UPDATE SET {_REQUEST_SET}",
-        start,
-        split,
-    )
-
-
-def _endpoint_tier(
-    table: str, column: str, when: str, start: str, split: bool, source: str = "labelled"
-) -> str:
-    """An endpoint tier summed from labelled quarter-hour groups."""
-    return _tier(
-        f"into_{table}",
-        f"{table} AS t (api_key_id, {column}, method, route, status_code, latency_bucket, "
-        f"{_ENDPOINT_COUNTER_NAMES})",
-        f"api_key_id, {when}, method, route, status_code, latency_bucket, {_ENDPOINT_SUMS}",
-        source,
-        "\n     GROUP BY 1, 2, 3, 4, 5, 6\n     ORDER BY 1, 2, 3, 4, 5, 6",
-        f"uq_{table} DO UPDATE SET {_ENDPOINT_SET}",
-        start,
-        split,
-    )
-
-
-_HOUR = "date_trunc('hour', q)"
-_DAY = "date_trunc('day', q)"
-_MONTH = "date_trunc('month', q)"
-
-
-def _coarse(split: bool, grouped: str = "grouped", labelled: str = "labelled") -> str:
-    """The CTEs that add quarter-hour groups (``grouped``: histogram rows, ``labelled``:
-    endpoint rows, each with its UTC quarter hour ``q``) to the *coarse* tiers: the request
-    histograms by hour, day and month and the endpoint rollups by day and month."""
-    return ", ".join(
-        (
-            _request_tier(
-                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, grouped
-            ),
-            _request_tier("daily_request_usage", "usage_date", "q::date", _DAY, split, grouped),
-            _request_tier(
-                "hourly_request_usage",
-                "usage_hour",
-                f"{_HOUR} AT TIME ZONE 'UTC'",
-                _HOUR,
-                split,
-                grouped,
-            ),
-            _endpoint_tier(
-                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, labelled
-            ),
-            _endpoint_tier(
-                "daily_endpoint_usage", "usage_date", "q::date", _DAY, split, labelled
-            ),
-        )
-    )
-
-
-def _fine(split: bool) -> str:
-    """The CTEs that fold ``staged`` (new raw rows, bucketed and labelled as in Python, with
-    their UTC quarter hour ``q``) into the *fine* tiers: the quarter-hour request histogram and
-    endpoint rollup, with the route cap (``endpoint_routes``). They leave ``grouped`` and
-    ``labelled`` for :func:`_coarse`."""
-    quarter = _tier(
-        "into_quarter_request_usage",
-        "quarter_request_usage AS t "
-        f"(api_key_id, usage_quarter, latency_bucket, {_REQUEST_COUNTER_NAMES})",
-        f"api_key_id, q AT TIME ZONE 'UTC', latency_bucket, {_REQUEST_COUNTER_NAMES}",
-        "grouped",
-        "\n     ORDER BY 1, 2, 3",
-        f"uq_quarter_request_usage DO UPDATE SET {_REQUEST_SET}",
-        "q",
-        split,
-    )
-    endpoints = _endpoint_tier(
-        "quarter_endpoint_usage", "usage_quarter", "q AT TIME ZONE 'UTC'", "q", split
-    )
-    return f"""grouped AS (
-    SELECT api_key_id, q, latency_bucket, {_REQUEST_COUNTERS}
-      FROM staged
-     GROUP BY 1, 2, 3
-), {quarter}, endpoints AS (
-    SELECT api_key_id, q, endpoint_method AS method, endpoint_route AS route,
-           status_code::smallint AS status_code, endpoint_bucket AS latency_bucket,
-           count(*)::bigint AS total_requests, sum(response_us)::bigint AS total_response_us,
-           sum(request_size)::bigint AS total_request_bytes,
-           sum(response_size)::bigint AS total_response_bytes
-      FROM staged
-     GROUP BY 1, 2, 3, 4, 5, 6
-), wanted AS (
-    SELECT DISTINCT api_key_id, q::date AS d, route
-      FROM endpoints
-     WHERE route <> '{UNMATCHED_ROUTE}'
-), days AS (
-    SELECT DISTINCT api_key_id, d FROM wanted
-), held AS (
-    SELECT e.api_key_id, e.usage_date AS d, e.route
-      FROM days JOIN public.endpoint_routes AS e
-        ON e.api_key_id = days.api_key_id AND e.usage_date = days.d
-    UNION ALL
-    SELECT e.api_key_id, e.usage_date, e.route
-      FROM days JOIN public.endpoint_routes AS e
-        ON days.api_key_id IS NULL AND e.api_key_id IS NULL AND e.usage_date = days.d
-), ranked AS (
-    SELECT api_key_id, d, route, held,
-           count(*) FILTER (WHERE held) OVER (PARTITION BY api_key_id, d) AS n_held,
-           row_number() OVER (PARTITION BY api_key_id, d, held ORDER BY route) AS n
-      FROM (SELECT api_key_id, d, route, bool_or(held) AS held
-              FROM (SELECT api_key_id, d, route, true AS held FROM held
-                    UNION ALL
-                    SELECT api_key_id, d, route, false FROM wanted) AS u
-             GROUP BY 1, 2, 3) AS c
-), admitted AS (
-    INSERT INTO public.endpoint_routes AS t (api_key_id, usage_date, route)
-    SELECT api_key_id, d, route
-      FROM ranked
-     WHERE NOT held AND n <= {ROUTES_PER_KEY_DAY} - n_held
-     ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT uq_endpoint_routes DO UPDATE SET route = EXCLUDED.route
-    RETURNING api_key_id, usage_date AS d, route
-), named AS (
-    SELECT api_key_id, d, route FROM held
-    UNION ALL
-    SELECT api_key_id, d, route FROM admitted
-), labelled AS (
-    SELECT p.api_key_id, p.q, p.method,
-           CASE WHEN p.route = '{UNMATCHED_ROUTE}' OR n.route IS NOT NULL THEN p.route
-                ELSE '{OTHER_ROUTE}' END AS route,
-           p.status_code, p.latency_bucket, p.total_requests, p.total_response_us,
-           p.total_request_bytes, p.total_response_bytes
-      FROM endpoints AS p
-      LEFT JOIN named AS n
-        ON n.d = p.q::date AND n.route = p.route AND {_SAME_KEY.format(a="n", b="p")}
-), {endpoints}"""
-
-
 _COLUMNS = ", ".join(REQUEST_COLUMNS)
 
 # The coarse tiers hold exactly the requests before the hour instant (see the module docstring):
 # a late request reaches them only if it is older than that.
 _BEFORE_COARSE = "(SELECT * FROM {} WHERE q < (%(coarse)s::timestamptz AT TIME ZONE 'UTC')) AS g"
-_LATE_COARSE = _coarse(False, _BEFORE_COARSE.format("grouped"), _BEFORE_COARSE.format("labelled"))
+_LATE_COARSE = coarse_tiers(
+    False, _BEFORE_COARSE.format("grouped"), _BEFORE_COARSE.format("labelled")
+)
 
 # Late rows: inserted from staging; the ones that were new go on to the rollups.
 _INSERT_ROLLED = f"""
@@ -332,7 +98,7 @@ WITH new AS (
            s.endpoint_route, s.endpoint_bucket
       FROM new AS n
       JOIN pg_temp.um_stage_requests AS s USING (id)
-), {_fine(split=False)}, {_LATE_COARSE}
+), {fine_tiers(split=False)}, {_LATE_COARSE}
 SELECT count(*) FROM new"""
 
 # A replayed live batch: raw rows only, the ones not stored yet.
@@ -342,78 +108,6 @@ SELECT {_COLUMNS} FROM pg_temp.um_stage_requests AS s
 ORDER BY s.id
 ON CONFLICT DO NOTHING
 """
-
-_FINE_BUCKET = (
-    f"CASE WHEN r.response_time_ms <= {_MIN_MS!r}::float8 THEN 0 "
-    f"ELSE LEAST({_MAX_BUCKET}, pg_catalog.ceil(pg_catalog.ln(r.response_time_ms / "
-    f"{_MIN_MS!r}::float8) / {_LOG_GAMMA!r}::float8)) END::smallint"
-)
-_METHODS = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
-
-
-def _seal(split: bool) -> str:
-    """A seal: the raw rows of [lo, hi) into every request rollup, labelled and bucketed in
-    SQL as the writer does in Python; its one row is how many rows it folded."""
-    return f"""
-WITH new AS (
-    SELECT r.api_key_id, {QUARTER.replace("utc_at", "(r.requested_at AT TIME ZONE 'UTC')")},
-           r.status_code, r.request_size, r.response_size, {_FINE_BUCKET} AS latency_bucket,
-           pg_catalog.round(r.response_time_ms * 1000::float8)::bigint AS response_us,
-           CASE WHEN r.method IN ({_METHODS}) THEN r.method ELSE '{OTHER_METHOD}' END
-               AS endpoint_method,
-           (CASE WHEN r.route_matched IS FALSE THEN '{UNMATCHED_ROUTE}' ELSE r.path END)
-               COLLATE "C" AS endpoint_route
-      FROM public.api_requests AS r
-     WHERE r.requested_at >= %(lo)s AND r.requested_at < %(hi)s
-), staged AS (
-    SELECT n.*, ((n.latency_bucket + {ENDPOINT_BUCKET_WIDTH - 1}) / {ENDPOINT_BUCKET_WIDTH}
-                 )::smallint AS endpoint_bucket
-      FROM new AS n
-), {_fine(split)}
-SELECT count(*) FROM new"""
-
-
-# By the fine tiers' index on the UTC quarter hour.
-_UTC_DAYS = (
-    "usage_quarter AT TIME ZONE 'UTC' >= (%(lo)s::timestamptz AT TIME ZONE 'UTC') "
-    "AND usage_quarter AT TIME ZONE 'UTC' < (%(hi)s::timestamptz AT TIME ZONE 'UTC')"
-)
-
-
-def _named_sums(names: str) -> str:
-    return ", ".join(f"sum({c})::bigint AS {c}" for c in names.split(", "))
-
-
-def _roll(split: bool) -> str:
-    """A roll: the fine tiers' rows of the UTC hours [lo, hi) summed into the coarse tiers;
-    its one row is how many requests they hold. The quarter hours are summed by hour (request
-    histograms) and by day (endpoints) first, so each coarse tier sums a few rows per period."""
-    return f"""
-WITH grouped AS (
-    SELECT api_key_id, date_trunc('hour', usage_quarter AT TIME ZONE 'UTC') AS q,
-           latency_bucket, {_named_sums(_REQUEST_COUNTER_NAMES)}
-      FROM public.quarter_request_usage
-     WHERE {_UTC_DAYS}
-     GROUP BY 1, 2, 3
-), labelled AS (
-    SELECT api_key_id, date_trunc('day', usage_quarter AT TIME ZONE 'UTC') AS q, method, route,
-           status_code, latency_bucket, {_named_sums(_ENDPOINT_COUNTER_NAMES)}
-      FROM public.quarter_endpoint_usage
-     WHERE {_UTC_DAYS}
-     GROUP BY 1, 2, 3, 4, 5, 6
-), {_coarse(split)}
-SELECT coalesce(sum(total_requests), 0) FROM grouped"""
-
-
-#: The seal, plainly inserting the rows of periods that start at or after its old instant.
-SEAL_SQL = _seal(split=True)
-#: The roll, likewise.
-ROLL_SQL = _roll(split=True)
-#: Both upserting every row: what a seal falls back on should a rollup row of such a period
-#: exist after all (written into the rollups by hand); it then adds to that row.
-SEAL_UPSERT_SQL = _seal(split=False)
-ROLL_UPSERT_SQL = _roll(split=False)
-
 
 def _raw(r: RequestRecord) -> tuple[Any, ...]:
     """A request's ``api_requests`` row, in ``REQUEST_COLUMNS`` order."""

@@ -30,14 +30,8 @@ from typing import Any
 import psycopg
 from sqlalchemy import Connection, Engine
 
-from ._pgrequests import (
-    INSTANTS_SQL,
-    ROLL_SQL,
-    ROLL_UPSERT_SQL,
-    SEAL_LOCK,
-    SEAL_SQL,
-    SEAL_UPSERT_SQL,
-)
+from ._pgrequests import INSTANTS_SQL, SEAL_LOCK
+from ._pgrollups import ROLL_SQL, ROLL_UPSERT_SQL, SEAL_SQL, SEAL_UPSERT_SQL
 from ._storage.plan import _floor_hour, _floor_quarter
 
 __all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
@@ -67,7 +61,7 @@ def seal_due(now: datetime, sealed_before: datetime) -> bool:
 
 def _fold(cur: Any, statement: str, fallback: str, bounds: dict[str, datetime]) -> int:
     """Run a seal or roll ``statement``; should one of the rollup rows it inserts plainly
-    exist after all (see ``_pgrequests._tier``), run ``fallback``, which upserts them."""
+    exist after all (see ``_pgrollups._tier``), run ``fallback``, which upserts them."""
     cur.execute("SAVEPOINT um_seal")
     try:
         cur.execute(statement, bounds)

@@ -37,7 +37,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ._pgrequests import QUARTER, write_requests
+from ._pgrequests import write_requests
+from ._pgrollups import QUARTER
 from ._records import RequestRecord, UploadRecord
 
 __all__ = ["pg_write"]
