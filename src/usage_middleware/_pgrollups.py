@@ -29,8 +29,8 @@ from ._schema import (
 )
 
 __all__ = [
-    "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_SQL", "SEAL_UPSERT_SQL", "coarse_tiers",
-    "fine_tiers",
+    "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_SQL", "SEAL_UPSERT_SQL", "added",
+    "coarse_tiers", "fine_tiers", "sums",
 ]  # fmt: skip
 
 # The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
@@ -45,20 +45,24 @@ _REQUEST_COUNTERS = """
     sum(request_size)::bigint AS total_request_bytes,
     sum(response_size)::bigint AS total_response_bytes
 """
-_REQUEST_SUMS = """
-    sum(total_requests)::bigint, sum(error_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_REQUEST_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    error_requests = t.error_requests + EXCLUDED.error_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
 _REQUEST_COUNTER_NAMES = (
     "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
 )
+
+
+def sums(names: str, named: bool = False) -> str:
+    """``sum(c)::bigint`` for each of the comma-separated counters ``names`` (``AS c`` too if
+    ``named``): what a coarser tier adds up from finer rows."""
+    return ", ".join(f"sum({c})::bigint" + (f" AS {c}" if named else "") for c in names.split(", "))
+
+
+def added(names: str) -> str:
+    """The ``DO UPDATE SET`` of an upsert into alias ``t`` that adds ``names`` to the stored row."""
+    return ", ".join(f"{c} = t.{c} + EXCLUDED.{c}" for c in names.split(", "))
+
+
+_REQUEST_SUMS = sums(_REQUEST_COUNTER_NAMES)
+_REQUEST_SET = added(_REQUEST_COUNTER_NAMES)
 
 # The endpoint rollups' labels: method and route staged as computed in Python, the route then
 # capped per key and UTC day. held: the named routes the batch's key-days have (as of this
@@ -76,16 +80,8 @@ _SAME_KEY = (
 _ENDPOINT_COUNTER_NAMES = (
     "total_requests, total_response_us, total_request_bytes, total_response_bytes"
 )
-_ENDPOINT_SUMS = """
-    sum(total_requests)::bigint, sum(total_response_us)::bigint,
-    sum(total_request_bytes)::bigint, sum(total_response_bytes)::bigint
-"""
-_ENDPOINT_SET = """
-    total_requests = t.total_requests + EXCLUDED.total_requests,
-    total_response_us = t.total_response_us + EXCLUDED.total_response_us,
-    total_request_bytes = t.total_request_bytes + EXCLUDED.total_request_bytes,
-    total_response_bytes = t.total_response_bytes + EXCLUDED.total_response_bytes
-"""
+_ENDPOINT_SUMS = sums(_ENDPOINT_COUNTER_NAMES)
+_ENDPOINT_SET = added(_ENDPOINT_COUNTER_NAMES)
 
 
 # A seal's or roll's old instant as a UTC timestamp, comparable with the periods' starts.
@@ -299,10 +295,6 @@ _UTC_DAYS = (
 )
 
 
-def _named_sums(names: str) -> str:
-    return ", ".join(f"sum({c})::bigint AS {c}" for c in names.split(", "))
-
-
 def _roll(split: bool) -> str:
     """A roll: the fine tiers' rows of the UTC hours [lo, hi) summed into the coarse tiers;
     its one row is how many requests they hold. The quarter hours are summed by hour (request
@@ -310,13 +302,13 @@ def _roll(split: bool) -> str:
     return f"""
 WITH grouped AS (
     SELECT api_key_id, date_trunc('hour', usage_quarter AT TIME ZONE 'UTC') AS q,
-           latency_bucket, {_named_sums(_REQUEST_COUNTER_NAMES)}
+           latency_bucket, {sums(_REQUEST_COUNTER_NAMES, named=True)}
       FROM public.quarter_request_usage
      WHERE {_UTC_DAYS}
      GROUP BY 1, 2, 3
 ), labelled AS (
     SELECT api_key_id, date_trunc('day', usage_quarter AT TIME ZONE 'UTC') AS q, method, route,
-           status_code, latency_bucket, {_named_sums(_ENDPOINT_COUNTER_NAMES)}
+           status_code, latency_bucket, {sums(_ENDPOINT_COUNTER_NAMES, named=True)}
       FROM public.quarter_endpoint_usage
      WHERE {_UTC_DAYS}
      GROUP BY 1, 2, 3, 4, 5, 6

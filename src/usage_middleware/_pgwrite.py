@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ._pgrequests import write_requests
-from ._pgrollups import QUARTER
+from ._pgrollups import QUARTER, added, sums
 from ._records import RequestRecord, UploadRecord
 
 __all__ = ["pg_write"]
@@ -93,17 +93,9 @@ _UPLOAD_COUNTERS = """
     count(*) FILTER (WHERE upload_status = 'success')::bigint AS successful_requests,
     count(*) FILTER (WHERE upload_status <> 'success')::bigint AS failed_requests
 """
-_UPLOAD_SUMS = """
-    sum(total_uploads)::bigint, sum(total_file_size)::bigint,
-    sum(successful_requests)::bigint, sum(failed_requests)::bigint
-"""
-_UPLOAD_SET = """
-    total_uploads = t.total_uploads + EXCLUDED.total_uploads,
-    total_file_size = t.total_file_size + EXCLUDED.total_file_size,
-    successful_requests = t.successful_requests + EXCLUDED.successful_requests,
-    failed_requests = t.failed_requests + EXCLUDED.failed_requests
-"""
 _UPLOAD_COUNTER_NAMES = "total_uploads, total_file_size, successful_requests, failed_requests"
+_UPLOAD_SUMS = sums(_UPLOAD_COUNTER_NAMES)
+_UPLOAD_SET = added(_UPLOAD_COUNTER_NAMES)
 
 _INSERT_UPLOADS = f"""
 WITH new AS (
