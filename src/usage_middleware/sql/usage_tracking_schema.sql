@@ -675,17 +675,7 @@ BEGIN
           FROM public.file_uploads AS u
          WHERE u.declared_type IS NOT NULL AND u.declared_type <> u.file_type
          GROUP BY 1, 2, 3, 4, 5;
-    END IF;
-    IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
-             WHERE c.oid = 'public.quarter_mismatch_usage'::regclass) THEN
         ALTER TABLE public.quarter_mismatch_usage ENABLE ROW LEVEL SECURITY;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
-        REVOKE ALL ON public.quarter_mismatch_usage FROM anon;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-        REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
-            ON public.quarter_mismatch_usage FROM authenticated;
     END IF;
 END
 $mismatch$;
@@ -705,10 +695,9 @@ ALTER TABLE public.quarter_mismatch_usage SET
 -- predates these tables gets them filled from the raw rows, as if every stored request had been
 -- written in one batch, with writers held off (SHARE lock) until the transaction commits, so no
 -- request is missed or counted twice; requests pruned by retention before are not in them.
--- Row level security and the Supabase roles' privileges as for every usage table.
+-- Row level security and the Supabase roles' privileges as for every usage table (see the $rls$
+-- block below).
 DO $endpoint$
-DECLARE
-    t text;
 BEGIN
     IF pg_catalog.to_regclass('public.endpoint_routes') IS NULL THEN
         LOCK TABLE public.api_requests IN SHARE MODE;
@@ -828,21 +817,11 @@ BEGIN
         ALTER TABLE public.quarter_endpoint_usage ADD CONSTRAINT uq_quarter_endpoint_usage
             UNIQUE NULLS NOT DISTINCT
                 (api_key_id, usage_quarter, method, route, status_code, latency_bucket);
+        ALTER TABLE public.endpoint_routes ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE public.monthly_endpoint_usage ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE public.daily_endpoint_usage ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE public.quarter_endpoint_usage ENABLE ROW LEVEL SECURITY;
     END IF;
-    FOREACH t IN ARRAY ARRAY['endpoint_routes', 'monthly_endpoint_usage', 'daily_endpoint_usage',
-                             'quarter_endpoint_usage'] LOOP
-        IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
-                 WHERE c.oid = pg_catalog.format('public.%I', t)::regclass) THEN
-            EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
-        END IF;
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
-            EXECUTE pg_catalog.format('REVOKE ALL ON public.%I FROM anon', t);
-        END IF;
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-            EXECUTE pg_catalog.format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, '
-                                      'TRIGGER ON public.%I FROM authenticated', t);
-        END IF;
-    END LOOP;
 END
 $endpoint$;
 CREATE INDEX IF NOT EXISTS idx_monthly_endpoint_usage_usage_month
@@ -886,13 +865,6 @@ BEGIN
                                     '0001-01-01 00:00:00+00'::timestamptz)
           FROM public.api_requests AS r;
         ALTER TABLE public.rollup_seals ENABLE ROW LEVEL SECURITY;
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
-            REVOKE ALL ON public.rollup_seals FROM anon;
-        END IF;
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-            REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
-                ON public.rollup_seals FROM authenticated;
-        END IF;
     END IF;
 END
 $seal$;
@@ -995,26 +967,24 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['file_uploads', 'api_requests', 'daily_usage', 'hourly_usage',
                              'quarter_usage', 'monthly_request_usage', 'daily_request_usage',
-                             'hourly_request_usage', 'quarter_request_usage'] LOOP
+                             'hourly_request_usage', 'quarter_request_usage',
+                             'quarter_mismatch_usage', 'endpoint_routes',
+                             'monthly_endpoint_usage', 'daily_endpoint_usage',
+                             'quarter_endpoint_usage', 'rollup_seals'] LOOP
         IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class AS c
                  WHERE c.oid = pg_catalog.format('public.%I', t)::regclass) THEN
             EXECUTE pg_catalog.format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
         END IF;
+        -- Where Supabase's API roles exist: anon gets nothing, authenticated at most SELECT
+        -- (TRUNCATE, for one, is not subject to row level security).
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+            EXECUTE pg_catalog.format('REVOKE ALL ON public.%I FROM anon', t);
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+            EXECUTE pg_catalog.format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, '
+                                      'TRIGGER ON public.%I FROM authenticated', t);
+        END IF;
     END LOOP;
-    -- Where Supabase's API roles exist: anon gets nothing, authenticated at most SELECT
-    -- (TRUNCATE, for one, is not subject to row level security).
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
-        REVOKE ALL ON public.file_uploads, public.api_requests, public.daily_usage,
-            public.hourly_usage, public.quarter_usage, public.monthly_request_usage,
-            public.daily_request_usage, public.hourly_request_usage,
-            public.quarter_request_usage FROM anon;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-        REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.file_uploads,
-            public.api_requests, public.daily_usage, public.hourly_usage, public.quarter_usage,
-            public.monthly_request_usage, public.daily_request_usage,
-            public.hourly_request_usage, public.quarter_request_usage FROM authenticated;
-    END IF;
 END
 $rls$;
 
