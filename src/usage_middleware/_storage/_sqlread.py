@@ -265,24 +265,26 @@ _T = TypeVar("_T")
 
 def sealed_reads(
     backend: SQLBackend,
-    build: Callable[[Seals | None], tuple[list[tuple[Statement, dict[str, Any]]], bool, _T]],
+    planned: Sequence[Piece],
+    build: Callable[[list[Piece]], tuple[list[tuple[Statement, dict[str, Any]]], _T]],
 ) -> tuple[list[list[Any]], _T]:
-    """Run the statements ``build(seals)`` makes for the request rollups as they are.
+    """Run the statements ``build(pieces)`` makes for the request plan ``planned`` as the
+    request rollups are: its statements, and what the caller needs to read the results.
 
     On PostgreSQL the request rollups hold exactly the raw rows before ``rollup_seals``'
-    instants (see ``usage_middleware._pgrequests``); elsewhere every row (``None``). ``build``
-    returns its statements, whether any of its pieces reaches past an instant (see
-    :func:`.plan.cut_at`), and what the caller needs to read the results. When one does, the
-    instants are read again afterwards: a seal that committed in between may have put rows into
-    the rollups that the raw or quarter-hour part read too, so the whole read is made again
-    (seals are a quarter hour apart; five tries that each meet one cannot happen).
+    instants (see ``usage_middleware._pgrequests``), so the plan is cut at them first
+    (:func:`.plan.cut_at`); elsewhere they hold every row. When a piece reaches past an
+    instant, the instants are read again afterwards: a seal that committed in between may have
+    put rows into the rollups that the raw or quarter-hour part read too, so the whole read is
+    made again (seals are a quarter hour apart; five tries that each meet one cannot happen).
     """
     if backend.name != "postgresql":
-        statements, _, extra = build(None)
+        statements, extra = build(list(planned))
         return run_reads(backend, statements), extra
     seals = _instants(backend)
     for _ in range(_SEAL_TRIES):
-        statements, touched, extra = build(seals)
+        pieces, touched = cut_at(planned, seals)
+        statements, extra = build(pieces)
         results = run_reads(backend, statements)
         if not touched:
             return results, extra
@@ -375,10 +377,7 @@ def request_histogram(
     shape, params = scope_params(scope, dialect, uploads=False)
     planned = request_plan(start, end)
 
-    def build(
-        seals: Seals | None,
-    ) -> tuple[list[tuple[Statement, dict[str, Any]]], bool, bool]:
-        pieces, touched = cut_at(planned, seals)
+    def build(pieces: list[Piece]) -> tuple[list[tuple[Statement, dict[str, Any]]], bool]:
         by_grain: dict[str, list[Piece]] = {}
         for x in pieces:
             by_grain.setdefault(x.grain, []).append(x)
@@ -395,9 +394,9 @@ def request_histogram(
         if raw:
             raw_params = {**params, **piece_params(by_grain["raw"], "raw_pieces", False, dialect)}
             statements.append((_raw_request_statement(dialect, shape), raw_params))
-        return statements, touched, raw
+        return statements, raw
 
-    results, raw = sealed_reads(backend, build)
+    results, raw = sealed_reads(backend, planned, build)
     for rows in results[: len(results) - raw]:
         for lb, n, e, us in rows:
             out.add(lb, n, e, us)

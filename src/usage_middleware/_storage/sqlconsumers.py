@@ -60,7 +60,7 @@ from .._schema import (
 )
 from ._sqlread import _SPLIT_DAYS, _halves, run_reads, sealed_reads
 from .base import ConsumerRow, Scope
-from .plan import Piece, Seals, _ceil_quarter, _floor_quarter, cut_at, plan, request_plan
+from .plan import Piece, _ceil_quarter, _floor_quarter, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
@@ -151,15 +151,13 @@ def _grouped(pieces: Sequence[Piece]) -> dict[str, list[Piece]]:
 
 
 def _statements(
-    scope: Scope, start: datetime, end: datetime, dialect: str, seals: Seals | None
-) -> tuple[list[tuple[Statement, dict[str, Any]]], bool, None]:
-    """The request statement first (the request rollups cut at ``seals``, see
-    :func:`.plan.cut_at`), then one upload statement per source (PostgreSQL: a long daily read
-    as two, for two cores); and whether the cut touched a piece."""
+    scope: Scope, start: datetime, end: datetime, dialect: str, requests: list[Piece]
+) -> tuple[list[tuple[Statement, dict[str, Any]]], None]:
+    """The request statement first (over the request pieces ``requests``), then one upload
+    statement per source (PostgreSQL: a long daily read as two, for two cores)."""
     shape, params = scope_params(scope, dialect)
     request_shape, request_params = scope_params(scope, dialect, uploads=False)
-    pieces, touched = cut_at(request_plan(start, end), seals)
-    by_grain = _grouped(pieces)
+    by_grain = _grouped(requests)
     grains = tuple(g for g in (*_REQUEST_SOURCES, "raw") if g in by_grain)
     out = [(_request_statement(grains, dialect, request_shape), dict(request_params))]
     for g in grains:
@@ -178,7 +176,7 @@ def _statements(
                 {**params, **piece_params(pieces, f"{grain}_pieces", grain == "day", dialect)},
             )
         )
-    return out, touched, None
+    return out, None
 
 
 def consumer_rows(
@@ -188,7 +186,9 @@ def consumer_rows(
     if scope.keys is not None and not scope.keys:
         return []
     results, _ = sealed_reads(
-        backend, lambda seals: _statements(scope, start, end, backend.name, seals)
+        backend,
+        request_plan(start, end),
+        lambda pieces: _statements(scope, start, end, backend.name, pieces),
     )
     acc: dict[UUID | None, list[int]] = {}
     for key, n, e in results[0]:

@@ -59,7 +59,7 @@ from .._schema import (
 )
 from ._sqlread import sealed_reads
 from .base import EndpointRow, RequestFilter, Scope, SeriesRow
-from .plan import Piece, Seals, cut_at, request_plan, series_plan
+from .plan import Piece, request_plan, series_plan
 from .statements import (
     FilterShape,
     Shape,
@@ -252,16 +252,13 @@ def endpoint_rows(
     """Requests in ``[start, end)`` by endpoint, status code and coarse latency bucket."""
     if scope.keys is not None and not scope.keys:
         return []
-    planned = request_plan(start, end)
-
-    def build(seals: Seals | None) -> tuple[list[Any], bool, bool]:
-        pieces, touched = cut_at(planned, seals)
-        statements, raw = _statements(
+    results, raw = sealed_reads(
+        backend,
+        request_plan(start, end),
+        lambda pieces: _statements(
             backend, scope, filters, pieces, _ENDPOINT_TIER, _endpoint_statement
-        )
-        return statements, touched, raw
-
-    results, raw = sealed_reads(backend, build)
+        ),
+    )
     out: list[EndpointRow] = []
     for rows in results[: len(results) - raw]:
         out += [(m, r, s, b, int(n), int(us), int(i), int(o)) for m, r, s, b, n, us, i, o in rows]
@@ -287,14 +284,11 @@ def request_series(
     def rolled(rollups: tuple[str, ...], dialect: str, shape: Shape, fs: FilterShape) -> Any:
         return _series_statement(source, rollups, dialect, shape, fs)
 
-    planned = series_plan(bounds)
-
-    def build(seals: Seals | None) -> tuple[list[Any], bool, bool]:
-        pieces, touched = cut_at(planned, seals)
-        statements, raw = _statements(backend, scope, filters, pieces, tiers, rolled)
-        return statements, touched, raw
-
-    results, raw = sealed_reads(backend, build)
+    results, raw = sealed_reads(
+        backend,
+        series_plan(bounds),
+        lambda pieces: _statements(backend, scope, filters, pieces, tiers, rolled),
+    )
     out: list[SeriesRow] = []
     for rows in results[: len(results) - raw]:
         out += [(p, b, int(n), int(e), int(us)) for p, b, n, e, us in rows]
