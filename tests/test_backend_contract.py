@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from support.pg import drop_pg_database, make_pg_database
+from support.rollups import SEALED
 
 from usage_middleware import ConfigurationError, RequestRecord, UploadRecord, UsageStore
 from usage_middleware._schema import ROUTES_PER_KEY_DAY
@@ -173,7 +174,8 @@ def test_memory_backend_lists_what_it_holds() -> None:
     assert isinstance(backend, MemoryBackend)
     assert [u.id for u in backend.uploads()] == [sooner.id, later.id]
     assert [dataclasses.asdict(r) for r in backend.requests()] == [
-        dataclasses.asdict(r) for r in store.backend.requests()  # type: ignore[attr-defined]
+        dataclasses.asdict(r)
+        for r in store.backend.requests()  # type: ignore[attr-defined]
     ]
 
 
@@ -341,7 +343,7 @@ def loaded(any_store: UsageStore) -> tuple[UsageStore, UsageStore]:
     for batch in request_batches():
         reference.write(batch)
         any_store.write(batch)
-        if any_store.dialect == "postgresql":
+        if any_store.dialect in SEALED:
             # each batch sealed as it comes: its routes are admitted under the cap as one
             # group, as the reference admits them (tests/test_seal.py covers live reads)
             any_store.seal(datetime(2100, 1, 1, tzinfo=timezone.utc))

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
+from support.rollups import SEALED
 
 from usage_middleware import UsageStore
 from usage_middleware._schema import ALL_TABLES
@@ -35,8 +36,8 @@ def _columns(store: UsageStore) -> dict[str, dict[str, bool]]:
 
 def _older_install(store: UsageStore, conn: Any) -> None:
     """Make ``store``'s database what an install from before sealed request rollups holds:
-    every stored request rolled up, and no ``rollup_seals`` (PostgreSQL; SQLite has none)."""
-    if store.dialect == "postgresql":
+    every stored request rolled up, and no ``rollup_seals``."""
+    if store.dialect in SEALED:
         store.seal(datetime(2200, 1, 1, tzinfo=timezone.utc))
         conn.exec_driver_sql("DROP TABLE rollup_seals")
 
@@ -54,9 +55,8 @@ def test_sqlite_and_postgres_schemas_have_the_same_tables_and_columns(
     finally:
         for s in stores:
             s.dispose()
-    # rollup_seals: PostgreSQL's request rollups are sealed behind its writes (SQLite's are not)
-    assert set(lite) == set(pg) - {"rollup_seals"} == {*ALL_TABLES, "usage_retention"}
-    assert lite == {table: columns for table, columns in pg.items() if table != "rollup_seals"}
+    assert set(lite) == set(pg) == {*ALL_TABLES, "usage_retention", "rollup_seals"}
+    assert lite == pg
 
 
 def test_create_schema_is_idempotent(db_url: str) -> None:
@@ -282,8 +282,12 @@ def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: s
     store.write([random_request(rng, spread_hours=900) for _ in range(400)] + crowded + far)
     with store.engine.begin() as conn:
         _older_install(store, conn)
-        for table in ("endpoint_routes", "monthly_endpoint_usage", "daily_endpoint_usage",
-                      "quarter_endpoint_usage"):
+        for table in (
+            "endpoint_routes",
+            "monthly_endpoint_usage",
+            "daily_endpoint_usage",
+            "quarter_endpoint_usage",
+        ):
             conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.exec_driver_sql("ALTER TABLE api_requests DROP COLUMN route_matched")
         if store.dialect == "postgresql":
@@ -320,9 +324,7 @@ def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: s
     reference = EndpointReference()
     reference.write(raw, stored=True)
     more = [random_request(rng, spread_hours=900) for _ in range(200)]
-    more += [
-        RequestRecord(path=f"/s/{i}", api_key_id=None, requested_at=day) for i in range(30)
-    ]
+    more += [RequestRecord(path=f"/s/{i}", api_key_id=None, requested_at=day) for i in range(30)]
     upgraded.write(more)
     reference.write(more)
     assert stored_endpoints(upgraded) == reference.rollups()

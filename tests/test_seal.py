@@ -1,4 +1,4 @@
-"""PostgreSQL's sealed request rollups: live requests are raw rows, a seal folds them in.
+"""Sealed request rollups (PostgreSQL, SQLite): live requests are raw rows, a seal folds them in.
 
 Whatever was sealed when — nothing, part of a range, everything, in steps, while writers write
 — the rollups hold exactly the raw requests before the seal instant, and every answer equals the
@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.endpoints import rebuilt_endpoints, stored_endpoints, stored_request_rows
-from support.pg import PG_ADMIN_URL, create_database, drop_database, require_postgres
 from support.rollups import (
     FAR,
     assert_rollups_exact,
@@ -28,14 +27,13 @@ from support.rollups import (
     sealed_hours,
     sealed_instant,
 )
+from support.pg import PG_ADMIN_URL, create_database, drop_database, require_postgres
 from test_queries import app_for, get
 from test_requests import scenarios
 
 from usage_middleware import RequestRecord, UsageStore
 from usage_middleware._storage import _sqlread
 from usage_middleware._storage.base import RequestFilter, Scope
-
-pytestmark = pytest.mark.postgres
 
 UTC = timezone.utc
 ROLLUPS = (
@@ -46,11 +44,20 @@ ROLLUPS = (
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[UsageStore]:
-    store = UsageStore(pg_url)
+def store(db_url: str) -> Iterator[UsageStore]:
+    """A store on each sealing engine (SQLite, PostgreSQL)."""
+    store = UsageStore(db_url)
     store.create_schema()
     yield store
     store.dispose()
+
+
+def _seal_rows_of(store: UsageStore) -> Any:
+    """The module whose ``SEAL_ROWS`` bounds ``store``'s seal transactions."""
+    import usage_middleware._pgseal as pgseal
+    import usage_middleware._sqliteseal as sqliteseal
+
+    return pgseal if store.dialect == "postgresql" else sqliteseal
 
 
 def _requests(rng: random.Random, n: int, start: datetime, hours: float) -> list[RequestRecord]:
@@ -72,61 +79,65 @@ def _rollup_rows(store: UsageStore) -> int:
 
 
 def test_live_requests_are_raw_until_sealed_then_equal_the_rebuild(
-    pg: UsageStore, monkeypatch: pytest.MonkeyPatch
+    store: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Live batches (a replay among them) leave the rollups empty; seals in steps of at most
     SEAL_ROWS rows fold them into the quarter-hour tiers, and the UTC hours they complete into
     the coarser ones; every rollup then equals aggregating the raw rows in Python
     with the writer's own bucket and label functions, edges of the latency buckets included."""
-    import usage_middleware._pgseal as pgseal
-
     rng = random.Random(1)
     start = datetime(2025, 3, 30, 22, tzinfo=UTC)
     records = _requests(rng, 3_000, start, 30)
     for i in range(0, len(records), 700):
-        assert pg.write(records[i : i + 700]) == len(records[i : i + 700])
-    assert pg.write(records[:1_000]) == 0  # a replay: COPY refuses, staging counts none
-    assert _rollup_rows(pg) == 0
-    assert_rollups_exact(pg)  # nothing before the instant, nothing rolled up
+        assert store.write(records[i : i + 700]) == len(records[i : i + 700])
+    assert store.write(records[:1_000]) == 0  # a replay: none of it is new
+    assert _rollup_rows(store) == 0
+    assert_rollups_exact(store)  # nothing before the instant, nothing rolled up
 
-    monkeypatch.setattr(pgseal, "SEAL_ROWS", 400)
+    monkeypatch.setattr(_seal_rows_of(store), "SEAL_ROWS", 400)
     middle = start + timedelta(hours=11, minutes=7, seconds=3)
-    assert pg.seal(middle) == sum(r.requested_at < middle for r in records)
-    assert sealed_instant(pg) == middle
-    # the hours that ended before the instant are rolled into the coarse tiers, whole
-    assert sealed_hours(pg) == middle.replace(minute=0, second=0)
-    assert_rollups_exact(pg)
-    assert pg.seal(middle - timedelta(hours=1)) == 0  # never back
-    assert sealed_instant(pg) == middle
-    assert pg.seal(FAR) == sum(r.requested_at >= middle for r in records)
-    assert_rollups_exact(pg)
-    assert stored_endpoints(pg) == rebuilt_endpoints(stored_request_rows(pg))
+    assert store.seal(middle) == sum(r.requested_at < middle for r in records)
+    assert sealed_instant(store) == middle
+    # PostgreSQL: the hours that ended before the instant are rolled into the coarse tiers,
+    # whole; SQLite fills every tier up to the instant
+    hours = middle.replace(minute=0, second=0) if store.dialect == "postgresql" else middle
+    assert sealed_hours(store) == hours
+    assert_rollups_exact(store)
+    assert store.seal(middle - timedelta(hours=1)) == 0  # never back
+    assert sealed_instant(store) == middle
+    assert store.seal(FAR) == sum(r.requested_at >= middle for r in records)
+    assert_rollups_exact(store)
+    assert stored_endpoints(store) == rebuilt_endpoints(stored_request_rows(store))
 
 
-def test_late_requests_carry_their_rollups(pg: UsageStore) -> None:
+def test_late_requests_carry_their_rollups(store: UsageStore) -> None:
     """Requests before the instant (a spool replay, a slow request recorded late) are written
     with their rollups at once; a batch mixing late and live ones splits, each counted once."""
     rng = random.Random(2)
     start = datetime(2025, 5, 1, tzinfo=UTC)
-    pg.write(_requests(rng, 500, start, 10))
+    store.write(_requests(rng, 500, start, 10))
     instant = start + timedelta(hours=5)
-    pg.seal(instant)
+    store.seal(instant)
     mixed = _requests(rng, 800, start, 10)
-    assert pg.write(mixed + mixed[:50]) == 800
-    assert pg.write(mixed) == 0
-    assert sealed_instant(pg) == instant
-    assert_rollups_exact(pg)
+    assert store.write(mixed + mixed[:50]) == 800
+    assert store.write(mixed) == 0
+    assert sealed_instant(store) == instant
+    assert_rollups_exact(store)
     late = [r for r in mixed if r.requested_at < instant]
     assert late and len(late) < len(mixed)
-    pg.seal(FAR)
-    assert_rollups_exact(pg)
+    store.seal(FAR)
+    assert_rollups_exact(store)
 
 
-def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: UsageStore) -> None:
-    """A seal plainly inserts the rows of periods that start at or after its old instant (none
-    of their rollup rows can exist). Should one exist after all (written by hand), the seal does
-    not fail for ever on the duplicate: it upserts instead, adding to that row."""
+@pytest.mark.postgres
+def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg_url: str) -> None:
+    """PostgreSQL: a seal plainly inserts the rows of periods that start at or after its old
+    instant (none of their rollup rows can exist). Should one exist after all (written by hand),
+    the seal does not fail for ever on the duplicate: it upserts instead, adding to that row."""
     from sqlalchemy import text
+
+    store = UsageStore(pg_url)
+    store.create_schema()
 
     quarter = datetime(2025, 6, 2, 9, 15, tzinfo=UTC)
     record = replace(
@@ -136,9 +147,9 @@ def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: Usa
         response_time_ms=0.0,
         requested_at=quarter + timedelta(minutes=3),
     )
-    pg.seal(quarter)  # the instant is at the start of the quarter hour: it is a fresh period
-    assert pg.write([record]) == 1
-    with pg.engine.begin() as conn:
+    store.seal(quarter)  # the instant is at the start of the quarter hour: it is a fresh period
+    assert store.write([record]) == 1
+    with store.engine.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO quarter_request_usage (api_key_id, usage_quarter, latency_bucket, "
@@ -147,8 +158,8 @@ def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: Usa
             ),
             {"q": quarter},
         )
-    assert pg.seal(FAR) == 1
-    with pg.engine.connect() as conn:
+    assert store.seal(FAR) == 1
+    with store.engine.connect() as conn:
         totals = conn.execute(
             text("SELECT total_requests FROM quarter_request_usage WHERE usage_quarter = :q"),
             {"q": quarter},
@@ -156,38 +167,53 @@ def test_a_seal_adds_to_a_rollup_row_that_a_fresh_period_should_not_have(pg: Usa
         assert list(totals) == [6]
         daily = conn.execute(text("SELECT sum(total_requests) FROM daily_request_usage"))
         assert daily.scalar() == 6  # the day, summed from its quarter hours
+    store.dispose()
 
 
 # --- answers at every seal state ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UsageStore, UsageStore]]:
-    """A PostgreSQL store emptied before each example, and the in-memory reference."""
-    require_postgres()
-    url = create_database(PG_ADMIN_URL, "um_test_seal_")
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[UsageStore, UsageStore]]:
+    """A store of each sealing engine, emptied before each example, and the in-memory
+    reference."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('seal') / 'usage.db'}"
+    else:
+        require_postgres()
+        url = create_database(PG_ADMIN_URL, "um_test_seal_")
     store = UsageStore(url)
     store.create_schema()
     try:
         yield store, UsageStore("memory://")
     finally:
         store.dispose()
-        drop_database(PG_ADMIN_URL, url)
+        if request.param == "postgresql":
+            drop_database(PG_ADMIN_URL, url)
+
+
+_EMPTIED = ("file_uploads", "api_requests", *ROLLUPS, "daily_usage", "hourly_usage",
+            "quarter_usage", "quarter_mismatch_usage")  # fmt: skip
 
 
 def _reset(pair: tuple[UsageStore, UsageStore]) -> tuple[UsageStore, UsageStore]:
     from sqlalchemy import text
 
-    pg, _ = pair
-    with pg.engine.begin() as conn:
-        conn.execute(
-            text(
-                f"TRUNCATE file_uploads, api_requests, {', '.join(ROLLUPS)}, "
-                "daily_usage, hourly_usage, quarter_usage, quarter_mismatch_usage"
-            )
-        )
-        conn.execute(text("UPDATE rollup_seals SET sealed_before = '0001-01-01 00:00+00'"))
-    return pg, UsageStore("memory://")
+    store, _ = pair
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(_EMPTIED)}"))
+            first = "0001-01-01 00:00+00"
+        else:
+            for table in _EMPTIED:
+                conn.execute(text(f"DELETE FROM {table}"))
+            first = "0001-01-01 00:00:00.000000"
+        conn.execute(text("UPDATE rollup_seals SET sealed_before = :at"), {"at": first})
+    return store, UsageStore("memory://")
 
 
 def _answers(store: UsageStore, s: dict[str, Any]) -> list[Any]:
@@ -225,22 +251,22 @@ def test_answers_equal_the_reference_whatever_was_sealed(
     """Half the requests written, seals at instants among them, the rest written (late or
     live): /requests (with and without filters), /consumers and /granular's request totals
     equal the in-memory backend's for the same records, in every zone and granularity."""
-    pg, memory = _reset(pair)
+    store, memory = _reset(pair)
     s = scenario
     records = [*s["requests"], *s["uploads"]]
     times = sorted(r.requested_at for r in s["requests"])
     cut = round(split * len(records))
-    pg.write(records[:cut])
+    store.write(records[:cut])
     memory.write(records)
     if times:
         for c in sorted(cuts):
-            pg.seal(times[c % len(times)] + timedelta(microseconds=c % 3 - 1))
-    pg.write(records[cut:])
-    assert _answers(pg, s) == _answers(memory, s)
+            store.seal(times[c % len(times)] + timedelta(microseconds=c % 3 - 1))
+    store.write(records[cut:])
+    assert _answers(store, s) == _answers(memory, s)
 
 
 def test_a_seal_during_a_read_is_not_counted_twice(
-    pg: UsageStore, monkeypatch: pytest.MonkeyPatch
+    store: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A seal that commits between a read's statements moves requests from the raw part to the
     rollups under it, and rolls hours from the quarter-hour tiers into the coarse ones: the read
@@ -248,7 +274,7 @@ def test_a_seal_during_a_read_is_not_counted_twice(
     rng = random.Random(3)
     start = datetime(2025, 6, 30, 18, tzinfo=UTC)
     records = _requests(rng, 400, start, 20)
-    pg.write(records)
+    store.write(records)
     memory = UsageStore("memory://")
     memory.write(records)
     real = _sqlread.run_reads
@@ -259,21 +285,21 @@ def test_a_seal_during_a_read_is_not_counted_twice(
         results = real(backend, statements)
         with once:
             if not sealed:
-                sealed.append(pg.seal(start + timedelta(hours=12)))
+                sealed.append(store.seal(start + timedelta(hours=12)))
         return results
 
     monkeypatch.setattr(_sqlread, "run_reads", sealing_reads)
-    app_pg, app_mem = app_for(pg), app_for(memory)
+    app_pg, app_mem = app_for(store), app_for(memory)
     params = [("start", "2025-06-30"), ("end", "2025-07-02"), ("granularity", "hour")]
     keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
     headers = {"x-keys": ",".join(keys)}
     got = get(app_pg, "/usage/requests", params, headers).json()
-    assert sealed_hours(pg) == datetime(2025, 7, 1, 6, tzinfo=UTC)
+    assert sealed_hours(store) == datetime(2025, 7, 1, 6, tzinfo=UTC)
     assert sealed == [sum(r.requested_at < start + timedelta(hours=12) for r in records)]
     assert got == get(app_mem, "/usage/requests", params, headers).json()
 
 
-def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
+def test_concurrent_writers_and_seals_stay_exact(store: UsageStore) -> None:
     """Three threads write batches (some requests late, replays among them) while a fourth
     seals at rising instants, past a UTC midnight (rolls among them): every request is
     counted once, each rollup holds exactly those before its instant, and a final seal folds in
@@ -288,8 +314,8 @@ def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
         try:
             for _ in range(12):
                 batch = _requests(rng, 150, start, 6)
-                pg.write(batch)
-                pg.write(batch[:20])
+                store.write(batch)
+                store.write(batch[:20])
                 with lock:
                     written.extend(batch)
         except BaseException as exc:
@@ -298,7 +324,7 @@ def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
     def sealer() -> None:
         try:
             for minutes in range(0, 360, 15):
-                pg.seal(start + timedelta(minutes=minutes, seconds=7))
+                store.seal(start + timedelta(minutes=minutes, seconds=7))
         except BaseException as exc:
             errors.append(exc)
 
@@ -309,77 +335,114 @@ def test_concurrent_writers_and_seals_stay_exact(pg: UsageStore) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert len(stored_request_rows(pg)) == len(written)
-    assert sealed_hours(pg) == datetime(2025, 8, 1, 2, tzinfo=UTC)
-    assert_rollups_exact(pg)
-    pg.seal(FAR)
-    assert_rollups_exact(pg)
+    assert len(stored_request_rows(store)) == len(written)
+    assert sealed_instant(store) == start + timedelta(minutes=345, seconds=7)
+    if store.dialect == "postgresql":  # the hour instant: the last whole hour passed
+        assert sealed_hours(store) == datetime(2025, 8, 1, 2, tzinfo=UTC)
+    assert_rollups_exact(store)
+    store.seal(FAR)
+    assert_rollups_exact(store)
 
 
 def test_writers_seal_a_due_quarter_hour_on_their_own(
-    pg: UsageStore, monkeypatch: pytest.MonkeyPatch
+    store: UsageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A writing process checks for a due quarter hour (here at every write): the instant moves
     to the last whole quarter hour that ended two minutes ago, and the rollups hold what came
     before it."""
-    from usage_middleware._storage import postgres
+    from usage_middleware._storage import sql
 
-    monkeypatch.setattr(postgres, "SEAL_INTERVAL", 0.0)
+    monkeypatch.setattr(sql, "SEAL_INTERVAL", 0.0)
     now = datetime.now(UTC)
     rng = random.Random(4)
     records = _requests(rng, 200, now - timedelta(hours=2), 2)
-    pg.write(records)
-    instant = sealed_instant(pg)
+    store.write(records)
+    instant = sealed_instant(store)
     assert instant is not None and now - timedelta(minutes=18) < instant <= now
     assert instant.minute % 15 == 0 and instant.second == instant.microsecond == 0
-    assert_rollups_exact(pg)
-    assert _rollup_rows(pg) > 0
+    assert_rollups_exact(store)
+    assert _rollup_rows(store) > 0
 
 
-def test_retention_keeps_requests_that_no_seal_holds(pg: UsageStore) -> None:
+@pytest.mark.postgres
+def test_retention_keeps_requests_that_no_seal_holds(pg_url: str) -> None:
     """usage_maintain() run straight from SQL (a cron job in the database) with a one-day
     retention prunes requests only up to the seal instant: a month of requests the seal holds
     goes, a later month that no seal holds stays whole, so no answer loses them."""
     from sqlalchemy import text
 
+    store = UsageStore(pg_url)
+    store.create_schema()
     rng = random.Random(5)
     month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     older = (month - timedelta(days=70)).replace(day=1)  # two months back
     old = (month - timedelta(days=35)).replace(day=1)  # last month
     records = _requests(rng, 200, older + timedelta(days=2), 48)
     records += _requests(rng, 200, old + timedelta(days=2), 48)
-    pg.write(records)
-    with pg.engine.begin() as conn:
+    store.write(records)
+    with store.engine.begin() as conn:
         conn.execute(text("SELECT * FROM usage_maintain(3, NULL, 50000)"))  # partitions
     instant = old + timedelta(days=1)
-    assert pg.seal(instant) == 200
-    before = sorted(pg.backend.endpoint_rows(Scope(), older, month, RequestFilter()))
-    with pg.engine.begin() as conn:
+    assert store.seal(instant) == 200
+    before = sorted(store.backend.endpoint_rows(Scope(), older, month, RequestFilter()))
+    with store.engine.begin() as conn:
         while conn.execute(text("SELECT more FROM usage_maintain(3, 1, 50000)")).scalar_one():
             pass
-    kept = {r["id"] for r in stored_request_rows(pg)}
+    kept = {r["id"] for r in stored_request_rows(store)}
     assert kept == {r.id for r in records if r.requested_at >= instant}
-    assert sorted(pg.backend.endpoint_rows(Scope(), older, month, RequestFilter())) == before
+    assert sorted(store.backend.endpoint_rows(Scope(), older, month, RequestFilter())) == before
+    store.dispose()
 
 
-def test_sqlite_and_memory_have_nothing_to_seal(sqlite_url: str) -> None:
-    """Engines whose writes roll up every row at once answer a seal with zero."""
-    for store in (UsageStore(sqlite_url), UsageStore("memory://")):
-        store.write([RequestRecord(requested_at=datetime(2025, 1, 1, tzinfo=UTC))])
-        assert store.seal() == 0
-        assert store.seal(FAR) == 0
-        store.dispose()
+def test_sqlite_retention_keeps_requests_that_no_seal_holds(sqlite_url: str) -> None:
+    """SQLite: maintain() seals what is due (up to the clock), then prunes; requests that no
+    seal holds (a seal is only ever up to two minutes ago) are never pruned, and no answer
+    loses what was pruned."""
+    rng = random.Random(5)
+    store = UsageStore(sqlite_url)
+    now = datetime.now(UTC)
+    records = _requests(rng, 200, now - timedelta(days=60), 48)  # sealed, then pruned
+    records += _requests(rng, 200, now + timedelta(days=1), 24)  # ahead of every seal
+    store.write(records)
+    scope, lo, hi = Scope(), now - timedelta(days=90), now + timedelta(days=5)
+
+    def endpoints() -> dict[tuple[Any, ...], list[int]]:
+        """Requests by endpoint, status and bucket, summed over the tiers they came from."""
+        out: dict[tuple[Any, ...], list[int]] = {}
+        for row in store.backend.endpoint_rows(scope, lo, hi, RequestFilter()):
+            counts = out.setdefault(tuple(row[:4]), [0] * (len(row) - 4))
+            counts[:] = [a + b for a, b in zip(counts, row[4:], strict=True)]
+        return out
+
+    before = endpoints()
+    assert sum(n for n, *_ in before.values()) == 400
+    assert store.maintain(raw_retention_days=30).rows_deleted == 200
+    instant = sealed_instant(store)
+    assert instant is not None and now - timedelta(minutes=18) < instant <= now
+    kept = {r["id"] for r in stored_request_rows(store)}
+    assert kept == {r.id for r in records if r.requested_at >= instant}
+    assert endpoints() == before
+    store.dispose()
 
 
-def test_a_schema_from_before_sealing_keeps_the_old_plan(pg_url: str) -> None:
+def test_memory_has_nothing_to_seal() -> None:
+    """The in-memory engine rolls up every row as it is written: a seal folds nothing."""
+    store = UsageStore("memory://")
+    store.write([RequestRecord(requested_at=datetime(2025, 1, 1, tzinfo=UTC))])
+    assert store.seal() == 0
+    assert store.seal(FAR) == 0
+
+
+def test_a_schema_from_before_sealing_keeps_the_old_plan(db_url: str) -> None:
     """Until create_schema() adds rollup_seals, writers of this release write every request
-    with its rollups, a seal does nothing, and reads take the rollups whole."""
+    with its rollups, a seal does nothing, and reads take the rollups whole; then
+    create_schema() starts the seal instant just after the newest request."""
     from sqlalchemy import text
 
-    new = UsageStore(pg_url)
+    new = UsageStore(db_url)
     new.create_schema()
     new.dispose()
-    old = UsageStore(pg_url, auto_create_schema=False)
+    old = UsageStore(db_url, auto_create_schema=False)
     try:
         with old.engine.begin() as conn:
             conn.execute(text("DROP TABLE rollup_seals"))
@@ -396,10 +459,18 @@ def test_a_schema_from_before_sealing_keeps_the_old_plan(pg_url: str) -> None:
         for path in ("requests", "consumers", "granular"):
             got = get(app_for(old), f"/usage/{path}", params, headers).json()
             assert got == get(app_for(memory), f"/usage/{path}", params, headers).json(), path
+        old.create_schema()
+        newest = max(r.requested_at for r in records)
+        assert sealed_instant(old) == newest + timedelta(microseconds=1)
+        assert_rollups_exact(old)
+        for path in ("requests", "consumers", "granular"):
+            got = get(app_for(old), f"/usage/{path}", params, headers).json()
+            assert got == get(app_for(memory), f"/usage/{path}", params, headers).json(), path
     finally:
         old.dispose()
 
 
+@pytest.mark.postgres
 def test_a_schema_from_before_the_hour_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
     """An install whose coarse tiers followed the seal instant (no ``request_hours`` row yet):
     writers keep them so, a seal does nothing, answers stay exact; create_schema() then cuts the

@@ -357,7 +357,7 @@ def _write(
             batch = []
     if batch:
         written += store.write(batch)
-    store.seal()  # PostgreSQL: history loaded at once is folded into the rollups at once
+    store.seal()  # history loaded at once is folded into the request rollups at once
     return uploads, requests, written
 
 

@@ -32,31 +32,15 @@ from sqlalchemy import Connection, Engine
 
 from ._pgrequests import INSTANTS_SQL, SEAL_LOCK
 from ._pgrollups import ROLL_SQL, ROLL_UPSERT_SQL, SEAL_SQL, SEAL_UPSERT_SQL
-from ._storage.plan import _floor_hour, _floor_quarter
+from ._storage.plan import _floor_hour, seal_target
 
-__all__ = ["SEAL_INTERVAL", "SEAL_LAG", "SEAL_ROWS", "pg_seal", "seal_due"]
+__all__ = ["SEAL_ROWS", "pg_seal"]
 
-#: How far behind the clock a seal stays: requests that started earlier and are recorded later
-#: (slow responses, the recorder's batching) are written with their rollups.
-SEAL_LAG = timedelta(minutes=2)
-#: How often (seconds) a writing process checks whether a quarter hour is due for sealing.
-SEAL_INTERVAL = 60.0
 #: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
 SEAL_ROWS = 1_000_000
 
 
 _MOVE = "UPDATE public.rollup_seals SET sealed_before = %(to)s WHERE dataset = %(dataset)s"
-
-
-def seal_target(now: datetime) -> datetime:
-    """The end of the last whole UTC quarter hour that had ended ``SEAL_LAG`` before ``now``
-    (``now`` in UTC)."""
-    return _floor_quarter(now - SEAL_LAG)
-
-
-def seal_due(now: datetime, sealed_before: datetime) -> bool:
-    """Whether a seal at ``now`` would move the instant."""
-    return seal_target(now) > sealed_before
 
 
 def _fold(cur: Any, statement: str, fallback: str, bounds: dict[str, datetime]) -> int:

@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
-from ._schema import endpoint_bucket, endpoint_method, endpoint_route, latency_bucket
+from ._sqliteseal import STAGE_RAW, register_functions
 from ._sqlitewrite import (
     CREATE_STAGING,
     ENDPOINT_ROLLUPS,
-    ENDPOINT_STATEMENTS,
     MISMATCH_ROLLUP,
     _quarter,
+    roll_up_staged_requests,
 )
 
 __all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
@@ -29,14 +29,7 @@ ENDPOINT_TABLES = ("endpoint_routes", *ENDPOINT_ROLLUPS)
 
 def _functions(conn: Connection) -> None:
     """Register the writer's Python functions on the connection, for statements over raw rows."""
-    dbapi: Any = conn.connection.dbapi_connection
-    dbapi.create_function("um_latency_bucket", 1, latency_bucket, deterministic=True)
-    dbapi.create_function("um_response_us", 1, lambda ms: round(ms * 1000), deterministic=True)
-    dbapi.create_function("um_endpoint_bucket", 1, endpoint_bucket, deterministic=True)
-    dbapi.create_function("um_endpoint_method", 1, endpoint_method, deterministic=True)
-    dbapi.create_function(
-        "um_endpoint_route", 2, lambda p, m: endpoint_route(p, bool(m)), deterministic=True
-    )
+    register_functions(conn.connection.dbapi_connection)
 
 
 def add_route_matched(conn: Connection, present: set[str]) -> None:
@@ -51,36 +44,27 @@ def add_route_matched(conn: Connection, present: set[str]) -> None:
         )
 
 
-# The stored requests are staged as one batch and go through the writer's own cap and rollup
-# statements: routes are admitted per key and UTC day in route order up to the cap, so the
-# result equals what writing every stored request in one batch would have produced.
-_STAGE_RAW = (
-    "INSERT INTO temp.um_stage_requests SELECT id, api_key_id, method, path, status_code, "
-    "response_time_ms, request_size, response_size, error_message, requested_at, route_matched, "
-    "um_latency_bucket(response_time_ms), um_response_us(response_time_ms), "
-    "um_endpoint_method(method), um_endpoint_route(path, route_matched), "
-    "um_endpoint_bucket(response_time_ms) FROM main.api_requests"
-)
-
-
 def backfill_endpoints(conn: Connection, present: set[str]) -> None:
-    """Fill the endpoint rollups an older database lacked from its raw requests."""
+    """Fill the endpoint rollups an older database lacked from its raw requests.
+
+    The stored requests are staged as one batch and go through the writer's own cap and rollup
+    statements: routes are admitted per key and UTC day in route order up to the cap, so the
+    result equals what writing every stored request in one batch would have produced."""
     missing = [t for t in ENDPOINT_TABLES if t not in present]
     if "api_requests" not in present or not missing:
         return
     _functions(conn)
-    admit, relabel, *tiers = ENDPOINT_STATEMENTS
-    for statement in CREATE_STAGING:
-        conn.exec_driver_sql(statement)
-    conn.exec_driver_sql("DELETE FROM temp.um_stage_requests")
-    conn.exec_driver_sql(_STAGE_RAW)
-    if "endpoint_routes" in missing:
-        conn.exec_driver_sql(admit)
-    conn.exec_driver_sql(relabel)
-    for table, statement in zip(ENDPOINT_ROLLUPS, tiers, strict=True):
-        if table in missing:
-            conn.exec_driver_sql(statement)
-    conn.exec_driver_sql("DELETE FROM temp.um_stage_requests")
+    dbapi: Any = conn.connection.dbapi_connection
+    cur = dbapi.cursor()
+    try:
+        for statement in CREATE_STAGING:
+            cur.execute(statement)
+        cur.execute("DELETE FROM temp.um_stage_requests")
+        cur.execute(STAGE_RAW)
+        roll_up_staged_requests(cur, tiers=missing)
+        cur.execute("DELETE FROM temp.um_stage_requests")
+    finally:
+        cur.close()
 
 
 def backfill_mismatches(conn: Connection, present: set[str]) -> None:

@@ -1,10 +1,18 @@
 """The SQLite write path: the same plan as PostgreSQL's, on the sqlite3 driver directly.
 
 Inside the ``BEGIN IMMEDIATE`` transaction ``UsageStore.write`` opens (so this process is the
-only writer until commit), the batch goes into a connection-local temporary table with one
+only writer until commit), uploads go into a connection-local temporary table with one
 ``executemany``; rows whose ``id`` is already stored are deleted from it; the rest are copied
 into the raw table and rolled up with ``INSERT .. SELECT .. GROUP BY .. ON CONFLICT DO UPDATE``.
 Counting from the staging table after the delete means only new rows reach the rollups.
+
+Requests are *sealed* as on PostgreSQL (:mod:`usage_middleware._sqliteseal`): a request at or
+after the seal instant is a raw row only, inserted straight into ``api_requests`` with
+``ON CONFLICT (id) DO NOTHING``; a seal later folds each quarter hour's raw rows into every
+request rollup at once. A request before the instant (a spool replay, a long upload recorded
+late) is staged and rolled up as it is written, like an upload. Either way the rolled-up rows
+are first summed per key, quarter hour and label in a temporary table, and every tier is
+summed from that: a quarter hour of traffic holds far fewer such groups than rows.
 
 Endpoint rollups follow the route cap (see ``_schema.ROUTES_PER_KEY_DAY``): the batch's new
 named routes of each key and UTC day are admitted into ``endpoint_routes`` in route order while
@@ -21,8 +29,9 @@ from the very Python functions the reference backend uses.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -42,8 +51,8 @@ from ._schema import (
 __all__ = [
     "CREATE_STAGING",
     "ENDPOINT_ROLLUPS",
-    "ENDPOINT_STATEMENTS",
     "MISMATCH_ROLLUP",
+    "roll_up_staged_requests",
     "sqlite_write",
 ]
 
@@ -59,8 +68,13 @@ _REQUEST_COLUMNS = (
 CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_uploads ({_UPLOAD_COLUMNS})",
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests "
-    f"({_REQUEST_COLUMNS}, latency_bucket, response_us, endpoint_method, endpoint_route, "
-    "endpoint_bucket)",
+    f"({_REQUEST_COLUMNS}, latency_bucket, response_us, endpoint_method, endpoint_route)",
+    # The staged requests summed per key and quarter hour: by fine latency bucket for the
+    # histograms, by endpoint labels for the endpoint rollups.
+    "CREATE TEMP TABLE IF NOT EXISTS um_request_groups (api_key_id, q, latency_bucket, "
+    "n, e, us, rq, rs)",
+    "CREATE TEMP TABLE IF NOT EXISTS um_endpoint_groups (api_key_id, q, method, route, "
+    "status_code, latency_bucket, n, us, rq, rs)",
 )
 
 
@@ -139,8 +153,10 @@ _REQUEST_STATEMENTS = (
     f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) "
     f"SELECT {_REQUEST_COLUMNS} FROM temp.um_stage_requests ORDER BY id",
 )
-_REQUEST_COUNTERS = (
-    "count(*), sum(status_code >= 400), sum(response_us), sum(request_size), sum(response_size)"
+# A live request: its raw row only (a seal rolls it up).
+_INSERT_LIVE = (
+    f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 _REQUEST_SET = (
     "total_requests = total_requests + excluded.total_requests, "
@@ -149,22 +165,41 @@ _REQUEST_SET = (
     f"total_request_bytes = {_checked_add('total_request_bytes')}, "
     f"total_response_bytes = {_checked_add('total_response_bytes')}"
 )
+# Periods of the grouped rows' UTC quarter hour ``q`` (stored text), per tier.
+_MONTH, _DAY, _HOUR = (
+    "substr(q, 1, 7) || '-01'",
+    "substr(q, 1, 10)",
+    ("substr(q, 1, 13) || ':00:00.000000'"),
+)
+_GROUP_REQUESTS = (
+    "INSERT INTO temp.um_request_groups "
+    f"SELECT api_key_id, {_quarter('requested_at')} AS q, latency_bucket, count(*), "
+    "sum(status_code >= 400), sum(response_us), sum(request_size), sum(response_size) "
+    "FROM temp.um_stage_requests GROUP BY api_key_id, q, latency_bucket"
+)
+_REQUEST_TIERS = (
+    "monthly_request_usage", "daily_request_usage", "hourly_request_usage", "quarter_request_usage",
+)  # fmt: skip
 _REQUEST_ROLLUPS = tuple(
     f"INSERT INTO main.{table} (api_key_id, {when_column}, latency_bucket, total_requests, "
     "error_requests, total_response_us, total_request_bytes, total_response_bytes) "
-    f"SELECT api_key_id, {when} AS w, latency_bucket, {_REQUEST_COUNTERS} "
-    "FROM temp.um_stage_requests WHERE true "
+    f"SELECT api_key_id, {when} AS w, latency_bucket, sum(n), sum(e), sum(us), sum(rq), "
+    "sum(rs) FROM temp.um_request_groups WHERE true "
     "GROUP BY api_key_id, w, latency_bucket ORDER BY api_key_id, w, latency_bucket "
     f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, latency_bucket) "
     f"DO UPDATE SET {_REQUEST_SET}"
     for table, when_column, when in (
-        ("monthly_request_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
-        ("daily_request_usage", "usage_date", "substr(requested_at, 1, 10)"),
-        ("hourly_request_usage", "usage_hour", "substr(requested_at, 1, 13) || ':00:00.000000'"),
-        ("quarter_request_usage", "usage_quarter", _quarter("requested_at")),
+        ("monthly_request_usage", "usage_month", _MONTH),
+        ("daily_request_usage", "usage_date", _DAY),
+        ("hourly_request_usage", "usage_hour", _HOUR),
+        ("quarter_request_usage", "usage_quarter", "q"),
     )
 )
 
+
+_METHODS = STANDARD_METHODS
+# The coarse (endpoint) bucket of a fine one, as endpoint_bucket: (fine + 4) / 5 in integers.
+_WIDTH = ENDPOINT_BUCKET_WIDTH
 
 # --- endpoint rollups and the route cap -----------------------------------------------------
 # The cap's two steps run on the staged rows (new ones only, after the delete above): admit the
@@ -201,71 +236,155 @@ _ENDPOINT_SET = (
     f"total_request_bytes = {_checked_add('total_request_bytes')}, "
     f"total_response_bytes = {_checked_add('total_response_bytes')}"
 )
-_ENDPOINT_GROUP = "api_key_id, w, endpoint_method, endpoint_route, status_code, endpoint_bucket"
+_GROUP_ENDPOINTS = (
+    "INSERT INTO temp.um_endpoint_groups "
+    f"SELECT api_key_id, {_quarter('requested_at')} AS q, endpoint_method, endpoint_route, "
+    f"status_code, (latency_bucket + {_WIDTH - 1}) / {_WIDTH} AS b, count(*), sum(response_us), "
+    "sum(request_size), sum(response_size) FROM temp.um_stage_requests "
+    "GROUP BY api_key_id, q, endpoint_method, endpoint_route, status_code, b"
+)
+_ENDPOINT_GROUP = "api_key_id, w, method, route, status_code, latency_bucket"
 ENDPOINT_ROLLUPS = {
     table: f"INSERT INTO main.{table} (api_key_id, {when_column}, method, route, status_code, "
     "latency_bucket, total_requests, total_response_us, total_request_bytes, "
     "total_response_bytes) "
-    f"SELECT api_key_id, {when} AS w, endpoint_method, endpoint_route, status_code, "
-    "endpoint_bucket, count(*), sum(response_us), sum(request_size), sum(response_size) "
-    f"FROM temp.um_stage_requests WHERE true GROUP BY {_ENDPOINT_GROUP} "
-    f"ORDER BY {_ENDPOINT_GROUP} "
+    f"SELECT api_key_id, {when} AS w, method, route, status_code, latency_bucket, sum(n), "
+    f"sum(us), sum(rq), sum(rs) FROM temp.um_endpoint_groups WHERE true "
+    f"GROUP BY {_ENDPOINT_GROUP} ORDER BY {_ENDPOINT_GROUP} "
     f"ON CONFLICT (ifnull(api_key_id, ''), {when_column}, method, route, status_code, "
     f"latency_bucket) DO UPDATE SET {_ENDPOINT_SET}"
     for table, when_column, when in (
-        ("monthly_endpoint_usage", "usage_month", "substr(requested_at, 1, 7) || '-01'"),
-        ("daily_endpoint_usage", "usage_date", "substr(requested_at, 1, 10)"),
-        ("quarter_endpoint_usage", "usage_quarter", _quarter("requested_at")),
+        ("monthly_endpoint_usage", "usage_month", _MONTH),
+        ("daily_endpoint_usage", "usage_date", _DAY),
+        ("quarter_endpoint_usage", "usage_quarter", "q"),
     )
 }
-#: The cap's statements on the staged rows, then the endpoint tiers (the backfill reuses them).
-ENDPOINT_STATEMENTS = (_ADMIT_ROUTES, _RELABEL, *ENDPOINT_ROLLUPS.values())
+_CLEAR_GROUPS = ("DELETE FROM temp.um_request_groups", "DELETE FROM temp.um_endpoint_groups")
 
-_METHODS = STANDARD_METHODS
-_WIDTH = ENDPOINT_BUCKET_WIDTH
+
+def roll_up_staged_requests(cur: Any, tiers: Sequence[str] | None = None) -> None:
+    """Roll the staged requests (new ones only) up into the request histograms and, through
+    the route cap (``endpoint_routes``), the endpoint rollups; ``tiers`` names the only tables
+    to fill (an upgrade's backfill of the tables an older file lacked)."""
+
+    def wanted(table: str) -> bool:
+        return tiers is None or table in tiers
+
+    for statement in _CLEAR_GROUPS:
+        cur.execute(statement)
+    if any(wanted(t) for t in _REQUEST_TIERS):
+        cur.execute(_GROUP_REQUESTS)
+        for table, statement in zip(_REQUEST_TIERS, _REQUEST_ROLLUPS, strict=True):
+            if wanted(table):
+                cur.execute(statement)
+    if wanted("endpoint_routes"):
+        cur.execute(_ADMIT_ROUTES)
+    cur.execute(_RELABEL)
+    cur.execute(_GROUP_ENDPOINTS)
+    for table, statement in ENDPOINT_ROLLUPS.items():
+        if wanted(table):
+            cur.execute(statement)
+    for statement in _CLEAR_GROUPS:
+        cur.execute(statement)
 
 
 def _hex(value: UUID | None) -> str | None:
     return None if value is None else value.hex
 
 
-def _utc_text(value: datetime) -> str:
+def utc_text(value: datetime) -> str:
     """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite: its ISO text
     without the ``+00:00`` (cheaper than converting it to a naive datetime first)."""
     return value.isoformat(" ", "microseconds")[:26]
 
 
-def _request_row(r: RequestRecord) -> tuple[Any, ...]:
-    """A request as staged: its columns, then its latency bucket, microseconds and labels."""
-    ms = r.response_time_ms
-    fine = latency_bucket(ms)
+def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
+    """A request's ``api_requests`` row, in ``_REQUEST_COLUMNS`` order."""
     return (
         r.id.hex,
         None if r.api_key_id is None else r.api_key_id.hex,
         r.method,
         r.path,
         r.status_code,
-        ms,
+        r.response_time_ms,
         r.request_size,
         r.response_size,
         r.error_message,
-        _utc_text(r.requested_at),
+        utc_text(r.requested_at),
         r.route_matched,
-        fine,
+    )
+
+
+def _request_row(r: RequestRecord) -> tuple[Any, ...]:
+    """A request as staged: its columns, then its latency bucket, microseconds and labels."""
+    ms = r.response_time_ms
+    return (
+        *_raw_row(r),
+        latency_bucket(ms),
         round(ms * 1000),
         r.method if r.method in _METHODS else OTHER_METHOD,
         r.path if r.route_matched else UNMATCHED_ROUTE,
-        -(-fine // _WIDTH),
     )
+
+
+#: The seal instant: every request rollup holds exactly the raw requests before it.
+INSTANT_SQL = "SELECT sealed_before FROM main.rollup_seals WHERE dataset = 'requests'"
+
+
+def read_instant(cur: Any) -> datetime | None:
+    """The seal instant; None on a file from before sealing (every request is rolled up as it
+    is written there, until ``create_schema()`` upgrades it)."""
+    try:
+        row = cur.execute(INSTANT_SQL).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return None
+    return None if row is None else stored_utc(row[0])
+
+
+def stored_utc(text: str) -> datetime:
+    """A UTC datetime stored as text (the inverse of :func:`utc_text`), made aware."""
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, datetime | None]:
+    """Live requests as raw rows, late ones staged and rolled up; returns how many were new
+    and the seal instant they were written under."""
+    instant = read_instant(cur)
+    if instant is None:
+        late, live = list(requests), []
+    else:
+        late = [r for r in requests if r.requested_at < instant]
+        live = [r for r in requests if r.requested_at >= instant] if late else list(requests)
+    written = 0
+    if late:
+        cur.execute("DELETE FROM temp.um_stage_requests")
+        cur.executemany(
+            "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [_request_row(r) for r in late],
+        )
+        for statement in _REQUEST_STATEMENTS:
+            cur.execute(statement)
+        written += cur.rowcount
+        roll_up_staged_requests(cur)
+        cur.execute("DELETE FROM temp.um_stage_requests")
+    if live:
+        live.sort(key=lambda r: r.id)  # neighbouring ids fill the same index pages
+        cur.executemany(_INSERT_LIVE, [_raw_row(r) for r in live])
+        written += cur.rowcount
+    return written, instant
 
 
 def sqlite_write(
     conn: Connection, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]
-) -> int:
-    """Write validated, id-unique records inside ``conn``'s open write transaction."""
+) -> tuple[int, datetime | None]:
+    """Write validated, id-unique records inside ``conn``'s open write transaction; returns
+    how many rows were new and the seal instant (None: no requests, or no sealing)."""
     dbapi: Any = conn.connection.dbapi_connection
     cur = dbapi.cursor()
     written = 0
+    instant = None
     try:
         for statement in CREATE_STAGING:
             cur.execute(statement)
@@ -285,7 +404,7 @@ def sqlite_write(
                         u.file_name,
                         u.upload_status,
                         u.error_message,
-                        _utc_text(u.uploaded_at),
+                        utc_text(u.uploaded_at),
                     )
                     for u in uploads
                 ],
@@ -297,17 +416,8 @@ def sqlite_write(
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_uploads")
         if requests:
-            cur.execute("DELETE FROM temp.um_stage_requests")
-            cur.executemany(
-                "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [_request_row(r) for r in requests],
-            )
-            for statement in _REQUEST_STATEMENTS:
-                cur.execute(statement)
-            written += cur.rowcount
-            for statement in (*_REQUEST_ROLLUPS, *ENDPOINT_STATEMENTS):
-                cur.execute(statement)
-            cur.execute("DELETE FROM temp.um_stage_requests")
+            added, instant = _write_requests(cur, requests)
+            written += added
     finally:
         cur.close()
-    return written
+    return written, instant

@@ -81,33 +81,41 @@ def _quarter(at: datetime) -> datetime:
     return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
+#: The engines whose request rollups are sealed behind the writes (``rollup_seals``).
+SEALED = ("postgresql", "sqlite")
+
 #: Past every request of the tests: ``store.seal(FAR)`` folds every stored request into the
-#: rollups on PostgreSQL and makes every later one late (written with its rollups).
+#: rollups (PostgreSQL, SQLite) and makes every later one late (written with its rollups).
 FAR = datetime(2100, 1, 1, tzinfo=timezone.utc)
 
 
 def _instant(store: UsageStore, dataset: str) -> datetime | None:
-    if store.dialect != "postgresql":
+    if store.dialect not in SEALED:
         return None
     from sqlalchemy import text
 
+    if store.dialect == "sqlite":
+        dataset = "requests"  # every SQLite request rollup follows the seal instant
     with store.engine.connect() as conn:
-        value: datetime = conn.execute(
+        value = conn.execute(
             text("SELECT sealed_before FROM rollup_seals WHERE dataset = :d"), {"d": dataset}
         ).scalar_one()
+    if isinstance(value, str):  # SQLite keeps UTC text
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    assert isinstance(value, datetime)
     return value
 
 
 def sealed_instant(store: UsageStore) -> datetime | None:
-    """PostgreSQL: the instant before which the fine request rollups (quarter hours, routes)
-    hold every raw row and after which none (``rollup_seals``); elsewhere None (every row is
-    rolled up as it is written)."""
+    """PostgreSQL and SQLite: the instant before which the fine request rollups (quarter
+    hours, routes) hold every raw row and after which none (``rollup_seals``); elsewhere None
+    (every row is rolled up as it is written)."""
     return _instant(store, "requests")
 
 
 def sealed_hours(store: UsageStore) -> datetime | None:
-    """PostgreSQL: the hour instant, the same for the coarse request rollups (hours, days,
-    months); elsewhere None."""
+    """The same for the coarse request rollups (hours, days, months): PostgreSQL's hour
+    instant, SQLite's seal instant; elsewhere None."""
     return _instant(store, "request_hours")
 
 

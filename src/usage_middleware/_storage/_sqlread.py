@@ -42,6 +42,8 @@ from .._schema import (
     quarter_request_usage,
     quarter_usage,
 )
+from .._sqlitewrite import INSTANT_SQL as SQLITE_INSTANT_SQL
+from .._sqlitewrite import stored_utc
 from .base import Histogram, Scope, UploadRow
 from .plan import Piece, Seals, cut_at, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
@@ -164,7 +166,6 @@ def _halves(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
     return first, second
 
 
-
 # A read on SQLite checks its deadline every this many virtual machine instructions.
 _SQLITE_CHECK_EVERY = 1_000
 
@@ -235,8 +236,11 @@ def upload_rows(backend: SQLBackend, scope: Scope, bounds: Sequence[datetime]) -
     """(period index, provider, file_type, uploads, bytes, successful, failed) rows."""
     if scope.keys is not None and not scope.keys:
         return []
-    return [row for rows in run_reads(backend, upload_statements(scope, bounds, backend.name))
-            for row in rows]
+    return [
+        row
+        for rows in run_reads(backend, upload_statements(scope, bounds, backend.name))
+        for row in rows
+    ]
 
 
 def run_reads(
@@ -258,6 +262,7 @@ def run_reads(
 # --- API requests -----------------------------------------------------------------------------
 
 _SEALING_PRESENT = "SELECT to_regclass('public.rollup_seals') IS NOT NULL"
+_SQLITE_SEALING = "SELECT 1 FROM main.sqlite_master WHERE name = 'rollup_seals'"
 _SEAL_TRIES = 5
 
 _T = TypeVar("_T")
@@ -271,16 +276,13 @@ def sealed_reads(
     """Run the statements ``build(pieces)`` makes for the request plan ``planned`` as the
     request rollups are: its statements, and what the caller needs to read the results.
 
-    On PostgreSQL the request rollups hold exactly the raw rows before ``rollup_seals``'
-    instants (see ``usage_middleware._pgrequests``), so the plan is cut at them first
-    (:func:`.plan.cut_at`); elsewhere they hold every row. When a piece reaches past an
-    instant, the instants are read again afterwards: a seal that committed in between may have
-    put rows into the rollups that the raw or quarter-hour part read too, so the whole read is
-    made again (seals are a quarter hour apart; five tries that each meet one cannot happen).
+    The request rollups hold exactly the raw rows before ``rollup_seals``' instants (see
+    ``usage_middleware._pgrequests`` and ``usage_middleware._sqliteseal``), so the plan is cut
+    at them first (:func:`.plan.cut_at`). When a piece reaches past an instant, the instants
+    are read again afterwards: a seal that committed in between may have put rows into the
+    rollups that the raw or quarter-hour part read too, so the whole read is made again (seals
+    are a quarter hour apart; five tries that each meet one cannot happen).
     """
-    if backend.name != "postgresql":
-        statements, extra = build(list(planned))
-        return run_reads(backend, statements), extra
     seals = _instants(backend)
     for _ in range(_SEAL_TRIES):
         pieces, touched = cut_at(planned, seals)
@@ -297,15 +299,19 @@ def sealed_reads(
 
 def _instants(backend: SQLBackend) -> Seals | None:
     """The seal instants; None on a schema from before ``rollup_seals`` (every request rolled
-    up as written), until ``create_schema()`` upgrades it. A schema from before the hour instant
-    has its coarse tiers sealed with the fine ones."""
+    up as written), until ``create_schema()`` upgrades it. SQLite's coarse tiers, and those of
+    a PostgreSQL schema from before the hour instant, are sealed with the fine ones."""
+    pg = backend.name == "postgresql"
     with backend.engine.connect() as conn:
         if not backend.sealing:
-            present = conn.exec_driver_sql(_SEALING_PRESENT).scalar_one()
+            present = conn.exec_driver_sql(_SEALING_PRESENT if pg else _SQLITE_SEALING).scalar()
             if not present:
                 return None
             backend.sealing = True  # seen once, for good: the table is never dropped
-        fine, coarse = conn.exec_driver_sql(INSTANTS_SQL).one()
+        if pg:
+            fine, coarse = conn.exec_driver_sql(INSTANTS_SQL).one()
+        else:
+            fine = coarse = stored_utc(conn.exec_driver_sql(SQLITE_INSTANT_SQL).scalar_one())
     return Seals(fine, fine if coarse is None else coarse)
 
 

@@ -225,7 +225,7 @@ class Writer(Protocol):
     def seal(self, before: datetime | None = None) -> int:
         """Fold raw rows that no rollup holds yet into the rollups, up to ``before`` (default:
         what the engine deems settled); returns how many. Engines whose writes roll up every
-        row at once (SQLite, memory) have nothing to do."""
+        row at once (memory) have nothing to do."""
 
     def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         """Create what future rows need (partitions) and prune raw rows older than

@@ -27,7 +27,18 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-__all__ = ["Piece", "Seals", "cut_at", "plan", "request_plan", "series_plan"]
+__all__ = [
+    "SEAL_INTERVAL",
+    "SEAL_LAG",
+    "Piece",
+    "Seals",
+    "cut_at",
+    "plan",
+    "request_plan",
+    "seal_due",
+    "seal_target",
+    "series_plan",
+]
 
 _QUARTER = timedelta(minutes=15)
 _HOUR = timedelta(hours=1)
@@ -254,12 +265,30 @@ def series_plan(bounds: Sequence[datetime]) -> list[Piece]:
 
 
 class Seals(NamedTuple):
-    """The instants of PostgreSQL's sealed request rollups: the quarter-hour tiers hold exactly
-    the raw rows before ``fine``, the coarser ones (hours, days, months) exactly those before
-    ``coarse``, a whole UTC hour at or before ``fine``."""
+    """The instants of the sealed request rollups (PostgreSQL, SQLite): the quarter-hour tiers
+    hold exactly the raw rows before ``fine``, the coarser ones (hours, days, months) exactly
+    those before ``coarse``, a whole UTC hour at or before ``fine`` (SQLite: ``fine`` itself)."""
 
     fine: datetime
     coarse: datetime
+
+
+#: How far behind the clock a seal stays: requests that started earlier and are recorded later
+#: (slow responses, the recorder's batching) are written with their rollups.
+SEAL_LAG = timedelta(minutes=2)
+#: How often (seconds) a writing process checks whether a quarter hour is due for sealing.
+SEAL_INTERVAL = 60.0
+
+
+def seal_target(now: datetime) -> datetime:
+    """The end of the last whole UTC quarter hour that had ended ``SEAL_LAG`` before ``now``
+    (aware)."""
+    return _floor_quarter(now.astimezone(timezone.utc) - SEAL_LAG)
+
+
+def seal_due(now: datetime, sealed_before: datetime) -> bool:
+    """Whether a seal at ``now`` would move the instant."""
+    return seal_target(now) > sealed_before
 
 
 _COARSE = frozenset(("month", "day", "hour"))

@@ -11,20 +11,16 @@ starting at once do not race. The write plan is :mod:`usage_middleware._pgwrite`
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import InvalidatePoolError
 
-from .._pgseal import SEAL_INTERVAL, pg_seal, seal_due
+from .._pgseal import pg_seal
 from .._pgwrite import pg_write
 from .._records import RequestRecord, UploadRecord
 from .base import MaintainResult
@@ -34,8 +30,6 @@ from .sql import SQLBackend
 from .watchdog import watched
 
 __all__ = ["PostgresBackend", "sql_text"]
-
-logger = logging.getLogger(__name__)
 
 SQL_FILES = ("usage_tracking_schema.sql",)
 _SCHEMA_LOCK = 7215120301
@@ -62,11 +56,6 @@ class PostgresBackend(SQLBackend):
         engine_options: dict[str, Any],
     ) -> None:
         super().__init__(url, read_timeout=read_timeout, write_timeout=write_timeout)
-        # Sealing (see usage_middleware._pgseal): a writing process checks every SEAL_INTERVAL
-        # seconds, the first time one interval after it started, whether a quarter hour is due.
-        self._seal_lock = threading.Lock()
-        self._seal_checked = time.monotonic()
-        self._sealed_before: datetime | None = None
         options = dict(engine_options)
         connect_args = dict(options.pop("connect_args", {}))
         connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
@@ -130,36 +119,5 @@ class PostgresBackend(SQLBackend):
             self._sealed_before = sealed_before
         return written
 
-    def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
-        """The write, then — at most every ``SEAL_INTERVAL`` seconds — a seal if a quarter hour
-        is due. A seal that fails is logged and tried at the next check; the write stands."""
-        written = super().write(uploads, requests)
-        if (
-            self._sealed_before is not None
-            and time.monotonic() - self._seal_checked >= SEAL_INTERVAL
-            and self._seal_lock.acquire(blocking=False)
-        ):
-            try:
-                self._seal_checked = time.monotonic()
-                if seal_due(datetime.now(timezone.utc), self._sealed_before):
-                    self.seal()
-            except Exception as exc:  # the write succeeded; sealing waits for the next check
-                logger.warning("usage-middleware: sealing the request rollups failed: %s", exc)
-            finally:
-                self._seal_lock.release()
-        return written
-
-    def after_fork(self) -> None:
-        super().after_fork()
-        self._seal_lock = threading.Lock()  # a parent's seal may have held it at fork time
-        self._seal_checked = time.monotonic()
-
-    def seal(self, before: datetime | None = None) -> int:
-        """Fold the raw requests that no seal holds yet, up to ``before`` (default: the last
-        whole quarter hour that ended two minutes ago), into the rollups; returns how many."""
-        try:
-            folded = pg_seal(self.engine, self._bounded, 10 * self.write_timeout, before)
-        except DBAPIError as exc:
-            raise self.unavailable(exc) from exc
-        self._sealed_before = None  # read afresh by the next write
-        return folded
+    def _seal(self, before: datetime | None) -> int:
+        return pg_seal(self.engine, self._bounded, 10 * self.write_timeout, before)

@@ -8,10 +8,13 @@ A subclass says how to make its engine, create its schema and run its write plan
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -43,9 +46,12 @@ from .base import (
 )
 from .legacy import LegacySource, MigrationResult, misfit
 from .maintenance import sql_retention_start
+from .plan import SEAL_INTERVAL, seal_due
 from .urls import display_url, mask_text
 
 __all__ = ["SQLBackend"]
+
+logger = logging.getLogger(__name__)
 
 
 class SQLBackend(ABC):
@@ -54,13 +60,19 @@ class SQLBackend(ABC):
     name: str
     engine: Engine
 
-    #: PostgreSQL: ``rollup_seals`` was seen, so requests may be raw rows behind a seal.
+    #: ``rollup_seals`` was seen, so requests may be raw rows behind a seal.
     sealing = False
 
     def __init__(self, url: URL, *, read_timeout: float | None, write_timeout: float) -> None:
         self.url = url
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
+        # Sealing the request rollups: a writing process checks every SEAL_INTERVAL seconds,
+        # the first time one interval after it started, whether a quarter hour is due.
+        self._seal_lock = threading.Lock()
+        self._seal_checked = time.monotonic()
+        #: The seal instant the last write saw (set by ``_write_batch``; None: read it afresh).
+        self._sealed_before: datetime | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -92,6 +104,25 @@ class SQLBackend(ABC):
     # --- writing -----------------------------------------------------------------------------
 
     def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+        """The write, then — at most every ``SEAL_INTERVAL`` seconds — a seal if a quarter hour
+        is due. A seal that fails is logged and tried at the next check; the write stands."""
+        written = self._write(uploads, requests)
+        if (
+            self._sealed_before is not None
+            and time.monotonic() - self._seal_checked >= SEAL_INTERVAL
+            and self._seal_lock.acquire(blocking=False)
+        ):
+            try:
+                self._seal_checked = time.monotonic()
+                if seal_due(datetime.now(timezone.utc), self._sealed_before):
+                    self.seal()
+            except Exception as exc:  # the write succeeded; sealing waits for the next check
+                logger.warning("usage-middleware: sealing the request rollups failed: %s", exc)
+            finally:
+                self._seal_lock.release()
+        return written
+
+    def _write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
         """One write transaction, bounded by ``write_timeout``. The write plans drive the
         driver's cursor directly, so the driver's own errors are given SQLAlchemy's classes here
         and mapped like any other (:meth:`unavailable`)."""
@@ -152,8 +183,18 @@ class SQLBackend(ABC):
             conn.execute(text("SELECT 1"))
 
     def seal(self, before: datetime | None = None) -> int:
-        """Nothing by default: each write rolls up its rows (PostgreSQL seals requests)."""
-        return 0
+        """Fold the raw requests that no seal holds yet, up to ``before`` (default: the last
+        whole quarter hour that ended two minutes ago), into the rollups; returns how many."""
+        try:
+            folded = self._seal(before)
+        except DBAPIError as exc:
+            raise self.unavailable(exc) from exc
+        self._sealed_before = None  # read afresh by the next write
+        return folded
+
+    @abstractmethod
+    def _seal(self, before: datetime | None) -> int:
+        """The engine's seal; driver errors are mapped by :meth:`seal`."""
 
     def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         try:
@@ -199,6 +240,8 @@ class SQLBackend(ABC):
     def after_fork(self) -> None:
         # Pooled connections belong to the parent: forget them without closing them.
         self.engine.dispose(close=False)
+        self._seal_lock = threading.Lock()  # a parent's seal may have held it at fork time
+        self._seal_checked = time.monotonic()
 
     def close(self) -> None:
         self.engine.dispose()

@@ -3,11 +3,13 @@
 WAL journal, ``synchronous=NORMAL`` and a busy timeout, so several processes can share one
 file; writers take the lock up front (``BEGIN IMMEDIATE``) instead of upgrading a read lock,
 which SQLite answers with an immediate "database is locked". The write plan is
-:mod:`usage_middleware._sqlitewrite`.
+:mod:`usage_middleware._sqlitewrite`; requests are sealed into their rollups a quarter hour at a
+time (:mod:`usage_middleware._sqliteseal`).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, inspect
@@ -16,6 +18,7 @@ from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import FAILURE_INDEXES, metadata
+from .._sqliteseal import seals_table, sqlite_seal
 from .._sqliteupgrade import (
     add_route_matched,
     backfill_endpoints,
@@ -81,6 +84,7 @@ class SQLiteBackend(SQLBackend):
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute("PRAGMA temp_store=MEMORY")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.close()
 
@@ -93,7 +97,8 @@ class SQLiteBackend(SQLBackend):
         """Missing tables in one write transaction; a ``monthly_request_usage`` added to an older
         database is filled from ``daily_request_usage``, quarter-hour rollups from the hourly
         ones and raw rows, and endpoint rollups from raw requests (which get ``route_matched``),
-        before any writer sees them (:mod:`usage_middleware._sqliteupgrade`)."""
+        before any writer sees them (:mod:`usage_middleware._sqliteupgrade`); ``rollup_seals``
+        last, its instant after every request those rollups hold."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
@@ -108,14 +113,19 @@ class SQLiteBackend(SQLBackend):
                     backfill_endpoints(conn, present)
                     for index in FAILURE_INDEXES:  # tables that predate them lack them
                         index.create(conn, checkfirst=True)
+                    seals_table(conn, present)
             finally:
                 conn.info.pop("usage_write", None)
 
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
-        """No partitions; raw rows past retention are deleted in short batches."""
+        """No partitions; a seal, then raw rows past retention deleted in short batches."""
+        self.seal()  # retention never prunes requests that no seal holds
         if raw_retention_days is None:
             return MaintainResult()
         return MaintainResult(rows_deleted=sqlite_prune(self, raw_retention_days))
+
+    def _seal(self, before: datetime | None) -> int:
+        return sqlite_seal(self.engine, before)
 
     def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
         return migrate_sqlite(conn, source)
@@ -123,7 +133,10 @@ class SQLiteBackend(SQLBackend):
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
     ) -> int:
-        return sqlite_write(conn, uploads, requests)
+        written, sealed_before = sqlite_write(conn, uploads, requests)
+        if sealed_before is not None:
+            self._sealed_before = sealed_before
+        return written
 
     def before_fork(self) -> None:
         # SQLite file handles must not be shared with a child (an in-memory database has

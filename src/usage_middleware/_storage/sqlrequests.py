@@ -15,9 +15,9 @@ endpoint tiers hold one per endpoint, status code and coarse bucket, thousands f
 thirty routes, and they have an hourly tier besides. Both are exact, so the answer is the same
 either way; with a filter only the endpoint tiers know the labels.
 
-Raw rows are read for the edges off the quarter-hour grid (historical offsets before 1979) and,
-on PostgreSQL, for the requests that no seal holds yet (:func:`._sqlread.sealed_reads`), and
-labelled here like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
+Raw rows are read for the edges off the quarter-hour grid (historical offsets before 1979) and
+for the requests that no seal holds yet (:func:`._sqlread.sealed_reads`), and are labelled here
+like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
 :func:`~usage_middleware._schema.endpoint_route`). The per-key-per-day route cap cannot be applied
 to them: which routes a day admitted depends on the order rows were written in, which raw rows do
 not keep. So a request read from raw rows keeps its route where the rollups may say
