@@ -1,10 +1,11 @@
 """The SQLite write path: the same plan as PostgreSQL's, on the sqlite3 driver directly.
 
 Inside the ``BEGIN IMMEDIATE`` transaction ``UsageStore.write`` opens (so this process is the
-only writer until commit), uploads go into a connection-local temporary table with one
-``executemany``; rows whose ``id`` is already stored are deleted from it; the rest are copied
-into the raw table and rolled up with ``INSERT .. SELECT .. GROUP BY .. ON CONFLICT DO UPDATE``.
-Counting from the staging table after the delete means only new rows reach the rollups.
+only writer until commit), uploads go into a connection-local temporary table (multi-row
+``VALUES`` statements, not ``executemany``: see :mod:`usage_middleware._sqlitebulk`); rows whose
+``id`` is already stored are deleted from it; the rest are copied into the raw table and rolled
+up with ``INSERT .. SELECT .. GROUP BY .. ON CONFLICT DO UPDATE``. Counting from the staging
+table after the delete means only new rows reach the rollups.
 
 Requests are *sealed* as on PostgreSQL (:mod:`usage_middleware._sqliteseal`): a request at or
 after the seal instant is a raw row only, inserted straight into ``api_requests`` with
@@ -47,6 +48,7 @@ from ._schema import (
     UNMATCHED_ROUTE,
     latency_bucket,
 )
+from ._sqlitebulk import insert_rows
 
 __all__ = [
     "CREATE_STAGING",
@@ -153,11 +155,8 @@ _REQUEST_STATEMENTS = (
     f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) "
     f"SELECT {_REQUEST_COLUMNS} FROM temp.um_stage_requests ORDER BY id",
 )
-# A live request: its raw row only (a seal rolls it up).
-_INSERT_LIVE = (
-    f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT (id) DO NOTHING"
-)
+# A live request: its raw row only (a seal rolls it up), ON CONFLICT (id) DO NOTHING.
+_INSERT_LIVE = f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS})"
 _REQUEST_SET = (
     "total_requests = total_requests + excluded.total_requests, "
     "error_requests = error_requests + excluded.error_requests, "
@@ -360,10 +359,7 @@ def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, d
     written = 0
     if late:
         cur.execute("DELETE FROM temp.um_stage_requests")
-        cur.executemany(
-            "INSERT INTO temp.um_stage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [_request_row(r) for r in late],
-        )
+        insert_rows(cur, "INSERT INTO temp.um_stage_requests", [_request_row(r) for r in late])
         for statement in _REQUEST_STATEMENTS:
             cur.execute(statement)
         written += cur.rowcount
@@ -371,8 +367,9 @@ def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, d
         cur.execute("DELETE FROM temp.um_stage_requests")
     if live:
         live.sort(key=lambda r: r.id)  # neighbouring ids fill the same index pages
-        cur.executemany(_INSERT_LIVE, [_raw_row(r) for r in live])
-        written += cur.rowcount
+        written += insert_rows(
+            cur, _INSERT_LIVE, [_raw_row(r) for r in live], "ON CONFLICT (id) DO NOTHING"
+        )
     return written, instant
 
 
@@ -390,8 +387,9 @@ def sqlite_write(
             cur.execute(statement)
         if uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
-            cur.executemany(
-                "INSERT INTO temp.um_stage_uploads VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            insert_rows(
+                cur,
+                "INSERT INTO temp.um_stage_uploads",
                 [
                     (
                         u.id.hex,

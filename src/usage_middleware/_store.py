@@ -192,9 +192,9 @@ class UsageStore:
 
         Only engines that roll up behind their writes have anything to do: PostgreSQL and
         SQLite write live requests as raw rows and fold each quarter hour into the request
-        rollups once it has ended (two minutes later); ClickHouse seals whole days. Writers and ``maintain`` do
-        this on their own, and every answer is exact either way; call it after loading history
-        in bulk, so that reads of it come from the rollups at once.
+        rollups once it has ended (two minutes later); ClickHouse seals whole days. Writers and
+        ``maintain`` do this on their own, and every answer is exact either way; call it after
+        loading history in bulk, so that reads of it come from the rollups at once.
         """
         self.ensure_schema()
         return self.backend.seal(before)

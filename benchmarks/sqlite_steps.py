@@ -1,0 +1,123 @@
+"""What a busy event loop does to SQLite writes in a background thread, in one run.
+
+    .venv/bin/python benchmarks/sqlite_steps.py [--rows 5000] [--repeats 5]
+
+The sqlite3 driver releases the GIL around every step of a statement, and ``executemany`` steps
+once per row. A thread that has released the GIL while another thread runs Python gets it back
+only after the interpreter's switch interval (5 ms), so per-row steps in the recorder's thread
+crawl while the server is busy. This times one batch of ``--rows`` raw request rows written by
+a thread of its own, with another thread spinning in Python and without, two ways:
+``executemany`` and :func:`usage_middleware._sqlitebulk.insert_rows` (multi-row ``VALUES``
+statements, a step per chunk of rows), into a table with the raw table's indexes. Medians of
+``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from usage_middleware import UsageStore
+from usage_middleware._sqlitebulk import insert_rows
+
+COLUMNS = (
+    "id, api_key_id, method, path, status_code, response_time_ms, request_size, "
+    "response_size, error_message, requested_at, route_matched"
+)
+
+
+def rows(n: int) -> list[tuple[Any, ...]]:
+    key = uuid.uuid4().hex
+    return [
+        (uuid.uuid4().hex, key, "GET", "/files/{id}", 200, 12.5, 100, 2_000, None,
+         f"2031-01-01 00:{i // 6000 % 60:02d}:{i // 100 % 60:02d}.{i % 100:06d}", True)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _spin(stop: threading.Event) -> None:
+    """Pure Python, as an event loop serving requests: holds the GIL until made to drop it."""
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def timed_in_thread(write: Callable[[], None], busy: bool) -> float:
+    """Seconds ``write`` takes in a thread of its own, another thread spinning or none."""
+    took: list[float] = []
+
+    def run() -> None:
+        start = time.perf_counter()
+        write()
+        took.append(time.perf_counter() - start)
+
+    stop = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(stop,))
+    if busy:
+        spinner.start()
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join()
+    stop.set()
+    if busy:
+        spinner.join()
+    return took[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=5_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
+        store.create_schema()  # the raw table and its indexes
+        conn: Any = store.engine.raw_connection()
+        dbapi = conn.driver_connection
+        head = f"INSERT INTO api_requests ({COLUMNS})"
+        marks = ", ".join("?" * 11)
+
+        def many(batch: list[tuple[Any, ...]]) -> None:
+            cur = dbapi.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            cur.executemany(f"{head} VALUES ({marks}) ON CONFLICT (id) DO NOTHING", batch)
+            cur.execute("COMMIT")
+
+        def chunked(batch: list[tuple[Any, ...]]) -> None:
+            cur = dbapi.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            insert_rows(cur, head, batch, "ON CONFLICT (id) DO NOTHING")
+            cur.execute("COMMIT")
+
+        results: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(args.repeats):
+            for name, fn in (("executemany", many), ("insert_rows", chunked)):
+                for busy in (False, True):
+                    batch = rows(args.rows)
+                    took = timed_in_thread(lambda fn=fn, batch=batch: fn(batch), busy)
+                    results.setdefault((name, busy), []).append(took)
+        conn.close()
+        store.dispose()
+    print(f"{args.rows:,} rows written by a thread of their own (median of {args.repeats}):")
+    for name in ("executemany", "insert_rows"):
+        idle = statistics.median(results[name, False]) * 1000
+        busy = statistics.median(results[name, True]) * 1000
+        print(
+            f"  {name:12} alone {idle:8.1f} ms | beside a busy thread {busy:8.1f} ms "
+            f"({busy / idle:.0f}x)"
+        )
+    ratio = statistics.median(results["executemany", True]) / statistics.median(
+        results["insert_rows", True]
+    )
+    print(f"  beside a busy thread, executemany takes {ratio:.0f}x as long as insert_rows")
+
+
+if __name__ == "__main__":
+    main()

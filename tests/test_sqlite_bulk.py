@@ -1,0 +1,52 @@
+"""SQLite writes step a statement per chunk of rows, not per row.
+
+The sqlite3 driver releases the GIL around every step of a statement; a background thread that
+does so while the event loop runs Python waits the interpreter's switch interval (5 ms) to get
+it back. So the recorder's writes must not step once per row, as ``executemany`` does
+(``usage_middleware._sqlitebulk``). Counted with SQLite's own trace callback, which reports
+each statement execution, ``executemany`` rows included.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from sqlalchemy import event
+from support.rollups import random_request, random_upload
+
+from usage_middleware import UsageStore
+from usage_middleware._sqlitebulk import CHUNK_ROWS
+
+
+def _traced(url: str) -> tuple[UsageStore, list[str]]:
+    store = UsageStore(url)
+    executed: list[str] = []
+
+    @event.listens_for(store.engine, "connect")
+    def _trace(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.set_trace_callback(executed.append)
+
+    store.create_schema()
+    return store, executed
+
+
+def test_a_batch_steps_per_chunk_of_rows_not_per_row(sqlite_url: str) -> None:
+    rng = random.Random(8)
+    store, executed = _traced(sqlite_url)
+    live = [random_request(rng) for _ in range(2_000)]  # before any seal: raw rows only
+    uploads = [random_upload(rng) for _ in range(2_000)]
+    executed.clear()
+    assert store.write(live + uploads) == 4_000
+    inserts = [s for s in executed if s.lstrip().upper().startswith("INSERT")]
+    # staging of the uploads and the live requests: a statement per CHUNK_ROWS rows each;
+    # then a handful of set-based statements (raw copy, rollups)
+    assert len(inserts) <= 2 * (-(-2_000 // CHUNK_ROWS)) + 10, len(inserts)
+    assert len(executed) < 60, len(executed)
+
+    store.seal()  # the requests, late now that the instant has passed them, are staged too
+    late = [random_request(rng) for _ in range(2_000)]
+    executed.clear()
+    assert store.write(late) == 2_000
+    assert len(executed) < 40, len(executed)
+    store.dispose()
