@@ -1,14 +1,19 @@
 """Capture at the edges: headers Starlette still accepts, caps that stop parsing, a disconnect
-reported while the last body message is sent, raw bodies the app never read."""
+reported while the last body message is sent, raw bodies the app never read, long files whose
+messages are counted without the parser."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
+import random
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from python_multipart.multipart import MultipartParser
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -286,3 +291,128 @@ def test_a_disposition_longer_than_what_is_kept_is_a_file_without_a_name(
         (None, "image/jpeg", len(JPEG)),
         ("cat.jpg", "image/jpeg", len(JPEG)),
     ]
+
+
+# --- long files: messages counted without the parser ------------------------------------------
+
+_BOUNDARY = "b0undary-Xy"
+_DELIMITER = b"\r\n--" + _BOUNDARY.encode()
+
+
+def _captured(chunks: list[bytes], *, parser_only: bool = False) -> tuple[Any, ...]:
+    """What the capture makes of ``chunks``; ``parser_only``: every message through the parser."""
+    capture = _capture.MultipartCapture(_BOUNDARY.encode(), max_files=1000, max_parts=2000)
+    if parser_only:
+        capture._count_after = 1 << 62
+    for chunk in chunks:
+        capture.feed(chunk)
+    capture.close(True)
+    files = [(f.file_name, f.declared_type, f.size, f.complete, f.file_type) for f in capture.files]
+    return files, capture.error, capture.finished, capture.parts
+
+
+def _data(rng: random.Random, size: int) -> bytes:
+    """``size`` bytes of file data full of what a delimiter starts with, or nearly is."""
+    out = bytearray()
+    while len(out) < size:
+        pick = rng.random()
+        if pick < 0.5:
+            out += rng.randbytes(rng.randint(1, 40_000))
+        elif pick < 0.75:
+            out += _DELIMITER[: rng.randint(1, len(_DELIMITER) - 1)]
+        elif pick < 0.9:
+            # a whole delimiter the parser reads as data: not followed by CRLF, "--" or padding
+            out += _DELIMITER + rng.choice([b"X", b"-X", b"\rX"])
+        else:
+            out += rng.choice([b"\r", b"\r\n", b"\r\r\n--", b"--"])
+    # cut short it could end in a whole delimiter, and the part with it
+    return bytes(out[: size - 1]) + b"." if size else b""
+
+
+def _split(rng: random.Random, body: bytes) -> list[bytes]:
+    """Messages of every size, cut inside delimiters and near-delimiters on purpose."""
+    cuts = set()
+    at = body.find(_DELIMITER[:2])
+    while at != -1:
+        if rng.random() < 0.3:
+            cuts.add(at + rng.randint(0, len(_DELIMITER) + 3))
+        at = body.find(_DELIMITER[:2], at + 1)
+    at = 0
+    while at < len(body):
+        at += rng.choice([1, 41, 42, 43, 4096, 65536, 65536, 65536, 100_000])
+        cuts.add(at)
+    points = sorted({0, len(body)} | {c for c in cuts if 0 < c < len(body)})
+    return [body[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_long_files_are_counted_as_the_parser_counts_them(seed: int) -> None:
+    """Messages counted without the parser change nothing: for bodies whose files hold delimiter
+    prefixes and near-delimiters, cut anywhere (even mid-delimiter), some truncated or broken
+    after a long file, the capture is the same as with every message parsed."""
+    rng = random.Random(seed)
+    parts: list[tuple[str, str | None, str | None, bytes]] = []
+    for i in range(rng.randint(1, 3)):
+        size = rng.choice([0, 100, 70_000, 140_000, 300_000])
+        if rng.random() < 0.8:
+            parts.append((f"f{i}", f"{i}.bin", "application/octet-stream", _data(rng, size)))
+        else:
+            parts.append((f"k{i}", None, None, _data(rng, size)))
+    body, _ = multipart(parts, boundary=_BOUNDARY)
+    damage = rng.choice(["none", "none", "truncated", "bad header", "padding"])
+    if damage == "truncated":
+        body = body[: rng.randint(0, len(body))]
+    elif damage == "bad header":
+        body = body.replace(b"Content-Type:", b"Content Type:")
+    elif damage == "padding":
+        body = body.replace(_DELIMITER + b"\r\n", _DELIMITER + b" \t \r\n")
+    chunks = _split(rng, body)
+    assert _captured(chunks) == _captured(chunks, parser_only=True)
+    if damage in ("none", "padding"):
+        files, error, finished, _ = _captured(chunks)
+        assert error is None and finished
+        assert [f[2] for f in files] == [len(p[3]) for p in parts if p[1] is not None]
+
+
+@pytest.mark.parametrize("delimiter_at", range(len(_DELIMITER) + 3))
+def test_a_delimiter_split_after_a_long_file_ends_it(delimiter_at: int) -> None:
+    """After 200 KiB of a file, the delimiter that ends it is cut at each of its bytes (and the
+    CRLF after it): the file keeps its exact size and the next file is found."""
+    body, _ = multipart(
+        [("f", "a.bin", None, b"a" * 200_000), ("g", "b.png", "image/png", PNG)],
+        boundary=_BOUNDARY,
+    )
+    end = body.index(_DELIMITER)
+    chunks = [body[i : i + 65536] for i in range(0, end, 65536)]
+    chunks += [body[end : end + delimiter_at], body[end + delimiter_at :]]
+    chunks = [c for c in chunks if c]
+    files, error, finished, parts = _captured(chunks)
+    assert [(f[0], f[2], f[4]) for f in files] == [
+        ("a.bin", 200_000, "application/octet-stream"),
+        ("b.png", len(PNG), "image/png"),
+    ]
+    assert (error, finished, parts) == (None, True, 2)
+    assert _captured(chunks) == _captured(chunks, parser_only=True)
+
+
+def test_a_long_file_is_counted_without_parsing_most_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 4 MiB file in 64 KiB messages: the parser sees the first two (the part's head, the
+    file's first 64 KiB) and the last; every other message is only counted."""
+    writes = 0
+    original = MultipartParser.write
+
+    def counting(parser: MultipartParser, data: bytes) -> int:
+        nonlocal writes
+        writes += 1
+        return original(parser, data)
+
+    monkeypatch.setattr(MultipartParser, "write", counting)
+    body, _ = multipart([("f", "a.jpg", "image/jpeg", JPEG + bytes(4 << 20))], boundary=_BOUNDARY)
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    files, error, finished, _ = _captured(chunks)
+    assert [(f[2], f[4]) for f in files] == [(len(JPEG) + (4 << 20), "image/jpeg")]
+    assert error is None and finished
+    assert writes == 3

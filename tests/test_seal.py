@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.endpoints import rebuilt_endpoints, stored_endpoints, stored_request_rows
+from support.pg import PG_ADMIN_URL, create_database, drop_database, require_postgres
 from support.rollups import (
     FAR,
     assert_rollups_exact,
@@ -27,7 +28,6 @@ from support.rollups import (
     sealed_hours,
     sealed_instant,
 )
-from support.pg import PG_ADMIN_URL, create_database, drop_database, require_postgres
 from test_queries import app_for, get
 from test_requests import scenarios
 

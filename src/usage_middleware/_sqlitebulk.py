@@ -27,8 +27,9 @@ _OLD_LIMIT = 999
 
 def rows_per_statement(conn: sqlite3.Connection, width: int) -> int:
     """How many rows of ``width`` values one statement may bind on ``conn``."""
-    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
-    limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else _OLD_LIMIT
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+, with the constant
+    which = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+    limit = getlimit(which) if getlimit and which is not None else _OLD_LIMIT
     return max(1, min(CHUNK_ROWS, limit // width))
 
 

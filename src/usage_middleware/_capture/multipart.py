@@ -1,9 +1,10 @@
 """Upload metadata from a request body as it streams past, without keeping the body.
 
-``MultipartCapture`` feeds every body chunk to python-multipart's streaming ``MultipartParser``
+``MultipartCapture`` feeds the body chunks to python-multipart's streaming ``MultipartParser``
 and keeps, per file part, only its headers (name, declared type), a byte count and the first
-``SNIFF_BYTES`` bytes — so memory does not grow with the upload. ``RawCapture`` does the same for
-a body that *is* the file (``PUT /files/x`` with ``Content-Type: image/png``).
+``SNIFF_BYTES`` bytes — so memory does not grow with the upload; past a file's first 64 KiB, a
+chunk with no delimiter in it is only counted. ``RawCapture`` does the same for a body that
+*is* the file (``PUT /files/x`` with ``Content-Type: image/png``).
 
 Both are fed with ``feed(chunk)`` and closed with ``close(complete)``; neither ever raises: a
 parser error, or reaching the file or part cap (``capped``), stops parsing for the rest of that
@@ -18,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from .sniff import SNIFF_BYTES, effective_type
 
@@ -47,6 +48,12 @@ _PLAIN_MULTIPART = re.compile(
     rb"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,70})", re.IGNORECASE
 )
 _PLAIN_DISPOSITION = re.compile(rb'form-data; name="[^"\\]*"(?:; filename="([^"\\]*)")?')
+_PART_DATA = MultipartState.PART_DATA
+# Bytes of a file after which a message with no delimiter in it is counted without the parser.
+# The message that ends such a file is scanned twice (here, then by the parser), which the
+# messages counted this way repay; files shorter than this are left to the parser alone. The
+# file's type is decided by then.
+_COUNT_ONLY_AFTER = max(65536, SNIFF_BYTES)
 
 
 @dataclass(slots=True)
@@ -61,10 +68,27 @@ class CapturedFile:
     finished_at: datetime | None = None
     file_type: str = ""
 
+    def take(self, data: bytes, start: int, end: int) -> None:
+        """Count ``data[start:end]`` and keep what of it the type is sniffed from.
+
+        The type is decided as soon as those bytes are in, not at the file's end: by then a long
+        body has flushed the CPU caches, and the same work took several times as long.
+        """
+        self.size += end - start
+        if not self.file_type:
+            self.head += data[start : min(end, start + SNIFF_BYTES - len(self.head))]
+            if len(self.head) >= SNIFF_BYTES:
+                self._decide_type()
+
     def finish(self, complete: bool) -> None:
-        """Freeze the file: decide its type and drop the sniff buffer."""
+        """Freeze the file: decide its type if not yet decided."""
         self.complete = complete
         self.finished_at = datetime.now(UTC)
+        if not self.file_type:
+            self._decide_type()
+
+    def _decide_type(self) -> None:
+        """The type from the head, declared type and name; the head is dropped."""
         try:
             self.file_type = effective_type(bytes(self.head), self.declared_type, self.file_name)
         except Exception:  # a matcher bug must not lose the row
@@ -108,8 +132,10 @@ class MultipartCapture:
     """Streams a multipart body through python-multipart and collects its file parts."""
 
     __slots__ = (
+        "_count_after",
         "_current",
         "_cut_disposition",
+        "_delimiter",
         "_field",
         "_headers",
         "_max_files",
@@ -139,6 +165,10 @@ class MultipartCapture:
         self._field = bytearray()
         self._value = bytearray()
         self._parser: MultipartParser | None = None
+        self._delimiter = b"\r\n--" + boundary
+        # A partial delimiter at a message's end starts at its last CR: not so if the boundary
+        # holds one (no server passes such a header), so then every message goes to the parser.
+        self._count_after = _COUNT_ONLY_AFTER if b"\r" not in boundary else 1 << 62
         try:
             self._parser = MultipartParser(
                 boundary,
@@ -202,10 +232,7 @@ class MultipartCapture:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         current = self._current
         if current is not None:
-            current.size += end - start
-            missing = SNIFF_BYTES - len(current.head)
-            if missing > 0:
-                current.head += data[start : min(end, start + missing)]
+            current.take(data, start, end)
 
     def _on_part_end(self) -> None:
         current = self._current
@@ -222,9 +249,29 @@ class MultipartCapture:
     # --- driver -------------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> None:
+        """Parse one body message.
+
+        Well into a file, with the parser between delimiters, a message that holds no
+        delimiter, nor the start of one at its end, is file data and nothing else: the parser
+        would only report it as such, its state unchanged. It is counted without the parser's
+        per-message work, so a long file costs about one ``bytes.find`` per message.
+        """
         parser = self._parser
         if parser is None:
             return
+        current = self._current
+        if (
+            current is not None
+            and current.size >= self._count_after
+            and parser.state == _PART_DATA
+            and not parser.index
+        ):
+            delimiter = self._delimiter
+            if chunk.find(delimiter) == -1:
+                cr = chunk.rfind(b"\r", max(0, len(chunk) - len(delimiter) + 1))
+                if cr == -1 or not delimiter.startswith(chunk[cr:]):
+                    current.size += len(chunk)
+                    return
         try:
             parser.write(chunk)
         except _Capped as exc:
@@ -267,11 +314,7 @@ class RawCapture:
         self.capped = False
 
     def feed(self, chunk: bytes) -> None:
-        file = self.file
-        file.size += len(chunk)
-        missing = SNIFF_BYTES - len(file.head)
-        if missing > 0:
-            file.head += chunk[:missing]
+        self.file.take(chunk, 0, len(chunk))
 
     def close(self, body_complete: bool) -> None:
         if not self.files:
