@@ -66,7 +66,7 @@ from starlette.routing import Mount
 
 from usage_middleware import ALL_KEYS, UsageRouter, UsageStore
 from usage_middleware._schema import latency_bucket
-from usage_middleware._sqlitewrite import _quarter
+from usage_middleware._sqliterollups import _quarter
 
 UTC = timezone.utc
 YEAR_START = datetime(2025, 1, 1, tzinfo=UTC)

@@ -30,13 +30,8 @@ from ._schema import (
     UNMATCHED_ROUTE,
     latency_bucket,
 )
-from ._sqlitewrite import (
-    CREATE_STAGING,
-    read_instant,
-    roll_up_staged_requests,
-    stored_utc,
-    utc_text,
-)
+from ._sqliterollups import roll_up_staged_requests
+from ._sqlitewrite import CREATE_STAGING, read_instant, stored_utc, utc_text
 from ._storage.plan import seal_target
 
 __all__ = ["SEAL_ROWS", "STAGE_RAW", "register_functions", "seals_table", "sqlite_seal"]

@@ -13,14 +13,9 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
+from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_staged_requests
 from ._sqliteseal import STAGE_RAW, register_functions
-from ._sqlitewrite import (
-    CREATE_STAGING,
-    ENDPOINT_ROLLUPS,
-    MISMATCH_ROLLUP,
-    _quarter,
-    roll_up_staged_requests,
-)
+from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
 
 __all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
 
