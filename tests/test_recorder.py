@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from support.faults import down_url
 from support.rollups import FAR
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
+from usage_middleware._recording.compact import PACKING, pack, unpack
 
 UTC = timezone.utc
 
@@ -177,6 +181,149 @@ def test_outage_spools_then_every_record_lands_exactly_once(
     assert uploads_in(store) == 700
     assert_rollup_exact(store)
     assert up.stats()["replayed"] == 700
+
+
+def test_spooling_a_backlog_lets_other_threads_run_between_short_steps(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Spooling holds the GIL while it encodes; a thread that needs it (the event loop) must not
+    wait for a whole batch of it. With a long switch interval, which makes any unbroken stretch
+    show, a thread waking every millisecond is never late by much while 100,000 records (five
+    batches) go to the spool."""
+    store = UsageStore(sqlite_url)
+
+    def unreachable(records: object) -> int:
+        raise ConnectionError("database unreachable")
+
+    store.write = unreachable  # type: ignore[method-assign]
+    recorder = Recorder(
+        store,
+        spool_path=tmp_path / "spool.db",
+        batch_size=20_000,
+        max_queue_size=400_000,  # far from full: no hurry
+        backoff_initial=60,
+    )
+    recorders.append(recorder)
+    records = sample_uploads(100_000)
+    lateness: list[float] = []
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            time.sleep(0.001)
+            lateness.append(time.perf_counter() - start - 0.001)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    beat = threading.Thread(target=heartbeat)
+    try:
+        recorder.submit_many(records)
+        beat.start()
+        assert wait_for(lambda: recorder.stats()["spool_pending"] == 100_000, timeout=60)
+    finally:
+        done.set()
+        if beat.is_alive():
+            beat.join()
+        sys.setswitchinterval(switch)
+    assert recorder.stats()["dropped"] == 0
+    # The third longest, so that one scheduling hiccup of a busy machine does not count.
+    assert sorted(lateness)[-3] < 0.02, f"late by {sorted(lateness)[-5:]} s"
+
+
+def test_queued_records_add_nothing_for_the_garbage_collector_to_walk(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """Records wait in the queue long enough to reach the collector's oldest generation, and
+    every full collection (which stops the event loop too) would walk them: queued, they are
+    held as values the collector does not track, and they reach the store unchanged."""
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    recorder = Recorder(store, spool_path=tmp_path / "s.db", flush_interval=60, batch_size=50_000)
+    recorders.append(recorder)
+    recorder.start()
+    key = uuid.uuid4()
+    n = 10_000
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(n):
+        recorder.submit(
+            RequestRecord(
+                api_key_id=key, path=f"/r/{i}", status_code=200 + i % 300, response_size=i
+            )
+        )
+        recorder.submit(
+            UploadRecord(
+                api_key_id=None if i % 2 else key,
+                request_id=uuid.uuid4(),
+                provider="s3",
+                file_size=i,
+                file_name=f"f{i}.png",
+                declared_type="image/png",
+                upload_status="failed" if i % 3 else "success",
+            )
+        )
+    gc.collect()
+    assert recorder.stats()["queued"] == 2 * n
+    tracked = len(gc.get_objects()) - before
+    assert tracked < n // 10, f"{tracked} more objects tracked with {2 * n} records queued"
+    assert recorder.force_flush(timeout=30)
+    assert uploads_in(store) == n
+    assert scalar(store, "SELECT count(*) FROM api_requests") == n
+    assert scalar(store, "SELECT sum(response_size) FROM api_requests") == n * (n - 1) // 2
+    assert scalar(store, "SELECT sum(file_size) FROM file_uploads WHERE api_key_id IS NULL") == (
+        n * n // 4
+    )
+    assert scalar(store, "SELECT count(*) FROM file_uploads WHERE file_name LIKE 'f%.png'") == n
+    assert scalar(store, "SELECT count(*) FROM file_uploads WHERE upload_status = 'failed'") == (
+        n - (n + 2) // 3
+    )
+
+
+def test_a_record_leaves_the_queue_equal_to_what_was_submitted() -> None:
+    """Every field of both record types survives the queue's form, and anything that is not a
+    plain record is queued as it is (the store rejects it later, counted)."""
+    assert PACKING, "the record types' fields changed: update _recording/compact.py"
+    key, request_id = uuid.uuid4(), uuid.uuid4()
+    at = datetime(2025, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
+    records: list[object] = [
+        RequestRecord(),
+        UploadRecord(),
+        RequestRecord(
+            method="POST",
+            path="/files/{id}",
+            status_code=503,
+            response_time_ms=12.5,
+            request_size=10,
+            response_size=20,
+            api_key_id=key,
+            error_message="boom",
+            requested_at=at,
+            route_matched=False,
+        ),
+        UploadRecord(
+            provider="gcs",
+            file_type="image/png",
+            file_size=2**40,
+            upload_status="failed",
+            api_key_id=key,
+            request_id=request_id,
+            declared_type="image/jpeg",
+            file_name="ü.png",
+            error_message="too big",
+            uploaded_at=at,
+        ),
+    ]
+    for record in records:
+        packed = pack(record)
+        assert type(packed) is tuple
+        out = unpack(packed)
+        assert type(out) is type(record) and asdict(out) == asdict(record)  # type: ignore[call-overload]
+        assert str(out.id) == str(record.id) and out.id.is_safe is not None  # type: ignore[attr-defined]
+    odd = RequestRecord()
+    odd.api_key_id = "not a uuid"  # type: ignore[assignment]
+    for thing in (odd, ("r", 1), (), "text", None):
+        assert pack(thing) is thing and unpack(thing) is thing
 
 
 def test_shutdown_with_the_database_down_spools_and_the_next_start_replays_losslessly(

@@ -10,7 +10,8 @@ Path of a record::
                                                   └──► replayed, exactly once (ids)
 
 ``submit()`` is what the middleware calls per record on the event loop: it appends to a deque
-and returns (constant time, never blocks, never raises). The writer thread wakes on a timer
+and returns (constant time, never blocks, never raises); the record is queued as a tuple the
+garbage collector does not walk (:mod:`.compact`). The writer thread wakes on a timer
 (``flush_interval``) or early when a batch is full, and never runs on the event loop. When the
 store is unreachable the writer backs off exponentially, with jitter, while a second thread
 (the spiller) moves queued records into the spool; the spiller also relieves the queue when a
@@ -30,7 +31,7 @@ child's recorder starts on ``start()`` or on its first ``submit()``.
 The module is longer than most because the writer and the spiller share one queue, one set of
 counters and one backoff, and their hand-offs (a batch in flight, records put back at the head
 of the queue) are easiest to check in one place; what stands alone lives beside it (backoff,
-spool, metrics, logs, lifecycle).
+spool, compact, metrics, logs, lifecycle).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .._records import RequestRecord, UploadRecord
 from .._store import UsageStore
 from . import lifecycle
 from .backoff import Backoff, State
+from .compact import pack, unpack
 from .logs import RateLimitedLog
 from .metrics import register_metrics
 from .spool import Spool, SpoolKey, decode, default_spool_path
@@ -72,6 +74,12 @@ _DEFAULT_BACKOFF_MAX = 30.0
 _DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _SPOOL_REFRESH = 5.0
 _SPOOL_RETRY = 1.0  # after the spool failed, the spiller waits this long before trying again
+# Spooling holds the GIL (encoding, binding rows). An event loop that needs the GIL meanwhile
+# waits until it is released, up to the interpreter's switch interval (5 ms) each time: records
+# are spooled in steps of _SPOOL_STEP (well under a millisecond), with a sleep of _SPOOL_PAUSE
+# between steps that hands the GIL to whichever thread waits for it (see _pause()).
+_SPOOL_STEP = 100
+_SPOOL_PAUSE = 0.0002
 _FORK_WAIT = 5.0
 
 _serial = itertools.count(1)
@@ -139,6 +147,7 @@ class Recorder:
         if self.spool_path != ":memory:":
             Path(self.spool_path).parent.mkdir(parents=True, exist_ok=True)
         self._high_water = max(max_queue_size // 2, batch_size)
+        self._hurry = max_queue_size - max_queue_size // 4  # spool without pauses from here
         self._low_water = max(self._high_water // 2, 1)
         self._label = store.display_url
         self._serial = next(_serial)
@@ -150,7 +159,7 @@ class Recorder:
     def _init_state(self) -> None:
         """Everything that belongs to one process (re-made in a forked child)."""
         self._pid = os.getpid()
-        self._queue: deque[Record] = deque()
+        self._queue: deque[object] = deque()  # records as pack() made them
         self._wake = threading.Event()
         self._spill_wake = threading.Event()
         self._lock = threading.Lock()
@@ -204,11 +213,12 @@ class Recorder:
             if n >= self.max_queue_size:
                 self._drop(1)
                 return
-            queue.append(record)
+            queue.append(pack(record))
             if self._autostart:
                 self.start()
             elif n + 1 >= self._high_water:
-                self._spill_wake.set()
+                if not self._spill_wake.is_set():  # is_set() is a read, set() takes a lock
+                    self._spill_wake.set()
             elif (n + 1) % self.batch_size == 0:
                 self._wake.set()
         except Exception:  # never let recording break a request
@@ -297,7 +307,7 @@ class Recorder:
         rest: list[Record] = list(self._inflight or ()) if include_inflight else []
         while True:
             try:
-                rest.append(self._queue.popleft())
+                rest.append(unpack(self._queue.popleft()))
             except IndexError:
                 break
         if not rest:
@@ -374,7 +384,7 @@ class Recorder:
         queue = self._queue
         for _ in range(self.batch_size):
             try:
-                batch.append(queue.popleft())
+                batch.append(unpack(queue.popleft()))
             except IndexError:
                 break
         return batch
@@ -439,9 +449,25 @@ class Recorder:
 
     def _park(self, records: list[Record]) -> None:
         """Put records that must wait into the spool, or back at the head of the queue."""
-        taken = self._spool_put(records)
+        taken = 0
+        while taken < len(records):
+            if taken:
+                self._pause()
+            step = records[taken : taken + _SPOOL_STEP]
+            n = self._spool_put(step)
+            taken += n
+            if n < len(step):
+                break
         if taken < len(records):
             self._queue.extendleft(reversed(records[taken:]))
+
+    def _pause(self) -> None:
+        """Between two spooling steps: a short sleep, so that a thread waiting for the GIL (the
+        event loop) takes it now rather than after the switch interval. Skipped once the queue
+        is three quarters full: then keeping up comes first (where sleeps are coarse, a pause
+        could otherwise slow the spiller down to dropping records)."""
+        if len(self._queue) < self._hurry:
+            time.sleep(_SPOOL_PAUSE)
 
     def _spool_put(self, records: Sequence[Record]) -> int:
         """Spool records, oldest first; how many from the head are settled. Never raises.
@@ -626,17 +652,22 @@ class Recorder:
     def _spill(self, keep: int) -> None:
         """Move records from the queue's head to the spool until ``keep`` remain.
 
-        What the spool does not take goes back to the head of the queue; after a spool failure
-        the spiller waits ``_SPOOL_RETRY`` before it tries again.
+        In steps of ``_SPOOL_STEP`` records with a pause between them, so that the event loop
+        never waits long for the GIL. What the spool does not take goes back to the head of the
+        queue; after a spool failure the spiller waits ``_SPOOL_RETRY`` before it tries again.
         """
         if time.monotonic() < self._spool_retry_at:
             return
         queue = self._queue
+        first = True
         while len(queue) > keep and not self._stopping:
+            if not first:
+                self._pause()
+            first = False
             chunk: list[Record] = []
-            for _ in range(min(len(queue) - keep, self.batch_size)):
+            for _ in range(min(len(queue) - keep, _SPOOL_STEP)):
                 try:
-                    chunk.append(queue.popleft())
+                    chunk.append(unpack(queue.popleft()))
                 except IndexError:
                     break
             if not chunk:

@@ -45,6 +45,8 @@ UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FORMAT = 1
 _LEASE_SECONDS = 15.0
+# One encoder for every row: json.dumps() with options builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 SPOOL_DIR_ENV = "USAGE_MIDDLEWARE_SPOOL_DIR"
 
 _SCHEMA = """
@@ -90,7 +92,7 @@ def spool_key(record: Record) -> bytes:
 def encode(record: Record) -> str:
     """One record as a compact JSON array (see the module docstring)."""
     if isinstance(record, UploadRecord):
-        return json.dumps(
+        return _ENCODER.encode(
             [
                 _FORMAT,
                 "u",
@@ -105,12 +107,10 @@ def encode(record: Record) -> str:
                 record.upload_status,
                 record.error_message,
                 _us(record.uploaded_at),
-            ],
-            ensure_ascii=False,
-            separators=(",", ":"),
+            ]
         )
     if isinstance(record, RequestRecord):
-        return json.dumps(
+        return _ENCODER.encode(
             [
                 _FORMAT,
                 "r",
@@ -125,9 +125,7 @@ def encode(record: Record) -> str:
                 record.error_message,
                 _us(record.requested_at),
                 *(() if record.route_matched else (0,)),
-            ],
-            ensure_ascii=False,
-            separators=(",", ":"),
+            ]
         )
     raise TypeError(f"cannot spool {type(record).__name__}: expected UploadRecord or RequestRecord")
 
