@@ -14,6 +14,7 @@ import uuid
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,6 +26,7 @@ from support.rollups import FAR
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 from usage_middleware._recording.compact import PACKING, pack, unpack
+from usage_middleware._recording.spool import Spool
 
 UTC = timezone.utc
 
@@ -106,27 +108,40 @@ def test_a_single_record_is_written_within_the_flush_interval(
     assert time.monotonic() - started < 2.0
 
 
-def test_submit_costs_less_than_two_microseconds(
-    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+def test_submit_only_queues_on_the_calling_thread(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Enqueueing is constant time and cheap: the best of several runs is under 2 µs each."""
+    """Enqueueing does no database or spool work on the caller's thread (the event loop): the
+    store writes and the spool puts all happen on the recorder's own threads. What it costs is
+    measured by benchmarks/recorder.py, not here."""
+    store = UsageStore(sqlite_url)
     recorder = Recorder(
-        UsageStore(sqlite_url),
+        store,
         spool_path=tmp_path / "s.db",
-        flush_interval=60,
-        batch_size=200_000,
-        max_queue_size=1_000_000,
+        flush_interval=0.05,
+        batch_size=500,
+        max_queue_size=4_000,  # spills past 2,000
     )
     recorders.append(recorder)
+    callers: set[int] = set()
+    real_write, real_put = store.backend.write, Spool.put
+
+    def write(*args: Any) -> int:
+        callers.add(threading.get_ident())
+        return real_write(*args)
+
+    def put(self: Spool, records: Any) -> int:
+        callers.add(threading.get_ident())
+        return real_put(self, records)
+
+    monkeypatch.setattr(store.backend, "write", write)
+    monkeypatch.setattr(Spool, "put", put)
     recorder.start()
-    records = sample_uploads(20_000)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        for record in records:
-            recorder.submit(record)
-        best = min(best, (time.perf_counter_ns() - t0) / len(records))
-    assert best < 2000, f"{best:.0f} ns per submit"
+    for record in sample_uploads(3_000):
+        recorder.submit(record)
+    recorder.shutdown()
+    assert callers and threading.get_ident() not in callers
+    assert recorder.stats()["written"] + recorder.stats()["spooled"] >= 3_000
 
 
 def test_submit_never_raises_and_bad_records_are_rejected_alone(

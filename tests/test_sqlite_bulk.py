@@ -50,3 +50,23 @@ def test_a_batch_steps_per_chunk_of_rows_not_per_row(sqlite_url: str) -> None:
     assert store.write(late) == 2_000
     assert len(executed) < 40, len(executed)
     store.dispose()
+
+
+def test_the_spool_steps_per_chunk_of_records_not_per_record(tmp_path: Any) -> None:
+    """Putting, claiming and removing a thousand spooled records runs a handful of statements,
+    not one per record (the spiller and the replayer are background threads too)."""
+    from usage_middleware._recording.spool import Spool
+
+    rng = random.Random(9)
+    spool = Spool(tmp_path / "spool.sqlite3", max_records=10_000)
+    executed: list[str] = []
+    spool._connect().set_trace_callback(executed.append)
+    records = [random_request(rng) for _ in range(1_000)]
+    assert spool.put(records) == 1_000
+    claimed = spool.claim(1_000)
+    assert len(claimed) == 1_000
+    spool.release([key for key, _ in claimed[:500]])
+    spool.remove([key for key, _ in claimed])
+    assert spool.refresh() == 0
+    assert len(executed) < 60, len(executed)
+    spool.close()

@@ -4,10 +4,10 @@
 step. A thread that releases the GIL while another thread runs Python (a server's event loop
 under load) gets it back only when that thread is made to drop it, after the interpreter's
 switch interval (5 ms): CPython's "convoy effect". A 5,000-row ``executemany`` in a background
-thread took 5.6 s here with the main thread busy, against 7.5 ms with it idle. One multi-row
-``VALUES`` statement per chunk of rows steps once per chunk: 4.3 ms idle, about 50 ms with the
-main thread busy. The recorder's writer and spool threads write this way, so a busy server
-neither starves them nor waits on them.
+thread beside a busy one took seconds instead of milliseconds; one multi-row ``VALUES``
+statement per chunk of rows steps once per chunk, and took a fraction of a second
+(``benchmarks/sqlite_steps.py``). The store's SQLite writes and the recorder's
+spool (its spiller and replayer are background threads too) write this way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-__all__ = ["insert_rows", "rows_per_statement"]
+__all__ = ["for_ids", "insert_rows", "rows_per_statement"]
 
 #: Rows per statement at most: larger statements parse slower than they save.
 CHUNK_ROWS = 250
@@ -45,5 +45,18 @@ def insert_rows(cur: Any, head: str, rows: Sequence[Sequence[Any]], tail: str = 
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
         cur.execute(f"{head} VALUES {', '.join([mark] * len(part))} {tail}", [*chain(*part)])
+        changed += cur.rowcount
+    return changed
+
+
+def for_ids(cur: Any, sql: str, ids: Sequence[Any], first: Sequence[Any] = ()) -> int:
+    """Run ``sql``, whose ``{ids}`` is replaced by ``?, ?, ..``, over ``ids`` in chunks, each
+    execution bound to ``first`` then its ids (``UPDATE t SET a = ? WHERE id IN ({ids})``);
+    returns how many rows the statements changed."""
+    per = rows_per_statement(cur.connection, 1) - len(first)
+    changed = 0
+    for i in range(0, len(ids), per):
+        part = ids[i : i + per]
+        cur.execute(sql.format(ids=", ".join("?" * len(part))), [*first, *part])
         changed += cur.rowcount
     return changed

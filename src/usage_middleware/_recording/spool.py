@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 
 from .._records import RequestRecord, UploadRecord
+from .._sqlitebulk import for_ids, insert_rows
 
 __all__ = ["Spool", "SpoolKey", "decode", "default_spool_path", "encode", "spool_key"]
 
@@ -317,8 +318,8 @@ class Spool:
         with self._transaction() as conn:
             room = max(self.max_records - self._size(conn), 0)
             taken = rows[:room]
-            cur = conn.executemany("INSERT OR IGNORE INTO spool (id, payload) VALUES (?, ?)", taken)
-            self._add_size(conn, max(cur.rowcount, 0))
+            added = insert_rows(conn.cursor(), "INSERT OR IGNORE INTO spool (id, payload)", taken)
+            self._add_size(conn, max(added, 0))
         return len(taken)
 
     def claim(self, limit: int) -> list[tuple[SpoolKey, str]]:
@@ -332,9 +333,11 @@ class Spool:
                 "SELECT id, payload FROM spool WHERE lease_until < ? ORDER BY id LIMIT ?",
                 (now, limit),
             ).fetchall()
-            conn.executemany(
-                "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id = ?",
-                [(now + _LEASE_SECONDS, os.getpid(), r[0]) for r in rows],
+            for_ids(
+                conn.cursor(),
+                "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id IN ({ids})",
+                [r[0] for r in rows],
+                (now + _LEASE_SECONDS, os.getpid()),
             )
         return [(r[0], r[1] if isinstance(r[1], str) else repr(r[1])) for r in rows]
 
@@ -343,8 +346,8 @@ class Spool:
         if not ids:
             return
         with self._transaction() as conn:
-            cur = conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
-            self._add_size(conn, -max(cur.rowcount, 0))
+            removed = for_ids(conn.cursor(), "DELETE FROM spool WHERE id IN ({ids})", ids)
+            self._add_size(conn, -max(removed, 0))
 
     def quarantine(self, rows: Sequence[tuple[SpoolKey, str]]) -> None:
         """Move rows that cannot be read back, with why, to ``spool_quarantine``: kept for a
@@ -367,9 +370,10 @@ class Spool:
             return
         with self._lock:
             conn = self._connect()
-            conn.executemany(
-                "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE id = ?",
-                [(i,) for i in ids],
+            for_ids(
+                conn.cursor(),
+                "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE id IN ({ids})",
+                ids,
             )
 
     def refresh(self) -> int:
