@@ -665,7 +665,9 @@ class Recorder:
                 self._pause()
             first = False
             chunk: list[Record] = []
-            for _ in range(min(len(queue) - keep, _SPOOL_STEP)):
+            # no larger than a batch: records out of the queue while they are spooled let
+            # submit() take as many more, and any the spool refuses go back to the queue
+            for _ in range(min(len(queue) - keep, _SPOOL_STEP, self.batch_size)):
                 try:
                     chunk.append(unpack(queue.popleft()))
                 except IndexError:
