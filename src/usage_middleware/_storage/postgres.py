@@ -105,7 +105,6 @@ class PostgresBackend(SQLBackend):
                     cursor.execute(sql_text(name))
 
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
-        self.seal()  # retention never prunes requests that no seal holds
         return pg_maintain(self, raw_retention_days, months_ahead)
 
     def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
@@ -113,11 +112,8 @@ class PostgresBackend(SQLBackend):
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
-    ) -> int:
-        written, sealed_before = pg_write(conn, uploads, requests, self.write_timeout)
-        if sealed_before is not None:
-            self._sealed_before = sealed_before
-        return written
+    ) -> tuple[int, datetime | None]:
+        return pg_write(conn, uploads, requests, self.write_timeout)
 
     def _seal(self, before: datetime | None) -> int:
         return pg_seal(self.engine, self._bounded, 10 * self.write_timeout, before)

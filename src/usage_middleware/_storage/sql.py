@@ -71,7 +71,7 @@ class SQLBackend(ABC):
         # the first time one interval after it started, whether a quarter hour is due.
         self._seal_lock = threading.Lock()
         self._seal_checked = time.monotonic()
-        #: The seal instant the last write saw (set by ``_write_batch``; None: read it afresh).
+        #: The seal instant the last write saw (None: read it afresh).
         self._sealed_before: datetime | None = None
 
     def __repr__(self) -> str:
@@ -133,7 +133,9 @@ class SQLBackend(ABC):
                 try:
                     with self._bounded(conn, self.write_timeout), conn.begin():
                         try:
-                            return self._write_batch(conn, list(uploads), list(requests))
+                            written, sealed_before = self._write_batch(
+                                conn, list(uploads), list(requests)
+                            )
                         except driver_error as exc:
                             raise DBAPIError.instance(
                                 None, None, exc, driver_error, dialect=self.engine.dialect
@@ -142,6 +144,9 @@ class SQLBackend(ABC):
                     conn.info.pop("usage_write", None)
         except DBAPIError as exc:
             raise self.unavailable(exc) from exc
+        if sealed_before is not None:
+            self._sealed_before = sealed_before
+        return written
 
     def _bounded(self, conn: Connection, timeout: float) -> AbstractContextManager[Any]:
         """A bound on the work done in ``conn``; none by default (SQLite's waits are bounded by
@@ -151,8 +156,9 @@ class SQLBackend(ABC):
     @abstractmethod
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
-    ) -> int:
-        """Run the engine's write plan inside the open write transaction."""
+    ) -> tuple[int, datetime | None]:
+        """Run the engine's write plan inside the open write transaction; returns how many rows
+        were new and the seal instant its requests were written under (None: no requests)."""
 
     def unavailable(self, exc: DBAPIError) -> Exception:
         """``DatabaseUnavailableError`` for errors a retry can cure; ``RecordsRefusedError`` for
@@ -197,6 +203,8 @@ class SQLBackend(ABC):
         """The engine's seal; driver errors are mapped by :meth:`seal`."""
 
     def maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
+        """A seal first: retention never prunes requests that no seal holds."""
+        self.seal()
         try:
             return self._maintain(raw_retention_days, months_ahead)
         except DBAPIError as exc:

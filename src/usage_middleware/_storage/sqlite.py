@@ -118,8 +118,7 @@ class SQLiteBackend(SQLBackend):
                 conn.info.pop("usage_write", None)
 
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
-        """No partitions; a seal, then raw rows past retention deleted in short batches."""
-        self.seal()  # retention never prunes requests that no seal holds
+        """No partitions; raw rows past retention are deleted in short batches."""
         if raw_retention_days is None:
             return MaintainResult()
         return MaintainResult(rows_deleted=sqlite_prune(self, raw_retention_days))
@@ -132,11 +131,8 @@ class SQLiteBackend(SQLBackend):
 
     def _write_batch(
         self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
-    ) -> int:
-        written, sealed_before = sqlite_write(conn, uploads, requests)
-        if sealed_before is not None:
-            self._sealed_before = sealed_before
-        return written
+    ) -> tuple[int, datetime | None]:
+        return sqlite_write(conn, uploads, requests)
 
     def before_fork(self) -> None:
         # SQLite file handles must not be shared with a child (an in-memory database has
