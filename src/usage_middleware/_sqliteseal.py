@@ -116,7 +116,8 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                         target = seal_target(now) if before is None else before
                         if target <= instant:
                             return folded
-                        lo, hi = utc_text(instant), utc_text(target.astimezone(timezone.utc))
+                        end = utc_text(target.astimezone(timezone.utc))
+                        lo, hi = utc_text(instant), end
                         row = cur.execute(_NTH, (lo, hi, SEAL_ROWS)).fetchone()
                         if row is not None:
                             hi = max(row[0], utc_text(instant + timedelta(microseconds=1)))
@@ -133,5 +134,5 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                         cur.close()
             finally:
                 conn.info.pop("usage_write", None)
-        if hi >= utc_text(target.astimezone(timezone.utc)):
+        if hi >= end:
             return folded

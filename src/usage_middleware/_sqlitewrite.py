@@ -26,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -202,10 +203,10 @@ def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, d
         roll_up_staged_requests(cur)
         cur.execute("DELETE FROM temp.um_stage_requests")
     if live:
-        live.sort(key=lambda r: r.id)  # neighbouring ids fill the same index pages
-        written += insert_rows(
-            cur, _INSERT_LIVE, [_raw_row(r) for r in live], "ON CONFLICT (id) DO NOTHING"
-        )
+        # in id order, so neighbouring ids fill the same index pages: the rows' fixed-width hex
+        # ids sort as the UUIDs do, compared in C rather than by UUID.__lt__
+        rows = sorted([_raw_row(r) for r in live], key=itemgetter(0))
+        written += insert_rows(cur, _INSERT_LIVE, rows, "ON CONFLICT (id) DO NOTHING")
     return written, instant
 
 
