@@ -1,23 +1,29 @@
-"""ClickHouse (chdb, in-process) against PostgreSQL: ingest through ``store.write`` and
-``GET /granular`` for the busiest key, in one run.
+"""ClickHouse (chdb, in-process) against PostgreSQL, in one run: ingest through ``store.write``,
+and ``GET /granular`` and ``GET /requests`` for the busiest key.
 
-    .venv/bin/python benchmarks/clickhouse.py [--rows N] [--batches N] [--batch N] [--runs N]
-                                              [--pg URL]
+    .venv/bin/python benchmarks/clickhouse.py [--rows N[,N...]] [--ingest N] [--batch N]
+                                              [--runs N] [--pg URL]
 
-1. Ingest: the same batches of upload records (``--batches`` x ``--batch``, random keys,
-   times spread over a day) go through ``store.write`` on PostgreSQL and on chdb, and as a plain
-   INSERT into a ``MergeTree`` table of the same columns on chdb (what the engine does without
-   the id check and the deduplication token). Rows per second over all batches, after one
-   warm-up batch each.
-2. Reads: PostgreSQL gets ``--rows`` uploads (+ a fifth as many requests) with its rollups, built
-   by benchmarks/query.py's generator; chdb copies *the same rows* out of PostgreSQL (the
-   ``postgresql()`` table function), so both must give identical answers, which is checked. Then
-   ``/granular`` (uploads and request stats) for the busiest key over 12 months, 30 days and one
-   day, in UTC, New York and Kolkata, median of ``--runs``: on chdb from raw rows only (nothing
-   sealed yet) and after ``maintain()`` sealed the year, and on PostgreSQL from its rollups.
+1. Ingest. benchmarks/ingest.py's live-shaped rows (a batch of 5,000 spans five seconds of
+   traffic), uploads and requests, ``--ingest`` of each in batches of ``--batch``, through
+   ``store.write`` on PostgreSQL (requests with the seal that folds them into its rollups, as
+   ingest.py times them) and on chdb, and as a plain INSERT of the same rows into a
+   ``MergeTree`` copy of chdb's raw table (the engine with no id check; the rows are converted
+   to columns as ``store.write`` converts them). Rows per second, the first batch a warm-up.
+2. Reads, for each size in ``--rows``. PostgreSQL gets that many uploads and a fifth as many
+   requests over 2025, as benchmarks/query.py builds them (uploads and their rollups in SQL,
+   requests through ``store.write``). chdb gets *the same rows*, copied out of PostgreSQL,
+   stored a second after their time as live traffic is; it is timed from raw rows alone (12
+   months in UTC), then sealed the way a live deployment seals it: each UTC day on its own,
+   ``settle_days`` after it ends (the clock is moved back by the settle window and the
+   visibility margin, so every day has its own watermark). Then ``/granular`` and
+   ``/requests`` for the busiest key over 12 months, 30 days and 1 day in UTC, New York and
+   Kolkata, median of ``--runs``, on both engines; every answer must be identical on both.
+   With several sizes, the last table compares them (where chdb overtakes PostgreSQL, if
+   anywhere).
 
-Targets: chdb ingest >= 3x PostgreSQL's; 12-month answers < 50 ms. Creates and drops its own
-PostgreSQL database and chdb directory.
+Targets: chdb ingest >= 3x PostgreSQL's; 12-month answers < 50 ms at 10,000,000 rows. Creates
+and drops its own PostgreSQL databases and chdb directory.
 """
 
 from __future__ import annotations
@@ -30,182 +36,275 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-import anyio
-import httpx
+import psycopg
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from starlette.applications import Starlette
-from starlette.routing import Mount
+from sqlalchemy.engine import URL, make_url
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from query import KEYS, PROVIDERS, QUERIES, TYPES, build_postgres
+from ingest import make_requests, make_uploads
+from query import KEYS, QUERIES, _timer, build_postgres, build_postgres_requests
 
-from usage_middleware import ALL_KEYS, UploadRecord, UsageRouter, UsageStore
-from usage_middleware._storage.clickhouse import (
-    UPLOAD_COLUMNS,
-    ClickHouseBackend,
-    _upload_row,
+from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware._schema import endpoint_route, latency_bucket
+from usage_middleware._storage.chwrite import (
+    REQUEST_KINDS,
+    UPLOAD_KINDS,
+    request_data,
+    upload_data,
 )
+from usage_middleware._storage.clickhouse import ClickHouseBackend
 
 UTC = timezone.utc
 ZONES = ["UTC", "America/New_York", "Asia/Kolkata"]
+PATHS = ["/usage/granular", "/usage/requests"]
+STORED_AFTER = timedelta(seconds=1)  # live rows are stored about this long after their time
 
 
-def batches(n: int, size: int) -> list[list[UploadRecord]]:
-    rng = random.Random(11)
-    day = datetime(2025, 6, 1, tzinfo=UTC)
-    return [
-        [
-            UploadRecord(
-                api_key_id=rng.choice(KEYS), provider=rng.choice(PROVIDERS),
-                file_type=rng.choice(TYPES), file_size=rng.randrange(1, 10**7),
-                upload_status="success" if rng.random() < 0.97 else "failed",
-                uploaded_at=day + timedelta(seconds=rng.random() * 86400),
-            )
-            for _ in range(size)
-        ]
-        for _ in range(n)
-    ]  # fmt: skip
+def pg_database(admin: Any, pg: str, prefix: str) -> URL:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return make_url(pg).set(database=name)
 
 
-def ingest_rate(write: Any, data: list[list[UploadRecord]]) -> float:
-    """Rows per second over ``data[1:]``; ``data[0]`` warms up (imports, first statements)."""
-    write(data[0])
-    data = data[1:]
+def drop_database(admin: Any, url: URL) -> None:
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+
+
+def rate(rows: int, fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
-    for batch in data:
-        write(batch)
-    return sum(map(len, data)) / (time.perf_counter() - t0)
+    fn()
+    return rows / (time.perf_counter() - t0)
 
 
-def granular_ms(store: UsageStore, runs: int) -> dict[tuple[str, str], tuple[float, Any]]:
-    app = Starlette(routes=[Mount("/usage", UsageRouter(store, authorize=lambda r: ALL_KEYS))])
-    out = {}
+# --- ingest -----------------------------------------------------------------------------------
 
-    async def timed(params: dict[str, str]) -> tuple[float, Any]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            first = await client.get("/usage/granular", params=params)
-            assert first.status_code == 200, first.text
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                await client.get("/usage/granular", params=params)
-                times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times), first.json()
 
-    for name, start, end in QUERIES:
-        for tz in ZONES:
-            params = {"start": start.isoformat(), "end": end.isoformat(), "tz": tz,
-                      "api_key_id": str(KEYS[0])}  # fmt: skip
-            out[(name, tz)] = anyio.run(timed, params)
-    return out
+def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
+    rng = random.Random(3)
+    uploads = [UploadRecord(**r) for r in make_uploads(n + batch, "live", rng)]
+    requests = [RequestRecord(**r) for r in make_requests(n + batch, "live", rng)]
+    chunks = {
+        "uploads": [uploads[i : i + batch] for i in range(0, len(uploads), batch)],
+        "requests": [requests[i : i + batch] for i in range(0, len(requests), batch)],
+    }
+    url = pg_database(admin, pg, "um_bench_ch_ingest")
+    pg_store = UsageStore(url)
+    rates: dict[tuple[str, str], float] = {}
+    try:
+        pg_store.create_schema()
+        end = max(r.requested_at for r in requests) + timedelta(microseconds=1)
+        for name, parts in chunks.items():
+            pg_store.write(parts[0])
 
+            def pg_write(parts: list[list[Any]] = parts, name: str = name) -> None:
+                for part in parts[1:]:
+                    pg_store.write(part)
+                if name == "requests":  # live requests are raw rows until a seal folds them
+                    pg_store.seal(end)
+
+            rates["PostgreSQL store.write", name] = rate(n, pg_write)
+    finally:
+        pg_store.dispose()
+        drop_database(admin, url)
+    client = backend(ch).client
+    for name, parts in chunks.items():
+        ch.write(parts[0])
+        rates["chdb store.write", name] = rate(n, lambda p=parts: [ch.write(x) for x in p[1:]])
+    for table, order in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
+        client.command(f"CREATE TABLE plain_{table} AS {table} ENGINE = MergeTree "
+                       f"PARTITION BY toYYYYMM({order}) ORDER BY (api_key_id, {order})")
+
+    def plain(parts: list[list[Any]], requests: bool) -> None:
+        for part in parts[1:]:
+            if requests:
+                labels = [endpoint_route(r.path, r.route_matched) for r in part]
+                data, kinds, table = request_data(part, labels), REQUEST_KINDS, "api_requests"
+            else:
+                data, kinds, table = upload_data(part), UPLOAD_KINDS, "file_uploads"
+            client.insert(f"plain_{table}", kinds, data, uuid.uuid4().hex)
+
+    rates["chdb plain INSERT", "uploads"] = rate(n, lambda: plain(chunks["uploads"], False))
+    rates["chdb plain INSERT", "requests"] = rate(n, lambda: plain(chunks["requests"], True))
+    for table in ("file_uploads", "api_requests"):
+        client.command(f"DROP TABLE plain_{table}")
+    print(f"ingest, live shape, {n:,} rows of each in batches of {batch:,}: rows/s")
+    print(f"{'':<26} {'uploads':>10} {'requests':>10}")
+    for way in ("PostgreSQL store.write", "chdb store.write", "chdb plain INSERT"):
+        print(f"{way:<26} {rates[way, 'uploads']:>10,.0f} {rates[way, 'requests']:>10,.0f}")
+    for name in ("uploads", "requests"):
+        ours, pg_rate = rates["chdb store.write", name], rates["PostgreSQL store.write", name]
+        print(f"  {name}: chdb store.write is {ours / pg_rate:.2f}x PostgreSQL's store.write, "
+              f"{ours / rates['chdb plain INSERT', name]:.2f}x of the plain INSERT")  # fmt: skip
+
+
+# --- reads ------------------------------------------------------------------------------------
 
 COPY_UPLOADS = """
 INSERT INTO file_uploads (id, api_key_id, has_key, provider, file_type, file_size,
-                          upload_status, uploaded_at)
-SELECT id, api_key_id, 1, provider, file_type, file_size, upload_status, uploaded_at
-FROM postgresql('{host}', '{db}', 'file_uploads', 'postgres', '')
+                          upload_status, uploaded_at, inserted_at)
+SELECT id, api_key_id, true, provider, file_type, file_size, upload_status, uploaded_at,
+       uploaded_at + INTERVAL 1 SECOND
+FROM postgresql('{host}', '{db}', 'file_uploads', '{user}', '{password}')
 """
-COPY_REQUESTS = """
-INSERT INTO api_requests (id, api_key_id, has_key, method, path, status_code, response_time_ms,
-                          response_us, latency_bucket, request_size, response_size, requested_at)
-SELECT id, api_key_id, 1, method, path, status_code, response_time_ms,
-       toUInt64(round(response_time_ms * 1000)),
-       if(response_time_ms <= 0.001, 0,
-          least(32767, toUInt16(ceil(log(response_time_ms / 0.001) / log(1.02 / 0.98))))),
-       request_size, response_size, requested_at
-FROM postgresql('{host}', '{db}', 'api_requests', 'postgres', '')
+REQUESTS_SQL = """
+SELECT id, api_key_id, method, path, status_code, response_time_ms, request_size,
+       response_size, error_message, requested_at, route_matched
+FROM api_requests ORDER BY requested_at
 """
+
+
+def backend(store: UsageStore) -> ClickHouseBackend:
+    b = store.backend
+    assert isinstance(b, ClickHouseBackend)
+    return b
+
+
+def copy_requests(url: URL, ch: UsageStore) -> None:
+    """The requests out of PostgreSQL through the writer's own column conversion (latency
+    buckets computed in Python, as every writer computes them)."""
+    client = backend(ch).client
+    kinds = (*REQUEST_KINDS, ("inserted_at", "time"))
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as conn, conn.cursor(name="requests") as cur:
+        cur.itersize = 100_000
+        cur.execute(REQUESTS_SQL)
+        while rows := cur.fetchmany(100_000):
+            ms = [r[5] for r in rows]
+            times = [r[9] for r in rows]
+            data = [
+                [r[0] for r in rows], [r[1] for r in rows], [True] * len(rows),
+                [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows], ms,
+                [round(m * 1000) for m in ms], [latency_bucket(m) for m in ms],
+                [r[6] for r in rows], [r[7] for r in rows], [r[8] for r in rows], times,
+                [r[10] for r in rows], [endpoint_route(r[3], r[10]) for r in rows],
+                [t + STORED_AFTER for t in times],
+            ]  # fmt: skip
+            client.insert("api_requests", kinds, data, "")
+
+
+def seal_day_by_day(ch: UsageStore, first: date, last: date) -> int:
+    """Seal each UTC day of ``[first, last]`` as a live writer would have, on its own, when
+    ``settle_days`` had passed since it ended: the seal's clock is moved back by the settle
+    window and the visibility margin."""
+    b = backend(ch)
+    settle, margin = b.settle_days, b.visibility_margin
+    sealed = 0
+    day = first
+    try:
+        while day <= last:
+            now = datetime.now(UTC)
+            at = datetime(day.year, day.month, day.day, 1, tzinfo=UTC) + timedelta(days=settle + 1)
+            b.settle_days = (now.date() - at.date()).days + settle
+            b.visibility_margin = (now - at).total_seconds() + margin
+            sealed += b.seal()
+            day += timedelta(days=1)
+    finally:
+        b.settle_days, b.visibility_margin = settle, margin
+    return sealed
+
+
+def timings(store: UsageStore, zones: list[str], queries: Any, runs: int) -> dict[Any, Any]:
+    timed = _timer(store)
+    out = {}
+    for path in PATHS:
+        for name, start, end in queries:
+            for tz in zones:
+                params = {"start": start.isoformat(), "end": end.isoformat(), "tz": tz,
+                          "api_key_id": str(KEYS[0])}  # fmt: skip
+                first, times = timed(path, params, runs)
+                out[path, name, tz] = (statistics.median(times), first.json())
+    return out
+
+
+def reads(admin: Any, pg: str, ch: UsageStore, rows: int, runs: int) -> dict[str, float]:
+    url = pg_database(admin, pg, "um_bench_ch_reads")
+    pg_store = UsageStore(url)
+    client = backend(ch).client
+    try:
+        pg_store.create_schema()
+        t0 = time.perf_counter()
+        print(f"\n{rows:,} uploads + {rows // 5:,} requests over 2025")
+        with pg_store.engine.connect() as conn:
+            build_postgres(conn, rows)
+        build_postgres_requests(pg_store, rows // 5)
+        pg_store.seal()
+        print(f"  PostgreSQL built in {time.perf_counter() - t0:.0f} s")
+        for table in ("file_uploads", "api_requests", "upload_rollup", "request_rollup",
+                      "endpoint_rollup", "rollup_seals", "endpoint_routes"):  # fmt: skip
+            client.command(f"TRUNCATE TABLE {table}")
+        t0 = time.perf_counter()
+        host = f"{url.host or '127.0.0.1'}:{url.port or 5432}"
+        client.command(COPY_UPLOADS.format(host=host, db=url.database, user=url.username or "",
+                                           password=url.password or ""))  # fmt: skip
+        copy_requests(url, ch)
+        print(f"  chdb: the same rows copied in {time.perf_counter() - t0:.0f} s")
+        ((busiest,),) = client.query(
+            "SELECT count() FROM file_uploads WHERE api_key_id = {k:UUID}", {"k": KEYS[0]}
+        )
+        print(f"  busiest key {KEYS[0]}: {int(busiest):,} uploads")
+
+        raw = timings(ch, ["UTC"], QUERIES[:1], max(1, runs // 3))
+        t0 = time.perf_counter()
+        days = seal_day_by_day(ch, date(2025, 1, 1), date(2025, 12, 31))
+        print(f"  chdb: {days} days sealed one by one in {time.perf_counter() - t0:.0f} s")
+        sealed = timings(ch, ZONES, QUERIES, runs)
+        on_pg = timings(pg_store, ZONES, QUERIES, runs)
+    finally:
+        pg_store.dispose()
+        drop_database(admin, url)
+    print(f"\nbusiest key, median of {runs} ms (chdb raw only: 12 months in UTC)")
+    print(f"{'answer':<16} {'range':<10} {'tz':<17} {'chdb raw':>9} {'chdb':>8} "
+          f"{'PostgreSQL':>11} {'chdb/PG':>8}")  # fmt: skip
+    ratios: dict[str, float] = {}
+    for key, (pg_ms, pg_body) in on_pg.items():
+        ch_ms, ch_body = sealed[key]
+        assert ch_body == pg_body, f"answers differ for {key}"
+        raw_ms = f"{raw[key][0]:>9.1f}" if key in raw else f"{'':>9}"
+        if key in raw:
+            assert raw[key][1] == pg_body, f"raw answers differ for {key}"
+        path, name, tz = key
+        print(f"{path.rsplit('/', 1)[1]:<16} {name:<10} {tz:<17} {raw_ms} {ch_ms:>8.1f} "
+              f"{pg_ms:>11.1f} {ch_ms / pg_ms:>8.2f}")  # fmt: skip
+        if name == "12 months":
+            ratios[f"{path.rsplit('/', 1)[1]} {tz}"] = ch_ms / pg_ms
+    print("(every answer identical on both engines)")
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--rows", default="10000000",
+                        help="uploads in the read data sets, comma-separated sizes")  # fmt: skip
+    parser.add_argument("--ingest", type=int, default=50_000, help="rows of each data set")
+    parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--pg", default=os.environ.get(
         "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args()
+    sizes = [int(s) for s in args.rows.split(",")]
 
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
-    name = f"um_bench_ch_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    pg_url = make_url(args.pg).set(database=name)
-    tmp = tempfile.TemporaryDirectory()
-    pg = UsageStore(pg_url)
-    ch = UsageStore(f"chdb:///{tmp.name}/ch",
-                    engine_options={"visibility_margin": 0, "maintain_interval": 0})  # fmt: skip
+    tmp = tempfile.TemporaryDirectory(prefix="usage-bench-")
+    ch = UsageStore(f"chdb:///{tmp.name}/ch", engine_options={"maintain_interval": 0})
     try:
-        pg.create_schema()
         ch.create_schema()
-        backend = ch.backend
-        assert isinstance(backend, ClickHouseBackend)
-        client = backend.client
-
-        # --- ingest ----------------------------------------------------------------------
-        data = batches(args.batches + 1, args.batch)
-        pg_rate = ingest_rate(pg.write, data)
-        ch_rate = ingest_rate(ch.write, data)
-        client.command("CREATE TABLE plain AS file_uploads ENGINE = MergeTree "
-                       "PARTITION BY toYYYYMM(uploaded_at) ORDER BY (api_key_id, uploaded_at)")
-        raw_rate = ingest_rate(
-            lambda b: client.insert("plain", UPLOAD_COLUMNS, [_upload_row(u) for u in b],
-                                    uuid.uuid4().hex), data)  # fmt: skip
-        client.command("DROP TABLE plain")
-        n = args.batches * args.batch
-        print(f"ingest, {args.batches} batches of {args.batch:,} uploads ({n:,} rows), rows/s:")
-        print(f"  PostgreSQL store.write   {pg_rate:>10,.0f}")
-        print(f"  chdb store.write         {ch_rate:>10,.0f}   {ch_rate / pg_rate:.1f}x PostgreSQL")
-        print(f"  chdb plain INSERT        {raw_rate:>10,.0f}   store.write is "
-              f"{ch_rate / raw_rate:.2f}x of it")
-        with pg.engine.begin() as conn:
-            for table in ("file_uploads", "daily_usage", "hourly_usage"):
-                conn.execute(text(f"TRUNCATE {table}"))
-        client.command("TRUNCATE TABLE file_uploads")
-
-        # --- reads -----------------------------------------------------------------------
-        t0 = time.perf_counter()
-        print(f"\nPostgreSQL: building {args.rows:,} uploads + {args.rows // 5:,} requests")
-        with pg.engine.connect() as conn:
-            build_postgres(conn, args.rows)
-        print(f"  built in {time.perf_counter() - t0:.0f} s")
-        t0 = time.perf_counter()
-        host = f"{pg_url.host or '127.0.0.1'}:{pg_url.port or 5432}"
-        client.command(COPY_UPLOADS.format(host=host, db=name))
-        client.command(COPY_REQUESTS.format(host=host, db=name))
-        print(f"chdb: copied the same rows in {time.perf_counter() - t0:.0f} s")
-        ((busiest,),) = client.query(
-            "SELECT count() FROM file_uploads WHERE api_key_id = {k:UUID}", {"k": KEYS[0]})
-        print(f"busiest key {KEYS[0]}: {int(busiest):,} uploads in 12 months")
-
-        ch_raw = granular_ms(ch, args.runs)
-        t0 = time.perf_counter()
-        sealed_days = backend.maintain()
-        print(f"chdb: maintain() sealed {sealed_days} days in {time.perf_counter() - t0:.1f} s")
-        ch_sealed = granular_ms(ch, args.runs)
-        pg_ms = granular_ms(pg, args.runs)
-        print(f"\n/granular for the busiest key, median of {args.runs} ms")
-        print(f"{'range':<10} {'tz':<17} {'chdb raw':>9} {'chdb sealed':>12} {'PostgreSQL':>11}")
-        for key, (pg_time, pg_body) in pg_ms.items():
-            raw_time, raw_body = ch_raw[key]
-            sealed_time, sealed_body = ch_sealed[key]
-            assert raw_body == pg_body == sealed_body, f"answers differ for {key}"
-            print(f"{key[0]:<10} {key[1]:<17} {raw_time:>9.1f} {sealed_time:>12.1f} "
-                  f"{pg_time:>11.1f}")
-        print("(every answer identical on both engines)")
+        ingest(admin, args.pg, ch, args.ingest, args.batch)
+        by_size = {rows: reads(admin, args.pg, ch, rows, args.runs) for rows in sizes}
+        if len(sizes) > 1:
+            print("\n12-month answers, chdb time / PostgreSQL time, by size:")
+            names = list(by_size[sizes[0]])
+            print(f"{'rows':>12} " + " ".join(f"{n:>26}" for n in names))
+            for rows, ratios in by_size.items():
+                print(f"{rows:>12,} " + " ".join(f"{ratios[n]:>26.2f}" for n in names))
     finally:
         ch.dispose()
-        pg.dispose()
         tmp.cleanup()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 

@@ -29,7 +29,11 @@ from usage_middleware import (
     UsageStore,
 )
 from usage_middleware._queries import granular
+from usage_middleware._requests import requests_answer
 from usage_middleware._schema import endpoint_route
+from usage_middleware._storage.base import RequestFilter
+from usage_middleware._storage.chread import FINAL_SETTINGS, build
+from usage_middleware._storage.chseal import midnight
 from usage_middleware._storage.chwrite import REQUEST_KINDS, UPLOAD_KINDS, request_data, upload_data
 from usage_middleware._storage.clickhouse import ClickHouseBackend, schema_statements
 from usage_middleware._timerange import QuerySpec
@@ -387,3 +391,169 @@ def test_days_resealed_one_by_one_read_the_same(ch: UsageStore) -> None:
     backend(ch).seal()  # every other day now has a newer seal version
     for tz in ("Asia/Kathmandu", "Pacific/Chatham"):
         assert answers(ch, [key], tz) == reference([*first, *late], [key], tz)
+
+
+def raw_part_estimate(store: UsageStore, start: datetime, end: datetime) -> int:
+    """Rows the raw part of an upload read of ``[start, end)`` (rows no seal holds) would read:
+    ``EXPLAIN ESTIMATE`` of its ``FINAL`` scan, after the primary key and skip indexes."""
+    b = backend(store)
+    seals = b._seals([start, end])
+    read = build("upload_rollup", "uploads", "1", "uploaded_at", seals, [start, end])
+    rows = b.client.query(
+        f"EXPLAIN ESTIMATE SELECT count() FROM file_uploads FINAL WHERE {read.raw_where} "
+        f"SETTINGS {FINAL_SETTINGS}",
+        read.params,
+    )
+    return sum(int(r[3]) for r in rows)
+
+
+def test_reads_skip_rows_stored_on_time_on_days_sealed_at_different_times(
+    ch: UsageStore,
+) -> None:
+    """In a live deployment each day is sealed on its own, ``settle_days`` after it ends, so a
+    year's days have a year of different watermarks, while its rows were stored seconds after
+    their time. The raw part of a read (late rows and unsealed days) must still skip all of
+    them; a late row is found and counted."""
+    b = backend(ch)
+    key = uuid.uuid4()
+    days = [DAY0 + timedelta(days=i) for i in range(8)]
+    live = [
+        UploadRecord(api_key_id=key, file_size=1 + h, uploaded_at=midnight(d) + timedelta(hours=h))
+        for d in days
+        for h in range(0, 24, 5)
+    ]
+    # stored as live traffic is: a second after its time
+    data = upload_data(live)
+    data.append([u.uploaded_at + timedelta(seconds=1) for u in live])
+    b.client.insert("file_uploads", (*UPLOAD_KINDS, ("inserted_at", "time")), data, "")
+    now = datetime.now(UTC)
+    for d in days:
+        # the seal a writer runs on day d + 3: the clock moved back by settle days and margin
+        at = midnight(d) + timedelta(days=3)
+        b.settle_days = (now.date() - at.date()).days + 2
+        b.visibility_margin = (now - at).total_seconds()
+        assert b.seal() >= 1
+    start, end = midnight(days[0]), midnight(days[-1]) + timedelta(days=1)
+    assert raw_part_estimate(ch, start, end) == 0
+    for tz in ("UTC", "Asia/Kathmandu"):
+        assert answers(ch, [key], tz) == reference(live, [key], tz)
+
+    late = UploadRecord(api_key_id=key, file_size=7, uploaded_at=midnight(days[3]))
+    ch.write([late])
+    assert raw_part_estimate(ch, start, end) > 0
+    for tz in ("UTC", "America/St_Johns"):
+        assert answers(ch, [key], tz) == reference([*live, late], [key], tz)
+
+
+def test_an_older_raw_table_gets_the_lag_index(tmp_path: Any) -> None:
+    """A raw table created with the ``tail`` index (time and ``inserted_at``) is given the
+    ``lag`` index, built for the rows it holds, by ``create_schema()``; answers stay the same."""
+    path = os.path.join(tmp_path, "ch")
+    store = UsageStore(f"chdb:///{path}", engine_options={"visibility_margin": 0,
+                                                          "maintain_interval": 0})  # fmt: skip
+    try:
+        b = backend(store)
+        for statement in schema_statements("default"):
+            b.client.command(statement.replace(
+                "INDEX lag (uploaded_at, inserted_at, (toUnixTimestamp64Micro(inserted_at) - "
+                "toUnixTimestamp64Micro(uploaded_at)))", "INDEX tail (uploaded_at, inserted_at)"
+            ))  # fmt: skip
+        indexes = "SELECT name FROM system.data_skipping_indices WHERE table = 'file_uploads'"
+        assert b.client.query(indexes) == [("tail",)]
+        key = uuid.uuid4()
+        rows = [UploadRecord(api_key_id=key, file_size=5, uploaded_at=midnight(DAY0))]
+        store.write(rows)
+        store.create_schema()
+        assert b.client.query(indexes) == [("lag",)]
+        built = (
+            "SELECT sum(secondary_indices_uncompressed_bytes) FROM system.parts "
+            "WHERE table = 'file_uploads' AND active"
+        )
+        assert int(b.client.query(built)[0][0]) > 0
+        assert answers(store, [key], "UTC") == reference(rows, [key], "UTC")
+    finally:
+        store.dispose()
+
+
+def test_granular_reads_the_previous_range_and_mismatches_with_the_range(
+    ch: UsageStore,
+) -> None:
+    """``/granular`` on ClickHouse reads the range, the previous range and the declared-type
+    mismatches in two statements; the answer equals the reference's, whether the days are
+    raw, sealed or sealed with late rows beside them, and with provider and type filters."""
+    key = uuid.uuid4()
+    start = midnight(DAY0 - timedelta(days=8)) + timedelta(hours=5, minutes=15)
+    records = [
+        UploadRecord(
+            api_key_id=key, provider=PROVIDERS[i % 2], file_type=TYPES[i % 3],
+            declared_type=[None, "image/png", "application/zip"][i % 3 if i % 4 else 0],
+            file_size=10 + i, upload_status="failed" if i % 5 == 0 else "success",
+            uploaded_at=start + timedelta(hours=7 * i),
+        )
+        for i in range(40)
+    ]  # fmt: skip
+    ch.write(records[:30])
+    specs = [
+        QuerySpec(DAY0 - timedelta(days=1), DAY0 + timedelta(days=3), "Asia/Kathmandu", "day"),
+        QuerySpec(DAY0, DAY0 + timedelta(days=2), "America/St_Johns", "hour",
+                  providers=("s3",), file_types=("image/*",)),
+        QuerySpec(DAY0 + timedelta(days=1), DAY0 + timedelta(days=1), "UTC", "hour"),
+    ]  # fmt: skip
+    memory = UsageStore("memory://")
+    memory.write(records[:30])
+
+    def same() -> None:
+        for spec in specs:
+            got = granular(ch, spec, [key])
+            assert got == granular(memory, spec, [key])
+            assert got["type_mismatches"] or got["totals"]["uploads"] == 0 or spec.file_types
+
+    same()
+    backend(ch).seal()
+    same()
+    ch.write(records[30:])  # late rows beside the seals
+    memory.write(records[30:])
+    same()
+    memory.dispose()
+
+
+def test_requests_reads_endpoints_and_series_in_one_statement(ch: UsageStore) -> None:
+    """``/requests`` on ClickHouse reads its endpoint rows and its series as two grouping sets
+    of one statement; answers equal the reference's with and without method, route and
+    status filters, raw, sealed and with late rows."""
+    key = uuid.uuid4()
+    start = midnight(DAY0 - timedelta(days=1)) + timedelta(hours=3, minutes=45)
+    routes = [("GET", "/files"), ("POST", "/files"), ("GET", "/files/{id}"), ("PROPFIND", "/x")]
+    records = [
+        RequestRecord(
+            api_key_id=key, method=routes[i % 4][0], path=routes[i % 4][1],
+            status_code=[200, 201, 404, 500, 503][i % 5], response_time_ms=0.5 + 37 * (i % 11),
+            request_size=i, response_size=2 * i, requested_at=start + timedelta(hours=5 * i),
+        )
+        for i in range(36)
+    ]  # fmt: skip
+    memory = UsageStore("memory://")
+    filters = [
+        RequestFilter(),
+        RequestFilter(methods=("GET",), statuses=((400, 599),)),
+        RequestFilter(routes=("/files",)),
+    ]
+    specs = [
+        QuerySpec(DAY0, DAY0 + timedelta(days=4), "Asia/Kathmandu", "day"),
+        QuerySpec(DAY0 + timedelta(days=1), DAY0 + timedelta(days=2), "America/St_Johns", "hour"),
+    ]
+
+    def same() -> None:
+        for spec in specs:
+            for f in filters:
+                got = requests_answer(ch, spec, [key], f)
+                assert got == requests_answer(memory, spec, [key], f)
+        assert requests_answer(ch, specs[0], [key], filters[0])["totals"]["requests"] > 0
+
+    for part in (records[:24], records[24:]):
+        ch.write(part)
+        memory.write(part)
+        same()
+        backend(ch).seal()
+        same()
+    memory.dispose()

@@ -26,7 +26,7 @@ from uuid import UUID
 from ._errors import ReadTimeoutError
 from ._pool import settle, submit
 from ._schema import latency_representative
-from ._storage.base import Histogram, Scope, UploadRow
+from ._storage.base import GranularReader, Histogram, Scope, UploadRow
 from ._store import UsageStore
 from ._timerange import QuerySpec, periods
 
@@ -147,17 +147,32 @@ def granular(
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]
-    finish_additions, started = start_granular_additions(store, spec, key_ids)
-    try:
-        rows, request_block = _both(
-            store,
-            lambda: _upload_rows(store, spec, key_ids, bounds),
-            lambda: request_stats(store, spec, key_ids),
+    backend = store.backend
+    if isinstance(backend, GranularReader) and (key_ids is None or key_ids):
+        store.ensure_schema()
+        prev = previous_range(spec)
+        previous = (
+            None
+            if prev is None
+            else dataclasses.replace(spec, start=prev[0], end=prev[1]).start_utc
         )
-    except BaseException:
-        settle(started)
-        raise
-    additions = finish_additions()
+        reads = backend.granular_reads(_scope(spec, key_ids), bounds, previous)
+        rows, request_block = reads.rows, _request_json(reads.histogram)
+        additions = _additions_json(
+            prev, reads.previous_rows, reads.previous_histogram, reads.mismatches
+        )
+    else:
+        finish_additions, started = start_granular_additions(store, spec, key_ids)
+        try:
+            rows, request_block = _both(
+                store,
+                lambda: _upload_rows(store, spec, key_ids, bounds),
+                lambda: request_stats(store, spec, key_ids),
+            )
+        except BaseException:
+            settle(started)
+            raise
+        additions = finish_additions()
     by_period, by_type, by_provider, totals = _fold(rows)
     series = []
     for i, period in enumerate(ps):
@@ -216,13 +231,17 @@ def request_stats(
     p95 is the nearest-rank 95th percentile read from merged latency histograms, reported as
     its bucket's representative: within ``LATENCY_RELATIVE_ERROR`` (2 %) of the exact value.
     """
-    empty = {"total": 0, "errors": 0, "avg_response_ms": 0.0, "p95_response_ms": 0.0}
     if key_ids is not None and not key_ids:
-        return empty
+        return _request_json(Histogram())
     store.ensure_schema()
-    h = store.backend.request_histogram(_scope(spec, key_ids), spec.start_utc, spec.end_utc)
+    return _request_json(
+        store.backend.request_histogram(_scope(spec, key_ids), spec.start_utc, spec.end_utc)
+    )
+
+
+def _request_json(h: Histogram) -> dict[str, Any]:
     if h.requests == 0:
-        return empty
+        return {"total": 0, "errors": 0, "avg_response_ms": 0.0, "p95_response_ms": 0.0}
     return {
         "total": h.requests,
         "errors": h.errors,
@@ -311,14 +330,24 @@ def start_granular_additions(
             h, found = later_histogram.result(), later_mismatches.result()
         else:
             h, found = histogram(), mismatches()
-        totals = _fold(rows)[3]
-        previous = {
-            "start": None if prev is None else prev[0].isoformat(),
-            "end": None if prev is None else prev[1].isoformat(),
-            **_counts(totals),
-            "requests": h.requests,
-            "errors": h.errors,
-        }
-        return {"previous": previous, "type_mismatches": _type_mismatches(found)}
+        return _additions_json(prev, rows, h, found)
 
     return finish, started
+
+
+def _additions_json(
+    prev: tuple[date, date] | None,
+    rows: list[UploadRow],
+    h: Histogram,
+    mismatches: list[tuple[str, str, int]],
+) -> dict[str, Any]:
+    """``previous`` and ``type_mismatches`` from the previous range's upload rows and request
+    histogram and the range's mismatch rows."""
+    previous = {
+        "start": None if prev is None else prev[0].isoformat(),
+        "end": None if prev is None else prev[1].isoformat(),
+        **_counts(_fold(rows)[3]),
+        "requests": h.requests,
+        "errors": h.errors,
+    }
+    return {"previous": previous, "type_mismatches": _type_mismatches(mismatches)}

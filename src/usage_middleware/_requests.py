@@ -33,6 +33,7 @@ from ._storage.base import (
     EndpointRow,
     Histogram,
     RequestFilter,
+    RequestsReader,
     Scope,
     SeriesRow,
 )
@@ -282,11 +283,14 @@ def requests_answer(
         else:
             fine = backend.request_histogram(scope, spec.start_utc, spec.end_utc)
     try:
-        rows, series_rows = _both(
-            store,
-            lambda: backend.endpoint_rows(scope, spec.start_utc, spec.end_utc, filters),
-            lambda: backend.request_series(scope, bounds, filters),
-        )
+        if isinstance(backend, RequestsReader):
+            rows, series_rows = backend.requests_reads(scope, bounds, filters)
+        else:
+            rows, series_rows = _both(
+                store,
+                lambda: backend.endpoint_rows(scope, spec.start_utc, spec.end_utc, filters),
+                lambda: backend.request_series(scope, bounds, filters),
+            )
     except BaseException:
         if later is not None:
             settle([later])

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 from uuid import UUID
 
 from .._records import RequestRecord, UploadRecord
@@ -40,10 +40,13 @@ __all__ = [
     "EndpointRow",
     "Failure",
     "FailureKey",
+    "GranularReader",
+    "GranularReads",
     "Histogram",
     "MaintainResult",
     "Reader",
     "RequestFilter",
+    "RequestsReader",
     "Scope",
     "SeriesRow",
     "UploadRow",
@@ -315,6 +318,43 @@ class Reader(Protocol):
         """One row per key of the scope with an upload or a request in ``[start, end)``
         (``scope.keys`` None: every key, rows without one as key None); upload columns honour
         the scope's provider and type filters, request columns do not."""
+
+
+class GranularReads(NamedTuple):
+    """Every read of one ``/granular`` answer (see :class:`GranularReader`)."""
+
+    rows: list[UploadRow]  # the range's periods, as ``Reader.upload_rows`` gives them
+    histogram: Histogram  # the range's requests
+    previous_rows: list[UploadRow]  # the previous range as period 0 (totals only)
+    previous_histogram: Histogram
+    mismatches: list[tuple[str, str, int]]  # as ``Reader.mismatch_rows``
+
+
+@runtime_checkable
+class GranularReader(Protocol):
+    """A backend that reads all of ``/granular`` at once. Where each statement has a large
+    fixed cost (ClickHouse spends milliseconds planning one, and chdb runs them one at a
+    time), two statements instead of five are most of an answer's time; the read path uses
+    this in place of the five primitives when a backend has it."""
+
+    def granular_reads(
+        self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
+    ) -> GranularReads:
+        """The reads of ``/granular`` over periods ``bounds`` (UTC); ``previous`` starts the
+        previous range, which ends at ``bounds[0]`` (None: there is none, its reads are
+        empty)."""
+
+
+@runtime_checkable
+class RequestsReader(Protocol):
+    """A backend that reads ``/requests``' endpoint rows and series at once (one statement
+    instead of two, for the reason of :class:`GranularReader`)."""
+
+    def requests_reads(
+        self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+    ) -> tuple[list[EndpointRow], list[SeriesRow]]:
+        """``Reader.endpoint_rows`` over the whole of ``bounds`` and ``Reader.request_series``
+        per period."""
 
 
 @runtime_checkable

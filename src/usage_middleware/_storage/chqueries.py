@@ -2,7 +2,7 @@
 
 Each takes the seals of its range and a ``run`` callable (the backend's timed, error-mapping
 query) and returns the rows the :class:`.base.Reader` protocol promises. Raw measures are cast
-to ``Int64`` so they add to the signed rollup sums.
+to ``Int64``, as the rollup sums are, so the two add in one ``UNION ALL``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from .chseal import EPOCH, Seals
 
 __all__ = [
     "consumer_rows",
+    "endpoint_and_series_rows",
     "endpoint_rows",
+    "granular_rows",
     "mismatch_rows",
     "request_histogram",
+    "request_histograms",
     "request_series",
     "upload_rows",
 ]
@@ -48,14 +51,14 @@ def upload_rows(
     where = keys_condition(scope, params) + upload_filters(scope, params)
     read = build(
         "upload_rollup",
-        "provider, file_type, uploads * sign AS u, bytes * sign AS b, "
-        "successful * sign AS s, failed * sign AS f",
+        "provider, file_type, toInt64(uploads) AS u, toInt64(bytes) AS b, "
+        "toInt64(successful) AS s, toInt64(failed) AS f",
         where, "uploaded_at", seals, bounds,
     )  # fmt: skip
     params.update(read.params)
     q = raw_period("uploaded_at", bounds, params)
     raw = f"""
-    SELECT {PERIOD_OF_Q} AS period, 1 AS sign, provider, file_type, u, b, s, f
+    SELECT {PERIOD_OF_Q} AS period, provider, file_type, u, b, s, f
     FROM (
         SELECT {q} AS q, provider, file_type, toInt64(count()) AS u,
                toInt64(sum(file_size)) AS b, toInt64(countIf(upload_status = 'success')) AS s,
@@ -82,12 +85,12 @@ def request_histogram(
     where = keys_condition(scope, params)
     read = build(
         "request_rollup",
-        "bucket, requests * sign AS n, errors * sign AS e, response_us * sign AS us",
+        "bucket, toInt64(requests) AS n, toInt64(errors) AS e, toInt64(response_us) AS us",
         where, "requested_at", seals, [start, end],
     )  # fmt: skip
     params.update(read.params)
     raw = f"""
-    SELECT 0 AS period, 1 AS sign, latency_bucket AS bucket, toInt64(count()) AS n,
+    SELECT 0 AS period, latency_bucket AS bucket, toInt64(count()) AS n,
            toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
     FROM api_requests FINAL
     WHERE {where} AND {read.raw_where}
@@ -107,12 +110,12 @@ def mismatch_rows(
     params: dict[str, Any] = {}
     where = keys_condition(scope, params) + upload_filters(scope, params)
     read = build(
-        "upload_rollup", "file_type, declared_type AS declared, uploads * sign AS n",
+        "upload_rollup", "file_type, declared_type AS declared, toInt64(uploads) AS n",
         where + " AND declared_type != ''", "uploaded_at", seals, [start, end],
     )  # fmt: skip
     params.update(read.params)
     raw = f"""
-    SELECT 0 AS period, 1 AS sign, file_type, assumeNotNull(declared_type) AS declared,
+    SELECT 0 AS period, file_type, assumeNotNull(declared_type) AS declared,
            toInt64(count()) AS n
     FROM file_uploads FINAL
     WHERE {where} AND declared_type IS NOT NULL AND declared_type != file_type
@@ -137,14 +140,14 @@ def endpoint_rows(
     keys = keys_condition(scope, params)
     read = build(
         "endpoint_rollup",
-        "method AS m, route AS r, status_code AS sc, bucket AS cb, requests * sign AS n, "
-        "response_us * sign AS us, request_bytes * sign AS qb, response_bytes * sign AS pb",
+        "method AS m, route AS r, status_code AS sc, bucket AS cb, toInt64(requests) AS n, "
+        "toInt64(response_us) AS us, toInt64(request_bytes) AS qb, toInt64(response_bytes) AS pb",
         keys + request_filters(filters, params, "method", "route"), "requested_at", seals,
         [start, end],
     )  # fmt: skip
     params.update(read.params)
     raw = f"""
-    SELECT 0 AS period, 1 AS sign, {METHOD_LABEL} AS m, route_label AS r, status_code AS sc,
+    SELECT 0 AS period, {METHOD_LABEL} AS m, route_label AS r, status_code AS sc,
            intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
            toInt64(sum(response_us)) AS us, toInt64(sum(request_size)) AS qb,
            toInt64(sum(response_size)) AS pb
@@ -173,15 +176,15 @@ def request_series(
     keys = keys_condition(scope, params)
     read = build(
         "endpoint_rollup",
-        "bucket AS cb, requests * sign AS n, if(status_code >= 400, requests, 0) * sign AS e, "
-        "response_us * sign AS us",
+        "bucket AS cb, toInt64(requests) AS n, toInt64(if(status_code >= 400, requests, 0)) AS e, "
+        "toInt64(response_us) AS us",
         keys + request_filters(filters, params, "method", "route"), "requested_at", seals,
         bounds,
     )  # fmt: skip
     params.update(read.params)
     q = raw_period("requested_at", bounds, params)
     raw = f"""
-    SELECT {PERIOD_OF_Q} AS period, 1 AS sign, cb, n, e, us
+    SELECT {PERIOD_OF_Q} AS period, cb, n, e, us
     FROM (
         SELECT {q} AS q, intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
                toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
@@ -201,8 +204,8 @@ GROUP BY period, cb SETTINGS {settings}"""
 def consumer_rows(
     run: Run, seals: Seals, scope: Scope, start: datetime, end: datetime, settings: str
 ) -> list[ConsumerRow]:
-    """Uploads and requests per key; rollups are read without subtraction (a newest time does
-    not subtract), so both builds plan the same cover and share its parameters."""
+    """Uploads and requests per key; both builds plan the same cover and share its
+    parameters."""
     params: dict[str, Any] = {}
     keys = keys_condition(scope, params)
     filters = upload_filters(scope, params)
@@ -212,25 +215,25 @@ def consumer_rows(
         "api_key_id AS kid, has_key AS hk, toInt64(uploads) AS u, toInt64(bytes) AS b, "
         "toInt64(failed) AS fl, toInt64(0) AS n, toInt64(0) AS e, "
         "toUnixTimestamp64Micro(last_at) AS l",
-        keys + filters, "uploaded_at", seals, bounds, subtract=False,
+        keys + filters, "uploaded_at", seals, bounds,
     )  # fmt: skip
     reqs = build(
         "request_rollup",
         "api_key_id AS kid, has_key AS hk, toInt64(0) AS u, toInt64(0) AS b, toInt64(0) AS fl, "
         "toInt64(requests) AS n, toInt64(errors) AS e, toUnixTimestamp64Micro(last_at) AS l",
-        keys, "requested_at", seals, bounds, subtract=False,
+        keys, "requested_at", seals, bounds,
     )  # fmt: skip
     params.update(ups.params)
     params.update(reqs.params)
     raw_ups = f"""
-    SELECT 0 AS period, 1 AS sign, api_key_id AS kid, has_key AS hk, toInt64(count()) AS u,
+    SELECT 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(count()) AS u,
            toInt64(sum(file_size)) AS b, toInt64(countIf(upload_status = 'failed')) AS fl,
            toInt64(0) AS n, toInt64(0) AS e, max(toUnixTimestamp64Micro(uploaded_at)) AS l
     FROM file_uploads FINAL
     WHERE {keys}{filters} AND {ups.raw_where}
     GROUP BY api_key_id, has_key"""
     raw_reqs = f"""
-    SELECT 0 AS period, 1 AS sign, api_key_id AS kid, has_key AS hk, toInt64(0) AS u,
+    SELECT 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(0) AS u,
            toInt64(0) AS b, toInt64(0) AS fl, toInt64(count()) AS n,
            toInt64(countIf(status_code >= 400)) AS e,
            max(toUnixTimestamp64Micro(requested_at)) AS l
@@ -249,3 +252,137 @@ GROUP BY kid, hk SETTINGS {settings}"""
         )
         for k, hk, u, b, fl, n, e, last in run(sql, params)
     ]  # fmt: skip
+
+
+def granular_rows(
+    run: Run,
+    seals: Seals,
+    scope: Scope,
+    bounds: Sequence[datetime],
+    current: int,
+    settings: str,
+) -> tuple[list[UploadRow], list[tuple[str, str, int]]]:
+    """``/granular``'s upload reads in one statement: the marginal rows of :func:`upload_rows`
+    over ``bounds`` (providers and types only of periods ``current`` on: the earlier ones are
+    the previous range) and the declared-type mismatches of those periods."""
+    params: dict[str, Any] = {"current": current}
+    where = keys_condition(scope, params) + upload_filters(scope, params)
+    read = build(
+        "upload_rollup",
+        "provider, file_type, declared_type AS declared, toInt64(uploads) AS u, "
+        "toInt64(bytes) AS b, toInt64(successful) AS s, toInt64(failed) AS f",
+        where, "uploaded_at", seals, bounds,
+    )  # fmt: skip
+    params.update(read.params)
+    q = raw_period("uploaded_at", bounds, params)
+    raw = f"""
+    SELECT {PERIOD_OF_Q} AS period, provider, file_type, declared, u, b, s, f
+    FROM (
+        SELECT {q} AS q, provider, file_type,
+               if(ifNull(declared_type, file_type) = file_type, '',
+                  assumeNotNull(declared_type)) AS declared,
+               toInt64(count()) AS u, toInt64(sum(file_size)) AS b,
+               toInt64(countIf(upload_status = 'success')) AS s,
+               toInt64(countIf(upload_status = 'failed')) AS f
+        FROM file_uploads FINAL
+        WHERE {where} AND {read.raw_where}
+        GROUP BY q, provider, file_type, declared
+    )"""
+    sql = f"""
+SELECT period, period >= {{current:Int32}} AS now, provider, file_type, declared, sum(u), sum(b),
+       sum(s), sum(f)
+FROM ({_union(read.rollup, raw)})
+GROUP BY GROUPING SETS ((period), (now, provider), (now, file_type), (now, file_type, declared))
+SETTINGS group_by_use_nulls = 1, {settings}"""
+    rows: list[UploadRow] = []
+    mismatches: list[tuple[str, str, int]] = []
+    for p, now, provider, file_type, declared, u, b, s, f in run(sql, params):
+        if p is not None:
+            rows.append((int(p), None, None, int(u), int(b), int(s), int(f)))
+        elif not now:
+            continue  # a breakdown of the previous range: not asked for
+        elif declared is None:
+            rows.append((None, provider, file_type, int(u), int(b), int(s), int(f)))
+        elif declared:
+            mismatches.append((str(file_type), str(declared), int(u)))
+    return rows, mismatches
+
+
+def request_histograms(
+    run: Run, seals: Seals, scope: Scope, bounds: Sequence[datetime], settings: str
+) -> list[Histogram]:
+    """The request histogram of each period of ``bounds``, in one statement."""
+    params: dict[str, Any] = {}
+    where = keys_condition(scope, params)
+    read = build(
+        "request_rollup",
+        "bucket, toInt64(requests) AS n, toInt64(errors) AS e, toInt64(response_us) AS us",
+        where, "requested_at", seals, bounds,
+    )  # fmt: skip
+    params.update(read.params)
+    q = raw_period("requested_at", bounds, params)
+    raw = f"""
+    SELECT {PERIOD_OF_Q} AS period, bucket, n, e, us
+    FROM (
+        SELECT {q} AS q, latency_bucket AS bucket, toInt64(count()) AS n,
+               toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
+        FROM api_requests FINAL
+        WHERE {where} AND {read.raw_where}
+        GROUP BY q, bucket
+    )"""
+    sql = f"""
+SELECT period, bucket, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+GROUP BY period, bucket SETTINGS {settings}"""
+    out = [Histogram() for _ in range(len(bounds) - 1)]
+    for p, bucket, n, e, us in run(sql, params):
+        out[int(p)].add(int(bucket), int(n), int(e), int(us))
+    return out
+
+
+def endpoint_and_series_rows(
+    run: Run,
+    seals: Seals,
+    scope: Scope,
+    bounds: Sequence[datetime],
+    filters: RequestFilter,
+    settings: str,
+) -> tuple[list[EndpointRow], list[SeriesRow]]:
+    """``/requests``' two endpoint reads in one statement: :func:`endpoint_rows` over the
+    whole of ``bounds`` and :func:`request_series` per period, as two grouping sets."""
+    params: dict[str, Any] = {}
+    keys = keys_condition(scope, params)
+    read = build(
+        "endpoint_rollup",
+        "method AS m, route AS r, status_code AS sc, bucket AS cb, toInt64(requests) AS n, "
+        "toInt64(if(status_code >= 400, requests, 0)) AS e, toInt64(response_us) AS us, "
+        "toInt64(request_bytes) AS qb, toInt64(response_bytes) AS pb",
+        keys + request_filters(filters, params, "method", "route"), "requested_at", seals,
+        bounds,
+    )  # fmt: skip
+    params.update(read.params)
+    q = raw_period("requested_at", bounds, params)
+    raw = f"""
+    SELECT {PERIOD_OF_Q} AS period, m, r, sc, cb, n, e, us, qb, pb
+    FROM (
+        SELECT {q} AS q, {METHOD_LABEL} AS m, route_label AS r, status_code AS sc,
+               intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
+               toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us,
+               toInt64(sum(request_size)) AS qb, toInt64(sum(response_size)) AS pb
+        FROM api_requests FINAL
+        WHERE {keys}{request_filters(filters, params, METHOD_LABEL, "route_label")}
+          AND {read.raw_where}
+        GROUP BY q, m, r, sc, cb
+    )"""
+    sql = f"""
+SELECT period, m, r, sc, cb, sum(n), sum(e), sum(us), sum(qb), sum(pb)
+FROM ({_union(read.rollup, raw)})
+GROUP BY GROUPING SETS ((m, r, sc, cb), (period, cb))
+SETTINGS group_by_use_nulls = 1, {settings}"""
+    endpoints: list[EndpointRow] = []
+    series: list[SeriesRow] = []
+    for p, m, r, sc, cb, n, e, us, qb, pb in run(sql, params):
+        if p is None:
+            endpoints.append((str(m), str(r), int(sc), int(cb), int(n), int(us), int(qb), int(pb)))
+        else:
+            series.append((int(p), int(cb), int(n), int(e), int(us)))
+    return endpoints, series

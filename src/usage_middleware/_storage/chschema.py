@@ -3,8 +3,9 @@
 * ``file_uploads``, ``api_requests`` — raw rows, ``ReplacingMergeTree(first_seen)`` ordered by
   ``(api_key_id, time, id)``: every copy of an id shares the whole sorting key, so ``FINAL``
   sees each id once; ``first_seen`` makes the earliest inserted copy win. Partitioned by month
-  (the raw TTL drops whole parts). A ``minmax`` index on ``(time, inserted_at)`` lets a read
-  skip granules that are neither in an unsealed range nor inserted after a seal.
+  (the raw TTL drops whole parts). A ``minmax`` index on the time, ``inserted_at`` and the lag
+  (``inserted_at`` minus the time) lets a read skip granules that are neither in an unsealed
+  range nor stored late enough to have missed their day's seal.
 * ``upload_rollup``, ``request_rollup``, ``endpoint_rollup`` — what seals write: sums per UTC
   quarter hour, hour and day (``grain``) of whole sealed days, tagged with the seal ``version``.
   Partitioned by year, so a year of one key is read from a part or two.
@@ -19,12 +20,14 @@ replicated to every node.
 from __future__ import annotations
 
 __all__ = [
+    "LAG",
     "METHOD_LABEL",
     "RAW_TIME",
     "REQUEST_COLUMNS",
     "ROLLUPS",
     "SCHEMA_TABLES",
     "UPLOAD_COLUMNS",
+    "lag_index_statements",
     "schema_statements",
     "upgrade_statements",
 ]
@@ -46,10 +49,16 @@ METHOD_LABEL = (
 )
 ROLLUPS = ("upload_rollup", "request_rollup", "endpoint_rollup")
 
-_RAW_TAIL = """
+#: How long after its time a raw row was stored, in microseconds (``{t}``: the time column).
+LAG = "(toUnixTimestamp64Micro(inserted_at) - toUnixTimestamp64Micro({t}))"
+_LAG_INDEX = "lag ({t}, inserted_at, " + LAG + ") TYPE minmax GRANULARITY 1"
+_RAW_TAIL = (
+    """
     inserted_at DateTime64(6, 'UTC') DEFAULT now64(6),
     first_seen UInt64 DEFAULT 18446744073709551615 - toUnixTimestamp64Micro(inserted_at),
-    INDEX tail ({t}, inserted_at) TYPE minmax GRANULARITY 1"""
+    INDEX """
+    + _LAG_INDEX
+)
 
 _ROLLUP_HEAD = """
     grain Enum8('quarter' = 1, 'hour' = 2, 'day' = 3),
@@ -245,3 +254,17 @@ def upgrade_statements(database: str, *, cluster: str | None = None) -> list[str
         for name in (f"{table}_local", table):
             out.append(f"ALTER TABLE `{database}`.{name}{on} ADD COLUMN IF NOT EXISTS {column}")
     return out
+
+
+def lag_index_statements(database: str, table: str, *, cluster: str | None = None) -> list[str]:
+    """Give a raw table made before the ``lag`` skip index that index: add it, build it for the
+    parts stored already (a background mutation) and drop ``tail``, the minmax of time and
+    ``inserted_at`` it replaces (one watermark cannot cover days sealed at different times)."""
+    name = table if cluster is None else f"{table}_local"
+    on = "" if cluster is None else f" ON CLUSTER `{cluster}`"
+    target = f"`{database}`.{name}{on}"
+    return [
+        f"ALTER TABLE {target} ADD INDEX IF NOT EXISTS {_LAG_INDEX.format(t=RAW_TIME[table])}",
+        f"ALTER TABLE {target} MATERIALIZE INDEX lag",
+        f"ALTER TABLE {target} DROP INDEX IF EXISTS tail",
+    ]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .chschema import METHOD_LABEL, RAW_TIME, ROLLUPS
+from .chschema import LAG, METHOD_LABEL, RAW_TIME, ROLLUPS
 
 if TYPE_CHECKING:
     from .chclient import Client
@@ -97,16 +97,30 @@ class Seals:
 
     def tail(self, t: str, start: datetime, end: datetime) -> str:
         """A condition that holds for every raw row of ``[start, end)`` that is in no seal (on
-        an unsealed day, or inserted after every seal's watermark) and lets the ``(time,
-        inserted_at)`` skip index pass over the rest; literals, so the index sees constants."""
+        an unsealed day, or inserted after its day's seal's watermark) and lets the ``lag`` skip
+        index pass over the rest; literals, so the index sees constants.
+
+        A row of a sealed day ``D`` is late only if ``inserted_at > watermark(D)``: it was
+        stored after the oldest watermark, and its lag (``inserted_at - time``) exceeds
+        ``watermark(D) - end of D``. Seals run ``settle_days`` after a day ends, so that floor is
+        about two days, while rows written live are stored seconds after their time: the index
+        skips every granule of them, however many days (each with its own watermark) the range
+        spans; rows loaded in bulk and sealed at once are skipped by the oldest watermark."""
         tests = [
             f"({t} >= fromUnixTimestamp64Micro({micros(lo)}, 'UTC') "
             f"AND {t} < fromUnixTimestamp64Micro({micros(hi)}, 'UTC'))"
             for lo, hi in self.gaps(start, end)
         ]
-        if self.watermarks:
-            w = min(self.watermarks)
-            tests.append(f"inserted_at > fromUnixTimestamp64Micro({w}, 'UTC')")
+        if self.days:
+            floor = min(
+                w - micros(midnight(d) + _DAY)
+                for d, w in zip(self.days, self.watermarks, strict=True)
+            )
+            oldest = min(self.watermarks)
+            tests.append(
+                f"({LAG.format(t=t)} > {floor} "
+                f"AND inserted_at > fromUnixTimestamp64Micro({oldest}, 'UTC'))"
+            )
         return "(" + (" OR ".join(tests) or "0") + ")"
 
     def params(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from .base import (
     EndpointRow,
     Failure,
     FailureKey,
+    GranularReads,
     Histogram,
     MaintainResult,
     RequestFilter,
@@ -52,10 +53,12 @@ from .base import (
 from .chclient import Client, EmbeddedClient, HTTPClient
 from .chread import FINAL_SETTINGS, aligned
 from .chschema import (
+    RAW_TIME,
     REQUEST_COLUMNS,
     ROLLUPS,
     SCHEMA_TABLES,
     UPLOAD_COLUMNS,
+    lag_index_statements,
     schema_statements,
     upgrade_statements,
 )
@@ -173,6 +176,18 @@ class ClickHouseBackend:
         )
         for statement in [*statements, *upgrade_statements(self.database, cluster=cluster)]:
             self.client.command(statement)
+        indexed = {
+            r[0]
+            for r in self.client.query(
+                "SELECT table FROM system.data_skipping_indices "
+                "WHERE database = {db:String} AND name = 'lag'",
+                {"db": self.database},
+            )
+        }
+        for table in RAW_TIME:
+            if (table if cluster is None else f"{table}_local") not in indexed:
+                for statement in lag_index_statements(self.database, table, cluster=cluster):
+                    self.client.command(statement)
         self.cluster = cluster
         self.seal()
 
@@ -334,13 +349,51 @@ class ClickHouseBackend:
         seals = self._seals(bounds)
         return chqueries.upload_rows(self._read, seals, scope, bounds, self._settings())
 
+    def granular_reads(
+        self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
+    ) -> GranularReads:
+        """Two statements: uploads (the previous range as one more period before the first,
+        the type mismatches as one more grouping set) and the two ranges' request
+        histograms."""
+        if self._none(scope):
+            return GranularReads([], Histogram(), [], Histogram(), [])
+        start, end = bounds[0], bounds[-1]
+        span = list(bounds) if previous is None else [previous, *bounds]
+        current = len(span) - len(bounds)
+        settings = self._settings()
+        rows, mismatches = chqueries.granular_rows(
+            self._read, self._seals(span), scope, span, current, settings
+        )
+        ranges = [start, end] if previous is None else [previous, start, end]
+        histograms = chqueries.request_histograms(
+            self._read, self._seals(ranges), scope, ranges, settings
+        )
+        ours: list[UploadRow] = []
+        before: list[UploadRow] = []
+        for row in rows:
+            p = row[0]
+            if p is None or p >= current:
+                ours.append((None if p is None else p - current, *row[1:]))
+            else:
+                before.append(row)
+        if previous is None:
+            return GranularReads(ours, histograms[0], [], Histogram(), mismatches)
+        return GranularReads(ours, histograms[1], before, histograms[0], mismatches)
+
+    def requests_reads(
+        self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
+    ) -> tuple[list[EndpointRow], list[SeriesRow]]:
+        if self._none(scope):
+            return [], []
+        return chqueries.endpoint_and_series_rows(
+            self._read, self._seals(bounds), scope, bounds, filters, self._settings()
+        )
+
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
         if self._none(scope):
             return Histogram()
         seals = self._seals([start, end])
-        return chqueries.request_histogram(
-            self._read, seals, scope, start, end, self._settings()
-        )
+        return chqueries.request_histogram(self._read, seals, scope, start, end, self._settings())
 
     def mismatch_rows(
         self, scope: Scope, start: datetime, end: datetime
@@ -366,9 +419,7 @@ class ClickHouseBackend:
         if self._none(scope):
             return []
         seals = self._seals(bounds)
-        return chqueries.request_series(
-            self._read, seals, scope, bounds, filters, self._settings()
-        )
+        return chqueries.request_series(self._read, seals, scope, bounds, filters, self._settings())
 
     def consumer_rows(self, scope: Scope, start: datetime, end: datetime) -> list[ConsumerRow]:
         if self._none(scope):
@@ -401,4 +452,3 @@ class ClickHouseBackend:
         return chraw.export_rows(
             self._read, dataset, scope, start, end, after, limit, self._settings()
         )
-
