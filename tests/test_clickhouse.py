@@ -35,6 +35,7 @@ from usage_middleware._storage.base import RequestFilter
 from usage_middleware._storage.chread import FINAL_SETTINGS, build
 from usage_middleware._storage.chseal import midnight
 from usage_middleware._storage.chwrite import REQUEST_KINDS, UPLOAD_KINDS, request_data, upload_data
+from usage_middleware._storage.chschema import lag_index_statements
 from usage_middleware._storage.clickhouse import ClickHouseBackend, schema_statements
 from usage_middleware._timerange import QuerySpec
 
@@ -341,6 +342,15 @@ def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
     assert tables == {"file_uploads_local", "api_requests_local", "upload_rollup_local",
                       "request_rollup_local", "endpoint_rollup_local", "endpoint_routes_local",
                       "rollup_seals"}  # fmt: skip
+    # the upgrade that gives older raw tables the lag index: on the local tables, ON CLUSTER
+    for table in ("file_uploads", "api_requests"):
+        for statement in lag_index_statements("usage", table, cluster="prod"):
+            (formatted,) = client.query("SELECT formatQuery({q:String})", {"q": statement})[0]
+            assert f"usage.{table}_local ON CLUSTER prod" in formatted
+            client.command(statement.replace(" ON CLUSTER `prod`", ""))
+    indexes = "SELECT table, name FROM system.data_skipping_indices WHERE database = 'usage'"
+    assert sorted(client.query(indexes)) == [("api_requests_local", "lag"),
+                                             ("file_uploads_local", "lag")]  # fmt: skip
 
 
 def test_cluster_is_refused_where_it_does_not_apply(ch: UsageStore, tmp_path: Any) -> None:
@@ -514,6 +524,8 @@ def test_granular_reads_the_previous_range_and_mismatches_with_the_range(
     ch.write(records[30:])  # late rows beside the seals
     memory.write(records[30:])
     same()
+    backend(ch).parallel_reads = True  # as on a server: the two statements run at once
+    same()
     memory.dispose()
 
 
@@ -556,4 +568,46 @@ def test_requests_reads_endpoints_and_series_in_one_statement(ch: UsageStore) ->
         same()
         backend(ch).seal()
         same()
+    memory.dispose()
+
+
+def test_answers_over_sealed_days_are_remembered_by_seal_version(ch: UsageStore) -> None:
+    """A read's sealed part is a statement of its own, remembered by the seal versions it
+    names: asking again runs only the raw parts, a late row still counts at once, and a new
+    seal of a day is read anew."""
+    key = uuid.uuid4()
+    start = midnight(DAY0) + timedelta(hours=2)
+    records = [UploadRecord(api_key_id=key, file_size=1 + i, uploaded_at=start + timedelta(hours=5 * i))
+               for i in range(20)]  # fmt: skip
+    ch.write(records)
+    backend(ch).seal()
+    spec = QuerySpec(DAY0, DAY0 + timedelta(days=3), "Asia/Kolkata", "day")
+    memory = UsageStore("memory://")
+    memory.write(records)
+    statements: list[str] = []
+    client = backend(ch).client
+    query = client.query
+
+    def counting(sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        statements.append(sql)
+        return query(sql, params)
+
+    client.query = counting  # type: ignore[method-assign]
+    first = granular(ch, spec, [key])
+    assert first == granular(memory, spec, [key])
+    assert sum("FROM upload_rollup" in s or "FROM request_rollup" in s for s in statements) == 2
+    statements.clear()
+    assert granular(ch, spec, [key]) == first
+    assert len(statements) == 2  # the raw parts of the uploads and of the requests
+    assert all("FROM upload_rollup" not in s and "FROM request_rollup" not in s
+               for s in statements)  # fmt: skip
+
+    late = UploadRecord(api_key_id=key, file_size=1000, uploaded_at=start + timedelta(hours=1))
+    ch.write([late])
+    memory.write([late])
+    assert granular(ch, spec, [key]) == granular(memory, spec, [key]) != first
+    backend(ch).seal()  # the late row's day gets a new seal version: read from rollups anew
+    statements.clear()
+    assert granular(ch, spec, [key]) == granular(memory, spec, [key])
+    assert any("FROM upload_rollup" in s for s in statements)
     memory.dispose()

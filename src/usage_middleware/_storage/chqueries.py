@@ -10,12 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from .base import ConsumerRow, EndpointRow, Histogram, RequestFilter, Scope, SeriesRow, UploadRow
 from .chread import (
     METHOD_LABEL,
     PERIOD_OF_Q,
+    Read,
     build,
     keys_condition,
     raw_period,
@@ -36,11 +37,31 @@ __all__ = [
     "upload_rows",
 ]
 
-Run = Callable[[str, dict[str, Any]], list[tuple[Any, ...]]]
+
+class Run(Protocol):
+    """The backend's timed, error-mapping query. ``sealed``: the statement reads sealed rollup
+    rows only, named by their seals' versions, so its answer never changes and may be
+    remembered."""
+
+    def __call__(
+        self, sql: str, params: dict[str, Any], sealed: bool = False
+    ) -> list[tuple[Any, ...]]: ...
 
 
 def _union(rollup: str, raw: str) -> str:
     return f"{rollup}\n    UNION ALL{raw}" if rollup else raw
+
+
+def _parts(
+    run: Run, outer: Callable[[str], str], read: Read, raw: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """``outer`` over the raw rows, then over the sealed rollup rows (a statement of its own,
+    which the backend may answer from memory): rows of a read add, so the two lists are one
+    answer."""
+    rows = run(outer(raw), params)
+    if read.rollup:
+        rows = rows + run(outer(read.rollup), params, sealed=True)
+    return rows
 
 
 def upload_rows(
@@ -67,14 +88,18 @@ def upload_rows(
         WHERE {where} AND {read.raw_where}
         GROUP BY q, provider, file_type
     )"""
-    sql = f"""
+
+    def outer(source: str) -> str:
+        return f"""
 SELECT period, provider, file_type, sum(u), sum(b), sum(s), sum(f)
-FROM ({_union(read.rollup, raw)})
+FROM ({source})
 GROUP BY GROUPING SETS ((period), (provider), (file_type))
 SETTINGS group_by_use_nulls = 1, {settings}"""
+
+    rows = _parts(run, outer, read, raw, params)
     return [
         (None if p is None else int(p), provider, file_type, int(u), int(b), int(s), int(f))
-        for p, provider, file_type, u, b, s, f in run(sql, params)
+        for p, provider, file_type, u, b, s, f in rows
     ]
 
 
@@ -95,11 +120,15 @@ def request_histogram(
     FROM api_requests FINAL
     WHERE {where} AND {read.raw_where}
     GROUP BY latency_bucket"""
-    sql = f"""
-SELECT bucket, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+
+    def outer(source: str) -> str:
+        return f"""
+SELECT bucket, sum(n), sum(e), sum(us) FROM ({source})
 GROUP BY bucket SETTINGS {settings}"""
+
+    rows = _parts(run, outer, read, raw, params)
     out = Histogram()
-    for bucket, n, e, us in run(sql, params):
+    for bucket, n, e, us in rows:
         out.add(int(bucket), int(n), int(e), int(us))
     return out
 
@@ -121,10 +150,14 @@ def mismatch_rows(
     WHERE {where} AND declared_type IS NOT NULL AND declared_type != file_type
       AND {read.raw_where}
     GROUP BY file_type, declared"""
-    sql = f"""
-SELECT file_type, declared, sum(n) FROM ({_union(read.rollup, raw)})
+
+    def outer(source: str) -> str:
+        return f"""
+SELECT file_type, declared, sum(n) FROM ({source})
 GROUP BY file_type, declared SETTINGS {settings}"""
-    return [(str(t), str(d), int(n)) for t, d, n in run(sql, params)]
+
+    rows = _parts(run, outer, read, raw, params)
+    return [(str(t), str(d), int(n)) for t, d, n in rows]
 
 
 def endpoint_rows(
@@ -155,12 +188,16 @@ def endpoint_rows(
     WHERE {keys}{request_filters(filters, params, METHOD_LABEL, "route_label")}
       AND {read.raw_where}
     GROUP BY m, r, sc, cb"""
-    sql = f"""
-SELECT m, r, sc, cb, sum(n), sum(us), sum(qb), sum(pb) FROM ({_union(read.rollup, raw)})
+
+    def outer(source: str) -> str:
+        return f"""
+SELECT m, r, sc, cb, sum(n), sum(us), sum(qb), sum(pb) FROM ({source})
 GROUP BY m, r, sc, cb SETTINGS {settings}"""
+
+    rows = _parts(run, outer, read, raw, params)
     return [
         (str(m), str(r), int(sc), int(cb), int(n), int(us), int(qb), int(pb))
-        for m, r, sc, cb, n, us, qb, pb in run(sql, params)
+        for m, r, sc, cb, n, us, qb, pb in rows
     ]
 
 
@@ -193,12 +230,14 @@ def request_series(
           AND {read.raw_where}
         GROUP BY q, cb
     )"""
-    sql = f"""
-SELECT period, cb, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+
+    def outer(source: str) -> str:
+        return f"""
+SELECT period, cb, sum(n), sum(e), sum(us) FROM ({source})
 GROUP BY period, cb SETTINGS {settings}"""
-    return [
-        (int(p), int(cb), int(n), int(e), int(us)) for p, cb, n, e, us in run(sql, params)
-    ]
+
+    rows = _parts(run, outer, read, raw, params)
+    return [(int(p), int(cb), int(n), int(e), int(us)) for p, cb, n, e, us in rows]
 
 
 def consumer_rows(
@@ -288,24 +327,27 @@ def granular_rows(
         WHERE {where} AND {read.raw_where}
         GROUP BY q, provider, file_type, declared
     )"""
-    sql = f"""
+
+    def outer(source: str) -> str:
+        return f"""
 SELECT period, period >= {{current:Int32}} AS now, provider, file_type, declared, sum(u), sum(b),
        sum(s), sum(f)
-FROM ({_union(read.rollup, raw)})
+FROM ({source})
 GROUP BY GROUPING SETS ((period), (now, provider), (now, file_type), (now, file_type, declared))
 SETTINGS group_by_use_nulls = 1, {settings}"""
-    rows: list[UploadRow] = []
+
+    out: list[UploadRow] = []
     mismatches: list[tuple[str, str, int]] = []
-    for p, now, provider, file_type, declared, u, b, s, f in run(sql, params):
+    for p, now, provider, file_type, declared, u, b, s, f in _parts(run, outer, read, raw, params):
         if p is not None:
-            rows.append((int(p), None, None, int(u), int(b), int(s), int(f)))
+            out.append((int(p), None, None, int(u), int(b), int(s), int(f)))
         elif not now:
             continue  # a breakdown of the previous range: not asked for
         elif declared is None:
-            rows.append((None, provider, file_type, int(u), int(b), int(s), int(f)))
+            out.append((None, provider, file_type, int(u), int(b), int(s), int(f)))
         elif declared:
             mismatches.append((str(file_type), str(declared), int(u)))
-    return rows, mismatches
+    return out, mismatches
 
 
 def request_histograms(
@@ -330,11 +372,15 @@ def request_histograms(
         WHERE {where} AND {read.raw_where}
         GROUP BY q, bucket
     )"""
-    sql = f"""
-SELECT period, bucket, sum(n), sum(e), sum(us) FROM ({_union(read.rollup, raw)})
+
+    def outer(source: str) -> str:
+        return f"""
+SELECT period, bucket, sum(n), sum(e), sum(us) FROM ({source})
 GROUP BY period, bucket SETTINGS {settings}"""
+
+    rows = _parts(run, outer, read, raw, params)
     out = [Histogram() for _ in range(len(bounds) - 1)]
-    for p, bucket, n, e, us in run(sql, params):
+    for p, bucket, n, e, us in rows:
         out[int(p)].add(int(bucket), int(n), int(e), int(us))
     return out
 
@@ -373,14 +419,18 @@ def endpoint_and_series_rows(
           AND {read.raw_where}
         GROUP BY q, m, r, sc, cb
     )"""
-    sql = f"""
+
+    def outer(source: str) -> str:
+        return f"""
 SELECT period, m, r, sc, cb, sum(n), sum(e), sum(us), sum(qb), sum(pb)
-FROM ({_union(read.rollup, raw)})
+FROM ({source})
 GROUP BY GROUPING SETS ((m, r, sc, cb), (period, cb))
 SETTINGS group_by_use_nulls = 1, {settings}"""
+
+    rows = _parts(run, outer, read, raw, params)
     endpoints: list[EndpointRow] = []
     series: list[SeriesRow] = []
-    for p, m, r, sc, cb, n, e, us, qb, pb in run(sql, params):
+    for p, m, r, sc, cb, n, e, us, qb, pb in rows:
         if p is None:
             endpoints.append((str(m), str(r), int(sc), int(cb), int(n), int(us), int(qb), int(pb)))
         else:
