@@ -143,7 +143,8 @@ def granular(
     and the ``previous`` range's totals and ``type_mismatches``.
 
     The reads are independent; on a pooled server they run at the same time, so the answer
-    takes about as long as the slowest one.
+    takes about as long as the slowest one. A backend that reads them all at once
+    (``GranularReader``) answers them in one call.
     """
     ps = periods(spec)
     bounds = [*(p.start for p in ps), spec.end_utc]

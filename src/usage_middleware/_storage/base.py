@@ -334,8 +334,8 @@ class GranularReads(NamedTuple):
 class GranularReader(Protocol):
     """A backend that reads all of ``/granular`` at once. Where each statement has a large
     fixed cost (ClickHouse spends milliseconds planning one, and chdb runs them one at a
-    time), two statements instead of five are most of an answer's time; the read path uses
-    this in place of the five primitives when a backend has it."""
+    time), two reads instead of five save most of an answer's time; the read path uses this in
+    place of the five primitives when a backend has it."""
 
     def granular_reads(
         self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
@@ -347,8 +347,8 @@ class GranularReader(Protocol):
 
 @runtime_checkable
 class RequestsReader(Protocol):
-    """A backend that reads ``/requests``' endpoint rows and series at once (one statement
-    instead of two, for the reason of :class:`GranularReader`)."""
+    """A backend that reads ``/requests``' endpoint rows and series at once (one read instead
+    of two, for the reason of :class:`GranularReader`)."""
 
     def requests_reads(
         self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter

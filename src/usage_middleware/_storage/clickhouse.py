@@ -376,11 +376,14 @@ class ClickHouseBackend:
     def _none(scope: Scope) -> bool:
         return scope.keys is not None and not scope.keys
 
+    # The primitives are the combined reads with the parts not asked for left unused: one
+    # grouping set more costs ClickHouse less than a statement of its own would.
+
     def upload_rows(self, scope: Scope, bounds: Sequence[datetime]) -> list[UploadRow]:
         if self._none(scope):
             return []
         seals = self._seals(bounds)
-        return chqueries.upload_rows(self._read, seals, scope, bounds, self._settings())
+        return chqueries.granular_rows(self._read, seals, scope, bounds, 0, self._settings())[0]
 
     def granular_reads(
         self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
@@ -434,7 +437,9 @@ class ClickHouseBackend:
         if self._none(scope):
             return Histogram()
         seals = self._seals([start, end])
-        return chqueries.request_histogram(self._read, seals, scope, start, end, self._settings())
+        return chqueries.request_histograms(
+            self._read, seals, scope, [start, end], self._settings()
+        )[0]
 
     def mismatch_rows(
         self, scope: Scope, start: datetime, end: datetime
@@ -442,25 +447,19 @@ class ClickHouseBackend:
         if self._none(scope):
             return []
         seals = self._seals([start, end])
-        return chqueries.mismatch_rows(self._read, seals, scope, start, end, self._settings())
+        return chqueries.granular_rows(
+            self._read, seals, scope, [start, end], 0, self._settings()
+        )[1]
 
     def endpoint_rows(
         self, scope: Scope, start: datetime, end: datetime, filters: RequestFilter
     ) -> list[EndpointRow]:
-        if self._none(scope):
-            return []
-        seals = self._seals([start, end])
-        return chqueries.endpoint_rows(
-            self._read, seals, scope, start, end, filters, self._settings()
-        )
+        return self.requests_reads(scope, [start, end], filters)[0]
 
     def request_series(
         self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
     ) -> list[SeriesRow]:
-        if self._none(scope):
-            return []
-        seals = self._seals(bounds)
-        return chqueries.request_series(self._read, seals, scope, bounds, filters, self._settings())
+        return self.requests_reads(scope, bounds, filters)[1]
 
     def consumer_rows(self, scope: Scope, start: datetime, end: datetime) -> list[ConsumerRow]:
         if self._none(scope):
