@@ -611,3 +611,29 @@ def test_answers_over_sealed_days_are_remembered_by_seal_version(ch: UsageStore)
     assert granular(ch, spec, [key]) == granular(memory, spec, [key])
     assert any("FROM upload_rollup" in s for s in statements)
     memory.dispose()
+
+
+def test_remembered_sealed_answers_stay_within_their_row_budget(
+    ch: UsageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remembered answers hold at most the budget's rows: the least recently used go, and
+    an answer larger than an eighth of the budget is not kept. Answers stay exact."""
+    import usage_middleware._storage.clickhouse as module
+
+    monkeypatch.setattr(module, "_SEALED_ROWS", 40)
+    key = uuid.uuid4()
+    records = [UploadRecord(api_key_id=key, provider=PROVIDERS[i % 2], file_type=TYPES[i % 3],
+                            file_size=i, uploaded_at=midnight(DAY0) + timedelta(hours=3 * i))
+               for i in range(40)]  # fmt: skip
+    ch.write(records)
+    backend(ch).seal()
+    memory = UsageStore("memory://")
+    memory.write(records)
+    for days in range(1, 5):
+        for tz in ("UTC", "Asia/Kathmandu"):
+            spec = QuerySpec(DAY0, DAY0 + timedelta(days=days), tz, "hour")
+            assert granular(ch, spec, [key]) == granular(memory, spec, [key])
+            b = backend(ch)
+            assert b._sealed_rows == sum(map(len, b._sealed.values())) <= 40
+            assert all(len(rows) <= 5 for rows in b._sealed.values())
+    memory.dispose()

@@ -72,7 +72,9 @@ __all__ = ["REQUEST_COLUMNS", "UPLOAD_COLUMNS", "ClickHouseBackend", "schema_sta
 
 UTC = timezone.utc
 _SEAL_CACHE_SECONDS = 60.0
-_SEALED_ANSWERS = 256  # answers over sealed rollup rows remembered (least recently used go)
+# Answers over sealed rollup rows remembered: at most this many rows in all (least recently
+# used go first), none larger than an eighth of it.
+_SEALED_ROWS = 200_000
 
 
 def _frozen(value: Any) -> Any:
@@ -166,6 +168,7 @@ class ClickHouseBackend:
         self._seal_cache: tuple[float, Seals] = (-math.inf, Seals(()))
         self._sealed: OrderedDict[tuple[Any, ...], list[tuple[Any, ...]]] = OrderedDict()
         self._sealed_lock = threading.Lock()
+        self._sealed_rows = 0
         self._maintained_at = 0.0
         self._maintain_lock = threading.Lock()
         self._routes = RouteCap()
@@ -338,7 +341,7 @@ class ClickHouseBackend:
         parameters name by version, rows that never change once their seal is written (a
         later seal writes a new version): its answer is remembered, keyed by the statement and
         the parameters it uses, for the next read of the same sealed days (a dashboard
-        refreshing its view asks the same again)."""
+        refreshing its view asks the same again), within a budget of rows."""
         if not sealed:
             return self._query(sql, params)
         key = (sql, *((k, _frozen(params[k])) for k in sorted(params) if f"{{{k}:" in sql))
@@ -348,10 +351,13 @@ class ClickHouseBackend:
                 self._sealed.move_to_end(key)
                 return rows
         rows = self._query(sql, params)
-        with self._sealed_lock:
-            self._sealed[key] = rows
-            while len(self._sealed) > _SEALED_ANSWERS:
-                self._sealed.popitem(last=False)
+        if len(rows) <= _SEALED_ROWS // 8:
+            with self._sealed_lock:
+                if key not in self._sealed:
+                    self._sealed[key] = rows
+                    self._sealed_rows += len(rows)
+                while self._sealed_rows > _SEALED_ROWS:
+                    self._sealed_rows -= len(self._sealed.popitem(last=False)[1])
         return rows
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
