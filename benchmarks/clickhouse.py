@@ -123,8 +123,10 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
         ch.write(parts[0])
         rates["chdb store.write", name] = rate(n, lambda p=parts: [ch.write(x) for x in p[1:]])
     for table, order in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
-        client.command(f"CREATE TABLE plain_{table} AS {table} ENGINE = MergeTree "
-                       f"PARTITION BY toYYYYMM({order}) ORDER BY (api_key_id, {order})")
+        client.command(
+            f"CREATE TABLE plain_{table} AS {table} ENGINE = MergeTree "
+            f"PARTITION BY toYYYYMM({order}) ORDER BY (api_key_id, {order})"
+        )
 
     def plain(parts: list[list[Any]], requests: bool) -> None:
         for part in parts[1:]:
@@ -304,8 +306,12 @@ def main() -> None:
     parser.add_argument("--ingest", type=int, default=50_000, help="rows of each data set")
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--runs", type=int, default=9)
-    parser.add_argument("--pg", default=os.environ.get(
-        "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "USAGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.rows.split(",")]
 

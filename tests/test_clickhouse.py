@@ -33,9 +33,9 @@ from usage_middleware._requests import requests_answer
 from usage_middleware._schema import endpoint_route
 from usage_middleware._storage.base import RequestFilter
 from usage_middleware._storage.chread import FINAL_SETTINGS, build
+from usage_middleware._storage.chschema import lag_index_statements
 from usage_middleware._storage.chseal import midnight
 from usage_middleware._storage.chwrite import REQUEST_KINDS, UPLOAD_KINDS, request_data, upload_data
-from usage_middleware._storage.chschema import lag_index_statements
 from usage_middleware._storage.clickhouse import ClickHouseBackend, schema_statements
 from usage_middleware._timerange import QuerySpec
 
@@ -577,8 +577,10 @@ def test_answers_over_sealed_days_are_remembered_by_seal_version(ch: UsageStore)
     seal of a day is read anew."""
     key = uuid.uuid4()
     start = midnight(DAY0) + timedelta(hours=2)
-    records = [UploadRecord(api_key_id=key, file_size=1 + i, uploaded_at=start + timedelta(hours=5 * i))
-               for i in range(20)]  # fmt: skip
+    records = [
+        UploadRecord(api_key_id=key, file_size=1 + i, uploaded_at=start + timedelta(hours=5 * i))
+        for i in range(20)
+    ]
     ch.write(records)
     backend(ch).seal()
     spec = QuerySpec(DAY0, DAY0 + timedelta(days=3), "Asia/Kolkata", "day")
@@ -613,14 +615,10 @@ def test_answers_over_sealed_days_are_remembered_by_seal_version(ch: UsageStore)
     memory.dispose()
 
 
-def test_remembered_sealed_answers_stay_within_their_row_budget(
-    ch: UsageStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_remembered_sealed_answers_stay_within_their_row_budget(ch: UsageStore) -> None:
     """The remembered answers hold at most the budget's rows: the least recently used go, and
     an answer larger than an eighth of the budget is not kept. Answers stay exact."""
-    import usage_middleware._storage.clickhouse as module
-
-    monkeypatch.setattr(module, "_SEALED_ROWS", 40)
+    backend(ch).answers.budget = 40
     key = uuid.uuid4()
     records = [UploadRecord(api_key_id=key, provider=PROVIDERS[i % 2], file_type=TYPES[i % 3],
                             file_size=i, uploaded_at=midnight(DAY0) + timedelta(hours=3 * i))
@@ -633,7 +631,7 @@ def test_remembered_sealed_answers_stay_within_their_row_budget(
         for tz in ("UTC", "Asia/Kathmandu"):
             spec = QuerySpec(DAY0, DAY0 + timedelta(days=days), tz, "hour")
             assert granular(ch, spec, [key]) == granular(memory, spec, [key])
-            b = backend(ch)
-            assert b._sealed_rows == sum(map(len, b._sealed.values())) <= 40
-            assert all(len(rows) <= 5 for rows in b._sealed.values())
+            answers = backend(ch).answers
+            assert answers.rows <= 40 and answers.largest() <= 5
+    assert len(backend(ch).answers) > 1
     memory.dispose()

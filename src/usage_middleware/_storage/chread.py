@@ -17,8 +17,10 @@ the quarter-hour grid (historical local mean time) are read from raw rows alone.
 from __future__ import annotations
 
 import itertools
+import threading
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -32,6 +34,7 @@ __all__ = [
     "METHOD_LABEL",
     "PERIOD_OF_Q",
     "Read",
+    "SealedAnswers",
     "aligned",
     "build",
     "cover",
@@ -203,3 +206,56 @@ def raw_period(raw_time: str, bounds: Sequence[datetime], params: dict[str, Any]
 
 
 PERIOD_OF_Q = "arrayCount(x -> x <= q, {bounds:Array(Int64)}) - 1"
+
+
+Rows = list[tuple[Any, ...]]
+
+
+class SealedAnswers:
+    """Answers of statements that read only sealed rollup rows, remembered.
+
+    Such a statement names the seal version of every day it reads, and a seal's rollup rows
+    never change once its seal row is written (a new seal of a day is a new version), so its
+    answer never changes either: it is kept, keyed by the statement and the parameters it uses,
+    at most ``budget`` rows in all (the least recently used go first; an answer larger than an
+    eighth of the budget is not kept)."""
+
+    def __init__(self, budget: int = 200_000) -> None:
+        self.budget = budget
+        self.rows = 0  # rows held
+        self._answers: OrderedDict[tuple[Any, ...], Rows] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def largest(self) -> int:
+        """The rows of the largest answer held."""
+        with self._lock:
+            return max(map(len, self._answers.values()), default=0)
+
+    def get(self, sql: str, params: dict[str, Any], run: Callable[[], Rows]) -> Rows:
+        """The answer of ``sql`` with ``params``: remembered, or ``run()`` and remembered."""
+        key = (sql, *((k, _frozen(params[k])) for k in sorted(params) if f"{{{k}:" in sql))
+        with self._lock:
+            rows = self._answers.get(key)
+            if rows is not None:
+                self._answers.move_to_end(key)
+                return rows
+        rows = run()
+        if len(rows) <= self.budget // 8:
+            with self._lock:
+                if key not in self._answers:
+                    self._answers[key] = rows
+                    self.rows += len(rows)
+                while self.rows > self.budget:
+                    self.rows -= len(self._answers.popitem(last=False)[1])
+        return rows
+
+    def forked(self) -> None:
+        """In a forked child: a new lock (the parent's may have been held at the fork)."""
+        self._lock = threading.Lock()
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

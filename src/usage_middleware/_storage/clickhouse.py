@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -53,7 +52,7 @@ from .base import (
     UploadRow,
 )
 from .chclient import Client, EmbeddedClient, HTTPClient
-from .chread import FINAL_SETTINGS, aligned
+from .chread import FINAL_SETTINGS, SealedAnswers, aligned
 from .chschema import (
     RAW_TIME,
     REQUEST_COLUMNS,
@@ -72,13 +71,6 @@ __all__ = ["REQUEST_COLUMNS", "UPLOAD_COLUMNS", "ClickHouseBackend", "schema_sta
 
 UTC = timezone.utc
 _SEAL_CACHE_SECONDS = 60.0
-# Answers over sealed rollup rows remembered: at most this many rows in all (least recently
-# used go first), none larger than an eighth of it.
-_SEALED_ROWS = 200_000
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _int_option(value: Any, name: str, minimum: int) -> int:
@@ -166,9 +158,7 @@ class ClickHouseBackend:
             self.parallel_reads = True
         self.cluster: str | None = None
         self._seal_cache: tuple[float, Seals] = (-math.inf, Seals(()))
-        self._sealed: OrderedDict[tuple[Any, ...], list[tuple[Any, ...]]] = OrderedDict()
-        self._sealed_lock = threading.Lock()
-        self._sealed_rows = 0
+        self.answers = SealedAnswers()
         self._maintained_at = 0.0
         self._maintain_lock = threading.Lock()
         self._routes = RouteCap()
@@ -311,7 +301,7 @@ class ClickHouseBackend:
     def after_fork(self) -> None:
         self.client.forked()
         self._maintain_lock = threading.Lock()
-        self._sealed_lock = threading.Lock()
+        self.answers.forked()
         self._routes = RouteCap()
 
     def close(self) -> None:
@@ -337,28 +327,12 @@ class ClickHouseBackend:
     def _read(
         self, sql: str, params: dict[str, Any], sealed: bool = False
     ) -> list[tuple[Any, ...]]:
-        """Run a read statement. A ``sealed`` one reads only rollup rows of seals its
-        parameters name by version, rows that never change once their seal is written (a
-        later seal writes a new version): its answer is remembered, keyed by the statement and
-        the parameters it uses, for the next read of the same sealed days (a dashboard
-        refreshing its view asks the same again), within a budget of rows."""
+        """Run a read statement. A ``sealed`` one (rollup rows of seals named by version) is
+        answered from :class:`.chread.SealedAnswers` when it was asked before: a dashboard
+        refreshing its view asks the same again."""
         if not sealed:
             return self._query(sql, params)
-        key = (sql, *((k, _frozen(params[k])) for k in sorted(params) if f"{{{k}:" in sql))
-        with self._sealed_lock:
-            rows = self._sealed.get(key)
-            if rows is not None:
-                self._sealed.move_to_end(key)
-                return rows
-        rows = self._query(sql, params)
-        if len(rows) <= _SEALED_ROWS // 8:
-            with self._sealed_lock:
-                if key not in self._sealed:
-                    self._sealed[key] = rows
-                    self._sealed_rows += len(rows)
-                while self._sealed_rows > _SEALED_ROWS:
-                    self._sealed_rows -= len(self._sealed.popitem(last=False)[1])
-        return rows
+        return self.answers.get(sql, params, lambda: self._query(sql, params))
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         try:
