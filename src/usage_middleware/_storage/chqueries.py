@@ -10,13 +10,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from .base import ConsumerRow, EndpointRow, Histogram, RequestFilter, Scope, SeriesRow, UploadRow
 from .chread import (
     METHOD_LABEL,
     PERIOD_OF_Q,
     Read,
+    SealedAnswers,
     build,
     keys_condition,
     raw_period,
@@ -33,14 +34,7 @@ __all__ = [
 ]
 
 
-class Run(Protocol):
-    """The backend's timed, error-mapping query. ``sealed``: the statement reads sealed rollup
-    rows only, named by their seals' versions, so its answer never changes and may be
-    remembered."""
-
-    def __call__(
-        self, sql: str, params: dict[str, Any], sealed: bool = False
-    ) -> list[tuple[Any, ...]]: ...
+Run = Callable[[str, dict[str, Any]], list[tuple[Any, ...]]]
 
 
 def _union(rollup: str, raw: str) -> str:
@@ -48,15 +42,27 @@ def _union(rollup: str, raw: str) -> str:
 
 
 def _parts(
-    run: Run, outer: Callable[[str], str], read: Read, raw: str, params: dict[str, Any]
+    run: Run,
+    answers: SealedAnswers,
+    outer: Callable[[str], str],
+    read: Read,
+    raw: str,
+    params: dict[str, Any],
 ) -> list[tuple[Any, ...]]:
-    """``outer`` over the raw rows, then over the sealed rollup rows (a statement of its own,
-    which the backend may answer from memory): rows of a read add, so the two lists are one
-    answer."""
-    rows = run(outer(raw), params)
-    if read.rollup:
-        rows = rows + run(outer(read.rollup), params, sealed=True)
-    return rows
+    """The rows of ``outer`` over the sealed rollup rows and the raw rows, which add. ``outer``
+    keeps the two apart by their ``sealed`` column (its first): the sealed part's rows are
+    remembered in ``answers``, and once they are, a read runs ``outer`` over the raw rows
+    alone."""
+    if not read.rollup:
+        return [r[1:] for r in run(outer(raw), params)]
+    sealed_sql = outer(read.rollup)
+    known = answers.peek(sealed_sql, params)
+    if known is not None:
+        return known + [r[1:] for r in run(outer(raw), params)]
+    rows = run(outer(_union(read.rollup, raw)), params)
+    sealed = [r[1:] for r in rows if r[0]]
+    answers.put(sealed_sql, params, sealed)
+    return sealed + [r[1:] for r in rows if not r[0]]
 
 
 def consumer_rows(
@@ -84,14 +90,14 @@ def consumer_rows(
     params.update(ups.params)
     params.update(reqs.params)
     raw_ups = f"""
-    SELECT 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(count()) AS u,
+    SELECT 0 AS sealed, 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(count()) AS u,
            toInt64(sum(file_size)) AS b, toInt64(countIf(upload_status = 'failed')) AS fl,
            toInt64(0) AS n, toInt64(0) AS e, max(toUnixTimestamp64Micro(uploaded_at)) AS l
     FROM file_uploads FINAL
     WHERE {keys}{filters} AND {ups.raw_where}
     GROUP BY api_key_id, has_key"""
     raw_reqs = f"""
-    SELECT 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(0) AS u,
+    SELECT 0 AS sealed, 0 AS period, api_key_id AS kid, has_key AS hk, toInt64(0) AS u,
            toInt64(0) AS b, toInt64(0) AS fl, toInt64(count()) AS n,
            toInt64(countIf(status_code >= 400)) AS e,
            max(toUnixTimestamp64Micro(requested_at)) AS l
@@ -114,6 +120,7 @@ GROUP BY kid, hk SETTINGS {settings}"""
 
 def granular_rows(
     run: Run,
+    answers: SealedAnswers,
     seals: Seals,
     scope: Scope,
     bounds: Sequence[datetime],
@@ -134,7 +141,7 @@ def granular_rows(
     params.update(read.params)
     q = raw_period("uploaded_at", bounds, params)
     raw = f"""
-    SELECT {PERIOD_OF_Q} AS period, provider, file_type, declared, u, b, s, f
+    SELECT 0 AS sealed, {PERIOD_OF_Q} AS period, provider, file_type, declared, u, b, s, f
     FROM (
         SELECT {q} AS q, provider, file_type,
                if(ifNull(declared_type, file_type) = file_type, '',
@@ -149,15 +156,17 @@ def granular_rows(
 
     def outer(source: str) -> str:
         return f"""
-SELECT period, period >= {{current:Int32}} AS now, provider, file_type, declared, sum(u), sum(b),
-       sum(s), sum(f)
+SELECT sealed, period, period >= {{current:Int32}} AS now, provider, file_type, declared,
+       sum(u), sum(b), sum(s), sum(f)
 FROM ({source})
-GROUP BY GROUPING SETS ((period), (now, provider), (now, file_type), (now, file_type, declared))
+GROUP BY GROUPING SETS ((sealed, period), (sealed, now, provider), (sealed, now, file_type),
+                       (sealed, now, file_type, declared))
 SETTINGS group_by_use_nulls = 1, {settings}"""
 
     out: list[UploadRow] = []
     mismatches: list[tuple[str, str, int]] = []
-    for p, now, provider, file_type, declared, u, b, s, f in _parts(run, outer, read, raw, params):
+    rows = _parts(run, answers, outer, read, raw, params)
+    for p, now, provider, file_type, declared, u, b, s, f in rows:
         if p is not None:
             out.append((int(p), None, None, int(u), int(b), int(s), int(f)))
         elif not now:
@@ -170,7 +179,12 @@ SETTINGS group_by_use_nulls = 1, {settings}"""
 
 
 def request_histograms(
-    run: Run, seals: Seals, scope: Scope, bounds: Sequence[datetime], settings: str
+    run: Run,
+    answers: SealedAnswers,
+    seals: Seals,
+    scope: Scope,
+    bounds: Sequence[datetime],
+    settings: str,
 ) -> list[Histogram]:
     """The request histogram of each period of ``bounds``, in one statement."""
     params: dict[str, Any] = {}
@@ -183,7 +197,7 @@ def request_histograms(
     params.update(read.params)
     q = raw_period("requested_at", bounds, params)
     raw = f"""
-    SELECT {PERIOD_OF_Q} AS period, bucket, n, e, us
+    SELECT 0 AS sealed, {PERIOD_OF_Q} AS period, bucket, n, e, us
     FROM (
         SELECT {q} AS q, latency_bucket AS bucket, toInt64(count()) AS n,
                toInt64(countIf(status_code >= 400)) AS e, toInt64(sum(response_us)) AS us
@@ -194,10 +208,10 @@ def request_histograms(
 
     def outer(source: str) -> str:
         return f"""
-SELECT period, bucket, sum(n), sum(e), sum(us) FROM ({source})
-GROUP BY period, bucket SETTINGS {settings}"""
+SELECT sealed, period, bucket, sum(n), sum(e), sum(us) FROM ({source})
+GROUP BY sealed, period, bucket SETTINGS {settings}"""
 
-    rows = _parts(run, outer, read, raw, params)
+    rows = _parts(run, answers, outer, read, raw, params)
     out = [Histogram() for _ in range(len(bounds) - 1)]
     for p, bucket, n, e, us in rows:
         out[int(p)].add(int(bucket), int(n), int(e), int(us))
@@ -206,6 +220,7 @@ GROUP BY period, bucket SETTINGS {settings}"""
 
 def endpoint_and_series_rows(
     run: Run,
+    answers: SealedAnswers,
     seals: Seals,
     scope: Scope,
     bounds: Sequence[datetime],
@@ -227,7 +242,7 @@ def endpoint_and_series_rows(
     params.update(read.params)
     q = raw_period("requested_at", bounds, params)
     raw = f"""
-    SELECT {PERIOD_OF_Q} AS period, m, r, sc, cb, n, e, us, qb, pb
+    SELECT 0 AS sealed, {PERIOD_OF_Q} AS period, m, r, sc, cb, n, e, us, qb, pb
     FROM (
         SELECT {q} AS q, {METHOD_LABEL} AS m, route_label AS r, status_code AS sc,
                intDiv(latency_bucket + 4, 5) AS cb, toInt64(count()) AS n,
@@ -241,12 +256,12 @@ def endpoint_and_series_rows(
 
     def outer(source: str) -> str:
         return f"""
-SELECT period, m, r, sc, cb, sum(n), sum(e), sum(us), sum(qb), sum(pb)
+SELECT sealed, period, m, r, sc, cb, sum(n), sum(e), sum(us), sum(qb), sum(pb)
 FROM ({source})
-GROUP BY GROUPING SETS ((m, r, sc, cb), (period, cb))
+GROUP BY GROUPING SETS ((sealed, m, r, sc, cb), (sealed, period, cb))
 SETTINGS group_by_use_nulls = 1, {settings}"""
 
-    rows = _parts(run, outer, read, raw, params)
+    rows = _parts(run, answers, outer, read, raw, params)
     endpoints: list[EndpointRow] = []
     series: list[SeriesRow] = []
     for p, m, r, sc, cb, n, e, us, qb, pb in rows:

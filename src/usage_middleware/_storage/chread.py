@@ -20,7 +20,7 @@ import itertools
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -131,8 +131,8 @@ def request_filters(
 
 
 class Read(NamedTuple):
-    """The two sources of one read: rollup rows with their ``period`` column, and the raw
-    rows' condition."""
+    """The two sources of one read: rollup rows with their ``sealed`` (1) and ``period``
+    columns, and the raw rows' condition (a raw part selects ``0 AS sealed`` first)."""
 
     rollup: str  # SQL of the mapped rollup rows ('' when no sealed day is read)
     raw_where: str  # the raw part's condition on time and insertion
@@ -184,7 +184,7 @@ def build(
             sets.append(f"(grain = '{grain}' AND {starts_in})")
     params["piece_k"], params["piece_p"] = list(pieces), list(pieces.values())
     rollup = f"""
-    SELECT transform(toUInt64(toUnixTimestamp(t)) * 4 + CAST(grain, 'UInt8'),
+    SELECT 1 AS sealed, transform(toUInt64(toUnixTimestamp(t)) * 4 + CAST(grain, 'UInt8'),
                      {{piece_k:Array(UInt64)}}, {{piece_p:Array(Int32)}}, -1) AS period,
            {columns}
     FROM {table}
@@ -234,28 +234,34 @@ class SealedAnswers:
         with self._lock:
             return max(map(len, self._answers.values()), default=0)
 
-    def get(self, sql: str, params: dict[str, Any], run: Callable[[], Rows]) -> Rows:
-        """The answer of ``sql`` with ``params``: remembered, or ``run()`` and remembered."""
-        key = (sql, *((k, _frozen(params[k])) for k in sorted(params) if f"{{{k}:" in sql))
+    def peek(self, sql: str, params: dict[str, Any]) -> Rows | None:
+        """The remembered answer of ``sql`` with ``params`` (a copy), if there is one."""
+        key = _key(sql, params)
         with self._lock:
             rows = self._answers.get(key)
-            if rows is not None:
-                self._answers.move_to_end(key)
-                return rows
-        rows = run()
-        if len(rows) <= self.budget // 8:
-            with self._lock:
-                if key not in self._answers:
-                    self._answers[key] = rows
-                    self.rows += len(rows)
-                while self.rows > self.budget:
-                    self.rows -= len(self._answers.popitem(last=False)[1])
-        return rows
+            if rows is None:
+                return None
+            self._answers.move_to_end(key)
+            return list(rows)
+
+    def put(self, sql: str, params: dict[str, Any], rows: Rows) -> None:
+        """Remember ``rows`` as the answer of ``sql`` with ``params``."""
+        if len(rows) > self.budget // 8:
+            return
+        key = _key(sql, params)
+        with self._lock:
+            if key not in self._answers:
+                self._answers[key] = list(rows)
+                self.rows += len(rows)
+            while self.rows > self.budget:
+                self.rows -= len(self._answers.popitem(last=False)[1])
 
     def forked(self) -> None:
         """In a forked child: a new lock (the parent's may have been held at the fork)."""
         self._lock = threading.Lock()
 
 
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def _key(sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    """The statement and the parameters it uses (lists made hashable)."""
+    used = [(k, params[k]) for k in sorted(params) if f"{{{k}:" in sql]
+    return (sql, *((k, tuple(v) if isinstance(v, list) else v) for k, v in used))

@@ -324,17 +324,7 @@ class ClickHouseBackend:
             self._seal_cache = (time.monotonic(), seals)
         return seals.within(bounds[0], bounds[-1])
 
-    def _read(
-        self, sql: str, params: dict[str, Any], sealed: bool = False
-    ) -> list[tuple[Any, ...]]:
-        """Run a read statement. A ``sealed`` one (rollup rows of seals named by version) is
-        answered from :class:`.chread.SealedAnswers` when it was asked before: a dashboard
-        refreshing its view asks the same again."""
-        if not sealed:
-            return self._query(sql, params)
-        return self.answers.get(sql, params, lambda: self._query(sql, params))
-
-    def _query(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         try:
             return self.client.query(sql, params)
         except (ConfigurationError, DatabaseUnavailableError):
@@ -363,7 +353,9 @@ class ClickHouseBackend:
         if self._none(scope):
             return []
         seals = self._seals(bounds)
-        return chqueries.granular_rows(self._read, seals, scope, bounds, 0, self._settings())[0]
+        return chqueries.granular_rows(
+            self._read, self.answers, seals, scope, bounds, 0, self._settings()
+        )[0]
 
     def granular_reads(
         self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
@@ -381,12 +373,14 @@ class ClickHouseBackend:
 
         def requests() -> list[Histogram]:
             seals = self._seals(ranges)
-            return chqueries.request_histograms(self._read, seals, scope, ranges, settings)
+            return chqueries.request_histograms(
+                self._read, self.answers, seals, scope, ranges, settings
+            )
 
         later = submit(requests) if self.parallel_reads else None
         try:
             rows, mismatches = chqueries.granular_rows(
-                self._read, self._seals(span), scope, span, current, settings
+                self._read, self.answers, self._seals(span), scope, span, current, settings
             )
         finally:
             if later is not None:
@@ -410,7 +404,7 @@ class ClickHouseBackend:
         if self._none(scope):
             return [], []
         return chqueries.endpoint_and_series_rows(
-            self._read, self._seals(bounds), scope, bounds, filters, self._settings()
+            self._read, self.answers, self._seals(bounds), scope, bounds, filters, self._settings()
         )
 
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
@@ -418,7 +412,7 @@ class ClickHouseBackend:
             return Histogram()
         seals = self._seals([start, end])
         return chqueries.request_histograms(
-            self._read, seals, scope, [start, end], self._settings()
+            self._read, self.answers, seals, scope, [start, end], self._settings()
         )[0]
 
     def mismatch_rows(
@@ -428,7 +422,7 @@ class ClickHouseBackend:
             return []
         seals = self._seals([start, end])
         return chqueries.granular_rows(
-            self._read, seals, scope, [start, end], 0, self._settings()
+            self._read, self.answers, seals, scope, [start, end], 0, self._settings()
         )[1]
 
     def endpoint_rows(
