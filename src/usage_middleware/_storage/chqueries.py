@@ -1,8 +1,10 @@
 """The ClickHouse backend's aggregate reads, one statement each (see :mod:`.chread`).
 
-Each takes the seals of its range and a ``run`` callable (the backend's timed, error-mapping
-query) and returns the rows the :class:`.base.Reader` protocol promises. Raw measures are cast
-to ``Int64``, as the rollup sums are, so the two add in one ``UNION ALL``.
+Each takes the seals of its range, a ``run`` callable (the backend's timed, error-mapping
+query) and the backend's :class:`.chread.SealedAnswers`, and returns the rows the
+:class:`.base.Reader` protocol promises. A read is its sealed rollup part and its raw part in
+one statement until the sealed part's answer is remembered, then the raw part alone. Raw
+measures are cast to ``Int64``, as the rollup sums are, so the two add in one ``UNION ALL``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from .base import ConsumerRow, EndpointRow, Histogram, RequestFilter, Scope, SeriesRow, UploadRow
+from .._pool import settle, submit
+from .base import (
+    ConsumerRow,
+    EndpointRow,
+    GranularReads,
+    Histogram,
+    RequestFilter,
+    Scope,
+    SeriesRow,
+    UploadRow,
+)
 from .chread import (
     METHOD_LABEL,
     PERIOD_OF_Q,
@@ -29,6 +41,7 @@ from .chseal import EPOCH, Seals
 __all__ = [
     "consumer_rows",
     "endpoint_and_series_rows",
+    "granular_reads",
     "granular_rows",
     "request_histograms",
 ]
@@ -270,3 +283,48 @@ SETTINGS group_by_use_nulls = 1, {settings}"""
         else:
             series.append((int(p), int(cb), int(n), int(e), int(us)))
     return endpoints, series
+
+
+def granular_reads(
+    run: Run,
+    answers: SealedAnswers,
+    seals_of: Callable[[Sequence[datetime]], Seals],
+    scope: Scope,
+    bounds: Sequence[datetime],
+    previous: datetime | None,
+    settings: str,
+    *,
+    parallel: bool,
+) -> GranularReads:
+    """``/granular``'s reads in two statements: :func:`granular_rows` with the previous range as
+    one more period before the first, and :func:`request_histograms` of the two ranges, at the
+    same time when ``parallel`` (a server). ``seals_of`` gives the seals a read over some
+    bounds may use."""
+    start, end = bounds[0], bounds[-1]
+    span = list(bounds) if previous is None else [previous, *bounds]
+    current = len(span) - len(bounds)
+    ranges = [start, end] if previous is None else [previous, start, end]
+
+    def requests() -> list[Histogram]:
+        return request_histograms(run, answers, seals_of(ranges), scope, ranges, settings)
+
+    later = submit(requests) if parallel else None
+    try:
+        rows, mismatches = granular_rows(
+            run, answers, seals_of(span), scope, span, current, settings
+        )
+    finally:
+        if later is not None:
+            settle([later])
+    histograms = requests() if later is None else later.result()
+    ours: list[UploadRow] = []
+    before: list[UploadRow] = []
+    for row in rows:
+        p = row[0]
+        if p is None or p >= current:
+            ours.append((None if p is None else p - current, *row[1:]))
+        else:
+            before.append(row)
+    if previous is None:
+        return GranularReads(ours, histograms[0], [], Histogram(), mismatches)
+    return GranularReads(ours, histograms[1], before, histograms[0], mismatches)

@@ -35,7 +35,6 @@ from uuid import UUID
 from sqlalchemy.engine import URL
 
 from .._errors import ConfigurationError, DatabaseUnavailableError, ReadTimeoutError
-from .._pool import settle, submit
 from .._records import RequestRecord, UploadRecord
 from . import chqueries, chraw
 from .base import (
@@ -360,43 +359,12 @@ class ClickHouseBackend:
     def granular_reads(
         self, scope: Scope, bounds: Sequence[datetime], previous: datetime | None
     ) -> GranularReads:
-        """Two statements: uploads (the previous range as one more period before the first,
-        the type mismatches as one more grouping set) and the two ranges' request histograms,
-        at the same time on a server."""
         if self._none(scope):
             return GranularReads([], Histogram(), [], Histogram(), [])
-        start, end = bounds[0], bounds[-1]
-        span = list(bounds) if previous is None else [previous, *bounds]
-        current = len(span) - len(bounds)
-        settings = self._settings()
-        ranges = [start, end] if previous is None else [previous, start, end]
-
-        def requests() -> list[Histogram]:
-            seals = self._seals(ranges)
-            return chqueries.request_histograms(
-                self._read, self.answers, seals, scope, ranges, settings
-            )
-
-        later = submit(requests) if self.parallel_reads else None
-        try:
-            rows, mismatches = chqueries.granular_rows(
-                self._read, self.answers, self._seals(span), scope, span, current, settings
-            )
-        finally:
-            if later is not None:
-                settle([later])
-        histograms = requests() if later is None else later.result()
-        ours: list[UploadRow] = []
-        before: list[UploadRow] = []
-        for row in rows:
-            p = row[0]
-            if p is None or p >= current:
-                ours.append((None if p is None else p - current, *row[1:]))
-            else:
-                before.append(row)
-        if previous is None:
-            return GranularReads(ours, histograms[0], [], Histogram(), mismatches)
-        return GranularReads(ours, histograms[1], before, histograms[0], mismatches)
+        return chqueries.granular_reads(
+            self._read, self.answers, self._seals, scope, bounds, previous, self._settings(),
+            parallel=self.parallel_reads,
+        )  # fmt: skip
 
     def requests_reads(
         self, scope: Scope, bounds: Sequence[datetime], filters: RequestFilter
