@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from collections.abc import Callable
+from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from usage_middleware import RequestRecord, UploadRecord
 
@@ -116,3 +120,93 @@ def test_generated_ids_are_ordinary_uuids() -> None:
     assert pickle.loads(pickle.dumps(rid)) == rid
     with pytest.raises(TypeError):
         rid.int = 1  # type: ignore[misc]
+
+
+class _Status(int):
+    """An int subclass (as ``http.HTTPStatus`` is)."""
+
+
+class _Millis(float):
+    """A float subclass."""
+
+
+class _Text(str):
+    """A str subclass."""
+
+
+# Per field: values the full pass keeps as they are, and values it changes or refuses.
+_NORMAL = {
+    "id": st.uuids(),
+    "api_key_id": st.none() | st.uuids(),
+    "method": st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    "path": st.text(min_size=1, max_size=512).filter(lambda p: "\x00" not in p),
+    "status_code": st.integers(100, 599),
+    "response_time_ms": st.floats(0, 365 * 86_400_000.0),
+    "request_size": st.integers(0, 2**50),
+    "response_size": st.integers(0, 2**50),
+    "error_message": st.none() | st.text(max_size=500).filter(lambda e: "\x00" not in e),
+    "requested_at": st.datetimes(timezones=st.just(UTC)),
+    "route_matched": st.booleans(),
+}
+_ODD = {
+    "id": st.uuids().map(str) | st.just("not-a-uuid"),
+    "api_key_id": st.uuids().map(str) | st.integers(0, 3),
+    "method": st.sampled_from(
+        ["get", "M-SEARCH", "", "G\x00T", "X" * 20, None, 3, _Text("GET"), ["GET"]]
+    ),
+    "path": st.sampled_from(["", "/\x00", "/" + "p" * 512, None, b"/"]),
+    "status_code": st.sampled_from([99, 600, True, 200.0, "200", _Status(404)]),
+    "response_time_ms": st.sampled_from(
+        [-0.5, float("nan"), float("inf"), 3, True, "1", _Millis(2)]
+    )
+    | st.floats(min_value=365 * 86_400_000.0, exclude_min=True),
+    "request_size": st.sampled_from([-1, 2**50 + 1, False, 1.0, None, _Status(3)]),
+    "response_size": st.sampled_from([-1, 2**50 + 1, True, 2.5, None]),
+    "error_message": st.sampled_from(["e" * 501, "\x00", 5, b"x"]),
+    "requested_at": st.datetimes(timezones=st.none() | st.timezones())
+    | st.sampled_from(["2025-01-01", None]),
+    "route_matched": st.sampled_from([1, 0, None]),
+}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.fixed_dictionaries(_NORMAL), st.sampled_from(sorted(_ODD)), st.data())
+def test_request_validation_takes_its_short_path_only_for_values_the_full_pass_keeps(
+    values: dict[str, object], odd: str, data: st.DataObject
+) -> None:
+    """``validate()`` skips the full pass when every field is already normal; it must leave
+    exactly what the full pass leaves (or raise as it does): for normal records, and for
+    records with one field of any other value."""
+    if data.draw(st.booleans()):
+        values = {**values, odd: data.draw(_ODD[odd])}
+
+    def unchecked() -> RequestRecord:
+        record = object.__new__(RequestRecord)
+        for name, value in values.items():
+            setattr(record, name, value)
+        return record
+
+    def outcome(check: Callable[[RequestRecord], None]) -> object:
+        record = unchecked()
+        try:
+            check(record)
+        except ValueError as exc:
+            return ("raises", str(exc))
+        stored = [getattr(record, f.name) for f in fields(RequestRecord)]
+        return [(type(v), v, getattr(v, "tzinfo", None)) for v in stored]
+
+    assert outcome(RequestRecord.validate) == outcome(RequestRecord._normalise)
+
+
+def test_the_middlewares_request_records_are_already_normal() -> None:
+    """What the middleware builds passes the short check, so the store's re-validation of
+    each request costs a third of the full pass."""
+    record = RequestRecord._unchecked(
+        "GET", "/v1/upload/{id}", 201, 12.5, 1024, 80, uuid.uuid4(), None,
+        datetime.now(UTC), True,
+    )  # fmt: skip
+    assert record._is_normal()
+    record.validate()
+    assert record._is_normal()
+    record.method = "get"
+    assert not record._is_normal()
