@@ -128,6 +128,49 @@ def _timestamp(value: Any, name: str) -> datetime:
     return when
 
 
+def normal_request_values(
+    method: Any,
+    path: Any,
+    status_code: Any,
+    response_time_ms: Any,
+    request_size: Any,
+    response_size: Any,
+    error_message: Any,
+    requested_at: Any,
+    route_matched: Any,
+    /,
+) -> bool:
+    """A request's fields (but its ids) are what validation would leave them as: exact types,
+    values in range, no text to cap or mend. Validation keeps such values unchanged, so a
+    request made of them needs none (see ``RequestRecord.validate``)."""
+    return (
+        type(method) is str
+        and method in _PLAIN_METHODS
+        and type(path) is str
+        and 0 < len(path) <= _MAX_PATH
+        and "\x00" not in path
+        and type(status_code) is int
+        and 100 <= status_code <= 599
+        and type(response_time_ms) is float
+        and 0 <= response_time_ms <= MAX_RESPONSE_TIME_MS
+        and type(request_size) is int
+        and 0 <= request_size <= MAX_SIZE
+        and type(response_size) is int
+        and 0 <= response_size <= MAX_SIZE
+        and (
+            error_message is None
+            or (
+                type(error_message) is str
+                and len(error_message) <= _MAX_ERROR
+                and "\x00" not in error_message
+            )
+        )
+        and type(requested_at) is datetime
+        and requested_at.tzinfo is UTC
+        and type(route_matched) is bool
+    )
+
+
 @dataclass(slots=True, kw_only=True)
 class UploadRecord:
     """One uploaded file: a row of ``file_uploads``."""
@@ -280,37 +323,20 @@ class RequestRecord:
         in range, nothing to cap or replace. What the middleware builds is, and this check costs
         about a third of the full pass; the store validates every request it writes."""
         key = self.api_key_id
-        method = self.method
-        path = self.path
-        status = self.status_code
-        ms = self.response_time_ms
-        request_size = self.request_size
-        response_size = self.response_size
-        error = self.error_message
-        when = self.requested_at
         return (
             type(self.id) is _UUID
             and (key is None or type(key) is _UUID)
-            and type(method) is str
-            and method in _PLAIN_METHODS
-            and type(path) is str
-            and 0 < len(path) <= _MAX_PATH
-            and "\x00" not in path
-            and type(status) is int
-            and 100 <= status <= 599
-            and type(ms) is float
-            and 0 <= ms <= MAX_RESPONSE_TIME_MS
-            and type(request_size) is int
-            and 0 <= request_size <= MAX_SIZE
-            and type(response_size) is int
-            and 0 <= response_size <= MAX_SIZE
-            and (
-                error is None
-                or (type(error) is str and len(error) <= _MAX_ERROR and "\x00" not in error)
+            and normal_request_values(
+                self.method,
+                self.path,
+                self.status_code,
+                self.response_time_ms,
+                self.request_size,
+                self.response_size,
+                self.error_message,
+                self.requested_at,
+                self.route_matched,
             )
-            and type(when) is datetime
-            and when.tzinfo is UTC
-            and type(self.route_matched) is bool
         )
 
     def _normalise(self) -> None:

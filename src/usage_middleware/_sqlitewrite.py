@@ -130,15 +130,25 @@ def _hex(value: UUID | None) -> str | None:
 
 def utc_text(value: datetime) -> str:
     """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite: its ISO text
-    without the ``+00:00`` (cheaper than converting it to a naive datetime first)."""
-    return value.isoformat(" ", "microseconds")[:26]
+    without the ``+00:00``, formatted from its fields: ``%`` formatting costs two thirds of
+    ``isoformat`` and half of an f-string (this runs once per request written)."""
+    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
     """A request's ``api_requests`` row, in ``_REQUEST_COLUMNS`` order."""
+    key = r.api_key_id
     return (
-        r.id.hex,
-        None if r.api_key_id is None else r.api_key_id.hex,
+        "%032x" % r.id.int,  # noqa: UP031 (as utc_text: the cheapest form)
+        None if key is None else "%032x" % key.int,  # noqa: UP031
         r.method,
         r.path,
         r.status_code,
@@ -151,15 +161,49 @@ def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
     )
 
 
-def _request_row(r: RequestRecord) -> tuple[Any, ...]:
-    """A request as staged: its columns, then its latency bucket, microseconds and labels."""
-    ms = r.response_time_ms
+def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The ``api_requests`` rows of requests in the recorder's queue form (their ids as
+    integers; see ``usage_middleware._recording.compact``)."""
+    return [
+        (
+            "%032x" % rid,  # noqa: UP031 (as utc_text: the cheapest form)
+            None if key is None else "%032x" % key,  # noqa: UP031
+            method,
+            path,
+            status,
+            ms,
+            request_size,
+            response_size,
+            error,
+            utc_text(at),
+            matched,
+        )
+        for (
+            _,
+            method,
+            path,
+            status,
+            ms,
+            request_size,
+            response_size,
+            key,
+            error,
+            at,
+            rid,
+            matched,
+        ) in packed
+    ]
+
+
+def _staged_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A raw row as staged: its columns, then its latency bucket, microseconds and labels."""
+    ms = row[5]
     return (
-        *_raw_row(r),
+        *row,
         latency_bucket(ms),
         round(ms * 1000),
-        r.method if r.method in _METHODS else OTHER_METHOD,
-        r.path if r.route_matched else UNMATCHED_ROUTE,
+        row[2] if row[2] in _METHODS else OTHER_METHOD,
+        row[3] if row[10] else UNMATCHED_ROUTE,
     )
 
 
@@ -184,19 +228,21 @@ def stored_utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
-def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, datetime | None]:
+def _write_requests(cur: Any, rows: list[tuple[Any, ...]]) -> tuple[int, datetime | None]:
     """Live requests as raw rows, late ones staged and rolled up; returns how many were new
-    and the seal instant they were written under."""
+    and the seal instant they were written under. ``rows`` are id-unique raw rows."""
     instant = read_instant(cur)
     if instant is None:
-        late, live = list(requests), []
+        late, live = rows, []
     else:
-        late = [r for r in requests if r.requested_at < instant]
-        live = [r for r in requests if r.requested_at >= instant] if late else list(requests)
+        # fixed-width UTC text orders as the instants do
+        cut = utc_text(instant)
+        late = [row for row in rows if row[9] < cut]
+        live = [row for row in rows if row[9] >= cut] if late else rows
     written = 0
     if late:
         cur.execute("DELETE FROM temp.um_stage_requests")
-        insert_rows(cur, "INSERT INTO temp.um_stage_requests", [_request_row(r) for r in late])
+        insert_rows(cur, "INSERT INTO temp.um_stage_requests", [_staged_row(r) for r in late])
         for statement in _REQUEST_STATEMENTS:
             cur.execute(statement)
         written += cur.rowcount
@@ -205,16 +251,20 @@ def _write_requests(cur: Any, requests: Sequence[RequestRecord]) -> tuple[int, d
     if live:
         # in id order, so neighbouring ids fill the same index pages: the rows' fixed-width hex
         # ids sort as the UUIDs do, compared in C rather than by UUID.__lt__
-        rows = sorted([_raw_row(r) for r in live], key=itemgetter(0))
-        written += insert_rows(cur, _INSERT_LIVE, rows, "ON CONFLICT (id) DO NOTHING")
+        live.sort(key=itemgetter(0))
+        written += insert_rows(cur, _INSERT_LIVE, live, "ON CONFLICT (id) DO NOTHING")
     return written, instant
 
 
 def sqlite_write(
-    conn: Connection, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]
+    conn: Connection,
+    uploads: Sequence[UploadRecord],
+    requests: Sequence[RequestRecord],
+    packed: Sequence[tuple[Any, ...]] = (),
 ) -> tuple[int, datetime | None]:
-    """Write validated, id-unique records inside ``conn``'s open write transaction; returns
-    how many rows were new and the seal instant (None: no requests, or no sealing)."""
+    """Write validated, id-unique records and ``packed`` requests (see
+    :func:`_packed_rows`) inside ``conn``'s open write transaction; returns how many rows were
+    new and the seal instant (None: no requests, or no sealing)."""
     dbapi: Any = conn.connection.dbapi_connection
     cur = dbapi.cursor()
     written = 0
@@ -250,8 +300,10 @@ def sqlite_write(
             for statement in _UPLOAD_ROLLUPS:
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_uploads")
-        if requests:
-            added, instant = _write_requests(cur, requests)
+        if requests or packed:
+            rows = [_raw_row(r) for r in requests]
+            rows += _packed_rows(packed)
+            added, instant = _write_requests(cur, rows)
             written += added
     finally:
         cur.close()

@@ -19,8 +19,10 @@ from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError, SchemaMissingError
 from ._maintain import MaintainResult, check_retention_days, maintain, retention_start
+from ._recording.compact import PackedBatch, PackedRequest
 from ._records import RequestRecord, UploadRecord
 from ._storage import Backend, normalize_url, open_backend
+from ._storage.base import PackedWriter
 from ._storage.postgres import sql_text
 from ._storage.urls import display_url
 
@@ -158,6 +160,14 @@ class UsageStore:
         a ``ValueError``, and write nothing; an unreachable database raises
         ``DatabaseUnavailableError``.
         """
+        packed: dict[int, PackedRequest] = {}  # by id, as its 128-bit integer
+        backend = self.backend
+        writer = backend if isinstance(backend, PackedWriter) else None
+        if writer is not None and type(records) is PackedBatch:
+            # The recorder's batch: the requests that need no validation stay tuples.
+            plain, records = records.split()
+            for item in plain:
+                packed.setdefault(item[10], item)
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}
         for record in records:
@@ -166,16 +176,21 @@ class UsageStore:
                 uploads.setdefault(record.id, record)
             elif isinstance(record, RequestRecord):
                 record.validate()
-                requests.setdefault(record.id, record)
+                if record.id.int not in packed:
+                    requests.setdefault(record.id, record)
             else:
                 raise TypeError(
                     "store.write() takes UploadRecord and RequestRecord, "
                     f"got {type(record).__name__}"
                 )
-        if not uploads and not requests:
+        if not uploads and not requests and not packed:
             return 0
         self.ensure_schema()
-        return self.backend.write(list(uploads.values()), list(requests.values()))
+        if writer is not None and packed:
+            return writer.write_packed(
+                list(uploads.values()), list(requests.values()), list(packed.values())
+            )
+        return backend.write(list(uploads.values()), list(requests.values()))
 
     # --- maintenance ---------------------------------------------------------------------------
 

@@ -12,17 +12,24 @@ are not plain UUIDs, not a record at all) is queued as it is.
 The tuples carry the fields in the order of ``_REQUEST_FIELDS`` / ``_UPLOAD_FIELDS``; should
 the record types' fields ever differ from those, nothing is packed (``PACKING`` is False), so a
 field cannot be lost.
+
+The writer takes a batch off the queue as a :class:`PackedBatch`: a sequence of records that
+unpacks each one only when it is read. A store whose backend can write requests straight from
+these tuples (SQLite) asks the batch for them with :meth:`PackedBatch.split`: no record, no
+``UUID`` objects and no second validation for the requests the middleware made, the bulk of a
+busy service's rows.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
+from typing import Any, overload
 
-from .._records import RequestRecord, UploadRecord
+from .._records import RequestRecord, UploadRecord, normal_request_values
 
-__all__ = ["PACKING", "pack", "unpack"]
+__all__ = ["PACKING", "PackedBatch", "pack", "unpack"]
 
 Record = UploadRecord | RequestRecord
 
@@ -170,3 +177,57 @@ def unpack(item: object) -> Record:
         u.id = _uuid(uid)  # type: ignore[assignment]
         return u
     return item  # type: ignore[return-value]
+
+
+#: A packed request's items: ``(tag, method, path, status_code, response_time_ms, request_size,
+#: response_size, api_key_id as int or None, error_message, requested_at, id as int,
+#: route_matched)``.
+PackedRequest = tuple[Any, ...]
+
+
+class PackedBatch(Sequence[Record]):
+    """Records as the queue held them, each unpacked only when read (indexing, iterating);
+    a slice is a batch too. :meth:`split` hands a store the requests it may write as they are."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[object]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PackedBatch: ...
+
+    def __getitem__(self, index: int | slice) -> Record | PackedBatch:
+        if isinstance(index, slice):
+            return PackedBatch(self.items[index])
+        return unpack(self.items[index])
+
+    def __iter__(self) -> Iterator[Record]:
+        return map(unpack, self.items)
+
+    def split(self) -> tuple[list[PackedRequest], list[Record]]:
+        """The packed requests whose values need no validation (see
+        :func:`~usage_middleware._records.normal_request_values`), in queue order, and every
+        other item unpacked: uploads, requests with a value to normalise or refuse, anything
+        that was queued as it was submitted."""
+        packed: list[PackedRequest] = []
+        rest: list[Record] = []
+        for item in self.items:
+            if (
+                type(item) is tuple
+                and len(item) == 12
+                and item[0] is _REQUEST
+                and normal_request_values(
+                    item[1], item[2], item[3], item[4], item[5], item[6], item[8], item[9], item[11]
+                )
+            ):
+                packed.append(item)
+            else:
+                rest.append(unpack(item))
+        return packed, rest

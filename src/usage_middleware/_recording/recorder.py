@@ -54,7 +54,7 @@ from .._records import RequestRecord, UploadRecord
 from .._store import UsageStore
 from . import lifecycle
 from .backoff import Backoff, State
-from .compact import pack, unpack
+from .compact import PackedBatch, pack, unpack
 from .logs import RateLimitedLog
 from .metrics import register_metrics
 from .spool import Spool, SpoolKey, decode, default_spool_path
@@ -173,7 +173,7 @@ class Recorder:
         self._started = False
         self._stopping = False
         self._deadline = float("inf")
-        self._inflight: list[Record] | None = None
+        self._inflight: Sequence[Record] | None = None
         self._backoff = Backoff(self.backoff_initial, self.backoff_max)
         self._next_refresh = 0.0
         self._spool_retry_at = 0.0
@@ -378,13 +378,14 @@ class Recorder:
                 logger.exception("usage recorder: unexpected error in the writer")
                 time.sleep(self.flush_interval)
 
-    def _take(self) -> list[Record]:
-        batch: list[Record] = []
-        self._inflight = batch
+    def _take(self) -> PackedBatch:
+        """The next batch off the queue, still packed: the store unpacks what it must."""
+        items: list[object] = []
+        batch = self._inflight = PackedBatch(items)
         queue = self._queue
         for _ in range(self.batch_size):
             try:
-                batch.append(unpack(queue.popleft()))
+                items.append(queue.popleft())
             except IndexError:
                 break
         return batch

@@ -44,6 +44,7 @@ __all__ = [
     "GranularReads",
     "Histogram",
     "MaintainResult",
+    "PackedWriter",
     "Reader",
     "RequestFilter",
     "RequestsReader",
@@ -250,6 +251,25 @@ class Writer(Protocol):
 
     def close(self) -> None:
         """Release pooled connections."""
+
+
+@runtime_checkable
+class PackedWriter(Protocol):
+    """A backend that also writes requests as the recorder's queue holds them.
+
+    ``packed`` are id-unique requests, none among ``requests``, in the tuple form of
+    ``usage_middleware._recording.compact`` whose values need no validation: the writer builds
+    its rows from them without making records (SQLite, the default store, where this is most
+    of a request's writing cost).
+    """
+
+    def write_packed(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
+    ) -> int:
+        """:meth:`Writer.write` of ``uploads``, ``requests`` and the ``packed`` requests."""
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ starting at once do not race. The write plan is :mod:`usage_middleware._pgwrite`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from importlib import resources
@@ -111,8 +112,14 @@ class PostgresBackend(SQLBackend):
         return migrate_postgres(conn, source)
 
     def _write_batch(
-        self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
+        self,
+        conn: Connection,
+        uploads: list[UploadRecord],
+        requests: list[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
     ) -> tuple[int, datetime | None]:
+        if packed:  # PostgreSQL has no write_packed: the store never hands it queue tuples
+            raise TypeError("the PostgreSQL backend writes records, not packed requests")
         return pg_write(conn, uploads, requests, self.write_timeout)
 
     def _seal(self, before: datetime | None) -> int:

@@ -104,9 +104,17 @@ class SQLBackend(ABC):
     # --- writing -----------------------------------------------------------------------------
 
     def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+        return self._write_then_seal(uploads, requests, ())
+
+    def _write_then_seal(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
+    ) -> int:
         """The write, then — at most every ``SEAL_INTERVAL`` seconds — a seal if a quarter hour
         is due. A seal that fails is logged and tried at the next check; the write stands."""
-        written = self._write(uploads, requests)
+        written = self._write(uploads, requests, packed)
         if (
             self._sealed_before is not None
             and time.monotonic() - self._seal_checked >= SEAL_INTERVAL
@@ -122,7 +130,12 @@ class SQLBackend(ABC):
                 self._seal_lock.release()
         return written
 
-    def _write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
+    def _write(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
+    ) -> int:
         """One write transaction, bounded by ``write_timeout``. The write plans drive the
         driver's cursor directly, so the driver's own errors are given SQLAlchemy's classes here
         and mapped like any other (:meth:`unavailable`)."""
@@ -134,7 +147,7 @@ class SQLBackend(ABC):
                     with self._bounded(conn, self.write_timeout), conn.begin():
                         try:
                             written, sealed_before = self._write_batch(
-                                conn, list(uploads), list(requests)
+                                conn, list(uploads), list(requests), packed
                             )
                         except driver_error as exc:
                             raise DBAPIError.instance(
@@ -155,10 +168,15 @@ class SQLBackend(ABC):
 
     @abstractmethod
     def _write_batch(
-        self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
+        self,
+        conn: Connection,
+        uploads: list[UploadRecord],
+        requests: list[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
     ) -> tuple[int, datetime | None]:
         """Run the engine's write plan inside the open write transaction; returns how many rows
-        were new and the seal instant its requests were written under (None: no requests)."""
+        were new and the seal instant its requests were written under (None: no requests).
+        ``packed`` requests come only to an engine with ``write_packed``."""
 
     def unavailable(self, exc: DBAPIError) -> Exception:
         """``DatabaseUnavailableError`` for errors a retry can cure; ``RecordsRefusedError`` for

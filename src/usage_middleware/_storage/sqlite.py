@@ -9,6 +9,7 @@ time (:mod:`usage_middleware._sqliteseal`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -129,10 +130,22 @@ class SQLiteBackend(SQLBackend):
     def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
         return migrate_sqlite(conn, source)
 
+    def write_packed(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
+    ) -> int:
+        return self._write_then_seal(uploads, requests, packed)
+
     def _write_batch(
-        self, conn: Connection, uploads: list[UploadRecord], requests: list[RequestRecord]
+        self,
+        conn: Connection,
+        uploads: list[UploadRecord],
+        requests: list[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
     ) -> tuple[int, datetime | None]:
-        return sqlite_write(conn, uploads, requests)
+        return sqlite_write(conn, uploads, requests, packed)
 
     def before_fork(self) -> None:
         # SQLite file handles must not be shared with a child (an in-memory database has

@@ -1,0 +1,148 @@
+"""The recorder's batches stay packed until the store needs records.
+
+A ``PackedBatch`` reads as the records it holds; writing one stores exactly what writing those
+records stores. On SQLite the middleware's requests (their values already normal) go from the
+queue's tuples to rows with no record made; everything else is unpacked and validated as ever.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from support.endpoints import stored_request_rows
+from support.rollups import FAR, assert_rollups_exact, random_request, random_upload, stored_rollups
+
+from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware._recording.compact import PackedBatch, pack
+from usage_middleware._schema import file_uploads
+
+UTC = timezone.utc
+START = datetime(2025, 5, 1, tzinfo=UTC)
+
+Record = RequestRecord | UploadRecord
+
+
+def _unchecked_request(rng: random.Random, **values: Any) -> RequestRecord:
+    """A request as the middleware builds it (not validated), with ``values`` put in."""
+    record = RequestRecord._unchecked(
+        "GET", "/files/{id}", 200, 1.5, 10, 20, None, None,
+        START + timedelta(seconds=rng.random() * 36_000), True,
+    )  # fmt: skip
+    return _mending(record, **values)
+
+
+def _mending(record: RequestRecord, **values: Any) -> RequestRecord:
+    """A copy of ``record`` with ``values`` put in, not validated."""
+    twin = copy.copy(record)
+    for name, value in values.items():
+        setattr(twin, name, value)
+    return twin
+
+
+def _batch(rng: random.Random) -> list[Record]:
+    """Normal requests (standard methods and not), requests whose values validation mends,
+    uploads, repeats of some of them, and twins that share a request's id but need mending
+    (one stays a tuple, the other becomes a record), in a shuffled order."""
+    records: list[Record] = []
+    for _ in range(400):
+        r = random_request(rng)
+        records.append(replace(r, requested_at=START + timedelta(seconds=rng.random() * 36_000)))
+    records += [
+        _unchecked_request(rng, method="post"),
+        _unchecked_request(rng, path="/f\x00iles"),
+        _unchecked_request(rng, path="/" + "p" * 700, route_matched=False),
+        _unchecked_request(rng, response_time_ms=3),
+        _unchecked_request(rng, error_message="e" * 900, status_code=500),
+        _unchecked_request(rng, requested_at=START.astimezone(timezone(timedelta(hours=5)))),
+    ]
+    twins = [r for r in records if isinstance(r, RequestRecord) and r.method == "GET"][:6]
+    records += [_mending(r, method="get") for r in twins]
+    records += [random_upload(rng) for _ in range(50)]
+    records += records[:30]
+    rng.shuffle(records)
+    return records
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[UsageStore, UsageStore]]:
+    pair = tuple(UsageStore(f"sqlite:///{tmp_path / name}.db") for name in ("packed", "records"))
+    for store in pair:
+        store.create_schema()
+    yield pair  # type: ignore[misc]
+    for store in pair:
+        store.dispose()
+
+
+def _uploads(store: UsageStore) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(file_uploads)).mappings()]
+
+
+def _seal_rows(store: UsageStore) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text("SELECT * FROM rollup_seals"))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_writing_a_packed_batch_stores_what_writing_its_records_stores(
+    stores: tuple[UsageStore, UsageStore], seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live and late requests (before the seal instant), uploads, mended values and repeats:
+    the same rows, rollups and counts either way, and nothing stored twice on a replay."""
+    packed_store, records_store = stores
+    rng = random.Random(seed)
+    history = [random_request(rng) for _ in range(200)]
+    for store in stores:
+        store.write(copy.deepcopy(history))
+        store.seal(START + timedelta(hours=5))  # the batch's first five hours are late
+    batch = _batch(rng)
+    items = [pack(copy.copy(r)) for r in batch]
+    plain, rest = PackedBatch(items).split()
+    assert len(plain) > 300 and len(rest) > 50  # both paths are taken
+
+    def no_record_write(*args: Any) -> int:
+        raise AssertionError("the packed batch went through backend.write")
+
+    monkeypatch.setattr(packed_store.backend, "write", no_record_write)
+    written = packed_store.write(PackedBatch(items))
+    assert written == records_store.write(copy.deepcopy(batch))
+    assert written == len({r.id for r in batch if isinstance(r, RequestRecord)}) + 50
+    assert packed_store.write(PackedBatch(items)) == 0
+    for store in stores:
+        assert_rollups_exact(store)
+    assert stored_request_rows(packed_store) == stored_request_rows(records_store)
+    assert _uploads(packed_store) == _uploads(records_store)
+    assert stored_rollups(packed_store) == stored_rollups(records_store)
+    assert _seal_rows(packed_store) == _seal_rows(records_store)
+    for store in stores:
+        store.seal(FAR)
+    assert stored_rollups(packed_store) == stored_rollups(records_store)
+
+
+def test_a_packed_batch_reads_as_the_records_it_holds() -> None:
+    """Indexing, slicing and iterating unpack; ``split`` keeps the normal requests as tuples
+    and gives everything else back as the records (or objects) that were queued."""
+    rng = random.Random(5)
+    normal = random_request(rng)
+    unusual = _unchecked_request(rng, method="get")
+    upload = random_upload(rng)
+    custom = replace(random_request(rng), method="PROPFIND")
+    records = [normal, unusual, upload, custom]
+    batch = PackedBatch([pack(r) for r in records])
+    assert len(batch) == 4
+    assert [asdict(r) for r in batch] == [asdict(r) for r in records]
+    assert asdict(batch[2]) == asdict(upload)
+    assert isinstance(batch[1:3], PackedBatch)
+    assert [asdict(r) for r in batch[1:3]] == [asdict(unusual), asdict(upload)]
+    plain, rest = batch.split()
+    assert plain == [pack(normal)]
+    assert [asdict(r) for r in rest] == [asdict(unusual), asdict(upload), asdict(custom)]
+    assert not PackedBatch([])
