@@ -1,8 +1,9 @@
 """The recorder's batches stay packed until the store needs records.
 
 A ``PackedBatch`` reads as the records it holds; writing one stores exactly what writing those
-records stores. On SQLite the middleware's requests (their values already normal) go from the
-queue's tuples to rows with no record made; everything else is unpacked and validated as ever.
+records stores. On SQLite and PostgreSQL the middleware's requests (their values already normal)
+go from the queue's tuples to rows with no record made; everything else is unpacked and
+validated as ever.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 from support.endpoints import stored_request_rows
+from support.pg import drop_pg_database, make_pg_database
 from support.rollups import FAR, assert_rollups_exact, random_request, random_upload, stored_rollups
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
@@ -71,24 +73,42 @@ def _batch(rng: random.Random) -> list[Record]:
     return records
 
 
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[UsageStore, UsageStore]]:
-    pair = tuple(UsageStore(f"sqlite:///{tmp_path / name}.db") for name in ("packed", "records"))
-    for store in pair:
-        store.create_schema()
-    yield pair  # type: ignore[misc]
-    for store in pair:
-        store.dispose()
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[UsageStore, UsageStore]]:
+    """Two empty stores on one engine: one written packed batches, one their records."""
+    if request.param == "sqlite":
+        urls = [f"sqlite:///{tmp_path / name}.db" for name in ("packed", "records")]
+    else:
+        urls = [make_pg_database(), make_pg_database()]
+    pair = [UsageStore(url) for url in urls]
+    try:
+        for store in pair:
+            store.create_schema()
+        yield pair[0], pair[1]
+    finally:
+        for store in pair:
+            store.dispose()
+        if request.param == "postgres":
+            for url in urls:
+                drop_pg_database(url)
 
 
 def _uploads(store: UsageStore) -> list[dict[str, Any]]:
     with store.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(select(file_uploads)).mappings()]
+        rows = conn.execute(select(file_uploads).order_by(file_uploads.c.id)).mappings()
+        return [dict(r) for r in rows]
+
+
+def _requests(store: UsageStore) -> list[dict[str, Any]]:
+    return sorted(stored_request_rows(store), key=lambda r: r["id"])
 
 
 def _seal_rows(store: UsageStore) -> list[tuple[Any, ...]]:
     with store.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(text("SELECT * FROM rollup_seals"))]
+        rows = conn.execute(text("SELECT * FROM rollup_seals ORDER BY dataset"))
+        return [tuple(r) for r in rows]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -118,7 +138,7 @@ def test_writing_a_packed_batch_stores_what_writing_its_records_stores(
     assert packed_store.write(PackedBatch(items)) == 0
     for store in stores:
         assert_rollups_exact(store)
-    assert stored_request_rows(packed_store) == stored_request_rows(records_store)
+    assert _requests(packed_store) == _requests(records_store)
     assert _uploads(packed_store) == _uploads(records_store)
     assert stored_rollups(packed_store) == stored_rollups(records_store)
     assert _seal_rows(packed_store) == _seal_rows(records_store)

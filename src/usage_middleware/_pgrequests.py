@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 
 from ._pgrollups import QUARTER, coarse_tiers, fine_tiers
-from ._records import RequestRecord
+from ._records import RequestRecord, uuid_from_int
 from ._schema import (
     ENDPOINT_BUCKET_WIDTH,
     OTHER_METHOD,
@@ -46,7 +46,7 @@ from ._schema import (
     latency_bucket,
 )
 
-__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "write_requests"]
+__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "raw_rows", "write_requests"]
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
@@ -126,8 +126,46 @@ def _raw(r: RequestRecord) -> tuple[Any, ...]:
     )
 
 
-def _stage(cur: Any, requests: Sequence[RequestRecord]) -> None:
-    """COPY ``requests`` into the (emptied) staging table with their Python-computed extras."""
+def raw_rows(
+    requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """The ``api_requests`` rows of ``requests`` and of ``packed`` requests (the recorder's
+    queue form, ids as integers; see ``usage_middleware._recording.compact``)."""
+    rows = [_raw(r) for r in requests]
+    rows += [
+        (
+            uuid_from_int(rid),
+            None if key is None else uuid_from_int(key),
+            method,
+            path,
+            status,
+            ms,
+            request_size,
+            response_size,
+            error,
+            at,
+            matched,
+        )
+        for (
+            _,
+            method,
+            path,
+            status,
+            ms,
+            request_size,
+            response_size,
+            key,
+            error,
+            at,
+            rid,
+            matched,
+        ) in packed
+    ]
+    return rows
+
+
+def _stage(cur: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """COPY raw ``rows`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
     with cur.copy(
         f"COPY pg_temp.um_stage_requests ({_COLUMNS}, {', '.join(REQUEST_EXTRA)}) "
@@ -135,22 +173,22 @@ def _stage(cur: Any, requests: Sequence[RequestRecord]) -> None:
     ) as copy:
         copy.set_types(_STAGED_TYPES)
         write_row = copy.write_row
-        for r in requests:
-            ms = r.response_time_ms
+        for row in rows:
+            ms = row[5]
             fine = latency_bucket(ms)
             write_row(
                 (
-                    *_raw(r),
+                    *row,
                     fine,
                     round(ms * 1000),
-                    r.method if r.method in STANDARD_METHODS else OTHER_METHOD,
-                    r.path if r.route_matched else UNMATCHED_ROUTE,
+                    row[2] if row[2] in STANDARD_METHODS else OTHER_METHOD,
+                    row[3] if row[10] else UNMATCHED_ROUTE,
                     -(-fine // ENDPOINT_BUCKET_WIDTH),
                 )
             )
 
 
-def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
+def _copy_live(cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
     """Raw rows only, by binary COPY; a batch that holds a stored id is redone through
     staging, each id once. Returns how many rows were new."""
     cur.execute("SAVEPOINT um_live")
@@ -158,14 +196,14 @@ def _copy_live(cur: Any, requests: Sequence[RequestRecord]) -> int:
         with cur.copy(f"COPY public.api_requests ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_RAW_TYPES)
             write_row = copy.write_row
-            for r in requests:
-                write_row(_raw(r))
+            for row in rows:
+                write_row(row)
     except psycopg.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT um_live")
-        _stage(cur, requests)
+        _stage(cur, rows)
         cur.execute(_INSERT_RAW)
         return int(cur.rowcount)
-    return len(requests)  # the savepoint ends with the transaction: no round trip for it
+    return len(rows)  # the savepoint ends with the transaction: no round trip for it
 
 
 #: Both instants in one row: (the seal instant, the hour instant). The hour instant is NULL on a
@@ -181,25 +219,27 @@ _NO_SEAL = {"coarse": datetime.max.replace(tzinfo=timezone.utc)}
 
 
 def write_requests(
-    cur: Any, requests: Sequence[RequestRecord], sealing: bool
+    cur: Any, rows: list[tuple[Any, ...]], sealing: bool
 ) -> tuple[int, datetime | None]:
-    """Write id-unique ``requests`` in ``cur``'s open transaction (staging tables present);
-    returns how many rows were new and the seal instant they were written under.
+    """Write id-unique raw request ``rows`` (:func:`raw_rows`) in ``cur``'s open transaction
+    (staging tables present); returns how many rows were new and the seal instant they were
+    written under.
 
     Without ``sealing`` (a schema from before ``rollup_seals``, until ``create_schema()``
     upgrades it) every request is written with its rollups, as that schema's readers expect.
     """
     if not sealing:
-        _stage(cur, requests)
+        _stage(cur, rows)
         cur.execute(_INSERT_ROLLED, _NO_SEAL)
         return int(cur.fetchone()[0]), None
     cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
     cur.execute(INSTANTS_SQL)
     sealed_before, coarse = cur.fetchone()
-    ordered = sorted(requests, key=lambda r: r.id)
-    late = [r for r in ordered if r.requested_at < sealed_before]
-    live = [r for r in ordered if r.requested_at >= sealed_before] if late else ordered
+    # in id order (compared as integers, in C), so neighbouring ids fill the same index pages
+    rows.sort(key=_id_int)
+    late = [row for row in rows if row[9] < sealed_before]
+    live = [row for row in rows if row[9] >= sealed_before] if late else rows
     written = 0
     if late:
         _stage(cur, late)
@@ -208,3 +248,7 @@ def write_requests(
     if live:
         written += _copy_live(cur, live)
     return written, sealed_before
+
+
+def _id_int(row: tuple[Any, ...]) -> int:
+    return int(row[0].int)

@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ._pgrequests import write_requests
+from ._pgrequests import raw_rows, write_requests
 from ._pgrollups import QUARTER, added, sums
 from ._records import RequestRecord, UploadRecord
 
@@ -157,10 +157,13 @@ def pg_write(
     conn: Connection,
     uploads: Sequence[UploadRecord],
     requests: Sequence[RequestRecord],
+    packed: Sequence[tuple[Any, ...]],
     timeout: float,
 ) -> tuple[int, datetime | None]:
-    """Write validated, id-unique records inside ``conn``'s open transaction; returns how many
-    rows were new and, when there were requests, the seal instant they were written under.
+    """Write validated, id-unique records and ``packed`` requests (see
+    :func:`~usage_middleware._pgrequests.raw_rows`) inside ``conn``'s open transaction; returns
+    how many rows were new and, when there were requests, the seal instant they were written
+    under.
 
     ``timeout`` (seconds) bounds each statement and any idle time of the transaction.
     """
@@ -200,7 +203,7 @@ def pg_write(
                     )
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]
-        if requests:
-            new, sealed_before = write_requests(cur, requests, sealing)
+        if requests or packed:
+            new, sealed_before = write_requests(cur, raw_rows(requests, packed), sealing)
             written += new
     return written, sealed_before

@@ -23,11 +23,11 @@ busy service's rows.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any, overload
 
-from .._records import RequestRecord, UploadRecord, normal_request_values
+from .._records import RequestRecord, UploadRecord, normal_request_values, uuid_from_int
 
 __all__ = ["PACKING", "PackedBatch", "pack", "unpack"]
 
@@ -35,9 +35,6 @@ Record = UploadRecord | RequestRecord
 
 _UUID = uuid.UUID
 _new = object.__new__
-_set_uuid_int: Callable[[uuid.UUID, int], None] = vars(_UUID)["int"].__set__
-_set_uuid_safe: Callable[[uuid.UUID, uuid.SafeUUID], None] = vars(_UUID)["is_safe"].__set__
-_SAFE_UNKNOWN = uuid.SafeUUID.unknown
 
 _REQUEST = object()  # the first item of a packed request (no GC tracking, cannot be forged)
 _UPLOAD = object()
@@ -74,12 +71,7 @@ PACKING = (
 
 
 def _uuid(value: int | None) -> uuid.UUID | None:
-    if value is None:
-        return None
-    out = _new(_UUID)
-    _set_uuid_int(out, value)
-    _set_uuid_safe(out, _SAFE_UNKNOWN)
-    return out
+    return None if value is None else uuid_from_int(value)
 
 
 def pack(record: object) -> object:

@@ -118,9 +118,7 @@ class PostgresBackend(SQLBackend):
         requests: list[RequestRecord],
         packed: Sequence[tuple[Any, ...]],
     ) -> tuple[int, datetime | None]:
-        if packed:  # PostgreSQL has no write_packed: the store never hands it queue tuples
-            raise TypeError("the PostgreSQL backend writes records, not packed requests")
-        return pg_write(conn, uploads, requests, self.write_timeout)
+        return pg_write(conn, uploads, requests, packed, self.write_timeout)
 
     def _seal(self, before: datetime | None) -> int:
         return pg_seal(self.engine, self._bounded, 10 * self.write_timeout, before)

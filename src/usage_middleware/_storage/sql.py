@@ -106,6 +106,15 @@ class SQLBackend(ABC):
     def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
         return self._write_then_seal(uploads, requests, ())
 
+    def write_packed(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: Sequence[tuple[Any, ...]],
+    ) -> int:
+        """:meth:`write`, some requests still in the recorder's queue form (``PackedWriter``)."""
+        return self._write_then_seal(uploads, requests, packed)
+
     def _write_then_seal(
         self,
         uploads: Sequence[UploadRecord],
@@ -175,8 +184,7 @@ class SQLBackend(ABC):
         packed: Sequence[tuple[Any, ...]],
     ) -> tuple[int, datetime | None]:
         """Run the engine's write plan inside the open write transaction; returns how many rows
-        were new and the seal instant its requests were written under (None: no requests).
-        ``packed`` requests come only to an engine with ``write_packed``."""
+        were new and the seal instant its requests were written under (None: no requests)."""
 
     def unavailable(self, exc: DBAPIError) -> Exception:
         """``DatabaseUnavailableError`` for errors a retry can cure; ``RecordsRefusedError`` for

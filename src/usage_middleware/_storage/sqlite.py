@@ -130,14 +130,6 @@ class SQLiteBackend(SQLBackend):
     def _migrate_legacy(self, conn: Connection, source: LegacySource) -> MigrationResult:
         return migrate_sqlite(conn, source)
 
-    def write_packed(
-        self,
-        uploads: Sequence[UploadRecord],
-        requests: Sequence[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
-    ) -> int:
-        return self._write_then_seal(uploads, requests, packed)
-
     def _write_batch(
         self,
         conn: Connection,
