@@ -9,7 +9,7 @@ sustained overload, the p99 latency of ours+slowdb is at most 1.1x that of noop,
 recorder's queue and spool behave as docs/recorder.md says. ``ours`` tells the capture's share
 of any difference from the recorder's.
 
-The database is slowed in the server process: the store backend's ``write`` is wrapped so that
+The database is slowed in the server process: the store backend's writes are wrapped so that
 a batch of n rows takes at least n / ``--write-rate`` seconds (the real write, then a sleep for
 the rest). Sleeping releases the GIL, as waiting on a slow database's socket does, and a rate in
 rows/s gives the same overload on every run whatever else the machine is doing (the TCP proxy
@@ -112,19 +112,24 @@ class GcPauses:
 
 
 def slow_down(store: Any, rows_per_second: float) -> None:
-    """Make ``store``'s backend take at least n / ``rows_per_second`` seconds per n rows."""
+    """Make ``store``'s backend take at least n / ``rows_per_second`` seconds per n rows, in
+    both of its writes (records, and the recorder's packed requests)."""
     backend = store.backend
-    write = backend.write
 
-    def slow_write(uploads: Any, requests: Any) -> int:
-        start = time.monotonic()
-        written = int(write(uploads, requests))
-        rest = (len(uploads) + len(requests)) / rows_per_second - (time.monotonic() - start)
-        if rest > 0:
-            time.sleep(rest)
-        return written
+    def slowed(write: Any) -> Any:
+        def slow_write(*batches: Any) -> int:
+            start = time.monotonic()
+            written = int(write(*batches))
+            rows = sum(len(b) for b in batches)
+            rest = rows / rows_per_second - (time.monotonic() - start)
+            if rest > 0:
+                time.sleep(rest)
+            return written
 
-    backend.write = slow_write
+        return slow_write
+
+    backend.write = slowed(backend.write)
+    backend.write_packed = slowed(backend.write_packed)
 
 
 def slow_recorder(args: argparse.Namespace) -> Any:

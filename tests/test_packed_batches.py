@@ -9,6 +9,7 @@ validated as ever.
 from __future__ import annotations
 
 import copy
+import gc
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -18,12 +19,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from support.checks import wait_for
 from support.endpoints import stored_request_rows
 from support.pg import drop_pg_database, make_pg_database
 from support.rollups import FAR, assert_rollups_exact, random_request, random_upload, stored_rollups
 
-from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 from usage_middleware._recording.compact import PackedBatch, pack
+from usage_middleware._recording.spool import Spool
 from usage_middleware._schema import file_uploads
 
 UTC = timezone.utc
@@ -166,3 +169,76 @@ def test_a_packed_batch_reads_as_the_records_it_holds() -> None:
     assert plain == [pack(normal)]
     assert [asdict(r) for r in rest] == [asdict(unusual), asdict(upload), asdict(custom)]
     assert not PackedBatch([])
+
+
+def test_the_recorders_batches_reach_the_store_packed(
+    stores: tuple[UsageStore, UsageStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the middleware submits is written through ``write_packed``, every request once."""
+    store = stores[0]
+    rng = random.Random(9)
+    calls: list[int] = []
+    write_packed = store.backend.write_packed  # type: ignore[attr-defined]
+
+    def counting(uploads: Any, requests: Any, packed: Any) -> int:
+        calls.append(len(packed))
+        return int(write_packed(uploads, requests, packed))
+
+    monkeypatch.setattr(store.backend, "write_packed", counting)
+    monkeypatch.setattr(store.backend, "write", None)  # any record write would fail
+    recorder = Recorder(store, batch_size=50, spool_path=":memory:")
+    try:
+        for _ in range(120):
+            recorder.submit(_unchecked_request(rng))
+        assert recorder.force_flush(30)
+    finally:
+        recorder.shutdown(30)
+    assert sum(calls) == 120 and recorder.stats()["written"] == 120
+    assert len(stored_request_rows(store)) == 120
+
+
+@pytest.mark.parametrize("source", ["queue", "spool"])
+def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
+    stores: tuple[UsageStore, UsageStore],
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch is alive for as long as the database takes to write it (seconds, when it is
+    slow): long enough for its objects to reach the collector's oldest generation, which every
+    full collection walks, the event loop stopped meanwhile. Taken off the queue, or replayed
+    from the spool, the middleware's requests stay values the collector does not track."""
+    store = stores[0]
+    rng = random.Random(11)
+    n = 3_000
+    records = [_unchecked_request(rng) for _ in range(n)]
+    spool_path = tmp_path / "spool.sqlite3"
+    if source == "spool":
+        spool = Spool(spool_path, max_records=10 * n)
+        spool.open()
+        assert spool.put(records) == n
+        spool.close()
+    del records
+    tracked: list[int] = []
+    write_packed = store.backend.write_packed  # type: ignore[attr-defined]
+
+    def counting(uploads: Any, requests: Any, packed: Any) -> int:
+        gc.collect()
+        tracked.append(len(gc.get_objects()) - before)
+        return int(write_packed(uploads, requests, packed))
+
+    monkeypatch.setattr(store.backend, "write_packed", counting)
+    gc.collect()
+    before = len(gc.get_objects())
+    recorder = Recorder(store, batch_size=n, flush_interval=0.5, spool_path=spool_path)
+    try:
+        if source == "queue":
+            for _ in range(n):
+                recorder.submit(_unchecked_request(rng))
+        else:
+            recorder.start()
+        assert wait_for(lambda: recorder.stats()["written"] == n)
+    finally:
+        recorder.shutdown(30)
+    assert len(stored_request_rows(store)) == n
+    assert tracked and max(tracked) < n // 10, f"{tracked} more objects tracked"

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any
 
 import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from ._pgrollups import QUARTER, coarse_tiers, fine_tiers
-from ._records import RequestRecord, uuid_from_int
+from ._records import RequestRecord
 from ._schema import (
     ENDPOINT_BUCKET_WIDTH,
     OTHER_METHOD,
@@ -109,11 +113,26 @@ ORDER BY s.id
 ON CONFLICT DO NOTHING
 """
 
+class _IdDumper(Dumper):
+    """A ``uuid`` value in binary COPY from the id's 128-bit integer (or a ``UUID``). Request
+    rows carry their ids as integers: a row of plain values is one the garbage collector stops
+    tracking, where ``UUID`` objects would be tracked (and promoted, and walked by full
+    collections) for as long as the batch is being written."""
+
+    format = Format.BINARY
+    oid = postgres.types["uuid"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        value: int = obj if type(obj) is int else obj.int
+        return value.to_bytes(16, "big")
+
+
 def _raw(r: RequestRecord) -> tuple[Any, ...]:
-    """A request's ``api_requests`` row, in ``REQUEST_COLUMNS`` order."""
+    """A request's ``api_requests`` row, in ``REQUEST_COLUMNS`` order, ids as integers."""
+    key = r.api_key_id
     return (
-        r.id,
-        r.api_key_id,
+        r.id.int,
+        None if key is None else key.int,
         r.method,
         r.path,
         r.status_code,
@@ -133,19 +152,7 @@ def raw_rows(
     queue form, ids as integers; see ``usage_middleware._recording.compact``)."""
     rows = [_raw(r) for r in requests]
     rows += [
-        (
-            uuid_from_int(rid),
-            None if key is None else uuid_from_int(key),
-            method,
-            path,
-            status,
-            ms,
-            request_size,
-            response_size,
-            error,
-            at,
-            matched,
-        )
+        (rid, key, method, path, status, ms, request_size, response_size, error, at, matched)
         for (
             _,
             method,
@@ -167,6 +174,7 @@ def raw_rows(
 def _stage(cur: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """COPY raw ``rows`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
+    cur.adapters.register_dumper(None, _IdDumper)
     with cur.copy(
         f"COPY pg_temp.um_stage_requests ({_COLUMNS}, {', '.join(REQUEST_EXTRA)}) "
         "FROM STDIN (FORMAT BINARY)"
@@ -192,6 +200,7 @@ def _copy_live(cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
     """Raw rows only, by binary COPY; a batch that holds a stored id is redone through
     staging, each id once. Returns how many rows were new."""
     cur.execute("SAVEPOINT um_live")
+    cur.adapters.register_dumper(None, _IdDumper)
     try:
         with cur.copy(f"COPY public.api_requests ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_RAW_TYPES)
@@ -236,8 +245,8 @@ def write_requests(
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
     cur.execute(INSTANTS_SQL)
     sealed_before, coarse = cur.fetchone()
-    # in id order (compared as integers, in C), so neighbouring ids fill the same index pages
-    rows.sort(key=_id_int)
+    # in id order (integers, compared in C), so neighbouring ids fill the same index pages
+    rows.sort(key=itemgetter(0))
     late = [row for row in rows if row[9] < sealed_before]
     live = [row for row in rows if row[9] >= sealed_before] if late else rows
     written = 0
@@ -248,7 +257,3 @@ def write_requests(
     if live:
         written += _copy_live(cur, live)
     return written, sealed_before
-
-
-def _id_int(row: tuple[Any, ...]) -> int:
-    return int(row[0].int)

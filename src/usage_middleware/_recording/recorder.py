@@ -573,8 +573,12 @@ class Recorder:
             return "empty"
         if not rows:
             return "empty"
-        records: list[Record] = []
-        keys: dict[int, SpoolKey] = {}  # id(record) -> its row's key, as stored
+        # Packed as the queue packs records: a replay writes a batch for as long as the
+        # database takes, and records alive that long would reach the collector's oldest
+        # generation (see compact); the store unpacks only what it must.
+        items: list[object] = []
+        # the rows' keys, as stored, by their record's id (as an integer: no UUID objects)
+        keys: list[tuple[int, SpoolKey]] = []
         unreadable: list[tuple[SpoolKey, str]] = []
         for key, payload in rows:
             try:
@@ -582,21 +586,23 @@ class Recorder:
             except Exception as exc:  # whatever a damaged row makes it raise: set it aside
                 unreadable.append((key, str(exc)[:300]))
                 continue
-            records.append(record)
-            keys[id(record)] = key
+            items.append(pack(record))
+            keys.append((record.id.int, key))
         self._quarantine(unreadable)
         written = self._written
-        self._inflight = records
+        batch = self._inflight = PackedBatch(items)
         try:
-            pending = self._write(records)
+            pending = self._write(batch)
         finally:
             self._inflight = None
         self._replayed += self._written - written
-        waiting = {keys[id(r)] for r in pending}
+        # A row waits if a record of its id does (copies of one record share their fate)
+        pending_ids = {r.id.int for r in pending}
+        waiting = [key for rid, key in keys if rid in pending_ids]
         try:
             # Rows not removed stay leased and are replayed again later: harmless, idempotent.
-            self._spool.remove([key for key in keys.values() if key not in waiting])
-            self._spool.release(list(waiting))
+            self._spool.remove([key for rid, key in keys if rid not in pending_ids])
+            self._spool.release(waiting)
         except (sqlite3.Error, OSError) as exc:
             self._spool_failed(exc, "removing replayed rows from")
         if pending:

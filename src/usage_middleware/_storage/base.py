@@ -258,9 +258,9 @@ class PackedWriter(Protocol):
     """A backend that also writes requests as the recorder's queue holds them.
 
     ``packed`` are id-unique requests, none among ``requests``, in the tuple form of
-    ``usage_middleware._recording.compact`` whose values need no validation: the writer builds
-    its rows from them without making records (SQLite, the default store, where this is most
-    of a request's writing cost).
+    ``usage_middleware._recording.compact`` whose values need no validation: the backend builds
+    its rows from them without making records (SQLite and PostgreSQL; making a record and
+    validating it again cost as much as building the row).
     """
 
     def write_packed(
