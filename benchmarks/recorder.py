@@ -1,4 +1,5 @@
-"""Recorder benchmark: enqueue cost, end-to-end rows/s under HTTP load against the direct
+"""Recorder benchmark: enqueue cost, the writer's CPU per request row (records against the packed
+batches the recorder hands the store), end-to-end rows/s under HTTP load against the direct
 ``store.write`` ceiling measured in the same run, and request latency with the database healthy
 vs cut (through a TCP proxy).
 
@@ -19,6 +20,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -33,6 +36,7 @@ from support.servers import free_port, server_process, uvicorn_argv  # noqa: E40
 from support.tcpproxy import TcpProxy  # noqa: E402
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore  # noqa: E402
+from usage_middleware._recording.compact import PackedBatch, pack, unpack  # noqa: E402
 
 
 def rows(n: int) -> list[UploadRecord | RequestRecord]:
@@ -85,6 +89,39 @@ def write_ceiling(url: str, seconds: float, batch: int = 2000) -> float:
         written += batch
     store.dispose()
     return written / busy
+
+
+def writer_cost(url: str, rounds: int = 15, batch: int = 2000) -> tuple[float, float]:
+    """Median CPU µs per request row of the writer's work for a batch of the middleware's
+    requests, taken from the queue: as records (unpacked, then ``store.write``, which validates
+    them) and as the packed batch the recorder hands the store; the two alternate batch by
+    batch, so the machine's load moves both alike."""
+    store = UsageStore(url)
+    store.create_schema()
+    key = uuid.uuid4()
+
+    def queued() -> list[object]:
+        now, request = datetime.now(timezone.utc), RequestRecord._unchecked
+        return [
+            pack(request("POST", "/upload", 201, 12.5, 4096, 80, key, None, now, True))
+            for _ in range(batch)
+        ]
+
+    ways: dict[str, Callable[[list[object]], object]] = {
+        "records": lambda items: store.write([unpack(i) for i in items]),
+        "packed": lambda items: store.write(PackedBatch(items)),
+    }
+    costs: dict[str, list[float]] = {name: [] for name in ways}
+    for way in ways.values():  # warm up
+        way(queued())
+    for _ in range(rounds):
+        for name, way in ways.items():
+            items = queued()
+            t0 = time.process_time()  # this process only: the database's own work not counted
+            way(items)
+            costs[name].append((time.process_time() - t0) / batch * 1e6)
+    store.dispose()
+    return statistics.median(costs["records"]), statistics.median(costs["packed"])
 
 
 def count_rows(url: str) -> int:
@@ -195,6 +232,11 @@ def main() -> None:
         pg = create_database(args.pg, "um_bench_")
         try:
             for name, url in (("postgresql", pg), ("sqlite", f"sqlite:///{tmp / 'usage.db'}")):
+                as_records, as_packed = writer_cost(url)
+                print(
+                    f"{name}: writer CPU per request row: records {as_records:.2f} µs, packed "
+                    f"batch {as_packed:.2f} µs ({as_packed / as_records:.2f}x)"
+                )
                 ceiling = write_ceiling(url, args.seconds / 2)
                 e2e, landed, rps = end_to_end(url, tmp, args.seconds, args.files)
                 print(

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from usage_middleware import UsageStore
+from usage_middleware import Recorder, RequestRecord, UsageStore
 
 pytestmark = pytest.mark.postgres
 
@@ -30,7 +31,11 @@ SELECT count(*) FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indrelid
 
 
 def _ingest() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ingest_benchmark", BENCHMARKS / "ingest.py")
+    return _benchmark("ingest")
+
+
+def _benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -56,3 +61,29 @@ def test_the_ingest_baseline_has_the_raw_tables_partitions_and_indexes(pg_url: s
                 (want,) = conn.execute(INDEXES, (name,)).fetchone() or (0,)
                 (got,) = conn.execute(INDEXES, (f"raw_{name}",)).fetchone() or (0,)
                 assert want == 5 and got == want, (raw, name)
+
+
+def test_the_overload_benchmark_slows_every_write_of_the_recorder(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both of the backend's writes (records, and the recorder's packed batches) take n / rate
+    seconds for n rows: a write the slowing missed would leave the database fast and the
+    benchmark measuring no overload."""
+    overload = _benchmark("overload")
+    store = UsageStore(pg_url)
+    store.create_schema()
+    slept: list[float] = []
+    clock = SimpleNamespace(monotonic=time.monotonic, sleep=slept.append)
+    monkeypatch.setattr(overload, "time", clock)  # the benchmark's sleeps only
+    overload.slow_down(store, rows_per_second=10.0)
+    recorder = Recorder(store, batch_size=40, spool_path=":memory:")
+    try:
+        for i in range(40):
+            recorder.submit(RequestRecord(path=f"/{i}"))
+        assert recorder.force_flush(30)
+    finally:
+        recorder.shutdown(30)
+    store.write([RequestRecord(), RequestRecord()])
+    store.dispose()
+    # 40 rows through the recorder's packed batches, then 2 records: 4 s and 0.2 s at 10 rows/s
+    assert sum(slept[:-1]) > 3.0 and slept[-1] > 0.1
