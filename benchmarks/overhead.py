@@ -23,10 +23,15 @@ The upload endpoint parses the form with ``request.form()``, as an upload API do
    at once (idle but for its own turn); rounds of a few seconds each take them in a shuffled
    order, and each round's ratio to bare is taken, so a machine that speeds up or slows down
    between rounds moves all variants alike. The server's CPU time per request (from /proc) is
-   reported too: it depends much less than req/s on what else the machine is running.
+   reported too: it depends much less than req/s on what else the machine is running; and
+   split into the event loop's thread and the others (the recorder's writer and spiller).
 
 Run: ``.venv/bin/python benchmarks/overhead.py`` (``--quick`` for a short smoke run,
-``--no-loopback`` to skip part 3). Needs the ``bench`` extra and, for part 3, ``wrk``.
+``--no-loopback`` to skip part 3, ``--rounds N`` for more loopback rounds). To set a change
+against the code before it in one run, serve that code too: ``git worktree add /tmp/base HEAD~1``
+and ``--baseline-src /tmp/base/src`` adds ``ours@base``, ``ours+sqlite@base`` and
+``ours+postgres@base`` to the loopback rounds. Needs the ``bench`` extra and, for part 3,
+``wrk``.
 """
 
 from __future__ import annotations
@@ -375,10 +380,12 @@ def wrk(port: int, seconds: int) -> tuple[float, int]:
     return rps, count
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux), or ``None`` where unknown."""
+def cpu_seconds(pid: int, task: int | None = None) -> float | None:
+    """User + system CPU time of a process so far, or of one of its threads (``task``, Linux),
+    or ``None`` where unknown."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(path) as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
@@ -398,25 +405,39 @@ def settle(pid: int, timeout: float = 15.0) -> None:
         last = now
 
 
-def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | None:
+def loopback(
+    variants: list[str],
+    quick: bool,
+    rounds: int | None = None,
+    base_env: dict[str, str] | None = None,
+) -> dict[str, dict[str, float]] | None:
     """Per variant: median req/s, median of per-round req/s ratios to bare, and median server
-    CPU µs per request, background writing included (``nan`` where /proc is unavailable)."""
+    CPU µs per request, background writing included (``nan`` where /proc is unavailable).
+
+    With ``base_env`` each ``ours`` variant is also served as ``<variant>@base``, its server
+    run with that environment added (the baseline checkout's ``PYTHONPATH``, its own database).
+    """
     if shutil.which("wrk") is None:
         print("loopback: skipped — wrk is not installed (apt-get install -y wrk)\n")
         return None
-    seconds, rounds = (2, 2) if quick else (3, 7)
+    seconds, rounds = (2, 2) if quick else (3, rounds or 7)
+    serving = {v: (v, {}) for v in variants}
+    if base_env is not None:
+        serving.update({f"{v}@base": (v, base_env) for v in variants if v.startswith("ours")})
+    variants = list(serving)
     ports = {v: free_port() for v in variants}
     workdir = tempfile.mkdtemp(prefix="usage-bench-")
     children = {
         v: subprocess.Popen(
-            [sys.executable, __file__, "--serve", v, "--port", str(ports[v])],
+            [sys.executable, __file__, "--serve", kind, "--port", str(ports[v])],
             stdout=subprocess.DEVNULL,
-            env={**os.environ, WORKDIR_ENV: workdir},
+            env={**os.environ, WORKDIR_ENV: workdir, **env},
         )
-        for v in variants
+        for v, (kind, env) in serving.items()
     }
     rps: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
+    loop_cpu: dict[str, list[float]] = {v: [] for v in variants}  # the event loop's thread
     try:
         for v in variants:
             wait_for_port(ports[v], 60)
@@ -426,13 +447,16 @@ def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | 
         for r in range(rounds):
             random.Random(200 + r).shuffle(order)
             for v in order:
-                before = cpu_seconds(children[v].pid)
+                pid = children[v].pid
+                before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
                 rate, count = wrk(ports[v], seconds)
-                settle(children[v].pid)
-                after = cpu_seconds(children[v].pid)
+                settle(pid)
+                after, loop_after = cpu_seconds(pid), cpu_seconds(pid, pid)
                 rps[v].append(rate)
                 if before is not None and after is not None:
                     cpu[v].append((after - before) / count * 1e6)
+                if loop_before is not None and loop_after is not None:
+                    loop_cpu[v].append((loop_after - loop_before) / count * 1e6)
     finally:
         for child in children.values():
             child.terminate()
@@ -448,6 +472,7 @@ def loopback(variants: list[str], quick: bool) -> dict[str, dict[str, float]] | 
             "rps": statistics.median(rps[v]),
             "ratio": statistics.median(a / b for a, b in zip(rps[v], rps["bare"], strict=True)),
             "cpu_us": statistics.median(cpu[v]) if cpu[v] else math.nan,
+            "loop_us": statistics.median(loop_cpu[v]) if loop_cpu[v] else math.nan,
         }
         for v in variants
     }
@@ -478,11 +503,15 @@ def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]]
     print(f"{'find scan':<12} {'':>35} {scan['upload_us']:>9.0f}   (bytes.find only, no app)")
     if loop:
         print("\nover loopback, small GET (uvicorn, one worker; medians over rounds):")
-        print(f"{'variant':<12} {'req/s':>8} {'% bare':>7} {'server CPU µs/req':>18} {'+µs':>6}")
+        print(
+            f"{'variant':<18} {'req/s':>8} {'% bare':>7} {'server CPU µs/req':>18} {'+µs':>6} "
+            f"{'event loop':>11} {'other threads':>14}"
+        )
         for v, row in loop.items():
             print(
-                f"{v:<12} {row['rps']:>8.0f} {100 * row['ratio']:>6.0f}% {row['cpu_us']:>18.1f} "
-                f"{row['cpu_us'] - loop['bare']['cpu_us']:>+6.1f}"
+                f"{v:<18} {row['rps']:>8.0f} {100 * row['ratio']:>6.0f}% {row['cpu_us']:>18.1f} "
+                f"{row['cpu_us'] - loop['bare']['cpu_us']:>+6.1f} {row['loop_us']:>11.1f} "
+                f"{row['cpu_us'] - row['loop_us']:>14.1f}"
             )
 
     def ratio(ours: float, peer: float) -> str:
@@ -535,6 +564,16 @@ def main() -> None:
         ),
         help="PostgreSQL server for ours+postgres (a database is created and dropped)",
     )
+    parser.add_argument(
+        "--rounds", type=int, help="loopback rounds (default 7): more where the machine is noisy"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="also serve the ours variants over loopback with usage_middleware imported from "
+        "DIR (another checkout's src, e.g. a git worktree of the previous commit), as "
+        "'<variant>@base', in the same rounds",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -547,9 +586,17 @@ def main() -> None:
 
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
     name = f"um_bench_overhead_{os.getpid()}"
+    names = [name, f"{name}_base"] if args.baseline_src else [name]
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        for db in names:
+            conn.execute(text(f'CREATE DATABASE "{db}"'))
     os.environ[PG_ENV] = make_url(args.pg).set(database=name).render_as_string(False)
+    base_env = None
+    if args.baseline_src:
+        base_env = {
+            "PYTHONPATH": os.path.abspath(args.baseline_src),
+            PG_ENV: make_url(args.pg).set(database=names[1]).render_as_string(False),
+        }
     try:
         workdir = tempfile.mkdtemp(prefix="usage-bench-")
         built = {v: build(v, workdir) for v in VARIANTS}
@@ -561,10 +608,11 @@ def main() -> None:
             for _, close in built.values():
                 close()
             shutil.rmtree(workdir, ignore_errors=True)
-        loop = None if args.no_loopback else loopback(VARIANTS, args.quick)
+        loop = None if args.no_loopback else loopback(VARIANTS, args.quick, args.rounds, base_env)
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for db in names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         admin.dispose()
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
