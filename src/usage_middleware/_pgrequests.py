@@ -113,6 +113,7 @@ ORDER BY s.id
 ON CONFLICT DO NOTHING
 """
 
+
 class _IdDumper(Dumper):
     """A ``uuid`` value in binary COPY from the id's 128-bit integer (or a ``UUID``). Request
     rows carry their ids as integers: a row of plain values is one the garbage collector stops
@@ -148,26 +149,10 @@ def _raw(r: RequestRecord) -> tuple[Any, ...]:
 def raw_rows(
     requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]]
 ) -> list[tuple[Any, ...]]:
-    """The ``api_requests`` rows of ``requests`` and of ``packed`` requests (the recorder's
-    queue form, ids as integers; see ``usage_middleware._recording.compact``)."""
+    """The ``api_requests`` rows of ``requests`` and of ``packed`` requests, which are such rows
+    already (see ``usage_middleware._storage.base.PackedWriter``)."""
     rows = [_raw(r) for r in requests]
-    rows += [
-        (rid, key, method, path, status, ms, request_size, response_size, error, at, matched)
-        for (
-            _,
-            method,
-            path,
-            status,
-            ms,
-            request_size,
-            response_size,
-            key,
-            error,
-            at,
-            rid,
-            matched,
-        ) in packed
-    ]
+    rows += packed
     return rows
 
 

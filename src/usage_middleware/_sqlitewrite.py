@@ -162,8 +162,9 @@ def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
 
 
 def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The ``api_requests`` rows of requests in the recorder's queue form (their ids as
-    integers; see ``usage_middleware._recording.compact``)."""
+    """The ``api_requests`` rows of ``packed`` requests: their columns with the ids as integers
+    and the time as a datetime (see ``usage_middleware._storage.base.PackedWriter``), in the
+    forms SQLite stores."""
     return [
         (
             "%032x" % rid,  # noqa: UP031 (as utc_text: the cheapest form)
@@ -172,26 +173,13 @@ def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             path,
             status,
             ms,
-            request_size,
-            response_size,
+            rq,
+            rs,
             error,
             utc_text(at),
             matched,
         )
-        for (
-            _,
-            method,
-            path,
-            status,
-            ms,
-            request_size,
-            response_size,
-            key,
-            error,
-            at,
-            rid,
-            matched,
-        ) in packed
+        for rid, key, method, path, status, ms, rq, rs, error, at, matched in packed
     ]
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError, SchemaMissingError
 from ._maintain import MaintainResult, check_retention_days, maintain, retention_start
-from ._recording.compact import PackedBatch, PackedRequest
+from ._recording.compact import PackedBatch, RequestValues
 from ._records import RequestRecord, UploadRecord
 from ._storage import Backend, normalize_url, open_backend
 from ._storage.base import PackedWriter
@@ -160,14 +160,14 @@ class UsageStore:
         a ``ValueError``, and write nothing; an unreachable database raises
         ``DatabaseUnavailableError``.
         """
-        packed: dict[int, PackedRequest] = {}  # by id, as its 128-bit integer
+        packed: dict[int, RequestValues] = {}  # by id, as its 128-bit integer
         backend = self.backend
         writer = backend if isinstance(backend, PackedWriter) else None
         if writer is not None and type(records) is PackedBatch:
             # The recorder's batch: the requests that need no validation stay tuples.
             plain, records = records.split()
-            for item in plain:
-                packed.setdefault(item[10], item)
+            for values in plain:
+                packed.setdefault(values[0], values)
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}
         for record in records:

@@ -29,7 +29,7 @@ from typing import Any, overload
 
 from .._records import RequestRecord, UploadRecord, normal_request_values, uuid_from_int
 
-__all__ = ["PACKING", "PackedBatch", "pack", "unpack"]
+__all__ = ["PACKING", "PackedBatch", "RequestValues", "pack", "unpack"]
 
 Record = UploadRecord | RequestRecord
 
@@ -171,10 +171,10 @@ def unpack(item: object) -> Record:
     return item  # type: ignore[return-value]
 
 
-#: A packed request's items: ``(tag, method, path, status_code, response_time_ms, request_size,
-#: response_size, api_key_id as int or None, error_message, requested_at, id as int,
-#: route_matched)``.
-PackedRequest = tuple[Any, ...]
+#: A request as the backends' ``write_packed`` takes it: ``api_requests``' columns in order — id,
+#: api_key_id, method, path, status_code, response_time_ms, request_size, response_size,
+#: error_message, requested_at, route_matched — the two ids as 128-bit integers.
+RequestValues = tuple[Any, ...]
 
 
 class PackedBatch(Sequence[Record]):
@@ -203,12 +203,12 @@ class PackedBatch(Sequence[Record]):
     def __iter__(self) -> Iterator[Record]:
         return map(unpack, self.items)
 
-    def split(self) -> tuple[list[PackedRequest], list[Record]]:
+    def split(self) -> tuple[list[RequestValues], list[Record]]:
         """The packed requests whose values need no validation (see
-        :func:`~usage_middleware._records.normal_request_values`), in queue order, and every
-        other item unpacked: uploads, requests with a value to normalise or refuse, anything
-        that was queued as it was submitted."""
-        packed: list[PackedRequest] = []
+        :func:`~usage_middleware._records.normal_request_values`) as :data:`RequestValues`, in
+        queue order, and every other item unpacked: uploads, requests with a value to normalise
+        or refuse, anything that was queued as it was submitted."""
+        packed: list[RequestValues] = []
         rest: list[Record] = []
         for item in self.items:
             if (
@@ -219,7 +219,8 @@ class PackedBatch(Sequence[Record]):
                     item[1], item[2], item[3], item[4], item[5], item[6], item[8], item[9], item[11]
                 )
             ):
-                packed.append(item)
+                (_, method, path, status, ms, rq, rs, key, error, at, rid, matched) = item
+                packed.append((rid, key, method, path, status, ms, rq, rs, error, at, matched))
             else:
                 rest.append(unpack(item))
         return packed, rest

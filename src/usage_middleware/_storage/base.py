@@ -255,12 +255,14 @@ class Writer(Protocol):
 
 @runtime_checkable
 class PackedWriter(Protocol):
-    """A backend that also writes requests as the recorder's queue holds them.
+    """A backend that also writes requests as plain values, never made into records.
 
-    ``packed`` are id-unique requests, none among ``requests``, in the tuple form of
-    ``usage_middleware._recording.compact`` whose values need no validation: the backend builds
-    its rows from them without making records (SQLite and PostgreSQL; making a record and
-    validating it again cost as much as building the row).
+    ``packed`` are id-unique requests, none among ``requests``, whose values need no
+    validation, each a tuple of ``api_requests``' columns in order (id, api_key_id, method,
+    path, status_code, response_time_ms, request_size, response_size, error_message,
+    requested_at, route_matched) with the two ids as 128-bit integers: the recorder's queue
+    hands them over so (SQLite and PostgreSQL; making a record and validating it again cost as
+    much as building the row).
     """
 
     def write_packed(

@@ -112,7 +112,7 @@ class SQLBackend(ABC):
         requests: Sequence[RequestRecord],
         packed: Sequence[tuple[Any, ...]],
     ) -> int:
-        """:meth:`write`, some requests still in the recorder's queue form (``PackedWriter``)."""
+        """:meth:`write`, some requests as plain values (``PackedWriter``)."""
         return self._write_then_seal(uploads, requests, packed)
 
     def _write_then_seal(
