@@ -245,3 +245,18 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
         recorder.shutdown(30)
     assert len(stored_request_rows(store)) == n
     assert tracked and max(tracked) < n // 10, f"{tracked} more objects tracked"
+
+
+def test_a_store_without_packed_writes_gets_the_batch_as_records() -> None:
+    """A backend with no ``write_packed`` (memory here, ClickHouse too) is handed records: the
+    batch unpacks as it is read, and every request is validated and written once."""
+    store = UsageStore("memory://")
+    store.create_schema()
+    assert not hasattr(store.backend, "write_packed")
+    rng = random.Random(13)
+    batch = _batch(rng)
+    items = [pack(copy.copy(r)) for r in batch]
+    expected = len({r.id for r in batch if isinstance(r, RequestRecord)}) + 50
+    assert store.write(PackedBatch(items)) == expected
+    assert store.write(PackedBatch(items)) == 0
+    store.dispose()
