@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import uuid_utils
 
+from ._schema import STANDARD_METHODS
+
 __all__ = [
     "RequestRecord",
     "UploadRecord",
@@ -36,10 +38,6 @@ _MAX_FILE_NAME = 255
 _MAX_ERROR = 500
 _MAX_PATH = 512
 _MAX_METHOD = 16
-# Methods :meth:`RequestRecord.validate` can see at a glance are normal (upper case, short).
-_PLAIN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
-)
 # 1 PiB: 8,191 such sizes still fit one bigint rollup counter.
 MAX_SIZE = 2**50
 # A year: 292,000 such times, in microseconds, still fit one bigint rollup counter.
@@ -158,7 +156,7 @@ def normal_request_values(
     request made of them needs none (see ``RequestRecord.validate``)."""
     return (
         type(method) is str
-        and method in _PLAIN_METHODS
+        and method in STANDARD_METHODS  # upper case and short: normal at a glance
         and type(path) is str
         and 0 < len(path) <= _MAX_PATH
         and "\x00" not in path
