@@ -145,10 +145,9 @@ def utc_text(value: datetime) -> str:
 
 def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
     """A request's ``api_requests`` row, in ``_REQUEST_COLUMNS`` order."""
-    key = r.api_key_id
     return (
-        "%032x" % r.id.int,  # noqa: UP031 (as utc_text: the cheapest form)
-        None if key is None else "%032x" % key.int,  # noqa: UP031
+        r.id.hex,
+        _hex(r.api_key_id),
         r.method,
         r.path,
         r.status_code,
