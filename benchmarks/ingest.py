@@ -25,6 +25,11 @@ row its own quarter-hour, hourly and endpoint rollup keys). It also prints what 
 validation costs per row, and how many rollup rows one busy key-day makes: the request
 histograms alone, and with the endpoint rollups.
 
+``store.write`` is handed what the recorder's writer hands it (``--batches recorder``, the
+default): each batch as the queue holds it, records packed into tuples on submit (the packing
+is timed too), from which SQLite and PostgreSQL write the middleware's requests without
+building records. ``--batches records`` hands it lists of records, as a direct caller does.
+
 The PostgreSQL server is ``--pg`` (default: ``USAGE_TEST_PG_URL`` or the local server); the
 script creates and drops its own databases. Targets: the live shapes ≥ 1/5 of the raw binary COPY
 on PostgreSQL (1/4 is the aim) and ≥ 20,000 rows/s into SQLite (half of raw ``executemany`` is
@@ -49,6 +54,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from usage_middleware import RequestRecord, UploadRecord, UsageStore
+from usage_middleware._recording.compact import PackedBatch, pack
 from usage_middleware._records import new_id
 
 UTC = timezone.utc
@@ -178,6 +184,14 @@ REQUESTS = Dataset(
 )  # fmt: skip
 
 
+def as_batches(records: list[Any], way: str) -> Callable[[], list[Any]]:
+    """Batches of ``records`` as ``way`` hands them to ``store.write``: the recorder packs
+    each record into a tuple on submit and gives the writer the queue's tuples as a batch."""
+    if way == "recorder":
+        return lambda: [PackedBatch([pack(r) for r in b]) for b in records]
+    return lambda: records
+
+
 def best_rate(rows: int, runs: list[float]) -> float:
     return rows / min(runs)
 
@@ -234,7 +248,7 @@ def pg_baseline_table(conn: psycopg.Connection[Any], data: Dataset) -> str:
 
 
 def bench_postgres(
-    pg_url: str, data: Dataset, shape: str, n: int, batch: int, repeats: int
+    pg_url: str, data: Dataset, shape: str, n: int, batch: int, repeats: int, way: str
 ) -> None:
     name = f"um_bench_{uuid.uuid4().hex[:10]}"
     admin_dsn = pg_admin(pg_url)
@@ -274,8 +288,12 @@ def bench_postgres(
                 # way a quarter hour is sealed once), and the rolls of the whole hours it passes.
                 end = max(r[data.time_column] for r in rows) + timedelta(microseconds=1)
 
-                def store_write(records: list[list[Any]] = records, end: datetime = end) -> None:
-                    for b in records:
+                batched = as_batches(records, way)
+
+                def store_write(
+                    batched: Callable[[], list[Any]] = batched, end: datetime = end
+                ) -> None:
+                    for b in batched():
                         store.write(b)
                     if data is REQUESTS:
                         store.seal(end)
@@ -329,7 +347,7 @@ def sqlite_baseline_table(raw: sqlite3.Connection, store: UsageStore, data: Data
     return name
 
 
-def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int) -> None:
+def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int, way: str) -> None:
     rng = random.Random(2)
     with tempfile.TemporaryDirectory() as tmp:
         store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
@@ -361,8 +379,12 @@ def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int) ->
                     )
                     raw.execute("COMMIT")
 
-            def store_write(records: list[list[Any]] = records, end: datetime = end) -> None:
-                for b in records:
+            batched = as_batches(records, way)
+
+            def store_write(
+                batched: Callable[[], list[Any]] = batched, end: datetime = end
+            ) -> None:
+                for b in batched():
                     store.write(b)
                 if data is REQUESTS:
                     store.seal(end)
@@ -430,6 +452,12 @@ def main() -> None:
     parser.add_argument("--busy-day", type=int, default=100_000, help="requests of the busy day")
     parser.add_argument("--data", choices=["uploads", "requests", "both"], default="both")
     parser.add_argument("--shapes", default="live,worst", help="comma-separated: live, worst")
+    parser.add_argument(
+        "--batches",
+        choices=["recorder", "records"],
+        default="recorder",
+        help="what store.write is handed: the recorder's packed batches, or lists of records",
+    )
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
     args = parser.parse_args()
@@ -439,13 +467,17 @@ def main() -> None:
         f"validation: UploadRecord(...) {build_us:.2f} µs/row "
         f"({1e6 / build_us:,.0f} rows/s); re-check in write() {check_us:.2f} µs/row"
     )
+    handed = {"recorder": "the recorder's batches", "records": "lists of records"}
+    print(f"store.write is handed {handed[args.batches]}")
     datasets = [d for d in (UPLOADS, REQUESTS) if args.data in (d.name, "both")]
     for data in datasets:
         for shape in args.shapes.split(","):
             if not args.skip_postgres:
-                bench_postgres(args.pg, data, shape, args.rows, args.batch, args.repeats)
+                bench_postgres(
+                    args.pg, data, shape, args.rows, args.batch, args.repeats, args.batches
+                )
             if not args.skip_sqlite:
-                bench_sqlite(data, shape, args.rows, args.batch, args.repeats)
+                bench_sqlite(data, shape, args.rows, args.batch, args.repeats, args.batches)
     if args.busy_day:
         busy_key_day(args.busy_day)
 

@@ -113,23 +113,30 @@ class GcPauses:
 
 def slow_down(store: Any, rows_per_second: float) -> None:
     """Make ``store``'s backend take at least n / ``rows_per_second`` seconds per n rows, in
-    both of its writes (records, and the recorder's packed requests)."""
+    both of its writes (records, and the recorder's packed batches: records and rows given as
+    values)."""
     backend = store.backend
+    write, write_packed = backend.write, backend.write_packed
 
-    def slowed(write: Any) -> Any:
-        def slow_write(*batches: Any) -> int:
-            start = time.monotonic()
-            written = int(write(*batches))
-            rows = sum(len(b) for b in batches)
-            rest = rows / rows_per_second - (time.monotonic() - start)
-            if rest > 0:
-                time.sleep(rest)
-            return written
+    def pause(start: float, rows: int) -> None:
+        rest = rows / rows_per_second - (time.monotonic() - start)
+        if rest > 0:
+            time.sleep(rest)
 
-        return slow_write
+    def slow_write(uploads: Any, requests: Any) -> int:
+        start = time.monotonic()
+        written = int(write(uploads, requests))
+        pause(start, len(uploads) + len(requests))
+        return written
 
-    backend.write = slowed(backend.write)
-    backend.write_packed = slowed(backend.write_packed)
+    def slow_write_packed(uploads: Any, requests: Any, packed: Any) -> int:
+        start = time.monotonic()
+        written = int(write_packed(uploads, requests, packed))
+        pause(start, len(uploads) + len(requests) + len(packed.requests) + len(packed.uploads))
+        return written
+
+    backend.write = slow_write
+    backend.write_packed = slow_write_packed
 
 
 def slow_recorder(args: argparse.Namespace) -> Any:

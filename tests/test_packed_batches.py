@@ -1,9 +1,9 @@
 """The recorder's batches stay packed until the store needs records.
 
 A ``PackedBatch`` reads as the records it holds; writing one stores exactly what writing those
-records stores. On SQLite and PostgreSQL the middleware's requests (their values already normal)
-go from the queue's tuples to rows with no record made; everything else is unpacked and
-validated as ever.
+records stores. On SQLite and PostgreSQL the middleware's requests and uploads (their values
+already normal) go from the queue's tuples to rows with no record made; everything else is
+unpacked and validated as ever.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import gc
 import random
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import select, text
@@ -27,7 +28,9 @@ from support.rollups import FAR, assert_rollups_exact, random_request, random_up
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 from usage_middleware._recording.compact import PackedBatch, pack
 from usage_middleware._recording.spool import Spool
+from usage_middleware._records import new_id
 from usage_middleware._schema import api_requests, file_uploads
+from usage_middleware._storage.base import PackedRows
 
 UTC = timezone.utc
 START = datetime(2025, 5, 1, tzinfo=UTC)
@@ -44,7 +47,20 @@ def _unchecked_request(rng: random.Random, **values: Any) -> RequestRecord:
     return _mending(record, **values)
 
 
-def _mending(record: RequestRecord, **values: Any) -> RequestRecord:
+def _unchecked_upload(rng: random.Random, **values: Any) -> UploadRecord:
+    """An upload as the middleware builds it, with ``values`` put in (not validated)."""
+    record = UploadRecord._unchecked(
+        "s3", "image/png", "image/jpeg", rng.randrange(10**7), "success", None,
+        uuid.UUID(int=rng.getrandbits(128), version=4), new_id(), "cat.png",
+        START + timedelta(seconds=rng.random() * 36_000),
+    )  # fmt: skip
+    return _mending(record, **values)
+
+
+_Record = TypeVar("_Record", RequestRecord, UploadRecord)
+
+
+def _mending(record: _Record, **values: Any) -> _Record:
     """A copy of ``record`` with ``values`` put in, not validated."""
     twin = copy.copy(record)
     for name, value in values.items():
@@ -53,9 +69,9 @@ def _mending(record: RequestRecord, **values: Any) -> RequestRecord:
 
 
 def _batch(rng: random.Random) -> list[Record]:
-    """Normal requests (standard methods and not), requests whose values validation mends,
-    uploads, repeats of some of them, and twins that share a request's id but need mending
-    (one stays a tuple, the other becomes a record), in a shuffled order."""
+    """Normal requests (standard methods and not) and uploads, ones whose values validation
+    mends, repeats of some of them, and twins that share a record's id but need mending (one
+    stays a tuple, the other becomes a record), in a shuffled order."""
     records: list[Record] = []
     for _ in range(400):
         r = random_request(rng)
@@ -71,6 +87,18 @@ def _batch(rng: random.Random) -> list[Record]:
     twins = [r for r in records if isinstance(r, RequestRecord) and r.method == "GET"][:6]
     records += [_mending(r, method="get") for r in twins]
     records += [random_upload(rng) for _ in range(50)]
+    records += [
+        _unchecked_upload(rng, error_message=rng.choice([None, "timeout"])) for _ in range(40)
+    ]
+    records += [
+        _unchecked_upload(rng, provider=" s3 "),
+        _unchecked_upload(rng, file_type="Image/PNG"),
+        _unchecked_upload(rng, declared_type="image/png"),  # the file type: stored as None
+        _unchecked_upload(rng, file_name="c\x00t.png"),
+        _unchecked_upload(rng, uploaded_at=START.astimezone(timezone(timedelta(hours=-3)))),
+    ]
+    upload_twins = [r for r in records if isinstance(r, UploadRecord) and r.provider == "s3"]
+    records += [_mending(r, provider=" s3 ") for r in upload_twins[:4]]
     records += records[:30]
     rng.shuffle(records)
     return records
@@ -128,8 +156,10 @@ def test_writing_a_packed_batch_stores_what_writing_its_records_stores(
         store.seal(START + timedelta(hours=5))  # the batch's first five hours are late
     batch = _batch(rng)
     items = [pack(copy.copy(r)) for r in batch]
-    plain, rest = PackedBatch(items).split()
-    assert len(plain) > 300 and len(rest) > 50  # both paths are taken
+    plain, plain_uploads, rest = PackedBatch(items).split()
+    # both paths are taken, for requests and for uploads
+    assert len(plain) > 300 and len(plain_uploads) > 60 and len(rest) > 60
+    assert any(isinstance(r, UploadRecord) for r in rest)
 
     def no_record_write(*args: Any) -> int:
         raise AssertionError("the packed batch went through backend.write")
@@ -137,7 +167,7 @@ def test_writing_a_packed_batch_stores_what_writing_its_records_stores(
     monkeypatch.setattr(packed_store.backend, "write", no_record_write)
     written = packed_store.write(PackedBatch(items))
     assert written == records_store.write(copy.deepcopy(batch))
-    assert written == len({r.id for r in batch if isinstance(r, RequestRecord)}) + 50
+    assert written == len({r.id for r in batch})
     assert packed_store.write(PackedBatch(items)) == 0
     for store in stores:
         assert_rollups_exact(store)
@@ -158,33 +188,40 @@ def test_a_packed_batch_reads_as_the_records_it_holds() -> None:
     unusual = _unchecked_request(rng, method="get")
     upload = random_upload(rng)
     custom = replace(random_request(rng), method="PROPFIND")
-    records = [normal, unusual, upload, custom]
+    records: list[Record] = [normal, unusual, upload, custom]
+    odd_upload = _unchecked_upload(rng, file_type="IMAGE/png")
+    records.append(odd_upload)
     batch = PackedBatch([pack(r) for r in records])
-    assert len(batch) == 4
+    assert len(batch) == 5
     assert [asdict(r) for r in batch] == [asdict(r) for r in records]
     assert asdict(batch[2]) == asdict(upload)
     assert isinstance(batch[1:3], PackedBatch)
     assert [asdict(r) for r in batch[1:3]] == [asdict(unusual), asdict(upload)]
-    plain, rest = batch.split()
-    # api_requests' columns in order, the ids as integers
+    plain, plain_uploads, rest = batch.split()
+    # the tables' columns in order, the ids as integers
     columns = [getattr(normal, c.name) for c in api_requests.columns]
     columns[:2] = [c if c is None else c.int for c in columns[:2]]
     assert plain == [tuple(columns)]
-    assert [asdict(r) for r in rest] == [asdict(unusual), asdict(upload), asdict(custom)]
+    upload_columns = [getattr(upload, c.name) for c in file_uploads.columns]
+    upload_columns[:3] = [c if c is None else c.int for c in upload_columns[:3]]
+    assert plain_uploads == [tuple(upload_columns)]
+    assert [asdict(r) for r in rest] == [asdict(unusual), asdict(custom), asdict(odd_upload)]
     assert not PackedBatch([])
 
 
 def test_the_recorders_batches_reach_the_store_packed(
     stores: tuple[UsageStore, UsageStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the middleware submits is written through ``write_packed``, every request once."""
+    """What the middleware submits is written through ``write_packed`` as values, every
+    request and upload once."""
     store = stores[0]
     rng = random.Random(9)
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     write_packed = store.backend.write_packed  # type: ignore[attr-defined]
 
-    def counting(uploads: Any, requests: Any, packed: Any) -> int:
-        calls.append(len(packed))
+    def counting(uploads: Any, requests: Any, packed: PackedRows) -> int:
+        assert not uploads and not requests
+        calls.append((len(packed.requests), len(packed.uploads)))
         return int(write_packed(uploads, requests, packed))
 
     monkeypatch.setattr(store.backend, "write_packed", counting)
@@ -193,11 +230,13 @@ def test_the_recorders_batches_reach_the_store_packed(
     try:
         for _ in range(120):
             recorder.submit(_unchecked_request(rng))
+            recorder.submit(_unchecked_upload(rng))
         assert recorder.force_flush(30)
     finally:
         recorder.shutdown(30)
-    assert sum(calls) == 120 and recorder.stats()["written"] == 120
-    assert len(stored_request_rows(store)) == 120
+    assert [sum(c) for c in zip(*calls, strict=True)] == [120, 120]
+    assert recorder.stats()["written"] == 240
+    assert len(stored_request_rows(store)) == 120 and len(_uploads(store)) == 120
 
 
 @pytest.mark.parametrize("source", ["queue", "spool"])
@@ -210,11 +249,13 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
     """A batch is alive for as long as the database takes to write it (seconds, when it is
     slow): long enough for its objects to reach the collector's oldest generation, which every
     full collection walks, the event loop stopped meanwhile. Taken off the queue, or replayed
-    from the spool, the middleware's requests stay values the collector does not track."""
+    from the spool, the middleware's requests and uploads stay values the collector does not
+    track."""
     store = stores[0]
     rng = random.Random(11)
     n = 3_000
-    records = [_unchecked_request(rng) for _ in range(n)]
+    records: list[Record] = [_unchecked_request(rng) for _ in range(n // 2)]
+    records += [_unchecked_upload(rng) for _ in range(n // 2)]
     spool_path = tmp_path / "spool.sqlite3"
     if source == "spool":
         spool = Spool(spool_path, max_records=10 * n)
@@ -225,7 +266,7 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
     tracked: list[int] = []
     write_packed = store.backend.write_packed  # type: ignore[attr-defined]
 
-    def counting(uploads: Any, requests: Any, packed: Any) -> int:
+    def counting(uploads: Any, requests: Any, packed: PackedRows) -> int:
         gc.collect()
         tracked.append(len(gc.get_objects()) - before)
         return int(write_packed(uploads, requests, packed))
@@ -236,14 +277,15 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
     recorder = Recorder(store, batch_size=n, flush_interval=0.5, spool_path=spool_path)
     try:
         if source == "queue":
-            for _ in range(n):
+            for _ in range(n // 2):
                 recorder.submit(_unchecked_request(rng))
+                recorder.submit(_unchecked_upload(rng))
         else:
             recorder.start()
         assert wait_for(lambda: recorder.stats()["written"] == n)
     finally:
         recorder.shutdown(30)
-    assert len(stored_request_rows(store)) == n
+    assert len(stored_request_rows(store)) == len(_uploads(store)) == n // 2
     assert tracked and max(tracked) < n // 10, f"{tracked} more objects tracked"
 
 
@@ -256,7 +298,6 @@ def test_a_store_without_packed_writes_gets_the_batch_as_records() -> None:
     rng = random.Random(13)
     batch = _batch(rng)
     items = [pack(copy.copy(r)) for r in batch]
-    expected = len({r.id for r in batch if isinstance(r, RequestRecord)}) + 50
-    assert store.write(PackedBatch(items)) == expected
+    assert store.write(PackedBatch(items)) == len({r.id for r in batch})
     assert store.write(PackedBatch(items)) == 0
     store.dispose()

@@ -124,17 +124,23 @@ def test_submit_only_queues_on_the_calling_thread(
     )
     recorders.append(recorder)
     callers: set[int] = set()
-    real_write, real_put = store.backend.write, Spool.put
+    backend: Any = store.backend
+    real_write, real_packed, real_put = backend.write, backend.write_packed, Spool.put
 
     def write(*args: Any) -> int:
         callers.add(threading.get_ident())
         return real_write(*args)
 
+    def write_packed(*args: Any) -> int:
+        callers.add(threading.get_ident())
+        return real_packed(*args)
+
     def put(self: Spool, records: Any) -> int:
         callers.add(threading.get_ident())
         return real_put(self, records)
 
-    monkeypatch.setattr(store.backend, "write", write)
+    monkeypatch.setattr(backend, "write", write)
+    monkeypatch.setattr(backend, "write_packed", write_packed)
     monkeypatch.setattr(Spool, "put", put)
     recorder.start()
     for record in sample_uploads(3_000):

@@ -50,7 +50,7 @@ from ._schema import (
     latency_bucket,
 )
 
-__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "raw_rows", "write_requests"]
+__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "IdDumper", "raw_rows", "write_requests"]
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
@@ -114,8 +114,8 @@ ON CONFLICT DO NOTHING
 """
 
 
-class _IdDumper(Dumper):
-    """A ``uuid`` value in binary COPY from the id's 128-bit integer (or a ``UUID``). Request
+class IdDumper(Dumper):
+    """A ``uuid`` value in binary COPY from the id's 128-bit integer (or a ``UUID``). Packed
     rows carry their ids as integers: a row of plain values is one the garbage collector stops
     tracking, where ``UUID`` objects would be tracked (and promoted, and walked by full
     collections) for as long as the batch is being written."""
@@ -159,7 +159,7 @@ def raw_rows(
 def _stage(cur: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """COPY raw ``rows`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
-    cur.adapters.register_dumper(None, _IdDumper)
+    cur.adapters.register_dumper(None, IdDumper)
     with cur.copy(
         f"COPY pg_temp.um_stage_requests ({_COLUMNS}, {', '.join(REQUEST_EXTRA)}) "
         "FROM STDIN (FORMAT BINARY)"
@@ -185,7 +185,7 @@ def _copy_live(cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
     """Raw rows only, by binary COPY; a batch that holds a stored id is redone through
     staging, each id once. Returns how many rows were new."""
     cur.execute("SAVEPOINT um_live")
-    cur.adapters.register_dumper(None, _IdDumper)
+    cur.adapters.register_dumper(None, IdDumper)
     try:
         with cur.copy(f"COPY public.api_requests ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_RAW_TYPES)

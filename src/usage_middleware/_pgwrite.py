@@ -37,9 +37,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ._pgrequests import raw_rows, write_requests
+from ._pgrequests import IdDumper, raw_rows, write_requests
 from ._pgrollups import QUARTER, added, sums
 from ._records import RequestRecord, UploadRecord
+from ._storage.base import PackedRows
 
 __all__ = ["pg_write"]
 
@@ -153,17 +154,17 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*
        (SELECT count(*) FROM quarter), (SELECT count(*) FROM mismatch)
 """
 
+
 def pg_write(
     conn: Connection,
     uploads: Sequence[UploadRecord],
     requests: Sequence[RequestRecord],
-    packed: Sequence[tuple[Any, ...]],
+    packed: PackedRows,
     timeout: float,
 ) -> tuple[int, datetime | None]:
-    """Write validated, id-unique records and ``packed`` requests (see
-    :func:`~usage_middleware._pgrequests.raw_rows`) inside ``conn``'s open transaction; returns
-    how many rows were new and, when there were requests, the seal instant they were written
-    under.
+    """Write validated, id-unique records and ``packed`` rows inside ``conn``'s open
+    transaction; returns how many rows were new and, when there were requests, the seal instant
+    they were written under.
 
     ``timeout`` (seconds) bounds each statement and any idle time of the transaction.
     """
@@ -178,7 +179,8 @@ def pg_write(
         _, _, staging, sealing = cur.fetchone()
         if not staging:
             cur.execute(_CREATE_STAGING)
-        if uploads:
+        if uploads or packed.uploads:
+            cur.adapters.register_dumper(None, IdDumper)  # ids as UUIDs or integers
             with cur.copy(
                 f"COPY pg_temp.um_stage_uploads ({', '.join(_UPLOAD_COLUMNS)}) "
                 "FROM STDIN (FORMAT BINARY)"
@@ -201,9 +203,11 @@ def pg_write(
                             u.uploaded_at,
                         )
                     )
+                for row in packed.uploads:  # in _UPLOAD_COLUMNS order already
+                    write_row(row)
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]
-        if requests or packed:
-            new, sealed_before = write_requests(cur, raw_rows(requests, packed), sealing)
+        if requests or packed.requests:
+            new, sealed_before = write_requests(cur, raw_rows(requests, packed.requests), sealing)
             written += new
     return written, sealed_before

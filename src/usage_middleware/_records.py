@@ -24,6 +24,7 @@ __all__ = [
     "UploadRecord",
     "new_id",
     "normal_request_values",
+    "normal_upload_values",
     "normalize_mime",
     "uuid_from_int",
 ]
@@ -182,6 +183,53 @@ def normal_request_values(
     )
 
 
+def _normal_mime(value: Any) -> bool:
+    """``value`` is a str that :func:`normalize_mime` returns unchanged."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= _MAX_MIME
+        and ";" not in value
+        and "\x00" not in value
+        and value.strip().lower() == value
+    )
+
+
+def _normal_text(value: Any, limit: int) -> bool:
+    """``value`` is None or a str that ``_text`` keeps as it is."""
+    return value is None or (type(value) is str and len(value) <= limit and "\x00" not in value)
+
+
+def normal_upload_values(
+    provider: Any,
+    file_type: Any,
+    file_size: Any,
+    upload_status: Any,
+    declared_type: Any,
+    file_name: Any,
+    error_message: Any,
+    uploaded_at: Any,
+    /,
+) -> bool:
+    """An upload's fields (but its ids) are what validation would leave them as (see
+    :func:`normal_request_values`)."""
+    return (
+        type(provider) is str
+        and 0 < len(provider) <= _MAX_PROVIDER
+        and "\x00" not in provider
+        and provider.strip() == provider
+        and _normal_mime(file_type)
+        and type(file_size) is int
+        and 0 <= file_size <= MAX_SIZE
+        and type(upload_status) is str
+        and upload_status in UPLOAD_STATUSES
+        and (declared_type is None or (_normal_mime(declared_type) and declared_type != file_type))
+        and _normal_text(file_name, _MAX_FILE_NAME)
+        and _normal_text(error_message, _MAX_ERROR)
+        and type(uploaded_at) is datetime
+        and uploaded_at.tzinfo is UTC
+    )
+
+
 @dataclass(slots=True, kw_only=True)
 class UploadRecord:
     """One uploaded file: a row of ``file_uploads``."""
@@ -240,6 +288,30 @@ class UploadRecord:
 
     def validate(self) -> None:
         """Check and normalise every field; raises ``ValueError`` naming the first bad one."""
+        if not self._is_normal():
+            self._normalise()
+
+    def _is_normal(self) -> bool:
+        """Every field is already what :meth:`_normalise` would leave it as (as
+        ``RequestRecord._is_normal``)."""
+        key, request = self.api_key_id, self.request_id
+        return (
+            type(self.id) is _UUID
+            and (key is None or type(key) is _UUID)
+            and (request is None or type(request) is _UUID)
+            and normal_upload_values(
+                self.provider,
+                self.file_type,
+                self.file_size,
+                self.upload_status,
+                self.declared_type,
+                self.file_name,
+                self.error_message,
+                self.uploaded_at,
+            )
+        )
+
+    def _normalise(self) -> None:
         self.id = _uuid(self.id, "id") or new_id()
         self.api_key_id = _uuid(self.api_key_id, "api_key_id")
         self.request_id = _uuid(self.request_id, "request_id")

@@ -41,6 +41,7 @@ from ._schema import (
 )
 from ._sqlitebulk import insert_rows
 from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_staged_requests
+from ._storage.base import PackedRows
 
 __all__ = [
     "CREATE_STAGING",
@@ -182,6 +183,44 @@ def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     ]
 
 
+def _upload_row(u: UploadRecord) -> tuple[Any, ...]:
+    """An upload's ``file_uploads`` row, in ``_UPLOAD_COLUMNS`` order."""
+    return (
+        u.id.hex,
+        _hex(u.api_key_id),
+        _hex(u.request_id),
+        u.provider,
+        u.file_type,
+        u.declared_type,
+        u.file_size,
+        u.file_name,
+        u.upload_status,
+        u.error_message,
+        utc_text(u.uploaded_at),
+    )
+
+
+def _packed_upload_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The ``file_uploads`` rows of ``packed`` uploads (``_UPLOAD_COLUMNS`` order, ids as
+    integers: see ``usage_middleware._storage.base.PackedRows``), as :func:`_packed_rows`."""
+    return [
+        (
+            "%032x" % uid,  # noqa: UP031
+            None if key is None else "%032x" % key,  # noqa: UP031
+            None if req is None else "%032x" % req,  # noqa: UP031
+            provider,
+            file_type,
+            declared,
+            size,
+            name,
+            status,
+            error,
+            utc_text(at),
+        )
+        for uid, key, req, provider, file_type, declared, size, name, status, error, at in packed
+    ]
+
+
 def _staged_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A raw row as staged: its columns, then its latency bucket, microseconds and labels."""
     ms = row[5]
@@ -247,11 +286,11 @@ def sqlite_write(
     conn: Connection,
     uploads: Sequence[UploadRecord],
     requests: Sequence[RequestRecord],
-    packed: Sequence[tuple[Any, ...]] = (),
+    packed: PackedRows,
 ) -> tuple[int, datetime | None]:
-    """Write validated, id-unique records and ``packed`` requests (see
-    :func:`_packed_rows`) inside ``conn``'s open write transaction; returns how many rows were
-    new and the seal instant (None: no requests, or no sealing)."""
+    """Write validated, id-unique records and ``packed`` rows inside ``conn``'s open write
+    transaction; returns how many rows were new and the seal instant (None: no requests, or no
+    sealing)."""
     dbapi: Any = conn.connection.dbapi_connection
     cur = dbapi.cursor()
     written = 0
@@ -259,37 +298,20 @@ def sqlite_write(
     try:
         for statement in CREATE_STAGING:
             cur.execute(statement)
-        if uploads:
+        if uploads or packed.uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
-            insert_rows(
-                cur,
-                "INSERT INTO temp.um_stage_uploads",
-                [
-                    (
-                        u.id.hex,
-                        _hex(u.api_key_id),
-                        _hex(u.request_id),
-                        u.provider,
-                        u.file_type,
-                        u.declared_type,
-                        u.file_size,
-                        u.file_name,
-                        u.upload_status,
-                        u.error_message,
-                        utc_text(u.uploaded_at),
-                    )
-                    for u in uploads
-                ],
-            )
+            upload_rows = [_upload_row(u) for u in uploads]
+            upload_rows += _packed_upload_rows(packed.uploads)
+            insert_rows(cur, "INSERT INTO temp.um_stage_uploads", upload_rows)
             for statement in _UPLOAD_STATEMENTS:
                 cur.execute(statement)
             written += cur.rowcount
             for statement in _UPLOAD_ROLLUPS:
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_uploads")
-        if requests or packed:
+        if requests or packed.requests:
             rows = [_raw_row(r) for r in requests]
-            rows += _packed_rows(packed)
+            rows += _packed_rows(packed.requests)
             added, instant = _write_requests(cur, rows)
             written += added
     finally:

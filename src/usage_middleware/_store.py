@@ -19,10 +19,10 @@ from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError, SchemaMissingError
 from ._maintain import MaintainResult, check_retention_days, maintain, retention_start
-from ._recording.compact import PackedBatch, RequestValues
+from ._recording.compact import PackedBatch, RequestValues, UploadValues
 from ._records import RequestRecord, UploadRecord
 from ._storage import Backend, normalize_url, open_backend
-from ._storage.base import PackedWriter
+from ._storage.base import PackedRows, PackedWriter
 from ._storage.postgres import sql_text
 from ._storage.urls import display_url
 
@@ -160,20 +160,25 @@ class UsageStore:
         a ``ValueError``, and write nothing; an unreachable database raises
         ``DatabaseUnavailableError``.
         """
-        packed: dict[int, RequestValues] = {}  # by id, as its 128-bit integer
+        # rows that stay values, by id as its 128-bit integer
+        packed: dict[int, RequestValues] = {}
+        packed_uploads: dict[int, UploadValues] = {}
         backend = self.backend
         writer = backend if isinstance(backend, PackedWriter) else None
         if writer is not None and type(records) is PackedBatch:
-            # The recorder's batch: the requests that need no validation stay tuples.
-            plain, records = records.split()
-            for values in plain:
+            # The recorder's batch: the rows that need no validation stay tuples.
+            plain_requests, plain_uploads, records = records.split()
+            for values in plain_requests:
                 packed.setdefault(values[0], values)
+            for values in plain_uploads:
+                packed_uploads.setdefault(values[0], values)
         uploads: dict[UUID, UploadRecord] = {}
         requests: dict[UUID, RequestRecord] = {}
         for record in records:
             if isinstance(record, UploadRecord):
                 record.validate()
-                uploads.setdefault(record.id, record)
+                if record.id.int not in packed_uploads:
+                    uploads.setdefault(record.id, record)
             elif isinstance(record, RequestRecord):
                 record.validate()
                 if record.id.int not in packed:
@@ -183,13 +188,12 @@ class UsageStore:
                     "store.write() takes UploadRecord and RequestRecord, "
                     f"got {type(record).__name__}"
                 )
-        if not uploads and not requests and not packed:
+        if not uploads and not requests and not packed and not packed_uploads:
             return 0
         self.ensure_schema()
-        if writer is not None and packed:
-            return writer.write_packed(
-                list(uploads.values()), list(requests.values()), list(packed.values())
-            )
+        if writer is not None and (packed or packed_uploads):
+            rows = PackedRows(list(packed.values()), list(packed_uploads.values()))
+            return writer.write_packed(list(uploads.values()), list(requests.values()), rows)
         return backend.write(list(uploads.values()), list(requests.values()))
 
     # --- maintenance ---------------------------------------------------------------------------

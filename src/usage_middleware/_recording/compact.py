@@ -14,10 +14,10 @@ the record types' fields ever differ from those, nothing is packed (``PACKING`` 
 field cannot be lost.
 
 The writer takes a batch off the queue as a :class:`PackedBatch`: a sequence of records that
-unpacks each one only when it is read. A store whose backend can write requests straight from
+unpacks each one only when it is read. A store whose backend can write rows straight from
 these tuples (SQLite, PostgreSQL) asks the batch for them with :meth:`PackedBatch.split`: no
-record and no second validation for the requests the middleware made, the bulk of a busy
-service's rows.
+record and no second validation for the requests and uploads the middleware made, the bulk of a
+busy service's rows.
 """
 
 from __future__ import annotations
@@ -27,9 +27,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any, overload
 
-from .._records import RequestRecord, UploadRecord, normal_request_values, uuid_from_int
+from .._records import (
+    RequestRecord,
+    UploadRecord,
+    normal_request_values,
+    normal_upload_values,
+    uuid_from_int,
+)
 
-__all__ = ["PACKING", "PackedBatch", "RequestValues", "pack", "unpack"]
+__all__ = ["PACKING", "PackedBatch", "RequestValues", "UploadValues", "pack", "unpack"]
 
 Record = UploadRecord | RequestRecord
 
@@ -175,6 +181,10 @@ def unpack(item: object) -> Record:
 #: api_key_id, method, path, status_code, response_time_ms, request_size, response_size,
 #: error_message, requested_at, route_matched — the two ids as 128-bit integers.
 RequestValues = tuple[Any, ...]
+#: An upload as ``write_packed`` takes it: id, api_key_id, request_id, provider, file_type,
+#: declared_type, file_size, file_name, upload_status, error_message, uploaded_at — the three
+#: ids as 128-bit integers.
+UploadValues = tuple[Any, ...]
 
 
 class PackedBatch(Sequence[Record]):
@@ -203,24 +213,33 @@ class PackedBatch(Sequence[Record]):
     def __iter__(self) -> Iterator[Record]:
         return map(unpack, self.items)
 
-    def split(self) -> tuple[list[RequestValues], list[Record]]:
-        """The packed requests whose values need no validation (see
-        :func:`~usage_middleware._records.normal_request_values`) as :data:`RequestValues`, in
-        queue order, and every other item unpacked: uploads, requests with a value to normalise
-        or refuse, anything that was queued as it was submitted."""
-        packed: list[RequestValues] = []
+    def split(self) -> tuple[list[RequestValues], list[UploadValues], list[Record]]:
+        """The packed requests and uploads whose values need no validation (see
+        :func:`~usage_middleware._records.normal_request_values` and
+        :func:`~usage_middleware._records.normal_upload_values`) as :data:`RequestValues` and
+        :data:`UploadValues`, in queue order, and every other item unpacked: records with a
+        value to normalise or refuse, anything that was queued as it was submitted."""
+        requests: list[RequestValues] = []
+        uploads: list[UploadValues] = []
         rest: list[Record] = []
         for item in self.items:
-            if (
-                type(item) is tuple
-                and len(item) == 12
-                and item[0] is _REQUEST
-                and normal_request_values(
+            if type(item) is tuple and len(item) == 12:
+                kind = item[0]
+                if kind is _REQUEST and normal_request_values(
                     item[1], item[2], item[3], item[4], item[5], item[6], item[8], item[9], item[11]
-                )
-            ):
-                (_, method, path, status, ms, rq, rs, key, error, at, rid, matched) = item
-                packed.append((rid, key, method, path, status, ms, rq, rs, error, at, matched))
-            else:
-                rest.append(unpack(item))
-        return packed, rest
+                ):
+                    (_, method, path, status, ms, rq, rs, key, error, at, rid, matched) = item
+                    requests.append(
+                        (rid, key, method, path, status, ms, rq, rs, error, at, matched)
+                    )
+                    continue
+                if kind is _UPLOAD and normal_upload_values(
+                    item[1], item[2], item[3], item[4], item[7], item[8], item[9], item[10]
+                ):
+                    (_, provider, ftype, size, ok, key, req, declared, name, error, at, uid) = item
+                    uploads.append(
+                        (uid, key, req, provider, ftype, declared, size, name, ok, error, at)
+                    )
+                    continue
+            rest.append(unpack(item))
+        return requests, uploads, rest

@@ -44,6 +44,7 @@ __all__ = [
     "GranularReads",
     "Histogram",
     "MaintainResult",
+    "PackedRows",
     "PackedWriter",
     "Reader",
     "RequestFilter",
@@ -253,25 +254,34 @@ class Writer(Protocol):
         """Release pooled connections."""
 
 
+class PackedRows(NamedTuple):
+    """Rows written as plain values, never made into records: id-unique, none among the
+    batch's records, their values already what validation would leave them as. The recorder's
+    queue hands them over so (making a record and validating it again cost as much as building
+    the row, and the record's objects are ones the garbage collector tracks)."""
+
+    #: Tuples of ``api_requests``' columns in order (id, api_key_id, method, path,
+    #: status_code, response_time_ms, request_size, response_size, error_message, requested_at,
+    #: route_matched), the two ids as 128-bit integers.
+    requests: Sequence[tuple[Any, ...]] = ()
+    #: Tuples of ``file_uploads``' columns (id, api_key_id, request_id, provider, file_type,
+    #: declared_type, file_size, file_name, upload_status, error_message, uploaded_at), the
+    #: three ids as 128-bit integers.
+    uploads: Sequence[tuple[Any, ...]] = ()
+
+
 @runtime_checkable
 class PackedWriter(Protocol):
-    """A backend that also writes requests as plain values, never made into records.
-
-    ``packed`` are id-unique requests, none among ``requests``, whose values need no
-    validation, each a tuple of ``api_requests``' columns in order (id, api_key_id, method,
-    path, status_code, response_time_ms, request_size, response_size, error_message,
-    requested_at, route_matched) with the two ids as 128-bit integers: the recorder's queue
-    hands them over so (SQLite and PostgreSQL; making a record and validating it again cost as
-    much as building the row).
-    """
+    """A backend that also writes rows given as plain values (:class:`PackedRows`): SQLite and
+    PostgreSQL."""
 
     def write_packed(
         self,
         uploads: Sequence[UploadRecord],
         requests: Sequence[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> int:
-        """:meth:`Writer.write` of ``uploads``, ``requests`` and the ``packed`` requests."""
+        """:meth:`Writer.write` of ``uploads``, ``requests`` and the ``packed`` rows."""
 
 
 @runtime_checkable

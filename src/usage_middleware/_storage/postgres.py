@@ -11,7 +11,6 @@ starting at once do not race. The write plan is :mod:`usage_middleware._pgwrite`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from importlib import resources
@@ -24,7 +23,7 @@ from sqlalchemy.exc import InvalidatePoolError
 from .._pgseal import pg_seal
 from .._pgwrite import pg_write
 from .._records import RequestRecord, UploadRecord
-from .base import MaintainResult
+from .base import MaintainResult, PackedRows
 from .legacy import LegacySource, MigrationResult, migrate_postgres
 from .maintenance import pg_maintain, prepare_pg_upgrade
 from .sql import SQLBackend
@@ -116,7 +115,7 @@ class PostgresBackend(SQLBackend):
         conn: Connection,
         uploads: list[UploadRecord],
         requests: list[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> tuple[int, datetime | None]:
         return pg_write(conn, uploads, requests, packed, self.write_timeout)
 

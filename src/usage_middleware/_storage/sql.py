@@ -39,6 +39,7 @@ from .base import (
     FailureKey,
     Histogram,
     MaintainResult,
+    PackedRows,
     RequestFilter,
     Scope,
     SeriesRow,
@@ -104,22 +105,22 @@ class SQLBackend(ABC):
     # --- writing -----------------------------------------------------------------------------
 
     def write(self, uploads: Sequence[UploadRecord], requests: Sequence[RequestRecord]) -> int:
-        return self._write_then_seal(uploads, requests, ())
+        return self._write_then_seal(uploads, requests, PackedRows())
 
     def write_packed(
         self,
         uploads: Sequence[UploadRecord],
         requests: Sequence[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> int:
-        """:meth:`write`, some requests as plain values (``PackedWriter``)."""
+        """:meth:`write`, some rows as plain values (``PackedWriter``)."""
         return self._write_then_seal(uploads, requests, packed)
 
     def _write_then_seal(
         self,
         uploads: Sequence[UploadRecord],
         requests: Sequence[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> int:
         """The write, then — at most every ``SEAL_INTERVAL`` seconds — a seal if a quarter hour
         is due. A seal that fails is logged and tried at the next check; the write stands."""
@@ -143,7 +144,7 @@ class SQLBackend(ABC):
         self,
         uploads: Sequence[UploadRecord],
         requests: Sequence[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> int:
         """One write transaction, bounded by ``write_timeout``. The write plans drive the
         driver's cursor directly, so the driver's own errors are given SQLAlchemy's classes here
@@ -181,7 +182,7 @@ class SQLBackend(ABC):
         conn: Connection,
         uploads: list[UploadRecord],
         requests: list[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> tuple[int, datetime | None]:
         """Run the engine's write plan inside the open write transaction; returns how many rows
         were new and the seal instant its requests were written under (None: no requests)."""

@@ -9,7 +9,6 @@ time (:mod:`usage_middleware._sqliteseal`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +26,7 @@ from .._sqliteupgrade import (
     backfill_quarters,
 )
 from .._sqlitewrite import sqlite_write
-from .base import MaintainResult
+from .base import MaintainResult, PackedRows
 from .legacy import LegacySource, MigrationResult, migrate_sqlite
 from .maintenance import sqlite_prune
 from .sql import SQLBackend
@@ -135,7 +134,7 @@ class SQLiteBackend(SQLBackend):
         conn: Connection,
         uploads: list[UploadRecord],
         requests: list[RequestRecord],
-        packed: Sequence[tuple[Any, ...]],
+        packed: PackedRows,
     ) -> tuple[int, datetime | None]:
         return sqlite_write(conn, uploads, requests, packed)
 
