@@ -20,7 +20,9 @@ and ``GET /granular`` and ``GET /requests`` for the busiest key.
    ``/requests`` for the busiest key over 12 months, 30 days and 1 day in UTC, New York and
    Kolkata on both engines: the first request on its own (chdb remembers the sealed part of a
    read; nothing of it was read before), then the median of ``--runs`` more. Every answer must
-   be identical on both engines.
+   be identical on both engines. chdb is also timed with the statements of an answer run one
+   after the other on one connection (``serial``), as it ran before reads had connections of
+   their own: the same statements, the remembered sealed parts forgotten first.
    With several sizes, the last table compares them (where chdb overtakes PostgreSQL, if
    anywhere).
 
@@ -56,6 +58,7 @@ from query import KEYS, QUERIES, build_postgres, build_postgres_requests
 
 from usage_middleware import ALL_KEYS, RequestRecord, UploadRecord, UsageRouter, UsageStore
 from usage_middleware._schema import endpoint_route, latency_bucket
+from usage_middleware._storage.chread import SealedAnswers
 from usage_middleware._storage.chwrite import (
     REQUEST_KINDS,
     UPLOAD_KINDS,
@@ -275,6 +278,12 @@ def reads(admin: Any, pg: str, ch: UsageStore, rows: int, runs: int) -> dict[str
         days = seal_day_by_day(ch, date(2025, 1, 1), date(2025, 12, 31))
         print(f"  chdb: {days} days sealed one by one in {time.perf_counter() - t0:.0f} s")
         sealed = timings(ch, ZONES, QUERIES, runs)
+        b = backend(ch)
+        b.answers, b.parallel_reads = SealedAnswers(), False
+        try:
+            serial = timings(ch, ZONES, QUERIES, runs)
+        finally:
+            b.answers, b.parallel_reads = SealedAnswers(), True
         on_pg = timings(pg_store, ZONES, QUERIES, runs)
     finally:
         pg_store.dispose()
@@ -282,17 +291,20 @@ def reads(admin: Any, pg: str, ch: UsageStore, rows: int, runs: int) -> dict[str
     print(f"\nbusiest key, ms: the first request, then the median of {runs} more (chdb raw "
           "only: 12 months in UTC, median)")  # fmt: skip
     print(f"{'answer':<10} {'range':<10} {'tz':<17} {'chdb raw':>9} {'chdb 1st':>9} "
-          f"{'chdb':>7} {'PG 1st':>7} {'PG':>7} {'chdb/PG':>8}")  # fmt: skip
+          f"{'chdb':>7} {'serial 1st':>10} {'serial':>7} {'PG 1st':>7} {'PG':>7} "
+          f"{'chdb/PG':>8}")  # fmt: skip
     ratios: dict[str, float] = {}
     for key, (pg_first, pg_ms, pg_body) in on_pg.items():
         ch_first, ch_ms, ch_body = sealed[key]
-        assert ch_body == pg_body, f"answers differ for {key}"
+        serial_first, serial_ms, serial_body = serial[key]
+        assert ch_body == pg_body == serial_body, f"answers differ for {key}"
         raw_ms = f"{raw[key][1]:>9.1f}" if key in raw else f"{'':>9}"
         if key in raw:
             assert raw[key][2] == pg_body, f"raw answers differ for {key}"
         path, name, tz = key
         print(f"{path.rsplit('/', 1)[1]:<10} {name:<10} {tz:<17} {raw_ms} {ch_first:>9.1f} "
-              f"{ch_ms:>7.1f} {pg_first:>7.1f} {pg_ms:>7.1f} {ch_ms / pg_ms:>8.2f}")  # fmt: skip
+              f"{ch_ms:>7.1f} {serial_first:>10.1f} {serial_ms:>7.1f} {pg_first:>7.1f} "
+              f"{pg_ms:>7.1f} {ch_ms / pg_ms:>8.2f}")  # fmt: skip
         if name == "12 months":
             ratios[f"{path.rsplit('/', 1)[1]} {tz}"] = ch_ms / pg_ms
     print("(every answer identical on both engines)")

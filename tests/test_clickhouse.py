@@ -316,6 +316,32 @@ def test_a_forked_child_is_refused_instead_of_hanging(ch: UsageStore) -> None:
     assert ch.write([UploadRecord(uploaded_at=datetime(2025, 1, 1, tzinfo=UTC))]) == 1
 
 
+def test_a_read_runs_beside_a_write(ch: UsageStore) -> None:
+    """chdb runs statements of different connections in parallel: reads have connections of
+    their own, so a read (here a statement that sleeps one second in the engine) does not wait
+    for a write (one that sleeps three) to end; writes still run one at a time."""
+    client: Any = backend(ch).client
+    assert backend(ch).parallel_reads
+    started, done = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        started.set()
+        client.command("SELECT sleep(3) FORMAT Null")
+        done.set()
+
+    writer = threading.Thread(target=slow_write)
+    writer.start()
+    try:
+        assert started.wait(10)
+        assert client.query("SELECT sleep(1), 7") == [(0, 7)]
+        assert not done.is_set()  # the read did not queue behind the write
+    finally:
+        writer.join(30)
+    assert done.is_set()
+    ch.write([UploadRecord(uploaded_at=datetime(2025, 1, 1, tzinfo=UTC))])
+    assert client.query("SELECT count() FROM file_uploads") == [(1,)]
+
+
 def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:
     """ON CLUSTER statements: replicated local tables plus Distributed tables sharded by key.
     No Keeper or cluster here: each statement is parsed by the engine, and the local tables are

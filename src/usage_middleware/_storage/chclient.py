@@ -245,11 +245,17 @@ class EmbeddedClient:
 
     chdb runs one embedded server per process, on one directory, and that server does not
     survive ``fork``: a forked child cannot use it (it would hang), so after a fork every call
-    raises :class:`ConfigurationError` instead. Statements are serialised by a lock: the session
-    is one in-process engine, which parallelises each statement itself.
+    raises :class:`ConfigurationError` instead.
+
+    Any number of connections to that server may run statements at the same time, and chdb
+    runs them in parallel. Writes (``command``, ``insert``, ``insert_new``) run one at a time
+    on one connection, so no other write comes between the check and the insert of
+    :meth:`insert_new`; reads run on up to ``readers`` connections of their own, beside each
+    other and beside the writes, as they would on a server: a statement's planning (several
+    milliseconds) and the waits of a write no longer hold up the other reads of an answer.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, readers: int = 4) -> None:
         try:
             from chdb import session  # noqa: F401
             from clickhouse_connect.driver.binding import format_bind_value  # noqa: F401
@@ -258,30 +264,45 @@ class EmbeddedClient:
         self.path = os.path.abspath(path) if path else None
         self.where = f"chdb://{self.path or ''}"
         self._session: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writes, one at a time
+        self._pool = threading.Lock()  # the reading connections' lists
+        self._readers = max(1, readers)
+        self._idle: list[Any] = []  # reading connections not in use
+        self._opened: list[Any] = []  # every reading connection
+        self._free = threading.Semaphore(self._readers)
         self._pid = os.getpid()
 
-    def _get(self) -> Any:
+    def _check_process(self) -> None:
         if os.getpid() != self._pid:
             raise ConfigurationError(
                 "a chdb store cannot be used in a forked process (chdb's embedded server does "
                 "not survive fork): open the store after forking in a single process, or store "
                 "to a ClickHouse server with clickhouse://"
             )
-        if self._session is None:
-            from chdb import session
 
-            try:
-                if self.path is not None:
-                    os.makedirs(self.path, exist_ok=True)
-                self._session = session.Session(self.path)  # type: ignore[no-untyped-call]
-                # 64-bit integers as JSON numbers (Python's json reads any size exactly)
-                self._session.query("SET output_format_json_quote_64bit_integers = 0")
-            except Exception as exc:
-                raise ConfigurationError(
-                    f"cannot open {self.where}: {exc} (chdb runs one embedded database "
-                    "directory per process: close the other chdb store first)"
-                ) from exc
+    def _open(self) -> Any:
+        """A new connection to the store's directory (the first one starts the server)."""
+        from chdb import session
+
+        try:
+            if self.path is not None:
+                os.makedirs(self.path, exist_ok=True)
+            # an in-memory store is one connection: others would see databases of their own
+            connection: Any = session.Session(self.path)  # type: ignore[no-untyped-call]
+            # 64-bit integers as JSON numbers (Python's json reads any size exactly)
+            connection.query("SET output_format_json_quote_64bit_integers = 0")
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot open {self.where}: {exc} (chdb runs one embedded database "
+                "directory per process: close the other chdb store first)"
+            ) from exc
+        return connection
+
+    def _get(self) -> Any:
+        """The writing connection (call with ``_lock`` held)."""
+        self._check_process()
+        if self._session is None:
+            self._session = self._open()
         return self._session
 
     @staticmethod
@@ -290,22 +311,48 @@ class EmbeddedClient:
             return None
         return {k: _bind(v) for k, v in params.items()}
 
-    def _run(self, sql: str, params: Mapping[str, Any] | None) -> bytes:
+    def _write(self, sql: str, params: Mapping[str, Any] | None) -> Any:
         with self._lock:
-            result = self._get().query(sql, "JSONCompact", params=self._params(params))
-        return bytes(result.bytes())
+            return self._get().query(sql, "JSONCompact", params=self._params(params))
+
+    def _read(self, sql: str, params: Mapping[str, Any] | None) -> bytes:
+        self._check_process()
+        if self.path is None:  # in memory: the one connection
+            return bytes(self._write(sql, params).bytes())
+        bound = self._params(params)
+        if self._session is None:
+            with self._lock:
+                self._get()  # the writing connection first: it starts the server
+        with self._free:
+            with self._pool:
+                connection = self._idle.pop() if self._idle else None
+                if connection is None:
+                    connection = self._open()
+                    self._opened.append(connection)
+            try:
+                return bytes(connection.query(sql, "JSONCompact", params=bound).bytes())
+            finally:
+                with self._pool:
+                    self._idle.append(connection)
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self._run(sql, params)
+        self._write(sql, params)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        raw = self._run(sql, params)
+        raw = self._read(sql, params)
         if not raw:
             return []
         return [tuple(r) for r in json.loads(raw)["data"]]
 
-    def _insert(self, table: str, columns: Columns, data: Sequence[list[Any]], where: str,
-                params: Mapping[str, Any] | None, settings: str) -> int:
+    def _insert(
+        self,
+        table: str,
+        columns: Columns,
+        data: Sequence[list[Any]],
+        where: str,
+        params: Mapping[str, Any] | None,
+        settings: str,
+    ) -> int:
         """One INSERT … SELECT from an Arrow table of the columns (chdb's ``Python()`` table
         function reads it in place: several times faster than any text format)."""
         import pyarrow as pa
@@ -320,9 +367,7 @@ class EmbeddedClient:
             f"INSERT INTO {table} ({names}) SELECT {', '.join(exprs)} FROM Python(usage_rows)"
             f"{where.replace('@ID@', exprs[0])}{settings}"
         )
-        with self._lock:
-            result = self._get().query(statement, "JSONCompact", params=self._params(params))
-        return int(result.rows_written())
+        return int(self._write(statement, params).rows_written())
 
     def insert(self, table: str, columns: Columns, data: Sequence[list[Any]], token: str) -> None:
         settings = f" SETTINGS insert_deduplication_token = '{token}'" if token else ""
@@ -336,20 +381,32 @@ class EmbeddedClient:
         stored: str,
         params: Mapping[str, Any],
     ) -> int:
-        """The check and the insert in one statement: statements run one at a time here, so
-        no other write can come between them, and no token is needed."""
+        """The check and the insert in one statement: writes run one at a time here, so no
+        other write can come between them, and no token is needed."""
         where = f" WHERE @ID@ NOT IN (SELECT id FROM {table} WHERE {stored})"
         return self._insert(table, columns, data, where, params, "")
 
     def close(self) -> None:
         if os.getpid() != self._pid:
-            return  # a forked child keeps the parent's session untouched (see forked())
-        with self._lock:
-            s, self._session = self._session, None
-            if s is not None:
-                s.close()
+            return  # a forked child keeps the parent's connections untouched (see forked())
+        for _ in range(self._readers):  # the reads under way end first
+            self._free.acquire()
+        try:
+            with self._lock, self._pool:
+                readers, self._opened, self._idle = self._opened, [], []
+                writer, self._session = self._session, None
+                for connection in readers:  # the writing one last: it stops the server
+                    connection.close()
+                if writer is not None:
+                    writer.close()
+        finally:
+            for _ in range(self._readers):
+                self._free.release()
 
     def forked(self) -> None:
-        # The parent's session is unusable here and _get() refuses by pid. It is kept referenced
-        # on purpose: closing it, even by garbage collection, would hang the child.
+        # The parent's connections are unusable here and every call refuses by pid. They are
+        # kept referenced on purpose: closing them, even by garbage collection, would hang the
+        # child.
         self._lock = threading.Lock()
+        self._pool = threading.Lock()
+        self._free = threading.Semaphore(self._readers)

@@ -131,7 +131,8 @@ class ClickHouseBackend:
             self.ephemeral = not url.database
             self.database = "default"
             self.client = EmbeddedClient(url.database)
-            self.parallel_reads = False
+            # reads run on connections of their own (one connection in memory)
+            self.parallel_reads = not self.ephemeral
         else:
             secure = bool(options.pop("secure", url.query.get("secure") in ("true", "1")))
             settings = dict(options.pop("settings", {}))
