@@ -159,7 +159,6 @@ def raw_rows(
 def _stage(cur: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """COPY raw ``rows`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
-    cur.adapters.register_dumper(None, IdDumper)
     with cur.copy(
         f"COPY pg_temp.um_stage_requests ({_COLUMNS}, {', '.join(REQUEST_EXTRA)}) "
         "FROM STDIN (FORMAT BINARY)"
@@ -185,7 +184,6 @@ def _copy_live(cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
     """Raw rows only, by binary COPY; a batch that holds a stored id is redone through
     staging, each id once. Returns how many rows were new."""
     cur.execute("SAVEPOINT um_live")
-    cur.adapters.register_dumper(None, IdDumper)
     try:
         with cur.copy(f"COPY public.api_requests ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_RAW_TYPES)
@@ -216,8 +214,8 @@ def write_requests(
     cur: Any, rows: list[tuple[Any, ...]], sealing: bool
 ) -> tuple[int, datetime | None]:
     """Write id-unique raw request ``rows`` (:func:`raw_rows`) in ``cur``'s open transaction
-    (staging tables present); returns how many rows were new and the seal instant they were
-    written under.
+    (staging tables present, :class:`IdDumper` registered on ``cur``); returns how many rows
+    were new and the seal instant they were written under.
 
     Without ``sealing`` (a schema from before ``rollup_seals``, until ``create_schema()``
     upgrades it) every request is written with its rollups, as that schema's readers expect.

@@ -172,6 +172,8 @@ def pg_write(
     written = 0
     sealed_before = None
     with dbapi.cursor() as cur:
+        # ids as 128-bit integers (packed rows, request rows) or UUIDs (upload records)
+        cur.adapters.register_dumper(None, IdDumper)
         # Checked in every transaction, not remembered per client connection: behind a
         # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
         # server connection, and DISCARD ALL drops temporary tables.
@@ -180,7 +182,6 @@ def pg_write(
         if not staging:
             cur.execute(_CREATE_STAGING)
         if uploads or packed.uploads:
-            cur.adapters.register_dumper(None, IdDumper)  # ids as UUIDs or integers
             with cur.copy(
                 f"COPY pg_temp.um_stage_uploads ({', '.join(_UPLOAD_COLUMNS)}) "
                 "FROM STDIN (FORMAT BINARY)"

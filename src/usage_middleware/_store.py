@@ -161,7 +161,7 @@ class UsageStore:
         ``DatabaseUnavailableError``.
         """
         # rows that stay values, by id as its 128-bit integer
-        packed: dict[int, RequestValues] = {}
+        packed_requests: dict[int, RequestValues] = {}
         packed_uploads: dict[int, UploadValues] = {}
         backend = self.backend
         writer = backend if isinstance(backend, PackedWriter) else None
@@ -169,7 +169,7 @@ class UsageStore:
             # The recorder's batch: the rows that need no validation stay tuples.
             plain_requests, plain_uploads, records = records.split()
             for values in plain_requests:
-                packed.setdefault(values[0], values)
+                packed_requests.setdefault(values[0], values)
             for values in plain_uploads:
                 packed_uploads.setdefault(values[0], values)
         uploads: dict[UUID, UploadRecord] = {}
@@ -181,18 +181,18 @@ class UsageStore:
                     uploads.setdefault(record.id, record)
             elif isinstance(record, RequestRecord):
                 record.validate()
-                if record.id.int not in packed:
+                if record.id.int not in packed_requests:
                     requests.setdefault(record.id, record)
             else:
                 raise TypeError(
                     "store.write() takes UploadRecord and RequestRecord, "
                     f"got {type(record).__name__}"
                 )
-        if not uploads and not requests and not packed and not packed_uploads:
+        if not uploads and not requests and not packed_requests and not packed_uploads:
             return 0
         self.ensure_schema()
-        if writer is not None and (packed or packed_uploads):
-            rows = PackedRows(list(packed.values()), list(packed_uploads.values()))
+        if writer is not None and (packed_requests or packed_uploads):
+            rows = PackedRows(list(packed_requests.values()), list(packed_uploads.values()))
             return writer.write_packed(list(uploads.values()), list(requests.values()), rows)
         return backend.write(list(uploads.values()), list(requests.values()))
 

@@ -189,7 +189,7 @@ UploadValues = tuple[Any, ...]
 
 class PackedBatch(Sequence[Record]):
     """Records as the queue held them, each unpacked only when read (indexing, iterating);
-    a slice is a batch too. :meth:`split` hands a store the requests it may write as they are."""
+    a slice is a batch too. :meth:`split` hands a store the rows it may write as they are."""
 
     __slots__ = ("items",)
 

@@ -268,7 +268,6 @@ class EmbeddedClient:
         self._pool = threading.Lock()  # the reading connections' lists
         self._readers = max(1, readers)
         self._idle: list[Any] = []  # reading connections not in use
-        self._opened: list[Any] = []  # every reading connection
         self._free = threading.Semaphore(self._readers)
         self._pid = os.getpid()
 
@@ -287,7 +286,6 @@ class EmbeddedClient:
         try:
             if self.path is not None:
                 os.makedirs(self.path, exist_ok=True)
-            # an in-memory store is one connection: others would see databases of their own
             connection: Any = session.Session(self.path)  # type: ignore[no-untyped-call]
             # 64-bit integers as JSON numbers (Python's json reads any size exactly)
             connection.query("SET output_format_json_quote_64bit_integers = 0")
@@ -317,7 +315,7 @@ class EmbeddedClient:
 
     def _read(self, sql: str, params: Mapping[str, Any] | None) -> bytes:
         self._check_process()
-        if self.path is None:  # in memory: the one connection
+        if self.path is None:  # in memory: one connection; another would see a database of its own
             return bytes(self._write(sql, params).bytes())
         bound = self._params(params)
         if self._session is None:
@@ -325,10 +323,7 @@ class EmbeddedClient:
                 self._get()  # the writing connection first: it starts the server
         with self._free:
             with self._pool:
-                connection = self._idle.pop() if self._idle else None
-                if connection is None:
-                    connection = self._open()
-                    self._opened.append(connection)
+                connection = self._idle.pop() if self._idle else self._open()
             try:
                 return bytes(connection.query(sql, "JSONCompact", params=bound).bytes())
             finally:
@@ -389,11 +384,11 @@ class EmbeddedClient:
     def close(self) -> None:
         if os.getpid() != self._pid:
             return  # a forked child keeps the parent's connections untouched (see forked())
-        for _ in range(self._readers):  # the reads under way end first
+        for _ in range(self._readers):  # the reads under way end first: all are idle then
             self._free.acquire()
         try:
             with self._lock, self._pool:
-                readers, self._opened, self._idle = self._opened, [], []
+                readers, self._idle = self._idle, []
                 writer, self._session = self._session, None
                 for connection in readers:  # the writing one last: it stops the server
                     connection.close()
