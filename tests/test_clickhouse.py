@@ -9,7 +9,9 @@ process, so each test opens its own store and closes it before the next.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -30,7 +32,8 @@ from usage_middleware import (
 )
 from usage_middleware._queries import granular
 from usage_middleware._requests import requests_answer
-from usage_middleware._schema import endpoint_route
+from usage_middleware._schema import OTHER_ROUTE, ROUTES_PER_KEY_DAY, endpoint_route
+from usage_middleware._storage import chwrite
 from usage_middleware._storage.base import RequestFilter
 from usage_middleware._storage.chread import FINAL_SETTINGS, build
 from usage_middleware._storage.chschema import lag_index_statements
@@ -340,6 +343,117 @@ def test_a_read_runs_beside_a_write(ch: UsageStore) -> None:
     assert done.is_set()
     ch.write([UploadRecord(uploaded_at=datetime(2025, 1, 1, tzinfo=UTC))])
     assert client.query("SELECT count() FROM file_uploads") == [(1,)]
+
+
+def test_an_embedded_store_holds_the_route_cap_without_reading_it_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedded store is its directory's only writer: two stores on one directory in this
+    process share one cap and decide new routes without reading ``endpoint_routes`` back (one
+    look at its newest day); reopened, and with its memory starting over at every batch, it
+    reads what it needs and the cap stays exact. Expected routes: each batch's new ones
+    admitted in route order while the day has room."""
+    url = f"chdb:///{os.path.join(tmp_path, 'ch')}"
+    options = {"maintain_interval": 0}
+    key = uuid.uuid4()
+    day = datetime(2025, 3, 20, 9, tzinfo=UTC)
+    rng = random.Random(5)
+    routes = [f"/r{i:03d}" for i in range(ROUTES_PER_KEY_DAY + 40)]
+    # days 0 and 1 by turns; day 2 from another process; then days 0 to 3 by turns (3: newer
+    # than any stored when reopened)
+    half = 6
+    days = [i % 2 for i in range(half)] + [2] + [i % 4 for i in range(12)]
+    batches = [
+        [
+            RequestRecord(
+                api_key_id=key, path=route, requested_at=day + timedelta(days=d, seconds=i)
+            )
+            for i, route in enumerate(rng.sample(routes, 190 if n == half else 120))
+        ]
+        for n, d in enumerate(days)
+    ]
+    named: dict[date, set[str]] = {}
+    for batch in batches:
+        room = named.setdefault(batch[0].requested_at.date(), set())
+        for route in sorted({r.path for r in batch} - room):
+            if len(room) < ROUTES_PER_KEY_DAY:
+                room.add(route)
+    assert [len(r) for r in named.values()] == [ROUTES_PER_KEY_DAY] * 4  # every day fills up
+
+    reads: list[str] = []
+    first, second = UsageStore(url, engine_options=options), UsageStore(url, engine_options=options)
+    first.create_schema()
+    for store in (first, second):
+        client: Any = backend(store).client
+        query = client.query
+        monkeypatch.setattr(
+            client, "query", lambda sql, *a, q=query: (reads.append(sql), q(sql, *a))[1]
+        )
+    try:
+        for i, batch in enumerate(batches[:half]):
+            (first if i % 2 else second).write(batch)
+        assert sum("endpoint_routes" in sql for sql in reads) == 1, reads
+    finally:
+        first.dispose()
+        second.dispose()
+    # the directory is free: another process writes to it (this one must not trust its memory)
+    other = batches[half]
+    script = (
+        "import sys, uuid\nfrom datetime import datetime\n"
+        "from usage_middleware import RequestRecord, UsageStore\n"
+        "store = UsageStore(sys.argv[1], engine_options={'maintain_interval': 0})\n"
+        "store.write([RequestRecord(api_key_id=uuid.UUID(sys.argv[2]), path=p, "
+        "requested_at=datetime.fromisoformat(sys.argv[3])) for p in sys.argv[4:]])\n"
+        "store.dispose()\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, url, str(key), other[0].requested_at.isoformat(),
+         *(r.path for r in other)],
+        check=True, timeout=300,
+    )  # fmt: skip
+    monkeypatch.setattr(chwrite, "_CACHE_LIMIT", 0)  # starts over at every batch
+    reopened = UsageStore(url, engine_options=options)
+    try:
+        for batch in batches[half + 1 :]:
+            reopened.write(batch)
+        client = backend(reopened).client
+        stored = client.query("SELECT DISTINCT toString(day), route FROM endpoint_routes")
+        assert {(date.fromisoformat(d), r) for d, r in stored} == {
+            (d, r) for d, rs in named.items() for r in rs
+        }
+        labels = client.query(
+            "SELECT toString(toDate(requested_at)), path, route_label FROM api_requests"
+        )
+        assert len(labels) == sum(map(len, batches))
+        for d, path, label in labels:
+            assert label == (path if path in named[date.fromisoformat(d)] else OTHER_ROUTE)
+    finally:
+        reopened.dispose()
+
+
+def test_routes_whose_insert_failed_are_stored_by_the_retry(
+    ch: UsageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder retries a batch whose write failed; the routes it admitted on the failed
+    attempt were not stored, so the retry stores them (it must not take them as known)."""
+    client: Any = backend(ch).client
+    insert = client.insert
+
+    def failing(table: str, *args: Any) -> None:
+        if table == "endpoint_routes":
+            raise DatabaseUnavailableError("gone")
+        insert(table, *args)
+
+    at = datetime(2025, 3, 20, 9, tzinfo=UTC)
+    batch = [RequestRecord(path=f"/r{i}", requested_at=at) for i in range(3)]
+    monkeypatch.setattr(client, "insert", failing)
+    with pytest.raises(DatabaseUnavailableError):
+        ch.write(batch)
+    monkeypatch.setattr(client, "insert", insert)
+    assert ch.write(batch) == 3
+    assert client.query("SELECT route FROM endpoint_routes ORDER BY route") == [
+        ("/r0",), ("/r1",), ("/r2",)
+    ]  # fmt: skip
 
 
 def test_cluster_ddl_parses_and_its_local_tables_build(ch: UsageStore) -> None:

@@ -11,9 +11,10 @@ key's new named routes of a UTC day are admitted in route order while the day ho
 ``ROUTES_PER_KEY_DAY``; later ones are ``(other)``. ``endpoint_routes`` remembers the named
 routes; this process caches what it learnt (both facts are permanent: a route named on a day
 stays named, and a route turned away from a full day never gets in), so a steady stream of known
-routes asks nothing. Two processes admitting routes to the same day at the same moment may let
-it hold a few more than the cap; every request is still counted once, under the label its row
-carries.
+routes asks nothing. An embedded store is its directory's only writer, so it decides new routes
+from what it holds as well (:class:`RouteCap`). Two processes admitting routes to the same day
+of a server at the same moment may let it hold a few more than the cap; every request is still
+counted once, under the label its row carries.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from .._schema import (
     endpoint_route,
     latency_bucket,
 )
-from .chclient import Client, Columns
+from .chclient import Client, Columns, EmbeddedClient
 
-__all__ = ["NIL", "RouteCap", "request_data", "upload_data", "write_new"]
+__all__ = ["NIL", "RouteCap", "request_data", "route_cap", "upload_data", "write_new"]
 
 NIL = uuid.UUID(int=0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _CACHE_LIMIT = 100_000  # key-days remembered before the cache starts over
+_NOTHING: tuple[set[str], set[str]] = (set(), set())  # a key-day not known: read, never changed
 
 UPLOAD_KINDS: Columns = (
     ("id", "uuid"), ("api_key_id", "uuid"), ("has_key", "bool"), ("request_id", "uuid?"),
@@ -120,63 +122,90 @@ def write_new(
 
 
 class RouteCap:
-    """The route labels of new request rows, under the per-key, per-UTC-day route cap."""
+    """The route labels of new request rows, under the per-key, per-UTC-day route cap.
 
-    def __init__(self) -> None:
+    With ``sole_writer`` (an embedded chdb store: its directory is open in this process only,
+    and every store on it here shares one cap, :func:`route_cap`), nothing but this object
+    adds to ``endpoint_routes``, so once it has read a key-day's routes it decides that day's
+    new routes itself, and a day after the newest one stored when it first looked needs no read
+    at all: a steady stream of new routes asks nothing. Otherwise (a server, which other
+    processes write too) each batch with routes this process has not seen yet asks once.
+    """
+
+    def __init__(self, *, sole_writer: bool = False) -> None:
         self._lock = threading.Lock()
-        # (key, day) -> (named routes, routes turned away), as far as this process knows
+        self._sole = sole_writer
+        # (key, day) -> (named routes, routes turned away), as far as this process knows; with
+        # a sole writer, every named route of the key-day
         self._known: dict[tuple[uuid.UUID | None, date], tuple[set[str], set[str]]] = {}
+        # sole writer: no key-day after this one has routes this object does not hold (None:
+        # none stored, once _asked)
+        self._stored_until: date | None = None
+        self._asked = False
+
+    def forget(self) -> None:
+        """Drop what was learnt (the store was closed: another process may write next)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._known.clear()
+        self._asked = False
+        self._stored_until = None
 
     def labels(self, client: Client, requests: Sequence[RequestRecord]) -> list[str]:
-        routes = [endpoint_route(r.path, r.route_matched) for r in requests]
-        days = [r.requested_at.date() for r in requests]
+        # each distinct (key, day, path, matched) once: a batch holds far fewer than rows
+        first: dict[tuple[int, date, str, bool], int] = {}
+        rows = []
+        for i, r in enumerate(requests):
+            k = r.api_key_id
+            combo = (-1 if k is None else k.int, r.requested_at.date(), r.path, r.route_matched)
+            rows.append(first.setdefault(combo, i))
+        distinct = [
+            (requests[i].api_key_id, day, endpoint_route(path, matched), i)
+            for (_, day, path, matched), i in first.items()
+        ]
         with self._lock:
             if len(self._known) > _CACHE_LIMIT:
-                self._known.clear()
+                self._start_over()
             unknown: dict[tuple[uuid.UUID | None, date], set[str]] = {}
-            for r, route, day in zip(requests, routes, days, strict=True):
+            for key, day, route, _ in distinct:
                 if route == UNMATCHED_ROUTE:
                     continue
-                named, away = self._known.get((r.api_key_id, day), (set(), set()))
+                named, away = self._known.get((key, day), _NOTHING)
                 if route not in named and route not in away:
-                    unknown.setdefault((r.api_key_id, day), set()).add(route)
+                    unknown.setdefault((key, day), set()).add(route)
             if unknown:
                 self._admit(client, unknown)
-            out = []
-            for r, route, day in zip(requests, routes, days, strict=True):
-                if route != UNMATCHED_ROUTE and route in self._known[r.api_key_id, day][1]:
+            label = {}
+            for key, day, route, i in distinct:
+                if route != UNMATCHED_ROUTE and route in self._known[key, day][1]:
                     route = OTHER_ROUTE
-                out.append(route)
-            return out
+                label[i] = route
+            return [label[i] for i in rows]
+
+    def _start_over(self) -> None:
+        """Empty a full cache; a sole writer then reads again every day it had seen."""
+        if self._sole and self._known:
+            newest = max(day for _, day in self._known)
+            if self._stored_until is None or newest > self._stored_until:
+                self._stored_until = newest
+        self._known.clear()
 
     def _admit(
         self, client: Client, unknown: dict[tuple[uuid.UUID | None, date], set[str]]
     ) -> None:
         """Learn the named routes and fill of the key-days with routes this process has not
-        seen yet, admit new routes while a day has room, and remember the outcome."""
-        wanted = sorted(set().union(*unknown.values()))
-        rows = client.query(
-            "SELECT toString(api_key_id), has_key, toString(day), uniqExact(route), "
-            "groupUniqArrayIf(route, has({wanted:Array(String)}, route)) "
-            "FROM endpoint_routes "
-            "WHERE api_key_id IN {keys:Array(UUID)} AND day IN {days:Array(Date)} "
-            "GROUP BY api_key_id, has_key, day",
-            {
-                "wanted": wanted,
-                "keys": sorted({k or NIL for k, _ in unknown}),
-                "days": sorted({d for _, d in unknown}),
-            },
-        )
-        found = {
-            (uuid.UUID(k) if has else None, date.fromisoformat(d)): (int(n), set(named))
-            for k, has, d, n, named in rows
-        }
+        decided yet, admit new routes while a day has room, and remember the outcome."""
+        found = self._read(client, unknown)
         admitted: list[tuple[uuid.UUID | None, date, str]] = []
         for key_day, routes in unknown.items():
             count, named_here = found.get(key_day, (0, set()))
             named, away = self._known.setdefault(key_day, (set(), set()))
             named |= named_here
-            for route in sorted(routes - named_here):
+            if self._sole:
+                count = len(named)  # every named route of the day is here
+            for route in sorted(routes - named):
                 if count < ROUTES_PER_KEY_DAY:
                     named.add(route)
                     admitted.append((*key_day, route))
@@ -192,4 +221,68 @@ class RouteCap:
             ]
             kinds: Columns = (("api_key_id", "uuid"), ("has_key", "bool"), ("day", "date"),
                               ("route", "str"))  # fmt: skip
-            client.insert("endpoint_routes", kinds, data, "")
+            try:
+                client.insert("endpoint_routes", kinds, data, "")
+            except BaseException:
+                self._reset()  # the routes taken above may not be stored: learn them again
+                raise
+
+    def _read(
+        self, client: Client, unknown: dict[tuple[uuid.UUID | None, date], set[str]]
+    ) -> dict[tuple[uuid.UUID | None, date], tuple[int, set[str]]]:
+        """What ``endpoint_routes`` holds of the key-days in question: each one's count of
+        named routes and which of the wanted routes it names (a sole writer: all it names, and
+        only for the key-days it has not read yet)."""
+        if self._sole:
+            if not self._asked:
+                ((newest,),) = client.query(
+                    "SELECT if(count() = 0, '', toString(max(day))) FROM endpoint_routes"
+                )
+                self._stored_until = date.fromisoformat(newest) if newest else None
+                self._asked = True
+            until = self._stored_until
+            unknown = {
+                (key, day): routes
+                for (key, day), routes in unknown.items()
+                if (key, day) not in self._known and until is not None and day <= until
+            }
+            if not unknown:
+                return {}
+            wanted = "groupUniqArray(route)"
+        else:
+            wanted = "groupUniqArrayIf(route, has({wanted:Array(String)}, route))"
+        params: dict[str, Any] = {
+            "keys": sorted({k or NIL for k, _ in unknown}),
+            "days": sorted({d for _, d in unknown}),
+        }
+        if not self._sole:
+            params["wanted"] = sorted(set().union(*unknown.values()))
+        rows = client.query(
+            "SELECT toString(api_key_id), has_key, toString(day), uniqExact(route), "
+            f"{wanted} FROM endpoint_routes "
+            "WHERE api_key_id IN {keys:Array(UUID)} AND day IN {days:Array(Date)} "
+            "GROUP BY api_key_id, has_key, day",
+            params,
+        )
+        return {
+            (uuid.UUID(k) if has else None, date.fromisoformat(d)): (int(n), set(named))
+            for k, has, d, n, named in rows
+        }
+
+
+_SHARED: dict[str, RouteCap] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def route_cap(client: Client) -> RouteCap:
+    """The route cap of a store on ``client``: an embedded store is the only writer of its
+    directory, and the stores of this process on one directory share one cap."""
+    if not isinstance(client, EmbeddedClient):
+        return RouteCap()
+    if client.path is None:  # in memory: a database of its own
+        return RouteCap(sole_writer=True)
+    with _SHARED_LOCK:
+        cap = _SHARED.get(client.path)
+        if cap is None:
+            cap = _SHARED[client.path] = RouteCap(sole_writer=True)
+        return cap

@@ -63,7 +63,15 @@ from .chschema import (
     upgrade_statements,
 )
 from .chseal import SEALS_SQL, Seals, seal_days, stale_versions
-from .chwrite import REQUEST_KINDS, UPLOAD_KINDS, RouteCap, request_data, upload_data, write_new
+from .chwrite import (
+    REQUEST_KINDS,
+    UPLOAD_KINDS,
+    RouteCap,
+    request_data,
+    route_cap,
+    upload_data,
+    write_new,
+)
 from .legacy import LegacySource, MigrationResult
 
 __all__ = ["REQUEST_COLUMNS", "UPLOAD_COLUMNS", "ClickHouseBackend", "schema_statements"]
@@ -161,7 +169,7 @@ class ClickHouseBackend:
         self.answers = SealedAnswers()
         self._maintained_at = 0.0
         self._maintain_lock = threading.Lock()
-        self._routes = RouteCap()
+        self._routes = route_cap(self.client)
 
     def __repr__(self) -> str:
         return f"ClickHouseBackend({self.client.where!r})"
@@ -302,9 +310,10 @@ class ClickHouseBackend:
         self.client.forked()
         self._maintain_lock = threading.Lock()
         self.answers.forked()
-        self._routes = RouteCap()
+        self._routes = RouteCap(sole_writer=self.embedded)
 
     def close(self) -> None:
+        self._routes.forget()  # another process may write the directory next
         self.client.close()
 
     # --- reading -----------------------------------------------------------------------------
