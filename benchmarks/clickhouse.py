@@ -2,7 +2,7 @@
 and ``GET /granular`` and ``GET /requests`` for the busiest key.
 
     .venv/bin/python benchmarks/clickhouse.py [--rows N[,N...]] [--ingest N] [--batch N]
-                                              [--runs N] [--pg URL]
+                                              [--batches recorder|records] [--runs N] [--pg URL]
 
 1. Ingest. benchmarks/ingest.py's live-shaped rows (a batch of 5,000 spans five seconds of
    traffic), uploads and requests, ``--ingest`` of each in batches of ``--batch``, through
@@ -10,6 +10,9 @@ and ``GET /granular`` and ``GET /requests`` for the busiest key.
    ingest.py times them) and on chdb, and as a plain INSERT of the same rows into a
    ``MergeTree`` copy of chdb's raw table (the engine with no id check; the rows are converted
    to columns as ``store.write`` converts them). Rows per second, the first batch a warm-up.
+   ``store.write`` is handed what the recorder hands it (``--batches recorder``, the default:
+   its queue's packed batches, packing included in the time) or lists of records
+   (``--batches records``), on both engines alike.
 2. Reads, for each size in ``--rows``. PostgreSQL gets that many uploads and a fifth as many
    requests over 2025, as benchmarks/query.py builds them (uploads and their rollups in SQL,
    requests through ``store.write``). chdb gets *the same rows*, copied out of PostgreSQL,
@@ -53,7 +56,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ingest import make_requests, make_uploads
+from ingest import as_batches, make_requests, make_uploads
 from query import KEYS, QUERIES, build_postgres, build_postgres_requests
 
 from usage_middleware import ALL_KEYS, RequestRecord, UploadRecord, UsageRouter, UsageStore
@@ -62,6 +65,7 @@ from usage_middleware._storage.chread import SealedAnswers
 from usage_middleware._storage.chwrite import (
     REQUEST_KINDS,
     UPLOAD_KINDS,
+    request_columns,
     request_data,
     upload_data,
 )
@@ -94,7 +98,7 @@ def rate(rows: int, fn: Callable[[], Any]) -> float:
 # --- ingest -----------------------------------------------------------------------------------
 
 
-def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
+def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int, way: str) -> None:
     rng = random.Random(3)
     uploads = [UploadRecord(**r) for r in make_uploads(n + batch, "live", rng)]
     requests = [RequestRecord(**r) for r in make_requests(n + batch, "live", rng)]
@@ -102,6 +106,8 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
         "uploads": [uploads[i : i + batch] for i in range(0, len(uploads), batch)],
         "requests": [requests[i : i + batch] for i in range(0, len(requests), batch)],
     }
+    # the timed batches, as store.write is handed them (packed in the timed call)
+    timed = {name: as_batches(parts[1:], way) for name, parts in chunks.items()}
     url = pg_database(admin, pg, "um_bench_ch_ingest")
     pg_store = UsageStore(url)
     rates: dict[tuple[str, str], float] = {}
@@ -111,8 +117,8 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
         for name, parts in chunks.items():
             pg_store.write(parts[0])
 
-            def pg_write(parts: list[list[Any]] = parts, name: str = name) -> None:
-                for part in parts[1:]:
+            def pg_write(name: str = name) -> None:
+                for part in timed[name]():
                     pg_store.write(part)
                 if name == "requests":  # live requests are raw rows until a seal folds them
                     pg_store.seal(end)
@@ -124,7 +130,7 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
     client = backend(ch).client
     for name, parts in chunks.items():
         ch.write(parts[0])
-        rates["chdb store.write", name] = rate(n, lambda p=parts: [ch.write(x) for x in p[1:]])
+        rates["chdb store.write", name] = rate(n, lambda b=timed[name]: [ch.write(x) for x in b()])
     for table, order in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
         client.command(
             f"CREATE TABLE plain_{table} AS {table} ENGINE = MergeTree "
@@ -135,7 +141,8 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
         for part in parts[1:]:
             if requests:
                 labels = [endpoint_route(r.path, r.route_matched) for r in part]
-                data, kinds, table = request_data(part, labels), REQUEST_KINDS, "api_requests"
+                data = request_data(request_columns(part), labels)
+                kinds, table = REQUEST_KINDS, "api_requests"
             else:
                 data, kinds, table = upload_data(part), UPLOAD_KINDS, "file_uploads"
             client.insert(f"plain_{table}", kinds, data, uuid.uuid4().hex)
@@ -144,10 +151,10 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int) -> None:
     rates["chdb plain INSERT", "requests"] = rate(n, lambda: plain(chunks["requests"], True))
     for table in ("file_uploads", "api_requests"):
         client.command(f"DROP TABLE plain_{table}")
-    print(f"ingest, live shape, {n:,} rows of each in batches of {batch:,}: rows/s")
+    print(f"ingest, live shape, {n:,} rows of each in batches of {batch:,} ({way}): rows/s")
     print(f"{'':<26} {'uploads':>10} {'requests':>10}")
-    for way in ("PostgreSQL store.write", "chdb store.write", "chdb plain INSERT"):
-        print(f"{way:<26} {rates[way, 'uploads']:>10,.0f} {rates[way, 'requests']:>10,.0f}")
+    for what in ("PostgreSQL store.write", "chdb store.write", "chdb plain INSERT"):
+        print(f"{what:<26} {rates[what, 'uploads']:>10,.0f} {rates[what, 'requests']:>10,.0f}")
     for name in ("uploads", "requests"):
         ours, pg_rate = rates["chdb store.write", name], rates["PostgreSQL store.write", name]
         print(f"  {name}: chdb store.write is {ours / pg_rate:.2f}x PostgreSQL's store.write, "
@@ -317,6 +324,12 @@ def main() -> None:
                         help="uploads in the read data sets, comma-separated sizes")  # fmt: skip
     parser.add_argument("--ingest", type=int, default=50_000, help="rows of each data set")
     parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument(
+        "--batches",
+        choices=["recorder", "records"],
+        default="recorder",
+        help="what store.write is handed: the recorder's packed batches, or lists of records",
+    )
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument(
         "--pg",
@@ -332,7 +345,7 @@ def main() -> None:
     ch = UsageStore(f"chdb:///{tmp.name}/ch", engine_options={"maintain_interval": 0})
     try:
         ch.create_schema()
-        ingest(admin, args.pg, ch, args.ingest, args.batch)
+        ingest(admin, args.pg, ch, args.ingest, args.batch, args.batches)
         by_size = {rows: reads(admin, args.pg, ch, rows, args.runs) for rows in sizes}
         if len(sizes) > 1:
             print("\n12-month answers, chdb time / PostgreSQL time, by size:")

@@ -35,10 +35,17 @@ from usage_middleware._requests import requests_answer
 from usage_middleware._schema import OTHER_ROUTE, ROUTES_PER_KEY_DAY, endpoint_route
 from usage_middleware._storage import chwrite
 from usage_middleware._storage.base import RequestFilter
+from usage_middleware._storage.chclient import HTTPClient, token
 from usage_middleware._storage.chread import FINAL_SETTINGS, build
 from usage_middleware._storage.chschema import lag_index_statements
 from usage_middleware._storage.chseal import midnight
-from usage_middleware._storage.chwrite import REQUEST_KINDS, UPLOAD_KINDS, request_data, upload_data
+from usage_middleware._storage.chwrite import (
+    REQUEST_KINDS,
+    UPLOAD_KINDS,
+    request_columns,
+    request_data,
+    upload_data,
+)
 from usage_middleware._storage.clickhouse import ClickHouseBackend, schema_statements
 from usage_middleware._timerange import QuerySpec
 
@@ -122,7 +129,8 @@ def race(store: UsageStore, batch: list[Any]) -> None:
         client.insert("file_uploads", UPLOAD_KINDS, upload_data(ups), tag)
     if reqs:
         labels = [endpoint_route(r.path, r.route_matched) for r in reqs]
-        client.insert("api_requests", REQUEST_KINDS, request_data(reqs, labels), tag)
+        data = request_data(request_columns(reqs), labels)
+        client.insert("api_requests", REQUEST_KINDS, data, tag)
 
 
 def drop_raw_before(store: UsageStore, cutoff: datetime) -> None:
@@ -514,6 +522,41 @@ def test_a_server_url_connects_lazily_and_an_unreachable_one_is_unavailable() ->
     with pytest.raises(DatabaseUnavailableError, match="cannot reach"):
         store.ping()
     store.dispose()
+
+
+def test_the_server_client_sends_uuid_objects_and_skips_stored_ids() -> None:
+    """Rows travel with their UUIDs as integers; clickhouse-connect is handed ``uuid.UUID``
+    objects, asked which candidates are stored, and sent the others with a token of their ids.
+    (A recording double stands in for clickhouse-connect's client: no server runs here.)"""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+
+        def query(self, sql: str, parameters: dict[str, Any]) -> Any:
+            self.calls.append(("query", sql, parameters))
+            stored = parameters["candidate_ids"][:1]
+            return type("Result", (), {"result_rows": [[str(u)] for u in stored]})()
+
+        def insert(self, table: str, data: list[list[Any]], **options: Any) -> None:
+            self.calls.append(("insert", data, options))
+
+    client = HTTPClient(
+        host="127.0.0.1", port=1, username=None, password=None, database="usage",
+        secure=False, connect_timeout=1, read_timeout=None, settings={},
+    )  # fmt: skip
+    recording = Recording()
+    client._client = recording
+    ids = [uuid.uuid4() for _ in range(3)]
+    key = uuid.uuid4()
+    columns = (("id", "uuid"), ("api_key_id", "uuid"), ("request_id", "uuid?"), ("n", "int"))
+    data = [[i.int for i in ids], [key.int] * 3, [None, key.int, None], [1, 2, 3]]
+    assert client.insert_new("t", columns, data, "true", {"keys": [key]}) == 2
+    (_, _, asked), (_, sent, options) = recording.calls
+    assert asked["candidate_ids"] == ids
+    assert sent == [ids[1:], [key, key], [key, None], [2, 3]]
+    assert options["column_names"] == ["id", "api_key_id", "request_id", "n"]
+    assert options["settings"]["insert_deduplication_token"] == token("t", [i.int for i in ids[1:]])
 
 
 def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,9 @@
 """The recorder's batches stay packed until the store needs records.
 
 A ``PackedBatch`` reads as the records it holds; writing one stores exactly what writing those
-records stores. On SQLite and PostgreSQL the middleware's requests and uploads (their values
-already normal) go from the queue's tuples to rows with no record made; everything else is
-unpacked and validated as ever.
+records stores. On SQLite, PostgreSQL and ClickHouse the middleware's requests and uploads
+(their values already normal) go from the queue's tuples to rows with no record made;
+everything else is unpacked and validated as ever.
 """
 
 from __future__ import annotations
@@ -180,6 +180,41 @@ def test_writing_a_packed_batch_stores_what_writing_its_records_stores(
     assert stored_rollups(packed_store) == stored_rollups(records_store)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chdb_stores_a_packed_batch_as_its_records(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClickHouse writes the packed rows and the records of a batch as one set of columns: the
+    same raw rows (route labels included) as writing the batch's records, nothing twice on a
+    replay. (chdb runs one directory at a time in a process: the two stores one after the
+    other.)"""
+    pytest.importorskip("chdb")
+    batch = _batch(random.Random(seed))
+    items = [pack(copy.copy(r)) for r in batch]
+    outcomes = []
+    for way in ("packed", "records"):
+        store = UsageStore(f"chdb:///{tmp_path / way}", engine_options={"maintain_interval": 0})
+        try:
+            store.create_schema()
+            if way == "packed":
+                monkeypatch.setattr(store.backend, "write", None)  # a record write would fail
+                counts = [store.write(PackedBatch(items)), store.write(PackedBatch(items))]
+            else:
+                counts = [store.write(copy.deepcopy(batch)), store.write(copy.deepcopy(batch))]
+            client: Any = store.backend.client  # type: ignore[attr-defined]
+            rows = [
+                client.query(f"SELECT * EXCEPT (inserted_at, first_seen) FROM {table} ORDER BY id")
+                for table in ("file_uploads", "api_requests")
+            ]
+            outcomes.append((counts, rows))
+        finally:
+            store.dispose()
+    assert outcomes[0] == outcomes[1]
+    counts, (uploads, requests) = outcomes[0]
+    assert counts == [len({r.id for r in batch}), 0]
+    assert len(uploads) + len(requests) == counts[0]
+
+
 def test_a_packed_batch_reads_as_the_records_it_holds() -> None:
     """Indexing, slicing and iterating unpack; ``split`` keeps the normal requests as tuples
     and gives everything else back as the records (or objects) that were queued."""
@@ -290,7 +325,7 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
 
 
 def test_a_store_without_packed_writes_gets_the_batch_as_records() -> None:
-    """A backend with no ``write_packed`` (memory here, ClickHouse too) is handed records: the
+    """A backend with no ``write_packed`` (the memory store) is handed records: the
     batch unpacks as it is read, and every request is validated and written once."""
     store = UsageStore("memory://")
     store.create_schema()

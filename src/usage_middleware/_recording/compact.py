@@ -15,9 +15,9 @@ field cannot be lost.
 
 The writer takes a batch off the queue as a :class:`PackedBatch`: a sequence of records that
 unpacks each one only when it is read. A store whose backend can write rows straight from
-these tuples (SQLite, PostgreSQL) asks the batch for them with :meth:`PackedBatch.split`: no
-record and no second validation for the requests and uploads the middleware made, the bulk of a
-busy service's rows.
+these tuples (SQLite, PostgreSQL, ClickHouse) asks the batch for them with
+:meth:`PackedBatch.split`: no record and no second validation for the requests and uploads the
+middleware made, the bulk of a busy service's rows.
 """
 
 from __future__ import annotations

@@ -272,8 +272,8 @@ class PackedRows(NamedTuple):
 
 @runtime_checkable
 class PackedWriter(Protocol):
-    """A backend that also writes rows given as plain values (:class:`PackedRows`): SQLite and
-    PostgreSQL."""
+    """A backend that also writes rows given as plain values (:class:`PackedRows`): SQLite,
+    PostgreSQL and ClickHouse."""
 
     def write_packed(
         self,

@@ -30,21 +30,33 @@ from .._errors import ConfigurationError, DatabaseUnavailableError
 __all__ = ["Client", "Columns", "EmbeddedClient", "HTTPClient", "Kind", "missing_extra", "token"]
 
 Row = tuple[Any, ...]
-#: How a column's Python values are typed: ``uuid`` (``uuid.UUID``; ``uuid?`` may be None),
-#: ``time`` (an aware ``datetime``), ``date``, ``int``, ``float``, ``bool``, ``str`` (``str?``:
-#: or None).
+#: How a column's Python values are typed: ``uuid`` (a UUID as its 128-bit ``int``: what the
+#: recorder's queue holds, and no object per value; ``uuid?`` may be None), ``time`` (an aware
+#: ``datetime``), ``date``, ``int``, ``float``, ``bool``, ``str`` (``str?``: or None).
 Kind = Literal["uuid", "uuid?", "time", "date", "int", "float", "bool", "str", "str?"]
 #: Columns to insert: ``(name, kind)`` pairs.
 Columns = Sequence[tuple[str, Kind]]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def token(kind: str, ids: Sequence[uuid.UUID]) -> str:
+def token(kind: str, ids: Sequence[int]) -> str:
     """An insert deduplication token for the rows of ``ids``: the same set gives the same token
     whatever the order, so a retried INSERT of the same rows is recognised by the server."""
     import hashlib
 
-    return hashlib.sha256(kind.encode() + b"".join(sorted(i.bytes for i in ids))).hexdigest()
+    return hashlib.sha256(
+        kind.encode() + b"".join(sorted(i.to_bytes(16, "big") for i in ids))
+    ).hexdigest()
+
+
+def _uuid_objects(columns: Columns, data: Sequence[list[Any]]) -> list[list[Any]]:
+    """``data`` with its UUID columns as ``uuid.UUID`` objects (what clickhouse-connect sends)."""
+    return [
+        [None if v is None else uuid.UUID(int=v) for v in values]
+        if kind in ("uuid", "uuid?")
+        else values
+        for (_, kind), values in zip(columns, data, strict=True)
+    ]
 
 
 def missing_extra(exc: ImportError) -> ConfigurationError:
@@ -156,7 +168,7 @@ class HTTPClient:
         self._call(
             self._get().insert,
             table,
-            list(data),
+            _uuid_objects(columns, data),
             column_names=[name for name, _ in columns],
             column_oriented=True,
             settings={"insert_deduplication_token": token} if token else {},
@@ -176,9 +188,9 @@ class HTTPClient:
         found = self.query(
             f"SELECT DISTINCT toString(id) FROM {table} WHERE {stored} "
             "AND id IN {candidate_ids:Array(UUID)}",
-            {**params, "candidate_ids": ids},
+            {**params, "candidate_ids": [uuid.UUID(int=i) for i in ids]},
         )
-        stored_ids = {uuid.UUID(r[0]) for r in found}
+        stored_ids = {uuid.UUID(r[0]).int for r in found}
         keep = [i for i, v in enumerate(ids) if v not in stored_ids]
         if not keep:
             return 0
@@ -214,9 +226,12 @@ def _arrow_column(kind: Kind, values: list[Any]) -> tuple[Any, str]:
     import pyarrow as pa
 
     if kind == "uuid":
-        return pa.array([v.bytes for v in values], pa.binary(16)), "toUUID(UUIDNumToString({}))"
+        array = pa.array([v.to_bytes(16, "big") for v in values], pa.binary(16))
+        return array, "toUUID(UUIDNumToString({}))"
     if kind == "uuid?":
-        array = pa.array([None if v is None else v.bytes for v in values], pa.binary(16))
+        array = pa.array(
+            [None if v is None else v.to_bytes(16, "big") for v in values], pa.binary(16)
+        )
         return array, "toUUIDOrNull(UUIDNumToString({}))"
     if kind == "time":
         return pa.array(_micros(values), pa.int64()), "fromUnixTimestamp64Micro({}, 'UTC')"

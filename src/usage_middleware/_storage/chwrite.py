@@ -35,7 +35,15 @@ from .._schema import (
 )
 from .chclient import Client, Columns, EmbeddedClient
 
-__all__ = ["NIL", "RouteCap", "request_data", "route_cap", "upload_data", "write_new"]
+__all__ = [
+    "NIL",
+    "RouteCap",
+    "request_columns",
+    "request_data",
+    "route_cap",
+    "upload_data",
+    "write_new",
+]
 
 NIL = uuid.UUID(int=0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -57,46 +65,57 @@ REQUEST_KINDS: Columns = (
 )  # fmt: skip
 
 
-def upload_data(uploads: Sequence[UploadRecord]) -> list[list[Any]]:
-    """The columns of :data:`UPLOAD_KINDS` for ``uploads``."""
-    keys = [u.api_key_id for u in uploads]
-    return [
-        [u.id for u in uploads],
-        [k or NIL for k in keys],
-        [k is not None for k in keys],
-        [u.request_id for u in uploads],
-        [u.provider for u in uploads],
-        [u.file_type for u in uploads],
-        [u.declared_type for u in uploads],
-        [u.file_size for u in uploads],
-        [u.upload_status for u in uploads],
-        [u.file_name for u in uploads],
-        [u.error_message for u in uploads],
-        [u.uploaded_at for u in uploads],
-    ]
+def _int(value: uuid.UUID | None) -> int | None:
+    return None if value is None else value.int
 
 
-def request_data(requests: Sequence[RequestRecord], labels: Sequence[str]) -> list[list[Any]]:
-    """The columns of :data:`REQUEST_KINDS` for ``requests`` with their route ``labels``."""
-    keys = [r.api_key_id for r in requests]
-    ms = [r.response_time_ms for r in requests]
+def _transposed(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+def upload_data(
+    uploads: Sequence[UploadRecord], packed: Sequence[tuple[Any, ...]] = ()
+) -> list[list[Any]]:
+    """The columns of :data:`UPLOAD_KINDS` for ``uploads`` and the ``packed`` ones
+    (:class:`.base.PackedRows` values)."""
+    rows = [
+        (u.id.int, _int(u.api_key_id), _int(u.request_id), u.provider, u.file_type,
+         u.declared_type, u.file_size, u.file_name, u.upload_status, u.error_message,
+         u.uploaded_at)
+        for u in uploads
+    ]  # fmt: skip
+    rows += packed
+    ids, keys, request_ids, providers, types, declared, sizes, names, statuses, errors, times = (
+        _transposed(rows, 11)
+    )
     return [
-        [r.id for r in requests],
-        [k or NIL for k in keys],
-        [k is not None for k in keys],
-        [r.method for r in requests],
-        [r.path for r in requests],
-        [r.status_code for r in requests],
-        ms,
-        [round(m * 1000) for m in ms],
-        [latency_bucket(m) for m in ms],
-        [r.request_size for r in requests],
-        [r.response_size for r in requests],
-        [r.error_message for r in requests],
-        [r.requested_at for r in requests],
-        [r.route_matched for r in requests],
-        list(labels),
-    ]
+        ids, [k or 0 for k in keys], [k is not None for k in keys], request_ids, providers,
+        types, declared, sizes, statuses, names, errors, times,
+    ]  # fmt: skip
+
+
+def request_columns(
+    requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]] = ()
+) -> list[list[Any]]:
+    """``api_requests``' columns of ``requests`` and the ``packed`` ones, in the order of
+    :class:`.base.PackedRows` (ids as integers)."""
+    rows = [
+        (r.id.int, _int(r.api_key_id), r.method, r.path, r.status_code, r.response_time_ms,
+         r.request_size, r.response_size, r.error_message, r.requested_at, r.route_matched)
+        for r in requests
+    ]  # fmt: skip
+    rows += packed
+    return _transposed(rows, 11)
+
+
+def request_data(columns: list[list[Any]], labels: Sequence[str]) -> list[list[Any]]:
+    """The columns of :data:`REQUEST_KINDS` from :func:`request_columns` and route ``labels``."""
+    ids, keys, methods, paths, statuses, ms, sizes_in, sizes_out, errors, times, matched = columns
+    return [
+        ids, [k or 0 for k in keys], [k is not None for k in keys], methods, paths, statuses, ms,
+        [round(m * 1000) for m in ms], [latency_bucket(m) for m in ms], sizes_in, sizes_out,
+        errors, times, matched, list(labels),
+    ]  # fmt: skip
 
 
 def _micros(t: datetime) -> int:
@@ -117,7 +136,11 @@ def write_new(
         f"AND {time_column} >= fromUnixTimestamp64Micro({{lo:Int64}}, 'UTC') "
         f"AND {time_column} <= fromUnixTimestamp64Micro({{hi:Int64}}, 'UTC')"
     )
-    params = {"keys": sorted(set(data[1])), "lo": _micros(min(times)), "hi": _micros(max(times))}
+    params = {
+        "keys": [uuid.UUID(int=k) for k in sorted(set(data[1]))],
+        "lo": _micros(min(times)),
+        "hi": _micros(max(times)),
+    }
     return client.insert_new(table, kinds, data, stored, params)
 
 
@@ -153,17 +176,24 @@ class RouteCap:
         self._asked = False
         self._stored_until = None
 
-    def labels(self, client: Client, requests: Sequence[RequestRecord]) -> list[str]:
+    def labels(
+        self,
+        client: Client,
+        keys: Sequence[int | None],
+        times: Sequence[datetime],
+        paths: Sequence[str],
+        matched: Sequence[bool],
+    ) -> list[str]:
+        """The labels of requests given by column (keys as integers, None for no key)."""
         # each distinct (key, day, path, matched) once: a batch holds far fewer than rows
-        first: dict[tuple[int, date, str, bool], int] = {}
-        rows = []
-        for i, r in enumerate(requests):
-            k = r.api_key_id
-            combo = (-1 if k is None else k.int, r.requested_at.date(), r.path, r.route_matched)
-            rows.append(first.setdefault(combo, i))
+        first: dict[tuple[int | None, date, str, bool], int] = {}
+        rows = [
+            first.setdefault((k, t.date(), p, m), i)
+            for i, (k, t, p, m) in enumerate(zip(keys, times, paths, matched, strict=True))
+        ]
         distinct = [
-            (requests[i].api_key_id, day, endpoint_route(path, matched), i)
-            for (_, day, path, matched), i in first.items()
+            (None if k is None else uuid.UUID(int=k), day, endpoint_route(path, m), i)
+            for (k, day, path, m), i in first.items()
         ]
         with self._lock:
             if len(self._known) > _CACHE_LIMIT:
@@ -214,7 +244,7 @@ class RouteCap:
                     away.add(route)
         if admitted:
             data: list[list[Any]] = [
-                [k or NIL for k, _, _ in admitted],
+                [0 if k is None else k.int for k, _, _ in admitted],
                 [k is not None for k, _, _ in admitted],
                 [d for _, d, _ in admitted],
                 [route for _, _, route in admitted],

@@ -45,6 +45,7 @@ from .base import (
     GranularReads,
     Histogram,
     MaintainResult,
+    PackedRows,
     RequestFilter,
     Scope,
     SeriesRow,
@@ -67,6 +68,7 @@ from .chwrite import (
     REQUEST_KINDS,
     UPLOAD_KINDS,
     RouteCap,
+    request_columns,
     request_data,
     route_cap,
     upload_data,
@@ -214,15 +216,27 @@ class ClickHouseBackend:
         """One INSERT per raw table of the records not stored yet (see :mod:`.chwrite`). The
         count of new rows is exact for one writer; writers inserting the same ids at the same
         moment may both count them (the answers count them once)."""
+        return self.write_packed(uploads, requests, PackedRows())
+
+    def write_packed(
+        self,
+        uploads: Sequence[UploadRecord],
+        requests: Sequence[RequestRecord],
+        packed: PackedRows,
+    ) -> int:
+        """:meth:`write` of the records and the ``packed`` rows (the recorder's, already
+        normal): both become the same columns, in one INSERT per raw table."""
         new = 0
-        if uploads:
-            times = [u.uploaded_at for u in uploads]
-            data = upload_data(uploads)
-            new += write_new(self.client, "file_uploads", UPLOAD_KINDS, data, "uploaded_at", times)
-        if requests:
-            labels = self._routes.labels(self.client, requests)
-            times = [r.requested_at for r in requests]
-            data = request_data(requests, labels)
+        if uploads or packed.uploads:
+            data = upload_data(uploads, packed.uploads)
+            new += write_new(
+                self.client, "file_uploads", UPLOAD_KINDS, data, "uploaded_at", data[-1]
+            )
+        if requests or packed.requests:
+            columns = request_columns(requests, packed.requests)
+            keys, times, paths, matched = columns[1], columns[9], columns[3], columns[10]
+            labels = self._routes.labels(self.client, keys, times, paths, matched)
+            data = request_data(columns, labels)
             new += write_new(
                 self.client, "api_requests", REQUEST_KINDS, data, "requested_at", times
             )
