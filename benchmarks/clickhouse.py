@@ -12,7 +12,9 @@ and ``GET /granular`` and ``GET /requests`` for the busiest key.
    to columns as ``store.write`` converts them). Rows per second, the first batch a warm-up.
    ``store.write`` is handed what the recorder hands it (``--batches recorder``, the default:
    its queue's packed batches, packing included in the time) or lists of records
-   (``--batches records``), on both engines alike.
+   (``--batches records``), on both engines alike. With the recorder's batches, chdb also
+   writes them unpacked into records first (new ids, a day later), as it wrote them before it
+   took them packed.
 2. Reads, for each size in ``--rows``. PostgreSQL gets that many uploads and a fifth as many
    requests over 2025, as benchmarks/query.py builds them (uploads and their rollups in SQL,
    requests through ``store.write``). chdb gets *the same rows*, copied out of PostgreSQL,
@@ -44,6 +46,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -60,6 +63,7 @@ from ingest import as_batches, make_requests, make_uploads
 from query import KEYS, QUERIES, build_postgres, build_postgres_requests
 
 from usage_middleware import ALL_KEYS, RequestRecord, UploadRecord, UsageRouter, UsageStore
+from usage_middleware._records import new_id
 from usage_middleware._schema import endpoint_route, latency_bucket
 from usage_middleware._storage.chread import SealedAnswers
 from usage_middleware._storage.chwrite import (
@@ -98,6 +102,13 @@ def rate(rows: int, fn: Callable[[], Any]) -> float:
 # --- ingest -----------------------------------------------------------------------------------
 
 
+def later(record: Any) -> Any:
+    """A copy of ``record`` with a new id, a day later."""
+    if isinstance(record, UploadRecord):
+        return replace(record, id=new_id(), uploaded_at=record.uploaded_at + timedelta(days=1))
+    return replace(record, id=new_id(), requested_at=record.requested_at + timedelta(days=1))
+
+
 def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int, way: str) -> None:
     rng = random.Random(3)
     uploads = [UploadRecord(**r) for r in make_uploads(n + batch, "live", rng)]
@@ -128,9 +139,19 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int, way: str) ->
         pg_store.dispose()
         drop_database(admin, url)
     client = backend(ch).client
+    ways = ["PostgreSQL store.write", "chdb store.write"]
     for name, parts in chunks.items():
         ch.write(parts[0])
         rates["chdb store.write", name] = rate(n, lambda b=timed[name]: [ch.write(x) for x in b()])
+    if way == "recorder":
+        # the same batches unpacked into records first: how chdb wrote the recorder's batches
+        # before it took them packed (new ids, a day later: new rows of new key-days)
+        ways.append("chdb store.write, unpacked")
+        for name, parts in chunks.items():
+            fresh = [[later(r) for r in part] for part in parts[1:]]
+            batches = as_batches(fresh, "recorder")
+            rates[ways[-1], name] = rate(n, lambda b=batches: [ch.write(list(x)) for x in b()])
+    ways.append("chdb plain INSERT")
     for table, order in (("file_uploads", "uploaded_at"), ("api_requests", "requested_at")):
         client.command(
             f"CREATE TABLE plain_{table} AS {table} ENGINE = MergeTree "
@@ -153,7 +174,7 @@ def ingest(admin: Any, pg: str, ch: UsageStore, n: int, batch: int, way: str) ->
         client.command(f"DROP TABLE plain_{table}")
     print(f"ingest, live shape, {n:,} rows of each in batches of {batch:,} ({way}): rows/s")
     print(f"{'':<26} {'uploads':>10} {'requests':>10}")
-    for what in ("PostgreSQL store.write", "chdb store.write", "chdb plain INSERT"):
+    for what in ways:
         print(f"{what:<26} {rates[what, 'uploads']:>10,.0f} {rates[what, 'requests']:>10,.0f}")
     for name in ("uploads", "requests"):
         ours, pg_rate = rates["chdb store.write", name], rates["PostgreSQL store.write", name]
