@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import random
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, text
 from support.checks import wait_for
 from support.endpoints import stored_request_rows
@@ -26,8 +29,16 @@ from support.pg import drop_pg_database, make_pg_database
 from support.rollups import FAR, assert_rollups_exact, random_request, random_upload, stored_rollups
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
-from usage_middleware._recording.compact import PackedBatch, pack
+from usage_middleware._recording import spoolformat
+from usage_middleware._recording.compact import PackedBatch, pack, packed_kind, unpack
 from usage_middleware._recording.spool import Spool
+from usage_middleware._recording.spoolformat import (
+    decode,
+    decode_item,
+    encode,
+    spool_key,
+    spool_row,
+)
 from usage_middleware._records import new_id
 from usage_middleware._schema import api_requests, file_uploads
 from usage_middleware._storage.base import PackedRows
@@ -336,3 +347,93 @@ def test_a_store_without_packed_writes_gets_the_batch_as_records() -> None:
     assert store.write(PackedBatch(items)) == len({r.id for r in batch})
     assert store.write(PackedBatch(items)) == 0
     store.dispose()
+
+
+_ODD_TEXT = ["", "x" * 3000, "a\x00b", " s3 ", "IMAGE/PNG", "image/png; q=1", "é"]
+_request_records = st.builds(
+    RequestRecord._unchecked,
+    st.sampled_from(["GET", "POST", "get", "PROPFIND", "", "X" * 40]),
+    st.sampled_from(["/files/{id}", "/", *_ODD_TEXT]),
+    st.sampled_from([200, 404, 599, 99, 600, True]),
+    st.sampled_from([0.0, 1.5, 12.0, -1.0, 1e300, 3]),
+    st.sampled_from([0, 10, -1, 2**62]),
+    st.sampled_from([0, 20, 2**53]),
+    st.one_of(st.none(), st.uuids()),
+    st.one_of(st.none(), st.sampled_from(["boom", *_ODD_TEXT])),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])),
+    st.sampled_from([True, False, 1]),
+)
+_upload_records = st.builds(
+    UploadRecord._unchecked,
+    st.sampled_from(["s3", *_ODD_TEXT]),
+    st.sampled_from(["image/png", "application/octet-stream", *_ODD_TEXT]),
+    st.one_of(st.none(), st.sampled_from(["image/png", "image/jpeg", *_ODD_TEXT])),
+    st.sampled_from([0, 7, -1, 2**62]),
+    st.sampled_from(["success", "failed", "lost"]),
+    st.one_of(st.none(), st.sampled_from(["boom", *_ODD_TEXT])),
+    st.one_of(st.none(), st.uuids()),
+    st.one_of(st.none(), st.uuids()),
+    st.one_of(st.none(), st.sampled_from(["cat.png", *_ODD_TEXT])),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3))])),
+)
+# Ways a row may differ from what encode() writes (another writer, damage): every one must be
+# read exactly as the long way reads it.
+_EDITS = [
+    lambda row: row,
+    lambda row: [*row, 0],
+    lambda row: [*row[:-1], row[-1] + 0.5],
+    lambda row: [*row[:-1], True],
+    lambda row: [row[0], row[1], row[2].upper(), *row[3:]],
+    lambda row: [row[0], row[1], str(uuid.UUID(hex=row[2])), *row[3:]],
+    lambda row: [row[0], row[1], row[2][:-1], *row[3:]],
+    lambda row: [row[0], row[1], row[2], "+" + "0" * 31, *row[4:]],
+    lambda row: [2, *row[1:]],
+    lambda row: [row[0], "x", *row[2:]],
+    lambda row: row[:-1],
+    lambda row: {"row": row},
+]
+
+
+def _outcome(read: Any, payload: str) -> Any:
+    """What reading ``payload`` gives: the record (as its fields) or the error's type."""
+    try:
+        return asdict(unpack(read(payload)))
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=st.one_of(_request_records, _upload_records), edit=st.sampled_from(_EDITS))
+def test_the_spool_writes_and_reads_queue_items_as_it_writes_and_reads_records(
+    record: Record, edit: Any
+) -> None:
+    """The spiller spools the queue's tuples and a replay reads rows back into them, with no
+    record made when validation would keep the values: the same row as the record's, and the
+    same item (or error) as decoding the record and packing it, whatever a row holds."""
+    item = pack(record)
+    assert spool_row(item) == (spool_key(record), encode(record))
+    payload = json.dumps(edit(json.loads(encode(record))))
+    assert _outcome(decode_item, payload) == _outcome(lambda p: pack(decode(p)), payload)
+
+
+def test_a_replay_reads_the_middlewares_rows_with_no_record_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows of records whose values validation keeps are read straight into the queue's
+    tuples (the long way, a record validated and packed, is never taken); the others still
+    are read the long way."""
+    rng = random.Random(3)
+    normal = [_unchecked_request(rng), _unchecked_upload(rng)]
+    odd = [_unchecked_request(rng, method="get"), _unchecked_upload(rng, provider=" s3 ")]
+    payloads = [encode(r) for r in normal + odd]
+    expected = [pack(decode(p)) for p in payloads]
+    calls: list[str] = []
+
+    def counted(payload: str) -> Any:
+        calls.append(payload)
+        return decode(payload)
+
+    monkeypatch.setattr(spoolformat, "decode", counted)
+    assert [decode_item(p) for p in payloads] == expected
+    assert calls == payloads[2:]
+    assert [packed_kind(i) for i in expected] == ["r", "u", "r", "u"]

@@ -252,6 +252,45 @@ def test_spooling_a_backlog_lets_other_threads_run_between_short_steps(
     assert sorted(lateness)[-3] < 0.02, f"late by {sorted(lateness)[-5:]} s"
 
 
+def test_replaying_a_backlog_lets_other_threads_run_between_short_steps(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """A replay reads its rows back holding the GIL: in steps, as spooling does, so a thread
+    that needs the GIL (the event loop) does not wait for a whole batch of them. (The store
+    takes each batch at once here: only the reading shows.)"""
+    spool_path = tmp_path / "spool.db"
+    spool = Spool(spool_path, max_records=100_000)
+    spool.open()
+    assert spool.put(sample_uploads(60_000)) == 60_000
+    spool.close()
+    store = UsageStore(sqlite_url)
+    store.write = len  # type: ignore[method-assign, assignment]
+    lateness: list[float] = []
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            time.sleep(0.001)
+            lateness.append(time.perf_counter() - start - 0.001)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    beat = threading.Thread(target=heartbeat)
+    recorder = Recorder(store, spool_path=spool_path, batch_size=20_000)
+    recorders.append(recorder)
+    try:
+        beat.start()
+        recorder.start()
+        assert wait_for(lambda: recorder.stats()["replayed"] == 60_000, timeout=60)
+    finally:
+        done.set()
+        if beat.is_alive():
+            beat.join()
+        sys.setswitchinterval(switch)
+    assert sorted(lateness)[-3] < 0.02, f"late by {sorted(lateness)[-5:]} s"
+
+
 def test_queued_records_add_nothing_for_the_garbage_collector_to_walk(
     sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
 ) -> None:

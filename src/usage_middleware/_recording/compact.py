@@ -35,7 +35,18 @@ from .._records import (
     uuid_from_int,
 )
 
-__all__ = ["PACKING", "PackedBatch", "RequestValues", "UploadValues", "pack", "unpack"]
+__all__ = [
+    "PACKING",
+    "PackedBatch",
+    "RequestValues",
+    "UploadValues",
+    "normal_packed_request",
+    "normal_packed_upload",
+    "pack",
+    "packed_id",
+    "packed_kind",
+    "unpack",
+]
 
 Record = UploadRecord | RequestRecord
 
@@ -127,6 +138,78 @@ def pack(record: object) -> object:
     except Exception:  # a record missing a field: queued as it is, the store rejects it
         pass
     return record
+
+
+def packed_kind(item: object) -> str | None:
+    """``"r"`` for a packed request, ``"u"`` for a packed upload (their values in the order
+    :func:`pack` gives them), None for anything else."""
+    if type(item) is tuple and len(item) == 12:
+        kind = item[0]
+        if kind is _REQUEST:
+            return "r"
+        if kind is _UPLOAD:
+            return "u"
+    return None
+
+
+def packed_id(item: object) -> int:
+    """The id, as an integer, of a queue item (a packed record, or a record)."""
+    kind = packed_kind(item)
+    if kind is not None:
+        return item[10] if kind == "r" else item[11]  # type: ignore[index, no-any-return]
+    return item.id.int  # type: ignore[attr-defined, no-any-return]
+
+
+def normal_packed_request(
+    method: Any,
+    path: Any,
+    status_code: Any,
+    response_time_ms: Any,
+    request_size: Any,
+    response_size: Any,
+    api_key_id: int | None,
+    error_message: Any,
+    requested_at: Any,
+    rid: int,
+    route_matched: Any,
+) -> object | None:
+    """What :func:`pack` makes of the validated request of these values (ids as integers in
+    range), made without the record; None when validation would change or refuse a value (such
+    a request must become a record and be validated)."""
+    if normal_request_values(
+        method, path, status_code, response_time_ms, request_size, response_size,
+        error_message, requested_at, route_matched,
+    ):  # fmt: skip
+        return (
+            _REQUEST, method, path, status_code, response_time_ms, request_size, response_size,
+            api_key_id, error_message, requested_at, rid, route_matched,
+        )  # fmt: skip
+    return None
+
+
+def normal_packed_upload(
+    provider: Any,
+    file_type: Any,
+    file_size: Any,
+    upload_status: Any,
+    api_key_id: int | None,
+    request_id: int | None,
+    declared_type: Any,
+    file_name: Any,
+    error_message: Any,
+    uploaded_at: Any,
+    uid: int,
+) -> object | None:
+    """:func:`normal_packed_request` for an upload."""
+    if normal_upload_values(
+        provider, file_type, file_size, upload_status, declared_type, file_name, error_message,
+        uploaded_at,
+    ):  # fmt: skip
+        return (
+            _UPLOAD, provider, file_type, file_size, upload_status, api_key_id, request_id,
+            declared_type, file_name, error_message, uploaded_at, uid,
+        )  # fmt: skip
+    return None
 
 
 def unpack(item: object) -> Record:

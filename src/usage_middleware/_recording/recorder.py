@@ -54,10 +54,11 @@ from .._records import RequestRecord, UploadRecord
 from .._store import UsageStore
 from . import lifecycle
 from .backoff import Backoff, State
-from .compact import PackedBatch, pack, unpack
+from .compact import PackedBatch, pack, packed_id, unpack
 from .logs import RateLimitedLog
 from .metrics import register_metrics
-from .spool import Spool, SpoolKey, decode, default_spool_path
+from .spool import Spool, SpoolKey, default_spool_path
+from .spoolformat import decode_item
 
 __all__ = ["Recorder"]
 
@@ -80,6 +81,9 @@ _SPOOL_RETRY = 1.0  # after the spool failed, the spiller waits this long before
 # between steps that hands the GIL to whichever thread waits for it (see _pause()).
 _SPOOL_STEP = 100
 _SPOOL_PAUSE = 0.0002
+# A replay reads its rows back in steps of _REPLAY_STEP (about a millisecond), handing the GIL
+# over between them in the same way.
+_REPLAY_STEP = 300
 _FORK_WAIT = 5.0
 
 _serial = itertools.count(1)
@@ -470,8 +474,9 @@ class Recorder:
         if len(self._queue) < self._hurry:
             time.sleep(_SPOOL_PAUSE)
 
-    def _spool_put(self, records: Sequence[Record]) -> int:
-        """Spool records, oldest first; how many from the head are settled. Never raises.
+    def _spool_put(self, records: Sequence[object]) -> int:
+        """Spool records (or queue items), oldest first; how many from the head are settled.
+        Never raises.
 
         Settled means spooled, or rejected when a record cannot be encoded (found by bisecting,
         as in :meth:`_write`). A failing spool (disk full, file size limit) takes none: the
@@ -486,7 +491,7 @@ class Recorder:
             return 0
         except Exception as exc:  # a record that cannot be encoded, such as a non-record
             if len(records) == 1:
-                self._reject(records[0], exc)
+                self._reject(unpack(records[0]), exc)
                 return 1
             mid = len(records) // 2
             head = self._spool_put(records[:mid])
@@ -580,14 +585,16 @@ class Recorder:
         # the rows' keys, as stored, by their record's id (as an integer: no UUID objects)
         keys: list[tuple[int, SpoolKey]] = []
         unreadable: list[tuple[SpoolKey, str]] = []
-        for key, payload in rows:
+        for n, (key, payload) in enumerate(rows, 1):
             try:
-                record = decode(payload)
+                item = decode_item(payload)
             except Exception as exc:  # whatever a damaged row makes it raise: set it aside
                 unreadable.append((key, str(exc)[:300]))
                 continue
-            items.append(pack(record))
-            keys.append((record.id.int, key))
+            items.append(item)
+            keys.append((packed_id(item), key))
+            if not n % _REPLAY_STEP:
+                time.sleep(0)  # hand the GIL to a thread waiting for it (the event loop)
         self._quarantine(unreadable)
         written = self._written
         batch = self._inflight = PackedBatch(items)
@@ -671,12 +678,13 @@ class Recorder:
             if not first:
                 self._pause()
             first = False
-            chunk: list[Record] = []
+            chunk: list[object] = []
             # no larger than a batch: records out of the queue while they are spooled let
-            # submit() take as many more, and any the spool refuses go back to the queue
+            # submit() take as many more, and any the spool refuses go back to the queue; the
+            # spool encodes them as they are queued (no record is made)
             for _ in range(min(len(queue) - keep, _SPOOL_STEP, self.batch_size)):
                 try:
-                    chunk.append(unpack(queue.popleft()))
+                    chunk.append(queue.popleft())
                 except IndexError:
                     break
             if not chunk:

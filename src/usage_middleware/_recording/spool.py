@@ -7,47 +7,35 @@ copy and replaying it into the store (idempotent by ``id``) can never count it t
 same rows at once; a crashed process's claims expire (or are released at the next start when its
 pid is gone), and the worst case of an expired lease is a duplicate, harmless, idempotent write.
 
-Rows hold a compact, versioned JSON array per record: UUIDs as hex, timestamps as integer
-microseconds since the epoch (records are normalised to UTC, so this is lossless), floats in
-``repr`` form (exact round trip); a request whose path matched no route carries a trailing
-``0`` (rows spooled before that field existed decode as matched). A row that cannot be read
-back (damaged, or written by something else) is moved to the ``spool_quarantine`` table with
-the reason, never replayed, so it cannot hold back the rows claimed with it.
+Rows hold a compact, versioned JSON array per record (:mod:`.spoolformat`). A row that cannot
+be read back (damaged, or written by something else) is moved to the ``spool_quarantine`` table
+with the reason, never replayed, so it cannot hold back the rows claimed with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import URL
 
-from .._records import RequestRecord, UploadRecord
 from .._sqlitebulk import for_ids, insert_rows
+from .spoolformat import spool_row
 
-__all__ = ["Spool", "SpoolKey", "decode", "default_spool_path", "encode", "spool_key"]
+__all__ = ["Spool", "SpoolKey", "default_spool_path"]
 
-Record = UploadRecord | RequestRecord
 # A row's key as stored: the bytes of spool_key(), unless something else wrote the row.
 SpoolKey = bytes | str | int | float
 
-UTC = timezone.utc
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_FORMAT = 1
 _LEASE_SECONDS = 15.0
-# One encoder for every row: json.dumps() with options builds a new JSONEncoder per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 SPOOL_DIR_ENV = "USAGE_MIDDLEWARE_SPOOL_DIR"
 
 _SCHEMA = """
@@ -66,120 +54,6 @@ CREATE TABLE IF NOT EXISTS spool_quarantine (
 );
 INSERT OR IGNORE INTO spool_size (one, n) SELECT 1, count(*) FROM spool;
 """
-
-
-def _us(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _dt(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def _hex(value: uuid.UUID | None) -> str | None:
-    return None if value is None else value.hex
-
-
-def _uuid(value: str | None) -> uuid.UUID | None:
-    return None if value is None else uuid.UUID(hex=value)
-
-
-def spool_key(record: Record) -> bytes:
-    """The row key: ids are unique per table, so an upload and a request may share one."""
-    return (b"u" if isinstance(record, UploadRecord) else b"r") + record.id.bytes
-
-
-def encode(record: Record) -> str:
-    """One record as a compact JSON array (see the module docstring)."""
-    if isinstance(record, UploadRecord):
-        return _ENCODER.encode(
-            [
-                _FORMAT,
-                "u",
-                record.id.hex,
-                _hex(record.api_key_id),
-                _hex(record.request_id),
-                record.provider,
-                record.file_type,
-                record.declared_type,
-                record.file_size,
-                record.file_name,
-                record.upload_status,
-                record.error_message,
-                _us(record.uploaded_at),
-            ]
-        )
-    if isinstance(record, RequestRecord):
-        return _ENCODER.encode(
-            [
-                _FORMAT,
-                "r",
-                record.id.hex,
-                _hex(record.api_key_id),
-                record.method,
-                record.path,
-                record.status_code,
-                record.response_time_ms,
-                record.request_size,
-                record.response_size,
-                record.error_message,
-                _us(record.requested_at),
-                *(() if record.route_matched else (0,)),
-            ]
-        )
-    raise TypeError(f"cannot spool {type(record).__name__}: expected UploadRecord or RequestRecord")
-
-
-def decode(payload: str) -> Record:
-    """The record :func:`encode` made; ``ValueError`` for anything else.
-
-    Whatever the row holds: JSON nested too deep raises ``RecursionError``, a time out of range
-    ``OverflowError``, a field of the wrong type ``AttributeError``; all become ``ValueError``.
-    """
-    try:
-        data = json.loads(payload)
-        version, kind, *fields = data
-    except Exception as exc:
-        raise ValueError(f"unreadable spool payload: {type(exc).__name__}: {exc}") from None
-    if version != _FORMAT:
-        raise ValueError(f"unknown spool format {version!r:.40}")
-    try:
-        if kind == "u":
-            (rid, key, req, provider, ftype, declared, size, name, status, err, at) = fields
-            return UploadRecord(
-                id=uuid.UUID(hex=rid),
-                api_key_id=_uuid(key),
-                request_id=_uuid(req),
-                provider=provider,
-                file_type=ftype,
-                declared_type=declared,
-                file_size=size,
-                file_name=name,
-                upload_status=status,
-                error_message=err,
-                uploaded_at=_dt(at),
-            )
-        if kind == "r":
-            (rid, key, method, path, status_code, ms, req_size, resp_size, err, at, *rest) = fields
-            if rest not in ([], [0]):
-                raise ValueError(f"unexpected trailing fields {rest!r:.40}")
-            return RequestRecord(
-                id=uuid.UUID(hex=rid),
-                api_key_id=_uuid(key),
-                method=method,
-                path=path,
-                status_code=status_code,
-                response_time_ms=ms,
-                request_size=req_size,
-                response_size=resp_size,
-                error_message=err,
-                requested_at=_dt(at),
-                route_matched=not rest,
-            )
-    except Exception as exc:
-        raise ValueError(f"invalid spooled record: {type(exc).__name__}: {exc}") from None
-    raise ValueError(f"unknown spooled record kind {kind!r:.40}")
 
 
 def _store_key(url: URL) -> str:
@@ -307,14 +181,15 @@ class Spool:
             conn.execute("UPDATE spool_size SET n = (SELECT count(*) FROM spool) WHERE one = 1")
         return self.pending
 
-    def put(self, records: Sequence[Record]) -> int:
+    def put(self, records: Sequence[object]) -> int:
         """Store as many records as the bound allows, oldest first; return how many were taken.
 
-        Records already in the spool are taken without being stored twice.
+        ``records``: records, or queue items (packed records, encoded with none made). Records
+        already in the spool are taken without being stored twice.
         """
         if not records:
             return 0
-        rows = [(spool_key(r), encode(r)) for r in records]
+        rows = [spool_row(r) for r in records]
         with self._transaction() as conn:
             room = max(self.max_records - self._size(conn), 0)
             taken = rows[:room]
