@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -204,6 +206,31 @@ def test_outage_spools_then_every_record_lands_exactly_once(
     assert up.stats()["replayed"] == 700
 
 
+@contextmanager
+def heartbeat_lateness() -> Iterator[list[float]]:
+    """How late, each time, a thread waking every millisecond wakes, with a long switch
+    interval, which makes any unbroken stretch of another thread holding the GIL show."""
+    lateness: list[float] = []
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            time.sleep(0.001)
+            lateness.append(time.perf_counter() - start - 0.001)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    beat = threading.Thread(target=heartbeat)
+    beat.start()
+    try:
+        yield lateness
+    finally:
+        done.set()
+        beat.join()
+        sys.setswitchinterval(switch)
+
+
 def test_spooling_a_backlog_lets_other_threads_run_between_short_steps(
     sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
 ) -> None:
@@ -225,28 +252,9 @@ def test_spooling_a_backlog_lets_other_threads_run_between_short_steps(
         backoff_initial=60,
     )
     recorders.append(recorder)
-    records = sample_uploads(100_000)
-    lateness: list[float] = []
-    done = threading.Event()
-
-    def heartbeat() -> None:
-        while not done.is_set():
-            start = time.perf_counter()
-            time.sleep(0.001)
-            lateness.append(time.perf_counter() - start - 0.001)
-
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(0.05)
-    beat = threading.Thread(target=heartbeat)
-    try:
-        recorder.submit_many(records)
-        beat.start()
+    recorder.submit_many(sample_uploads(100_000))
+    with heartbeat_lateness() as lateness:
         assert wait_for(lambda: recorder.stats()["spool_pending"] == 100_000, timeout=60)
-    finally:
-        done.set()
-        if beat.is_alive():
-            beat.join()
-        sys.setswitchinterval(switch)
     assert recorder.stats()["dropped"] == 0
     # The third longest, so that one scheduling hiccup of a busy machine does not count.
     assert sorted(lateness)[-3] < 0.02, f"late by {sorted(lateness)[-5:]} s"
@@ -265,29 +273,11 @@ def test_replaying_a_backlog_lets_other_threads_run_between_short_steps(
     spool.close()
     store = UsageStore(sqlite_url)
     store.write = len  # type: ignore[method-assign, assignment]
-    lateness: list[float] = []
-    done = threading.Event()
-
-    def heartbeat() -> None:
-        while not done.is_set():
-            start = time.perf_counter()
-            time.sleep(0.001)
-            lateness.append(time.perf_counter() - start - 0.001)
-
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(0.05)
-    beat = threading.Thread(target=heartbeat)
     recorder = Recorder(store, spool_path=spool_path, batch_size=20_000)
     recorders.append(recorder)
-    try:
-        beat.start()
+    with heartbeat_lateness() as lateness:
         recorder.start()
         assert wait_for(lambda: recorder.stats()["replayed"] == 60_000, timeout=60)
-    finally:
-        done.set()
-        if beat.is_alive():
-            beat.join()
-        sys.setswitchinterval(switch)
     assert sorted(lateness)[-3] < 0.02, f"late by {sorted(lateness)[-5:]} s"
 
 
