@@ -43,6 +43,7 @@ from usage_middleware import (
     annotate,
     api_key_uuid,
 )
+from usage_middleware._recording.compact import packed_kind
 from usage_middleware._schema import api_requests, daily_usage, file_uploads
 
 FRAMEWORKS = ["starlette", "fastapi"]
@@ -630,6 +631,50 @@ def test_end_to_end_into_sqlite_flushed_on_shutdown(framework: str, sqlite_url: 
         assert sorted(types) == [("image/jpeg", 5), ("image/png", 5), ("text/html", 5)]
         total = conn.execute(select(func.sum(daily_usage.c.total_uploads))).scalar()
         assert total == 15
+    store.dispose()
+
+
+def test_a_request_with_no_upload_reaches_its_recorder_as_the_queues_tuple(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request with no upload goes to the middleware's own recorder as the tuple its queue
+    holds (no record is made on the request path), and is stored as its record would be."""
+    store = UsageStore(sqlite_url)
+    recorder = Recorder(store)
+    items: list[object] = []
+    submit_item = recorder.submit_item
+
+    def spy(item: object) -> None:
+        items.append(item)
+        submit_item(item)
+
+    def no_record(record: object) -> None:
+        raise AssertionError("a request went to the recorder as a record")
+
+    monkeypatch.setattr(recorder, "submit_item", spy)
+    monkeypatch.setattr(recorder, "submit", no_record)
+    app, _ = make("starlette", recorder=recorder)
+
+    async def run() -> None:
+        async with Lifespan(app) as client:
+            await client.get("/items/7", headers={"x-api-key": "k"})
+            await client.get("/nowhere")
+            await client.get("/boom")
+
+    anyio.run(run)
+    assert [packed_kind(i) for i in items] == ["r", "r", "r"]
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                api_requests.c.path, api_requests.c.status_code, api_requests.c.api_key_id,
+                api_requests.c.route_matched,
+            ).order_by(api_requests.c.requested_at)
+        ).all()  # fmt: skip
+    assert [tuple(r) for r in rows] == [
+        ("/items/{item_id}", 200, api_key_uuid("k"), True),
+        ("/nowhere", 404, None, False),
+        ("/boom", 500, None, True),
+    ]
     store.dispose()
 
 

@@ -30,7 +30,14 @@ from support.rollups import FAR, assert_rollups_exact, random_request, random_up
 
 from usage_middleware import Recorder, RequestRecord, UploadRecord, UsageStore
 from usage_middleware._recording import spoolformat
-from usage_middleware._recording.compact import PackedBatch, pack, packed_kind, unpack
+from usage_middleware._recording.compact import (
+    PackedBatch,
+    new_request_item,
+    pack,
+    packed_id,
+    packed_kind,
+    unpack,
+)
 from usage_middleware._recording.spool import Spool
 from usage_middleware._recording.spoolformat import (
     decode,
@@ -437,3 +444,36 @@ def test_a_replay_reads_the_middlewares_rows_with_no_record_made(
     assert [decode_item(p) for p in payloads] == expected
     assert calls == payloads[2:]
     assert [packed_kind(i) for i in expected] == ["r", "u", "r", "u"]
+
+
+class _KeySubclass(uuid.UUID):
+    """A key a hook may hand over: not exactly a UUID, so not packed."""
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    request=_request_records,
+    key=st.one_of(st.none(), st.uuids(), st.uuids().map(lambda u: _KeySubclass(int=u.int))),
+)
+def test_a_request_built_as_the_queues_tuple_is_the_packed_record(
+    request: RequestRecord, key: uuid.UUID | None
+) -> None:
+    """The middleware's requests are built as the tuple the queue would hold for their record
+    (a new version 7 id drawn), and a key that is not exactly a UUID still makes a record."""
+    values = [getattr(request, name) for name in _REQUEST_ORDER]
+    values[6] = key
+    item = new_request_item(*values)
+    expected = pack(RequestRecord._unchecked(*values))
+    if packed_kind(expected) is None:
+        assert type(item) is RequestRecord
+        assert {**asdict(item), "id": None} == {**asdict(unpack(expected)), "id": None}
+        return
+    assert packed_kind(item) == "r"
+    assert type(packed_id(item)) is int and uuid.UUID(int=packed_id(item)).version == 7
+    assert {**asdict(unpack(item)), "id": None} == {**asdict(unpack(expected)), "id": None}
+
+
+_REQUEST_ORDER = (
+    "method", "path", "status_code", "response_time_ms", "request_size", "response_size",
+    "api_key_id", "error_message", "requested_at", "route_matched",
+)  # fmt: skip

@@ -23,6 +23,7 @@ __all__ = [
     "RequestRecord",
     "UploadRecord",
     "new_id",
+    "new_id_int",
     "normal_request_values",
     "normal_upload_values",
     "normalize_mime",
@@ -55,6 +56,11 @@ _set_uuid_safe: Callable[[uuid.UUID, uuid.SafeUUID], None] = vars(_UUID)["is_saf
 _SAFE_UNKNOWN = uuid.SafeUUID.unknown
 # The generator's 128-bit integer; the private name is what ``uuid_utils.compat`` itself uses.
 _uuid7_int: Callable[[], int] = getattr(uuid_utils, "_uuid7_int", lambda: uuid_utils.uuid7().int)
+
+
+def new_id_int() -> int:
+    """The 128-bit integer of a :func:`new_id` (for rows kept as values)."""
+    return _uuid7_int()
 
 
 def new_id() -> uuid.UUID:

@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import ConfigurationError
 from .._keys import key_from_headers
+from .._recording.compact import new_request_item
 from .._recording.recorder import Recorder
 from .._records import RequestRecord, UploadRecord, UploadStatus
 from .._telemetry import CaptureTelemetry
@@ -161,6 +162,13 @@ class UsageMiddleware:
             raise ConfigurationError(f"shutdown_timeout must be > 0, got {shutdown_timeout}")
         self.app = app
         self.recorder = recorder
+        # A request with no upload goes to our own recorder as the tuple its queue holds (no
+        # record made); any other recorder gets records.
+        self._submit_request: Callable[[Any], Any] = recorder.submit
+        self._new_request: Callable[..., Any] = _request_row
+        if isinstance(recorder, Recorder):
+            self._submit_request = recorder.submit_item
+            self._new_request = new_request_item
         self._provider = provider
         self._api_key_id = api_key_id or key_from_headers
         self._exclude = exclude
@@ -237,10 +245,11 @@ class UsageMiddleware:
         finally:
             try:
                 request = self._request(
-                    scope, exchange, notes, started, requested_at, root_path, entry_app, error
-                )
+                    scope, exchange, notes, started, requested_at, root_path, entry_app, error,
+                    make=self._new_request,
+                )  # fmt: skip
                 if request is not None:
-                    self.recorder.submit(request)
+                    self._submit_request(request)
             except Exception:
                 self._failed("recording a request")
 
@@ -347,10 +356,12 @@ class UsageMiddleware:
         entry_app: Any,
         error: BaseException | None,
         template: Any = _UNSET,
-    ) -> RequestRecord | None:
+        make: Callable[..., Any] = _request_row,
+    ) -> Any:
         """The request's row (``None`` when it turned out excluded), from values produced here:
         built unchecked, ``store.write`` validates it. ``template``: the route template when the
-        caller already resolved it (the upload path needs it too)."""
+        caller already resolved it (the upload path needs it too). ``make``: what builds it
+        from the values, a record by default."""
         if scope.get(EXCLUDED_KEY):
             return None
         end = exchange.end
@@ -374,7 +385,7 @@ class UsageMiddleware:
             if key_id is not None and type(key_id) is not _UUID:
                 key_id = self._coerce_key_id(key_id)
         status = exchange.status
-        return _request_row(
+        return make(
             scope.get("method", "GET"),
             template if template is not None else scope.get("path", "/"),
             status if status is not None else 500,

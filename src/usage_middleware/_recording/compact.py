@@ -30,6 +30,7 @@ from typing import Any, overload
 from .._records import (
     RequestRecord,
     UploadRecord,
+    new_id_int,
     normal_request_values,
     normal_upload_values,
     uuid_from_int,
@@ -40,6 +41,7 @@ __all__ = [
     "PackedBatch",
     "RequestValues",
     "UploadValues",
+    "new_request_item",
     "normal_packed_request",
     "normal_packed_upload",
     "pack",
@@ -138,6 +140,34 @@ def pack(record: object) -> object:
     except Exception:  # a record missing a field: queued as it is, the store rejects it
         pass
     return record
+
+
+def new_request_item(
+    method: str,
+    path: str,
+    status_code: int,
+    response_time_ms: float,
+    request_size: int,
+    response_size: int,
+    api_key_id: uuid.UUID | None,
+    error_message: str | None,
+    requested_at: Any,
+    route_matched: bool,
+    /,
+) -> object:
+    """``pack(RequestRecord._unchecked(...))`` of these values, a new id drawn, with no record
+    made: the middleware's path for a request with no upload, once per request."""
+    if PACKING and (api_key_id is None or type(api_key_id) is _UUID):
+        return (
+            _REQUEST, method, path, status_code, response_time_ms, request_size, response_size,
+            None if api_key_id is None else api_key_id.int, error_message, requested_at,
+            new_id_int(), route_matched,
+        )  # fmt: skip
+    record = RequestRecord._unchecked(
+        method, path, status_code, response_time_ms, request_size, response_size, api_key_id,
+        error_message, requested_at, route_matched,
+    )  # fmt: skip
+    return pack(record)
 
 
 def packed_kind(item: object) -> str | None:

@@ -211,13 +211,18 @@ class Recorder:
         Only when the queue is full (the spool is full too, or the spiller could not keep up)
         is the record dropped, and counted.
         """
+        self.submit_item(pack(record))
+
+    def submit_item(self, item: object) -> None:
+        """:meth:`submit` of a record already as the queue holds it (``compact.pack``; the
+        middleware builds its requests so)."""
         try:
             queue = self._queue
             n = len(queue)
             if n >= self.max_queue_size:
                 self._drop(1)
                 return
-            queue.append(pack(record))
+            queue.append(item)
             if self._autostart:
                 self.start()
             elif n + 1 >= self._high_water:
