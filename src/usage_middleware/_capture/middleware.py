@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -163,10 +163,10 @@ class UsageMiddleware:
         self.app = app
         self.recorder = recorder
         # A request with no upload goes to our own recorder as the tuple its queue holds (no
-        # record made); any other recorder gets records.
+        # record made); any other recorder (a subclass may override submit) gets records.
         self._submit_request: Callable[[Any], Any] = recorder.submit
-        self._new_request: Callable[..., Any] = _request_row
-        if isinstance(recorder, Recorder):
+        self._new_request: Callable[..., object] = _request_row
+        if type(recorder) is Recorder:
             self._submit_request = recorder.submit_item
             self._new_request = new_request_item
         self._provider = provider
@@ -345,6 +345,36 @@ class UsageMiddleware:
 
     # --- after the app ----------------------------------------------------------------------
 
+    @overload
+    def _request(
+        self,
+        scope: Scope,
+        exchange: Exchange,
+        notes: dict[str, Any],
+        started: float,
+        requested_at: datetime,
+        root_path: str,
+        entry_app: Any,
+        error: BaseException | None,
+        template: Any = ...,
+    ) -> RequestRecord | None: ...
+
+    @overload
+    def _request(
+        self,
+        scope: Scope,
+        exchange: Exchange,
+        notes: dict[str, Any],
+        started: float,
+        requested_at: datetime,
+        root_path: str,
+        entry_app: Any,
+        error: BaseException | None,
+        template: Any = ...,
+        *,
+        make: Callable[..., T],
+    ) -> T | None: ...
+
     def _request(
         self,
         scope: Scope,
@@ -356,6 +386,7 @@ class UsageMiddleware:
         entry_app: Any,
         error: BaseException | None,
         template: Any = _UNSET,
+        *,
         make: Callable[..., Any] = _request_row,
     ) -> Any:
         """The request's row (``None`` when it turned out excluded), from values produced here:
