@@ -58,17 +58,23 @@ def rows(n: int) -> list[UploadRecord | RequestRecord]:
     return out
 
 
-def enqueue_cost(tmp: Path) -> float:
-    """Best-of-5 nanoseconds per submit() into a running recorder."""
-    store = UsageStore(f"sqlite:///{tmp / 'enqueue.db'}")
+def idle_recorder(tmp: Path, name: str, size: int) -> tuple[UsageStore, Recorder]:
+    """A running recorder that writes nothing while it is timed (``size`` records queue)."""
+    store = UsageStore(f"sqlite:///{tmp / name}.db")
     recorder = Recorder(
         store,
-        spool_path=tmp / "enqueue-spool.db",
+        spool_path=tmp / f"{name}-spool.db",
         flush_interval=3600,
-        batch_size=1_000_000,
-        max_queue_size=1_000_000,
+        batch_size=size,
+        max_queue_size=size,
     )
     recorder.start()
+    return store, recorder
+
+
+def enqueue_cost(tmp: Path) -> float:
+    """Best-of-5 nanoseconds per submit() into a running recorder."""
+    store, recorder = idle_recorder(tmp, "enqueue", 1_000_000)
     records = rows(100_000)
     best = float("inf")
     for _ in range(5):
@@ -86,15 +92,7 @@ def handoff_cost(tmp: Path) -> tuple[float, float]:
     and handed to a running recorder: as a record and ``submit()`` (how the middleware did it,
     and does for any other recorder) against the queue's tuple and ``submit_item()``,
     alternating."""
-    store = UsageStore(f"sqlite:///{tmp / 'handoff.db'}")
-    recorder = Recorder(
-        store,
-        spool_path=tmp / "handoff-spool.db",
-        flush_interval=3600,
-        batch_size=2_000_000,
-        max_queue_size=2_000_000,
-    )
-    recorder.start()
+    store, recorder = idle_recorder(tmp, "handoff", 2_000_000)
     now = datetime.now(timezone.utc)
     key = uuid.uuid4()
     values = [("GET", "/files/{id}", 200, 1.5 + i % 7, 10, 2_000, key, None, now, True)
