@@ -81,8 +81,8 @@ _SPOOL_RETRY = 1.0  # after the spool failed, the spiller waits this long before
 # between steps that hands the GIL to whichever thread waits for it (see _pause()).
 _SPOOL_STEP = 100
 _SPOOL_PAUSE = 0.0002
-# A replay reads its rows back in steps of _REPLAY_STEP (about a millisecond), handing the GIL
-# over between them in the same way.
+# A replay reads its rows back in steps of _REPLAY_STEP (about a millisecond), with the same
+# pause between them (a sleep of 0 lets go of the GIL but often takes it straight back).
 _REPLAY_STEP = 300
 _FORK_WAIT = 5.0
 
@@ -599,7 +599,7 @@ class Recorder:
             items.append(item)
             keys.append((packed_id(item), key))
             if not n % _REPLAY_STEP:
-                time.sleep(0)  # hand the GIL to a thread waiting for it (the event loop)
+                time.sleep(_SPOOL_PAUSE)  # the GIL to a thread waiting for it (the event loop)
         self._quarantine(unreadable)
         written = self._written
         batch = self._inflight = PackedBatch(items)
