@@ -49,6 +49,7 @@ from ._schema import (
     UNMATCHED_ROUTE,
     latency_bucket,
 )
+from ._storage.base import request_values
 
 __all__ = ["INSTANTS_SQL", "SEAL_LOCK", "IdDumper", "raw_rows", "write_requests"]
 
@@ -128,30 +129,12 @@ class IdDumper(Dumper):
         return value.to_bytes(16, "big")
 
 
-def _raw(r: RequestRecord) -> tuple[Any, ...]:
-    """A request's ``api_requests`` row, in ``REQUEST_COLUMNS`` order, ids as integers."""
-    key = r.api_key_id
-    return (
-        r.id.int,
-        None if key is None else key.int,
-        r.method,
-        r.path,
-        r.status_code,
-        r.response_time_ms,
-        r.request_size,
-        r.response_size,
-        r.error_message,
-        r.requested_at,
-        r.route_matched,
-    )
-
-
 def raw_rows(
     requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]]
 ) -> list[tuple[Any, ...]]:
     """The ``api_requests`` rows of ``requests`` and of ``packed`` requests, which are such rows
-    already (see ``usage_middleware._storage.base.PackedWriter``)."""
-    rows = [_raw(r) for r in requests]
+    already (see ``usage_middleware._storage.base.PackedRows``)."""
+    rows = [request_values(r) for r in requests]
     rows += packed
     return rows
 

@@ -40,7 +40,7 @@ from sqlalchemy import Connection
 from ._pgrequests import IdDumper, raw_rows, write_requests
 from ._pgrollups import QUARTER, added, sums
 from ._records import RequestRecord, UploadRecord
-from ._storage.base import PackedRows
+from ._storage.base import PackedRows, upload_values
 
 __all__ = ["pg_write"]
 
@@ -172,7 +172,7 @@ def pg_write(
     written = 0
     sealed_before = None
     with dbapi.cursor() as cur:
-        # ids as 128-bit integers (packed rows, request rows) or UUIDs (upload records)
+        # ids as 128-bit integers
         cur.adapters.register_dumper(None, IdDumper)
         # Checked in every transaction, not remembered per client connection: behind a
         # transaction-mode pooler (PgBouncer, Supavisor) each transaction may run on a different
@@ -189,22 +189,8 @@ def pg_write(
                 copy.set_types(_UPLOAD_TYPES)
                 write_row = copy.write_row
                 for u in uploads:
-                    write_row(
-                        (
-                            u.id,
-                            u.api_key_id,
-                            u.request_id,
-                            u.provider,
-                            u.file_type,
-                            u.declared_type,
-                            u.file_size,
-                            u.file_name,
-                            u.upload_status,
-                            u.error_message,
-                            u.uploaded_at,
-                        )
-                    )
-                for row in packed.uploads:  # in _UPLOAD_COLUMNS order already
+                    write_row(upload_values(u))
+                for row in packed.uploads:  # in _UPLOAD_COLUMNS order, as upload_values()
                     write_row(row)
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]

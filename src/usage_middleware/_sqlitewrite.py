@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from operator import itemgetter
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy import Connection
 
@@ -41,7 +40,7 @@ from ._schema import (
 )
 from ._sqlitebulk import insert_rows
 from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_staged_requests
-from ._storage.base import PackedRows
+from ._storage.base import PackedRows, request_values, upload_values
 
 __all__ = [
     "CREATE_STAGING",
@@ -125,10 +124,6 @@ _INSERT_LIVE = f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS})"
 _METHODS = STANDARD_METHODS
 
 
-def _hex(value: UUID | None) -> str | None:
-    return None if value is None else value.hex
-
-
 def utc_text(value: datetime) -> str:
     """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite: its ISO text
     without the ``+00:00``, formatted from its fields: ``%`` formatting costs two thirds of
@@ -144,27 +139,10 @@ def utc_text(value: datetime) -> str:
     )
 
 
-def _raw_row(r: RequestRecord) -> tuple[Any, ...]:
-    """A request's ``api_requests`` row, in ``_REQUEST_COLUMNS`` order."""
-    return (
-        r.id.hex,
-        _hex(r.api_key_id),
-        r.method,
-        r.path,
-        r.status_code,
-        r.response_time_ms,
-        r.request_size,
-        r.response_size,
-        r.error_message,
-        utc_text(r.requested_at),
-        r.route_matched,
-    )
-
-
 def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The ``api_requests`` rows of ``packed`` requests: their columns with the ids as integers
-    and the time as a datetime (see ``usage_middleware._storage.base.PackedWriter``), in the
-    forms SQLite stores."""
+    and the time as a datetime (see ``usage_middleware._storage.base.PackedRows``; records
+    become such values first), in the forms SQLite stores."""
     return [
         (
             "%032x" % rid,  # noqa: UP031 (as utc_text: the cheapest form)
@@ -181,23 +159,6 @@ def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         )
         for rid, key, method, path, status, ms, rq, rs, error, at, matched in packed
     ]
-
-
-def _upload_row(u: UploadRecord) -> tuple[Any, ...]:
-    """An upload's ``file_uploads`` row, in ``_UPLOAD_COLUMNS`` order."""
-    return (
-        u.id.hex,
-        _hex(u.api_key_id),
-        _hex(u.request_id),
-        u.provider,
-        u.file_type,
-        u.declared_type,
-        u.file_size,
-        u.file_name,
-        u.upload_status,
-        u.error_message,
-        utc_text(u.uploaded_at),
-    )
 
 
 def _packed_upload_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -300,9 +261,9 @@ def sqlite_write(
             cur.execute(statement)
         if uploads or packed.uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
-            upload_rows = [_upload_row(u) for u in uploads]
-            upload_rows += _packed_upload_rows(packed.uploads)
-            insert_rows(cur, "INSERT INTO temp.um_stage_uploads", upload_rows)
+            values = [upload_values(u) for u in uploads]
+            values += packed.uploads
+            insert_rows(cur, "INSERT INTO temp.um_stage_uploads", _packed_upload_rows(values))
             for statement in _UPLOAD_STATEMENTS:
                 cur.execute(statement)
             written += cur.rowcount
@@ -310,8 +271,9 @@ def sqlite_write(
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_uploads")
         if requests or packed.requests:
-            rows = [_raw_row(r) for r in requests]
-            rows += _packed_rows(packed.requests)
+            values = [request_values(r) for r in requests]
+            values += packed.requests
+            rows = _packed_rows(values)
             added, instant = _write_requests(cur, rows)
             written += added
     finally:

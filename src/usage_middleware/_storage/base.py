@@ -54,6 +54,8 @@ __all__ = [
     "UploadRow",
     "Writer",
     "is_failed_request",
+    "request_values",
+    "upload_values",
 ]
 
 # (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
@@ -268,6 +270,28 @@ class PackedRows(NamedTuple):
     #: declared_type, file_size, file_name, upload_status, error_message, uploaded_at), the
     #: three ids as 128-bit integers.
     uploads: Sequence[tuple[Any, ...]] = ()
+
+
+def _int(value: UUID | None) -> int | None:
+    return None if value is None else value.int
+
+
+def request_values(r: RequestRecord) -> tuple[Any, ...]:
+    """A request record as :class:`PackedRows` holds requests: the row every backend builds
+    from records and packed rows alike."""
+    return (
+        r.id.int, _int(r.api_key_id), r.method, r.path, r.status_code, r.response_time_ms,
+        r.request_size, r.response_size, r.error_message, r.requested_at, r.route_matched,
+    )  # fmt: skip
+
+
+def upload_values(u: UploadRecord) -> tuple[Any, ...]:
+    """An upload record as :class:`PackedRows` holds uploads."""
+    return (
+        u.id.int, _int(u.api_key_id), _int(u.request_id), u.provider, u.file_type,
+        u.declared_type, u.file_size, u.file_name, u.upload_status, u.error_message,
+        u.uploaded_at,
+    )  # fmt: skip
 
 
 @runtime_checkable

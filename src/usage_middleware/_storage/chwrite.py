@@ -33,6 +33,7 @@ from .._schema import (
     endpoint_route,
     latency_bucket,
 )
+from .base import request_values, upload_values
 from .chclient import Client, Columns, EmbeddedClient
 
 __all__ = [
@@ -65,10 +66,6 @@ REQUEST_KINDS: Columns = (
 )  # fmt: skip
 
 
-def _int(value: uuid.UUID | None) -> int | None:
-    return None if value is None else value.int
-
-
 def _transposed(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
@@ -78,12 +75,7 @@ def upload_data(
 ) -> list[list[Any]]:
     """The columns of :data:`UPLOAD_KINDS` for ``uploads`` and the ``packed`` ones
     (:class:`.base.PackedRows` values)."""
-    rows = [
-        (u.id.int, _int(u.api_key_id), _int(u.request_id), u.provider, u.file_type,
-         u.declared_type, u.file_size, u.file_name, u.upload_status, u.error_message,
-         u.uploaded_at)
-        for u in uploads
-    ]  # fmt: skip
+    rows = [upload_values(u) for u in uploads]
     rows += packed
     ids, keys, request_ids, providers, types, declared, sizes, names, statuses, errors, times = (
         _transposed(rows, 11)
@@ -99,11 +91,7 @@ def request_columns(
 ) -> list[list[Any]]:
     """``api_requests``' columns of ``requests`` and the ``packed`` ones, in the order of
     :class:`.base.PackedRows` (ids as integers)."""
-    rows = [
-        (r.id.int, _int(r.api_key_id), r.method, r.path, r.status_code, r.response_time_ms,
-         r.request_size, r.response_size, r.error_message, r.requested_at, r.route_matched)
-        for r in requests
-    ]  # fmt: skip
+    rows = [request_values(r) for r in requests]
     rows += packed
     return _transposed(rows, 11)
 
