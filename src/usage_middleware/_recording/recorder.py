@@ -312,11 +312,12 @@ class Recorder:
             self._spool_opened = False
 
     def _spill_rest(self, include_inflight: bool = False) -> None:
-        """Spool whatever is left at shutdown; drop (and count) only what the spool refuses."""
-        rest: list[Record] = list(self._inflight or ()) if include_inflight else []
+        """Spool whatever is left at shutdown; drop (and count) only what the spool refuses.
+        Queued items are spooled as they are queued, as the spiller spools them."""
+        rest: list[object] = list(self._inflight or ()) if include_inflight else []
         while True:
             try:
-                rest.append(unpack(self._queue.popleft()))
+                rest.append(self._queue.popleft())
             except IndexError:
                 break
         if not rest:
