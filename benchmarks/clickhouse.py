@@ -217,7 +217,7 @@ def copy_requests(url: URL, ch: UsageStore) -> None:
             ms = [r[5] for r in rows]
             times = [r[9] for r in rows]
             data = [
-                [r[0] for r in rows], [r[1] for r in rows], [True] * len(rows),
+                [r[0].int for r in rows], [r[1].int for r in rows], [True] * len(rows),
                 [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows], ms,
                 [round(m * 1000) for m in ms], [latency_bucket(m) for m in ms],
                 [r[6] for r in rows], [r[7] for r in rows], [r[8] for r in rows], times,

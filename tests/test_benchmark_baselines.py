@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -87,3 +88,27 @@ def test_the_overload_benchmark_slows_every_write_of_the_recorder(
     store.dispose()
     # 40 rows through the recorder's packed batches, then 2 records: 4 s and 0.2 s at 10 rows/s
     assert sum(slept[:-1]) > 3.0 and slept[-1] > 0.1
+
+
+def test_the_clickhouse_benchmark_copies_postgresqls_requests_into_chdb(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The reads of ``benchmarks/clickhouse.py`` compare the engines on the same rows: its copy
+    of PostgreSQL's requests goes through chdb's own column conversion, whose id columns are
+    integers (a copy that handed it UUID objects failed before any read was timed)."""
+    clickhouse = _benchmark("clickhouse")
+    pg = UsageStore(pg_url)
+    pg.create_schema()
+    requests = [RequestRecord(path=f"/{i}", api_key_id=uuid.uuid4()) for i in range(30)]
+    pg.write(requests)
+    pg.dispose()
+    ch = UsageStore(f"chdb:///{tmp_path / 'ch'}", engine_options={"maintain_interval": 0})
+    try:
+        ch.create_schema()
+        clickhouse.copy_requests(make_url(pg_url), ch)
+        rows = clickhouse.backend(ch).client.query(
+            "SELECT toString(id), toString(api_key_id), path FROM api_requests"
+        )
+    finally:
+        ch.dispose()
+    assert sorted(rows) == sorted((str(r.id), str(r.api_key_id), r.path) for r in requests)
