@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.pg import create_database, drop_database  # noqa: E402
 
 from usage_middleware import UploadRecord, UsageStore  # noqa: E402
-from usage_middleware._maintain import maintain, prepare_pg_upgrade  # noqa: E402
+from usage_middleware._maintain import maintain  # noqa: E402
+from usage_middleware._storage.maintenance import prepare_pg_upgrade  # noqa: E402
 from usage_middleware._store import sql_text  # noqa: E402
 
 UTC = timezone.utc

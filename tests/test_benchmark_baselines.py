@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 
 import psycopg
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from usage_middleware import Recorder, RequestRecord, UsageStore
@@ -112,3 +113,21 @@ def test_the_clickhouse_benchmark_copies_postgresqls_requests_into_chdb(
     finally:
         ch.dispose()
     assert sorted(rows) == sorted((str(r.id), str(r.api_key_id), r.path) for r in requests)
+
+
+def test_the_clickhouse_benchmarks_ingest_part_runs(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks/clickhouse.py``'s ingest comparison runs on a few batches: PostgreSQL's
+    ``store.write`` in a database of its own, chdb's, and the plain INSERT it is set against."""
+    clickhouse = _benchmark("clickhouse")
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    ch = UsageStore(f"chdb:///{tmp_path / 'ch'}", engine_options={"maintain_interval": 0})
+    try:
+        ch.create_schema()
+        clickhouse.ingest(admin, pg_url, ch, 1_000, 250, "recorder")
+    finally:
+        ch.dispose()
+        admin.dispose()
+    out = capsys.readouterr().out
+    assert "requests: chdb store.write is" in out and "x of the plain INSERT" in out

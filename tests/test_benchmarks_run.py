@@ -1,0 +1,69 @@
+"""Every benchmark runs to its end on a small data set.
+
+The benchmarks are scripts, run by hand, so nothing else notices when a change to the package
+breaks one (a moved import, a new column type): each is run here with sizes small enough for a
+few seconds, and must finish cleanly, having made its own checks (answers identical between the
+ways it compares, records accounted for) and printed its figures. The figures themselves are
+not judged: timings belong to the benchmarks, not to tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+# script, arguments, a line of its output that says it reached its figures
+RUNS = [
+    ("ingest.py", "--rows 4000 --batch 1000 --repeats 1", "ratio"),
+    ("query.py", "--rows 20000 --requests 20000 --sqlite-rows 5000 --runs 1", "/granular"),
+    ("failures.py", "--requests 20000 --uploads 5000 --runs 1", "/export"),
+    ("retention.py", "--rows 20000", "ratio DELETE / DROP"),
+    ("recorder.py", "--seconds 1", "submit"),
+    ("sqlite_steps.py", "--rows 2000 --repeats 1", "executemany"),
+    ("multipart_parsers.py", "--rounds 1", "python-multipart"),
+    ("overhead.py", "--quick --no-loopback", "find scan"),
+    ("overload.py", "--quick", "p99"),
+]
+NEEDS_WRK = {"overload.py"}
+NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "overhead.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "args", "marker"),
+    [
+        pytest.param(
+            *run, id=run[0], marks=() if run[0] in NO_POSTGRES else (pytest.mark.postgres,)
+        )
+        for run in RUNS
+    ],
+)
+def test_the_benchmark_runs_to_its_figures(
+    script: str, args: str, marker: str, tmp_path: Path
+) -> None:
+    if script in NEEDS_WRK and shutil.which("wrk") is None:
+        pytest.skip("needs wrk (Debian package wrk)")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args.split()],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert marker in done.stdout, done.stdout[-2000:]
+
+
+def test_every_benchmark_is_run_here() -> None:
+    """A new benchmark joins the list above (benchmarks/clickhouse.py takes minutes at any size:
+    its parts are run by tests/test_benchmark_baselines.py)."""
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
+    assert scripts - {"clickhouse.py", "query_requests.py"} == {run[0] for run in RUNS}
