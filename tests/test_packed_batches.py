@@ -313,7 +313,7 @@ def test_a_batch_being_written_adds_nothing_for_the_garbage_collector_to_walk(
     if source == "spool":
         spool = Spool(spool_path, max_records=10 * n)
         spool.open()
-        assert spool.put(records) == n
+        assert spool.put(records) == (n, n)
         spool.close()
     del records
     tracked: list[int] = []

@@ -137,7 +137,7 @@ def test_submit_only_queues_on_the_calling_thread(
         callers.add(threading.get_ident())
         return real_packed(*args)
 
-    def put(self: Spool, records: Any) -> int:
+    def put(self: Spool, records: Any) -> tuple[int, int]:
         callers.add(threading.get_ident())
         return real_put(self, records)
 
@@ -276,7 +276,7 @@ def test_replaying_a_backlog_lets_other_threads_run_between_short_steps(
     spool_path = tmp_path / "spool.db"
     spool = Spool(spool_path, max_records=100_000)
     spool.open()
-    assert spool.put(sample_uploads(60_000)) == 60_000
+    assert spool.put(sample_uploads(60_000)) == (60_000, 60_000)
     spool.close()
     store = UsageStore(sqlite_url)
     store.write = len  # type: ignore[method-assign, assignment]

@@ -11,9 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.checks import scalar, wait_for
@@ -210,7 +212,8 @@ def test_spooled_records_the_database_refuses_do_not_stall_the_replay(
     recorders.append(down)
     down.submit_many([*big_uploads(FIT + 2, uuid.uuid4()), *ordinary(300)])
     down.shutdown(timeout=0)
-    assert down.stats()["spooled"] == FIT + 302
+    # the recorder's threads may still be spooling what they held when the deadline passed
+    assert wait_for(lambda: down.stats()["spooled"] == FIT + 302, timeout=30), down.stats()
 
     store = UsageStore(db_url)
     store.create_schema()
@@ -228,6 +231,39 @@ def test_spooled_records_the_database_refuses_do_not_stall_the_replay(
     assert scalar(store, "SELECT count(*) FROM file_uploads") == FIT + 150
     assert_rollups_exact(store)
     assert spool_rows(spool) == []
+
+
+def test_a_batch_spooled_by_shutdown_and_by_its_failed_write_counts_once(
+    sqlite_url: str, tmp_path: Path, recorders: list[Recorder]
+) -> None:
+    """A shutdown whose deadline passes during a write spools the batch in flight, for the
+    process may end before the write does; when that write then fails, the writer spools the
+    same batch. The spool keeps one row per record, and ``spooled`` counts each record once."""
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    writing, release = threading.Event(), threading.Event()
+
+    def write_packed(*args: object) -> int:
+        writing.set()
+        release.wait(30)
+        raise ConnectionError("the database went away during the write")
+
+    backend: Any = store.backend
+    backend.write_packed = write_packed
+    spool = tmp_path / "spool.db"
+    recorder = Recorder(store, spool_path=spool, batch_size=10, flush_interval=0.01)
+    recorders.append(recorder)
+    recorder.start()
+    recorder.submit_many(UploadRecord(provider="s3", file_size=i) for i in range(25))
+    assert writing.wait(30)
+    recorder.shutdown(timeout=0)  # the batch in flight and the 15 queued ones are spooled
+    assert recorder.stats()["spooled"] == 25
+    release.set()
+    for thread in threading.enumerate():  # the writer spools its failed batch, then stops
+        if thread.name == "usage-middleware-recorder":
+            thread.join(30)
+    assert len(spool_rows(spool)) == 25
+    assert recorder.stats()["spooled"] == 25
 
 
 # --- spool rows that cannot be read back --------------------------------------------------------

@@ -62,7 +62,7 @@ def test_the_spool_steps_per_chunk_of_records_not_per_record(tmp_path: Any) -> N
     executed: list[str] = []
     spool._connect().set_trace_callback(executed.append)
     records = [random_request(rng) for _ in range(1_000)]
-    assert spool.put(records) == 1_000
+    assert spool.put(records) == (1_000, 1_000)
     claimed = spool.claim(1_000)
     assert len(claimed) == 1_000
     spool.release([key for key, _ in claimed[:500]])

@@ -491,7 +491,7 @@ class Recorder:
         if not records:
             return 0
         try:
-            taken = self._spool.put(records)
+            taken, added = self._spool.put(records)
         except (sqlite3.Error, OSError) as exc:
             self._spool_failed(exc, f"writing {len(records)} record(s) to")
             return 0
@@ -504,8 +504,10 @@ class Recorder:
             if head < mid:
                 return head
             return mid + self._spool_put(records[mid:])
+        # Counted once per record: the batch in flight at a shutdown's deadline is spooled by
+        # the shutdown and, when its write then fails, by the writer again.
         with self._count_lock:
-            self._spooled += taken
+            self._spooled += added
         return taken
 
     def _spool_failed(self, exc: Exception, what: str) -> None:

@@ -181,21 +181,23 @@ class Spool:
             conn.execute("UPDATE spool_size SET n = (SELECT count(*) FROM spool) WHERE one = 1")
         return self.pending
 
-    def put(self, records: Sequence[object]) -> int:
-        """Store as many records as the bound allows, oldest first; return how many were taken.
+    def put(self, records: Sequence[object]) -> tuple[int, int]:
+        """Store as many records as the bound allows, oldest first; return how many were taken
+        and how many of those were new to the spool.
 
         ``records``: records, or queue items (packed records, encoded with none made). Records
         already in the spool are taken without being stored twice.
         """
         if not records:
-            return 0
+            return 0, 0
         rows = [spool_row(r) for r in records]
         with self._transaction() as conn:
             room = max(self.max_records - self._size(conn), 0)
             taken = rows[:room]
             added = insert_rows(conn.cursor(), "INSERT OR IGNORE INTO spool (id, payload)", taken)
-            self._add_size(conn, max(added, 0))
-        return len(taken)
+            added = max(added, 0)
+            self._add_size(conn, added)
+        return len(taken), added
 
     def claim(self, limit: int) -> list[tuple[SpoolKey, str]]:
         """Lease up to ``limit`` unclaimed rows, oldest first, to this process.
