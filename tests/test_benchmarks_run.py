@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.pg import IN_CI
+from support.pg import IN_CI, require_postgres
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -33,7 +33,7 @@ RUNS = [
     ("overload.py", "--quick", "p99"),
 ]
 NEEDS_WRK = {"overload.py"}
-NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "overhead.py"}
+NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py"}  # overhead.py makes its database first
 
 
 @pytest.mark.slow
@@ -49,6 +49,8 @@ NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "overhead.py"}
 def test_the_benchmark_runs_to_its_figures(
     script: str, args: str, marker: str, tmp_path: Path
 ) -> None:
+    if script not in NO_POSTGRES:
+        require_postgres()  # the scripts take USAGE_TEST_PG_URL too
     if script in NEEDS_WRK and shutil.which("wrk") is None:
         if IN_CI:  # CI installs it (.ci/run): a missing wrk there is a broken set-up
             pytest.fail("wrk is missing (Debian package wrk)")
