@@ -41,7 +41,6 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from ._pgrollups import QUARTER, coarse_tiers, fine_tiers
-from ._records import RequestRecord
 from ._schema import (
     ENDPOINT_BUCKET_WIDTH,
     OTHER_METHOD,
@@ -49,9 +48,8 @@ from ._schema import (
     UNMATCHED_ROUTE,
     latency_bucket,
 )
-from ._storage.base import request_values
 
-__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "IdDumper", "raw_rows", "write_requests"]
+__all__ = ["INSTANTS_SQL", "SEAL_LOCK", "IdDumper", "write_requests"]
 
 #: Taken shared by every request write, exclusively by a seal (see the module docstring).
 SEAL_LOCK = 7215120302
@@ -129,16 +127,6 @@ class IdDumper(Dumper):
         return value.to_bytes(16, "big")
 
 
-def raw_rows(
-    requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]]
-) -> list[tuple[Any, ...]]:
-    """The ``api_requests`` rows of ``requests`` and of ``packed`` requests, which are such rows
-    already (see ``usage_middleware._storage.base.PackedRows``)."""
-    rows = [request_values(r) for r in requests]
-    rows += packed
-    return rows
-
-
 def _stage(cur: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """COPY raw ``rows`` into the (emptied) staging table with their Python-computed extras."""
     cur.execute("DELETE FROM pg_temp.um_stage_requests")
@@ -196,9 +184,9 @@ _NO_SEAL = {"coarse": datetime.max.replace(tzinfo=timezone.utc)}
 def write_requests(
     cur: Any, rows: list[tuple[Any, ...]], sealing: bool
 ) -> tuple[int, datetime | None]:
-    """Write id-unique raw request ``rows`` (:func:`raw_rows`) in ``cur``'s open transaction
-    (staging tables present, :class:`IdDumper` registered on ``cur``); returns how many rows
-    were new and the seal instant they were written under.
+    """Write id-unique raw request ``rows`` (``._storage.base.request_value_rows``) in ``cur``'s
+    open transaction (staging tables present, :class:`IdDumper` registered on ``cur``); returns
+    how many rows were new and the seal instant they were written under.
 
     Without ``sealing`` (a schema from before ``rollup_seals``, until ``create_schema()``
     upgrades it) every request is written with its rollups, as that schema's readers expect.

@@ -37,10 +37,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ._pgrequests import IdDumper, raw_rows, write_requests
+from ._pgrequests import IdDumper, write_requests
 from ._pgrollups import QUARTER, added, sums
 from ._records import RequestRecord, UploadRecord
-from ._storage.base import PackedRows, upload_values
+from ._storage.base import PackedRows, request_value_rows, upload_value_rows
 
 __all__ = ["pg_write"]
 
@@ -188,13 +188,13 @@ def pg_write(
             ) as copy:
                 copy.set_types(_UPLOAD_TYPES)
                 write_row = copy.write_row
-                for u in uploads:
-                    write_row(upload_values(u))
-                for row in packed.uploads:  # in _UPLOAD_COLUMNS order, as upload_values()
+                for row in upload_value_rows(uploads, packed.uploads):  # _UPLOAD_COLUMNS order
                     write_row(row)
             cur.execute(_INSERT_UPLOADS)
             written += cur.fetchone()[0]
         if requests or packed.requests:
-            new, sealed_before = write_requests(cur, raw_rows(requests, packed.requests), sealing)
+            new, sealed_before = write_requests(
+                cur, request_value_rows(requests, packed.requests), sealing
+            )
             written += new
     return written, sealed_before

@@ -40,7 +40,7 @@ from ._schema import (
 )
 from ._sqlitebulk import insert_rows
 from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_staged_requests
-from ._storage.base import PackedRows, request_values, upload_values
+from ._storage.base import PackedRows, request_value_rows, upload_value_rows
 
 __all__ = [
     "CREATE_STAGING",
@@ -261,8 +261,7 @@ def sqlite_write(
             cur.execute(statement)
         if uploads or packed.uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
-            values = [upload_values(u) for u in uploads]
-            values += packed.uploads
+            values = upload_value_rows(uploads, packed.uploads)
             insert_rows(cur, "INSERT INTO temp.um_stage_uploads", _packed_upload_rows(values))
             for statement in _UPLOAD_STATEMENTS:
                 cur.execute(statement)
@@ -271,9 +270,7 @@ def sqlite_write(
                 cur.execute(statement)
             cur.execute("DELETE FROM temp.um_stage_uploads")
         if requests or packed.requests:
-            values = [request_values(r) for r in requests]
-            values += packed.requests
-            rows = _packed_rows(values)
+            rows = _packed_rows(request_value_rows(requests, packed.requests))
             added, instant = _write_requests(cur, rows)
             written += added
     finally:

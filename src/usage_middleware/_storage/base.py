@@ -54,8 +54,8 @@ __all__ = [
     "UploadRow",
     "Writer",
     "is_failed_request",
-    "request_values",
-    "upload_values",
+    "request_value_rows",
+    "upload_value_rows",
 ]
 
 # (period index, provider, file_type, uploads, bytes, successful, failed). A row may be a full
@@ -276,22 +276,38 @@ def _int(value: UUID | None) -> int | None:
     return None if value is None else value.int
 
 
-def request_values(r: RequestRecord) -> tuple[Any, ...]:
-    """A request record as :class:`PackedRows` holds requests: the row every backend builds
-    from records and packed rows alike."""
+def _request_values(r: RequestRecord) -> tuple[Any, ...]:
     return (
         r.id.int, _int(r.api_key_id), r.method, r.path, r.status_code, r.response_time_ms,
         r.request_size, r.response_size, r.error_message, r.requested_at, r.route_matched,
     )  # fmt: skip
 
 
-def upload_values(u: UploadRecord) -> tuple[Any, ...]:
-    """An upload record as :class:`PackedRows` holds uploads."""
+def _upload_values(u: UploadRecord) -> tuple[Any, ...]:
     return (
         u.id.int, _int(u.api_key_id), _int(u.request_id), u.provider, u.file_type,
         u.declared_type, u.file_size, u.file_name, u.upload_status, u.error_message,
         u.uploaded_at,
     )  # fmt: skip
+
+
+def request_value_rows(
+    requests: Sequence[RequestRecord], packed: Sequence[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """The ``requests`` (records) as :class:`PackedRows` holds requests, followed by the
+    ``packed`` ones: the one list every backend formats, records and packed rows alike."""
+    rows = [_request_values(r) for r in requests]
+    rows += packed
+    return rows
+
+
+def upload_value_rows(
+    uploads: Sequence[UploadRecord], packed: Sequence[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """:func:`request_value_rows` for uploads."""
+    rows = [_upload_values(u) for u in uploads]
+    rows += packed
+    return rows
 
 
 @runtime_checkable

@@ -33,7 +33,7 @@ from .._schema import (
     endpoint_route,
     latency_bucket,
 )
-from .base import request_values, upload_values
+from .base import request_value_rows, upload_value_rows
 from .chclient import Client, Columns, EmbeddedClient
 
 __all__ = [
@@ -75,8 +75,7 @@ def upload_data(
 ) -> list[list[Any]]:
     """The columns of :data:`UPLOAD_KINDS` for ``uploads`` and the ``packed`` ones
     (:class:`.base.PackedRows` values)."""
-    rows = [upload_values(u) for u in uploads]
-    rows += packed
+    rows = upload_value_rows(uploads, packed)
     ids, keys, request_ids, providers, types, declared, sizes, names, statuses, errors, times = (
         _transposed(rows, 11)
     )
@@ -91,9 +90,7 @@ def request_columns(
 ) -> list[list[Any]]:
     """``api_requests``' columns of ``requests`` and the ``packed`` ones, in the order of
     :class:`.base.PackedRows` (ids as integers)."""
-    rows = [request_values(r) for r in requests]
-    rows += packed
-    return _transposed(rows, 11)
+    return _transposed(request_value_rows(requests, packed), 11)
 
 
 def request_data(columns: list[list[Any]], labels: Sequence[str]) -> list[list[Any]]:
