@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -290,6 +290,7 @@ class UsageMiddleware:
                     entry_app,
                     error,
                     template,
+                    make=_request_row,
                 )
                 if request is not None:
                     uploads = self._uploads(
@@ -345,36 +346,6 @@ class UsageMiddleware:
 
     # --- after the app ----------------------------------------------------------------------
 
-    @overload
-    def _request(
-        self,
-        scope: Scope,
-        exchange: Exchange,
-        notes: dict[str, Any],
-        started: float,
-        requested_at: datetime,
-        root_path: str,
-        entry_app: Any,
-        error: BaseException | None,
-        template: Any = ...,
-    ) -> RequestRecord | None: ...
-
-    @overload
-    def _request(
-        self,
-        scope: Scope,
-        exchange: Exchange,
-        notes: dict[str, Any],
-        started: float,
-        requested_at: datetime,
-        root_path: str,
-        entry_app: Any,
-        error: BaseException | None,
-        template: Any = ...,
-        *,
-        make: Callable[..., T],
-    ) -> T | None: ...
-
     def _request(
         self,
         scope: Scope,
@@ -387,12 +358,12 @@ class UsageMiddleware:
         error: BaseException | None,
         template: Any = _UNSET,
         *,
-        make: Callable[..., Any] = _request_row,
-    ) -> Any:
+        make: Callable[..., T],
+    ) -> T | None:
         """The request's row (``None`` when it turned out excluded), from values produced here:
         built unchecked, ``store.write`` validates it. ``template``: the route template when the
         caller already resolved it (the upload path needs it too). ``make``: what builds it
-        from the values, a record by default."""
+        from the values (a record: ``_request_row``; the recorder's queue item)."""
         if scope.get(EXCLUDED_KEY):
             return None
         end = exchange.end
