@@ -31,9 +31,11 @@ RUNS = [
     ("multipart_parsers.py", "--rounds 1", "python-multipart"),
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),
+    ("instructions.py", "--quick --kinds get --variants bare,ours", "instructions per request"),
 ]
-NEEDS_WRK = {"overload.py"}
-NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py"}  # overhead.py makes its database first
+NEEDS = {"overload.py": "wrk", "instructions.py": "valgrind"}  # and the Debian package's name
+# overhead.py makes its database first
+NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "instructions.py"}
 
 
 @pytest.mark.slow
@@ -51,10 +53,11 @@ def test_the_benchmark_runs_to_its_figures(
 ) -> None:
     if script not in NO_POSTGRES:
         require_postgres()  # the scripts take USAGE_TEST_PG_URL too
-    if script in NEEDS_WRK and shutil.which("wrk") is None:
-        if IN_CI:  # CI installs it (.ci/run): a missing wrk there is a broken set-up
-            pytest.fail("wrk is missing (Debian package wrk)")
-        pytest.skip("needs wrk (Debian package wrk)")
+    tool = NEEDS.get(script)
+    if tool is not None and shutil.which(tool) is None:
+        if IN_CI:  # CI installs it (.ci/run): a missing tool there is a broken set-up
+            pytest.fail(f"{tool} is missing (Debian package {tool})")
+        pytest.skip(f"needs {tool} (Debian package {tool})")
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args.split()],
         capture_output=True,

@@ -13,6 +13,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -43,6 +45,7 @@ from usage_middleware import (
     annotate,
     api_key_uuid,
 )
+from usage_middleware._keys import key_from_headers
 from usage_middleware._recording.compact import packed_kind
 from usage_middleware._schema import api_requests, daily_usage, file_uploads
 
@@ -434,6 +437,59 @@ def test_default_key_hook_gives_one_stable_id_for_both_headers(
     assert ids[0] == uuid.uuid5(uuid.UUID("5b0f1f5e-8a47-5c1e-9d0b-7a1c3e2f4d60"), raw)
     assert raw not in repr(recorder.records)
     assert raw not in caplog.text
+
+
+def _key_by_the_rules(headers: list[tuple[bytes, Any]]) -> uuid.UUID | None:
+    """The default hook's rules, computed afresh: the first non-blank x-api-key, else the first
+    Authorization whose scheme is Bearer (any case) and whose token is not blank."""
+    for name, value in headers:
+        if name == b"x-api-key" and bytes(value).strip():
+            return api_key_uuid(bytes(value).decode("latin-1"))
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = bytes(value).strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return api_key_uuid(token.strip().decode("latin-1"))
+    return None
+
+
+_HEADER_VALUES = st.sampled_from(
+    [b"k1", b" k1 ", b"k2", b"", b"  ", b"Bearer k1", b"bearer k2", b"BEARER  k1 ", b"Basic k1",
+     b"Bearer", b"Bearer  ", b"Token k2", b"caf\xe9"]
+)  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"x-api-key", b"authorization", b"host", b"x-other"]),
+            _HEADER_VALUES,
+            st.booleans(),
+        ),
+        max_size=6,
+    )
+)
+def test_default_key_hook_follows_its_rules_whatever_it_remembers(
+    spec: list[tuple[bytes, bytes, bool]],
+) -> None:
+    """The hook remembers the ids of header values it has seen: the same headers give the same
+    id the second time, and every time the id the rules give (values as bytes or bytearray)."""
+    headers = [(name, bytearray(value) if mutable else value) for name, value, mutable in spec]
+    expected = _key_by_the_rules(headers)
+    scope = {"type": "http", "headers": headers}
+    assert key_from_headers(scope) == expected
+    assert key_from_headers(scope) == expected
+
+
+def test_default_key_hook_is_right_after_its_memory_starts_over() -> None:
+    """More distinct keys than the hook remembers: each still gets its own id."""
+    keys = [f"key-{i}".encode() for i in range(10_000)]
+    for _ in range(2):
+        for key in keys:
+            got = key_from_headers({"type": "http", "headers": [(b"x-api-key", key)]})
+            assert got == api_key_uuid(key.decode())
+            bearer = [(b"authorization", b"Bearer " + key)]
+            assert key_from_headers({"type": "http", "headers": bearer}) == got
 
 
 def test_hooks_that_raise_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:

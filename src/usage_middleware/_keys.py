@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from functools import lru_cache
+from typing import Any, TypeVar
 
 from starlette.types import Scope
 
@@ -20,6 +21,7 @@ API_KEY_NAMESPACE = uuid.UUID("5b0f1f5e-8a47-5c1e-9d0b-7a1c3e2f4d60")
 changing it would give every key a new id."""
 
 _CACHE_SIZE = 4096
+T = TypeVar("T")
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -28,16 +30,43 @@ def api_key_uuid(key: str) -> uuid.UUID:
     return uuid.uuid5(API_KEY_NAMESPACE, key.strip())
 
 
+# The ids of the header values seen lately, by their raw bytes: a request with a key seen before
+# costs one lookup (no strip, decode and hash of a new str). Bounded like api_key_uuid's cache;
+# a full one starts over.
+_BY_API_KEY: dict[bytes, uuid.UUID] = {}
+_BY_AUTHORIZATION: dict[bytes, uuid.UUID | None] = {}
+
+
 def key_from_headers(scope: Scope) -> uuid.UUID | None:
     """The default hook: ``x-api-key``, else ``Authorization: Bearer <key>``, as a stable id."""
-    bearer: bytes | None = None
+    bearer: uuid.UUID | None = None
     for name, value in scope.get("headers", ()):
         if name == b"x-api-key":
+            try:
+                return _BY_API_KEY[value]
+            except (KeyError, TypeError):  # not seen lately; TypeError: not bytes
+                pass
             key = value.strip()
             if key:
-                return api_key_uuid(key.decode("latin-1"))
+                return _remember(_BY_API_KEY, value, api_key_uuid(key.decode("latin-1")))
         elif name == b"authorization" and bearer is None:
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                bearer = token.strip()
-    return api_key_uuid(bearer.decode("latin-1")) if bearer is not None else None
+            try:
+                bearer = _BY_AUTHORIZATION[value]
+            except (KeyError, TypeError):
+                bearer = _remember(_BY_AUTHORIZATION, value, _bearer_id(value))
+    return bearer
+
+
+def _bearer_id(value: bytes) -> uuid.UUID | None:
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() == b"bearer" and token.strip():
+        return api_key_uuid(token.strip().decode("latin-1"))
+    return None
+
+
+def _remember(cache: dict[bytes, Any], value: bytes, found: T) -> T:
+    if type(value) is bytes:
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[value] = found
+    return found

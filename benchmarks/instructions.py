@@ -1,0 +1,194 @@
+"""Instructions per request, counted by valgrind's callgrind: what the capture costs, without
+the noise of a shared machine.
+
+Timings on a shared two-core machine move by more than a small change to the request path
+(``overhead.py`` runs its variants side by side and takes medians for that reason); instruction
+counts do not: the same code, inputs and interpreter give the same count whatever else the
+machine is doing. This script runs ``overhead.py``'s in-process driver under
+``valgrind --tool=callgrind`` twice per variant and request kind, with fewer and more requests
+and the same hash seed, and reports the difference divided by the difference in requests: the
+instructions of one request, the interpreter's start and the app's warm-up cancelled out (two
+runs of the same code agree to about 0.05 %).
+
+Variants (``overhead.py``'s app): ``bare``; ``noop`` (a timing-only pure ASGI middleware);
+``prometheus`` (prometheus-fastapi-instrumentator); ``ours`` (UsageMiddleware with a no-op
+recorder, as in ``overhead.py``); ``ours+queue`` (UsageMiddleware with the real ``Recorder``,
+whose writer is never woken during the run: what a request costs the event loop in the default
+set-up, up to the queue). Request kinds: ``get`` (a small GET), ``kib`` (a 1 KiB multipart
+upload), ``mib`` (a 1 MiB multipart upload in 64 KiB messages), against which one
+``bytes.find`` scan of the same messages for the boundary is counted too (``overhead.py``'s
+``boundary_scan``).
+
+Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short run; ``--kinds``
+and ``--variants`` to choose). To set a change against the code before it, count that code too:
+``git worktree add /tmp/base HEAD~1`` and ``--baseline-src /tmp/base/src`` adds
+``ours@base`` and ``ours+queue@base``. Needs valgrind (Debian package ``valgrind``).
+Instructions are not time (a cache miss costs more than an add), so the timed benchmarks keep
+the last word; this one says whether a change to the request path does less work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import overhead  # noqa: E402  (the app, its variants and the in-process driver)
+
+VARIANTS = ["bare", "noop", "prometheus", "ours", "ours+queue"]
+KINDS = ["get", "kib", "mib"]
+SCAN = "find-scan"
+# requests per short and long run, per kind (quick, full): the long run's extra requests are
+# what is counted
+COUNTS = {
+    "get": ((300, 1300), (1000, 5000)),
+    "kib": ((50, 250), (200, 1000)),
+    "mib": ((3, 8), (5, 20)),
+}
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def build(variant: str, workdir: str) -> Any:
+    """``overhead.py``'s app for ``variant``; ``ours+queue`` adds the real recorder, started, on
+    an in-memory store, with a batch, queue and flush interval that keep its threads asleep for
+    the whole run (a record is queued, nothing is written)."""
+    if variant != "ours+queue":
+        return overhead.build(variant, workdir)[0]
+    from usage_middleware import Recorder, UsageMiddleware, UsageStore
+
+    app, _ = overhead.build("bare", workdir)
+    recorder = Recorder(
+        UsageStore("memory://"),
+        batch_size=10_000_000,
+        max_queue_size=20_000_000,
+        flush_interval=3600.0,
+        spool_path=":memory:",
+    )
+    recorder.start()
+    app.add_middleware(UsageMiddleware, recorder=recorder)
+    return app
+
+
+def child(variant: str, kind: str, n: int) -> None:
+    """Under callgrind: ``n`` requests of ``kind`` (or scans), after the same warm-up."""
+    chunks = {
+        "get": [b""],
+        "kib": overhead.multipart_chunks(1 << 10),
+        "mib": overhead.multipart_chunks(1 << 20),
+    }[kind]
+    if variant == SCAN:
+        for _ in range(n):
+            overhead.boundary_scan(chunks)
+        os._exit(0)  # no interpreter teardown: its cost must not depend on n
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    app = build(variant, workdir)
+    if kind == "get":
+        scope = overhead.scope_for("GET", "/small", [])
+    else:
+        scope = overhead.scope_for("POST", "/upload", overhead.UPLOAD_HEADERS)
+
+    async def run() -> None:
+        for _ in range(n):
+            await overhead.one(app, scope, chunks)
+
+    asyncio.run(run())
+    shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(0)  # skip the recorder's shutdown and the interpreter's teardown (see above)
+
+
+def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
+    """Instructions of a whole child run (callgrind's total)."""
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
+    done = subprocess.run(
+        [*command, __file__, "--child", variant, kind, str(n)],
+        capture_output=True,
+        text=True,
+        # one hash seed: with a random one, dict and set layouts (and so the collector's timing)
+        # differ between the two runs, by up to a few percent of a request
+        env={**os.environ, "PYTHONHASHSEED": "0", **env},
+        timeout=1800,
+    )
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{variant} {kind} under callgrind failed:\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def per_request(variant: str, kind: str, quick: bool, env: dict[str, str]) -> float:
+    short, long = COUNTS[kind][0 if quick else 1]
+    return (count(variant, kind, long, env) - count(variant, kind, short, env)) / (long - short)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests per run")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {','.join(KINDS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="also count the ours variants with usage_middleware imported from DIR (another "
+        "checkout's src), as '<variant>@base'",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, kind, n = args.child
+        child(variant, kind, int(n))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
+    kinds = args.kinds.split(",")
+    variants = args.variants.split(",")
+    if "bare" not in variants or not set(kinds) <= set(KINDS) or not set(variants) <= set(VARIANTS):
+        raise SystemExit(f"--kinds from {KINDS}; --variants from {VARIANTS}, bare among them")
+    runs: list[tuple[str, str, dict[str, str]]] = [(v, v, {}) for v in variants]
+    if args.baseline_src:
+        base = {"PYTHONPATH": os.path.abspath(args.baseline_src)}
+        runs += [(f"{v}@base", v, base) for v in variants if v.startswith("ours")]
+    started = time.monotonic()
+    table: dict[str, dict[str, float]] = {}
+    for name, variant, env in runs:
+        table[name] = {k: per_request(variant, k, args.quick, env) for k in kinds}
+    scan = per_request(SCAN, "mib", args.quick, {}) if "mib" in kinds else None
+    print(
+        f"python {sys.version.split()[0]}, instructions per request (callgrind), "
+        f"{time.monotonic() - started:.0f} s\n"
+    )
+    bare = table["bare"]
+    print(f"{'variant':<16}" + "".join(f" {k:>12} {'+':>10} {'x bare':>7}" for k in kinds))
+    for name, row in table.items():
+        print(
+            f"{name:<16}"
+            + "".join(
+                f" {row[k]:>12,.0f} {row[k] - bare[k]:>+10,.0f} {row[k] / bare[k]:>7.3f}"
+                for k in kinds
+            )
+        )
+    if scan is not None:
+        print(f"{'find scan':<16} {'':>{(kinds.index('mib')) * 32}}{scan:>12,.0f}   (1 MiB)")
+    print("\nadded instructions, ours against its peers (lower is better):")
+    for k in kinds:
+        ours = table["ours"][k] - bare[k] if "ours" in table else None
+        line = f"  {k}:"
+        for peer in ("noop", "prometheus"):
+            if ours is not None and peer in table and table[peer][k] - bare[k] > 0:
+                line += f" ours/{peer} {ours / (table[peer][k] - bare[k]):.2f};"
+        if ours is not None and k == "mib" and scan:
+            line += f" ours adds {ours / scan:.2f}x one find scan of the upload;"
+        print(line.rstrip(";"))
+
+
+if __name__ == "__main__":
+    main()
