@@ -42,6 +42,7 @@ from usage_middleware import (
     UsageMiddleware,
     UsageRouter,
     UsageStore,
+    _keys,
     annotate,
     api_key_uuid,
 )
@@ -490,6 +491,15 @@ def test_default_key_hook_is_right_after_its_memory_starts_over() -> None:
             assert got == api_key_uuid(key.decode())
             bearer = [(b"authorization", b"Bearer " + key)]
             assert key_from_headers({"type": "http", "headers": bearer}) == got
+
+
+def test_default_key_hook_keeps_no_credentials_that_are_not_keys() -> None:
+    """What the hook remembers is values that carry a key: a Basic (or other scheme's)
+    Authorization value is read and forgotten, never kept in the process."""
+    secret = b"Basic dXNlcjpodW50ZXIy"
+    assert key_from_headers({"type": "http", "headers": [(b"authorization", secret)]}) is None
+    assert secret not in _keys._BY_AUTHORIZATION
+    assert secret not in _keys._BY_API_KEY
 
 
 def test_hooks_that_raise_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:

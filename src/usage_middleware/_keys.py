@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from functools import lru_cache
-from typing import Any, TypeVar
 
 from starlette.types import Scope
 
@@ -23,7 +22,6 @@ API_KEY_NAMESPACE = uuid.UUID("5b0f1f5e-8a47-5c1e-9d0b-7a1c3e2f4d60")
 changing it would give every key a new id."""
 
 _CACHE_SIZE = 4096
-T = TypeVar("T")
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -33,10 +31,11 @@ def api_key_uuid(key: str) -> uuid.UUID:
 
 
 # The ids of the header values seen lately, by their raw bytes: a request with a key seen before
-# costs one lookup (no strip, decode and hash of a new str). Bounded like api_key_uuid's cache;
+# costs one lookup (no strip, decode and hash of a new str). Only values that carry a key are
+# kept (never another scheme's credentials, such as Basic). Bounded like api_key_uuid's cache;
 # a full one starts over.
 _BY_API_KEY: dict[bytes, uuid.UUID] = {}
-_BY_AUTHORIZATION: dict[bytes, uuid.UUID | None] = {}
+_BY_AUTHORIZATION: dict[bytes, uuid.UUID] = {}
 
 
 def key_from_headers(scope: Scope) -> uuid.UUID | None:
@@ -55,18 +54,15 @@ def key_from_headers(scope: Scope) -> uuid.UUID | None:
             try:
                 bearer = _BY_AUTHORIZATION[value]
             except (KeyError, TypeError):
-                bearer = _remember(_BY_AUTHORIZATION, value, _bearer_id(value))
+                scheme, _, token = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer" and token.strip():
+                    bearer = _remember(
+                        _BY_AUTHORIZATION, value, api_key_uuid(token.strip().decode("latin-1"))
+                    )
     return bearer
 
 
-def _bearer_id(value: bytes) -> uuid.UUID | None:
-    scheme, _, token = value.strip().partition(b" ")
-    if scheme.lower() == b"bearer" and token.strip():
-        return api_key_uuid(token.strip().decode("latin-1"))
-    return None
-
-
-def _remember(cache: dict[bytes, Any], value: bytes, found: T) -> T:
+def _remember(cache: dict[bytes, uuid.UUID], value: bytes, found: uuid.UUID) -> uuid.UUID:
     if type(value) is bytes:
         if len(cache) >= _CACHE_SIZE:
             cache.clear()
