@@ -12,6 +12,7 @@ import copy
 import gc
 import json
 import random
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -477,3 +478,42 @@ _REQUEST_ORDER = (
     "method", "path", "status_code", "response_time_ms", "request_size", "response_size",
     "api_key_id", "error_message", "requested_at", "route_matched",
 )  # fmt: skip
+
+
+_SECONDS = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 12, 31, 23, 59, 59)
+).map(lambda t: t.replace(microsecond=0, tzinfo=UTC))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_SECONDS, st.lists(st.integers(0, 999_999), min_size=1, max_size=4)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_times_of_a_batch_sharing_seconds_are_stored_exactly(
+    seconds: list[tuple[datetime, list[int]]],
+) -> None:
+    """A batch's requests and uploads, several in one second (where the store reuses the text
+    of the second), some at a whole second, the same second in another minute, day, month or
+    year: each reads back at its own time, to the microsecond."""
+    times = [second.replace(microsecond=us) for second, micros in seconds for us in micros]
+    times += [t.replace(year=t.year + 1, day=min(t.day, 28)) for t in times[:3]]  # another year
+    times += [t.replace(month=t.month % 12 + 1, day=1) for t in times[:3]]
+    rng = random.Random(len(times))
+    requests = [replace(random_request(rng), requested_at=t) for t in times]
+    uploads = [replace(random_upload(rng), uploaded_at=t) for t in times]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = UsageStore(f"sqlite:///{tmp}/times.db")
+        try:
+            store.create_schema()
+            store.write(PackedBatch([pack(r) for r in [*requests, *uploads]]))
+            stored = {r["id"]: r["requested_at"] for r in stored_request_rows(store)}
+            assert stored == {r.id: r.requested_at for r in requests}
+            assert {r["id"]: r["uploaded_at"] for r in _uploads(store)} == {
+                u.id: u.uploaded_at for u in uploads
+            }
+        finally:
+            store.dispose()
