@@ -20,10 +20,18 @@ proportional to the number of requests (one ``bytes.find`` scan of its 16 messag
 to 221,000 to 321,000 instructions a scan, depending on how many were run), so large uploads
 stay with ``overhead.py``'s timings.
 
+``--writer`` also counts the other side of the queue: the instructions per request row the
+recorder's writer spends writing the middleware's rows to SQLite (``store.write`` of the
+queue's batches of 2,000 GET requests, the transaction and commit included), next to a plain
+multi-row ``INSERT`` of the same rows' values as stored, formatted beforehand (what the rows
+cost with no code of ours around them). Each run builds the same batches and writes a different
+number of them, so building them cancels out.
+
 Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short run; ``--kinds``
 and ``--variants`` to choose). To set a change against the code before it, count that code too:
 ``git worktree add /tmp/base HEAD~1`` and ``--baseline-src /tmp/base/src`` adds
-``ours@base`` and ``ours+queue@base``. Needs valgrind (Debian package ``valgrind``).
+``ours@base`` and ``ours+queue@base`` (and ``store@base`` with ``--writer``). Needs valgrind
+(Debian package ``valgrind``).
 Instructions are not time (a cache miss costs more than an add), so the timed benchmarks keep
 the last word; this one says whether a change to the request path does less work.
 """
@@ -55,6 +63,10 @@ COUNTS = {
     "get": ((300, 1300), (1000, 5000)),
     "kib": ((50, 250), (200, 1000)),
 }
+WRITERS = ["store", "raw"]
+WRITE_BATCH = 2000
+# batches of WRITE_BATCH written per short and long run (quick, full)
+WRITE_COUNTS = ((2, 6), (3, 15))
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
@@ -101,8 +113,71 @@ def child(variant: str, kind: str, n: int) -> None:
     os._exit(0)  # no recorder shutdown, no interpreter teardown: their cost must not depend on n
 
 
+def writer_child(variant: str, n: int, built: int) -> None:
+    """Under callgrind: ``built`` batches of the middleware's GET requests made as the queue
+    holds them, ``n`` of them written to a new SQLite file (``store``: ``store.write``;
+    ``raw``: the rows' values as stored, NULL as None, by a plain multi-row ``INSERT`` with
+    ``ON CONFLICT (id) DO NOTHING``, in one transaction a batch, as the store does)."""
+    import sqlite3
+    import uuid
+    from datetime import datetime, timezone
+
+    from usage_middleware import UsageStore
+    from usage_middleware._recording.compact import PackedBatch, new_request_item
+
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    store = UsageStore(f"sqlite:///{workdir}/usage.db")
+    store.create_schema()
+    keys = [uuid.UUID(int=i + 1, version=4) for i in range(50)]
+    batches = []
+    for b in range(built):
+        now = datetime.now(timezone.utc)
+        batches.append(
+            [
+                new_request_item(
+                    "GET", "/small", 200, 0.5, 0, 5, keys[(b + i) % 50], None, now, True
+                )
+                for i in range(WRITE_BATCH)
+            ]
+        )
+    if variant == "store":
+        for items in batches[:n]:
+            store.write(PackedBatch(items))
+    else:
+        # the rows exactly as the store writes them, formatted here for every built batch
+        from usage_middleware._sqlitebulk import insert_rows
+        from usage_middleware._sqlitewrite import utc_text
+
+        rows = [
+            [
+                ("%032x" % it[10], "%032x" % it[7], *it[1:7], it[8], utc_text(it[9]), int(it[11]))  # noqa: UP031
+                for it in items
+            ]
+            for items in batches
+        ]
+        store.dispose()
+        conn = sqlite3.connect(f"{workdir}/usage.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        cur = conn.cursor()
+        for part in rows[:n]:
+            cur.execute("BEGIN IMMEDIATE")
+            insert_rows(
+                cur,
+                "INSERT INTO api_requests (id, api_key_id, method, path, status_code, "
+                "response_time_ms, request_size, response_size, error_message, requested_at, "
+                "route_matched)",
+                part,
+                "ON CONFLICT (id) DO NOTHING",
+            )
+            cur.execute("COMMIT")
+    shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(0)  # no teardown, as child()
+
+
 def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
-    """Instructions of a whole child run (callgrind's total)."""
+    """Instructions of a whole child run (callgrind's total); ``kind`` ``write``: a writer run
+    of ``n`` batches."""
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     done = subprocess.run(
         [*command, __file__, "--child", variant, kind, str(n)],
@@ -117,6 +192,13 @@ def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"{variant} {kind} under callgrind failed:\n{done.stderr[-3000:]}")
     return int(found.group(1))
+
+
+def per_row_written(variant: str, quick: bool, env: dict[str, str]) -> float:
+    short, long = WRITE_COUNTS[0 if quick else 1]
+    return (count(variant, "write", long, env) - count(variant, "write", short, env)) / (
+        (long - short) * WRITE_BATCH
+    )
 
 
 def per_request(variant: str, kind: str, quick: bool, env: dict[str, str]) -> float:
@@ -135,10 +217,18 @@ def main() -> None:
         help="also count the ours variants with usage_middleware imported from DIR (another "
         "checkout's src), as '<variant>@base'",
     )
+    parser.add_argument(
+        "--writer",
+        action="store_true",
+        help="also count the SQLite writer's instructions per request row (store.write of the "
+        "queue's batches, and a raw INSERT of the same rows)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         variant, kind, n = args.child
+        if kind == "write":
+            writer_child(variant, int(n), WRITE_COUNTS[1][1])
         child(variant, kind, int(n))
         return
     if shutil.which("valgrind") is None:
@@ -177,6 +267,18 @@ def main() -> None:
             if ours is not None and peer in table and table[peer][k] - bare[k] > 0:
                 line += f" ours/{peer} {ours / (table[peer][k] - bare[k]):.2f};"
         print(line.rstrip(";"))
+    if args.writer:
+        started = time.monotonic()
+        writers: list[tuple[str, str, dict[str, str]]] = [(w, w, {}) for w in WRITERS]
+        if args.baseline_src:
+            writers.append(("store@base", "store", base))
+        rows = {name: per_row_written(w, args.quick, env) for name, w, env in writers}
+        print(
+            f"\nthe writer: SQLite, instructions per request row written, batches of "
+            f"{WRITE_BATCH:,} ({time.monotonic() - started:.0f} s)"
+        )
+        for name, value in rows.items():
+            print(f"  {name:<12} {value:>10,.0f} {value / rows['raw']:>7.3f} x raw")
 
 
 if __name__ == "__main__":

@@ -517,3 +517,61 @@ def test_times_of_a_batch_sharing_seconds_are_stored_exactly(
             }
         finally:
             store.dispose()
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["live", "late"])
+def test_null_and_zero_like_values_are_stored_as_they_are(tmp_path: Path, late: bool) -> None:
+    """Written from the queue's tuples, a NULL column is stored as NULL (not as a stand-in), a
+    text that reads "0" as that text, and whether a route matched as the integer SQLite keeps a
+    boolean as; requests written live and late (staged and rolled up) alike."""
+    store = UsageStore(f"sqlite:///{tmp_path / 'nulls.db'}")
+    try:
+        store.create_schema()
+        if late:
+            store.seal(START + timedelta(days=1))  # every request below is before the instant
+        rng = random.Random(3)
+        request = replace(
+            random_request(rng), method="GET", response_time_ms=1.5, api_key_id=uuid.UUID(int=7)
+        )
+        requests = [
+            replace(request, id=new_id(), api_key_id=None, error_message=None, route_matched=True),
+            replace(request, id=new_id(), error_message="0", route_matched=False, path="/0"),
+            replace(request, id=new_id(), api_key_id=uuid.UUID(int=0), error_message="None"),
+        ]
+        uploads = [
+            replace(
+                random_upload(rng), api_key_id=None, request_id=None, declared_type=None,
+                file_name=None, error_message=None,
+            ),
+            replace(
+                random_upload(rng), request_id=uuid.UUID(int=0), file_name="0",
+                error_message="0", upload_status="failed",
+            ),
+        ]  # fmt: skip
+        batch = PackedBatch([pack(r) for r in [*requests, *uploads]])
+        assert len(batch.split()[0]) == 3 and len(batch.split()[1]) == 2  # all from the tuples
+        assert store.write(batch) == 5
+        assert _requests(store) == sorted(
+            ({c.name: getattr(r, c.name) for c in api_requests.columns} for r in requests),
+            key=lambda r: r["id"],
+        )
+        assert _uploads(store) == sorted(
+            ({c.name: getattr(u, c.name) for c in file_uploads.columns} for u in uploads),
+            key=lambda u: u["id"],
+        )
+        with store.engine.connect() as conn:
+            kinds = conn.execute(
+                text(
+                    "SELECT typeof(api_key_id), typeof(error_message), typeof(route_matched), "
+                    "route_matched FROM api_requests ORDER BY path"
+                )
+            ).all()
+        assert sorted(kinds) == sorted(
+            [
+                ("null", "null", "integer", 1),
+                ("text", "text", "integer", 0),
+                ("text", "text", "integer", 1),
+            ]
+        )
+    finally:
+        store.dispose()

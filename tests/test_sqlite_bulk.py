@@ -10,13 +10,15 @@ each statement execution, ``executemany`` rows included.
 from __future__ import annotations
 
 import random
+import sqlite3
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 from support.rollups import random_request, random_upload
 
 from usage_middleware import UsageStore
-from usage_middleware._sqlitebulk import CHUNK_ROWS
+from usage_middleware._sqlitebulk import CHUNK_ROWS, insert_rows
 
 
 def _traced(url: str) -> tuple[UsageStore, list[str]]:
@@ -70,3 +72,13 @@ def test_the_spool_steps_per_chunk_of_records_not_per_record(tmp_path: Any) -> N
     assert spool.refresh() == 0
     assert len(executed) < 60, len(executed)
     spool.close()
+
+
+def test_placeholders_that_do_not_bind_each_value_once_are_refused(tmp_path: Any) -> None:
+    conn = sqlite3.connect(tmp_path / "marks.db")
+    conn.execute("CREATE TABLE t (a, b)")
+    with pytest.raises(ValueError, match="does not bind 2 values"):
+        insert_rows(conn.cursor(), "INSERT INTO t", [(1, 2)], "", "(?, NULLIF(?, 0), ?)")
+    assert insert_rows(conn.cursor(), "INSERT INTO t", [(1, 0), (2, "0")], "", "(?, NULLIF(?, 0))")
+    assert conn.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [(1, None), (2, "0")]
+    conn.close()

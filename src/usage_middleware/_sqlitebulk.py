@@ -33,14 +33,20 @@ def rows_per_statement(conn: sqlite3.Connection, width: int) -> int:
     return max(1, min(CHUNK_ROWS, limit // width))
 
 
-def insert_rows(cur: Any, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
+def insert_rows(
+    cur: Any, head: str, rows: Sequence[Sequence[Any]], tail: str = "", mark: str | None = None
+) -> int:
     """Run ``{head} VALUES (?, ..), (?, ..) {tail}`` over ``rows`` (all of one width) in
-    chunks; returns how many rows the statements changed (``rowcount``)."""
+    chunks; returns how many rows the statements changed (``rowcount``). ``mark``: one row's
+    placeholders when they are not all plain ``?`` (one ``?`` a value, as ``NULLIF(?, 0)``)."""
     if not rows:
         return 0
     width = len(rows[0])
     per = rows_per_statement(cur.connection, width)
-    mark = f"({', '.join('?' * width)})"
+    if mark is None:
+        mark = f"({', '.join('?' * width)})"
+    elif mark.count("?") != width:
+        raise ValueError(f"{mark!r} does not bind {width} values")
     changed = 0
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
