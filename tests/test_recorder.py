@@ -625,3 +625,37 @@ def test_records_submitted_after_shutdown_are_spooled_at_interpreter_exit(
     recorder.start()
     assert wait_for(lambda: uploads_in(store) == 5, timeout=20)
     assert recorder.stats()["replayed"] == 5
+
+
+def test_spool_keys_are_stored_as_their_bytes_and_found_again(tmp_path: Path) -> None:
+    """A spooled record's row is keyed by the BLOB of its kind and id, the same record put
+    again is the same row, and the keys a claim hands back release and remove their rows;
+    a row another writer keyed by text is claimed and removed as well."""
+    from usage_middleware._recording.spoolformat import encode, spool_key
+
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool(path, max_records=100)
+    records = [RequestRecord(path=f"/files/{i}") for i in range(3)]
+    assert spool.put(records) == (3, 3)
+    assert spool.put(records[:2]) == (2, 0)  # already there: taken, not stored twice
+    with spool._transaction() as conn:
+        conn.execute(
+            "INSERT INTO spool (id, payload) VALUES ('text-key', ?)", (encode(RequestRecord()),)
+        )
+        conn.execute("UPDATE spool_size SET n = n + 1")
+        stored = conn.execute("SELECT typeof(id), id FROM spool ORDER BY id").fetchall()
+    assert sorted(stored, key=repr) == sorted(
+        [("blob", spool_key(r)) for r in records] + [("text", "text-key")], key=repr
+    )
+    claimed = spool.claim(10)
+    assert sorted(k for k, _ in claimed if isinstance(k, bytes)) == sorted(
+        spool_key(r) for r in records
+    )
+    assert spool.claim(10) == []  # all leased
+    spool.release([k for k, _ in claimed])
+    assert len(spool.claim(10)) == 4  # released: claimed again
+    spool.remove([k for k, _ in claimed])
+    assert spool.refresh() == 0
+    with spool._transaction() as conn:
+        assert conn.execute("SELECT count(*) FROM spool").fetchone() == (0,)
+    spool.close()

@@ -38,6 +38,14 @@ SpoolKey = bytes | str | int | float
 _LEASE_SECONDS = 15.0
 SPOOL_DIR_ENV = "USAGE_MIDDLEWARE_SPOOL_DIR"
 
+
+def _bound(keys: Sequence[SpoolKey]) -> list[Any]:
+    """Keys as they are bound: the driver binds a ``bytearray`` directly, but sends ``bytes``
+    through its adaptation lookup first, which fails at several times the cost of the bind
+    (the same BLOB either way)."""
+    return [bytearray(k) if type(k) is bytes else k for k in keys]
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
     id BLOB PRIMARY KEY,
@@ -194,7 +202,11 @@ class Spool:
         with self._transaction() as conn:
             room = max(self.max_records - self._size(conn), 0)
             taken = rows[:room]
-            added = insert_rows(conn.cursor(), "INSERT OR IGNORE INTO spool (id, payload)", taken)
+            added = insert_rows(
+                conn.cursor(),
+                "INSERT OR IGNORE INTO spool (id, payload)",
+                [(bytearray(key), payload) for key, payload in taken],
+            )
             added = max(added, 0)
             self._add_size(conn, added)
         return len(taken), added
@@ -213,7 +225,7 @@ class Spool:
             for_ids(
                 conn.cursor(),
                 "UPDATE spool SET lease_until = ?, lease_pid = ? WHERE id IN ({ids})",
-                [r[0] for r in rows],
+                _bound([r[0] for r in rows]),
                 (now + _LEASE_SECONDS, os.getpid()),
             )
         return [(r[0], r[1] if isinstance(r[1], str) else repr(r[1])) for r in rows]
@@ -223,7 +235,7 @@ class Spool:
         if not ids:
             return
         with self._transaction() as conn:
-            removed = for_ids(conn.cursor(), "DELETE FROM spool WHERE id IN ({ids})", ids)
+            removed = for_ids(conn.cursor(), "DELETE FROM spool WHERE id IN ({ids})", _bound(ids))
             self._add_size(conn, -max(removed, 0))
 
     def quarantine(self, rows: Sequence[tuple[SpoolKey, str]]) -> None:
@@ -250,7 +262,7 @@ class Spool:
             for_ids(
                 conn.cursor(),
                 "UPDATE spool SET lease_until = 0, lease_pid = NULL WHERE id IN ({ids})",
-                ids,
+                _bound(ids),
             )
 
     def refresh(self) -> int:
