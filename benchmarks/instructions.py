@@ -25,7 +25,7 @@ recorder's writer spends writing the middleware's rows to SQLite (``store.write`
 queue's batches of 2,000 GET requests, the transaction and commit included), next to a plain
 multi-row ``INSERT`` of the same rows' values as stored, formatted beforehand (what the rows
 cost with no code of ours around them). Each run builds the same batches and writes a different
-number of them, so building them cancels out.
+number of them, so building them cancels out (``--kinds none --writer``: the writer alone).
 
 Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short run; ``--kinds``
 and ``--variants`` to choose). To set a change against the code before it, count that code too:
@@ -66,7 +66,9 @@ COUNTS = {
 WRITERS = ["store", "raw"]
 WRITE_BATCH = 2000
 # batches of WRITE_BATCH written per short and long run (quick, full)
-WRITE_COUNTS = ((2, 6), (3, 15))
+WRITE_COUNTS = ((1, 3), (3, 15))
+# how many batches a writer run builds (the long run's count, in both runs of a pair)
+_BUILT_ENV = "USAGE_BENCH_BATCHES_BUILT"
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
@@ -196,6 +198,7 @@ def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
 
 def per_row_written(variant: str, quick: bool, env: dict[str, str]) -> float:
     short, long = WRITE_COUNTS[0 if quick else 1]
+    env = {**env, _BUILT_ENV: str(long)}
     return (count(variant, "write", long, env) - count(variant, "write", short, env)) / (
         (long - short) * WRITE_BATCH
     )
@@ -209,7 +212,9 @@ def per_request(variant: str, kind: str, quick: bool, env: dict[str, str]) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per run")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {','.join(KINDS)}")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"of {','.join(KINDS)}, or none (--writer alone)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {','.join(VARIANTS)}")
     parser.add_argument(
         "--baseline-src",
@@ -228,23 +233,32 @@ def main() -> None:
     if args.child:
         variant, kind, n = args.child
         if kind == "write":
-            writer_child(variant, int(n), WRITE_COUNTS[1][1])
+            writer_child(variant, int(n), int(os.environ[_BUILT_ENV]))
         child(variant, kind, int(n))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
-    kinds = args.kinds.split(",")
+    kinds = [] if args.kinds == "none" else args.kinds.split(",")
     variants = args.variants.split(",")
     if "bare" not in variants or not set(kinds) <= set(KINDS) or not set(variants) <= set(VARIANTS):
         raise SystemExit(f"--kinds from {KINDS}; --variants from {VARIANTS}, bare among them")
+    base = {"PYTHONPATH": os.path.abspath(args.baseline_src)} if args.baseline_src else None
+    if kinds:
+        report_requests(kinds, variants, args.quick, base)
+    if args.writer:
+        report_writer(args.quick, base)
+
+
+def report_requests(
+    kinds: list[str], variants: list[str], quick: bool, base: dict[str, str] | None
+) -> None:
     runs: list[tuple[str, str, dict[str, str]]] = [(v, v, {}) for v in variants]
-    if args.baseline_src:
-        base = {"PYTHONPATH": os.path.abspath(args.baseline_src)}
+    if base is not None:
         runs += [(f"{v}@base", v, base) for v in variants if v.startswith("ours")]
     started = time.monotonic()
     table: dict[str, dict[str, float]] = {}
     for name, variant, env in runs:
-        table[name] = {k: per_request(variant, k, args.quick, env) for k in kinds}
+        table[name] = {k: per_request(variant, k, quick, env) for k in kinds}
     print(
         f"python {sys.version.split()[0]}, instructions per request (callgrind), "
         f"{time.monotonic() - started:.0f} s\n"
@@ -267,18 +281,20 @@ def main() -> None:
             if ours is not None and peer in table and table[peer][k] - bare[k] > 0:
                 line += f" ours/{peer} {ours / (table[peer][k] - bare[k]):.2f};"
         print(line.rstrip(";"))
-    if args.writer:
-        started = time.monotonic()
-        writers: list[tuple[str, str, dict[str, str]]] = [(w, w, {}) for w in WRITERS]
-        if args.baseline_src:
-            writers.append(("store@base", "store", base))
-        rows = {name: per_row_written(w, args.quick, env) for name, w, env in writers}
-        print(
-            f"\nthe writer: SQLite, instructions per request row written, batches of "
-            f"{WRITE_BATCH:,} ({time.monotonic() - started:.0f} s)"
-        )
-        for name, value in rows.items():
-            print(f"  {name:<12} {value:>10,.0f} {value / rows['raw']:>7.3f} x raw")
+
+
+def report_writer(quick: bool, base: dict[str, str] | None) -> None:
+    started = time.monotonic()
+    writers: list[tuple[str, str, dict[str, str]]] = [(w, w, {}) for w in WRITERS]
+    if base is not None:
+        writers.append(("store@base", "store", base))
+    rows = {name: per_row_written(w, quick, env) for name, w, env in writers}
+    print(
+        f"\nthe writer: SQLite, instructions per request row written, batches of "
+        f"{WRITE_BATCH:,} ({time.monotonic() - started:.0f} s)"
+    )
+    for name, value in rows.items():
+        print(f"  {name:<12} {value:>10,.0f} {value / rows['raw']:>7.3f} x raw")
 
 
 if __name__ == "__main__":

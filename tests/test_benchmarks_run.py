@@ -32,6 +32,7 @@ RUNS = [
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),
     ("instructions.py", "--quick --kinds get --variants bare,ours", "instructions per request"),
+    ("instructions.py", "--quick --kinds none --writer", "the writer: SQLite"),
 ]
 NEEDS = {"overload.py": "wrk", "instructions.py": "valgrind"}  # and the Debian package's name
 # overhead.py makes its database first
@@ -43,7 +44,9 @@ NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "instructions.py"}
     ("script", "args", "marker"),
     [
         pytest.param(
-            *run, id=run[0], marks=() if run[0] in NO_POSTGRES else (pytest.mark.postgres,)
+            *run,
+            id=f"{run[0]}{' --writer' if '--writer' in run[1] else ''}",
+            marks=() if run[0] in NO_POSTGRES else (pytest.mark.postgres,),
         )
         for run in RUNS
     ],
@@ -62,7 +65,7 @@ def test_the_benchmark_runs_to_its_figures(
         [sys.executable, str(BENCHMARKS / script), *args.split()],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=600 if script in NEEDS else 240,  # valgrind and wrk runs take longer
         cwd=tmp_path,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
