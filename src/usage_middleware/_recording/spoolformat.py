@@ -105,18 +105,20 @@ def spool_row(item: object) -> tuple[bytes, str]:
     values = cast(tuple[Any, ...], item)
     if kind == "r":
         (_, method, path, status, ms, rq, rs, key, err, at, rid, matched) = values
+        raw = rid.to_bytes(16, "big")  # its .hex(): half the cost of format(rid, "032x")
         payload = [
-            _FORMAT, "r", format(rid, "032x"), None if key is None else format(key, "032x"),
+            _FORMAT, "r", raw.hex(), None if key is None else key.to_bytes(16, "big").hex(),
             method, path, status, ms, rq, rs, err, _us(at), *(() if matched else (0,)),
         ]  # fmt: skip
-        return b"r" + rid.to_bytes(16, "big"), _ENCODER.encode(payload)
+        return b"r" + raw, _ENCODER.encode(payload)
     (_, provider, ftype, size, ok, key, req, declared, name, err, at, uid) = values
+    raw = uid.to_bytes(16, "big")
     payload = [
-        _FORMAT, "u", format(uid, "032x"), None if key is None else format(key, "032x"),
-        None if req is None else format(req, "032x"), provider, ftype, declared, size, name, ok,
-        err, _us(at),
+        _FORMAT, "u", raw.hex(), None if key is None else key.to_bytes(16, "big").hex(),
+        None if req is None else req.to_bytes(16, "big").hex(), provider, ftype, declared, size,
+        name, ok, err, _us(at),
     ]  # fmt: skip
-    return b"u" + uid.to_bytes(16, "big"), _ENCODER.encode(payload)
+    return b"u" + raw, _ENCODER.encode(payload)
 
 
 def _hex_id(value: Any) -> bool:
