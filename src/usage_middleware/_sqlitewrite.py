@@ -165,7 +165,7 @@ _NULL = 0
 
 
 def _marks(nullable: Sequence[bool]) -> str:
-    """One row's placeholders, ``NULLIF(?, 0)`` for the columns that stand NULL in as 0."""
+    """One row's placeholders: ``NULLIF(?, 0)`` for the columns whose NULL is bound as 0."""
     return "(" + ", ".join("NULLIF(?, 0)" if n else "?" for n in nullable) + ")"
 
 
