@@ -49,6 +49,7 @@ from usage_middleware._recording.spoolformat import (
 )
 from usage_middleware._records import new_id
 from usage_middleware._schema import api_requests, file_uploads
+from usage_middleware._sqlitewrite import utc_text
 from usage_middleware._storage.base import PackedRows
 
 UTC = timezone.utc
@@ -528,7 +529,7 @@ def test_null_and_zero_like_values_are_stored_as_they_are(tmp_path: Path, late: 
     try:
         store.create_schema()
         if late:
-            store.seal(START + timedelta(days=1))  # every request below is before the instant
+            store.seal(FAR)  # every request below is before the seal instant: staged, rolled up
         rng = random.Random(3)
         request = replace(
             random_request(rng), method="GET", response_time_ms=1.5, api_key_id=uuid.UUID(int=7)
@@ -551,6 +552,9 @@ def test_null_and_zero_like_values_are_stored_as_they_are(tmp_path: Path, late: 
         batch = PackedBatch([pack(r) for r in [*requests, *uploads]])
         assert len(batch.split()[0]) == 3 and len(batch.split()[1]) == 2  # all from the tuples
         assert store.write(batch) == 5
+        instant = dict(_seal_rows(store))["requests"]
+        assert all((utc_text(r.requested_at) < instant) == late for r in requests)
+        assert_rollups_exact(store)
         assert _requests(store) == sorted(
             ({c.name: getattr(r, c.name) for c in api_requests.columns} for r in requests),
             key=lambda r: r["id"],
