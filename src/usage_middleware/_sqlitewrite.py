@@ -62,10 +62,12 @@ _REQUEST_COLUMNS = (
     "response_size, error_message, requested_at, route_matched"
 )
 
+# what a staged request carries after its columns (``_staged_row``)
+_STAGED_EXTRA = "latency_bucket, response_us, endpoint_method, endpoint_route"
+
 CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_uploads ({_UPLOAD_COLUMNS})",
-    f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests "
-    f"({_REQUEST_COLUMNS}, latency_bucket, response_us, endpoint_method, endpoint_route)",
+    f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests ({_REQUEST_COLUMNS}, {_STAGED_EXTRA})",
     *CREATE_GROUPS,
 )
 
@@ -125,11 +127,16 @@ _INSERT_LIVE = f"INSERT INTO main.api_requests ({_REQUEST_COLUMNS})"
 _METHODS = STANDARD_METHODS
 
 
+# A UTC time as SQLAlchemy stores it on SQLite, up to the second; the microseconds follow.
+_SECOND_TEXT = "%04d-%02d-%02d %02d:%02d:%02d."
+_TIME_TEXT = _SECOND_TEXT + "%06d"
+
+
 def utc_text(value: datetime) -> str:
     """A validated (aware, UTC) datetime as SQLAlchemy stores it on SQLite: its ISO text
     without the ``+00:00``, formatted from its fields: ``%`` formatting costs two thirds of
-    ``isoformat`` and half of an f-string (this runs once per request written)."""
-    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031
+    ``isoformat`` and half of an f-string (rows of a batch: :func:`utc_texts`)."""
+    return _TIME_TEXT % (
         value.year,
         value.month,
         value.day,
@@ -150,7 +157,7 @@ def utc_texts() -> Callable[[datetime], str]:
         second = (value.year, value.month, value.day, value.hour, value.minute, value.second)
         prefix = seconds.get(second)
         if prefix is None:
-            prefix = seconds[second] = "%04d-%02d-%02d %02d:%02d:%02d." % second  # noqa: UP031
+            prefix = seconds[second] = _SECOND_TEXT % second
         return prefix + "%06d" % value.microsecond  # noqa: UP031
 
     return text
@@ -164,16 +171,19 @@ def utc_texts() -> Callable[[datetime], str]:
 _NULL = 0
 
 
-def _marks(nullable: Sequence[bool]) -> str:
-    """One row's placeholders: ``NULLIF(?, 0)`` for the columns whose NULL is bound as 0."""
-    return "(" + ", ".join("NULLIF(?, 0)" if n else "?" for n in nullable) + ")"
+def _marks(columns: str, nullable: frozenset[str]) -> str:
+    """One row's placeholders for ``columns`` (as listed in a statement): ``NULLIF(?, 0)`` for
+    the ``nullable`` ones, whose NULL is bound as 0."""
+    return (
+        "(" + ", ".join("NULLIF(?, 0)" if c in nullable else "?" for c in columns.split(", ")) + ")"
+    )
 
 
-# api_requests: api_key_id and error_message; staged rows add four values, never NULL
-_REQUEST_MARKS = _marks((False, True, False, False, False, False, False, False, True, False, False))
-_STAGED_REQUEST_MARKS = _REQUEST_MARKS[:-1] + ", ?, ?, ?, ?)"
-# file_uploads: api_key_id, request_id, declared_type, file_name and error_message
-_UPLOAD_MARKS = _marks((False, True, True, False, False, True, False, True, False, True, False))
+# the nullable columns, all text; the staged extras are never NULL
+_NULLABLE = frozenset({"api_key_id", "request_id", "declared_type", "file_name", "error_message"})
+_REQUEST_MARKS = _marks(_REQUEST_COLUMNS, _NULLABLE)
+_STAGED_REQUEST_MARKS = _marks(f"{_REQUEST_COLUMNS}, {_STAGED_EXTRA}", _NULLABLE)
+_UPLOAD_MARKS = _marks(_UPLOAD_COLUMNS, _NULLABLE)
 
 
 def _packed_rows(packed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
