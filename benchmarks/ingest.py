@@ -262,6 +262,7 @@ def bench_postgres(
         rng = random.Random(1)
         copy_runs: list[float] = []
         write_runs: list[float] = []
+        seal_runs: list[float] = []  # the seals' share of write_runs
         columns = ", ".join(data.columns)
         with psycopg.connect(dsn) as conn:
             raw = pg_baseline_table(conn, data)
@@ -296,7 +297,7 @@ def bench_postgres(
                     for b in batched():
                         store.write(b)
                     if data is REQUESTS:
-                        store.seal(end)
+                        seal_runs.append(timed(lambda: store.seal(end)))
 
                 copy_runs.append(timed(raw_copy))
                 write_runs.append(timed(store_write))
@@ -321,6 +322,12 @@ def bench_postgres(
             f"raw binary COPY {copy_rate:>9,.0f} rows/s"
             f" | ratio {write_rate / copy_rate:.2f} | replay (all duplicates) "
             f"{n / replay:>9,.0f} rows/s"
+            + (
+                f" | seals and roll {(sum(seal_runs) + roll) / (sum(write_runs) + roll):.0%}"
+                " of the time"
+                if data is REQUESTS
+                else ""
+            )
         )
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
@@ -362,6 +369,7 @@ def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int, wa
         )
         copy_runs: list[float] = []
         write_runs: list[float] = []
+        seal_runs: list[float] = []  # the seals' share of write_runs
         for repeat in range(repeats):
             # requests: each run is the traffic of its own quarter hour, sealed once (as on
             # PostgreSQL; SQLite's seal fills every request rollup, so there is no roll)
@@ -387,7 +395,7 @@ def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int, wa
                 for b in batched():
                     store.write(b)
                 if data is REQUESTS:
-                    store.seal(end)
+                    seal_runs.append(timed(lambda: store.seal(end)))
 
             copy_runs.append(timed(raw_insert))
             write_runs.append(timed(store_write))
@@ -401,6 +409,7 @@ def bench_sqlite(data: Dataset, shape: str, n: int, batch: int, repeats: int, wa
             f"sqlite     {data.name:8} {shape:5} batch={batch:>6}: "
             f"store.write{'+seal' if data is REQUESTS else '     '} {rate:>9,.0f} "
             f"rows/s | raw executemany {base:>9,.0f} rows/s | ratio {rate / base:.2f}"
+            + (f" | seals {sum(seal_runs) / sum(write_runs):.0%} of the time" if seal_runs else "")
         )
 
 

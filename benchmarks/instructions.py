@@ -24,14 +24,17 @@ stay with ``overhead.py``'s timings.
 recorder's writer spends writing the middleware's rows to SQLite (``store.write`` of the
 queue's batches of 2,000 GET requests, the transaction and commit included), next to a plain
 multi-row ``INSERT`` of the same rows' values as stored, formatted beforehand (what the rows
-cost with no code of ours around them). Each run builds the same batches and writes a different
-number of them, so building them cancels out (``--kinds none --writer``: the writer alone).
+cost with no code of ours around them), and the same writes followed by the seal that folds
+those rows into the request rollups (``store+seal``: what each live request costs the writer
+in the end; its rows fall into about 50 groups, one per key, so this is the seal's cost per
+row, hardly any per group). Each run builds the same batches and writes a different number of
+them, so building them cancels out (``--kinds none --writer``: the writer alone).
 
 Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short run; ``--kinds``
 and ``--variants`` to choose). To set a change against the code before it, count that code too:
 ``git worktree add /tmp/base HEAD~1`` and ``--baseline-src /tmp/base/src`` adds
-``ours@base`` and ``ours+queue@base`` (and ``store@base`` with ``--writer``). Needs valgrind
-(Debian package ``valgrind``).
+``ours@base`` and ``ours+queue@base`` (and ``store@base`` and ``store+seal@base`` with
+``--writer``). Needs valgrind (Debian package ``valgrind``).
 Instructions are not time (a cache miss costs more than an add), so the timed benchmarks keep
 the last word; this one says whether a change to the request path does less work.
 """
@@ -63,7 +66,7 @@ COUNTS = {
     "get": ((300, 1300), (1000, 5000)),
     "kib": ((50, 250), (200, 1000)),
 }
-WRITERS = ["store", "raw"]
+WRITERS = ["store", "store+seal", "raw"]
 WRITE_BATCH = 2000
 # batches of WRITE_BATCH written per short and long run (quick, full)
 WRITE_COUNTS = ((1, 3), (3, 15))
@@ -118,11 +121,12 @@ def child(variant: str, kind: str, n: int) -> None:
 def writer_child(variant: str, n: int, built: int) -> None:
     """Under callgrind: ``built`` batches of the middleware's GET requests made as the queue
     holds them, ``n`` of them written to a new SQLite file (``store``: ``store.write``;
-    ``raw``: the rows' values as stored, NULL as None, by a plain multi-row ``INSERT`` with
-    ``ON CONFLICT (id) DO NOTHING``, in one transaction a batch, as the store does)."""
+    ``store+seal``: then ``store.seal`` past them; ``raw``: the rows' values as stored, NULL as
+    None, by a plain multi-row ``INSERT`` with ``ON CONFLICT (id) DO NOTHING``, in one
+    transaction a batch, as the store does)."""
     import sqlite3
     import uuid
-    from datetime import datetime, timezone
+    from datetime import datetime, timedelta, timezone
 
     from usage_middleware import UsageStore
     from usage_middleware._recording.compact import PackedBatch, new_request_item
@@ -142,9 +146,11 @@ def writer_child(variant: str, n: int, built: int) -> None:
                 for i in range(WRITE_BATCH)
             ]
         )
-    if variant == "store":
+    if variant.startswith("store"):
         for items in batches[:n]:
             store.write(PackedBatch(items))
+        if variant == "store+seal":
+            store.seal(datetime.now(timezone.utc) + timedelta(days=1))
     else:
         # the rows exactly as the store writes them, formatted here for every built batch
         from usage_middleware._sqlitebulk import insert_rows
@@ -287,14 +293,17 @@ def report_writer(quick: bool, base: dict[str, str] | None) -> None:
     started = time.monotonic()
     writers: list[tuple[str, str, dict[str, str]]] = [(w, w, {}) for w in WRITERS]
     if base is not None:
-        writers.append(("store@base", "store", base))
+        writers += [("store@base", "store", base), ("store+seal@base", "store+seal", base)]
     rows = {name: per_row_written(w, quick, env) for name, w, env in writers}
     print(
         f"\nthe writer: SQLite, instructions per request row written, batches of "
         f"{WRITE_BATCH:,} ({time.monotonic() - started:.0f} s)"
     )
-    for name, value in rows.items():
-        print(f"  {name:<12} {value:>10,.0f} {value / rows['raw']:>7.3f} x raw")
+    seals = {"the seal": rows["store+seal"] - rows["store"]}
+    if base is not None:
+        seals["the seal@base"] = rows["store+seal@base"] - rows["store@base"]
+    for name, value in {**rows, **seals}.items():
+        print(f"  {name:<15} {value:>10,.0f} {value / rows['raw']:>7.3f} x raw")
 
 
 if __name__ == "__main__":

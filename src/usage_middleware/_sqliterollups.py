@@ -9,8 +9,8 @@ fewer such groups than rows.
 
 Endpoint rollups follow the route cap (see ``_schema.ROUTES_PER_KEY_DAY``): the new named routes
 of each key and UTC day are admitted into ``endpoint_routes`` in route order while the day has
-room, staged rows whose route was not admitted are relabelled ``(other)``, and then the three
-endpoint tiers are rolled up like the others. Being the only writer, SQLite never exceeds the
+room, endpoint groups whose route was not admitted are relabelled ``(other)``, and then the
+three endpoint tiers are rolled up like the others. Being the only writer, SQLite never exceeds the
 cap.
 """
 
@@ -99,19 +99,28 @@ _REQUEST_ROLLUPS = tuple(
 _WIDTH = ENDPOINT_BUCKET_WIDTH
 
 # --- endpoint rollups and the route cap -----------------------------------------------------
-# The cap's two steps run on the staged rows (new ones only): admit the
-# batch's new named routes per key and UTC day, in route order, into the room the day has left
-# (SQLite runs an INSERT's SELECT to completion before inserting when it reads the target table,
-# so the room is the day's count before this batch); then relabel every staged route that is not
-# in endpoint_routes as "(other)".
+# The staged rows (new ones only) are first summed per key, UTC quarter hour and endpoint with
+# their own routes; the cap's two steps then run on those groups, which share a key, day and
+# route with each of their rows but are far fewer: admit the batch's new named routes per key
+# and UTC day, in route order, into the room the day has left (SQLite runs an INSERT's SELECT
+# to completion before inserting when it reads the target table, so the room is the day's count
+# before this batch); then relabel every group whose route is not in endpoint_routes as
+# "(other)". The tiers' GROUP BY adds up the groups that relabelling made alike.
 _SAME_KEY = "ifnull(e.api_key_id, '') = ifnull({k}, '')"
+_GROUP_ENDPOINTS = (
+    "INSERT INTO temp.um_endpoint_groups "
+    f"SELECT api_key_id, {_quarter('requested_at')} AS q, endpoint_method, endpoint_route, "
+    f"status_code, (latency_bucket + {_WIDTH - 1}) / {_WIDTH} AS b, count(*), sum(response_us), "
+    "sum(request_size), sum(response_size) FROM temp.um_stage_requests "
+    "GROUP BY api_key_id, q, endpoint_method, endpoint_route, status_code, b"
+)
 _ADMIT_ROUTES = (
     "INSERT INTO main.endpoint_routes (api_key_id, usage_date, route) "
     "SELECT k, d, r FROM ("
     "SELECT k, d, r, row_number() OVER (PARTITION BY ifnull(k, ''), d ORDER BY r) AS n "
-    "FROM (SELECT DISTINCT api_key_id AS k, substr(requested_at, 1, 10) AS d, "
-    "endpoint_route AS r FROM temp.um_stage_requests "
-    f"WHERE endpoint_route <> '{UNMATCHED_ROUTE}') AS w "
+    "FROM (SELECT DISTINCT api_key_id AS k, substr(q, 1, 10) AS d, "
+    "route AS r FROM temp.um_endpoint_groups "
+    f"WHERE route <> '{UNMATCHED_ROUTE}') AS w "
     "WHERE NOT EXISTS (SELECT 1 FROM main.endpoint_routes AS e "
     f"WHERE {_SAME_KEY.format(k='w.k')} AND e.usage_date = w.d AND e.route = w.r)"
     ") AS c "
@@ -120,25 +129,18 @@ _ADMIT_ROUTES = (
     "ORDER BY ifnull(k, ''), d, r"
 )
 _RELABEL = (
-    f"UPDATE temp.um_stage_requests SET endpoint_route = '{OTHER_ROUTE}' "
-    f"WHERE endpoint_route <> '{UNMATCHED_ROUTE}' AND NOT EXISTS ("
+    f"UPDATE temp.um_endpoint_groups SET route = '{OTHER_ROUTE}' "
+    f"WHERE route <> '{UNMATCHED_ROUTE}' AND NOT EXISTS ("
     "SELECT 1 FROM main.endpoint_routes AS e "
-    f"WHERE {_SAME_KEY.format(k='um_stage_requests.api_key_id')} "
-    "AND e.usage_date = substr(um_stage_requests.requested_at, 1, 10) "
-    "AND e.route = um_stage_requests.endpoint_route)"
+    f"WHERE {_SAME_KEY.format(k='um_endpoint_groups.api_key_id')} "
+    "AND e.usage_date = substr(um_endpoint_groups.q, 1, 10) "
+    "AND e.route = um_endpoint_groups.route)"
 )
 _ENDPOINT_SET = (
     "total_requests = total_requests + excluded.total_requests, "
     f"total_response_us = {_checked_add('total_response_us')}, "
     f"total_request_bytes = {_checked_add('total_request_bytes')}, "
     f"total_response_bytes = {_checked_add('total_response_bytes')}"
-)
-_GROUP_ENDPOINTS = (
-    "INSERT INTO temp.um_endpoint_groups "
-    f"SELECT api_key_id, {_quarter('requested_at')} AS q, endpoint_method, endpoint_route, "
-    f"status_code, (latency_bucket + {_WIDTH - 1}) / {_WIDTH} AS b, count(*), sum(response_us), "
-    "sum(request_size), sum(response_size) FROM temp.um_stage_requests "
-    "GROUP BY api_key_id, q, endpoint_method, endpoint_route, status_code, b"
 )
 _ENDPOINT_GROUP = "api_key_id, w, method, route, status_code, latency_bucket"
 ENDPOINT_ROLLUPS = {
@@ -174,10 +176,10 @@ def roll_up_staged_requests(cur: Any, tiers: Sequence[str] | None = None) -> Non
         for table, statement in zip(_REQUEST_TIERS, _REQUEST_ROLLUPS, strict=True):
             if wanted(table):
                 cur.execute(statement)
+    cur.execute(_GROUP_ENDPOINTS)
     if wanted("endpoint_routes"):
         cur.execute(_ADMIT_ROUTES)
     cur.execute(_RELABEL)
-    cur.execute(_GROUP_ENDPOINTS)
     for table, statement in ENDPOINT_ROLLUPS.items():
         if wanted(table):
             cur.execute(statement)
