@@ -21,7 +21,8 @@ on PostgreSQL also each whole hour's roll into the hourly, daily and monthly rol
 one timed after the runs; rates of all runs together, rolls included — ``--repeats 96`` is a
 whole day);
 ``worst`` — timestamps spread at random over the four months that have partitions (nearly every
-row its own quarter-hour, hourly and endpoint rollup keys). It also prints what record
+row its own quarter-hour, hourly and endpoint rollup keys); for requests, the share of the time
+the seals (and on PostgreSQL the roll) took. It also prints what record
 validation costs per row, and how many rollup rows one busy key-day makes: the request
 histograms alone, and with the endpoint rollups.
 
