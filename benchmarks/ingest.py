@@ -22,9 +22,9 @@ one timed after the runs; rates of all runs together, rolls included — ``--rep
 whole day);
 ``worst`` — timestamps spread at random over the four months that have partitions (nearly every
 row its own quarter-hour, hourly and endpoint rollup keys); for requests, the share of the time
-the seals (and on PostgreSQL the roll) took. It also prints what record
-validation costs per row, and how many rollup rows one busy key-day makes: the request
-histograms alone, and with the endpoint rollups.
+the seals (and on PostgreSQL the roll) took. It also prints what record validation costs per
+row, and how many rollup rows one busy key-day makes: the request histograms alone, and with
+the endpoint rollups.
 
 ``store.write`` is handed what the recorder's writer hands it (``--batches recorder``, the
 default): each batch as the queue holds it, records packed into tuples on submit (the packing
