@@ -10,8 +10,8 @@ fewer such groups than rows.
 Endpoint rollups follow the route cap (see ``_schema.ROUTES_PER_KEY_DAY``): the new named routes
 of each key and UTC day are admitted into ``endpoint_routes`` in route order while the day has
 room, endpoint groups whose route was not admitted are relabelled ``(other)``, and then the
-three endpoint tiers are rolled up like the others. Being the only writer, SQLite never exceeds the
-cap.
+three endpoint tiers are rolled up like the others. Being the only writer, SQLite never exceeds
+the cap.
 """
 
 from __future__ import annotations
