@@ -10,11 +10,18 @@ a thread of its own, with another thread spinning in Python and without, two way
 ``executemany`` and :func:`usage_middleware._sqlitebulk.insert_rows` (multi-row ``VALUES``
 statements, a step per chunk of rows), into a table with the raw table's indexes. Medians of
 ``--repeats`` runs.
+
+The same holds for a Python function that a statement calls once a row: each call takes the
+GIL. It also times a seal (``store.seal``: ``--seal-rows`` live requests of an hour ago folded
+into the request rollups, on a new file each time) from a thread of its own, alone and beside
+the spinning thread. To set it against other code, run the script with that code's ``src``
+first on ``PYTHONPATH`` (a git worktree of an earlier commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -22,9 +29,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from usage_middleware import UsageStore
+from usage_middleware import RequestRecord, UsageStore
 from usage_middleware._sqlitebulk import insert_rows
 
 COLUMNS = (
@@ -71,10 +79,39 @@ def timed_in_thread(write: Callable[[], None], busy: bool) -> float:
     return took[0]
 
 
+def timed_seal(tmp: str, n: int, busy: bool) -> float:
+    """Seconds a seal of ``n`` live requests (50 keys, 30 routes, an hour ago) takes in a thread
+    of its own, on a new file."""
+    path = os.path.join(tmp, f"seal-{uuid.uuid4().hex}.db")
+    store = UsageStore(f"sqlite:///{path}")
+    store.create_schema()
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    start = hour - timedelta(hours=1)
+    keys = [uuid.uuid4() for _ in range(50)]
+    store.write(
+        [
+            RequestRecord(
+                method="GET", path=f"/r{i % 30}", status_code=200 if i % 9 else 500,
+                response_time_ms=0.3 + (i * 7919 % 4000) / 10, request_size=0,
+                response_size=2_000, api_key_id=keys[i % 50],
+                requested_at=start + timedelta(microseconds=i * 3_600_000_000 // n),
+            )
+            for i in range(n)
+        ]
+    )  # fmt: skip
+    took = timed_in_thread(lambda: store.seal(hour), busy)
+    store.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seal-rows", type=int, default=20_000, help="0: no seal")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
@@ -103,6 +140,8 @@ def main() -> None:
                     batch = rows(args.rows)
                     took = timed_in_thread(lambda fn=fn, batch=batch: fn(batch), busy)
                     results.setdefault((name, busy), []).append(took)
+            for busy in (False, True) if args.seal_rows else ():
+                results.setdefault(("seal", busy), []).append(timed_seal(tmp, args.seal_rows, busy))
         conn.close()
         store.dispose()
     print(f"{args.rows:,} rows written by a thread of their own (median of {args.repeats}):")
@@ -117,6 +156,13 @@ def main() -> None:
         results["insert_rows", True]
     )
     print(f"  beside a busy thread, executemany takes {ratio:.0f}x as long as insert_rows")
+    if args.seal_rows:
+        idle = statistics.median(results["seal", False]) * 1000
+        busy = statistics.median(results["seal", True]) * 1000
+        print(
+            f"a seal of {args.seal_rows:,} live requests, in a thread of its own: alone "
+            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x)"
+        )
 
 
 if __name__ == "__main__":

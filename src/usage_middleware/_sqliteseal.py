@@ -19,22 +19,37 @@ it on, and read again if a seal committed in between (``_storage._sqlread.sealed
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from ._schema import (
+    _GAMMA,
+    _MIN_MS,
     OTHER_METHOD,
     STANDARD_METHODS,
     UNMATCHED_ROUTE,
     latency_bucket,
 )
+from ._sqlitebulk import insert_rows
 from ._sqliterollups import roll_up_staged_requests
 from ._sqlitewrite import CREATE_STAGING, read_instant, stored_utc, utc_text
 from ._storage.plan import seal_target
 
-__all__ = ["SEAL_ROWS", "STAGE_RAW", "register_functions", "seals_table", "sqlite_seal"]
+__all__ = [
+    "SEAL_ROWS",
+    "SQL_LIMIT_MS",
+    "STAGE_RAW",
+    "bucket_sql",
+    "latency_bounds",
+    "micros_sql",
+    "register_functions",
+    "seals_table",
+    "sqlite_seal",
+]
 
 #: Raw rows folded per seal transaction, at most (about: rows of one instant stay together).
 #: SQLite folds about 100,000 a second here, so a step holds the other writers off ~2 s.
@@ -66,22 +81,92 @@ def seals_table(conn: Connection, present: set[str]) -> None:
     )
 
 
+def _response_us(ms: float) -> int:
+    """Microseconds of a response time in milliseconds, rounded half to even."""
+    return round(ms * 1000)
+
+
+#: Response times (ms) the staging statements turn into a bucket and microseconds in SQL: from
+#: zero up to this (about 31 years). Anything else (negative, larger, not a number: values an
+#: older or foreign writer may have left) goes to the writer's Python functions, which decide
+#: what such a value becomes, as they always have.
+SQL_LIMIT_MS = 10**12
+
+
+@lru_cache(maxsize=1)
+def latency_bounds() -> tuple[tuple[float, int], ...]:
+    """``(low, b)`` for every bucket ``b >= 1`` a time below ``SQL_LIMIT_MS`` falls in: ``low``
+    is the least float that :func:`latency_bucket` puts in ``b`` or above, found by stepping
+    float by float from the analytic bound, so the table answers as the function does."""
+    bounds = []
+    for b in range(1, latency_bucket(float(SQL_LIMIT_MS)) + 1):
+        low = _MIN_MS * _GAMMA ** (b - 1)
+        while latency_bucket(low) >= b:
+            low = math.nextafter(low, -math.inf)
+        while latency_bucket(low) < b:
+            low = math.nextafter(low, math.inf)
+        bounds.append((low, b))
+    return tuple(bounds)
+
+
 def register_functions(dbapi: Any) -> None:
-    """The writer's Python functions, for statements over raw rows: the buckets and
-    microseconds must agree bit for bit with what the writer stages (SQLite's own ``round``
-    rounds halves away from zero, and its math functions may be missing)."""
+    """What the staging statements over raw rows need on ``dbapi``: the latency bounds table
+    (filled once per connection) and the writer's Python functions for the values outside it.
+
+    No Python runs per row for the values the writer stores: a Python function called from a
+    statement takes the GIL for every row, and beside a busy event loop each take waits for the
+    interpreter's switch interval (a 20,000-row seal took 0.2 s alone and 45 s beside a thread
+    spinning in Python). The buckets and microseconds must agree bit for bit with what the
+    writer stages in Python (SQLite's own ``round`` rounds halves away from zero, and its math
+    functions may be missing).
+    """
     dbapi.create_function("um_latency_bucket", 1, latency_bucket, deterministic=True)
-    dbapi.create_function("um_response_us", 1, lambda ms: round(ms * 1000), deterministic=True)
+    dbapi.create_function("um_response_us", 1, _response_us, deterministic=True)
+    cur = dbapi.cursor()
+    try:
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS um_latency_bounds "
+            "(low REAL NOT NULL PRIMARY KEY, bucket INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        bounds = latency_bounds()
+        if cur.execute("SELECT count(*) FROM temp.um_latency_bounds").fetchone()[0] != len(bounds):
+            cur.execute("DELETE FROM temp.um_latency_bounds")
+            insert_rows(cur, "INSERT INTO temp.um_latency_bounds (low, bucket)", bounds)
+    finally:
+        cur.close()
+
+
+def _in_sql(ms: str) -> str:
+    return f"{ms} >= 0 AND {ms} < {SQL_LIMIT_MS}"
+
+
+def bucket_sql(ms: str) -> str:
+    """SQL for ``latency_bucket(ms)`` of the column ``ms`` (needs :func:`register_functions`):
+    the last bound at or below it, 0 below the first."""
+    found = (
+        f"coalesce((SELECT b.bucket FROM temp.um_latency_bounds AS b WHERE b.low <= {ms} "
+        "ORDER BY b.low DESC LIMIT 1), 0)"
+    )
+    return f"CASE WHEN {_in_sql(ms)} THEN {found} ELSE um_latency_bucket({ms}) END"
+
+
+def micros_sql(ms: str) -> str:
+    """SQL for ``round(ms * 1000)`` (half to even) of the column ``ms``: below 2**53 the
+    product's integer part and fraction are exact (needs :func:`register_functions`)."""
+    x = f"({ms} * 1000)"
+    whole = f"CAST({x} AS INTEGER)"
+    rounded = f"{whole} + ({x} - {whole} > 0.5 OR ({x} - {whole} = 0.5 AND {whole} % 2 = 1))"
+    return f"CASE WHEN {_in_sql(ms)} THEN {rounded} ELSE um_response_us({ms}) END"
 
 
 _STANDARD = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
 #: Raw requests staged as the writer stages them (append a WHERE clause to choose which).
 #: The labels are plain SQL, the same tests as ``endpoint_method`` and ``endpoint_route``; the
-#: bucket and microseconds come from the writer's Python functions.
+#: bucket and microseconds as :func:`bucket_sql` and :func:`micros_sql`.
 STAGE_RAW = (
     "INSERT INTO temp.um_stage_requests SELECT id, api_key_id, method, path, status_code, "
     "response_time_ms, request_size, response_size, error_message, requested_at, route_matched, "
-    "um_latency_bucket(response_time_ms), um_response_us(response_time_ms), "
+    f"{bucket_sql('response_time_ms')}, {micros_sql('response_time_ms')}, "
     f"CASE WHEN method IN ({_STANDARD}) THEN method ELSE '{OTHER_METHOD}' END, "
     f"CASE WHEN route_matched THEN path ELSE '{UNMATCHED_ROUTE}' END FROM main.api_requests"
 )

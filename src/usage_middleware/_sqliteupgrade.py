@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, inspect
 
 from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_staged_requests
-from ._sqliteseal import STAGE_RAW, register_functions
+from ._sqliteseal import STAGE_RAW, bucket_sql, micros_sql, register_functions
 from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
 
 __all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
@@ -22,8 +22,12 @@ __all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "ba
 ENDPOINT_TABLES = ("endpoint_routes", *ENDPOINT_ROLLUPS)
 
 
+_BUCKET = bucket_sql("response_time_ms")
+_MICROS = micros_sql("response_time_ms")
+
+
 def _functions(conn: Connection) -> None:
-    """Register the writer's Python functions on the connection, for statements over raw rows."""
+    """Prepare the connection for statements over raw rows (``register_functions``)."""
     register_functions(conn.connection.dbapi_connection)
 
 
@@ -99,12 +103,10 @@ _QUARTER_BACKFILL = {
         "error_requests AS e, total_response_us AS us, total_request_bytes AS qb, "
         "total_response_bytes AS rb FROM main.hourly_request_usage "
         f"UNION ALL SELECT {_quarter('requested_at')}, api_key_id, "
-        "um_latency_bucket(response_time_ms), 1, status_code >= 400, "
-        "um_response_us(response_time_ms), request_size, response_size "
+        f"{_BUCKET}, 1, status_code >= 400, {_MICROS}, request_size, response_size "
         f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')} "
         "UNION ALL SELECT substr(requested_at, 1, 13) || ':00:00.000000', api_key_id, "
-        "um_latency_bucket(response_time_ms), -1, -(status_code >= 400), "
-        "-um_response_us(response_time_ms), -request_size, -response_size "
+        f"{_BUCKET}, -1, -(status_code >= 400), -({_MICROS}), -request_size, -response_size "
         f"FROM main.api_requests WHERE {_LATE.format(at='requested_at')}"
         ") GROUP BY q, k, lb HAVING sum(n) <> 0"
     ),
