@@ -11,11 +11,13 @@ a thread of its own, with another thread spinning in Python and without, two way
 statements, a step per chunk of rows), into a table with the raw table's indexes. Medians of
 ``--repeats`` runs.
 
-The same holds for a Python function that a statement calls once a row: each call takes the
-GIL. It also times a seal (``store.seal``: ``--seal-rows`` live requests of an hour ago folded
-into the request rollups, on a new file each time) from a thread of its own, alone and beside
-the spinning thread. To set it against other code, run the script with that code's ``src``
-first on ``PYTHONPATH`` (a git worktree of an earlier commit).
+The same holds for a Python function that a statement calls once a row (each call takes the
+GIL), and for fetching rows (each fetched row is a step). So it also times, from a thread of
+its own, alone and beside the spinning thread, a claim of the recorder's spool (``--claim-rows``
+spooled requests leased for replay) and a seal (``store.seal``: ``--seal-rows`` live requests
+of an hour ago folded into the request rollups), each on a new file. To set them against other
+code, run the script with that code's ``src`` first on ``PYTHONPATH`` (a git worktree of an
+earlier commit).
 """
 
 from __future__ import annotations
@@ -107,11 +109,37 @@ def timed_seal(tmp: str, n: int, busy: bool) -> float:
     return took
 
 
+def timed_claim(tmp: str, n: int, busy: bool) -> float:
+    """Seconds a claim of ``n`` spooled requests takes in a thread of its own, on a new spool."""
+    from usage_middleware._recording.spool import Spool
+
+    path = os.path.join(tmp, f"spool-{uuid.uuid4().hex}.sqlite3")
+    spool = Spool(path, max_records=n)
+    spool.open()
+    now = datetime.now(timezone.utc)
+    spool.put(
+        [
+            RequestRecord(
+                method="GET", path="/files", status_code=200, response_time_ms=12.5,
+                request_size=0, response_size=2_000, api_key_id=uuid.uuid4(), requested_at=now,
+            )
+            for _ in range(n)
+        ]
+    )  # fmt: skip
+    took = timed_in_thread(lambda: spool.claim(n), busy)
+    spool.close()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seal-rows", type=int, default=20_000, help="0: no seal")
+    parser.add_argument("--claim-rows", type=int, default=2_000, help="0: no claim")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
@@ -140,6 +168,9 @@ def main() -> None:
                     batch = rows(args.rows)
                     took = timed_in_thread(lambda fn=fn, batch=batch: fn(batch), busy)
                     results.setdefault((name, busy), []).append(took)
+            for busy in (False, True) if args.claim_rows else ():
+                took = timed_claim(tmp, args.claim_rows, busy)
+                results.setdefault(("claim", busy), []).append(took)
             for busy in (False, True) if args.seal_rows else ():
                 results.setdefault(("seal", busy), []).append(timed_seal(tmp, args.seal_rows, busy))
         conn.close()
@@ -156,6 +187,13 @@ def main() -> None:
         results["insert_rows", True]
     )
     print(f"  beside a busy thread, executemany takes {ratio:.0f}x as long as insert_rows")
+    if args.claim_rows:
+        idle = statistics.median(results["claim", False]) * 1000
+        busy = statistics.median(results["claim", True]) * 1000
+        print(
+            f"a claim of {args.claim_rows:,} spooled requests, in a thread of its own: alone "
+            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x)"
+        )
     if args.seal_rows:
         idle = statistics.median(results["seal", False]) * 1000
         busy = statistics.median(results["seal", True]) * 1000
