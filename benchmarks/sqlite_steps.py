@@ -14,8 +14,10 @@ statements, a step per chunk of rows), into a table with the raw table's indexes
 The same holds for a Python function that a statement calls once a row (each call takes the
 GIL), and for fetching rows (each fetched row is a step). So it also times, from a thread of
 its own, alone and beside the spinning thread, a claim of the recorder's spool (``--claim-rows``
-spooled requests leased for replay) and a seal (``store.seal``: ``--seal-rows`` live requests
-of an hour ago folded into the request rollups), each on a new file. To set them against other
+spooled requests leased for replay), a seal (``store.seal``: ``--seal-rows`` live requests
+of an hour ago folded into the request rollups) and a read (the latency histogram of
+``--read-rows`` raw requests that no seal holds yet, the default ``read_timeout`` of 10 s in
+force), each on a new file. To set them against other
 code, run the script with that code's ``src`` first on ``PYTHONPATH`` (a git worktree of an
 earlier commit).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import tempfile
@@ -134,12 +137,49 @@ def timed_claim(tmp: str, n: int, busy: bool) -> float:
     return took
 
 
+def timed_read(tmp: str, n: int, busy: bool) -> float:
+    """Seconds the latency histogram of ``n`` raw requests (ahead of every seal) takes to read
+    in a thread of its own, on a new file; inf if it ran past ``read_timeout``."""
+    from usage_middleware._errors import ReadTimeoutError
+    from usage_middleware._storage.base import Scope
+
+    path = os.path.join(tmp, f"read-{uuid.uuid4().hex}.db")
+    store = UsageStore(f"sqlite:///{path}")
+    store.create_schema()
+    at = datetime.now(timezone.utc) + timedelta(days=2)
+    store.write(
+        [
+            RequestRecord(
+                method="GET", path=f"/r{i % 30}", status_code=200 if i % 9 else 500,
+                response_time_ms=0.3 + (i * 7919 % 4000) / 10, request_size=0,
+                response_size=2_000, requested_at=at + timedelta(microseconds=i),
+            )
+            for i in range(n)
+        ]
+    )  # fmt: skip
+
+    def read() -> None:
+        try:
+            store.backend.request_histogram(Scope(), at - timedelta(days=1), at + timedelta(days=1))
+        except ReadTimeoutError:
+            took.append(math.inf)
+
+    took: list[float] = []
+    elapsed = timed_in_thread(read, busy)
+    store.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    return took[0] if took else elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seal-rows", type=int, default=20_000, help="0: no seal")
     parser.add_argument("--claim-rows", type=int, default=2_000, help="0: no claim")
+    parser.add_argument("--read-rows", type=int, default=100_000, help="0: no read")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = UsageStore(f"sqlite:///{os.path.join(tmp, 'usage.db')}")
@@ -171,6 +211,8 @@ def main() -> None:
             for busy in (False, True) if args.claim_rows else ():
                 took = timed_claim(tmp, args.claim_rows, busy)
                 results.setdefault(("claim", busy), []).append(took)
+            for busy in (False, True) if args.read_rows else ():
+                results.setdefault(("read", busy), []).append(timed_read(tmp, args.read_rows, busy))
             for busy in (False, True) if args.seal_rows else ():
                 results.setdefault(("seal", busy), []).append(timed_seal(tmp, args.seal_rows, busy))
         conn.close()
@@ -193,6 +235,14 @@ def main() -> None:
         print(
             f"a claim of {args.claim_rows:,} spooled requests, in a thread of its own: alone "
             f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x)"
+        )
+    if args.read_rows:
+        idle = statistics.median(results["read", False]) * 1000
+        busy = statistics.median(results["read", True]) * 1000
+        print(
+            f"a read of {args.read_rows:,} raw requests, in a thread of its own: alone "
+            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x; "
+            "inf: past read_timeout)"
         )
     if args.seal_rows:
         idle = statistics.median(results["seal", False]) * 1000

@@ -27,7 +27,11 @@ RUNS = [
     ("failures.py", "--requests 20000 --uploads 5000 --runs 1", "/export"),
     ("retention.py", "--rows 20000", "ratio DELETE / DROP"),
     ("recorder.py", "--seconds 1", "submit"),
-    ("sqlite_steps.py", "--rows 2000 --repeats 1 --seal-rows 2000 --claim-rows 500", "a seal of"),
+    (
+        "sqlite_steps.py",
+        "--rows 2000 --repeats 1 --seal-rows 2000 --claim-rows 500 --read-rows 5000",
+        "a seal of",
+    ),
     ("multipart_parsers.py", "--rounds 1", "python-multipart"),
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),

@@ -46,6 +46,8 @@ __all__ = [
     "bucket_sql",
     "latency_bounds",
     "micros_sql",
+    "raw_method_sql",
+    "raw_route_sql",
     "register_functions",
     "seals_table",
     "sqlite_seal",
@@ -160,15 +162,26 @@ def micros_sql(ms: str) -> str:
 
 
 _STANDARD = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
-#: Raw requests staged as the writer stages them (append a WHERE clause to choose which).
-#: The labels are plain SQL, the same tests as ``endpoint_method`` and ``endpoint_route``; the
-#: bucket and microseconds as :func:`bucket_sql` and :func:`micros_sql`.
+
+
+def raw_method_sql(method: str) -> str:
+    """SQL for ``endpoint_method(method)`` of the column ``method``."""
+    return f"CASE WHEN {method} IN ({_STANDARD}) THEN {method} ELSE '{OTHER_METHOD}' END"
+
+
+def raw_route_sql(path: str, matched: str) -> str:
+    """SQL for ``endpoint_route(path, matched)`` of the columns ``path`` and ``matched``."""
+    return f"CASE WHEN {matched} THEN {path} ELSE '{UNMATCHED_ROUTE}' END"
+
+
+#: Raw requests staged as the writer stages them (append a WHERE clause to choose which):
+#: the labels as ``endpoint_method`` and ``endpoint_route`` make them, the bucket and
+#: microseconds as :func:`bucket_sql` and :func:`micros_sql`.
 STAGE_RAW = (
     "INSERT INTO temp.um_stage_requests SELECT id, api_key_id, method, path, status_code, "
     "response_time_ms, request_size, response_size, error_message, requested_at, route_matched, "
     f"{bucket_sql('response_time_ms')}, {micros_sql('response_time_ms')}, "
-    f"CASE WHEN method IN ({_STANDARD}) THEN method ELSE '{OTHER_METHOD}' END, "
-    f"CASE WHEN route_matched THEN path ELSE '{UNMATCHED_ROUTE}' END FROM main.api_requests"
+    f"{raw_method_sql('method')}, {raw_route_sql('path', 'route_matched')} FROM main.api_requests"
 )
 _STAGE_RANGE = f"{STAGE_RAW} WHERE requested_at >= ? AND requested_at < ?"
 # The time of the SEAL_ROWS-th raw row from the instant on, if there is one before the target.

@@ -10,7 +10,6 @@ is bounded by the store's ``read_timeout``.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache, partial
@@ -18,10 +17,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     Select,
     case,
     cast,
     func,
+    literal_column,
     select,
     union_all,
 )
@@ -42,11 +43,13 @@ from .._schema import (
     quarter_request_usage,
     quarter_usage,
 )
+from .._sqliteseal import bucket_sql, micros_sql
 from .._sqlitewrite import INSTANT_SQL as SQLITE_INSTANT_SQL
 from .._sqlitewrite import stored_utc
 from .base import Histogram, Scope, UploadRow
 from .plan import Piece, Seals, cut_at, plan, request_plan
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
+from .watchdog import interrupted
 
 if TYPE_CHECKING:
     from .sql import SQLBackend
@@ -166,35 +169,27 @@ def _halves(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
     return first, second
 
 
-# A read on SQLite checks its deadline every this many virtual machine instructions.
-_SQLITE_CHECK_EVERY = 1_000
-
-
 def _rows(backend: SQLBackend, statement: Statement, params: dict[str, Any]) -> list[Any]:
     """Run one read statement, cancelled after ``backend.read_timeout`` (ReadTimeoutError).
 
     PostgreSQL: its cached text straight through psycopg on a pooled connection in autocommit,
     pipelined between setting ``statement_timeout`` and resetting it (the pool's writers keep
     the server's setting) — one round trip, no BEGIN/ROLLBACK, no SQLAlchemy execution
-    machinery; driver errors surface as SQLAlchemy's, as everywhere else. SQLite: a progress
-    handler interrupts the statement at the deadline.
+    machinery; driver errors surface as SQLAlchemy's, as everywhere else. SQLite: the
+    watchdog interrupts the statement at the deadline (:func:`.watchdog.interrupted`).
     """
     timeout = backend.read_timeout
     if statement.sql is None:
         with backend.engine.connect() as conn:
             if timeout is None:
                 return [tuple(r) for r in conn.execute(statement.stmt, params)]
-            dbapi: Any = conn.connection.dbapi_connection
-            deadline = time.monotonic() + timeout
-            dbapi.set_progress_handler(lambda: time.monotonic() > deadline, _SQLITE_CHECK_EVERY)
             try:
-                return [tuple(r) for r in conn.execute(statement.stmt, params)]
+                with interrupted(conn.connection.dbapi_connection, timeout):
+                    return [tuple(r) for r in conn.execute(statement.stmt, params)]
             except OperationalError as exc:
                 if isinstance(exc.orig, sqlite3.OperationalError) and "interrupt" in str(exc.orig):
                     raise _timed_out(timeout) from exc
                 raise
-            finally:
-                dbapi.set_progress_handler(None, 0)
     import psycopg
 
     raw = backend.engine.raw_connection()  # pre-pinged by the pool
@@ -370,6 +365,35 @@ def _raw_request_statement(dialect: str, shape: Shape) -> Statement:
     return Statement(select(j.c.sign, j.c.response_time_ms, j.c.status_code), dialect)
 
 
+@lru_cache(maxsize=32)
+def _raw_histogram_statement(shape: Shape) -> Statement:
+    """SQLite: the rows of :func:`_raw_request_statement` summed per latency bucket
+    ``(bucket, requests, errors, µs)``, bucketed in SQL as the writer does (the connection's
+    ``register_functions``): fetched one by one, each row is a step that lets go of the GIL,
+    and beside a busy event loop waits to get it back."""
+    dialect = "sqlite"
+    ar = api_requests
+    where = filter_clauses(ar, shape, dialect)
+    names = ("response_time_ms", "status_code")
+    j = joined("raw_pieces", False, dialect, ar, ar.c.requested_at, names, where)
+    raw = select(
+        j.c.sign.label("sign"), j.c.response_time_ms.label("ms"), j.c.status_code.label("s")
+    ).subquery("um_raw")
+    bucketed = select(
+        literal_column(bucket_sql("um_raw.ms"), Integer).label("lb"),
+        raw.c.sign,
+        case((raw.c.s >= literal_column("400"), raw.c.sign), else_=0).label("e"),
+        literal_column(micros_sql("um_raw.ms"), BigInteger).label("us"),
+    ).subquery("um_bucketed")
+    stmt = select(
+        bucketed.c.lb,
+        cast(func.sum(bucketed.c.sign), BigInteger),
+        cast(func.sum(bucketed.c.e), BigInteger),
+        cast(func.sum(bucketed.c.sign * bucketed.c.us), BigInteger),
+    ).group_by(bucketed.c.lb)
+    return Statement(stmt, dialect)
+
+
 def request_histogram(
     backend: SQLBackend, scope: Scope, start: datetime, end: datetime
 ) -> Histogram:
@@ -399,14 +423,22 @@ def request_histogram(
         raw = "raw" in by_grain
         if raw:
             raw_params = {**params, **piece_params(by_grain["raw"], "raw_pieces", False, dialect)}
-            statements.append((_raw_request_statement(dialect, shape), raw_params))
+            raw_statement = (
+                _raw_histogram_statement(shape)
+                if dialect == "sqlite"
+                else _raw_request_statement(dialect, shape)
+            )
+            statements.append((raw_statement, raw_params))
         return statements, raw
 
     results, raw = sealed_reads(backend, planned, build)
     for rows in results[: len(results) - raw]:
         for lb, n, e, us in rows:
             out.add(lb, n, e, us)
-    if raw:
+    if raw and dialect == "sqlite":
+        for lb, n, e, us in results[-1]:
+            out.add(lb, int(n), int(e), int(us))
+    elif raw:
         for sign, ms, status in results[-1]:
             out.add(latency_bucket(ms), sign, sign * (status >= 400), sign * round(ms * 1000))
     return out

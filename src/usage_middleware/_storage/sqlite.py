@@ -18,7 +18,7 @@ from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import FAILURE_INDEXES, metadata
-from .._sqliteseal import seals_table, sqlite_seal
+from .._sqliteseal import register_functions, seals_table, sqlite_seal
 from .._sqliteupgrade import (
     add_route_matched,
     backfill_endpoints,
@@ -87,6 +87,7 @@ class SQLiteBackend(SQLBackend):
                 cursor.execute("PRAGMA temp_store=MEMORY")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.close()
+            register_functions(dbapi_conn)  # what reads and seals over raw rows compute with
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:

@@ -16,9 +16,11 @@ thirty routes, and they have an hourly tier besides. Both are exact, so the answ
 either way; with a filter only the endpoint tiers know the labels.
 
 Raw rows are read for the edges off the quarter-hour grid (historical offsets before 1979) and
-for the requests that no seal holds yet (:func:`._sqlread.sealed_reads`), and are labelled here
+for the requests that no seal holds yet (:func:`._sqlread.sealed_reads`), and are labelled
 like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
-:func:`~usage_middleware._schema.endpoint_route`). The per-key-per-day route cap cannot be applied
+:func:`~usage_middleware._schema.endpoint_route`): here on PostgreSQL, in SQL on SQLite, where
+they are bucketed and summed per group too (a fetched row per request is a step that lets go of
+the GIL). The per-key-per-day route cap cannot be applied
 to them: which routes a day admitted depends on the order rows were written in, which raw rows do
 not keep. So a request read from raw rows keeps its route where the rollups may say
 ``(other)`` — only for keys with more than ``ROUTES_PER_KEY_DAY`` routes on that UTC day, and
@@ -57,6 +59,7 @@ from .._schema import (
     quarter_endpoint_usage,
     quarter_request_usage,
 )
+from .._sqliteseal import bucket_sql, micros_sql, raw_method_sql, raw_route_sql
 from ._sqlread import sealed_reads
 from .base import EndpointRow, RequestFilter, Scope, SeriesRow
 from .plan import Piece, request_plan, series_plan
@@ -206,6 +209,48 @@ def _raw_statement(dialect: str, shape: Shape, fshape: FilterShape) -> Statement
     return Statement(select(j.c.p, j.c.sign, *(j.c[n] for n in _RAW)), dialect)
 
 
+@lru_cache(maxsize=32)
+def _raw_grouped_statement(shape: Shape, fshape: FilterShape) -> Statement:
+    """SQLite: the rows of :func:`_raw_statement` summed per period, labels, status code and
+    coarse latency bucket ``(p, method, route, status, bucket, requests, µs, in, out)``,
+    labelled and bucketed in SQL as the writer does (the connection's ``register_functions``).
+
+    Fetching a row is a step of the statement, and the driver lets go of the GIL around each:
+    beside a busy event loop each step waits for the GIL to come back, so a read of many raw
+    rows one by one (a quarter hour of a busy server) crawled. The groups are few."""
+    dialect = "sqlite"
+    ar = api_requests
+    where = [*filter_clauses(ar, shape, dialect), *request_clauses(ar, fshape, dialect)]
+    j = joined("raw_pieces", False, dialect, ar, ar.c.requested_at, _RAW, where)
+    raw = select(
+        j.c.p.label("p"), j.c.sign.label("sign"), j.c.method.label("method"),
+        j.c.path.label("path"), j.c.route_matched.label("matched"),
+        j.c.status_code.label("s"), j.c.response_time_ms.label("ms"),
+        j.c.request_size.label("i"), j.c.response_size.label("o"),
+    ).subquery("um_raw")  # fmt: skip
+    labelled = select(
+        raw.c.p,
+        raw.c.sign,
+        literal_column(raw_method_sql("um_raw.method")).label("m"),
+        literal_column(raw_route_sql("um_raw.path", "um_raw.matched")).label("r"),
+        raw.c.s,
+        literal_column(f"({bucket_sql('um_raw.ms')} + 4) / 5", Integer).label("b"),
+        literal_column(micros_sql("um_raw.ms"), BigInteger).label("us"),
+        raw.c.i,
+        raw.c.o,
+    ).subquery("um_labelled")
+    groups = (labelled.c.p, labelled.c.m, labelled.c.r, labelled.c.s, labelled.c.b)
+    stmt = select(
+        *groups,
+        *(
+            cast(func.sum(labelled.c.sign * labelled.c[c]), BigInteger) if c else
+            cast(func.sum(labelled.c.sign), BigInteger)
+            for c in ("", "us", "i", "o")
+        ),
+    ).group_by(*groups)  # fmt: skip
+    return Statement(stmt, dialect)
+
+
 def _statements(
     backend: SQLBackend,
     scope: Scope,
@@ -231,7 +276,12 @@ def _statements(
     raw = "raw" in by_tier
     if raw:
         p = {**params, **piece_params(by_tier["raw"], "raw_pieces", False, dialect)}
-        out.append((_raw_statement(dialect, shape, fshape), p))
+        grouped = dialect == "sqlite"
+        raw_statement = (
+            _raw_grouped_statement(shape, fshape) if grouped else
+            _raw_statement(dialect, shape, fshape)
+        )  # fmt: skip
+        out.append((raw_statement, p))
     return out, raw
 
 
@@ -262,7 +312,13 @@ def endpoint_rows(
     out: list[EndpointRow] = []
     for rows in results[: len(results) - raw]:
         out += [(m, r, s, b, int(n), int(us), int(i), int(o)) for m, r, s, b, n, us, i, o in rows]
-    if raw:
+    if raw and backend.name == "sqlite":
+        out += [
+            (m, r, s, b, int(n), int(us), int(i), int(o))
+            for _, m, r, s, b, n, us, i, o in results[-1]
+            if filters.matches(m, r, s)
+        ]
+    elif raw:
         out += [
             (m, r, s, endpoint_bucket(ms), sign, sign * round(ms * 1000), sign * i, sign * o)
             for _, sign, m, r, s, ms, i, o in _labelled(results[-1], filters)
@@ -292,7 +348,13 @@ def request_series(
     out: list[SeriesRow] = []
     for rows in results[: len(results) - raw]:
         out += [(p, b, int(n), int(e), int(us)) for p, b, n, e, us in rows]
-    if raw:
+    if raw and backend.name == "sqlite":
+        out += [
+            (p, b, int(n), int(n) if s >= 400 else 0, int(us))
+            for p, m, r, s, b, n, us, _, _ in results[-1]
+            if filters.matches(m, r, s)
+        ]
+    elif raw:
         out += [
             (p, endpoint_bucket(ms), sign, sign * (s >= 400), sign * round(ms * 1000))
             for p, sign, _, _, s, ms, _, _ in _labelled(results[-1], filters)
