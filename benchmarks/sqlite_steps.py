@@ -25,7 +25,6 @@ earlier commit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -84,6 +83,19 @@ def timed_in_thread(write: Callable[[], None], busy: bool) -> float:
     return took[0]
 
 
+def requests(n: int, start: datetime, spread: timedelta) -> list[RequestRecord]:
+    """``n`` requests of 50 keys over 30 routes, their times spread over ``spread``."""
+    keys = [uuid.uuid4() for _ in range(50)]
+    return [
+        RequestRecord(
+            method="GET", path=f"/r{i % 30}", status_code=200 if i % 9 else 500,
+            response_time_ms=0.3 + (i * 7919 % 4000) / 10, request_size=0,
+            response_size=2_000, api_key_id=keys[i % 50], requested_at=start + spread * i / n,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+
+
 def timed_seal(tmp: str, n: int, busy: bool) -> float:
     """Seconds a seal of ``n`` live requests (50 keys, 30 routes, an hour ago) takes in a thread
     of its own, on a new file."""
@@ -92,23 +104,9 @@ def timed_seal(tmp: str, n: int, busy: bool) -> float:
     store.create_schema()
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
     start = hour - timedelta(hours=1)
-    keys = [uuid.uuid4() for _ in range(50)]
-    store.write(
-        [
-            RequestRecord(
-                method="GET", path=f"/r{i % 30}", status_code=200 if i % 9 else 500,
-                response_time_ms=0.3 + (i * 7919 % 4000) / 10, request_size=0,
-                response_size=2_000, api_key_id=keys[i % 50],
-                requested_at=start + timedelta(microseconds=i * 3_600_000_000 // n),
-            )
-            for i in range(n)
-        ]
-    )  # fmt: skip
+    store.write(requests(n, start, timedelta(hours=1)))
     took = timed_in_thread(lambda: store.seal(hour), busy)
     store.dispose()
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
     return took
 
 
@@ -119,21 +117,9 @@ def timed_claim(tmp: str, n: int, busy: bool) -> float:
     path = os.path.join(tmp, f"spool-{uuid.uuid4().hex}.sqlite3")
     spool = Spool(path, max_records=n)
     spool.open()
-    now = datetime.now(timezone.utc)
-    spool.put(
-        [
-            RequestRecord(
-                method="GET", path="/files", status_code=200, response_time_ms=12.5,
-                request_size=0, response_size=2_000, api_key_id=uuid.uuid4(), requested_at=now,
-            )
-            for _ in range(n)
-        ]
-    )  # fmt: skip
+    spool.put(requests(n, datetime.now(timezone.utc), timedelta(0)))
     took = timed_in_thread(lambda: spool.claim(n), busy)
     spool.close()
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
     return took
 
 
@@ -147,16 +133,7 @@ def timed_read(tmp: str, n: int, busy: bool) -> float:
     store = UsageStore(f"sqlite:///{path}")
     store.create_schema()
     at = datetime.now(timezone.utc) + timedelta(days=2)
-    store.write(
-        [
-            RequestRecord(
-                method="GET", path=f"/r{i % 30}", status_code=200 if i % 9 else 500,
-                response_time_ms=0.3 + (i * 7919 % 4000) / 10, request_size=0,
-                response_size=2_000, requested_at=at + timedelta(microseconds=i),
-            )
-            for i in range(n)
-        ]
-    )  # fmt: skip
+    store.write(requests(n, at, timedelta(seconds=1)))
 
     def read() -> None:
         try:
@@ -167,9 +144,6 @@ def timed_read(tmp: str, n: int, busy: bool) -> float:
     took: list[float] = []
     elapsed = timed_in_thread(read, busy)
     store.dispose()
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
     return took[0] if took else elapsed
 
 
