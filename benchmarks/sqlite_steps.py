@@ -175,6 +175,11 @@ def main() -> None:
             insert_rows(cur, head, batch, "ON CONFLICT (id) DO NOTHING")
             cur.execute("COMMIT")
 
+        operations = (
+            ("claim", timed_claim, args.claim_rows),
+            ("read", timed_read, args.read_rows),
+            ("seal", timed_seal, args.seal_rows),
+        )
         results: dict[tuple[str, bool], list[float]] = {}
         for _ in range(args.repeats):
             for name, fn in (("executemany", many), ("insert_rows", chunked)):
@@ -182,13 +187,9 @@ def main() -> None:
                     batch = rows(args.rows)
                     took = timed_in_thread(lambda fn=fn, batch=batch: fn(batch), busy)
                     results.setdefault((name, busy), []).append(took)
-            for busy in (False, True) if args.claim_rows else ():
-                took = timed_claim(tmp, args.claim_rows, busy)
-                results.setdefault(("claim", busy), []).append(took)
-            for busy in (False, True) if args.read_rows else ():
-                results.setdefault(("read", busy), []).append(timed_read(tmp, args.read_rows, busy))
-            for busy in (False, True) if args.seal_rows else ():
-                results.setdefault(("seal", busy), []).append(timed_seal(tmp, args.seal_rows, busy))
+            for name, timed, n in operations:
+                for busy in (False, True) if n else ():
+                    results.setdefault((name, busy), []).append(timed(tmp, n, busy))
         conn.close()
         store.dispose()
     print(f"{args.rows:,} rows written by a thread of their own (median of {args.repeats}):")
@@ -203,28 +204,19 @@ def main() -> None:
         results["insert_rows", True]
     )
     print(f"  beside a busy thread, executemany takes {ratio:.0f}x as long as insert_rows")
-    if args.claim_rows:
-        idle = statistics.median(results["claim", False]) * 1000
-        busy = statistics.median(results["claim", True]) * 1000
-        print(
-            f"a claim of {args.claim_rows:,} spooled requests, in a thread of its own: alone "
-            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x)"
-        )
-    if args.read_rows:
-        idle = statistics.median(results["read", False]) * 1000
-        busy = statistics.median(results["read", True]) * 1000
-        print(
-            f"a read of {args.read_rows:,} raw requests, in a thread of its own: alone "
-            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x; "
-            "inf: past read_timeout)"
-        )
-    if args.seal_rows:
-        idle = statistics.median(results["seal", False]) * 1000
-        busy = statistics.median(results["seal", True]) * 1000
-        print(
-            f"a seal of {args.seal_rows:,} live requests, in a thread of its own: alone "
-            f"{idle:.1f} ms | beside a busy thread {busy:.1f} ms ({busy / idle:.1f}x)"
-        )
+    what = {
+        "claim": f"a claim of {args.claim_rows:,} spooled requests",
+        "read": f"a read of {args.read_rows:,} raw requests (inf: past read_timeout)",
+        "seal": f"a seal of {args.seal_rows:,} live requests",
+    }
+    for name, _, n in operations:
+        if n:
+            idle = statistics.median(results[name, False]) * 1000
+            busy = statistics.median(results[name, True]) * 1000
+            print(
+                f"{what[name]}, in a thread of its own: alone {idle:.1f} ms | beside a busy "
+                f"thread {busy:.1f} ms ({busy / idle:.1f}x)"
+            )
 
 
 if __name__ == "__main__":
