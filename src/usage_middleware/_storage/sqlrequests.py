@@ -21,9 +21,10 @@ like the writer labels them (:func:`~usage_middleware._schema.endpoint_method`,
 :func:`~usage_middleware._schema.endpoint_route`): here on PostgreSQL, in SQL on SQLite, where
 they are bucketed and summed per group too (a fetched row per request is a step that lets go of
 the GIL). The per-key-per-day route cap cannot be applied to them: which routes a day admitted
-depends on the order rows were written in, which raw rows do not keep. So a request read from raw rows keeps its route where the rollups may say
-``(other)`` — only for keys with more than ``ROUTES_PER_KEY_DAY`` routes on that UTC day, and
-for a recent request only until its quarter hour is sealed.
+depends on the order rows were written in, which raw rows do not keep. So a request read from
+raw rows keeps its route where the rollups may say ``(other)`` — only for keys with more than
+``ROUTES_PER_KEY_DAY`` routes on that UTC day, and for a recent request only until its quarter
+hour is sealed.
 """
 
 from __future__ import annotations
