@@ -112,8 +112,9 @@ def latency_bounds() -> tuple[tuple[float, int], ...]:
 
 
 def register_functions(dbapi: Any) -> None:
-    """What the staging statements over raw rows need on ``dbapi``: the latency bounds table
-    (filled once per connection) and the writer's Python functions for the values outside it.
+    """What the statements over raw rows need on ``dbapi``: the latency bounds table and the
+    writer's Python functions for the values outside it. The SQLite backend registers them on
+    every connection it opens, so its seals, upgrades and reads find them there.
 
     No Python runs per row for the values the writer stores: a Python function called from a
     statement takes the GIL for every row, and beside a busy event loop each take waits for the
@@ -219,7 +220,6 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                         row = cur.execute(_NTH, (lo, hi, SEAL_ROWS)).fetchone()
                         if row is not None:
                             hi = max(row[0], utc_text(instant + timedelta(microseconds=1)))
-                        register_functions(dbapi)
                         for statement in CREATE_STAGING:
                             cur.execute(statement)
                         cur.execute("DELETE FROM temp.um_stage_requests")

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, inspect
 
 from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_staged_requests
-from ._sqliteseal import STAGE_RAW, bucket_sql, micros_sql, register_functions
+from ._sqliteseal import STAGE_RAW, bucket_sql, micros_sql
 from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
 
 __all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
@@ -24,11 +24,6 @@ ENDPOINT_TABLES = ("endpoint_routes", *ENDPOINT_ROLLUPS)
 
 _BUCKET = bucket_sql("response_time_ms")
 _MICROS = micros_sql("response_time_ms")
-
-
-def _functions(conn: Connection) -> None:
-    """Prepare the connection for statements over raw rows (``register_functions``)."""
-    register_functions(conn.connection.dbapi_connection)
 
 
 def add_route_matched(conn: Connection, present: set[str]) -> None:
@@ -52,7 +47,6 @@ def backfill_endpoints(conn: Connection, present: set[str]) -> None:
     missing = [t for t in ENDPOINT_TABLES if t not in present]
     if "api_requests" not in present or not missing:
         return
-    _functions(conn)
     dbapi: Any = conn.connection.dbapi_connection
     cur = dbapi.cursor()
     try:
@@ -118,7 +112,6 @@ def backfill_quarters(conn: Connection, present: set[str]) -> None:
     transaction created the missing ones) lacked, inside ``conn``'s open write transaction."""
     if "hourly_usage" not in present or not set(_QUARTER_BACKFILL) - present:
         return
-    _functions(conn)
     for table, statement in _QUARTER_BACKFILL.items():
         if table not in present:
             conn.exec_driver_sql(statement)

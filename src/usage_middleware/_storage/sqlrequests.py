@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 
 from .._schema import (
+    ENDPOINT_BUCKET_WIDTH,
     api_requests,
     daily_endpoint_usage,
     daily_request_usage,
@@ -97,6 +98,7 @@ _HISTOGRAM_TIER = {"month": "month", "day": "day", "hour": "hour", "quarter": "q
 _DATES = ("month", "day")  # tiers keyed by a date, not a timestamp
 _LABELS = ("method", "route", "status_code", "latency_bucket")
 _COUNTERS = ("total_requests", "total_response_us", "total_request_bytes", "total_response_bytes")
+_WIDTH = ENDPOINT_BUCKET_WIDTH  # fine buckets to a coarse one
 _RAW = ("method", "path", "route_matched", "status_code", "response_time_ms", "request_size",
         "response_size")  # fmt: skip
 
@@ -228,13 +230,14 @@ def _raw_grouped_statement(shape: Shape, fshape: FilterShape) -> Statement:
         j.c.status_code.label("s"), j.c.response_time_ms.label("ms"),
         j.c.request_size.label("i"), j.c.response_size.label("o"),
     ).subquery("um_raw")  # fmt: skip
+    coarse = f"({bucket_sql('um_raw.ms')} + {_WIDTH - 1}) / {_WIDTH}"
     labelled = select(
         raw.c.p,
         raw.c.sign,
         literal_column(raw_method_sql("um_raw.method")).label("m"),
         literal_column(raw_route_sql("um_raw.path", "um_raw.matched")).label("r"),
         raw.c.s,
-        literal_column(f"({bucket_sql('um_raw.ms')} + 4) / 5", Integer).label("b"),
+        literal_column(coarse, Integer).label("b"),
         literal_column(micros_sql("um_raw.ms"), BigInteger).label("us"),
         raw.c.i,
         raw.c.o,
@@ -276,9 +279,8 @@ def _statements(
     raw = "raw" in by_tier
     if raw:
         p = {**params, **piece_params(by_tier["raw"], "raw_pieces", False, dialect)}
-        grouped = dialect == "sqlite"
         raw_statement = (
-            _raw_grouped_statement(shape, fshape) if grouped else
+            _raw_grouped_statement(shape, fshape) if dialect == "sqlite" else
             _raw_statement(dialect, shape, fshape)
         )  # fmt: skip
         out.append((raw_statement, p))
