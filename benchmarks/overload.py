@@ -140,38 +140,42 @@ def slow_down(store: Any, rows_per_second: float) -> None:
 
 
 def slow_recorder(args: argparse.Namespace) -> Any:
-    """The real recorder on the slowed database, counting what the middleware submits."""
+    """The real recorder on the slowed database, counting what the middleware submits.
+
+    A plain ``Recorder``, not a subclass: the middleware hands its own recorder a request as
+    the tuple the queue holds, and anything else (a subclass may override ``submit``) a record,
+    a dearer path than users run. The count wraps the instance's ``submit_item``, through which
+    every submission passes (on the event loop thread, the only one that submits).
+    """
     from usage_middleware import Recorder, UsageStore
-
-    class CountingRecorder(Recorder):
-        """Counts submitted records and the longest the queue got (on the event loop thread,
-        the only one that submits)."""
-
-        submitted = 0
-        max_queued = 0
-
-        def submit(self, record: Any) -> None:
-            self.submitted += 1
-            super().submit(record)
-            n = len(self._queue)
-            if n > self.max_queued:
-                self.max_queued = n
 
     store = UsageStore(args.db_url)
     store.create_schema()
     slow_down(store, args.write_rate)
-    return CountingRecorder(
+    recorder = Recorder(
         store,
         max_queue_size=args.max_queue_size,
         spool_path=os.path.join(args.workdir, "spool.sqlite3"),
     )
+    counts = {"submitted": 0, "max_queued": 0}
+    submit_item = recorder.submit_item
+
+    def counting_submit_item(item: object) -> None:
+        counts["submitted"] += 1
+        submit_item(item)
+        n = len(recorder._queue)
+        if n > counts["max_queued"]:
+            counts["max_queued"] = n
+
+    recorder.submit_item = counting_submit_item  # type: ignore[method-assign]
+    recorder.counts = counts  # type: ignore[attr-defined]
+    return recorder
 
 
 def recorder_report(recorder: Any) -> dict[str, Any]:
     return {
         **recorder.stats(),
-        "submitted": recorder.submitted,
-        "max_queued": recorder.max_queued,
+        **recorder.counts,
         "max_queue_size": recorder.max_queue_size,
         "max_spool_records": recorder.max_spool_records,
     }

@@ -388,6 +388,18 @@ def latency_bucket(ms: float) -> int:
     return min(_MAX_BUCKET, math.ceil(math.log(ms / _MIN_MS) / _LOG_GAMMA))
 
 
+def latency_bucket_start(bucket: int) -> float:
+    """The least float :func:`latency_bucket` puts in ``bucket`` (``>= 1``) or above: the
+    analytic bound, stepped float by float until the function agrees, so that a table of these
+    answers as the function does (the SQLite statements bucket raw rows so)."""
+    low = _MIN_MS * _GAMMA ** (bucket - 1)
+    while latency_bucket(low) >= bucket:
+        low = math.nextafter(low, -math.inf)
+    while latency_bucket(low) < bucket:
+        low = math.nextafter(low, math.inf)
+    return low
+
+
 def latency_representative(bucket: int) -> float:
     """A value within ``LATENCY_RELATIVE_ERROR`` of every value in ``bucket`` (ms)."""
     if bucket <= 0:

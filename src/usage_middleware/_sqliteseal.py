@@ -19,7 +19,6 @@ it on, and read again if a seal committed in between (``_storage._sqlread.sealed
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
@@ -27,12 +26,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ._schema import (
-    _GAMMA,
-    _MIN_MS,
     OTHER_METHOD,
     STANDARD_METHODS,
     UNMATCHED_ROUTE,
     latency_bucket,
+    latency_bucket_start,
 )
 from ._sqlitebulk import insert_rows
 from ._sqliterollups import roll_up_staged_requests
@@ -98,17 +96,9 @@ SQL_LIMIT_MS = 10**12
 @lru_cache(maxsize=1)
 def latency_bounds() -> tuple[tuple[float, int], ...]:
     """``(low, b)`` for every bucket ``b >= 1`` a time below ``SQL_LIMIT_MS`` falls in: ``low``
-    is the least float that :func:`latency_bucket` puts in ``b`` or above, found by stepping
-    float by float from the analytic bound, so the table answers as the function does."""
-    bounds = []
-    for b in range(1, latency_bucket(float(SQL_LIMIT_MS)) + 1):
-        low = _MIN_MS * _GAMMA ** (b - 1)
-        while latency_bucket(low) >= b:
-            low = math.nextafter(low, -math.inf)
-        while latency_bucket(low) < b:
-            low = math.nextafter(low, math.inf)
-        bounds.append((low, b))
-    return tuple(bounds)
+    is the least float that :func:`latency_bucket` puts in ``b`` or above."""
+    top = latency_bucket(float(SQL_LIMIT_MS))
+    return tuple((latency_bucket_start(b), b) for b in range(1, top + 1))
 
 
 def register_functions(dbapi: Any) -> None:

@@ -1,6 +1,6 @@
 """What the SQLite and PostgreSQL backends share: a SQLAlchemy engine, one write transaction
 per batch, the mapping of driver errors, and the read statements of :mod:`._sqlread`,
-:mod:`.sqlfailures`, :mod:`.sqlrequests` and :mod:`.sqlconsumers`.
+:mod:`.sqlhistogram`, :mod:`.sqlfailures`, :mod:`.sqlrequests` and :mod:`.sqlconsumers`.
 
 A subclass says how to make its engine, create its schema and run its write plan
 (``_write_batch``); everything else is here, so the two engines cannot drift apart.
@@ -31,7 +31,7 @@ from sqlalchemy.exc import (
 from .._errors import ConfigurationError, DatabaseUnavailableError, RecordsRefusedError
 from .._records import RequestRecord, UploadRecord
 from .._schema import ALL_TABLES
-from . import _sqlread, sqlconsumers, sqlfailures, sqlrequests
+from . import _sqlread, sqlconsumers, sqlfailures, sqlhistogram, sqlrequests
 from .base import (
     ConsumerRow,
     EndpointRow,
@@ -287,7 +287,7 @@ class SQLBackend(ABC):
         return _sqlread.upload_rows(self, scope, bounds)
 
     def request_histogram(self, scope: Scope, start: datetime, end: datetime) -> Histogram:
-        return _sqlread.request_histogram(self, scope, start, end)
+        return sqlhistogram.request_histogram(self, scope, start, end)
 
     def failure_rows(
         self,

@@ -179,8 +179,8 @@ def _series_statement(
             bucket = (
                 j.c.latency_bucket
                 if folded
-                else (j.c.latency_bucket + literal_column("4", Integer))
-                // literal_column("5", Integer)
+                else (j.c.latency_bucket + literal_column(str(_WIDTH - 1), Integer))
+                // literal_column(str(_WIDTH), Integer)
             )
         else:
             errors = case((j.c.status_code >= literal_column("400"), j.c.total_requests), else_=0)

@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from .._schema import ROLLUP_KEYS
+from .._schema import ENDPOINT_BUCKET_WIDTH, ROLLUP_KEYS
 from .base import RequestFilter, Scope
 from .plan import Piece
 
@@ -272,9 +272,9 @@ def joined(
     expression of the hourly rollups' time index on PostgreSQL (see the schema file), so the
     read is an index range whatever the table's physical order.
 
-    ``coarse`` (PostgreSQL) folds the fine ``latency_bucket`` into the coarse one, ``(fine + 4)
-    / 5``, while summing each interval: a week of a key's daily histogram rows leaves the scan
-    as a fifth as many rows.
+    ``coarse`` (PostgreSQL) folds the fine ``latency_bucket`` into the coarse one (``(fine +
+    ENDPOINT_BUCKET_WIDTH - 1) / ENDPOINT_BUCKET_WIDTH``) while summing each interval: a week of
+    a key's daily histogram rows leaves the scan as a fifth as many rows.
     """
     if dialect != "postgresql":
         each = func.json_each(bindparam(name)).table_valued("value")
@@ -309,8 +309,9 @@ def joined(
     def column(n: str) -> Any:
         c = table.c[n]
         if coarse and n == "latency_bucket":
-            four, five = literal_column("4", Integer), literal_column("5", Integer)
-            return ((c + four) // five).label(n)
+            low = literal_column(str(ENDPOINT_BUCKET_WIDTH - 1), Integer)
+            width = literal_column(str(ENDPOINT_BUCKET_WIDTH), Integer)
+            return ((c + low) // width).label(n)
         return c
 
     grouped = {
