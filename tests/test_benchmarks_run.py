@@ -32,6 +32,7 @@ RUNS = [
         "--rows 2000 --repeats 1 --seal-rows 2000 --claim-rows 500 --read-rows 5000",
         "a seal of",
     ),
+    ("sqlite_indexes.py", "--batches 4 --rounds 1", "as created"),
     ("multipart_parsers.py", "--rounds 1", "python-multipart"),
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),
@@ -40,7 +41,7 @@ RUNS = [
 ]
 NEEDS = {"overload.py": "wrk", "instructions.py": "valgrind"}  # and the Debian package's name
 # overhead.py makes its database first
-NO_POSTGRES = {"sqlite_steps.py", "multipart_parsers.py", "instructions.py"}
+NO_POSTGRES = {"sqlite_steps.py", "sqlite_indexes.py", "multipart_parsers.py", "instructions.py"}
 
 
 @pytest.mark.slow

@@ -1,0 +1,165 @@
+"""What each index of ``api_requests`` costs the SQLite writer, in one run.
+
+    .venv/bin/python benchmarks/sqlite_indexes.py [--batches 40] [--rounds 3]
+
+A live request is one raw row on SQLite (the seal rolls it up later), so the raw table's
+indexes are most of what recording a request costs the database. This writes the middleware's
+requests (50 keys, 30 routes, time-ordered ids, one in twenty failed) the way the store writes
+them (the same rows, the same multi-row ``INSERT .. ON CONFLICT (id) DO NOTHING``, one
+``BEGIN IMMEDIATE`` transaction per batch of 2,000, WAL with ``synchronous=NORMAL``) into
+``api_requests`` as ``create_schema()`` makes it, then again with each secondary index dropped
+in turn, and with none; and as created with each batch inserted in (key, time) order rather
+than in id order. Per variant: CPU a row (user and system: the system part is mostly
+writing pages to the WAL and checkpointing them), and the pages each commit appends to the WAL
+(counted in a separate pass with automatic checkpoints off). Medians of ``--rounds`` rounds,
+the variants in a shuffled order each round, each on a new file; ratios to the table as created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from usage_middleware import UsageStore
+from usage_middleware._recording.compact import PackedBatch, new_request_item
+from usage_middleware._sqlitebulk import insert_rows
+from usage_middleware._sqlitewrite import _INSERT_LIVE, _REQUEST_MARKS, _packed_rows
+
+BATCH = 2000
+KEYS = [uuid.UUID(int=i + 1, version=4) for i in range(50)]
+ROUTES = [f"/v1/r{i}/{{id}}" for i in range(30)]
+
+
+def table_sql(workdir: str) -> tuple[str, dict[str, str]]:
+    """``api_requests``'s CREATE TABLE and its indexes' CREATE INDEX, as the store makes them."""
+    path = os.path.join(workdir, "schema.db")
+    store = UsageStore(f"sqlite:///{path}")
+    store.create_schema()
+    store.dispose()
+    conn = sqlite3.connect(path)
+    try:
+        found = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'api_requests' "
+            "AND sql IS NOT NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    table = next(sql for kind, _, sql in found if kind == "table")
+    return table, {name: sql for kind, name, sql in found if kind == "index"}
+
+
+def batches(n: int) -> list[list[tuple[Any, ...]]]:
+    """``n`` batches of the middleware's requests, as the store binds them."""
+    rng = random.Random(7)
+    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    out = []
+    for b in range(n):
+        items = []
+        for i in range(BATCH):
+            at = start + timedelta(milliseconds=(b * BATCH + i) * 0.5)
+            status = 500 if rng.random() < 0.05 else 200
+            route, key, ms = rng.choice(ROUTES), rng.choice(KEYS), rng.expovariate(1 / 20)
+            items.append(new_request_item("GET", route, status, ms, 0, 512, key, None, at, True))
+        requests, _, rest = PackedBatch(items).split()
+        assert not rest
+        rows = _packed_rows(requests)
+        rows.sort(key=lambda r: r[0])  # id order, as the store inserts them
+        out.append(rows)
+    return out
+
+
+def by_key(data: list[list[tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+    """The same batches, each in (key, time, id) order instead of id order."""
+    return [sorted(rows, key=lambda r: (str(r[1]), r[9], r[0])) for rows in data]
+
+
+def write(path: str, table: str, indexes: list[str], data: list[list[Any]], pages: bool) -> float:
+    """Write ``data`` into a new ``api_requests``; CPU seconds a row, or with ``pages`` the WAL
+    pages a commit appends (automatic checkpoints off)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if pages:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        for sql in (table, *indexes):
+            conn.execute(sql)
+        cur = conn.cursor()
+        warm = len(data) // 4  # the first batches fill the file; the rest are measured
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        for n, rows in enumerate(data):
+            if n == warm:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                before = resource.getrusage(resource.RUSAGE_SELF)
+            cur.execute("BEGIN IMMEDIATE")
+            insert_rows(cur, _INSERT_LIVE, rows, "ON CONFLICT (id) DO NOTHING", _REQUEST_MARKS)
+            cur.execute("COMMIT")
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        measured = len(data) - warm
+        if pages:
+            frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+            return float(frames) / measured
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return cpu / (measured * BATCH)
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=40, help="batches of 2,000 rows a run")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    try:
+        table, indexes = table_sql(workdir)
+        variants = {"as created": list(indexes.values())}
+        variants["as created, batches in key order"] = variants["as created"]
+        for name in indexes:
+            if not name.startswith("sqlite_autoindex"):
+                variants[f"without {name}"] = [s for n, s in indexes.items() if n != name]
+        variants["no secondary index"] = []
+        data = batches(max(args.batches, 4))
+        keyed = by_key(data)
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        pages: dict[str, float] = {}
+        order = list(variants)
+        for r in range(args.rounds):
+            random.Random(r).shuffle(order)
+            for v in order:
+                path = os.path.join(workdir, f"{r}-{len(cpu[v])}-{v.replace(' ', '_')}.db")
+                rows = keyed if "key order" in v else data
+                cpu[v].append(write(path, table, variants[v], rows, pages=False))
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(path + suffix):
+                        os.remove(path + suffix)
+        for v in variants:
+            path = os.path.join(workdir, f"pages-{v.replace(' ', '_')}.db")
+            pages[v] = write(path, table, variants[v], keyed if "key order" in v else data, True)
+        print(
+            f"api_requests on SQLite: {len(data) * BATCH:,} requests in batches of {BATCH:,} "
+            f"(50 keys, 30 routes), medians of {args.rounds} rounds"
+        )
+        print(f"{'variant':<44}{'CPU µs/row':>12}{'x':>7}{'WAL pages/commit':>18}{'x':>7}")
+        base_cpu, base_pages = statistics.median(cpu["as created"]), pages["as created"]
+        for v in variants:
+            us = statistics.median(cpu[v])
+            print(
+                f"{v:<44}{us * 1e6:>12.2f}{us / base_cpu:>7.2f}"
+                f"{pages[v]:>18.1f}{pages[v] / base_pages:>7.2f}"
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
