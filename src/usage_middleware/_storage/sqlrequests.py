@@ -68,6 +68,7 @@ from .statements import (
     FilterShape,
     Shape,
     Statement,
+    coarse_bucket,
     filter_clauses,
     filter_params,
     joined,
@@ -176,12 +177,7 @@ def _series_statement(
             errors: Any = j.c.error_requests
             # the fine bucket's coarse one, integer division (buckets are never negative);
             # PostgreSQL folded it while summing each interval
-            bucket = (
-                j.c.latency_bucket
-                if folded
-                else (j.c.latency_bucket + literal_column(str(_WIDTH - 1), Integer))
-                // literal_column(str(_WIDTH), Integer)
-            )
+            bucket = j.c.latency_bucket if folded else coarse_bucket(j.c.latency_bucket)
         else:
             errors = case((j.c.status_code >= literal_column("400"), j.c.total_requests), else_=0)
             bucket = j.c.latency_bucket

@@ -49,6 +49,7 @@ __all__ = [
     "FilterShape",
     "Shape",
     "Statement",
+    "coarse_bucket",
     "filter_clauses",
     "filter_params",
     "joined",
@@ -240,6 +241,13 @@ def pg_array(values: Iterable[object]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def coarse_bucket(fine: Any) -> Any:
+    """The coarse (endpoint) latency bucket of the fine bucket expression ``fine``, as
+    ``endpoint_bucket`` computes it, in integer division (buckets are never negative)."""
+    low = literal_column(str(ENDPOINT_BUCKET_WIDTH - 1), Integer)
+    return (fine + low) // literal_column(str(ENDPOINT_BUCKET_WIDTH), Integer)
+
+
 def joined(
     name: str,
     as_date: bool,
@@ -309,9 +317,7 @@ def joined(
     def column(n: str) -> Any:
         c = table.c[n]
         if coarse and n == "latency_bucket":
-            low = literal_column(str(ENDPOINT_BUCKET_WIDTH - 1), Integer)
-            width = literal_column(str(ENDPOINT_BUCKET_WIDTH), Integer)
-            return ((c + low) // width).label(n)
+            return coarse_bucket(c).label(n)
         return c
 
     grouped = {
