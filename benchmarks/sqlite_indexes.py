@@ -122,29 +122,32 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="usage-bench-")
     try:
         table, indexes = table_sql(workdir)
-        variants = {"as created": list(indexes.values())}
-        variants["as created, batches in key order"] = variants["as created"]
+        data = batches(max(args.batches, 4))
+        created = list(indexes.values())
+        # variant: (the indexes made, the batches written)
+        variants = {
+            "as created": (created, data),
+            "as created, batches in key order": (created, by_key(data)),
+        }
         for name in indexes:
             if not name.startswith("sqlite_autoindex"):
-                variants[f"without {name}"] = [s for n, s in indexes.items() if n != name]
-        variants["no secondary index"] = []
-        data = batches(max(args.batches, 4))
-        keyed = by_key(data)
+                kept = [s for n, s in indexes.items() if n != name]
+                variants[f"without {name}"] = (kept, data)
+        variants["no secondary index"] = ([], data)
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         pages: dict[str, float] = {}
         order = list(variants)
         for r in range(args.rounds):
             random.Random(r).shuffle(order)
             for v in order:
-                path = os.path.join(workdir, f"{r}-{len(cpu[v])}-{v.replace(' ', '_')}.db")
-                rows = keyed if "key order" in v else data
-                cpu[v].append(write(path, table, variants[v], rows, pages=False))
+                path = os.path.join(workdir, f"{r}-{v.replace(' ', '_')}.db")
+                cpu[v].append(write(path, table, *variants[v], pages=False))
                 for suffix in ("", "-wal", "-shm"):
                     if os.path.exists(path + suffix):
                         os.remove(path + suffix)
         for v in variants:
             path = os.path.join(workdir, f"pages-{v.replace(' ', '_')}.db")
-            pages[v] = write(path, table, variants[v], keyed if "key order" in v else data, True)
+            pages[v] = write(path, table, *variants[v], pages=True)
         print(
             f"api_requests on SQLite: {len(data) * BATCH:,} requests in batches of {BATCH:,} "
             f"(50 keys, 30 routes), medians of {args.rounds} rounds"
