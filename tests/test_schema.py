@@ -15,6 +15,7 @@ from support.rollups import SEALED
 
 from usage_middleware import UsageStore
 from usage_middleware._schema import ALL_TABLES
+from usage_middleware._storage.base import Scope
 from usage_middleware._store import sql_text
 
 SQL_FILES = ("usage_tracking_schema.sql", "supabase_rls.sql", "migrate_existing_usage_data.sql")
@@ -253,6 +254,52 @@ def test_rerun_replaces_the_hourly_time_indexes(pg_url: str) -> None:
         "idx_hourly_request_usage_utc_hour": "btree ((usage_hour AT TIME ZONE 'UTC'::text))",
     }
     store.dispose()
+
+
+def _request_indexes(store: UsageStore) -> dict[str, list[str]]:
+    """``api_requests``' indexes on SQLite and their columns, partial ones left out."""
+    with store.engine.connect() as conn:
+        return {
+            i["name"]: list(i["column_names"])
+            for i in inspect(conn).get_indexes("api_requests")
+            if "failed" not in i["name"]
+        }
+
+
+def test_sqlite_requests_have_one_time_first_index_and_an_older_file_gets_it(
+    sqlite_url: str,
+) -> None:
+    """SQLite's ``api_requests`` has one secondary index besides the failures' partial ones,
+    ``(requested_at, api_key_id)``; a file from an older release, with ``(api_key_id,
+    requested_at)`` and ``(requested_at)``, gets it in their place on the next
+    ``create_schema()``, and reads answer as before."""
+    import random
+
+    from support.rollups import random_request
+
+    store = UsageStore(sqlite_url)
+    store.create_schema()
+    assert _request_indexes(store) == {"idx_api_requests_time_key": ["requested_at", "api_key_id"]}
+    rng = random.Random(5)
+    store.write([random_request(rng, spread_hours=30) for _ in range(200)])
+    start = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    end = datetime(2100, 1, 1, tzinfo=timezone.utc)
+    before = sorted(store.backend.consumer_rows(Scope(), start, end), key=str)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX idx_api_requests_time_key")
+        conn.exec_driver_sql(
+            "CREATE INDEX idx_api_requests_key_time ON api_requests (api_key_id, requested_at)"
+        )
+        conn.exec_driver_sql("CREATE INDEX idx_api_requests_time ON api_requests (requested_at)")
+    store.dispose()
+
+    upgraded = UsageStore(sqlite_url)
+    upgraded.create_schema()
+    assert _request_indexes(upgraded) == {
+        "idx_api_requests_time_key": ["requested_at", "api_key_id"]
+    }
+    assert sorted(upgraded.backend.consumer_rows(Scope(), start, end), key=str) == before
+    upgraded.dispose()
 
 
 def test_rerun_adds_and_fills_the_endpoint_rollups_of_an_older_install(db_url: str) -> None:

@@ -117,6 +117,47 @@ def test_last_seen_after_retention_is_exact_or_its_quarter_hour(store: UsageStor
     }
 
 
+def _newest_in(records: list[RequestRecord | UploadRecord], lo: datetime, hi: datetime) -> dict:
+    """The brute-force ``last_seen``: each key's newest record time in ``[lo, hi)``."""
+    out: dict[uuid.UUID | None, datetime] = {}
+    for r in records:
+        at = r.requested_at if isinstance(r, RequestRecord) else r.uploaded_at
+        if lo <= at < hi and (r.api_key_id not in out or at > out[r.api_key_id]):
+            out[r.api_key_id] = at
+    return out
+
+
+def test_last_seen_is_the_newest_instant_for_ranges_cut_anywhere(store: UsageStore) -> None:
+    """``last_seen`` is each key's newest upload or request in the range, for ranges whose
+    ends fall anywhere: inside a sealed quarter hour (where the key's requests in it may all
+    lie after the end), on the grid, at the seal instant, inside the unsealed tail. SQLite
+    finds requests in time windows narrowed by the quarter-hour rollup (it keeps no index led
+    by the key), PostgreSQL with its per-key index: both must give the brute-force answer."""
+    rng = random.Random(3)
+    t0 = datetime(2025, 3, 1, 10, tzinfo=UTC)
+    keys: list[uuid.UUID | None] = [uuid.UUID(int=i, version=4) for i in range(1, 7)]
+    keys.append(None)
+    records: list[RequestRecord | UploadRecord] = []
+    for i, key in enumerate(keys):
+        # densities from two requests in six hours to one every few minutes
+        for _ in range(2 + 40 * i):
+            records.append(_request(key, t0 + timedelta(seconds=rng.uniform(0, 6 * 3600))))
+    # a key whose quarter 12:00-12:15 holds requests only after 12:05, and one before it
+    late = uuid.UUID(int=7, version=4)
+    records += [_request(late, t0 + timedelta(hours=2, minutes=m)) for m in (-20, 9, 13)]
+    records += [_upload(keys[0], t0 + timedelta(hours=h, minutes=7)) for h in (1, 5)]
+    store.write(records)  # type: ignore[arg-type]
+    store.seal(t0 + timedelta(hours=4))  # quarters before 14:00 sealed, the rest raw only
+    bounds = [t0 + timedelta(minutes=m) for m in (-30, 120, 125, 240, 420)]
+    ranges = [(lo, hi) for lo in bounds for hi in bounds if lo < hi]
+    for _ in range(40):
+        lo, hi = sorted(t0 + timedelta(seconds=rng.uniform(-1800, 7 * 3600)) for _ in range(2))
+        ranges.append((lo, hi))
+    for lo, hi in ranges:
+        rows = store.backend.consumer_rows(Scope(), lo, hi)
+        assert {row[0]: row[-1] for row in rows} == _newest_in(records, lo, hi), (lo, hi)
+
+
 # --- get_request_breakdown (sql/usage_tracking_schema.sql) ------------------------------------
 
 BREAKDOWN_CASES = [

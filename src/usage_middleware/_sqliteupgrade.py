@@ -13,11 +13,18 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
+from ._schema import REQUEST_TIME_INDEX
 from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_staged_requests
 from ._sqliteseal import STAGE_RAW, bucket_sql, micros_sql
 from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
 
-__all__ = ["add_route_matched", "backfill_endpoints", "backfill_mismatches", "backfill_quarters"]
+__all__ = [
+    "add_route_matched",
+    "backfill_endpoints",
+    "backfill_mismatches",
+    "backfill_quarters",
+    "replace_request_indexes",
+]
 
 ENDPOINT_TABLES = ("endpoint_routes", *ENDPOINT_ROLLUPS)
 
@@ -36,6 +43,18 @@ def add_route_matched(conn: Connection, present: set[str]) -> None:
         conn.exec_driver_sql(
             "ALTER TABLE api_requests ADD COLUMN route_matched BOOLEAN DEFAULT 1 NOT NULL"
         )
+
+
+# The indexes older releases gave ``api_requests``, in place of its one time-first index.
+_FORMER_REQUEST_INDEXES = ("idx_api_requests_key_time", "idx_api_requests_time")
+
+
+def replace_request_indexes(conn: Connection) -> None:
+    """Give ``api_requests`` its time-first index and drop the two an older file had instead
+    (one led by the key, which every batch wrote into at one place per key)."""
+    REQUEST_TIME_INDEX.create(conn, checkfirst=True)
+    for name in _FORMER_REQUEST_INDEXES:
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS main.{name}")
 
 
 def backfill_endpoints(conn: Connection, present: set[str]) -> None:

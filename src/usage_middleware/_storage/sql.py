@@ -1,6 +1,7 @@
 """What the SQLite and PostgreSQL backends share: a SQLAlchemy engine, one write transaction
 per batch, the mapping of driver errors, and the read statements of :mod:`._sqlread`,
-:mod:`.sqlhistogram`, :mod:`.sqlfailures`, :mod:`.sqlrequests` and :mod:`.sqlconsumers`.
+:mod:`.sqlhistogram`, :mod:`.sqlfailures`, :mod:`.sqlrequests`, :mod:`.sqlconsumers`
+and :mod:`.sqlseen`.
 
 A subclass says how to make its engine, create its schema and run its write plan
 (``_write_batch``); everything else is here, so the two engines cannot drift apart.

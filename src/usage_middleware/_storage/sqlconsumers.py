@@ -7,25 +7,13 @@ tiers over :func:`.plan.request_plan` (whole UTC months from the monthly tier). 
 these statements run at the same time.
 
 ``last_seen`` — the key's newest upload (inside the filters) or request in the range — is then
-probed per key that has usage, newest first on the raw tables' ``(api_key_id, time)`` indexes:
-one short backward index scan per key and table (PostgreSQL: a subquery per element of the
-keys array; SQLite: a correlated subquery per ``json_each`` row).
-
-**Retention.** Raw rows before ``retention_start`` may be gone while the rollups keep their
-counts. The rule, so that ``last_seen`` never silently means something else: it is the exact
-instant whenever the key's newest activity in the range is at or after ``retention_start``
-(every raw row from there on is kept, so the probe finds it). Otherwise the newest activity lies
-in pruned time, and ``last_seen`` is the start of the UTC quarter hour that holds it, read from
-the quarter-hour rollups (``quarter_usage`` inside the filters, ``quarter_request_usage``): the
-true instant truncated to its quarter hour — never later than it, at most 15 minutes earlier,
-always inside the range. Keys never read as having no activity because their raw rows are gone.
+read for each key that has usage (:mod:`.sqlseen`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -33,21 +21,15 @@ from uuid import UUID
 from sqlalchemy import (
     BigInteger,
     Select,
-    Table,
-    Uuid,
-    bindparam,
     case,
     cast,
     func,
     literal_column,
-    null,
     select,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from .._schema import (
-    UTCDateTime,
     api_requests,
     daily_request_usage,
     daily_usage,
@@ -58,9 +40,10 @@ from .._schema import (
     quarter_request_usage,
     quarter_usage,
 )
-from ._sqlread import _SPLIT_DAYS, _halves, run_reads, sealed_reads
+from ._sqlread import _SPLIT_DAYS, _halves, sealed_reads
 from .base import ConsumerRow, Scope
-from .plan import Piece, _ceil_quarter, _floor_quarter, plan, request_plan
+from .plan import Piece, plan, request_plan
+from .sqlseen import last_seen
 from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
@@ -68,7 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["consumer_rows"]
 
-UTC = timezone.utc
 _UPLOAD_SOURCES = {
     "day": (daily_usage, daily_usage.c.usage_date),
     "hour": (hourly_usage, hourly_usage.c.usage_hour),
@@ -202,132 +184,5 @@ def consumer_rows(
             c[1] += b
             c[2] += f
     active = {k: c for k, c in acc.items() if c[0] or c[3]}  # signed pieces may cancel out
-    seen = last_seen(backend, scope, start, end, list(active))
+    seen = last_seen(backend, scope, start, end, active)
     return [(k, *c, seen.get(k)) for k, c in active.items()]  # type: ignore[misc]
-
-
-# --- last_seen --------------------------------------------------------------------------------
-
-_PROBE_SOURCES: dict[str, tuple[tuple[Table, str], tuple[Table, str]]] = {
-    "raw": ((file_uploads, "uploaded_at"), (api_requests, "requested_at")),
-    "quarter": ((quarter_usage, "usage_quarter"), (quarter_request_usage, "usage_quarter")),
-}
-
-
-@lru_cache(maxsize=32)
-def _probe_statement(source: str, dialect: str, shape: Shape, null_key: bool) -> Statement:
-    """Per key of parameter ``probe`` (and the rows without a key when ``null_key``): the
-    newest upload time inside the filters and the newest request time in ``[lo, hi)`` of
-    ``source`` (raw rows, or the quarter-hour rollups' quarter starts)."""
-    pg = dialect == "postgresql"
-    if pg:
-        keys: Any = (
-            func.unnest(bindparam("probe", type_=ARRAY(Uuid()))).table_valued("key")
-            .render_derived(name="probe_keys")
-        )  # fmt: skip
-        key = keys.c.key
-    else:
-        keys = func.json_each(bindparam("probe")).table_valued("value")
-        key = keys.c.value
-
-    def newest(table: Table, at_name: str, matching: Any, uploads: bool) -> Any:
-        at = table.c[at_name]
-        where = filter_clauses(table, shape, dialect) if uploads else []
-        if not pg and source == "quarter" and matching is not None:
-            # the SQLite rollup indexes are on ifnull(api_key_id, '')
-            cond = func.ifnull(table.c.api_key_id, literal_column("''")) == matching
-        elif matching is not None:
-            cond = table.c.api_key_id == matching
-        else:
-            cond = table.c.api_key_id.is_(None)
-        return (
-            select(at)
-            .where(
-                cond,
-                at >= bindparam("lo", type_=UTCDateTime()),
-                at < bindparam("hi", type_=UTCDateTime()),
-                *where,
-            )
-            .order_by(at.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-
-    (upload_table, upload_at), (request_table, request_at) = _PROBE_SOURCES[source]
-    selects: list[Select[Any]] = [
-        select(
-            key.label("k"),
-            newest(upload_table, upload_at, key, True).label("u"),
-            newest(request_table, request_at, key, False).label("r"),
-        ).select_from(keys)
-    ]
-    if null_key:
-        selects.append(
-            select(
-                cast(null(), Uuid()).label("k"),
-                newest(upload_table, upload_at, None, True).label("u"),
-                newest(request_table, request_at, None, False).label("r"),
-            )
-        )
-    stmt: Any = selects[0] if len(selects) == 1 else union_all(*selects)
-    return Statement(stmt, dialect)
-
-
-def _probe(
-    backend: SQLBackend,
-    source: str,
-    scope: Scope,
-    keys: Sequence[UUID | None],
-    lo: datetime,
-    hi: datetime,
-) -> dict[UUID | None, datetime]:
-    """The newest activity per key in ``[lo, hi)`` as ``source`` knows it (keys without any
-    are left out)."""
-    dialect = backend.name
-    shape, params = scope_params(Scope(None, scope.providers, scope.file_types), dialect)
-    named = [k for k in keys if k is not None]
-    if dialect == "postgresql":
-        params["probe"] = named
-    else:
-        params["probe"] = json.dumps([k.hex for k in named])
-    params.update(lo=lo, hi=hi)
-    statement = _probe_statement(source, dialect, shape, None in keys)
-    out: dict[UUID | None, datetime] = {}
-    for k, u, r in run_reads(backend, [(statement, params)])[0]:
-        times = [_utc(t) for t in (u, r) if t is not None]
-        if times:
-            # SQLite gives the key as the hex text it was probed with
-            out[k if k is None or isinstance(k, UUID) else UUID(k)] = max(times)
-    return out
-
-
-def _utc(value: datetime) -> datetime:
-    """psycopg returns timestamptz in the session's zone; answers are UTC everywhere."""
-    return value if value.tzinfo is UTC else value.astimezone(UTC)
-
-
-def last_seen(
-    backend: SQLBackend,
-    scope: Scope,
-    start: datetime,
-    end: datetime,
-    keys: Sequence[UUID | None],
-) -> dict[UUID | None, datetime]:
-    """Each key's newest activity in ``[start, end)`` by the rule of this module's docstring."""
-    if not keys:
-        return {}
-    exact = _probe(backend, "raw", scope, keys, start, end)
-    complete_from = backend.retention_start(["file_uploads", "api_requests"])
-    stale = [
-        k
-        for k in keys
-        if k not in exact or (complete_from is not None and exact[k] < complete_from)
-    ]
-    if not stale:
-        return exact
-    q0, q1 = _ceil_quarter(start), _floor_quarter(end)
-    if complete_from is not None:
-        q1 = min(q1, complete_from)
-    if q0 < q1:
-        exact.update(_probe(backend, "quarter", scope, stale, q0, q1))
-    return exact

@@ -24,6 +24,7 @@ from .._sqliteupgrade import (
     backfill_endpoints,
     backfill_mismatches,
     backfill_quarters,
+    replace_request_indexes,
 )
 from .._sqlitewrite import sqlite_write
 from .base import MaintainResult, PackedRows
@@ -97,9 +98,10 @@ class SQLiteBackend(SQLBackend):
     def _create_schema(self) -> None:
         """Missing tables in one write transaction; a ``monthly_request_usage`` added to an older
         database is filled from ``daily_request_usage``, quarter-hour rollups from the hourly
-        ones and raw rows, and endpoint rollups from raw requests (which get ``route_matched``),
-        before any writer sees them (:mod:`usage_middleware._sqliteupgrade`); ``rollup_seals``
-        last, its instant after every request those rollups hold."""
+        ones and raw rows, and endpoint rollups from raw requests (which get ``route_matched``,
+        and one time-first index in place of their older two), before any writer sees them
+        (:mod:`usage_middleware._sqliteupgrade`); ``rollup_seals`` last, its instant after every
+        request those rollups hold."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
@@ -114,6 +116,7 @@ class SQLiteBackend(SQLBackend):
                     backfill_endpoints(conn, present)
                     for index in FAILURE_INDEXES:  # tables that predate them lack them
                         index.create(conn, checkfirst=True)
+                    replace_request_indexes(conn)
                     seals_table(conn, present)
             finally:
                 conn.info.pop("usage_write", None)
