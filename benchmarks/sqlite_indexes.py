@@ -1,6 +1,6 @@
 """What each index of ``api_requests`` costs the SQLite writer, in one run.
 
-    .venv/bin/python benchmarks/sqlite_indexes.py [--batches 40] [--rounds 3]
+    .venv/bin/python benchmarks/sqlite_indexes.py [--batches 40] [--rounds 3] [--reads N]
 
 A live request is one raw row on SQLite (the seal rolls it up later), so the raw table's
 indexes are most of what recording a request costs the database. This writes the middleware's
@@ -15,6 +15,11 @@ api_key_id)``: ``(api_key_id, requested_at)`` and ``(requested_at)``. Per varian
 and the pages each commit appends to the WAL (counted in a separate pass with automatic
 checkpoints off). Medians of ``--rounds`` rounds, the variants in a shuffled order each round,
 each on a new file; ratios to the table as created.
+
+Then the reads the key-first index served (``--reads 0`` skips them): each key's newest request
+for ``/consumers``' ``last_seen`` over ``--reads`` requests of ``--days`` days written by the
+store, found in time windows as the package does, against one probe per key on a
+``(api_key_id, requested_at)`` index made on the same file.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ import shutil
 import sqlite3
 import statistics
 import tempfile
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from usage_middleware import UsageStore
+from usage_middleware import RequestRecord, UsageStore
 from usage_middleware._recording.compact import PackedBatch, new_request_item
 from usage_middleware._sqlitebulk import insert_rows
 from usage_middleware._sqlitewrite import _INSERT_LIVE, _REQUEST_MARKS, _packed_rows
+from usage_middleware._storage.plan import _floor_quarter
+from usage_middleware._storage.sqlseen import _sqlite_requests_seen
 
 BATCH = 2000
 FORMER = (
@@ -120,10 +128,82 @@ def write(path: str, table: str, indexes: list[str], data: list[list[Any]], page
         conn.close()
 
 
+def reads(workdir: str, requests: int, days: int, runs: int) -> None:
+    """What answering ``last_seen`` without the key-first index costs: each key's newest
+    request, found as ``/consumers`` finds it (time windows narrowed by the quarter-hour
+    rollup, :mod:`usage_middleware._storage.sqlseen`), against the per-key backward probe the
+    former ``(api_key_id, requested_at)`` index served, on the same file (the index made for
+    that probe after the first is timed); both must give the same answer."""
+    rng = random.Random(11)
+    weights = [1 / (i + 1) for i in range(len(KEYS))]  # a few busy keys, many quiet ones
+    end = _floor_quarter(datetime.now(timezone.utc))
+    start = end - timedelta(days=days)
+    store = UsageStore(f"sqlite:///{os.path.join(workdir, 'reads.db')}")
+    store.create_schema()
+    step = (end - start) / requests
+    chunk = 20_000
+    for lo in range(0, requests, chunk):
+        n = range(lo, min(lo + chunk, requests))
+        store.write([
+            RequestRecord(api_key_id=key, method="GET", path=rng.choice(ROUTES),
+                          status_code=200, response_time_ms=5.0, request_size=0,
+                          response_size=512, requested_at=start + step * i)
+            for i, key in zip(n, rng.choices(KEYS, weights, k=len(n)), strict=True)
+        ])  # fmt: skip
+    store.seal(end - timedelta(minutes=30))  # the last half hour raw only, as live
+    ranges = {
+        f"{days} days": (start, end),
+        "last day": (end - timedelta(days=1), end),
+        "last hour": (end - timedelta(hours=1, minutes=7), end - timedelta(minutes=7)),
+    }
+    keys: list[uuid.UUID | None] = list(KEYS)
+    windows: dict[str, list[float]] = {r: [] for r in ranges}
+    answers = {}
+    for r, (lo, hi) in ranges.items():
+        for _ in range(runs):
+            t = time.perf_counter()
+            answers[r] = _sqlite_requests_seen(store.backend, keys, lo, hi)
+            windows[r].append(time.perf_counter() - t)
+    store.dispose()
+    conn = sqlite3.connect(os.path.join(workdir, "reads.db"))
+    probes: dict[str, list[float]] = {r: [] for r in ranges}
+    try:
+        name, cols = FORMER[0]
+        conn.execute(f"CREATE INDEX {name} ON api_requests ({cols})")
+        probe = (
+            "SELECT max(requested_at) FROM api_requests "
+            "WHERE api_key_id = ? AND requested_at >= ? AND requested_at < ?"
+        )
+        fmt = "%Y-%m-%d %H:%M:%S.%f"
+        for r, (lo, hi) in ranges.items():
+            bounds = (lo.strftime(fmt), hi.strftime(fmt))
+            for _ in range(runs):
+                t = time.perf_counter()
+                found = {k: conn.execute(probe, (k.hex, *bounds)).fetchone()[0] for k in KEYS}
+                probes[r].append(time.perf_counter() - t)
+            want = {k: at for k, at in found.items() if at is not None}
+            got = {k: at.strftime(fmt) for k, at in answers[r].items()}
+            assert got == want, f"{r}: the two reads disagree"
+    finally:
+        conn.close()
+    print(
+        f"\nlast_seen of {len(KEYS)} keys' requests, {requests:,} requests over {days} days "
+        f"(the last 30 minutes unsealed), medians of {runs} runs"
+    )
+    print(f"{'range':<14}{'time windows ms':>17}{'per-key index probes ms':>25}{'x':>7}")
+    for r in ranges:
+        w, p = statistics.median(windows[r]), statistics.median(probes[r])
+        print(f"{r:<14}{w * 1e3:>17.2f}{p * 1e3:>25.2f}{w / p:>7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=40, help="batches of 2,000 rows a run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--reads", type=int, default=500_000, metavar="N", help="requests for the read part"
+    )
+    parser.add_argument("--days", type=int, default=30, help="days the read part spans")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="usage-bench-")
     try:
@@ -170,6 +250,8 @@ def main() -> None:
                 f"{v:<52}{us * 1e6:>12.2f}{us / base_cpu:>7.2f}"
                 f"{pages[v]:>18.1f}{pages[v] / base_pages:>7.2f}"
             )
+        if args.reads:
+            reads(workdir, args.reads, args.days, args.rounds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

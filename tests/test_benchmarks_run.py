@@ -32,7 +32,7 @@ RUNS = [
         "--rows 2000 --repeats 1 --seal-rows 2000 --claim-rows 500 --read-rows 5000",
         "a seal of",
     ),
-    ("sqlite_indexes.py", "--batches 4 --rounds 1", "as created"),
+    ("sqlite_indexes.py", "--batches 4 --rounds 1 --reads 20000 --days 2", "time windows"),
     ("multipart_parsers.py", "--rounds 1", "python-multipart"),
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),
