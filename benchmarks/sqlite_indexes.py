@@ -34,6 +34,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -41,8 +42,9 @@ from usage_middleware import RequestRecord, UsageStore
 from usage_middleware._recording.compact import PackedBatch, new_request_item
 from usage_middleware._sqlitebulk import insert_rows
 from usage_middleware._sqlitewrite import _INSERT_LIVE, _REQUEST_MARKS, _packed_rows
+from usage_middleware._storage.base import Scope
 from usage_middleware._storage.plan import _floor_quarter
-from usage_middleware._storage.sqlseen import _sqlite_requests_seen
+from usage_middleware._storage.sqlseen import _probe, _sqlite_requests_seen
 
 BATCH = 2000
 FORMER = (
@@ -132,8 +134,9 @@ def reads(workdir: str, requests: int, days: int, runs: int) -> None:
     """What answering ``last_seen`` without the key-first index costs: each key's newest
     request, found as ``/consumers`` finds it (time windows narrowed by the quarter-hour
     rollup, :mod:`usage_middleware._storage.sqlseen`), against the per-key backward probe the
-    former ``(api_key_id, requested_at)`` index served, on the same file (the index made for
-    that probe after the first is timed); both must give the same answer."""
+    former ``(api_key_id, requested_at)`` index served (the statement PostgreSQL still uses),
+    on the same file with its indexes made as older releases made them after the windows are
+    timed; both must give the same answer."""
     rng = random.Random(11)
     weights = [1 / (i + 1) for i in range(len(KEYS))]  # a few busy keys, many quiet ones
     end = _floor_quarter(datetime.now(timezone.utc))
@@ -157,42 +160,37 @@ def reads(workdir: str, requests: int, days: int, runs: int) -> None:
         "last hour": (end - timedelta(hours=1, minutes=7), end - timedelta(minutes=7)),
     }
     keys: list[uuid.UUID | None] = list(KEYS)
-    windows: dict[str, list[float]] = {r: [] for r in ranges}
-    answers = {}
-    for r, (lo, hi) in ranges.items():
-        for _ in range(runs):
-            t = time.perf_counter()
-            answers[r] = _sqlite_requests_seen(store.backend, keys, lo, hi)
-            windows[r].append(time.perf_counter() - t)
-    store.dispose()
-    conn = sqlite3.connect(os.path.join(workdir, "reads.db"))
-    probes: dict[str, list[float]] = {r: [] for r in ranges}
-    try:
-        name, cols = FORMER[0]
-        conn.execute(f"CREATE INDEX {name} ON api_requests ({cols})")
-        probe = (
-            "SELECT max(requested_at) FROM api_requests "
-            "WHERE api_key_id = ? AND requested_at >= ? AND requested_at < ?"
-        )
-        fmt = "%Y-%m-%d %H:%M:%S.%f"
+
+    def timed(read: Callable[..., dict[Any, datetime]]) -> dict[str, tuple[float, Any]]:
+        out = {}
         for r, (lo, hi) in ranges.items():
-            bounds = (lo.strftime(fmt), hi.strftime(fmt))
+            took = []
             for _ in range(runs):
                 t = time.perf_counter()
-                found = {k: conn.execute(probe, (k.hex, *bounds)).fetchone()[0] for k in KEYS}
-                probes[r].append(time.perf_counter() - t)
-            want = {k: at for k, at in found.items() if at is not None}
-            got = {k: at.strftime(fmt) for k, at in answers[r].items()}
-            assert got == want, f"{r}: the two reads disagree"
+                answer = read(store.backend, keys, lo, hi)
+                took.append(time.perf_counter() - t)
+            out[r] = (statistics.median(took), answer)
+        return out
+
+    try:
+        windows = timed(_sqlite_requests_seen)
+        with store.engine.begin() as conn:  # the indexes as older releases made them
+            conn.exec_driver_sql("DROP INDEX idx_api_requests_time_key")
+            for name, cols in FORMER:
+                conn.exec_driver_sql(f"CREATE INDEX {name} ON api_requests ({cols})")
+        # the statement PostgreSQL still probes with, as SQLite ran it then
+        probes = timed(lambda b, k, lo, hi: _probe(b, "raw", Scope(), k, lo, hi, uploads=False))
     finally:
-        conn.close()
+        store.dispose()
+    for r in ranges:
+        assert windows[r][1] == probes[r][1], f"{r}: the two reads disagree"
     print(
         f"\nlast_seen of {len(KEYS)} keys' requests, {requests:,} requests over {days} days "
         f"(the last 30 minutes unsealed), medians of {runs} runs"
     )
     print(f"{'range':<14}{'time windows ms':>17}{'per-key index probes ms':>25}{'x':>7}")
     for r in ranges:
-        w, p = statistics.median(windows[r]), statistics.median(probes[r])
+        w, p = windows[r][0], probes[r][0]
         print(f"{r:<14}{w * 1e3:>17.2f}{p * 1e3:>25.2f}{w / p:>7.1f}")
 
 

@@ -57,8 +57,8 @@ from .._schema import (
 )
 from ._sqlread import _instants, run_reads
 from .base import Scope
-from .plan import _ceil_quarter, _floor_quarter
-from .statements import Shape, Statement, filter_clauses, scope_params
+from .plan import Piece, _ceil_quarter, _floor_quarter
+from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
 
 if TYPE_CHECKING:
     from .sql import SQLBackend
@@ -176,24 +176,25 @@ def _utc(value: datetime) -> datetime:
 
 @lru_cache(maxsize=1)
 def _window_statement() -> Statement:
-    """Every key's newest request in ``[a, b)``: one pass over ``(requested_at, api_key_id)``."""
+    """Every key's newest request in each window of parameter ``windows`` (pieces whose period
+    is the window's index): one pass over ``(requested_at, api_key_id)`` a window."""
     ar = api_requests
-    at = ar.c.requested_at
-    stmt = (
-        select(ar.c.api_key_id, func.max(at))
-        .where(at >= bindparam("a", type_=UTCDateTime()), at < bindparam("b", type_=UTCDateTime()))
-        .group_by(ar.c.api_key_id)
-    )
-    return Statement(stmt, "sqlite")
+    columns = ("api_key_id", "requested_at")
+    j = joined("windows", False, "sqlite", ar, ar.c.requested_at, columns, [])
+    stmt = select(j.c.p, j.c.api_key_id, func.max(j.c.requested_at))
+    return Statement(stmt.group_by(j.c.p, j.c.api_key_id), "sqlite")
 
 
 def _windows(
     backend: SQLBackend, windows: Sequence[tuple[datetime, datetime]]
 ) -> list[dict[Key, datetime]]:
-    """Each window's newest request per key."""
-    statement = _window_statement()
-    results = run_reads(backend, [(statement, {"a": a, "b": b}) for a, b in windows])
-    return [{k: _utc(t) for k, t in rows} for rows in results]
+    """Each window's newest request per key, in one statement."""
+    pieces = [Piece("raw", lo, hi, i, 1) for i, (lo, hi) in enumerate(windows)]
+    params = piece_params(pieces, "windows", False, "sqlite")
+    out: list[dict[Key, datetime]] = [{} for _ in windows]
+    for i, k, t in run_reads(backend, [(_window_statement(), params)])[0]:
+        out[i][k] = _utc(t)
+    return out
 
 
 def _sqlite_requests_seen(
