@@ -213,6 +213,8 @@ def _sqlite_requests_seen(
             break
         quarters = _probe(backend, "quarter", Scope(), rest, _floor_quarter(lo), top,
                           uploads=False)  # fmt: skip
+        if not quarters:
+            break
         by_quarter: dict[datetime, list[Key]] = {}
         for k, q in quarters.items():
             by_quarter.setdefault(q, []).append(k)
