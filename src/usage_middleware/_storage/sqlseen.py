@@ -9,11 +9,11 @@ same way on ``api_requests``' ``(api_key_id, requested_at)``.
 SQLite's ``api_requests`` has no index led by the key — a live request is one raw row there,
 and keeping a per-key index in order cost the writer more than half of what it spends on each
 row — only ``(requested_at, api_key_id)``. Its requests are found in short time windows
-instead, each read in one pass over that index for every key at once: the unsealed tail (the
-raw rows from the seal instant on, minutes long), then for the keys not in it, the quarter
-hour that ``quarter_request_usage`` (which holds every request before the seal instant) names
-as the key's newest in the range. Only the quarter cut by the range's end can hold none of the
-key's requests before that end; then the quarter before it is read too.
+instead: the unsealed tail (the raw rows from the seal instant on, minutes long) in one pass
+for every key; then, for each key not in it, the quarter hour that ``quarter_request_usage``
+(which holds every request before the seal instant) names as the key's newest in the range,
+scanned backwards until the key's first entry. Only the quarter cut by the range's end can hold
+none of the key's requests before that end; then the quarter before it is read too.
 
 **Retention.** Raw rows before ``retention_start`` may be gone while the rollups keep their
 counts. The rule, so that ``last_seen`` never silently means something else: it is the exact
@@ -57,8 +57,8 @@ from .._schema import (
 )
 from ._sqlread import _instants, run_reads
 from .base import Scope
-from .plan import Piece, _ceil_quarter, _floor_quarter
-from .statements import Shape, Statement, filter_clauses, joined, piece_params, scope_params
+from .plan import _ceil_quarter, _floor_quarter
+from .statements import Shape, Statement, filter_clauses, scope_params
 
 if TYPE_CHECKING:
     from .sql import SQLBackend
@@ -174,27 +174,57 @@ def _utc(value: datetime) -> datetime:
 # --- SQLite's requests: time windows instead of a per-key index -------------------------------
 
 
+_STORED = "%Y-%m-%d %H:%M:%S.%f"  # how SQLite stores a UTCDateTime, so text compares as time
+
+
 @lru_cache(maxsize=1)
-def _window_statement() -> Statement:
-    """Every key's newest request in each window of parameter ``windows`` (pieces whose period
-    is the window's index): one pass over ``(requested_at, api_key_id)`` a window."""
+def _tail_statement() -> Statement:
+    """Every key's newest request in ``[lo, hi)``: one pass over the index for all keys."""
     ar = api_requests
-    columns = ("api_key_id", "requested_at")
-    j = joined("windows", False, "sqlite", ar, ar.c.requested_at, columns, [])
-    stmt = select(j.c.p, j.c.api_key_id, func.max(j.c.requested_at))
-    return Statement(stmt.group_by(j.c.p, j.c.api_key_id), "sqlite")
+    at = ar.c.requested_at
+    stmt = (
+        select(ar.c.api_key_id, func.max(at))
+        .where(
+            at >= bindparam("lo", type_=UTCDateTime()), at < bindparam("hi", type_=UTCDateTime())
+        )
+        .group_by(ar.c.api_key_id)
+    )
+    return Statement(stmt, "sqlite")
 
 
-def _windows(
-    backend: SQLBackend, windows: Sequence[tuple[datetime, datetime]]
-) -> list[dict[Key, datetime]]:
-    """Each window's newest request per key, in one statement."""
-    pieces = [Piece("raw", lo, hi, i, 1) for i, (lo, hi) in enumerate(windows)]
-    params = piece_params(pieces, "windows", False, "sqlite")
-    out: list[dict[Key, datetime]] = [{} for _ in windows]
-    for i, k, t in run_reads(backend, [(_window_statement(), params)])[0]:
-        out[i][k] = _utc(t)
-    return out
+@lru_cache(maxsize=1)
+def _keyed_window_statement() -> Statement:
+    """Per ``[key, lo, hi]`` of parameter ``windows``: the key's newest request in ``[lo, hi)``,
+    a backward scan of the index from ``hi`` that stops at the key's first entry."""
+    each = func.json_each(bindparam("windows")).table_valued("value")
+    key, lo, hi = (func.json_extract(each.c.value, f"$[{i}]") for i in range(3))
+    ar = api_requests
+    at = ar.c.requested_at
+    newest = (
+        select(at)
+        .where(at >= lo, at < hi, ar.c.api_key_id.is_not_distinct_from(key))
+        .order_by(at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return Statement(select(key.label("k"), newest).select_from(each), "sqlite")
+
+
+def _tail(backend: SQLBackend, lo: datetime, hi: datetime) -> dict[Key, datetime]:
+    rows = run_reads(backend, [(_tail_statement(), {"lo": lo, "hi": hi})])[0]
+    return {k: _utc(t) for k, t in rows}
+
+
+def _keyed_windows(
+    backend: SQLBackend, windows: Sequence[tuple[Key, datetime, datetime]]
+) -> dict[Key, datetime]:
+    """Each key's newest request in its own window (keys without one there are left out)."""
+    param = json.dumps(
+        [[None if k is None else k.hex, lo.strftime(_STORED), hi.strftime(_STORED)]
+         for k, lo, hi in windows]
+    )  # fmt: skip
+    rows = run_reads(backend, [(_keyed_window_statement(), {"windows": param})])[0]
+    return {None if k is None else UUID(k): _utc(t) for (k, t) in rows if t is not None}
 
 
 def _sqlite_requests_seen(
@@ -205,7 +235,7 @@ def _sqlite_requests_seen(
     top = hi if seals is None else min(hi, seals.fine)
     found: dict[Key, datetime] = {}
     if top < hi:  # the unsealed tail
-        tail = _windows(backend, [(max(lo, top), hi)])[0]
+        tail = _tail(backend, max(lo, top), hi)
         found = {k: tail[k] for k in keys if k in tail}
     rest = [k for k in keys if k not in found]
     for _ in range(2):  # the key's newest quarter; once more if the range's end cut it empty
@@ -213,20 +243,12 @@ def _sqlite_requests_seen(
             break
         quarters = _probe(backend, "quarter", Scope(), rest, _floor_quarter(lo), top,
                           uploads=False)  # fmt: skip
-        if not quarters:
-            break
-        by_quarter: dict[datetime, list[Key]] = {}
-        for k, q in quarters.items():
-            by_quarter.setdefault(q, []).append(k)
-        spans = [(max(lo, q), min(top, q + _QUARTER)) for q in by_quarter]
-        cut: list[Key] = []
-        for (q, group), seen in zip(by_quarter.items(), _windows(backend, spans), strict=True):
-            for k in group:
-                if k in seen:
-                    found[k] = seen[k]
-                elif q + _QUARTER > top:
-                    cut.append(k)
-        rest, top = cut, _floor_quarter(top)
+        seen = _keyed_windows(
+            backend, [(k, max(lo, q), min(top, q + _QUARTER)) for k, q in quarters.items()]
+        )
+        found.update(seen)
+        rest = [k for k, q in quarters.items() if k not in seen and q + _QUARTER > top]
+        top = _floor_quarter(top)
     return found
 
 
