@@ -55,6 +55,7 @@ from .._schema import (
     quarter_request_usage,
     quarter_usage,
 )
+from .._sqlitewrite import utc_text
 from ._sqlread import _instants, run_reads
 from .base import Scope
 from .plan import _ceil_quarter, _floor_quarter
@@ -174,9 +175,6 @@ def _utc(value: datetime) -> datetime:
 # --- SQLite's requests: time windows instead of a per-key index -------------------------------
 
 
-_STORED = "%Y-%m-%d %H:%M:%S.%f"  # how SQLite stores a UTCDateTime, so text compares as time
-
-
 @lru_cache(maxsize=1)
 def _tail_statement() -> Statement:
     """Every key's newest request in ``[lo, hi)``: one pass over the index for all keys."""
@@ -219,10 +217,10 @@ def _keyed_windows(
     backend: SQLBackend, windows: Sequence[tuple[Key, datetime, datetime]]
 ) -> dict[Key, datetime]:
     """Each key's newest request in its own window (keys without one there are left out)."""
+    # the bounds as SQLite stores a UTCDateTime, so that text compares as time
     param = json.dumps(
-        [[None if k is None else k.hex, lo.strftime(_STORED), hi.strftime(_STORED)]
-         for k, lo, hi in windows]
-    )  # fmt: skip
+        [[None if k is None else k.hex, utc_text(lo), utc_text(hi)] for k, lo, hi in windows]
+    )
     rows = run_reads(backend, [(_keyed_window_statement(), {"windows": param})])[0]
     return {None if k is None else UUID(k): _utc(t) for (k, t) in rows if t is not None}
 
