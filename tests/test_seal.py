@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -128,6 +129,38 @@ def test_late_requests_carry_their_rollups(store: UsageStore) -> None:
     assert late and len(late) < len(mixed)
     store.seal(FAR)
     assert_rollups_exact(store)
+
+
+def test_an_hour_read_from_the_quarter_hours_is_cut_at_the_seal_instant(store: UsageStore) -> None:
+    """PostgreSQL's hour instant lies up to an hour before its seal instant: hourly tiers hold the
+    requests before the first, quarter-hour tiers those before the second. /requests reads an
+    hour of its endpoints from the quarter-hour tier; a local day of Kiritimati (UTC+14) is read
+    as a UTC day minus its first ten hours, and those hours span the hour instant here, with
+    late requests in their quarter hours between the instants. Read as an hour, cut at the hour
+    instant, that part came from the quarter hours twice: the day, which holds none of these
+    requests, answered -2."""
+    key = uuid.UUID("d0cd3881-6723-4935-9eff-766ef4442f15")
+    day = datetime(2025, 3, 8, tzinfo=UTC)
+    late, live = day + timedelta(hours=1), day + timedelta(hours=10, microseconds=-1)
+    at = [day] * 3 + [late] * 2 + [live] * 2
+    records = [
+        RequestRecord(api_key_id=key, path="/files", status_code=200, requested_at=t) for t in at
+    ]
+    instant = day + timedelta(hours=1, microseconds=1)
+    store.seal(instant)
+    store.write(records)  # the five before the instant are late: written with their rollups
+    assert sealed_instant(store) == instant
+    if store.dialect == "postgresql":
+        assert sealed_hours(store) == day + timedelta(hours=1)
+    memory = UsageStore("memory://")
+    memory.write(records)
+    headers = {"x-keys": str(key)}
+    for zone, on in (("Pacific/Kiritimati", "2025-03-09"), ("UTC", "2025-03-08")):
+        params = [("start", on), ("end", on), ("tz", zone)]
+        for extra in ([], [("route", "/files")], [("granularity", "day")]):
+            got = get(app_for(store), "/usage/requests", params + extra, headers).json()
+            assert got == get(app_for(memory), "/usage/requests", params + extra, headers).json()
+            assert got["totals"]["requests"] == (7 if zone == "UTC" else 0)
 
 
 @pytest.mark.postgres

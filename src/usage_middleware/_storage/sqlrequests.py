@@ -110,6 +110,16 @@ def _utc_indexed(tier: str, shape: Shape) -> bool:
     return tier in ("hour", "quarter") and not shape.keys
 
 
+def _read_as(pieces: Sequence[Piece], tiers: dict[str, str]) -> list[Piece]:
+    """``pieces`` named for the tier that reads them, before they are cut at the seal instants:
+    an hour piece read from the quarter-hour endpoint tier becomes a quarter piece. The hourly
+    tiers hold the requests before the hour instant, the quarter-hour ones those before the
+    seal instant, which on PostgreSQL may be up to an hour later. An hour piece that spans the
+    hour instant is cut there, its part from the instant on read from the quarter hours: read
+    from a quarter-hour tier itself, that part was read twice."""
+    return [x._replace(grain=tiers[x.grain]) if x.grain in tiers else x for x in pieces]
+
+
 def _by_tier(pieces: Sequence[Piece], tiers: dict[str, str]) -> dict[str, list[Piece]]:
     """The pieces per tier that reads them (``raw``: raw rows), in plan order."""
     out: dict[str, list[Piece]] = {}
@@ -302,7 +312,7 @@ def endpoint_rows(
         return []
     results, raw = sealed_reads(
         backend,
-        request_plan(start, end),
+        _read_as(request_plan(start, end), _ENDPOINT_TIER),
         lambda pieces: _statements(
             backend, scope, filters, pieces, _ENDPOINT_TIER, _endpoint_statement
         ),
@@ -340,7 +350,7 @@ def request_series(
 
     results, raw = sealed_reads(
         backend,
-        series_plan(bounds),
+        _read_as(series_plan(bounds), tiers),
         lambda pieces: _statements(backend, scope, filters, pieces, tiers, rolled),
     )
     out: list[SeriesRow] = []
