@@ -9,6 +9,7 @@ retention never prunes a request that no seal holds.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import uuid
@@ -35,6 +36,7 @@ from test_requests import scenarios
 from usage_middleware import RequestRecord, UsageStore
 from usage_middleware._sqliteseal import latency_bounds
 from usage_middleware._storage import _sqlread
+from usage_middleware._storage import sql as sql_backend
 from usage_middleware._storage.base import RequestFilter, Scope
 
 UTC = timezone.utc
@@ -214,7 +216,8 @@ def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[UsageStore, UsageStore]]:
     """A store of each sealing engine, emptied before each example, and the in-memory
-    reference."""
+    reference. Its writes never seal on their own (they do once a minute, which would make
+    the states an example reaches depend on when it runs): a failing example fails again."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('seal') / 'usage.db'}"
     else:
@@ -223,7 +226,9 @@ def pair(
     store = UsageStore(url)
     store.create_schema()
     try:
-        yield store, UsageStore("memory://")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sql_backend, "SEAL_INTERVAL", math.inf)
+            yield store, UsageStore("memory://")
     finally:
         store.dispose()
         if request.param == "postgresql":
