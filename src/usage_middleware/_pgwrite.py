@@ -17,7 +17,7 @@ statement does the rest inside the server::
 
 A batch is first inserted plainly, under a savepoint: nearly every batch is new rows, and
 ``ON CONFLICT DO NOTHING`` makes the server probe the primary key for each row before inserting
-it (a tenth of the statement's time on live batches). A batch that holds an id already stored (a
+it (a sixth of the statement's time on live batches). A batch that holds an id already stored (a
 replay, or another process's copy of it) fails with a unique violation and is redone from the
 same staging table with ``ON CONFLICT DO NOTHING``, which names no conflict target on purpose:
 the raw tables are partitioned by month, so their primary key is (id, time), which a replay
