@@ -244,6 +244,35 @@ def test_write_survives_discard_all(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("prepare_threshold", [0, None])
+def test_writes_and_replays_with_statements_prepared_at_once_or_never(
+    pg_url: str, prepare_threshold: int | None
+) -> None:
+    """Behind a transaction-mode pooler users set psycopg's ``prepare_threshold`` (0: every
+    statement prepared at its first run, None: never). The schema file, the staging tables and
+    the uploads' insert (a savepoint in the same message) are several statements in one, which a
+    prepared statement cannot hold: the schema is made, new, replayed and half-replayed batches
+    are written, sealed and maintained under both settings."""
+    store = UsageStore(
+        pg_url, engine_options={"connect_args": {"prepare_threshold": prepare_threshold}}
+    )
+    try:
+        rng = random.Random(7)
+        first = [random_upload(rng) for _ in range(40)] + [random_request(rng)]
+        second = first[20:] + [random_upload(rng) for _ in range(30)]
+        for _ in range(3):  # past psycopg's default threshold (5) of runs before preparing
+            assert store.write(first) == (len(first) if _ == 0 else 0)
+        assert store.write(second) == 30
+        assert store.write([random_upload(rng)]) == 1
+        assert raw_counts(store) == (71, 1)
+        store.seal()
+        store.maintain()  # partitions, seals, the retention bookkeeping
+        assert_rollups_exact(store)
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
 def test_postgres_sessions_are_utc_without_jit_and_caller_options_still_apply(
     pg_url: str,
 ) -> None:

@@ -158,8 +158,9 @@ WITH new AS (
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly),
        (SELECT count(*) FROM quarter), (SELECT count(*) FROM mismatch)
 """
-#: Every staged row new (the batch fails on an id already stored), and skipping stored ids.
-_INSERT_NEW_UPLOADS = _INSERT_UPLOADS.replace("{conflict}", "")
+#: Every staged row new (the batch fails on an id already stored), after a savepoint in the
+#: same message; and skipping stored ids.
+_INSERT_NEW_UPLOADS = "SAVEPOINT um_uploads;\n" + _INSERT_UPLOADS.replace("{conflict}", "")
 _INSERT_OR_SKIP_UPLOADS = _INSERT_UPLOADS.replace("{conflict}", "\n    ON CONFLICT DO NOTHING")
 
 
@@ -188,7 +189,7 @@ def pg_write(
         cur.execute(_STAGING_PRESENT, {"ms": str(max(1, round(timeout * 1000)))})
         _, _, staging, sealing = cur.fetchone()
         if not staging:
-            cur.execute(_CREATE_STAGING)
+            cur.execute(_CREATE_STAGING, prepare=False)
         if uploads or packed.uploads:
             with cur.copy(
                 f"COPY pg_temp.um_stage_uploads ({', '.join(_UPLOAD_COLUMNS)}) "
@@ -208,10 +209,15 @@ def pg_write(
 
 
 def _insert_uploads(cur: Any) -> int:
-    """The staged uploads into the raw table and their rollups; returns how many were new."""
-    cur.execute("SAVEPOINT um_uploads")
+    """The staged uploads into the raw table and their rollups; returns how many were new.
+
+    The savepoint and the insert go in one message, as the simple query protocol allows for
+    statements without parameters (``prepare=False``: a prepared statement holds one): a write
+    to a distant database costs no round trip more than a single insert did.
+    """
     try:
-        cur.execute(_INSERT_NEW_UPLOADS)
+        cur.execute(_INSERT_NEW_UPLOADS, prepare=False)
+        cur.nextset()  # from the savepoint's result to the insert's
     except psycopg.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT um_uploads")
         cur.execute(_INSERT_OR_SKIP_UPLOADS)

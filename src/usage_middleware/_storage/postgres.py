@@ -102,7 +102,7 @@ class PostgresBackend(SQLBackend):
             # Straight to psycopg: no parameters, so the file's own text is sent as is.
             with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
                 for name in SQL_FILES:
-                    cursor.execute(sql_text(name))
+                    cursor.execute(sql_text(name), prepare=False)
 
     def _maintain(self, raw_retention_days: int | None, months_ahead: int) -> MaintainResult:
         return pg_maintain(self, raw_retention_days, months_ahead)
