@@ -143,8 +143,8 @@ def test_an_hour_read_from_the_quarter_hours_is_cut_at_the_seal_instant(store: U
     requests, answered -2."""
     key = uuid.UUID("d0cd3881-6723-4935-9eff-766ef4442f15")
     day = datetime(2025, 3, 8, tzinfo=UTC)
-    late, live = day + timedelta(hours=1), day + timedelta(hours=10, microseconds=-1)
-    at = [day] * 3 + [late] * 2 + [live] * 2
+    one, ten = day + timedelta(hours=1), day + timedelta(hours=10, microseconds=-1)
+    at = [day] * 3 + [one] * 2 + [ten] * 2
     records = [
         RequestRecord(api_key_id=key, path="/files", status_code=200, requested_at=t) for t in at
     ]

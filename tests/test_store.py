@@ -260,8 +260,8 @@ def test_writes_and_replays_with_statements_prepared_at_once_or_never(
         rng = random.Random(7)
         first = [random_upload(rng) for _ in range(40)] + [random_request(rng)]
         second = first[20:] + [random_upload(rng) for _ in range(30)]
-        for _ in range(3):  # past psycopg's default threshold (5) of runs before preparing
-            assert store.write(first) == (len(first) if _ == 0 else 0)
+        for run in range(3):  # the same statements again: prepared ones are run as prepared
+            assert store.write(first) == (len(first) if run == 0 else 0)
         assert store.write(second) == 30
         assert store.write([random_upload(rng)]) == 1
         assert raw_counts(store) == (71, 1)
