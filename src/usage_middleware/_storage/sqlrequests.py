@@ -120,11 +120,12 @@ def _read_as(pieces: Sequence[Piece], tiers: dict[str, str]) -> list[Piece]:
     return [x._replace(grain=tiers[x.grain]) if x.grain in tiers else x for x in pieces]
 
 
-def _by_tier(pieces: Sequence[Piece], tiers: dict[str, str]) -> dict[str, list[Piece]]:
-    """The pieces per tier that reads them (``raw``: raw rows), in plan order."""
+def _by_tier(pieces: Sequence[Piece]) -> dict[str, list[Piece]]:
+    """The pieces (named for their tier by :func:`_read_as`; ``raw``: raw rows) per tier, in
+    plan order."""
     out: dict[str, list[Piece]] = {}
     for x in pieces:
-        out.setdefault(tiers.get(x.grain, "raw"), []).append(x)
+        out.setdefault(x.grain, []).append(x)
     return out
 
 
@@ -274,7 +275,7 @@ def _statements(
     shape, params = scope_params(scope, dialect, uploads=False)
     fshape, fparams = filter_params(filters)
     params.update(fparams)
-    by_tier = _by_tier(pieces, tiers)
+    by_tier = _by_tier(pieces)
     out: list[tuple[Statement, dict[str, Any]]] = []
     rollups = tuple(t for t in dict.fromkeys(tiers.values()) if t in by_tier)
     if rollups:
