@@ -15,7 +15,13 @@ Variants (``overhead.py``'s app): ``bare``; ``noop`` (a timing-only pure ASGI mi
 recorder, as in ``overhead.py``); ``ours+queue`` (UsageMiddleware with the real ``Recorder``,
 whose writer is never woken during the run: what a request costs the event loop in the default
 set-up, up to the queue). Request kinds: ``get`` (a small GET) and ``kib`` (a 1 KiB multipart
-upload: the fixed costs of an upload). Not a megabyte: there the count per request was not
+upload: the fixed costs of an upload), both driven in process, and ``served``: a small GET
+served by uvicorn (one worker, as in ``overhead.py``'s loopback runs) to a client on a
+keep-alive loopback connection, the server's own instructions counted (callgrind's
+instrumentation switched on with ``callgrind_control`` for the counted requests only). It is
+the deterministic side of the loopback req/s ratios: what the middleware adds to everything a
+request costs the server (the HTTP parsing, the event loop, the socket), where the in-process
+kinds set it against the app alone. Not a megabyte: there the count per request was not
 proportional to the number of requests (one ``bytes.find`` scan of its 16 messages alone came
 to 221,000 to 321,000 instructions a scan, depending on how many were run), so large uploads
 stay with ``overhead.py``'s timings.
@@ -35,6 +41,10 @@ and ``--variants`` to choose). To set a change against the code before it, count
 ``git worktree add /tmp/base HEAD~1`` and ``--baseline-src /tmp/base/src`` adds
 ``ours@base`` and ``ours+queue@base`` (and ``store@base`` and ``store+seal@base`` with
 ``--writer``). Needs valgrind (Debian package ``valgrind``).
+``--opcodes`` needs no valgrind: it traces a few requests of each kind in process through
+``bare`` and ``ours+queue`` (``sys.settrace`` opcode events) and prints the Python bytecodes per
+request and the functions that ours adds them in: where the instructions above go, by name.
+
 Instructions are not time (a cache miss costs more than an add), so the timed benchmarks keep
 the last word; this one says whether a change to the request path does less work.
 """
@@ -43,9 +53,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import http.client
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,13 +72,16 @@ sys.path.insert(0, str(HERE))
 import overhead  # noqa: E402  (the app, its variants and the in-process driver)
 
 VARIANTS = ["bare", "noop", "prometheus", "ours", "ours+queue"]
-KINDS = ["get", "kib"]
+KINDS = ["get", "kib", "served"]
 # requests per short and long run, per kind (quick, full): the long run's extra requests are
 # what is counted
 COUNTS = {
     "get": ((300, 1300), (1000, 5000)),
     "kib": ((50, 250), (200, 1000)),
+    "served": ((100, 400), (500, 2500)),
 }
+# GETs a served run sends before the counted ones: the first requests' lazy set-up
+_SERVED_WARMUP = 100
 WRITERS = ["store", "store+seal", "raw"]
 WRITE_BATCH = 2000
 # batches of WRITE_BATCH written per short and long run (quick, full)
@@ -183,9 +199,72 @@ def writer_child(variant: str, n: int, built: int) -> None:
     os._exit(0)  # no teardown, as child()
 
 
+def serve_child(variant: str, port: int) -> None:
+    """Under callgrind: serve ``variant`` with uvicorn until interrupted (every variant's app
+    built, as in :func:`child`)."""
+    import uvicorn
+
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    app = {v: build(v, workdir) for v in VARIANTS}[variant]
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _get(conn: http.client.HTTPConnection, n: int) -> None:
+    for _ in range(n):
+        conn.request("GET", "/small")
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET /small answered {response.status}")
+
+
+def count_served(variant: str, n: int, env: dict[str, str]) -> int:
+    """The server's instructions for ``n`` GETs on one keep-alive connection, counted from the
+    first of them to the last response (the start, the warm-up and the shutdown not)."""
+    port = overhead.free_port()
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--callgrind-out-file=/dev/null",
+    ]
+    server = subprocess.Popen(
+        [*valgrind, sys.executable, __file__, "--serve-child", variant, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0", **env},
+    )
+    try:
+        overhead.wait_for_port(port, 600)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        _get(conn, _SERVED_WARMUP)
+        control = ["callgrind_control", "--instr"]
+        subprocess.run([*control, "on", str(server.pid)], check=True, capture_output=True)
+        _get(conn, n)
+        subprocess.run([*control, "off", str(server.pid)], check=True, capture_output=True)
+        conn.close()
+    finally:
+        server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown; callgrind then reports
+        try:
+            _, stderr = server.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, stderr = server.communicate()
+    found = _COLLECTED.search(stderr)
+    if found is None:
+        raise RuntimeError(f"{variant} served under callgrind failed:\n{stderr[-3000:]}")
+    return int(found.group(1))
+
+
 def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
     """Instructions of a whole child run (callgrind's total); ``kind`` ``write``: a writer run
-    of ``n`` batches."""
+    of ``n`` batches; ``served``: see :func:`count_served`."""
+    if kind == "served":
+        return count_served(variant, n, env)
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     done = subprocess.run(
         [*command, __file__, "--child", variant, kind, str(n)],
@@ -215,6 +294,55 @@ def per_request(variant: str, kind: str, quick: bool, env: dict[str, str]) -> fl
     return (count(variant, kind, long, env) - count(variant, kind, short, env)) / (long - short)
 
 
+def opcodes(kind: str, variant: str, n: int = 10) -> collections.Counter[str]:
+    """Bytecodes executed per function over ``n`` requests of ``kind`` (after a warm-up)."""
+    chunks = [b""] if kind == "get" else overhead.multipart_chunks(1 << 10)
+    if kind == "get":
+        scope = overhead.scope_for("GET", "/small", [])
+    else:
+        scope = overhead.scope_for("POST", "/upload", overhead.UPLOAD_HEADERS)
+    counts: collections.Counter[str] = collections.Counter()
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            where = "/".join(Path(code.co_filename).parts[-2:])
+            counts[f"{code.co_name} ({where}:{code.co_firstlineno})"] += 1
+        return trace
+
+    async def run() -> None:
+        for _ in range(50):
+            await overhead.one(app, scope, chunks)
+        sys.settrace(trace)
+        try:
+            for _ in range(n):
+                await overhead.one(app, scope, chunks)
+        finally:
+            sys.settrace(None)
+
+    with tempfile.TemporaryDirectory(prefix="usage-bench-") as workdir:
+        app = build(variant, workdir)
+        asyncio.run(run())
+    return collections.Counter({name: c / n for name, c in counts.items()})
+
+
+def report_opcodes(kinds: list[str]) -> None:
+    for kind in kinds:
+        if kind == "served":
+            continue  # the server's own loop is not traced; the app's bytecodes are get's
+        bare, ours = opcodes(kind, "bare"), opcodes(kind, "ours+queue")
+        added = sorted(((ours[f] - bare[f], f) for f in ours.keys() | bare.keys()), reverse=True)
+        total = sum(ours.values()) - sum(bare.values())
+        print(
+            f"\n{kind}: Python bytecodes per request, bare {sum(bare.values()):,.0f}, "
+            f"ours+queue {sum(ours.values()):,.0f} ({total:+,.0f}); where ours adds them:"
+        )
+        for count, name in added:
+            if count >= max(5.0, total / 200):
+                print(f"  {count:>8,.0f}  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per run")
@@ -234,13 +362,26 @@ def main() -> None:
         help="also count the SQLite writer's instructions per request row (store.write of the "
         "queue's batches, and a raw INSERT of the same rows)",
     )
+    parser.add_argument(
+        "--opcodes",
+        action="store_true",
+        help="instead, the Python bytecodes per request by function, bare against ours+queue "
+        "(in process, no valgrind)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_child:
+        serve_child(args.serve_child[0], int(args.serve_child[1]))
+        return
     if args.child:
         variant, kind, n = args.child
         if kind == "write":
             writer_child(variant, int(n), int(os.environ[_BUILT_ENV]))
         child(variant, kind, int(n))
+        return
+    if args.opcodes:
+        report_opcodes(args.kinds.split(","))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")

@@ -275,7 +275,7 @@ async def in_process(apps: dict[str, ASGIApp], quick: bool) -> dict[str, dict[st
     kib = multipart_chunks(1 << 10)
     mib = multipart_chunks(1 << 20)
     big = multipart_chunks((32 if quick else 256) << 20)
-    rounds, get_n, kib_n, up_n, big_rounds = (5, 100, 20, 3, 1) if quick else (15, 400, 100, 12, 3)
+    rounds, get_n, kib_n, up_n, big_rounds = (5, 100, 20, 3, 1) if quick else (15, 400, 100, 12, 5)
     for app in apps.values():  # warm up: lazy stacks, first-request start, imports
         await timed(app, get_scope, [b""], 20)
         await timed(app, up_scope, kib, 5)
@@ -317,6 +317,12 @@ async def in_process(apps: dict[str, ASGIApp], quick: bool) -> dict[str, dict[st
             "kib_us": statistics.median(s["kib"]) * 1e6,
             "upload_us": statistics.median(s["upload"]) * 1e6,
             "big_mib_s": big_mib / statistics.median(s["big"]),
+            # each round's ratio to bare in that round, then the median: the large body goes
+            # through the page cache and the disk (Starlette spools files past 1 MiB), whose
+            # speed moves from one round to the next more than the capture costs
+            "big_ratio": statistics.median(
+                b / t for b, t in zip(samples["bare"]["big"], s["big"], strict=True)
+            ),
         }
         for v, s in samples.items()
     }
@@ -489,7 +495,7 @@ def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]]
     def added(v: str, key: str) -> float:
         return stats[v][key] - bare[key]
 
-    print("in process (medians):")
+    print("in process (medians; % bare: the median of each 256 MiB round's ratio to bare):")
     print(
         f"{'variant':<12} {'GET µs':>8} {'+µs':>7} {'1KiB µs':>9} {'+µs':>7} {'1MiB µs':>9} "
         f"{'+µs':>7} {'256MiB MiB/s':>13} {'% bare':>7}"
@@ -498,7 +504,7 @@ def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]]
         print(
             f"{v:<12} {s['get_us']:>8.1f} {added(v, 'get_us'):>+7.1f} {s['kib_us']:>9.1f} "
             f"{added(v, 'kib_us'):>+7.1f} {s['upload_us']:>9.0f} {added(v, 'upload_us'):>+7.0f} "
-            f"{s['big_mib_s']:>13.0f} {100 * s['big_mib_s'] / bare['big_mib_s']:>6.0f}%"
+            f"{s['big_mib_s']:>13.0f} {100 * s['big_ratio']:>6.0f}%"
         )
     print(f"{'find scan':<12} {'':>35} {scan['upload_us']:>9.0f}   (bytes.find only, no app)")
     if loop:
@@ -536,7 +542,7 @@ def report(stats: dict[str, dict[str, float]], loop: dict[str, dict[str, float]]
     )
     print(
         "  256 MiB throughput: ours = "
-        f"{100 * stats['ours']['big_mib_s'] / bare['big_mib_s']:.0f} % of bare (target >= 95 %)"
+        f"{100 * stats['ours']['big_ratio']:.0f} % of bare (target >= 95 %)"
     )
     if loop:
         print(

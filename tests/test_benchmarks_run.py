@@ -36,8 +36,9 @@ RUNS = [
     ("multipart_parsers.py", "--rounds 1", "python-multipart"),
     ("overhead.py", "--quick --no-loopback", "find scan"),
     ("overload.py", "--quick", "p99"),
-    ("instructions.py", "--quick --kinds get --variants bare,ours", "instructions per request"),
+    ("instructions.py", "--quick --kinds get,served --variants bare,ours", "served"),
     ("instructions.py", "--quick --kinds none --writer", "the writer: SQLite"),
+    ("instructions.py", "--opcodes", "Python bytecodes per request"),
 ]
 NEEDS = {"overload.py": "wrk", "instructions.py": "valgrind"}  # and the Debian package's name
 # seconds a run of those may take: instructions.py --quick --writer took 540 s (9 min) on a
@@ -53,7 +54,7 @@ NO_POSTGRES = {"sqlite_steps.py", "sqlite_indexes.py", "multipart_parsers.py", "
     [
         pytest.param(
             *run,
-            id=f"{run[0]}{' --writer' if '--writer' in run[1] else ''}",
+            id=run[0] + "".join(f" {flag}" for flag in ("--writer", "--opcodes") if flag in run[1]),
             marks=(
                 *(() if run[0] in NO_POSTGRES else (pytest.mark.postgres,)),
                 # valgrind runs Python several times over: minutes on a slow, shared machine
