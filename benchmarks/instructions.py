@@ -329,8 +329,8 @@ def opcodes(kind: str, variant: str, n: int = 10) -> collections.Counter[str]:
 
 def report_opcodes(kinds: list[str]) -> None:
     for kind in kinds:
-        if kind == "served":
-            continue  # the server's own loop is not traced; the app's bytecodes are get's
+        if kind not in ("get", "kib"):
+            continue  # served: the server's loop is not traced, and the app's bytecodes are get's
         bare, ours = opcodes(kind, "bare"), opcodes(kind, "ours+queue")
         added = sorted(((ours[f] - bare[f], f) for f in ours.keys() | bare.keys()), reverse=True)
         total = sum(ours.values()) - sum(bare.values())
