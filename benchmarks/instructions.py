@@ -40,7 +40,8 @@ Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short ru
 and ``--variants`` to choose). To set a change against the code before it, count that code too:
 ``git worktree add /tmp/base HEAD~1`` and ``--baseline-src /tmp/base/src`` adds
 ``ours@base`` and ``ours+queue@base`` (and ``store@base`` and ``store+seal@base`` with
-``--writer``). Needs valgrind (Debian package ``valgrind``).
+``--writer``). Needs valgrind (Debian package ``valgrind``, with ``callgrind_control``).
+
 ``--opcodes`` needs no valgrind: it traces a few requests of each kind in process through
 ``bare`` and ``ours+queue`` (``sys.settrace`` opcode events) and prints the Python bytecodes per
 request and the functions that ours adds them in: where the instructions above go, by name.
