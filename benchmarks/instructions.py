@@ -113,18 +113,32 @@ def build(variant: str, workdir: str) -> Any:
     return app
 
 
+# valgrind's callgrind with its profile discarded: only the total it prints on exit is read
+_CALLGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+
+
+def _under_callgrind_env(env: dict[str, str]) -> dict[str, str]:
+    # one hash seed: with a random one, dict and set layouts (and so the collector's timing)
+    # differ between the two runs of a pair
+    return {**os.environ, "PYTHONHASHSEED": "0", **env}
+
+
+def request_of(kind: str) -> tuple[dict[str, Any], list[bytes]]:
+    """The scope and body messages of an in-process request of ``kind`` (``get``, ``kib``)."""
+    if kind == "get":
+        return overhead.scope_for("GET", "/small", []), [b""]
+    upload = overhead.scope_for("POST", "/upload", overhead.UPLOAD_HEADERS)
+    return upload, overhead.multipart_chunks(1 << 10)
+
+
 def child(variant: str, kind: str, n: int) -> None:
     """Under callgrind: ``n`` requests of ``kind``."""
-    chunks = [b""] if kind == "get" else overhead.multipart_chunks(1 << 10)
+    scope, chunks = request_of(kind)
     workdir = tempfile.mkdtemp(prefix="usage-bench-")
     # Every variant's app is built in every run, so that each run holds the same modules and
     # objects: the garbage collector's full collections walk all of them, and a variant run
     # alone in a smaller heap would be charged less for its collections.
     app = {v: build(v, workdir) for v in VARIANTS}[variant]
-    if kind == "get":
-        scope = overhead.scope_for("GET", "/small", [])
-    else:
-        scope = overhead.scope_for("POST", "/upload", overhead.UPLOAD_HEADERS)
 
     async def run() -> None:
         for _ in range(n):
@@ -226,18 +240,13 @@ def count_served(variant: str, n: int, env: dict[str, str]) -> int:
     """The server's instructions for ``n`` GETs on one keep-alive connection, counted from the
     first of them to the last response (the start, the warm-up and the shutdown not)."""
     port = overhead.free_port()
-    valgrind = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        "--callgrind-out-file=/dev/null",
-    ]
+    serve = [sys.executable, __file__, "--serve-child", variant, str(port)]
     server = subprocess.Popen(
-        [*valgrind, sys.executable, __file__, "--serve-child", variant, str(port)],
+        [*_CALLGRIND, "--instr-atstart=no", *serve],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0", **env},
+        env=_under_callgrind_env(env),
     )
     try:
         overhead.wait_for_port(port, 600)
@@ -266,14 +275,11 @@ def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
     of ``n`` batches; ``served``: see :func:`count_served`."""
     if kind == "served":
         return count_served(variant, n, env)
-    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     done = subprocess.run(
-        [*command, __file__, "--child", variant, kind, str(n)],
+        [*_CALLGRIND, sys.executable, __file__, "--child", variant, kind, str(n)],
         capture_output=True,
         text=True,
-        # one hash seed: with a random one, dict and set layouts (and so the collector's timing)
-        # differ between the two runs
-        env={**os.environ, "PYTHONHASHSEED": "0", **env},
+        env=_under_callgrind_env(env),
         timeout=1800,
     )
     found = _COLLECTED.search(done.stderr)
@@ -297,11 +303,7 @@ def per_request(variant: str, kind: str, quick: bool, env: dict[str, str]) -> fl
 
 def opcodes(kind: str, variant: str, n: int = 10) -> collections.Counter[str]:
     """Bytecodes executed per function over ``n`` requests of ``kind`` (after a warm-up)."""
-    chunks = [b""] if kind == "get" else overhead.multipart_chunks(1 << 10)
-    if kind == "get":
-        scope = overhead.scope_for("GET", "/small", [])
-    else:
-        scope = overhead.scope_for("POST", "/upload", overhead.UPLOAD_HEADERS)
+    scope, chunks = request_of(kind)
     counts: collections.Counter[str] = collections.Counter()
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
