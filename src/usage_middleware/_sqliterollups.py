@@ -1,11 +1,14 @@
-"""The SQLite request rollups: the statements that roll staged requests up into every tier.
+"""The SQLite request rollups: the statements that roll new requests up into every tier.
 
-The staged requests (new ones only: live ones a seal stages from ``api_requests``, late ones the
-writer stages as it writes them, see :mod:`usage_middleware._sqlitewrite`) are first summed per
-key and UTC quarter hour in two temporary tables, by fine latency bucket for the histograms and
-by endpoint labels for the endpoint rollups; every tier is summed from those, ``INSERT .. SELECT
-.. GROUP BY .. ON CONFLICT DO UPDATE`` in unique-key order. A quarter hour of traffic holds far
-fewer such groups than rows.
+The requests come from a *source*: live ones a seal reads straight from ``api_requests``
+(:func:`usage_middleware._sqliteseal.raw_requests`, their labels, latency bucket and
+microseconds computed in SQL), late ones from the table the writer staged them in with those
+values computed in Python (``STAGED``, see :mod:`usage_middleware._sqlitewrite`). One pass over
+the source sums them per key, UTC quarter hour, endpoint labels, status and fine latency bucket
+(the fine groups); the histograms' groups (by fine bucket) and the endpoint rollups' groups (by
+endpoint and coarse bucket) are summed from those, and every tier from them, ``INSERT ..
+SELECT .. GROUP BY .. ON CONFLICT DO UPDATE`` in unique-key order. A quarter hour of traffic
+holds far fewer such groups than rows, so each request is read, bucketed and sorted once.
 
 Endpoint rollups follow the route cap (see ``_schema.ROUTES_PER_KEY_DAY``): the new named routes
 of each key and UTC day are admitted into ``endpoint_routes`` in route order while the day has
@@ -21,9 +24,17 @@ from typing import Any
 
 from ._schema import ENDPOINT_BUCKET_WIDTH, OTHER_ROUTE, ROUTES_PER_KEY_DAY, UNMATCHED_ROUTE
 
-__all__ = ["CREATE_GROUPS", "ENDPOINT_ROLLUPS", "roll_up_staged_requests"]
+__all__ = ["CREATE_GROUPS", "ENDPOINT_ROLLUPS", "STAGED", "roll_up_requests"]
+
+#: The writer's staged requests as a source of :func:`roll_up_requests`: every column the
+#: rollups read (``api_key_id``, ``requested_at``, ``status_code``, ``request_size``,
+#: ``response_size``, ``latency_bucket``, ``response_us``, ``endpoint_method``,
+#: ``endpoint_route``) under its own name.
+STAGED = "temp.um_stage_requests"
 
 CREATE_GROUPS = (
+    "CREATE TEMP TABLE IF NOT EXISTS um_fine_groups (api_key_id, q, method, route, "
+    "status_code, latency_bucket, n, us, rq, rs)",
     "CREATE TEMP TABLE IF NOT EXISTS um_request_groups (api_key_id, q, latency_bucket, "
     "n, e, us, rq, rs)",
     "CREATE TEMP TABLE IF NOT EXISTS um_endpoint_groups (api_key_id, q, method, route, "
@@ -69,11 +80,22 @@ _MONTH, _DAY, _HOUR = (
     "substr(q, 1, 10)",
     ("substr(q, 1, 13) || ':00:00.000000'"),
 )
+# One pass over the source: the groups both kinds of rollup are summed from (``{source}``: a
+# table or a parenthesised SELECT with the columns STAGED has). It sorts the integers first,
+# which tell most rows apart at once, and the quarter hour, which all rows of a seal share,
+# last; the two groupings from it sort in the tiers' key order, so that the tiers' own sorts
+# find their input in order.
+_GROUP_FINE = (
+    "INSERT INTO temp.um_fine_groups "
+    f"SELECT api_key_id, {_quarter('requested_at')}, endpoint_method, endpoint_route, "
+    "status_code, latency_bucket, count(*), sum(response_us), sum(request_size), "
+    "sum(response_size) FROM {source} GROUP BY 6, 5, 1, 3, 4, 2"
+)
 _GROUP_REQUESTS = (
     "INSERT INTO temp.um_request_groups "
-    f"SELECT api_key_id, {_quarter('requested_at')} AS q, latency_bucket, count(*), "
-    "sum(status_code >= 400), sum(response_us), sum(request_size), sum(response_size) "
-    "FROM temp.um_stage_requests GROUP BY api_key_id, q, latency_bucket"
+    "SELECT api_key_id, q, latency_bucket, sum(n), sum(CASE WHEN status_code >= 400 THEN n "
+    "ELSE 0 END), sum(us), sum(rq), sum(rs) FROM temp.um_fine_groups "
+    "GROUP BY api_key_id, q, latency_bucket"
 )
 _REQUEST_TIERS = (
     "monthly_request_usage", "daily_request_usage", "hourly_request_usage", "quarter_request_usage",
@@ -99,20 +121,20 @@ _REQUEST_ROLLUPS = tuple(
 _WIDTH = ENDPOINT_BUCKET_WIDTH
 
 # --- endpoint rollups and the route cap -----------------------------------------------------
-# The staged rows (new ones only) are first summed per key, UTC quarter hour and endpoint with
-# their own routes; the cap's two steps then run on those groups, which share a key, day and
-# route with each of their rows but are far fewer: admit the batch's new named routes per key
-# and UTC day, in route order, into the room the day has left (SQLite runs an INSERT's SELECT
-# to completion before inserting when it reads the target table, so the room is the day's count
-# before this batch); then relabel every group whose route is not in endpoint_routes as
-# "(other)". The tiers' GROUP BY adds up the groups that relabelling made alike.
+# The new requests are first summed per key, UTC quarter hour and endpoint with their own
+# routes (from the fine groups); the cap's two steps then run on those groups, which share a
+# key, day and route with each of their rows but are far fewer: admit the batch's new named
+# routes per key and UTC day, in route order, into the room the day has left (SQLite runs an
+# INSERT's SELECT to completion before inserting when it reads the target table, so the room is
+# the day's count before this batch); then relabel every group whose route is not in
+# endpoint_routes as "(other)". The tiers' GROUP BY adds up the groups that relabelling made
+# alike.
 _SAME_KEY = "ifnull(e.api_key_id, '') = ifnull({k}, '')"
 _GROUP_ENDPOINTS = (
     "INSERT INTO temp.um_endpoint_groups "
-    f"SELECT api_key_id, {_quarter('requested_at')} AS q, endpoint_method, endpoint_route, "
-    f"status_code, (latency_bucket + {_WIDTH - 1}) / {_WIDTH} AS b, count(*), sum(response_us), "
-    "sum(request_size), sum(response_size) FROM temp.um_stage_requests "
-    "GROUP BY api_key_id, q, endpoint_method, endpoint_route, status_code, b"
+    f"SELECT api_key_id, q, method, route, status_code, (latency_bucket + {_WIDTH - 1}) / {_WIDTH} "
+    "AS b, sum(n), sum(us), sum(rq), sum(rs) FROM temp.um_fine_groups "
+    "GROUP BY api_key_id, q, method, route, status_code, b"
 )
 _ADMIT_ROUTES = (
     "INSERT INTO main.endpoint_routes (api_key_id, usage_date, route) "
@@ -158,19 +180,31 @@ ENDPOINT_ROLLUPS = {
         ("quarter_endpoint_usage", "usage_quarter", "q"),
     )
 }
-_CLEAR_GROUPS = ("DELETE FROM temp.um_request_groups", "DELETE FROM temp.um_endpoint_groups")
+_CLEAR_GROUPS = (
+    "DELETE FROM temp.um_fine_groups",
+    "DELETE FROM temp.um_request_groups",
+    "DELETE FROM temp.um_endpoint_groups",
+)
 
 
-def roll_up_staged_requests(cur: Any, tiers: Sequence[str] | None = None) -> None:
-    """Roll the staged requests (new ones only) up into the request histograms and, through
-    the route cap (``endpoint_routes``), the endpoint rollups; ``tiers`` names the only tables
-    to fill (an upgrade's backfill of the tables an older file lacked)."""
+def roll_up_requests(
+    cur: Any,
+    source: str = STAGED,
+    params: Sequence[Any] = (),
+    tiers: Sequence[str] | None = None,
+) -> int:
+    """Roll the requests of ``source`` (new ones only; ``params`` bound to its placeholders)
+    up into the request histograms and, through the route cap (``endpoint_routes``), the
+    endpoint rollups; returns how many requests that was. ``tiers`` names the only tables to
+    fill (an upgrade's backfill of the tables an older file lacked)."""
 
     def wanted(table: str) -> bool:
         return tiers is None or table in tiers
 
     for statement in _CLEAR_GROUPS:
         cur.execute(statement)
+    cur.execute(_GROUP_FINE.format(source=source), params)
+    rolled = int(cur.execute("SELECT coalesce(sum(n), 0) FROM temp.um_fine_groups").fetchone()[0])
     if any(wanted(t) for t in _REQUEST_TIERS):
         cur.execute(_GROUP_REQUESTS)
         for table, statement in zip(_REQUEST_TIERS, _REQUEST_ROLLUPS, strict=True):
@@ -185,3 +219,4 @@ def roll_up_staged_requests(cur: Any, tiers: Sequence[str] | None = None) -> Non
             cur.execute(statement)
     for statement in _CLEAR_GROUPS:
         cur.execute(statement)
+    return rolled

@@ -33,18 +33,18 @@ from ._schema import (
     latency_bucket_start,
 )
 from ._sqlitebulk import insert_rows
-from ._sqliterollups import roll_up_staged_requests
+from ._sqliterollups import roll_up_requests
 from ._sqlitewrite import CREATE_STAGING, read_instant, stored_utc, utc_text
 from ._storage.plan import seal_target
 
 __all__ = [
     "SEAL_ROWS",
     "SQL_LIMIT_MS",
-    "STAGE_RAW",
     "bucket_sql",
     "latency_bounds",
     "micros_sql",
     "raw_method_sql",
+    "raw_requests",
     "raw_route_sql",
     "register_functions",
     "seals_table",
@@ -165,16 +165,25 @@ def raw_route_sql(path: str, matched: str) -> str:
     return f"CASE WHEN {matched} THEN {path} ELSE '{UNMATCHED_ROUTE}' END"
 
 
-#: Raw requests staged as the writer stages them (append a WHERE clause to choose which):
-#: the labels as ``endpoint_method`` and ``endpoint_route`` make them, the bucket and
-#: microseconds as :func:`bucket_sql` and :func:`micros_sql`.
-STAGE_RAW = (
-    "INSERT INTO temp.um_stage_requests SELECT id, api_key_id, method, path, status_code, "
-    "response_time_ms, request_size, response_size, error_message, requested_at, route_matched, "
-    f"{bucket_sql('response_time_ms')}, {micros_sql('response_time_ms')}, "
-    f"{raw_method_sql('method')}, {raw_route_sql('path', 'route_matched')} FROM main.api_requests"
-)
-_STAGE_RANGE = f"{STAGE_RAW} WHERE requested_at >= ? AND requested_at < ?"
+def raw_requests(where: str = "") -> str:
+    """The raw requests (``where``: an SQL condition that chooses which, if any) as a source of
+    :func:`usage_middleware._sqliterollups.roll_up_requests`: the labels as ``endpoint_method``
+    and ``endpoint_route`` make them, the bucket and microseconds as :func:`bucket_sql` and
+    :func:`micros_sql`, computed as the rollups read each row (nothing is copied first).
+
+    ``LIMIT -1`` (no limit) keeps SQLite from flattening the subquery into the grouping that
+    reads it, which would compute a row's bucket again for every group it starts."""
+    return (
+        "(SELECT api_key_id, requested_at, status_code, request_size, response_size, "
+        f"{bucket_sql('response_time_ms')} AS latency_bucket, "
+        f"{micros_sql('response_time_ms')} AS response_us, "
+        f"{raw_method_sql('method')} AS endpoint_method, "
+        f"{raw_route_sql('path', 'route_matched')} AS endpoint_route "
+        f"FROM main.api_requests{f' WHERE {where}' if where else ''} LIMIT -1)"
+    )
+
+
+_RAW_RANGE = raw_requests("requested_at >= ? AND requested_at < ?")
 # The time of the SEAL_ROWS-th raw row from the instant on, if there is one before the target.
 _NTH = (
     "SELECT requested_at FROM main.api_requests WHERE requested_at >= ? AND requested_at < ? "
@@ -212,11 +221,7 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                             hi = max(row[0], utc_text(instant + timedelta(microseconds=1)))
                         for statement in CREATE_STAGING:
                             cur.execute(statement)
-                        cur.execute("DELETE FROM temp.um_stage_requests")
-                        cur.execute(_STAGE_RANGE, (lo, hi))
-                        folded += int(cur.rowcount)
-                        roll_up_staged_requests(cur)
-                        cur.execute("DELETE FROM temp.um_stage_requests")
+                        folded += roll_up_requests(cur, _RAW_RANGE, (lo, hi))
                         cur.execute(_MOVE, (hi,))
                     finally:
                         cur.close()

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, inspect
 
 from ._schema import REQUEST_TIME_INDEX
-from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_staged_requests
-from ._sqliteseal import STAGE_RAW, bucket_sql, micros_sql
+from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_requests
+from ._sqliteseal import bucket_sql, micros_sql, raw_requests
 from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
 
 __all__ = [
@@ -60,7 +60,7 @@ def replace_request_indexes(conn: Connection) -> None:
 def backfill_endpoints(conn: Connection, present: set[str]) -> None:
     """Fill the endpoint rollups an older database lacked from its raw requests.
 
-    The stored requests are staged as one batch and go through the writer's own cap and rollup
+    The stored requests are rolled up as one batch, through the writer's own cap and rollup
     statements: routes are admitted per key and UTC day in route order up to the cap, so the
     result equals what writing every stored request in one batch would have produced."""
     missing = [t for t in ENDPOINT_TABLES if t not in present]
@@ -71,10 +71,7 @@ def backfill_endpoints(conn: Connection, present: set[str]) -> None:
     try:
         for statement in CREATE_STAGING:
             cur.execute(statement)
-        cur.execute("DELETE FROM temp.um_stage_requests")
-        cur.execute(STAGE_RAW)
-        roll_up_staged_requests(cur, tiers=missing)
-        cur.execute("DELETE FROM temp.um_stage_requests")
+        roll_up_requests(cur, raw_requests(), tiers=missing)
     finally:
         cur.close()
 

@@ -39,7 +39,7 @@ from ._schema import (
     latency_bucket,
 )
 from ._sqlitebulk import insert_rows
-from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_staged_requests
+from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_requests
 from ._storage.base import PackedRows, request_value_rows, upload_value_rows
 
 __all__ = [
@@ -286,7 +286,7 @@ def _write_requests(cur: Any, rows: list[tuple[Any, ...]]) -> tuple[int, datetim
         for statement in _REQUEST_STATEMENTS:
             cur.execute(statement)
         written += cur.rowcount
-        roll_up_staged_requests(cur)
+        roll_up_requests(cur)
         cur.execute("DELETE FROM temp.um_stage_requests")
     if live:
         # in id order, so neighbouring ids fill the same index pages: the rows' fixed-width hex
