@@ -613,7 +613,7 @@ def _stepped(x: float, k: int) -> float:
     )
 )
 def test_staged_buckets_and_microseconds_equal_the_writers(values: list[float]) -> None:
-    """What the staging statements compute for a response time in SQL (from zero up to
+    """What the seal's statements compute for a response time in SQL (from zero up to
     ``SQL_LIMIT_MS``) or through the Python functions (anything else) equals what the writer
     stages in Python: ``latency_bucket(ms)`` and ``round(ms * 1000)``."""
     import sqlite3
@@ -635,10 +635,11 @@ def test_staged_buckets_and_microseconds_equal_the_writers(values: list[float]) 
 def test_a_sqlite_seal_calls_no_python_per_row(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A seal of live rows stages them without calling the writer's Python functions: such a
+    """A seal of live rows buckets them without calling the writer's Python functions: such a
     call takes the GIL once a row, and beside a busy event loop each take waits for the switch
     interval (a 20,000-row seal took 45 s instead of 0.2 s). A value outside what the writer
-    stores (negative, past ``SQL_LIMIT_MS``) still goes to them and is folded as they say."""
+    stores (negative, past ``SQL_LIMIT_MS``) still goes to them, once a row (not again for the
+    group the row starts), and is folded as they say."""
     import usage_middleware._sqliteseal as sqliteseal
 
     sqliteseal.latency_bounds()  # made with the real function, before it is counted
