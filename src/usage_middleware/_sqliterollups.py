@@ -81,15 +81,13 @@ _MONTH, _DAY, _HOUR = (
     ("substr(q, 1, 13) || ':00:00.000000'"),
 )
 # One pass over the source: the groups both kinds of rollup are summed from (``{source}``: a
-# table or a parenthesised SELECT with the columns STAGED has). It sorts the integers first,
-# which tell most rows apart at once, and the quarter hour, which all rows of a seal share,
-# last; the two groupings from it sort in the tiers' key order, so that the tiers' own sorts
-# find their input in order.
+# table or a parenthesised SELECT with the columns STAGED has). The two groupings from them
+# sort in the tiers' key order, so that the tiers' own sorts find their input in order.
 _GROUP_FINE = (
     "INSERT INTO temp.um_fine_groups "
     f"SELECT api_key_id, {_quarter('requested_at')}, endpoint_method, endpoint_route, "
     "status_code, latency_bucket, count(*), sum(response_us), sum(request_size), "
-    "sum(response_size) FROM {source} GROUP BY 6, 5, 1, 3, 4, 2"
+    "sum(response_size) FROM {source} GROUP BY 1, 2, 3, 4, 5, 6"
 )
 _GROUP_REQUESTS = (
     "INSERT INTO temp.um_request_groups "
