@@ -35,6 +35,9 @@ those rows into the request rollups (``store+seal``: what each live request cost
 in the end; its rows fall into about 50 groups, one per key, so this is the seal's cost per
 row, hardly any per group). Each run builds the same batches and writes a different number of
 them, so building them cancels out (``--kinds none --writer``: the writer alone).
+``--writer-data scattered`` writes ``ingest.py``'s request data instead (50 keys, 30 routes,
+their statuses and latencies), each batch a quarter hour of its own: rows that nearly all make
+a rollup group of their own, where the seal's cost per group shows.
 
 Run: ``.venv/bin/python benchmarks/instructions.py`` (``--quick`` for a short run; ``--kinds``
 and ``--variants`` to choose). To set a change against the code before it, count that code too:
@@ -89,6 +92,9 @@ WRITE_BATCH = 2000
 WRITE_COUNTS = ((1, 3), (3, 15))
 # how many batches a writer run builds (the long run's count, in both runs of a pair)
 _BUILT_ENV = "USAGE_BENCH_BATCHES_BUILT"
+# what a writer run writes: "shared" (the middleware's GETs) or "scattered" (ingest.py's data)
+_DATA_ENV = "USAGE_BENCH_WRITER_DATA"
+WRITER_DATA = ["shared", "scattered"]
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
@@ -149,22 +155,13 @@ def child(variant: str, kind: str, n: int) -> None:
     os._exit(0)  # no recorder shutdown, no interpreter teardown: their cost must not depend on n
 
 
-def writer_child(variant: str, n: int, built: int) -> None:
-    """Under callgrind: ``built`` batches of the middleware's GET requests made as the queue
-    holds them, ``n`` of them written to a new SQLite file (``store``: ``store.write``;
-    ``store+seal``: then ``store.seal`` past them; ``raw``: the rows' values as stored, NULL as
-    None, by a plain multi-row ``INSERT`` with ``ON CONFLICT (id) DO NOTHING``, in one
-    transaction a batch, as the store does)."""
-    import sqlite3
+def _shared_batches(built: int) -> list[list[Any]]:
+    """``built`` batches of the middleware's GETs as the queue holds them, 50 keys, now."""
     import uuid
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timezone
 
-    from usage_middleware import UsageStore
-    from usage_middleware._recording.compact import PackedBatch, new_request_item
+    from usage_middleware._recording.compact import new_request_item
 
-    workdir = tempfile.mkdtemp(prefix="usage-bench-")
-    store = UsageStore(f"sqlite:///{workdir}/usage.db")
-    store.create_schema()
     keys = [uuid.UUID(int=i + 1, version=4) for i in range(50)]
     batches = []
     for b in range(built):
@@ -177,11 +174,55 @@ def writer_child(variant: str, n: int, built: int) -> None:
                 for i in range(WRITE_BATCH)
             ]
         )
+    return batches
+
+
+def _scattered_batches(built: int) -> list[list[Any]]:
+    """``built`` batches of ``ingest.py``'s requests packed as the queue holds them, each the
+    traffic of a quarter hour of its own (seeded: the same rows in every run)."""
+    import random
+
+    import ingest
+
+    from usage_middleware import RequestRecord
+    from usage_middleware._recording.compact import pack
+
+    rng = random.Random(1)
+    return [
+        [
+            pack(RequestRecord(**row))
+            for row in ingest.make_requests(WRITE_BATCH, "live", rng, b * 900.0)
+        ]
+        for b in range(built)
+    ]
+
+
+def writer_child(variant: str, n: int, built: int) -> None:
+    """Under callgrind: ``built`` batches of requests made as the queue holds them (the
+    middleware's GETs, or with ``USAGE_BENCH_WRITER_DATA=scattered`` ``ingest.py``'s), ``n`` of
+    them written to a new SQLite file (``store``: ``store.write``; ``store+seal``: then
+    ``store.seal`` past them; ``raw``: the rows' values as stored, NULL as None, by a plain
+    multi-row ``INSERT`` with ``ON CONFLICT (id) DO NOTHING``, in one transaction a batch, as
+    the store does)."""
+    import sqlite3
+    from datetime import timedelta
+
+    from usage_middleware import UsageStore
+    from usage_middleware._recording.compact import PackedBatch
+
+    workdir = tempfile.mkdtemp(prefix="usage-bench-")
+    store = UsageStore(f"sqlite:///{workdir}/usage.db")
+    store.create_schema()
+    if os.environ.get(_DATA_ENV, "shared") == "scattered":
+        batches = _scattered_batches(built)
+    else:
+        batches = _shared_batches(built)
     if variant.startswith("store"):
         for items in batches[:n]:
             store.write(PackedBatch(items))
         if variant == "store+seal":
-            store.seal(datetime.now(timezone.utc) + timedelta(days=1))
+            # past every row written (ingest.py's live rows lie ahead of the clock)
+            store.seal(max(it[9] for items in batches[:n] for it in items) + timedelta(days=1))
     else:
         # the rows exactly as the store writes them, formatted here for every built batch
         from usage_middleware._sqlitebulk import insert_rows
@@ -288,9 +329,9 @@ def count(variant: str, kind: str, n: int, env: dict[str, str]) -> int:
     return int(found.group(1))
 
 
-def per_row_written(variant: str, quick: bool, env: dict[str, str]) -> float:
+def per_row_written(variant: str, quick: bool, env: dict[str, str], data: str) -> float:
     short, long = WRITE_COUNTS[0 if quick else 1]
-    env = {**env, _BUILT_ENV: str(long)}
+    env = {**env, _BUILT_ENV: str(long), _DATA_ENV: data}
     return (count(variant, "write", long, env) - count(variant, "write", short, env)) / (
         (long - short) * WRITE_BATCH
     )
@@ -366,6 +407,12 @@ def main() -> None:
         "queue's batches, and a raw INSERT of the same rows)",
     )
     parser.add_argument(
+        "--writer-data",
+        default="shared",
+        help=f"what --writer writes, of {','.join(WRITER_DATA)} (comma-separated): the "
+        "middleware's GETs (few rollup groups) or ingest.py's requests (a group nearly a row)",
+    )
+    parser.add_argument(
         "--opcodes",
         action="store_true",
         help="instead, the Python bytecodes per request by function, bare against ours+queue "
@@ -392,11 +439,15 @@ def main() -> None:
     variants = args.variants.split(",")
     if "bare" not in variants or not set(kinds) <= set(KINDS) or not set(variants) <= set(VARIANTS):
         raise SystemExit(f"--kinds from {KINDS}; --variants from {VARIANTS}, bare among them")
+    writer_data = args.writer_data.split(",")
+    if not set(writer_data) <= set(WRITER_DATA):
+        raise SystemExit(f"--writer-data from {WRITER_DATA}")
     base = {"PYTHONPATH": os.path.abspath(args.baseline_src)} if args.baseline_src else None
     if kinds:
         report_requests(kinds, variants, args.quick, base)
     if args.writer:
-        report_writer(args.quick, base)
+        for data in writer_data:
+            report_writer(args.quick, base, data)
 
 
 def report_requests(
@@ -433,15 +484,15 @@ def report_requests(
         print(line.rstrip(";"))
 
 
-def report_writer(quick: bool, base: dict[str, str] | None) -> None:
+def report_writer(quick: bool, base: dict[str, str] | None, data: str) -> None:
     started = time.monotonic()
     writers: list[tuple[str, str, dict[str, str]]] = [(w, w, {}) for w in WRITERS]
     if base is not None:
         writers += [("store@base", "store", base), ("store+seal@base", "store+seal", base)]
-    rows = {name: per_row_written(w, quick, env) for name, w, env in writers}
+    rows = {name: per_row_written(w, quick, env, data) for name, w, env in writers}
     print(
         f"\nthe writer: SQLite, instructions per request row written, batches of "
-        f"{WRITE_BATCH:,} ({time.monotonic() - started:.0f} s)"
+        f"{WRITE_BATCH:,}, {data} data ({time.monotonic() - started:.0f} s)"
     )
     seals = {"the seal": rows["store+seal"] - rows["store"]}
     if base is not None:

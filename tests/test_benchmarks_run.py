@@ -38,8 +38,15 @@ RUNS = [
     ("overload.py", "--quick", "p99"),
     ("instructions.py", "--quick --kinds get,served --variants bare,ours", "served"),
     ("instructions.py", "--quick --kinds none --writer", "the writer: SQLite"),
+    (
+        "instructions.py",
+        "--quick --kinds none --writer --writer-data scattered",
+        "scattered data",
+    ),
     ("instructions.py", "--opcodes", "Python bytecodes per request"),
 ]
+# what tells the runs of one script apart in their test ids
+ID_FLAGS = ("--writer", "--opcodes", "scattered")
 NEEDS = {"overload.py": "wrk", "instructions.py": "valgrind"}  # and the Debian package's name
 # seconds a run of those may take: instructions.py --quick --writer took 540 s (9 min) on a
 # machine that ran Python five times slower than usual, past the suite's 300 s per test
@@ -54,7 +61,7 @@ NO_POSTGRES = {"sqlite_steps.py", "sqlite_indexes.py", "multipart_parsers.py", "
     [
         pytest.param(
             *run,
-            id=run[0] + "".join(f" {flag}" for flag in ("--writer", "--opcodes") if flag in run[1]),
+            id=run[0] + "".join(f" {flag}" for flag in ID_FLAGS if flag in run[1]),
             marks=(
                 *(() if run[0] in NO_POSTGRES else (pytest.mark.postgres,)),
                 # valgrind runs Python several times over: minutes on a slow, shared machine
