@@ -24,7 +24,7 @@ from typing import Any
 
 from ._schema import ENDPOINT_BUCKET_WIDTH, OTHER_ROUTE, ROUTES_PER_KEY_DAY, UNMATCHED_ROUTE
 
-__all__ = ["CREATE_GROUPS", "ENDPOINT_ROLLUPS", "STAGED", "roll_up_requests"]
+__all__ = ["ENDPOINT_ROLLUPS", "STAGED", "roll_up_requests"]
 
 #: The writer's staged requests as a source of :func:`roll_up_requests`: every column the
 #: rollups read (``api_key_id``, ``requested_at``, ``status_code``, ``request_size``,
@@ -32,7 +32,8 @@ __all__ = ["CREATE_GROUPS", "ENDPOINT_ROLLUPS", "STAGED", "roll_up_requests"]
 #: ``endpoint_route``) under its own name.
 STAGED = "temp.um_stage_requests"
 
-CREATE_GROUPS = (
+# the connection-local tables the groups are summed into (made by roll_up_requests)
+_CREATE_GROUPS = (
     "CREATE TEMP TABLE IF NOT EXISTS um_fine_groups (api_key_id, q, method, route, "
     "status_code, latency_bucket, n, us, rq, rs)",
     "CREATE TEMP TABLE IF NOT EXISTS um_request_groups (api_key_id, q, latency_bucket, "
@@ -199,7 +200,7 @@ def roll_up_requests(
     def wanted(table: str) -> bool:
         return tiers is None or table in tiers
 
-    for statement in _CLEAR_GROUPS:
+    for statement in (*_CREATE_GROUPS, *_CLEAR_GROUPS):
         cur.execute(statement)
     cur.execute(_GROUP_FINE.format(source=source), params)
     rolled = int(cur.execute("SELECT coalesce(sum(n), 0) FROM temp.um_fine_groups").fetchone()[0])

@@ -34,7 +34,7 @@ from ._schema import (
 )
 from ._sqlitebulk import insert_rows
 from ._sqliterollups import roll_up_requests
-from ._sqlitewrite import CREATE_STAGING, read_instant, stored_utc, utc_text
+from ._sqlitewrite import read_instant, stored_utc, utc_text
 from ._storage.plan import seal_target
 
 __all__ = [
@@ -219,8 +219,6 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                         row = cur.execute(_NTH, (lo, hi, SEAL_ROWS)).fetchone()
                         if row is not None:
                             hi = max(row[0], utc_text(instant + timedelta(microseconds=1)))
-                        for statement in CREATE_STAGING:
-                            cur.execute(statement)
                         folded += roll_up_requests(cur, _RAW_RANGE, (lo, hi))
                         cur.execute(_MOVE, (hi,))
                     finally:

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, inspect
 from ._schema import REQUEST_TIME_INDEX
 from ._sqliterollups import ENDPOINT_ROLLUPS, _quarter, roll_up_requests
 from ._sqliteseal import bucket_sql, micros_sql, raw_requests
-from ._sqlitewrite import CREATE_STAGING, MISMATCH_ROLLUP
+from ._sqlitewrite import MISMATCH_ROLLUP
 
 __all__ = [
     "add_route_matched",
@@ -69,8 +69,6 @@ def backfill_endpoints(conn: Connection, present: set[str]) -> None:
     dbapi: Any = conn.connection.dbapi_connection
     cur = dbapi.cursor()
     try:
-        for statement in CREATE_STAGING:
-            cur.execute(statement)
         roll_up_requests(cur, raw_requests(), tiers=missing)
     finally:
         cur.close()

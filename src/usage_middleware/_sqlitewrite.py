@@ -39,11 +39,10 @@ from ._schema import (
     latency_bucket,
 )
 from ._sqlitebulk import insert_rows
-from ._sqliterollups import CREATE_GROUPS, _checked_add, _quarter, roll_up_requests
+from ._sqliterollups import _checked_add, _quarter, roll_up_requests
 from ._storage.base import PackedRows, request_value_rows, upload_value_rows
 
 __all__ = [
-    "CREATE_STAGING",
     "INSTANT_SQL",
     "MISMATCH_ROLLUP",
     "read_instant",
@@ -65,10 +64,9 @@ _REQUEST_COLUMNS = (
 # what a staged request carries after its columns (``_staged_row``)
 _STAGED_EXTRA = "latency_bucket, response_us, endpoint_method, endpoint_route"
 
-CREATE_STAGING = (
+_CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_uploads ({_UPLOAD_COLUMNS})",
     f"CREATE TEMP TABLE IF NOT EXISTS um_stage_requests ({_REQUEST_COLUMNS}, {_STAGED_EXTRA})",
-    *CREATE_GROUPS,
 )
 
 
@@ -312,7 +310,7 @@ def sqlite_write(
     written = 0
     instant = None
     try:
-        for statement in CREATE_STAGING:
+        for statement in _CREATE_STAGING:
             cur.execute(statement)
         if uploads or packed.uploads:
             cur.execute("DELETE FROM temp.um_stage_uploads")
