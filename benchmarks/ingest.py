@@ -17,12 +17,12 @@ own status and latency mix, 1 % unmatched scanner paths, a few non-standard meth
 histograms by month, day, hour and quarter hour, and endpoint rollups by month, day and quarter
 hour with the route cap). Shapes: ``live`` — a batch of a few thousand rows spanning a few
 seconds of next month (requests: each run's rows in a quarter hour of their own, sealed once;
-on PostgreSQL also each whole hour's roll into the hourly, daily and monthly rollups, the last
-one timed after the runs; rates of all runs together, rolls included — ``--repeats 96`` is a
-whole day);
+on PostgreSQL also each whole hour's roll into the hourly and daily rollups and the day's roll
+into the monthly ones, the last hour's and the day's timed after the runs; rates of all runs
+together, rolls included — ``--repeats 96`` is a whole day);
 ``worst`` — timestamps spread at random over the four months that have partitions (nearly every
 row its own quarter-hour, hourly and endpoint rollup keys); for requests, the share of the time
-the seals (and on PostgreSQL the roll) took. It also prints what record validation costs per
+the seals (and on PostgreSQL the rolls) took. It also prints what record validation costs per
 row, and how many rollup rows one busy key-day makes: the request histograms alone, and with
 the endpoint rollups.
 
@@ -302,13 +302,13 @@ def bench_postgres(
 
                 copy_runs.append(timed(raw_copy))
                 write_runs.append(timed(store_write))
-            # Requests: the seal at the next whole UTC hour rolls the last hour's quarter hours
-            # into the hourly, daily and monthly rollups, and the rates are of all runs
-            # together, that roll included.
+            # Requests: the seal at the next UTC midnight rolls the last hour's quarter hours
+            # into the hourly and daily rollups and the day's daily rows into the monthly ones,
+            # and the rates are of all runs together, those rolls included.
             roll = 0.0
             if data is REQUESTS:
-                hour = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-                roll = timed(lambda: store.seal(hour))
+                day = end.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+                roll = timed(lambda: store.seal(day))
         replay = timed(lambda: [store.write(b) for b in records])
         store.dispose()
         if data is REQUESTS:

@@ -258,11 +258,12 @@ def test_anon_reads_nothing(supabase_like: psycopg.Connection) -> None:
 def test_the_seal_instants_are_read_only_to_signed_in_users_and_closed_to_anon(
     supabase_like: psycopg.Connection,
 ) -> None:
-    """rollup_seals holds nothing about any key: signed-in users read both instants (so that
-    get_request_breakdown adds what no roll or seal holds), change none; anon may not touch it."""
+    """rollup_seals holds nothing about any key: signed-in users read its three instants (so
+    that get_request_breakdown adds what no roll or seal holds), change none; anon may not
+    touch it."""
     conn = supabase_like
     assert _visible(conn, "anon", None, "rollup_seals") == -1
-    assert _visible(conn, "authenticated", ALICE, "rollup_seals") == 2
+    assert _visible(conn, "authenticated", ALICE, "rollup_seals") == 3
     for sql in (
         "UPDATE public.rollup_seals SET sealed_before = sealed_before",
         "DELETE FROM public.rollup_seals",

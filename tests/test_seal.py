@@ -27,6 +27,7 @@ from support.rollups import (
     FAR,
     assert_rollups_exact,
     random_request,
+    sealed_days,
     sealed_hours,
     sealed_instant,
 )
@@ -163,6 +164,44 @@ def test_an_hour_read_from_the_quarter_hours_is_cut_at_the_seal_instant(store: U
             got = get(app_for(store), "/usage/requests", params + extra, headers).json()
             assert got == get(app_for(memory), "/usage/requests", params + extra, headers).json()
             assert got["totals"]["requests"] == (7 if zone == "UTC" else 0)
+
+
+def test_a_month_read_is_cut_at_the_month_instant(store: UsageStore) -> None:
+    """PostgreSQL's monthly tiers hold the whole UTC days before the month instant, the daily
+    ones the requests before the hour instant: a whole month read from its monthly rows gains
+    its days from the month instant on, their hours from the hour instant on, and so on. Here
+    the instants lie mid-month (late requests between them among the writes); /requests,
+    /consumers and /granular by month, over the month in UTC and around it in New York, equal
+    the in-memory backend's, and so do they after a seal past every request."""
+    rng = random.Random(11)
+    records = _requests(rng, 1_500, datetime(2025, 9, 28, tzinfo=UTC), 24 * 36)
+    instant = datetime(2025, 10, 20, 13, 37, 11, tzinfo=UTC)
+    store.write(records[:1_000])
+    store.seal(instant)
+    store.write(records[1_000:])  # those before the instant are late
+    if store.dialect == "postgresql":
+        assert sealed_hours(store) == datetime(2025, 10, 20, 13, tzinfo=UTC)
+        assert sealed_days(store) == datetime(2025, 10, 20, tzinfo=UTC)
+        late = [r.requested_at for r in records[1_000:] if r.requested_at < instant]
+        assert any(datetime(2025, 10, 20, tzinfo=UTC) <= t < instant for t in late)
+    assert_rollups_exact(store)
+    memory = UsageStore("memory://")
+    memory.write(records)
+    keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
+    headers = {"x-keys": ",".join(keys)}
+
+    def same_answers() -> None:
+        for tz, start, end in (("UTC", "2025-10-01", "2025-10-31"),
+                               ("America/New_York", "2025-09-01", "2025-11-30")):  # fmt: skip
+            params = [("start", start), ("end", end), ("tz", tz), ("granularity", "month")]
+            for path in ("requests", "consumers", "granular"):
+                got = get(app_for(store), f"/usage/{path}", params, headers).json()
+                assert got == get(app_for(memory), f"/usage/{path}", params, headers).json()
+
+    same_answers()
+    store.seal(FAR)
+    assert_rollups_exact(store)
+    same_answers()
 
 
 @pytest.mark.postgres
@@ -549,6 +588,60 @@ def test_a_schema_from_before_the_hour_instant_is_cut_back_to_a_midnight(pg_url:
         store.create_schema()
         assert sealed_instant(store) == instant
         assert sealed_hours(store) == datetime(2025, 10, 31, tzinfo=UTC)
+        assert_rollups_exact(store)
+        same_answers()
+        assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)
+        assert_rollups_exact(store)
+        same_answers()
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_schema_from_before_the_month_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
+    """An install whose monthly tiers followed the hour instant (no ``request_days`` row yet):
+    writers keep them so, a seal does nothing, answers stay exact; create_schema() then takes
+    the hour instant's day off its month (the monthly rows hold the whole UTC days before it),
+    and from there seals roll whole days into the months."""
+    from sqlalchemy import text
+
+    store = UsageStore(pg_url)
+    store.create_schema()
+    instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
+    hours = datetime(2025, 10, 31, 17, tzinfo=UTC)
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_days'"))
+        for dataset, at in (("requests", instant), ("request_hours", hours)):
+            conn.execute(
+                text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = :d"),
+                {"at": at, "d": dataset},
+            )
+    try:
+        rng = random.Random(8)
+        records = _requests(rng, 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
+        assert store.write(records) == 800  # those before the instant with every rollup
+        assert store.seal(FAR) == 0
+        assert sealed_days(store) == hours  # the monthly tiers follow the hour instant
+        assert_rollups_exact(store)
+        memory = UsageStore("memory://")
+        memory.write(records)
+        keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
+        headers = {"x-keys": ",".join(keys)}
+
+        def same_answers() -> None:
+            for tz, start, end in (("UTC", "2025-10-01", "2025-10-31"),
+                                   ("Asia/Kolkata", "2025-10-29", "2025-11-02")):  # fmt: skip
+                params = [("start", start), ("end", end), ("tz", tz), ("granularity", "month")]
+                for path in ("requests", "consumers", "granular"):
+                    got = get(app_for(store), f"/usage/{path}", params, headers).json()
+                    want = get(app_for(memory), f"/usage/{path}", params, headers).json()
+                    assert got == want, (path, tz)
+
+        same_answers()
+        store.create_schema()
+        assert sealed_instant(store) == instant
+        assert sealed_hours(store) == hours
+        assert sealed_days(store) == datetime(2025, 10, 31, tzinfo=UTC)
         assert_rollups_exact(store)
         same_answers()
         assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)

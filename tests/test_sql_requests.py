@@ -161,7 +161,7 @@ def test_last_seen_is_the_newest_instant_for_ranges_cut_anywhere(store: UsageSto
 # --- get_request_breakdown (sql/usage_tracking_schema.sql) ------------------------------------
 
 BREAKDOWN_CASES = [
-    (date(2025, 9, 1), date(2025, 9, 30), None),  # one whole month: the monthly tier alone
+    (date(2025, 9, 1), date(2025, 9, 30), None),  # one whole month: its monthly rows, then days
     (date(2025, 8, 25), date(2025, 10, 3), None),  # days, a whole month, days
     (date(2025, 8, 25), date(2025, 10, 3), KEY),
     (date(2025, 9, 5), date(2025, 9, 5), None),
@@ -211,8 +211,10 @@ def breakdown_stores() -> Iterator[tuple[UsageStore, UsageStore]]:
         for part in (records[:700], records[700:]):
             store.write(part)
             reference.write(part)
-            # PostgreSQL: the days before Sep 10 from the coarse tiers, Sep 10 until 07:13 from
-            # the quarter-hour tier, the rest raw (the second part's older rows are late)
+            # PostgreSQL: September's monthly rows hold the days before Sep 10 (the month
+            # instant), the daily rows the days before it and Sep 10 until 07:00 (the hour
+            # instant), the quarter-hour tier until 07:13, the rest raw (the second part's older
+            # rows are late)
             store.seal(datetime(2025, 9, 10, 7, 13, tzinfo=UTC))
         yield store, reference
     finally:

@@ -1,10 +1,12 @@
 """The PostgreSQL write plan of requests: raw rows, and the rollups sealed behind them.
 
-The request rollups are *sealed*: ``rollup_seals`` holds two instants. The *fine* tiers (the
+The request rollups are *sealed*: ``rollup_seals`` holds three instants. The *fine* tiers (the
 quarter-hour histogram and endpoint rollup, and ``endpoint_routes``, the route cap) hold every
 raw row before the seal instant (``requests``) and none after it; the *coarse* tiers (the
-histograms by hour, day and month, the endpoint rollups by day and month) likewise for the hour
-instant (``request_hours``), a whole UTC hour at or before the seal instant.
+histograms by hour and day, the endpoint rollups by day) likewise for the hour instant
+(``request_hours``), a whole UTC hour at or before the seal instant; the *monthly* tiers (the
+histograms and endpoint rollups by month) for the month instant (``request_days``), a UTC
+midnight at or before the hour instant.
 
 * A live request (at or after the seal instant) is written as a raw row only: binary COPY
   straight into ``api_requests``, sorted by id (concurrent writers lock index entries in one
@@ -12,20 +14,23 @@ instant (``request_hours``), a whole UTC hour at or before the seal instant.
   and the batch is redone under a savepoint through staging with ``ON CONFLICT DO NOTHING``.
 * A late request (before the seal instant: a spool replay, a long upload recorded late) is
   written with its rollups, as every request once was: staged, inserted with ``ON CONFLICT DO
-  NOTHING RETURNING``, and only the new rows reach the fine tiers, and the coarse ones if they
-  are older than the hour instant, in the same statement.
+  NOTHING RETURNING``, and only the new rows reach the fine tiers, the coarse ones if they are
+  older than the hour instant and the monthly ones if older than the month instant, in the same
+  statement.
 * A seal (:mod:`usage_middleware._pgseal`) folds the raw rows between the old and the new seal
   instant into the fine tiers with the same statement, reading them from ``api_requests``; when
   the new instant has passed a whole UTC hour, a *roll* sums the fine rows of the hours it
-  completed into the coarse tiers and moves the hour instant there.
+  completed into the coarse tiers and moves the hour instant there; when that has passed a UTC
+  midnight, a *month roll* sums the daily rows of the days it completed into the monthly tiers
+  and moves the month instant there.
 
 So each fine rollup row is written once per quarter hour for all the traffic of that quarter
-hour, and each coarse one once per hour, instead of once per batch; writers do what a raw COPY
-does. Writers hold advisory lock ``SEAL_LOCK`` shared for their transaction and read the
-instants after taking it; a seal holds it exclusively, so no write made under old instants
-commits after the seal has moved them.
+hour, each coarse one once per hour and each monthly one once per day, instead of once per
+batch; writers do what a raw COPY does. Writers hold advisory lock ``SEAL_LOCK`` shared for
+their transaction and read the instants after taking it; a seal holds it exclusively, so no
+write made under old instants commits after the seal has moved them.
 
-The statements of the tiers, the seal and the roll are in :mod:`usage_middleware._pgrollups`.
+The statements of the tiers, the seal and the rolls are in :mod:`usage_middleware._pgrollups`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from psycopg import postgres
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from ._pgrollups import QUARTER, coarse_tiers, fine_tiers
+from ._pgrollups import QUARTER, coarse_tiers, fine_tiers, monthly_tiers
 from ._schema import (
     ENDPOINT_BUCKET_WIDTH,
     OTHER_METHOD,
@@ -79,11 +84,15 @@ _STAGED_TYPES = (*_RAW_TYPES, "int2", "int8", "text", "text", "int2")
 
 _COLUMNS = ", ".join(REQUEST_COLUMNS)
 
-# The coarse tiers hold exactly the requests before the hour instant (see the module docstring):
-# a late request reaches them only if it is older than that.
-_BEFORE_COARSE = "(SELECT * FROM {} WHERE q < (%(coarse)s::timestamptz AT TIME ZONE 'UTC')) AS g"
+# The coarse tiers hold exactly the requests before the hour instant, the monthly ones those
+# before the month instant (see the module docstring): a late request reaches them only if it
+# is older than that.
+_BEFORE = "(SELECT * FROM {} WHERE q < (%({})s::timestamptz AT TIME ZONE 'UTC')) AS g"
 _LATE_COARSE = coarse_tiers(
-    False, _BEFORE_COARSE.format("grouped"), _BEFORE_COARSE.format("labelled")
+    False, _BEFORE.format("grouped", "coarse"), _BEFORE.format("labelled", "coarse")
+)
+_LATE_MONTHS = monthly_tiers(
+    False, _BEFORE.format("grouped", "months"), _BEFORE.format("labelled", "months")
 )
 
 # Late rows: inserted from staging; the ones that were new go on to the rollups.
@@ -101,7 +110,7 @@ WITH new AS (
            s.endpoint_route, s.endpoint_bucket
       FROM new AS n
       JOIN pg_temp.um_stage_requests AS s USING (id)
-), {fine_tiers(split=False)}, {_LATE_COARSE}
+), {fine_tiers(split=False)}, {_LATE_COARSE}, {_LATE_MONTHS}
 SELECT count(*) FROM new"""
 
 # A replayed live batch: raw rows only, the ones not stored yet.
@@ -169,16 +178,19 @@ def _copy_live(cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
     return len(rows)  # the savepoint ends with the transaction: no round trip for it
 
 
-#: Both instants in one row: (the seal instant, the hour instant). The hour instant is NULL on a
-#: schema from before it (until ``create_schema()`` adds it), whose coarse tiers hold what the
-#: fine ones hold: every request before the seal instant.
+#: The three instants in one row: (the seal instant, the hour instant, the month instant). The
+#: hour instant is NULL on a schema from before it (until ``create_schema()`` adds it), whose
+#: coarse tiers hold what the fine ones hold: every request before the seal instant; the month
+#: instant likewise, its monthly tiers holding what the hourly and daily ones hold.
 INSTANTS_SQL = (
     "SELECT max(sealed_before) FILTER (WHERE dataset = 'requests'), "
-    "max(sealed_before) FILTER (WHERE dataset = 'request_hours') FROM public.rollup_seals"
+    "max(sealed_before) FILTER (WHERE dataset = 'request_hours'), "
+    "max(sealed_before) FILTER (WHERE dataset = 'request_days') FROM public.rollup_seals"
 )
 
 # Every request rolled up, on a schema from before rollup_seals.
-_NO_SEAL = {"coarse": datetime.max.replace(tzinfo=timezone.utc)}
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)
+_NO_SEAL = {"coarse": _NEVER, "months": _NEVER}
 
 
 def write_requests(
@@ -198,7 +210,7 @@ def write_requests(
     cur.execute(f"SELECT pg_advisory_xact_lock_shared({SEAL_LOCK})")
     # A statement of its own: its snapshot is taken after the lock, so it sees the last seal.
     cur.execute(INSTANTS_SQL)
-    sealed_before, coarse = cur.fetchone()
+    sealed_before, coarse, months = cur.fetchone()
     # in id order (integers, compared in C), so neighbouring ids fill the same index pages
     rows.sort(key=itemgetter(0))
     late = [row for row in rows if row[9] < sealed_before]
@@ -206,7 +218,10 @@ def write_requests(
     written = 0
     if late:
         _stage(cur, late)
-        cur.execute(_INSERT_ROLLED, {"coarse": sealed_before if coarse is None else coarse})
+        coarse = sealed_before if coarse is None else coarse
+        cur.execute(
+            _INSERT_ROLLED, {"coarse": coarse, "months": coarse if months is None else months}
+        )
         written += int(cur.fetchone()[0])
     if live:
         written += _copy_live(cur, live)

@@ -1,12 +1,13 @@
 """The PostgreSQL request rollup statements: one template per tier, and the seal and the roll.
 
-The tiers come in two kinds (see :mod:`usage_middleware._pgrequests` for the instants that bound
+The tiers come in three kinds (see :mod:`usage_middleware._pgrequests` for the instants that bound
 them): :func:`fine_tiers` fold new raw rows, staged or read back from ``api_requests`` and
 grouped by UTC quarter hour, into the quarter-hour histogram and endpoint rollup with the route
-cap; :func:`coarse_tiers` add quarter-hour (or already summed) groups to the hourly, daily and
-monthly ones. A late write runs both on its new rows; a seal (``SEAL_SQL``) runs the fine ones
-on the raw rows of ``[lo, hi)``; a roll (``ROLL_SQL``) runs the coarse ones on the quarter-hour
-rows of the whole UTC hours ``[lo, hi)``.
+cap; :func:`coarse_tiers` add quarter-hour (or already summed) groups to the hourly and daily
+ones, :func:`monthly_tiers` to the monthly ones. A late write runs all three on its new rows; a
+seal (``SEAL_SQL``) runs the fine ones on the raw rows of ``[lo, hi)``; a roll (``ROLL_SQL``)
+runs the coarse ones on the quarter-hour rows of the whole UTC hours ``[lo, hi)``, and a month
+roll (``MONTHS_SQL``) the monthly ones on the daily rows of the whole UTC days ``[lo, hi)``.
 
 Values that must agree bit for bit with Python are computed in Python when staging (the latency
 buckets, microseconds, labels) and, for a seal, in SQL by the same formulas: the fine bucket is
@@ -29,8 +30,8 @@ from ._schema import (
 )
 
 __all__ = [
-    "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_SQL", "SEAL_UPSERT_SQL", "added",
-    "coarse_tiers", "fine_tiers", "sums",
+    "MONTHS_SQL", "MONTHS_UPSERT_SQL", "QUARTER", "ROLL_SQL", "ROLL_UPSERT_SQL", "SEAL_SQL",
+    "SEAL_UPSERT_SQL", "added", "coarse_tiers", "fine_tiers", "monthly_tiers", "sums",
 ]  # fmt: skip
 
 # The new rows are grouped once by UTC quarter hour (:00, :15, :30, :45); the hourly, daily and
@@ -153,13 +154,10 @@ _MONTH = "date_trunc('month', q)"
 def coarse_tiers(split: bool, grouped: str = "grouped", labelled: str = "labelled") -> str:
     """The CTEs that add quarter-hour groups (``grouped``: histogram rows, ``labelled``:
     endpoint rows, each with ``q``, the UTC start of its quarter hour or of the coarser period it
-    already sums) to the *coarse* tiers: the request histograms by hour, day and month and the
-    endpoint rollups by day and month."""
+    already sums) to the *coarse* tiers: the request histograms by hour and day and the endpoint
+    rollups by day."""
     return ", ".join(
         (
-            _request_tier(
-                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, grouped
-            ),
             _request_tier("daily_request_usage", "usage_date", "q::date", _DAY, split, grouped),
             _request_tier(
                 "hourly_request_usage",
@@ -169,11 +167,21 @@ def coarse_tiers(split: bool, grouped: str = "grouped", labelled: str = "labelle
                 split,
                 grouped,
             ),
-            _endpoint_tier(
-                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, labelled
+            _endpoint_tier("daily_endpoint_usage", "usage_date", "q::date", _DAY, split, labelled),
+        )
+    )
+
+
+def monthly_tiers(split: bool, grouped: str = "grouped", labelled: str = "labelled") -> str:
+    """The CTEs that add groups as :func:`coarse_tiers` takes them to the *monthly* tiers:
+    the request histograms and endpoint rollups by month."""
+    return ", ".join(
+        (
+            _request_tier(
+                "monthly_request_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, grouped
             ),
             _endpoint_tier(
-                "daily_endpoint_usage", "usage_date", "q::date", _DAY, split, labelled
+                "monthly_endpoint_usage", "usage_month", f"{_MONTH}::date", _MONTH, split, labelled
             ),
         )
     )
@@ -257,7 +265,6 @@ def fine_tiers(split: bool) -> str:
 ), {endpoints}"""
 
 
-
 _FINE_BUCKET = (
     f"CASE WHEN r.response_time_ms <= {_MIN_MS!r}::float8 THEN 0 "
     f"ELSE LEAST({_MAX_BUCKET}, pg_catalog.ceil(pg_catalog.ln(r.response_time_ms / "
@@ -296,9 +303,9 @@ _UTC_DAYS = (
 
 
 def _roll(split: bool) -> str:
-    """A roll: the fine tiers' rows of the UTC hours [lo, hi) summed into the coarse tiers;
-    its one row is how many requests they hold. The quarter hours are summed by hour (request
-    histograms) and by day (endpoints) first, so each coarse tier sums a few rows per period."""
+    """A roll: the fine tiers' rows of the UTC hours [lo, hi) summed into the hourly and daily
+    tiers; its one row is how many requests they hold. The quarter hours are summed by hour
+    (request histograms) and by day (endpoints) first, so each tier sums a few rows per period."""
     return f"""
 WITH grouped AS (
     SELECT api_key_id, date_trunc('hour', usage_quarter AT TIME ZONE 'UTC') AS q,
@@ -316,6 +323,34 @@ WITH grouped AS (
 SELECT coalesce(sum(total_requests), 0) FROM grouped"""
 
 
+# The daily tiers' days [lo, hi), both UTC midnights.
+_DAYS = (
+    "usage_date >= (%(lo)s::timestamptz AT TIME ZONE 'UTC')::date "
+    "AND usage_date < (%(hi)s::timestamptz AT TIME ZONE 'UTC')::date"
+)
+
+
+def _months(split: bool) -> str:
+    """A month roll: the daily tiers' rows of the UTC days [lo, hi) summed by month into the
+    monthly tiers; its one row is how many requests they hold. A monthly row is so written once
+    a day for a day's traffic, from the day's rows, instead of once an hour."""
+    return f"""
+WITH grouped AS (
+    SELECT api_key_id, date_trunc('month', usage_date::timestamp) AS q, latency_bucket,
+           {sums(_REQUEST_COUNTER_NAMES, named=True)}
+      FROM public.daily_request_usage
+     WHERE {_DAYS}
+     GROUP BY 1, 2, 3
+), labelled AS (
+    SELECT api_key_id, date_trunc('month', usage_date::timestamp) AS q, method, route, status_code,
+           latency_bucket, {sums(_ENDPOINT_COUNTER_NAMES, named=True)}
+      FROM public.daily_endpoint_usage
+     WHERE {_DAYS}
+     GROUP BY 1, 2, 3, 4, 5, 6
+), {monthly_tiers(split)}
+SELECT coalesce(sum(total_requests), 0) FROM grouped"""
+
+
 #: The seal, plainly inserting the rows of periods that start at or after its old instant.
 SEAL_SQL = _seal(split=True)
 #: The roll, likewise.
@@ -324,5 +359,6 @@ ROLL_SQL = _roll(split=True)
 #: exist after all (written into the rollups by hand); it then adds to that row.
 SEAL_UPSERT_SQL = _seal(split=False)
 ROLL_UPSERT_SQL = _roll(split=False)
-
-
+#: The month roll, likewise.
+MONTHS_SQL = _months(split=True)
+MONTHS_UPSERT_SQL = _months(split=False)

@@ -6,10 +6,13 @@ UTC quarter hour that ended at least ``SEAL_LAG`` ago, folding the raw rows in b
 quarter-hour tiers, so that each of their rows is written once for all of its quarter hour's
 traffic and requests still in flight when their quarter hour ends (their time is their start)
 are rarely late. When that passes a whole UTC hour, the same transaction rolls the completed
-hours' quarter-hour rows into the hourly, daily and monthly tiers and moves the hour instant
-there: a coarse row is written once an hour, not once a quarter hour, and a roll holds the
-writers off for an hour's rows at most (a day's, at a thousand requests a second, would take
-tens of seconds). Each transaction folds at most about
+hours' quarter-hour rows into the hourly and daily tiers and moves the hour instant there: a
+coarse row is written once an hour, not once a quarter hour, and a roll holds the writers off
+for an hour's rows at most (a day's, at a thousand requests a second, would take tens of
+seconds). When the hour instant passes a UTC midnight, the completed days' daily rows (one per
+group and day, however many hours fed it) are rolled into the monthly tiers and the month
+instant moves there: a monthly row is written once a day, not once an hour. Each transaction
+folds at most about
 ``SEAL_ROWS`` raw rows, so that the writers it holds off (advisory lock, exclusive) wait
 seconds, not minutes, and a backlog (a bulk load of history) is sealed in steps, each one exact
 on its own.
@@ -31,8 +34,15 @@ import psycopg
 from sqlalchemy import Connection, Engine
 
 from ._pgrequests import INSTANTS_SQL, SEAL_LOCK
-from ._pgrollups import ROLL_SQL, ROLL_UPSERT_SQL, SEAL_SQL, SEAL_UPSERT_SQL
-from ._storage.plan import _floor_hour, seal_target
+from ._pgrollups import (
+    MONTHS_SQL,
+    MONTHS_UPSERT_SQL,
+    ROLL_SQL,
+    ROLL_UPSERT_SQL,
+    SEAL_SQL,
+    SEAL_UPSERT_SQL,
+)
+from ._storage.plan import _floor_day, _floor_hour, seal_target
 
 __all__ = ["SEAL_ROWS", "pg_seal"]
 
@@ -62,8 +72,9 @@ def pg_seal(
     before: datetime | None = None,
 ) -> int:
     """Fold the raw requests before ``before`` (default :func:`seal_target` of the server's
-    clock) that no seal holds yet into the fine rollups, and the UTC hours that ended before the
-    new instant into the coarse ones; returns how many raw rows were folded.
+    clock) that no seal holds yet into the fine rollups, the UTC hours that ended before the
+    new instant into the coarse ones and the UTC days that ended before it into the monthly
+    ones; returns how many raw rows were folded.
 
     An instant already at or past ``before`` is left alone: a seal never moves back.
     """
@@ -85,9 +96,9 @@ def pg_seal(
                         return folded  # a schema from before sealing: create_schema() upgrades it
                     cur.execute(f"SELECT pg_advisory_xact_lock({SEAL_LOCK})")
                     cur.execute(INSTANTS_SQL)
-                    sealed_before, hours = cur.fetchone()
-                    if hours is None:
-                        return folded  # a schema from before the hour instant: likewise
+                    sealed_before, hours, days = cur.fetchone()
+                    if hours is None or days is None:
+                        return folded  # a schema from before these instants: likewise
                     cur.execute("SELECT now()")
                     target = seal_target(cur.fetchone()[0]) if before is None else before
                     if target <= sealed_before:
@@ -112,6 +123,11 @@ def pg_seal(
                         bounds = {"lo": hours, "hi": whole_hours}
                         _fold(cur, ROLL_SQL, ROLL_UPSERT_SQL, bounds)
                         cur.execute(_MOVE, {"dataset": "request_hours", "to": whole_hours})
+                    whole_days = _floor_day(whole_hours)
+                    if whole_days > days:
+                        bounds = {"lo": days, "hi": whole_days}
+                        _fold(cur, MONTHS_SQL, MONTHS_UPSERT_SQL, bounds)
+                        cur.execute(_MOVE, {"dataset": "request_days", "to": whole_days})
             finally:
                 conn.info.pop("usage_write", None)
         if hi >= target:

@@ -99,7 +99,9 @@ def _instant(store: UsageStore, dataset: str) -> datetime | None:
     with store.engine.connect() as conn:
         value = conn.execute(
             text("SELECT sealed_before FROM rollup_seals WHERE dataset = :d"), {"d": dataset}
-        ).scalar_one()
+        ).scalar_one_or_none()
+    if value is None:  # a schema from before this instant: its tiers follow the next finer one
+        return _instant(store, {"request_days": "request_hours"}.get(dataset, "requests"))
     if isinstance(value, str):  # SQLite keeps UTC text
         return datetime.fromisoformat(value).replace(tzinfo=UTC)
     assert isinstance(value, datetime)
@@ -114,16 +116,30 @@ def sealed_instant(store: UsageStore) -> datetime | None:
 
 
 def sealed_hours(store: UsageStore) -> datetime | None:
-    """The same for the coarse request rollups (hours, days, months): PostgreSQL's hour
-    instant, SQLite's seal instant; elsewhere None."""
+    """The same for the coarse request rollups (hours, days): PostgreSQL's hour instant,
+    SQLite's seal instant; elsewhere None."""
     return _instant(store, "request_hours")
 
 
-#: The request rollups that the hour instant bounds on PostgreSQL; the others, the seal instant.
+def sealed_days(store: UsageStore) -> datetime | None:
+    """The same for the monthly request rollups: PostgreSQL's month instant, SQLite's seal
+    instant; elsewhere None."""
+    return _instant(store, "request_days")
+
+
+#: The request rollups that the hour instant bounds on PostgreSQL.
 COARSE = frozenset(
-    ("monthly_request_usage", "daily_request_usage", "hourly_request_usage",
-     "monthly_endpoint_usage", "daily_endpoint_usage")
+    ("daily_request_usage", "hourly_request_usage", "daily_endpoint_usage")
 )  # fmt: skip
+#: The request rollups that the month instant bounds on PostgreSQL; the others, the seal instant.
+MONTHLY = frozenset(("monthly_request_usage", "monthly_endpoint_usage"))
+
+
+def _instant_of(store: UsageStore, table: str) -> datetime | None:
+    """The instant before which request rollup ``table`` holds every stored request."""
+    if table in MONTHLY:
+        return sealed_days(store)
+    return (sealed_hours if table in COARSE else sealed_instant)(store)
 
 
 def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
@@ -131,7 +147,7 @@ def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
     instant, elsewhere all."""
     from support.endpoints import stored_request_rows
 
-    instant = (sealed_hours if table in COARSE else sealed_instant)(store)
+    instant = _instant_of(store, table)
     return [r for r in stored_request_rows(store) if instant is None or r["requested_at"] < instant]
 
 
@@ -139,8 +155,8 @@ def expected_rollups(store: UsageStore) -> Rollups:
     """Every rollup as GROUP BY over the raw rows, computed here in Python (the endpoint
     rollups as :func:`rebuilt_endpoints`: exact while no key-day has more named routes than
     the cap, or when every request arrived in one batch). On PostgreSQL a request rollup holds
-    the requests before its instant (:func:`sealed_instant`, :func:`sealed_hours`), and only
-    those."""
+    the requests before its instant (:func:`sealed_instant`, :func:`sealed_hours`,
+    :func:`sealed_days`), and only those."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
         for name in (
@@ -154,7 +170,7 @@ def expected_rollups(store: UsageStore) -> Rollups:
             "quarter_mismatch_usage",
         )
     }
-    fine, coarse = sealed_instant(store), sealed_hours(store)
+    instants = {name: _instant_of(store, name) for name in (*COARSE, *MONTHLY, "quarter")}
     with store.engine.connect() as conn:
         requests = [dict(r) for r in conn.execute(select(api_requests)).mappings()]
         for r in conn.execute(select(file_uploads)).mappings():
@@ -188,7 +204,7 @@ def expected_rollups(store: UsageStore) -> Rollups:
                 ("hourly_request_usage", _hour(at)),
                 ("quarter_request_usage", _quarter(at)),
             ):
-                instant = coarse if name in COARSE else fine
+                instant = instants.get(name, instants["quarter"])
                 if instant is not None and at >= instant:
                     continue
                 acc = out[name][(r["api_key_id"], when, latency_bucket(ms))]
@@ -202,11 +218,11 @@ def expected_rollups(store: UsageStore) -> Rollups:
         },
         **{
             name: rows
-            for instant, tiers in ((fine, False), (coarse, True))
+            for instant in set(instants.values())
             for name, rows in rebuilt_endpoints(
                 [r for r in requests if instant is None or r["requested_at"] < instant]
             ).items()
-            if (name in COARSE) == tiers
+            if instants.get(name, instants["quarter"]) == instant
         },
     }
 

@@ -285,8 +285,9 @@ def sealed_reads(
 
 def _instants(backend: SQLBackend) -> Seals | None:
     """The seal instants; None on a schema from before ``rollup_seals`` (every request rolled
-    up as written), until ``create_schema()`` upgrades it. SQLite's coarse tiers, and those of
-    a PostgreSQL schema from before the hour instant, are sealed with the fine ones."""
+    up as written), until ``create_schema()`` upgrades it. SQLite's coarse and monthly tiers,
+    and those of a PostgreSQL schema from before the hour instant, are sealed with the fine
+    ones; the monthly tiers of one from before the month instant with the coarse ones."""
     pg = backend.name == "postgresql"
     with backend.engine.connect() as conn:
         if not backend.sealing:
@@ -295,7 +296,9 @@ def _instants(backend: SQLBackend) -> Seals | None:
                 return None
             backend.sealing = True  # seen once, for good: the table is never dropped
         if pg:
-            fine, coarse = conn.exec_driver_sql(INSTANTS_SQL).one()
+            fine, coarse, months = conn.exec_driver_sql(INSTANTS_SQL).one()
         else:
-            fine = coarse = stored_utc(conn.exec_driver_sql(SQLITE_INSTANT_SQL).scalar_one())
-    return Seals(fine, fine if coarse is None else coarse)
+            fine = stored_utc(conn.exec_driver_sql(SQLITE_INSTANT_SQL).scalar_one())
+            coarse = months = fine
+    coarse = fine if coarse is None else coarse
+    return Seals(fine, coarse, coarse if months is None else months)

@@ -266,11 +266,13 @@ def series_plan(bounds: Sequence[datetime]) -> list[Piece]:
 
 class Seals(NamedTuple):
     """The instants of the sealed request rollups (PostgreSQL, SQLite): the quarter-hour tiers
-    hold exactly the raw rows before ``fine``, the coarser ones (hours, days, months) exactly
-    those before ``coarse``, a whole UTC hour at or before ``fine`` (SQLite: ``fine`` itself)."""
+    hold exactly the raw rows before ``fine``; the hourly and daily ones exactly those before
+    ``coarse``, a whole UTC hour at or before ``fine``; the monthly ones exactly those before
+    ``months``, a UTC midnight at or before ``coarse`` (SQLite: all three are ``fine``)."""
 
     fine: datetime
     coarse: datetime
+    months: datetime
 
 
 #: How far behind the clock a seal stays: requests that started earlier and are recorded later
@@ -291,41 +293,42 @@ def seal_due(now: datetime, sealed_before: datetime) -> bool:
     return seal_target(now) > sealed_before
 
 
-_COARSE = frozenset(("month", "day", "hour"))
+_COARSE = frozenset(("day", "hour"))
 
 
 def cut_at(pieces: Sequence[Piece], seals: Seals | None) -> tuple[list[Piece], bool]:
     """``pieces`` for rollups sealed at ``seals`` (None: every row in every tier), and whether
     any piece reaches past an instant.
 
-    A coarse piece wholly from the coarse instant on is read from the quarter-hour tier
-    instead; one that spans it stays (its rows hold its part before the instant, no more) and
-    gains a quarter-hour piece for its part from the instant on, with the same period and sign.
-    Then likewise at the fine instant: a quarter-hour piece after it becomes raw, one that spans
-    it gains the raw rows from the instant on.
+    A monthly piece wholly from the month instant on is read from the daily tier instead; one
+    that spans it stays (its rows hold its part before the instant, no more) and gains a daily
+    piece for its part from the instant on, with the same period and sign. Then likewise at the
+    coarse instant (a daily or hourly piece past it becomes a quarter-hour one), and at the fine
+    instant (a quarter-hour piece past it becomes raw rows). The month instant is a UTC
+    midnight, so the daily piece it leaves is whole days; the coarse one a whole hour.
     """
     if seals is None or not pieces:
         return list(pieces), False
-    fine, coarse = seals
+    fine, coarse, months = seals
     if pieces[0].hi.tzinfo is None:  # pieces in naive UTC
-        fine = fine.astimezone(timezone.utc).replace(tzinfo=None)
-        coarse = coarse.astimezone(timezone.utc).replace(tzinfo=None)
+        fine, coarse, months = (
+            t.astimezone(timezone.utc).replace(tzinfo=None) for t in (fine, coarse, months)
+        )
     out: list[Piece] = []
     touched = False
     for x in pieces:
-        if x.grain in _COARSE and x.hi > coarse:
+        for grains, instant, finer in (
+            (("month",), months, "day"),
+            (_COARSE, coarse, "quarter"),
+            (("quarter",), fine, "raw"),
+        ):
+            if x.grain not in grains or x.hi <= instant:
+                continue
             touched = True
-            if x.lo < coarse:
+            if x.lo < instant:
                 out.append(x)
-                x = Piece("quarter", coarse, x.hi, x.period, x.sign)
+                x = Piece(finer, instant, x.hi, x.period, x.sign)
             else:
-                x = x._replace(grain="quarter")
-        if x.grain == "raw" or x.hi <= fine:
-            out.append(x)
-            continue
-        touched = True
-        if x.lo >= fine:
-            out.append(x._replace(grain="raw"))
-        else:
-            out += [x, Piece("raw", fine, x.hi, x.period, x.sign)]
+                x = x._replace(grain=finer)
+        out.append(x)
     return out, touched

@@ -840,14 +840,18 @@ ALTER TABLE public.quarter_endpoint_usage SET
 -- rollup_seals: the instants before which the request rollups hold every raw row and after
 -- which they hold none. 'requests', the seal instant, is the fine tiers' (quarter_request_usage,
 -- quarter_endpoint_usage and endpoint_routes); 'request_hours', the hour instant, a whole UTC
--- hour at or before it, is the coarse tiers' (the request histograms by hour, day and month, the
--- endpoint rollups by day and month). A writer stores a new request of the seal instant or later
--- as a raw row only; a seal (usage_middleware._pgseal, every quarter hour) folds the raw rows
--- between the old and the new instant into the fine tiers, and when the new one has passed a
--- whole UTC hour, sums the fine rows of the hours it completed into the coarse tiers and moves
--- the hour instant there, all in one transaction. So a coarse row is written once an hour, not
--- once a quarter hour. Readers take the coarse tiers up to the hour instant, the fine ones up to
--- the seal instant and the raw rows from it on, so every answer is exact at every moment.
+-- hour at or before it, is the coarse tiers' (the request histograms by hour and day, the
+-- endpoint rollups by day); 'request_days', the month instant, a UTC midnight at or before the
+-- hour instant, is the monthly tiers' (monthly_request_usage, monthly_endpoint_usage). A writer
+-- stores a new request of the seal instant or later as a raw row only; a seal
+-- (usage_middleware._pgseal, every quarter hour) folds the raw rows between the old and the new
+-- instant into the fine tiers; when the new one has passed a whole UTC hour, it sums the fine
+-- rows of the hours it completed into the coarse tiers and moves the hour instant there; when
+-- that has passed a UTC midnight, it sums the daily rows of the days it completed into the
+-- monthly tiers and moves the month instant there, all in one transaction. So a coarse row is
+-- written once an hour and a monthly row once a day, not once a quarter hour. Readers take the
+-- monthly tiers up to the month instant, the coarse ones up to the hour instant, the fine ones
+-- up to the seal instant and the raw rows from it on, so every answer is exact at every moment.
 -- Writers hold advisory lock 7215120302 shared for their transaction and a seal holds it
 -- exclusively, so no write of old instants commits after a seal has moved them. An install that predates this
 -- table had every stored request rolled up: its seal instant starts just after the newest stored
@@ -936,6 +940,68 @@ BEGIN
     END IF;
 END
 $hours$;
+
+-- The month instant. An install whose monthly tiers followed the hour instant (before the month
+-- instant existed) has them cut back to the UTC midnight at or before it: that month's rows lose
+-- the daily rows from the midnight on (the daily tiers hold exactly what the monthly ones did,
+-- the requests before the hour instant), so they hold the whole days before it.
+DO $days$
+DECLARE
+    midnight timestamptz;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_days') THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
+        SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+          INTO midnight
+          FROM public.rollup_seals AS s WHERE s.dataset = 'request_hours';
+        UPDATE public.monthly_request_usage AS m
+           SET total_requests = m.total_requests - q.total_requests,
+               error_requests = m.error_requests - q.error_requests,
+               total_response_us = m.total_response_us - q.total_response_us,
+               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
+               total_response_bytes = m.total_response_bytes - q.total_response_bytes
+          FROM (SELECT f.api_key_id, f.latency_bucket, sum(f.total_requests) AS total_requests,
+                       sum(f.error_requests) AS error_requests,
+                       sum(f.total_response_us) AS total_response_us,
+                       sum(f.total_request_bytes) AS total_request_bytes,
+                       sum(f.total_response_bytes) AS total_response_bytes
+                  FROM public.daily_request_usage AS f
+                 WHERE f.usage_date >= (midnight AT TIME ZONE 'UTC')::date
+                 GROUP BY 1, 2) AS q
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
+           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+           AND m.latency_bucket = q.latency_bucket;
+        DELETE FROM public.monthly_request_usage AS m
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.total_requests = 0;
+        UPDATE public.monthly_endpoint_usage AS m
+           SET total_requests = m.total_requests - q.total_requests,
+               total_response_us = m.total_response_us - q.total_response_us,
+               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
+               total_response_bytes = m.total_response_bytes - q.total_response_bytes
+          FROM (SELECT f.api_key_id, f.method, f.route, f.status_code, f.latency_bucket,
+                       sum(f.total_requests) AS total_requests,
+                       sum(f.total_response_us) AS total_response_us,
+                       sum(f.total_request_bytes) AS total_request_bytes,
+                       sum(f.total_response_bytes) AS total_response_bytes
+                  FROM public.daily_endpoint_usage AS f
+                 WHERE f.usage_date >= (midnight AT TIME ZONE 'UTC')::date
+                 GROUP BY 1, 2, 3, 4, 5) AS q
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
+           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
+           AND m.method = q.method AND m.route = q.route AND m.status_code = q.status_code
+           AND m.latency_bucket = q.latency_bucket;
+        DELETE FROM public.monthly_endpoint_usage AS m
+         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
+           AND m.total_requests = 0;
+        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_days', midnight);
+    END IF;
+END
+$days$;
 
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
@@ -1169,8 +1235,9 @@ $fn$;
 
 -- Requests per endpoint (method and route labels as the endpoint rollups hold them, see
 -- daily_endpoint_usage): whole calendar months inside the range are read from
--- monthly_endpoint_usage, the other days from daily_endpoint_usage, the hours after the hour
--- instant from quarter_endpoint_usage and what no seal holds from api_requests. Days are UTC
+-- monthly_endpoint_usage, the other days and those after the month instant from
+-- daily_endpoint_usage, the hours after the hour instant from quarter_endpoint_usage and what no
+-- seal holds from api_requests. Days are UTC
 -- days, both dates inclusive; errors are requests answered with status >= 400. percentage is
 -- the share of requests with two decimals adding up to exactly 100, as GET /requests gives it
 -- (every share floored to 0.01 %, the missing hundredths to the largest remainders); most
@@ -1194,10 +1261,14 @@ SECURITY INVOKER
 SET search_path = ''
 AS $fn$
     WITH months AS (
-        -- the whole months inside the range: [first, stop) (none when first >= stop)
+        -- the whole months inside the range: [first, stop) (none when first >= stop), and the
+        -- first day the monthly rows do not hold yet (the month instant, see rollup_seals)
         SELECT (pg_catalog.date_trunc('month', (p_start_date - 1)::timestamp)
                 + interval '1 month')::date AS first,
-               pg_catalog.date_trunc('month', (p_end_date + 1)::timestamp)::date AS stop
+               pg_catalog.date_trunc('month', (p_end_date + 1)::timestamp)::date AS stop,
+               coalesce((SELECT (s.sealed_before AT TIME ZONE 'UTC')::date
+                           FROM public.rollup_seals AS s WHERE s.dataset = 'request_days'),
+                        'infinity'::date) AS unrolled
     ),
     picked AS (
         SELECT m.method, m.route, m.status_code, m.total_requests, m.total_response_us
@@ -1208,7 +1279,8 @@ AS $fn$
         SELECT d.method, d.route, d.status_code, d.total_requests, d.total_response_us
           FROM public.daily_endpoint_usage AS d, months AS w
          WHERE d.usage_date BETWEEN p_start_date AND p_end_date
-           AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop)
+           AND (w.first >= w.stop OR d.usage_date < w.first OR d.usage_date >= w.stop
+                OR d.usage_date >= w.unrolled)
            AND (p_api_key_id IS NULL OR d.api_key_id = p_api_key_id)
         UNION ALL
         -- the sealed requests of the hours no roll has reached yet (see rollup_seals); the
