@@ -9,10 +9,11 @@ are rarely late. When that passes a whole UTC hour, the same transaction rolls t
 hours' quarter-hour rows into the hourly and daily tiers and moves the hour instant there: a
 coarse row is written once an hour, not once a quarter hour, and a roll holds the writers off
 for an hour's rows at most (a day's, at a thousand requests a second, would take tens of
-seconds). When the hour instant passes a UTC midnight, the completed days' daily rows (one per
-group and day, however many hours fed it) are rolled into the monthly tiers and the month
-instant moves there: a monthly row is written once a day, not once an hour. Each transaction
-folds at most about
+seconds). When the hour instant has passed a UTC midnight, the next transaction rolls the
+completed days' daily rows (one per group and day, however many hours fed it) into the monthly
+tiers and moves the month instant there: a monthly row is written once a day, not once an hour,
+and the writers wait for the hour's roll and the day's separately. Each transaction folds at
+most about
 ``SEAL_ROWS`` raw rows, so that the writers it holds off (advisory lock, exclusive) wait
 seconds, not minutes, and a backlog (a bulk load of history) is sealed in steps, each one exact
 on its own.
@@ -99,6 +100,14 @@ def pg_seal(
                     sealed_before, hours, days = cur.fetchone()
                     if hours is None or days is None:
                         return folded  # a schema from before these instants: likewise
+                    midnight = _floor_day(hours.astimezone(timezone.utc))
+                    if midnight > days:
+                        # The days a roll completed, into the monthly tiers in a transaction of
+                        # their own: the writers wait for one roll at a time.
+                        bounds = {"lo": days, "hi": midnight}
+                        _fold(cur, MONTHS_SQL, MONTHS_UPSERT_SQL, bounds)
+                        cur.execute(_MOVE, {"dataset": "request_days", "to": midnight})
+                        continue
                     cur.execute("SELECT now()")
                     target = seal_target(cur.fetchone()[0]) if before is None else before
                     if target <= sealed_before:
@@ -123,12 +132,8 @@ def pg_seal(
                         bounds = {"lo": hours, "hi": whole_hours}
                         _fold(cur, ROLL_SQL, ROLL_UPSERT_SQL, bounds)
                         cur.execute(_MOVE, {"dataset": "request_hours", "to": whole_hours})
-                    whole_days = _floor_day(whole_hours)
-                    if whole_days > days:
-                        bounds = {"lo": days, "hi": whole_days}
-                        _fold(cur, MONTHS_SQL, MONTHS_UPSERT_SQL, bounds)
-                        cur.execute(_MOVE, {"dataset": "request_days", "to": whole_days})
+                        midnight = _floor_day(whole_hours)
             finally:
                 conn.info.pop("usage_write", None)
-        if hi >= target:
+        if hi >= target and midnight <= days:
             return folded
