@@ -166,6 +166,23 @@ def test_an_hour_read_from_the_quarter_hours_is_cut_at_the_seal_instant(store: U
             assert got["totals"]["requests"] == (7 if zone == "UTC" else 0)
 
 
+def _assert_same_answers(
+    store: UsageStore, records: list[RequestRecord], cases: list[tuple[str, str, str, str]]
+) -> None:
+    """/requests, /consumers and /granular for each ``(zone, start, end, granularity)`` equal
+    the in-memory backend's for ``records``."""
+    memory = UsageStore("memory://")
+    memory.write(records)
+    keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
+    headers = {"x-keys": ",".join(keys)}
+    for tz, start, end, granularity in cases:
+        params = [("start", start), ("end", end), ("tz", tz), ("granularity", granularity)]
+        for path in ("requests", "consumers", "granular"):
+            got = get(app_for(store), f"/usage/{path}", params, headers).json()
+            want = get(app_for(memory), f"/usage/{path}", params, headers).json()
+            assert got == want, (path, tz, granularity)
+
+
 def test_a_month_read_is_cut_at_the_month_instant(store: UsageStore) -> None:
     """PostgreSQL's monthly tiers hold the whole UTC days before the month instant, the daily
     ones the requests before the hour instant: a whole month read from its monthly rows gains
@@ -185,23 +202,12 @@ def test_a_month_read_is_cut_at_the_month_instant(store: UsageStore) -> None:
         late = [r.requested_at for r in records[1_000:] if r.requested_at < instant]
         assert any(datetime(2025, 10, 20, tzinfo=UTC) <= t < instant for t in late)
     assert_rollups_exact(store)
-    memory = UsageStore("memory://")
-    memory.write(records)
-    keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
-    headers = {"x-keys": ",".join(keys)}
-
-    def same_answers() -> None:
-        for tz, start, end in (("UTC", "2025-10-01", "2025-10-31"),
-                               ("America/New_York", "2025-09-01", "2025-11-30")):  # fmt: skip
-            params = [("start", start), ("end", end), ("tz", tz), ("granularity", "month")]
-            for path in ("requests", "consumers", "granular"):
-                got = get(app_for(store), f"/usage/{path}", params, headers).json()
-                assert got == get(app_for(memory), f"/usage/{path}", params, headers).json()
-
-    same_answers()
+    cases = [("UTC", "2025-10-01", "2025-10-31", "month"),
+             ("America/New_York", "2025-09-01", "2025-11-30", "month")]  # fmt: skip
+    _assert_same_answers(store, records, cases)
     store.seal(FAR)
     assert_rollups_exact(store)
-    same_answers()
+    _assert_same_answers(store, records, cases)
 
 
 @pytest.mark.postgres
@@ -549,104 +555,51 @@ def test_a_schema_from_before_sealing_keeps_the_old_plan(db_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_a_schema_from_before_the_hour_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
-    """An install whose coarse tiers followed the seal instant (no ``request_hours`` row yet):
-    writers keep them so, a seal does nothing, answers stay exact; create_schema() then cuts the
-    coarse tiers back to the UTC midnight before the seal instant (deleting that day's hours and
-    day, taking the day's quarter hours off its month), and from there seals roll whole hours."""
+@pytest.mark.parametrize(
+    "missing", [("request_hours", "request_days"), ("request_days",)], ids=["hours", "months"]
+)
+def test_a_schema_from_before_an_instant_is_cut_back_to_a_midnight(
+    pg_url: str, missing: tuple[str, ...]
+) -> None:
+    """An install from before the hour instant (its hourly, daily and monthly tiers followed the
+    seal instant) or from before the month instant (its monthly tiers followed the hour
+    instant): writers keep them so, a seal does nothing, answers stay exact; create_schema()
+    then cuts those tiers back to the UTC midnight at or before the instant they followed
+    (deleting that day's hours and day, taking its quarter hours off its month), and from there
+    seals roll whole hours and days."""
     from sqlalchemy import text
 
     store = UsageStore(pg_url)
     store.create_schema()
     instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
-    with store.engine.begin() as conn:
-        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_hours'"))
-        conn.execute(
-            text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = 'requests'"),
-            {"at": instant},
-        )
+    hours, midnight = datetime(2025, 10, 31, 17, tzinfo=UTC), datetime(2025, 10, 31, tzinfo=UTC)
     try:
-        rng = random.Random(7)
-        records = _requests(rng, 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
-        assert store.write(records) == 800  # those before the instant with every rollup
-        assert store.seal(FAR) == 0
-        memory = UsageStore("memory://")
-        memory.write(records)
-        keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
-        headers = {"x-keys": ",".join(keys)}
-
-        def same_answers() -> None:
-            for tz in ("UTC", "Asia/Kolkata", "America/St_Johns"):
-                params = [("start", "2025-10-29"), ("end", "2025-11-02"), ("tz", tz),
-                          ("granularity", "hour")]  # fmt: skip
-                for path in ("requests", "consumers", "granular"):
-                    got = get(app_for(store), f"/usage/{path}", params, headers).json()
-                    want = get(app_for(memory), f"/usage/{path}", params, headers).json()
-                    assert got == want, (path, tz)
-
-        same_answers()
-        store.create_schema()
-        assert sealed_instant(store) == instant
-        assert sealed_hours(store) == datetime(2025, 10, 31, tzinfo=UTC)
-        assert_rollups_exact(store)
-        same_answers()
-        assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)
-        assert_rollups_exact(store)
-        same_answers()
-    finally:
-        store.dispose()
-
-
-@pytest.mark.postgres
-def test_a_schema_from_before_the_month_instant_is_cut_back_to_a_midnight(pg_url: str) -> None:
-    """An install whose monthly tiers followed the hour instant (no ``request_days`` row yet):
-    writers keep them so, a seal does nothing, answers stay exact; create_schema() then takes
-    the hour instant's day off its month (the monthly rows hold the whole UTC days before it),
-    and from there seals roll whole days into the months."""
-    from sqlalchemy import text
-
-    store = UsageStore(pg_url)
-    store.create_schema()
-    instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
-    hours = datetime(2025, 10, 31, 17, tzinfo=UTC)
-    with store.engine.begin() as conn:
-        conn.execute(text("DELETE FROM rollup_seals WHERE dataset = 'request_days'"))
-        for dataset, at in (("requests", instant), ("request_hours", hours)):
+        with store.engine.begin() as conn:
             conn.execute(
-                text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = :d"),
-                {"at": at, "d": dataset},
+                text("DELETE FROM rollup_seals WHERE dataset = ANY(:d)"), {"d": list(missing)}
             )
-    try:
-        rng = random.Random(8)
-        records = _requests(rng, 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
+            for dataset, at in (("requests", instant), ("request_hours", hours)):
+                conn.execute(
+                    text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = :d"),
+                    {"at": at, "d": dataset},
+                )
+        records = _requests(random.Random(7), 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
         assert store.write(records) == 800  # those before the instant with every rollup
         assert store.seal(FAR) == 0
-        assert sealed_days(store) == hours  # the monthly tiers follow the hour instant
         assert_rollups_exact(store)
-        memory = UsageStore("memory://")
-        memory.write(records)
-        keys = sorted({str(r.api_key_id) for r in records if r.api_key_id})
-        headers = {"x-keys": ",".join(keys)}
-
-        def same_answers() -> None:
-            for tz, start, end in (("UTC", "2025-10-01", "2025-10-31"),
-                                   ("Asia/Kolkata", "2025-10-29", "2025-11-02")):  # fmt: skip
-                params = [("start", start), ("end", end), ("tz", tz), ("granularity", "month")]
-                for path in ("requests", "consumers", "granular"):
-                    got = get(app_for(store), f"/usage/{path}", params, headers).json()
-                    want = get(app_for(memory), f"/usage/{path}", params, headers).json()
-                    assert got == want, (path, tz)
-
-        same_answers()
+        cases = [("UTC", "2025-10-01", "2025-10-31", "month"),
+                 ("Asia/Kolkata", "2025-10-29", "2025-11-02", "hour"),
+                 ("America/St_Johns", "2025-10-29", "2025-11-02", "day")]  # fmt: skip
+        _assert_same_answers(store, records, cases)
         store.create_schema()
         assert sealed_instant(store) == instant
-        assert sealed_hours(store) == hours
-        assert sealed_days(store) == datetime(2025, 10, 31, tzinfo=UTC)
+        assert sealed_hours(store) == (midnight if "request_hours" in missing else hours)
+        assert sealed_days(store) == midnight
         assert_rollups_exact(store)
-        same_answers()
+        _assert_same_answers(store, records, cases)
         assert store.seal(FAR) == sum(r.requested_at >= instant for r in records)
         assert_rollups_exact(store)
-        same_answers()
+        _assert_same_answers(store, records, cases)
     finally:
         store.dispose()
 

@@ -873,25 +873,24 @@ BEGIN
 END
 $seal$;
 
--- The hour instant. An install whose coarse tiers followed the seal instant (before the hour
--- instant existed) has them cut back to the UTC midnight before it: their hours and days from
--- that midnight on are deleted, and that month's rows lose the fine rows from the midnight on
--- (the fine tiers hold exactly what the coarse ones did, the requests before the seal instant).
--- The key is matched as (is null, coalesce) so that the join can hash.
-DO $hours$
+-- The month instant. An install whose monthly tiers followed the hour instant, or the seal
+-- instant before the hour instant existed, has them cut back to the UTC midnight at or before
+-- that instant: that month's rows lose the quarter-hour rows from the midnight up to the
+-- instant (the quarter-hour tiers hold every request before the seal instant, which is at or
+-- after the hour instant), so they hold the whole days before it. The key is matched as
+-- (is null, coalesce) so that the join can hash.
+DO $days$
 DECLARE
+    followed timestamptz;
     midnight timestamptz;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_hours') THEN
+    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_days') THEN
         PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
-        SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-          INTO midnight
-          FROM public.rollup_seals AS s WHERE s.dataset = 'requests';
-        DELETE FROM public.hourly_request_usage AS h WHERE h.usage_hour >= midnight;
-        DELETE FROM public.daily_request_usage AS d
-         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
-        DELETE FROM public.daily_endpoint_usage AS d
-         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
+        SELECT coalesce(max(s.sealed_before) FILTER (WHERE s.dataset = 'request_hours'),
+                        max(s.sealed_before) FILTER (WHERE s.dataset = 'requests'))
+          INTO followed
+          FROM public.rollup_seals AS s;
+        midnight := pg_catalog.date_trunc('day', followed AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
         UPDATE public.monthly_request_usage AS m
            SET total_requests = m.total_requests - q.total_requests,
                error_requests = m.error_requests - q.error_requests,
@@ -904,7 +903,7 @@ BEGIN
                        sum(f.total_request_bytes) AS total_request_bytes,
                        sum(f.total_response_bytes) AS total_response_bytes
                   FROM public.quarter_request_usage AS f
-                 WHERE f.usage_quarter >= midnight
+                 WHERE f.usage_quarter >= midnight AND f.usage_quarter < followed
                  GROUP BY 1, 2) AS q
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
            AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
@@ -925,69 +924,7 @@ BEGIN
                        sum(f.total_request_bytes) AS total_request_bytes,
                        sum(f.total_response_bytes) AS total_response_bytes
                   FROM public.quarter_endpoint_usage AS f
-                 WHERE f.usage_quarter >= midnight
-                 GROUP BY 1, 2, 3, 4, 5) AS q
-         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
-           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
-               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
-           AND m.method = q.method AND m.route = q.route AND m.status_code = q.status_code
-           AND m.latency_bucket = q.latency_bucket;
-        DELETE FROM public.monthly_endpoint_usage AS m
-         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND m.total_requests = 0;
-        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_hours', midnight);
-    END IF;
-END
-$hours$;
-
--- The month instant. An install whose monthly tiers followed the hour instant (before the month
--- instant existed) has them cut back to the UTC midnight at or before it: that month's rows lose
--- the daily rows from the midnight on (the daily tiers hold exactly what the monthly ones did,
--- the requests before the hour instant), so they hold the whole days before it.
-DO $days$
-DECLARE
-    midnight timestamptz;
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_days') THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
-        SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-          INTO midnight
-          FROM public.rollup_seals AS s WHERE s.dataset = 'request_hours';
-        UPDATE public.monthly_request_usage AS m
-           SET total_requests = m.total_requests - q.total_requests,
-               error_requests = m.error_requests - q.error_requests,
-               total_response_us = m.total_response_us - q.total_response_us,
-               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
-               total_response_bytes = m.total_response_bytes - q.total_response_bytes
-          FROM (SELECT f.api_key_id, f.latency_bucket, sum(f.total_requests) AS total_requests,
-                       sum(f.error_requests) AS error_requests,
-                       sum(f.total_response_us) AS total_response_us,
-                       sum(f.total_request_bytes) AS total_request_bytes,
-                       sum(f.total_response_bytes) AS total_response_bytes
-                  FROM public.daily_request_usage AS f
-                 WHERE f.usage_date >= (midnight AT TIME ZONE 'UTC')::date
-                 GROUP BY 1, 2) AS q
-         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
-           AND coalesce(m.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
-               = coalesce(q.api_key_id, '00000000-0000-0000-0000-000000000000'::uuid)
-           AND m.latency_bucket = q.latency_bucket;
-        DELETE FROM public.monthly_request_usage AS m
-         WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
-           AND m.total_requests = 0;
-        UPDATE public.monthly_endpoint_usage AS m
-           SET total_requests = m.total_requests - q.total_requests,
-               total_response_us = m.total_response_us - q.total_response_us,
-               total_request_bytes = m.total_request_bytes - q.total_request_bytes,
-               total_response_bytes = m.total_response_bytes - q.total_response_bytes
-          FROM (SELECT f.api_key_id, f.method, f.route, f.status_code, f.latency_bucket,
-                       sum(f.total_requests) AS total_requests,
-                       sum(f.total_response_us) AS total_response_us,
-                       sum(f.total_request_bytes) AS total_request_bytes,
-                       sum(f.total_response_bytes) AS total_response_bytes
-                  FROM public.daily_endpoint_usage AS f
-                 WHERE f.usage_date >= (midnight AT TIME ZONE 'UTC')::date
+                 WHERE f.usage_quarter >= midnight AND f.usage_quarter < followed
                  GROUP BY 1, 2, 3, 4, 5) AS q
          WHERE m.usage_month = pg_catalog.date_trunc('month', midnight AT TIME ZONE 'UTC')::date
            AND (m.api_key_id IS NULL) = (q.api_key_id IS NULL)
@@ -1002,6 +939,28 @@ BEGIN
     END IF;
 END
 $days$;
+
+-- The hour instant. An install whose coarse tiers followed the seal instant (before the hour
+-- instant existed) has them cut back to the UTC midnight before it: their hours and days from
+-- that midnight on are deleted (its monthly tiers were cut back to the same midnight above).
+DO $hours$
+DECLARE
+    midnight timestamptz;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM public.rollup_seals AS s WHERE s.dataset = 'request_hours') THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock(7215120302);
+        SELECT pg_catalog.date_trunc('day', s.sealed_before AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+          INTO midnight
+          FROM public.rollup_seals AS s WHERE s.dataset = 'requests';
+        DELETE FROM public.hourly_request_usage AS h WHERE h.usage_hour >= midnight;
+        DELETE FROM public.daily_request_usage AS d
+         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
+        DELETE FROM public.daily_endpoint_usage AS d
+         WHERE d.usage_date >= (midnight AT TIME ZONE 'UTC')::date;
+        INSERT INTO public.rollup_seals (dataset, sealed_before) VALUES ('request_hours', midnight);
+    END IF;
+END
+$hours$;
 
 -- GET /failures reads failed rows newest first, per key or for every key, a page at a time:
 -- partial indexes hold only those rows (a small fraction), in the order of the keyset. On the
