@@ -554,38 +554,53 @@ def test_a_schema_from_before_sealing_keeps_the_old_plan(db_url: str) -> None:
         old.dispose()
 
 
-@pytest.mark.postgres
 @pytest.mark.parametrize(
-    "missing", [("request_hours", "request_days"), ("request_days",)], ids=["hours", "months"]
+    ("engine", "missing"),
+    [
+        pytest.param("postgresql", ("request_hours", "request_days"), marks=pytest.mark.postgres),
+        pytest.param("postgresql", ("request_days",), marks=pytest.mark.postgres),
+        ("sqlite", ("request_days",)),
+    ],
+    ids=["postgresql-hours", "postgresql-months", "sqlite-months"],
 )
 def test_a_schema_from_before_an_instant_is_cut_back_to_a_midnight(
-    pg_url: str, missing: tuple[str, ...]
+    engine: str, missing: tuple[str, ...], request: pytest.FixtureRequest
 ) -> None:
-    """An install from before the hour instant (its hourly, daily and monthly tiers followed the
-    seal instant) or from before the month instant (its monthly tiers followed the hour
-    instant): writers keep them so, a seal does nothing, answers stay exact; create_schema()
-    then cuts those tiers back to the UTC midnight at or before the instant they followed
-    (deleting that day's hours and day, taking its quarter hours off its month), and from there
-    seals roll whole hours and days."""
+    """An install from before the hour instant (PostgreSQL: its hourly, daily and monthly tiers
+    followed the seal instant) or from before the month instant (its monthly tiers followed the
+    hour instant; on SQLite, the seal instant): writers keep them so, answers stay exact (a
+    PostgreSQL seal does nothing, a SQLite one seals the monthly tiers with the others);
+    create_schema() then cuts those tiers back to the UTC midnight at or before the instant they
+    followed (deleting that day's hours and day, taking its quarter hours off its month), and
+    from there seals roll whole hours and days."""
     from sqlalchemy import text
 
-    store = UsageStore(pg_url)
+    pg = engine == "postgresql"
+    store = UsageStore(request.getfixturevalue("pg_url" if pg else "sqlite_url"))
     store.create_schema()
     instant = datetime(2025, 10, 31, 17, 20, 7, tzinfo=UTC)  # a month's last day, off the grid
     hours, midnight = datetime(2025, 10, 31, 17, tzinfo=UTC), datetime(2025, 10, 31, tzinfo=UTC)
+    records = _requests(random.Random(7), 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
     try:
         with store.engine.begin() as conn:
-            conn.execute(
-                text("DELETE FROM rollup_seals WHERE dataset = ANY(:d)"), {"d": list(missing)}
-            )
-            for dataset, at in (("requests", instant), ("request_hours", hours)):
-                conn.execute(
-                    text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = :d"),
-                    {"at": at, "d": dataset},
-                )
-        records = _requests(random.Random(7), 800, datetime(2025, 10, 30, 12, tzinfo=UTC), 40)
-        assert store.write(records) == 800  # those before the instant with every rollup
-        assert store.seal(FAR) == 0
+            for dataset in missing:
+                conn.execute(text("DELETE FROM rollup_seals WHERE dataset = :d"), {"d": dataset})
+        if pg:
+            with store.engine.begin() as conn:
+                for dataset, at in (("requests", instant), ("request_hours", hours)):
+                    conn.execute(
+                        text("UPDATE rollup_seals SET sealed_before = :at WHERE dataset = :d"),
+                        {"at": at, "d": dataset},
+                    )
+            assert store.write(records) == 800  # those before the instant with every rollup
+            assert store.seal(FAR) == 0
+        else:
+            hours = instant  # SQLite's hourly and daily tiers follow the seal instant
+            store.write(records[:400])
+            assert store.seal(instant) == sum(r.requested_at < instant for r in records[:400])
+            assert store.write(records[400:]) == 400  # the late ones with every rollup
+        # the monthly tiers follow the next finer instant there is
+        assert sealed_days(store) == (instant if "request_hours" in missing else hours)
         assert_rollups_exact(store)
         cases = [("UTC", "2025-10-01", "2025-10-31", "month"),
                  ("Asia/Kolkata", "2025-10-29", "2025-11-02", "hour"),

@@ -24,7 +24,14 @@ from typing import Any
 
 from ._schema import ENDPOINT_BUCKET_WIDTH, OTHER_ROUTE, ROUTES_PER_KEY_DAY, UNMATCHED_ROUTE
 
-__all__ = ["ENDPOINT_ROLLUPS", "STAGED", "roll_up_requests"]
+__all__ = [
+    "ENDPOINT_ROLLUPS",
+    "MONTHLY",
+    "MONTH_ROLLS",
+    "NOT_MONTHLY",
+    "STAGED",
+    "roll_up_requests",
+]
 
 #: The writer's staged requests as a source of :func:`roll_up_requests`: every column the
 #: rollups read (``api_key_id``, ``requested_at``, ``status_code``, ``request_size``,
@@ -179,6 +186,47 @@ ENDPOINT_ROLLUPS = {
         ("quarter_endpoint_usage", "usage_quarter", "q"),
     )
 }
+#: The monthly tiers, which follow the month instant (see :mod:`usage_middleware._sqliteseal`),
+#: and the other tables a roll-up fills.
+MONTHLY = frozenset(("monthly_request_usage", "monthly_endpoint_usage"))
+NOT_MONTHLY = tuple(
+    t for t in (*_REQUEST_TIERS, "endpoint_routes", *ENDPOINT_ROLLUPS) if t not in MONTHLY
+)
+# The monthly tiers' statements for groups before a month instant (a late write's).
+_MONTHLY_BEFORE = {
+    table: statement.replace(" WHERE true ", " WHERE q < ? ")
+    for table, statement in (
+        *zip(_REQUEST_TIERS, _REQUEST_ROLLUPS, strict=True),
+        *ENDPOINT_ROLLUPS.items(),
+    )
+    if table in MONTHLY
+}
+_DAILY_COUNTERS = (
+    "total_requests, error_requests, total_response_us, total_request_bytes, total_response_bytes"
+)
+#: A month roll: the daily tiers' rows of the UTC days ``[?, ?)`` (dates as stored) summed by
+#: month into the monthly tiers.
+MONTH_ROLLS = (
+    f"INSERT INTO main.monthly_request_usage (api_key_id, usage_month, latency_bucket, "
+    f"{_DAILY_COUNTERS}) "
+    "SELECT api_key_id, substr(usage_date, 1, 7) || '-01' AS w, latency_bucket, "
+    "sum(total_requests), sum(error_requests), sum(total_response_us), sum(total_request_bytes), "
+    "sum(total_response_bytes) FROM main.daily_request_usage "
+    "WHERE usage_date >= ? AND usage_date < ? "
+    "GROUP BY api_key_id, w, latency_bucket ORDER BY api_key_id, w, latency_bucket "
+    "ON CONFLICT (ifnull(api_key_id, ''), usage_month, latency_bucket) "
+    f"DO UPDATE SET {_REQUEST_SET}",
+    "INSERT INTO main.monthly_endpoint_usage (api_key_id, usage_month, method, route, "
+    "status_code, latency_bucket, total_requests, total_response_us, total_request_bytes, "
+    "total_response_bytes) "
+    "SELECT api_key_id, substr(usage_date, 1, 7) || '-01' AS w, method, route, status_code, "
+    "latency_bucket, sum(total_requests), sum(total_response_us), sum(total_request_bytes), "
+    "sum(total_response_bytes) FROM main.daily_endpoint_usage "
+    "WHERE usage_date >= ? AND usage_date < ? "
+    f"GROUP BY {_ENDPOINT_GROUP} ORDER BY {_ENDPOINT_GROUP} "
+    "ON CONFLICT (ifnull(api_key_id, ''), usage_month, method, route, status_code, "
+    f"latency_bucket) DO UPDATE SET {_ENDPOINT_SET}",
+)
 _CLEAR_GROUPS = (
     "DELETE FROM temp.um_fine_groups",
     "DELETE FROM temp.um_request_groups",
@@ -191,14 +239,25 @@ def roll_up_requests(
     source: str = STAGED,
     params: Sequence[Any] = (),
     tiers: Sequence[str] | None = None,
+    months_before: str | None = None,
 ) -> int:
     """Roll the requests of ``source`` (new ones only; ``params`` bound to its placeholders)
     up into the request histograms and, through the route cap (``endpoint_routes``), the
     endpoint rollups; returns how many requests that was. ``tiers`` names the only tables to
-    fill (an upgrade's backfill of the tables an older file lacked)."""
+    fill (a seal's: all but the monthly ones; an upgrade's backfill of the tables an older file
+    lacked). ``months_before`` (a month instant as stored) gives the monthly tiers only the
+    requests before it (a late write's)."""
 
     def wanted(table: str) -> bool:
         return tiers is None or table in tiers
+
+    def roll(table: str, statement: str) -> None:
+        if not wanted(table):
+            return
+        if months_before is not None and table in MONTHLY:
+            cur.execute(_MONTHLY_BEFORE[table], (months_before,))
+        else:
+            cur.execute(statement)
 
     for statement in (*_CREATE_GROUPS, *_CLEAR_GROUPS):
         cur.execute(statement)
@@ -207,15 +266,13 @@ def roll_up_requests(
     if any(wanted(t) for t in _REQUEST_TIERS):
         cur.execute(_GROUP_REQUESTS)
         for table, statement in zip(_REQUEST_TIERS, _REQUEST_ROLLUPS, strict=True):
-            if wanted(table):
-                cur.execute(statement)
+            roll(table, statement)
     cur.execute(_GROUP_ENDPOINTS)
     if wanted("endpoint_routes"):
         cur.execute(_ADMIT_ROUTES)
     cur.execute(_RELABEL)
     for table, statement in ENDPOINT_ROLLUPS.items():
-        if wanted(table):
-            cur.execute(statement)
+        roll(table, statement)
     for statement in _CLEAR_GROUPS:
         cur.execute(statement)
     return rolled

@@ -33,9 +33,9 @@ from ._schema import (
     latency_bucket_start,
 )
 from ._sqlitebulk import insert_rows
-from ._sqliterollups import roll_up_requests
-from ._sqlitewrite import read_instant, stored_utc, utc_text
-from ._storage.plan import seal_target
+from ._sqliterollups import MONTH_ROLLS, NOT_MONTHLY, roll_up_requests
+from ._sqlitewrite import read_instants, stored_utc, utc_text
+from ._storage.plan import _floor_day, seal_target
 
 __all__ = [
     "SEAL_ROWS",
@@ -43,6 +43,7 @@ __all__ = [
     "bucket_sql",
     "latency_bounds",
     "micros_sql",
+    "month_instant",
     "raw_method_sql",
     "raw_requests",
     "raw_route_sql",
@@ -78,6 +79,65 @@ def seals_table(conn: Connection, present: set[str]) -> None:
     conn.exec_driver_sql(
         "INSERT INTO main.rollup_seals (dataset, sealed_before) VALUES ('requests', ?)",
         (instant,),
+    )
+
+
+# The monthly tiers' rows of the month of ?1 lose the quarter-hour rows of [?1, ?2).
+_UNROLL_MONTH = (
+    "UPDATE main.monthly_request_usage AS m SET total_requests = m.total_requests - q.n, "
+    "error_requests = m.error_requests - q.e, total_response_us = m.total_response_us - q.us, "
+    "total_request_bytes = m.total_request_bytes - q.rq, "
+    "total_response_bytes = m.total_response_bytes - q.rs "
+    "FROM (SELECT api_key_id AS k, latency_bucket AS b, sum(total_requests) AS n, "
+    "sum(error_requests) AS e, sum(total_response_us) AS us, sum(total_request_bytes) AS rq, "
+    "sum(total_response_bytes) AS rs FROM main.quarter_request_usage "
+    "WHERE usage_quarter >= ?1 AND usage_quarter < ?2 GROUP BY 1, 2) AS q "
+    "WHERE m.usage_month = substr(?1, 1, 7) || '-01' AND ifnull(m.api_key_id, '') = "
+    "ifnull(q.k, '') AND m.latency_bucket = q.b",
+    "UPDATE main.monthly_endpoint_usage AS m SET total_requests = m.total_requests - q.n, "
+    "total_response_us = m.total_response_us - q.us, "
+    "total_request_bytes = m.total_request_bytes - q.rq, "
+    "total_response_bytes = m.total_response_bytes - q.rs "
+    "FROM (SELECT api_key_id AS k, method AS me, route AS r, status_code AS s, "
+    "latency_bucket AS b, sum(total_requests) AS n, sum(total_response_us) AS us, "
+    "sum(total_request_bytes) AS rq, sum(total_response_bytes) AS rs "
+    "FROM main.quarter_endpoint_usage "
+    "WHERE usage_quarter >= ?1 AND usage_quarter < ?2 GROUP BY 1, 2, 3, 4, 5) AS q "
+    "WHERE m.usage_month = substr(?1, 1, 7) || '-01' AND ifnull(m.api_key_id, '') = "
+    "ifnull(q.k, '') AND m.method = q.me AND m.route = q.r AND m.status_code = q.s "
+    "AND m.latency_bucket = q.b",
+)
+# Then the rows of the month of ? left empty go.
+_DROP_EMPTY = tuple(
+    f"DELETE FROM main.{table} WHERE usage_month = substr(?, 1, 7) || '-01' AND total_requests = 0"
+    for table in ("monthly_request_usage", "monthly_endpoint_usage")
+)
+
+
+def month_instant(conn: Connection) -> None:
+    """Add the month instant to a ``rollup_seals`` that lacks it (a new one, or a file from
+    before it, whose monthly tiers followed the seal instant): the UTC midnight at or before the
+    seal instant, its month's rows losing the quarter-hour rows from there to the seal instant
+    (the quarter-hour tiers hold exactly the requests before it), so that they hold the whole
+    days before the midnight."""
+    present = conn.exec_driver_sql(
+        "SELECT 1 FROM main.rollup_seals WHERE dataset = 'request_days'"
+    ).scalar()
+    if present:
+        return
+    instant = stored_utc(
+        conn.exec_driver_sql(
+            "SELECT sealed_before FROM main.rollup_seals WHERE dataset = 'requests'"
+        ).scalar_one()
+    )
+    midnight = utc_text(_floor_day(instant))
+    for statement in _UNROLL_MONTH:
+        conn.exec_driver_sql(statement, (midnight, utc_text(instant)))
+    for statement in _DROP_EMPTY:
+        conn.exec_driver_sql(statement, (midnight,))
+    conn.exec_driver_sql(
+        "INSERT INTO main.rollup_seals (dataset, sealed_before) VALUES ('request_days', ?)",
+        (midnight,),
     )
 
 
@@ -189,12 +249,13 @@ _NTH = (
     "SELECT requested_at FROM main.api_requests WHERE requested_at >= ? AND requested_at < ? "
     "ORDER BY requested_at LIMIT 1 OFFSET ?"
 )
-_MOVE = "UPDATE main.rollup_seals SET sealed_before = ? WHERE dataset = 'requests'"
+_MOVE = "UPDATE main.rollup_seals SET sealed_before = ? WHERE dataset = ?"
 
 
 def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
     """Fold the raw requests before ``before`` (default :func:`seal_target` of this process's
-    clock) that no seal holds yet into every request rollup; returns how many were folded.
+    clock) that no seal holds yet into every request rollup but the monthly ones, and the UTC
+    days that ended before the new instant into those; returns how many requests were folded.
 
     An instant already at or past ``before`` is left alone: a seal never moves back.
     """
@@ -207,9 +268,18 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                     dbapi: Any = conn.connection.dbapi_connection
                     cur = dbapi.cursor()
                     try:
-                        instant = read_instant(cur)
-                        if instant is None:
+                        instants = read_instants(cur)
+                        if instants is None:
                             return folded  # a file from before sealing, until create_schema()
+                        instant, months = instants
+                        midnight = _floor_day(instant)
+                        if months is not None and midnight > months:
+                            # the days the last seal completed, in a transaction of their own
+                            days = (utc_text(months)[:10], utc_text(midnight)[:10])
+                            for statement in MONTH_ROLLS:
+                                cur.execute(statement, days)
+                            cur.execute(_MOVE, (utc_text(midnight), "request_days"))
+                            continue
                         now = datetime.now(timezone.utc)
                         target = seal_target(now) if before is None else before
                         if target <= instant:
@@ -219,11 +289,15 @@ def sqlite_seal(engine: Engine, before: datetime | None = None) -> int:
                         row = cur.execute(_NTH, (lo, hi, SEAL_ROWS)).fetchone()
                         if row is not None:
                             hi = max(row[0], utc_text(instant + timedelta(microseconds=1)))
-                        folded += roll_up_requests(cur, _RAW_RANGE, (lo, hi))
-                        cur.execute(_MOVE, (hi,))
+                        # a file from before the month instant: its monthly tiers are sealed
+                        # with the others, until create_schema() adds it
+                        tiers = NOT_MONTHLY if months is not None else None
+                        folded += roll_up_requests(cur, _RAW_RANGE, (lo, hi), tiers)
+                        cur.execute(_MOVE, (hi, "requests"))
+                        midnight = _floor_day(stored_utc(hi))
                     finally:
                         cur.close()
             finally:
                 conn.info.pop("usage_write", None)
-        if hi >= end:
+        if hi >= end and (months is None or midnight <= months):
             return folded

@@ -43,9 +43,9 @@ from ._sqliterollups import _checked_add, _quarter, roll_up_requests
 from ._storage.base import PackedRows, request_value_rows, upload_value_rows
 
 __all__ = [
-    "INSTANT_SQL",
+    "INSTANTS_SQL",
     "MISMATCH_ROLLUP",
-    "read_instant",
+    "read_instants",
     "sqlite_write",
     "stored_utc",
     "utc_text",
@@ -242,20 +242,28 @@ def _staged_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-#: The seal instant: every request rollup holds exactly the raw requests before it.
-INSTANT_SQL = "SELECT sealed_before FROM main.rollup_seals WHERE dataset = 'requests'"
+#: The seal instant, before which every request rollup but the monthly ones holds exactly the
+#: raw requests, and the month instant, the same for the monthly ones (see
+#: :mod:`usage_middleware._sqliteseal`; None on a file from before it, whose monthly tiers
+#: follow the seal instant).
+INSTANTS_SQL = (
+    "SELECT max(sealed_before) FILTER (WHERE dataset = 'requests'), "
+    "max(sealed_before) FILTER (WHERE dataset = 'request_days') FROM main.rollup_seals"
+)
 
 
-def read_instant(cur: Any) -> datetime | None:
-    """The seal instant; None on a file from before sealing (every request is rolled up as it
-    is written there, until ``create_schema()`` upgrades it)."""
+def read_instants(cur: Any) -> tuple[datetime, datetime | None] | None:
+    """The seal instant and the month instant; None on a file from before sealing (every
+    request is rolled up as it is written there, until ``create_schema()`` upgrades it)."""
     try:
-        row = cur.execute(INSTANT_SQL).fetchone()
+        fine, months = cur.execute(INSTANTS_SQL).fetchone()
     except sqlite3.OperationalError as exc:
         if "no such table" not in str(exc):
             raise
         return None
-    return None if row is None else stored_utc(row[0])
+    if fine is None:
+        return None
+    return stored_utc(fine), None if months is None else stored_utc(months)
 
 
 def stored_utc(text: str) -> datetime:
@@ -266,10 +274,12 @@ def stored_utc(text: str) -> datetime:
 def _write_requests(cur: Any, rows: list[tuple[Any, ...]]) -> tuple[int, datetime | None]:
     """Live requests as raw rows, late ones staged and rolled up; returns how many were new
     and the seal instant they were written under. ``rows`` are id-unique raw rows."""
-    instant = read_instant(cur)
-    if instant is None:
+    instants = read_instants(cur)
+    instant = months = None
+    if instants is None:
         late, live = rows, []
     else:
+        instant, months = instants
         # fixed-width UTC text orders as the instants do
         cut = utc_text(instant)
         late = [row for row in rows if row[9] < cut]
@@ -284,7 +294,7 @@ def _write_requests(cur: Any, rows: list[tuple[Any, ...]]) -> tuple[int, datetim
         for statement in _REQUEST_STATEMENTS:
             cur.execute(statement)
         written += cur.rowcount
-        roll_up_requests(cur)
+        roll_up_requests(cur, months_before=None if months is None else utc_text(months))
         cur.execute("DELETE FROM temp.um_stage_requests")
     if live:
         # in id order, so neighbouring ids fill the same index pages: the rows' fixed-width hex

@@ -94,8 +94,8 @@ def _instant(store: UsageStore, dataset: str) -> datetime | None:
         return None
     from sqlalchemy import text
 
-    if store.dialect == "sqlite":
-        dataset = "requests"  # every SQLite request rollup follows the seal instant
+    if store.dialect == "sqlite" and dataset == "request_hours":
+        dataset = "requests"  # SQLite's hourly and daily rollups follow the seal instant
     with store.engine.connect() as conn:
         value = conn.execute(
             text("SELECT sealed_before FROM rollup_seals WHERE dataset = :d"), {"d": dataset}
@@ -122,8 +122,8 @@ def sealed_hours(store: UsageStore) -> datetime | None:
 
 
 def sealed_days(store: UsageStore) -> datetime | None:
-    """The same for the monthly request rollups: PostgreSQL's month instant, SQLite's seal
-    instant; elsewhere None."""
+    """The same for the monthly request rollups: the month instant (PostgreSQL, SQLite);
+    elsewhere None."""
     return _instant(store, "request_days")
 
 
@@ -131,7 +131,8 @@ def sealed_days(store: UsageStore) -> datetime | None:
 COARSE = frozenset(
     ("daily_request_usage", "hourly_request_usage", "daily_endpoint_usage")
 )  # fmt: skip
-#: The request rollups that the month instant bounds on PostgreSQL; the others, the seal instant.
+#: The request rollups that the month instant bounds (PostgreSQL, SQLite); the others, the seal
+#: instant.
 MONTHLY = frozenset(("monthly_request_usage", "monthly_endpoint_usage"))
 
 

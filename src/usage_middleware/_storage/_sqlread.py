@@ -35,7 +35,7 @@ from .._schema import (
     hourly_usage,
     quarter_usage,
 )
-from .._sqlitewrite import INSTANT_SQL as SQLITE_INSTANT_SQL
+from .._sqlitewrite import INSTANTS_SQL as SQLITE_INSTANTS_SQL
 from .._sqlitewrite import stored_utc
 from .base import Scope, UploadRow
 from .plan import Piece, Seals, cut_at, plan
@@ -285,9 +285,9 @@ def sealed_reads(
 
 def _instants(backend: SQLBackend) -> Seals | None:
     """The seal instants; None on a schema from before ``rollup_seals`` (every request rolled
-    up as written), until ``create_schema()`` upgrades it. SQLite's coarse and monthly tiers,
-    and those of a PostgreSQL schema from before the hour instant, are sealed with the fine
-    ones; the monthly tiers of one from before the month instant with the coarse ones."""
+    up as written), until ``create_schema()`` upgrades it. SQLite's coarse tiers, and those of
+    a PostgreSQL schema from before the hour instant, are sealed with the fine ones; the
+    monthly tiers of a schema from before the month instant with the coarse ones."""
     pg = backend.name == "postgresql"
     with backend.engine.connect() as conn:
         if not backend.sealing:
@@ -298,7 +298,8 @@ def _instants(backend: SQLBackend) -> Seals | None:
         if pg:
             fine, coarse, months = conn.exec_driver_sql(INSTANTS_SQL).one()
         else:
-            fine = stored_utc(conn.exec_driver_sql(SQLITE_INSTANT_SQL).scalar_one())
-            coarse = months = fine
+            fine, months = conn.exec_driver_sql(SQLITE_INSTANTS_SQL).one()
+            fine = coarse = stored_utc(fine)
+            months = None if months is None else stored_utc(months)
     coarse = fine if coarse is None else coarse
     return Seals(fine, coarse, coarse if months is None else months)

@@ -18,7 +18,7 @@ from sqlalchemy.pool import StaticPool
 
 from .._records import RequestRecord, UploadRecord
 from .._schema import FAILURE_INDEXES, metadata
-from .._sqliteseal import register_functions, seals_table, sqlite_seal
+from .._sqliteseal import month_instant, register_functions, seals_table, sqlite_seal
 from .._sqliteupgrade import (
     add_route_matched,
     backfill_endpoints,
@@ -118,6 +118,7 @@ class SQLiteBackend(SQLBackend):
                         index.create(conn, checkfirst=True)
                     replace_request_indexes(conn)
                     seals_table(conn, present)
+                    month_instant(conn)
             finally:
                 conn.info.pop("usage_write", None)
 
