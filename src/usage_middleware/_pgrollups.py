@@ -274,8 +274,8 @@ _METHODS = ", ".join(f"'{m}'" for m in sorted(STANDARD_METHODS))
 
 
 def _seal(split: bool) -> str:
-    """A seal: the raw rows of [lo, hi) into every request rollup, labelled and bucketed in
-    SQL as the writer does in Python; its one row is how many rows it folded."""
+    """A seal: the raw rows of [lo, hi) into the fine tiers, labelled and bucketed in SQL as
+    the writer does in Python; its one row is how many rows it folded."""
     return f"""
 WITH new AS (
     SELECT r.api_key_id, {QUARTER.replace("utc_at", "(r.requested_at AT TIME ZONE 'UTC')")},

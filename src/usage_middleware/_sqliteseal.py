@@ -1,20 +1,25 @@
 """Sealing on SQLite: the raw requests of a closed stretch of time folded into the rollups.
 
-``rollup_seals`` holds the seal instant: every request rollup (histograms by month, day, hour
-and quarter hour, endpoint rollups, ``endpoint_routes``) holds exactly the raw requests before
-it. Writers store a request at or after it as a raw row only (:mod:`usage_middleware._sqlitewrite`),
-which costs what a plain insert costs; a seal moves the instant to the end of the last whole
-UTC quarter hour that ended ``SEAL_LAG`` ago and rolls the raw rows in between up with the
-writer's own statements, so each rollup row is written once per quarter hour for all of its
-traffic instead of once per batch.
+``rollup_seals`` holds the seal instant (``requests``): every request rollup but the monthly
+ones (histograms by day, hour and quarter hour, endpoint rollups by day and quarter hour,
+``endpoint_routes``) holds exactly the raw requests before it. Writers store a request at or
+after it as a raw row only (:mod:`usage_middleware._sqlitewrite`), which costs what a plain
+insert costs; a seal moves the instant to the end of the last whole UTC quarter hour that ended
+``SEAL_LAG`` ago and rolls the raw rows in between up with the writer's own statements, so each
+rollup row is written once per quarter hour for all of its traffic instead of once per batch.
+The monthly tiers follow the month instant (``request_days``), a UTC midnight at or before the
+seal instant: once the seal instant has passed a midnight, the next transaction sums the
+completed days' daily rows into them, so a monthly row is written once a day, where each
+quarter hour's upserts into the month's rows were a fifth of the seals' time.
 
-Unlike PostgreSQL's, a SQLite seal fills the hourly, daily and monthly tiers too: SQLite updates
-a row in place, so there is nothing to gain from rolling those once an hour. The write
+Unlike PostgreSQL's, a SQLite seal fills the hourly and daily tiers too: SQLite updates a row in
+place, so there is nothing to gain from rolling those once an hour. The write
 transaction (``BEGIN IMMEDIATE``) makes a seal the only writer, in this process and in any other
 sharing the file; each transaction folds at most ``SEAL_ROWS`` raw rows, so the writers it holds
 off wait a few seconds at most, and a backlog (history loaded in bulk) is sealed in steps, each
-exact on its own. Readers never wait: they take the rollups up to the instant and raw rows from
-it on, and read again if a seal committed in between (``_storage._sqlread.sealed_reads``).
+exact on its own. Readers never wait: they take the rollups up to their instants and raw rows
+from the seal instant on, and read again if a seal committed in between
+(``_storage._sqlread.sealed_reads``).
 """
 
 from __future__ import annotations
