@@ -100,8 +100,8 @@ class SQLiteBackend(SQLBackend):
         database is filled from ``daily_request_usage``, quarter-hour rollups from the hourly
         ones and raw rows, and endpoint rollups from raw requests (which get ``route_matched``,
         and one time-first index in place of their older two), before any writer sees them
-        (:mod:`usage_middleware._sqliteupgrade`); ``rollup_seals`` last, its instant after every
-        request those rollups hold."""
+        (:mod:`usage_middleware._sqliteupgrade`); ``rollup_seals`` last, its seal instant after
+        every request those rollups hold, and its month instant at the midnight before that."""
         with self.engine.connect() as conn:
             conn.info["usage_write"] = True
             try:
