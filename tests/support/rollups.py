@@ -144,8 +144,8 @@ def _instant_of(store: UsageStore, table: str) -> datetime | None:
 
 
 def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
-    """The stored requests that request rollup ``table`` holds: on PostgreSQL those before its
-    instant, elsewhere all."""
+    """The stored requests that request rollup ``table`` holds: on PostgreSQL and SQLite those
+    before its instant, elsewhere all."""
     from support.endpoints import stored_request_rows
 
     instant = _instant_of(store, table)
@@ -155,8 +155,8 @@ def sealed_requests(store: UsageStore, table: str) -> list[dict[str, Any]]:
 def expected_rollups(store: UsageStore) -> Rollups:
     """Every rollup as GROUP BY over the raw rows, computed here in Python (the endpoint
     rollups as :func:`rebuilt_endpoints`: exact while no key-day has more named routes than
-    the cap, or when every request arrived in one batch). On PostgreSQL a request rollup holds
-    the requests before its instant (:func:`sealed_instant`, :func:`sealed_hours`,
+    the cap, or when every request arrived in one batch). On PostgreSQL and SQLite a request
+    rollup holds the requests before its instant (:func:`sealed_instant`, :func:`sealed_hours`,
     :func:`sealed_days`), and only those."""
     out: dict[str, dict[tuple[Any, ...], list[int]]] = {
         name: defaultdict(lambda: [0, 0, 0, 0, 0])
