@@ -38,7 +38,7 @@ from ._schema import (
     latency_bucket_start,
 )
 from ._sqlitebulk import insert_rows
-from ._sqliterollups import MONTH_ROLLS, NOT_MONTHLY, roll_up_requests
+from ._sqliterollups import MONTH_ROLLS, MONTHLY, NOT_MONTHLY, roll_up_requests
 from ._sqlitewrite import read_instants, stored_utc, utc_text
 from ._storage.plan import _floor_day, seal_target
 
@@ -115,7 +115,7 @@ _UNROLL_MONTH = (
 # Then the rows of the month of ? left empty go.
 _DROP_EMPTY = tuple(
     f"DELETE FROM main.{table} WHERE usage_month = substr(?, 1, 7) || '-01' AND total_requests = 0"
-    for table in ("monthly_request_usage", "monthly_endpoint_usage")
+    for table in sorted(MONTHLY)
 )
 
 
